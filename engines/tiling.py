@@ -1,0 +1,108 @@
+"""Tile plans: cut a full-resolution image into fixed-size overlapping tiles and stitch the results.
+
+A plan is pure and immutable: it holds geometry only, so one plan serves every
+thread and every frame in flight. Each tile is a *core* (the pixels whose output
+it owns) plus a *halo* on every side (context the graph needs, sized to its
+receptive field). Graphs return only the core, so stitching is a copy, with no
+blending and no seams. Images are padded by edge replication; with core origins
+aligned to the graph's coarsest stride, the tiled output equals the output of one
+big tile covering the image.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+
+@dataclass(frozen=True)
+class TilePlan:
+    """Geometry of one tiling: image size, core size, halo and origin alignment."""
+
+    height: int
+    width: int
+    core: int
+    halo: int
+    align: int = 1
+
+    def __post_init__(self) -> None:
+        if self.height < 1 or self.width < 1:
+            raise ValueError(f"image size must be positive, got {self.height}x{self.width}")
+        if self.core < 1 or self.halo < 0:
+            raise ValueError(f"core must be positive and halo non-negative, got {self.core}, {self.halo}")
+        if self.core % self.align or self.halo % self.align:
+            raise ValueError(f"core {self.core} and halo {self.halo} must be multiples of {self.align}")
+
+    @classmethod
+    def covering(cls, height: int, width: int, halo: int, align: int) -> TilePlan:
+        """A single tile covering the whole image (the untiled reference)."""
+        core = -(-max(height, width) // align) * align
+        return cls(height, width, core, halo, align)
+
+    @property
+    def tile(self) -> int:
+        """Side of one input tile: core plus halo on both sides."""
+        return self.core + 2 * self.halo
+
+    @property
+    def rows(self) -> int:
+        return -(-self.height // self.core)
+
+    @property
+    def cols(self) -> int:
+        return -(-self.width // self.core)
+
+    @property
+    def n_tiles(self) -> int:
+        return self.rows * self.cols
+
+    def origin(self, index: int) -> tuple[int, int]:
+        """Top-left corner (y, x) of tile ``index``'s core in image pixels."""
+        if not 0 <= index < self.n_tiles:
+            raise IndexError(f"tile {index} outside 0..{self.n_tiles}")
+        row, col = divmod(index, self.cols)
+        return row * self.core, col * self.core
+
+    def batches(self, batch: int) -> Iterator[range]:
+        """Consecutive tile ranges of at most ``batch`` tiles covering the plan."""
+        for start in range(0, self.n_tiles, batch):
+            yield range(start, min(start + batch, self.n_tiles))
+
+    def pad(self, image: np.ndarray) -> np.ndarray:
+        """Edge-replicate ``image`` ([H, W] or [H, W, C]) so every tile is a plain slice."""
+        if image.shape[:2] != (self.height, self.width):
+            raise ValueError(f"image is {image.shape[1]}x{image.shape[0]}, plan is {self.width}x{self.height}")
+        bottom = self.rows * self.core - self.height + self.halo
+        right = self.cols * self.core - self.width + self.halo
+        return cv2.copyMakeBorder(image, self.halo, bottom, self.halo, right, cv2.BORDER_REPLICATE)
+
+    def extract(self, padded: np.ndarray, tiles: range, out: np.ndarray | None = None) -> np.ndarray:
+        """Copy tiles from a padded image into a [n, C, tile, tile] batch (``out`` reused if given)."""
+        planes = padded if padded.ndim == 3 else padded[:, :, None]
+        shape = (len(tiles), planes.shape[2], self.tile, self.tile)
+        if out is None:
+            out = np.empty(shape, planes.dtype)
+        elif out.shape[0] < shape[0] or out.shape[1:] != shape[1:] or out.dtype != planes.dtype:
+            raise ValueError(f"tile buffer {out.shape} {out.dtype} cannot hold {shape} {planes.dtype}")
+        for slot, index in enumerate(tiles):
+            y, x = self.origin(index)
+            window = planes[y : y + self.tile, x : x + self.tile]
+            out[slot] = window.transpose(2, 0, 1)
+        return out[: len(tiles)]
+
+    def stitch(self, cores: np.ndarray, tiles: range, out: np.ndarray) -> None:
+        """Write [n, core, core] (or [n, 1, core, core]) outputs into their places in ``out`` [H, W]."""
+        if cores.ndim == 4:
+            cores = cores[:, 0]
+        for slot, index in enumerate(tiles):
+            y, x = self.origin(index)
+            h = min(self.core, self.height - y)
+            w = min(self.core, self.width - x)
+            out[y : y + h, x : x + w] = cores[slot, :h, :w]
+
+    def tile_all(self, image: np.ndarray) -> np.ndarray:
+        """Every tile of ``image`` as one [n_tiles, C, tile, tile] array (for resident constants)."""
+        return self.extract(self.pad(image), range(self.n_tiles))
