@@ -80,7 +80,8 @@ class Result:
         out: dict[str, Any] = {
             "verdict": self.verdict,
             "reason": self.reason,
-            "score": round(float(self.score), 4),
+            # no score when the frame could not be scored (registration failed, bad frame)
+            "score": round(float(self.score), 4) if np.isfinite(self.score) else None,
             "threshold": round(float(self.threshold), 4),
             "defects": [d.to_dict() for d in self.defects],
         }

@@ -1,0 +1,187 @@
+"""The template detector's anomaly graph, built as ONNX so ONNX Runtime and TensorRT run the same model.
+
+Per tile (core + halo) the graph:
+1. corrects illumination with a per-tile linear gain/offset field (``photo``), in FP32;
+2. *fine* score: grey levels outside the per-pixel tolerance band [lo, hi] of good parts
+   (the band is wide where good parts vary: structure edges, the border band);
+3. *coarse* score: the residual against the reference mean, averaged over a pyramid of
+   2^l-pixel blocks (l in ``LEVELS``) with a 3x3 neighbourhood, divided by the spread good
+   parts show at that place and scale; this finds low-contrast stains and smears that are
+   inside the noise per pixel;
+4. returns max(fine / fine_scale, coarse / coarse_scale) on the core only.
+
+Full-resolution arithmetic stays in FP32 in both variants (differences of two ~150-grey
+values need more than FP16's 11 bits to keep the map within 1e-2 of FP32); the FP16 variant
+runs the pyramid, the neighbourhood sums and the output in FP16, which is where the bulk of
+the data movement is. Inputs are uint8 frames for 8-bit models (one byte per pixel to upload).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+LEVELS = (2, 3, 4, 5)
+ALIGN = 2 ** max(LEVELS)  # core origins and halo must be multiples of the coarsest block
+HALO = 2 * ALIGN  # the 3x3 neighbourhood at the coarsest level reaches 2 blocks out
+OPSET = 17
+
+
+@dataclass(frozen=True)
+class TemplateGraphSpec:
+    """Everything the graph's shape and arithmetic depend on."""
+
+    channels: int
+    core: int
+    halo: int = HALO
+    input_dtype: str = "uint8"  # "uint8" or "float32"
+    fine_scale: float = 1.0
+    coarse_scale: float = 1.0
+    precision: str = "fp32"  # "fp32" or "fp16"
+    components: bool = False  # fitting only: output fine and coarse separately, unscaled
+
+    def __post_init__(self) -> None:
+        if self.core % ALIGN or self.halo % ALIGN or self.halo < HALO:
+            raise ValueError(f"core and halo must be multiples of {ALIGN}, halo >= {HALO}")
+
+    @property
+    def tile(self) -> int:
+        return self.core + 2 * self.halo
+
+
+class _Builder:
+    """Tiny helper that names nodes and collects initializers."""
+
+    def __init__(self) -> None:
+        self.nodes: list[onnx.NodeProto] = []
+        self.inits: list[onnx.TensorProto] = []
+        self._n = 0
+
+    def name(self, hint: str) -> str:
+        self._n += 1
+        return f"{hint}_{self._n}"
+
+    def const(self, value: np.ndarray, hint: str = "c") -> str:
+        name = self.name(hint)
+        self.inits.append(numpy_helper.from_array(np.asarray(value), name))
+        return name
+
+    def op(self, op_type: str, inputs: list[str], hint: str | None = None, **attrs: object) -> str:
+        out = self.name(hint or op_type.lower())
+        self.nodes.append(helper.make_node(op_type, inputs, [out], **attrs))
+        return out
+
+    def ops(self, op_type: str, inputs: list[str], n_out: int, **attrs: object) -> list[str]:
+        outs = [self.name(op_type.lower()) for _ in range(n_out)]
+        self.nodes.append(helper.make_node(op_type, inputs, outs, **attrs))
+        return outs
+
+
+def _slice(g: _Builder, x: str, start: int, stop: int, axes: tuple[int, ...]) -> str:
+    n = len(axes)
+    return g.op(
+        "Slice",
+        [
+            x,
+            g.const(np.full(n, start, np.int64)),
+            g.const(np.full(n, stop, np.int64)),
+            g.const(np.array(axes, np.int64)),
+        ],
+    )
+
+
+def _photometric_fields(g: _Builder, photo: str, tile: int) -> tuple[str, str]:
+    """Gain and offset fields a = p0 + p1*u + p2*v, b = p3 + p4*u + p5*v over the tile."""
+    u = g.const(np.arange(tile, dtype=np.float32).reshape(1, 1, 1, tile), "u")
+    v = g.const(np.arange(tile, dtype=np.float32).reshape(1, 1, tile, 1), "v")
+    p = g.op("Reshape", [photo, g.const(np.array([-1, 6, 1, 1], np.int64))])
+    coef = g.ops("Split", [p, g.const(np.ones(6, np.int64))], 6, axis=1)
+    a = g.op("Add", [coef[0], g.op("Add", [g.op("Mul", [coef[1], u]), g.op("Mul", [coef[2], v])])])
+    b = g.op("Add", [coef[3], g.op("Add", [g.op("Mul", [coef[4], u]), g.op("Mul", [coef[5], v])])])
+    return a, b
+
+
+def _coarse_score(g: _Builder, resid: str, inv_sigmas: dict[int, str], spec: TemplateGraphSpec) -> str:
+    """Max over pyramid levels of |3x3 block mean of the residual| * (1/sigma), at level-2 resolution."""
+    low = spec.halo // 4
+    size = spec.core // 4
+    level_maps = []
+    pooled = resid
+    for level in range(1, max(LEVELS) + 1):
+        pooled = g.op("AveragePool", [pooled], kernel_shape=[2, 2], strides=[2, 2])
+        if level not in LEVELS:
+            continue
+        hood = g.op("AveragePool", [pooled], kernel_shape=[3, 3], strides=[1, 1], pads=[1, 1, 1, 1])
+        z = g.op("Mul", [g.op("Abs", [hood]), inv_sigmas[level]])
+        z = g.op("ReduceMax", [z], axes=[1], keepdims=1)
+        scale = 2 ** (level - 2)
+        if scale > 1:
+            z = g.op("Resize", [z, "", g.const(np.array([1, 1, scale, scale], np.float32))], mode="nearest")
+        level_maps.append(_slice(g, z, low, low + size, (2, 3)))
+    return g.op("Max", level_maps)
+
+
+def build_template_graph(spec: TemplateGraphSpec) -> onnx.ModelProto:
+    """Build the tiled anomaly graph described in the module docstring."""
+    g = _Builder()
+    c, t = spec.channels, spec.tile
+    half = TensorProto.FLOAT16 if spec.precision == "fp16" else TensorProto.FLOAT
+    in_type = TensorProto.UINT8 if spec.input_dtype == "uint8" else TensorProto.FLOAT
+    inputs = [
+        helper.make_tensor_value_info("image", in_type, ["N", c, t, t]),
+        helper.make_tensor_value_info("photo", TensorProto.FLOAT, ["N", 6]),
+        helper.make_tensor_value_info("reference", TensorProto.FLOAT16, ["N", 3 * c + 1, t, t]),
+    ]
+    inv_sigmas = {}
+    for level in LEVELS:
+        name = f"coarse{level}"
+        inputs.append(helper.make_tensor_value_info(name, TensorProto.FLOAT16, ["N", c, t >> level, t >> level]))
+        inv_sigmas[level] = name if half == TensorProto.FLOAT16 else g.op("Cast", [name], to=TensorProto.FLOAT)
+
+    # Stage 1, FP32: illumination correction, band excess and residual at full resolution.
+    x = g.op("Cast", ["image"], to=TensorProto.FLOAT)
+    a, b = _photometric_fields(g, "photo", t)
+    xn = g.op("Div", [g.op("Sub", [x, b]), a], "xn")
+    ref = g.op("Cast", ["reference"], to=TensorProto.FLOAT)
+    mu, lo, hi, w = g.ops("Split", [ref, g.const(np.array([c, c, c, 1], np.int64))], 4, axis=1)
+    resid = g.op("Mul", [g.op("Sub", [xn, mu]), w], "resid")
+    core = (spec.halo, spec.halo + spec.core)
+    xn_c, lo_c, hi_c, w_c = (_slice(g, v, *core, (2, 3)) for v in (xn, lo, hi, w))
+    excess = g.op("Max", [g.op("Sub", [xn_c, hi_c]), g.op("Sub", [lo_c, xn_c]), g.const(np.float32(0))])
+    fine = g.op("Mul", [g.op("ReduceMax", [excess], axes=[1], keepdims=1), w_c])
+
+    # Stage 2, FP16 in the FP16 variant: pyramid and neighbourhoods.
+    if half == TensorProto.FLOAT16:
+        resid = g.op("Cast", [resid], to=half)
+        fine = g.op("Cast", [fine], to=half)
+    coarse = _coarse_score(g, resid, inv_sigmas, spec)
+    np_half = np.float16 if half == TensorProto.FLOAT16 else np.float32
+    if spec.components:
+        coarse_full = g.op("Resize", [coarse, "", g.const(np.array([1, 1, 4, 4], np.float32))], mode="nearest")
+        g.nodes.append(helper.make_node("Concat", [fine, coarse_full], ["anomaly"], axis=1))
+        out_channels = 2
+    else:
+        fine = g.op("Mul", [fine, g.const(np_half(1.0 / spec.fine_scale))])
+        coarse = g.op("Mul", [coarse, g.const(np_half(1.0 / spec.coarse_scale))])
+        coarse_full = g.op("Resize", [coarse, "", g.const(np.array([1, 1, 4, 4], np.float32))], mode="nearest")
+        g.nodes.append(helper.make_node("Max", [fine, coarse_full], ["anomaly"]))
+        out_channels = 1
+    outputs = [helper.make_tensor_value_info("anomaly", half, ["N", out_channels, spec.core, spec.core])]
+    graph = helper.make_graph(g.nodes, "inspectd_template", inputs, outputs, g.inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="inspectd")
+    model.ir_version = 8
+    helper.set_model_props(
+        model,
+        {
+            "inspectd.detector": "template",
+            "inspectd.precision": spec.precision,
+            "inspectd.resident": ",".join(["reference", *(f"coarse{lv}" for lv in LEVELS)]),
+            "inspectd.core": str(spec.core),
+            "inspectd.halo": str(spec.halo),
+        },
+    )
+    onnx.checker.check_model(model)
+    return model

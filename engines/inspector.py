@@ -1,0 +1,205 @@
+"""prepare -> engine -> regions: the one inspection path shared by `inspectd predict` and the daemon.
+
+``prepare`` (registration, illumination fit, resampling) and ``decide`` (regions, verdict)
+are pure functions of their inputs and run in any thread; ``infer`` drives the backend
+and must stay in the one thread that owns it (the GPU thread on the TensorRT path).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from engines import registration as reg
+from engines.backend import Backend
+from engines.bundle import GRAPH_FP16, GRAPH_FP32, Bundle
+from engines.decode import conform, read_image
+from engines.errors import ImageError, InspectError
+from engines.graphs import LEVELS
+from engines.regions import find_regions
+from engines.tiling import TilePlan
+from engines.types import Result
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A frame registered to the reference, padded for tiling, with its per-tile lighting model."""
+
+    padded: np.ndarray
+    photo: np.ndarray
+    pose: reg.Pose
+    timings_ms: dict[str, float] = field(default_factory=dict)
+
+
+@contextmanager
+def _timed(timings: dict[str, float], stage: str) -> Iterator[None]:
+    start = time.perf_counter()
+    yield
+    timings[stage] = timings.get(stage, 0.0) + (time.perf_counter() - start) * 1000
+
+
+def registration_reference(bundle: Bundle, ref: dict[str, np.ndarray]) -> reg.RegistrationReference:
+    cfg = bundle.manifest["registration"]
+    geo = bundle.geometry
+    return reg.RegistrationReference(
+        coarse=ref["reg_coarse"],
+        fine=ref["reg_fine"],
+        coarse_mask=ref["reg_coarse_mask"],
+        fine_mask=ref["reg_fine_mask"],
+        factors=tuple(cfg["factors"]),
+        full_shape=(geo.height, geo.width),
+        max_shift_px=float(cfg["max_shift_px"]),
+        max_rotation_deg=float(cfg["max_rotation_deg"]),
+        min_correlation=float(cfg["min_correlation"]),
+    )
+
+
+def resident_inputs(plan: TilePlan, ref: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Tile the reference statistics once, in the layout the graph's resident inputs expect."""
+    weight = ref["weight"].astype(np.float32)
+    planes = [*ref["mu"], *ref["lo"], *ref["hi"], weight]
+    out = {"reference": _tile_planes(plan, planes)}
+    for level in LEVELS:
+        inv = ref[f"inv_sigma{level}"]
+        sub = TilePlan(inv.shape[1], inv.shape[2], plan.core >> level, plan.halo >> level, 1)
+        out[f"coarse{level}"] = _tile_planes(sub, list(inv))
+    return out
+
+
+def _tile_planes(plan: TilePlan, planes: list[np.ndarray]) -> np.ndarray:
+    out = np.empty((plan.n_tiles, len(planes), plan.tile, plan.tile), np.float16)
+    for c, plane in enumerate(planes):
+        out[:, c : c + 1] = plan.tile_all(plane.astype(np.float32))
+    return out
+
+
+class Inspector:
+    """Inspects frames with one bundle on one backend."""
+
+    def __init__(self, bundle: Bundle, backend: Backend, batch: int = 1) -> None:
+        self.bundle = bundle
+        self.backend = backend
+        self.geometry = bundle.geometry
+        self.bundle_id = bundle.bundle_id
+        cal = bundle.calibration
+        self.threshold = float(cal["threshold"])
+        self.min_area = int(cal.get("min_area", 1))
+        tiling = bundle.manifest["tiling"]
+        self.plan = TilePlan(self.geometry.height, self.geometry.width, tiling["core"], tiling["halo"], tiling["align"])
+        self.batch = max(1, backend.max_batch and min(batch, backend.max_batch) or batch)
+        self._ref = bundle.reference()
+        self._registration = registration_reference(bundle, self._ref)
+        self._float_input = self.geometry.dtype == "uint16"
+
+    @classmethod
+    def load(cls, path: Path, backend: str = "auto", batch: int = 1, threads: int | None = None) -> Inspector:
+        """Verify the bundle and create its backend (not yet activated)."""
+        bundle = Bundle.load(path)
+        from engines.select import create_backend
+
+        engine = create_backend(
+            backend, bundle.file(GRAPH_FP32), bundle.file(GRAPH_FP16), bundle_dir=bundle.path, threads=threads
+        )
+        return cls(bundle, engine, batch)
+
+    # -- lifecycle -----------------------------------------------------------------
+    def activate(self) -> None:
+        """Upload the resident reference statistics and warm the backend up with one frame."""
+        self.backend.activate(resident_inputs(self.plan, self._ref))
+        self.infer(self._warmup_frame())
+
+    def deactivate(self) -> None:
+        self.backend.deactivate()
+
+    def __enter__(self) -> Inspector:
+        self.activate()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.deactivate()
+
+    def _warmup_frame(self) -> Prepared:
+        shape = (self.plan.rows * self.plan.core + 2 * self.plan.halo, self.plan.cols * self.plan.core + 2 * self.plan.halo)
+        if self.geometry.channels == 3:
+            shape = (*shape, 3)
+        dtype = np.float32 if self._float_input else np.uint8
+        photo = np.tile(np.array([1, 0, 0, 0, 0, 0], np.float32), (self.plan.n_tiles, 1))
+        return Prepared(np.full(shape, 128, dtype), photo, reg.Pose(np.eye(2, 3), 1.0))
+
+    # -- the three stages ------------------------------------------------------------
+    def prepare(self, image: np.ndarray, source: str = "frame") -> Prepared:
+        """Check geometry, register to the reference, fit the lighting, resample and pad."""
+        timings: dict[str, float] = {}
+        with _timed(timings, "registration"):
+            image = conform(image, self.geometry, source)
+            coarse_f, fine_f = self._registration.factors
+            coarse = reg.downscale(image, coarse_f)
+            fine = reg.downscale(image, fine_f) if fine_f != coarse_f else coarse
+            pose = self._registration.register(coarse, fine)
+            coef = self._registration.photometric(coarse, pose)
+            registered = reg.warp_to_reference(image, pose)
+            if self._float_input:
+                registered = registered.astype(np.float32) * np.float32(1 / 257)
+            padded = self.plan.pad(registered)
+            origins = [self.plan.origin(i) for i in range(self.plan.n_tiles)]
+            photo = reg.tile_photometric(coef, origins, self.plan.halo)
+        return Prepared(padded, photo, pose, timings)
+
+    def infer(self, prepared: Prepared) -> np.ndarray:
+        """Run the anomaly graph over every tile; returns the float32 [H, W] map (reference frame)."""
+        amap = np.empty((self.geometry.height, self.geometry.width), np.float32)
+        jobs = []
+        for tiles in self.plan.batches(self.batch):
+            feeds = {"image": self.plan.extract(prepared.padded, tiles), "photo": prepared.photo[tiles.start : tiles.stop]}
+            jobs.append((feeds, tiles))
+        infer_many = getattr(self.backend, "infer_many", None)
+        if infer_many is not None:
+            outputs = infer_many(jobs)
+        else:
+            outputs = [self.backend.infer(feeds, tiles) for feeds, tiles in jobs]
+        for (_, tiles), out in zip(jobs, outputs, strict=True):
+            self.plan.stitch(out["anomaly"], tiles, amap)
+        return amap
+
+    def decide(self, prepared: Prepared, amap: np.ndarray) -> Result:
+        """Regions above the pixel threshold decide the verdict; boxes go back to frame pixels."""
+        regions = find_regions(amap, self.threshold, self.min_area)
+        h, w = amap.shape
+        defects = [
+            type(d)(reg.bbox_to_frame(d.bbox, prepared.pose, h, w), d.area, d.score) for d in regions
+        ]
+        score = float(amap.max())
+        verdict, reason = ("reject", "defect") if defects else ("pass", "ok")
+        return Result(verdict, reason, score, self.threshold, defects, anomaly_map=amap)
+
+    # -- conveniences ----------------------------------------------------------------
+    def inspect(self, image: np.ndarray, source: str = "frame") -> Result:
+        """All three stages; anything that stops an inspection becomes a reject with a reason."""
+        timings: dict[str, float] = {}
+        try:
+            prepared = self.prepare(image, source)
+            timings.update(prepared.timings_ms)
+            with _timed(timings, "anomaly_map"):
+                amap = self.infer(prepared)
+            with _timed(timings, "regions"):
+                result = self.decide(prepared, amap)
+        except InspectError as exc:
+            result = Result("reject", exc.reason, float("inf"), self.threshold, detail=exc.detail)
+        except ImageError as exc:
+            result = Result("reject", "bad_frame", float("inf"), self.threshold, detail=str(exc))
+        result.timings_ms = timings
+        return result
+
+    def inspect_path(self, path: Path) -> Result:
+        """Read and inspect one file; unreadable files raise ImageError (the caller decides)."""
+        start = time.perf_counter()
+        image = read_image(path)
+        decode_ms = (time.perf_counter() - start) * 1000
+        result = self.inspect(image, str(path))
+        result.timings_ms = {"decode": decode_ms, **result.timings_ms}
+        return result

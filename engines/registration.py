@@ -1,0 +1,191 @@
+"""Sub-pixel registration of a frame to the reference part, and the per-frame illumination fit.
+
+Registration is coarse-to-fine ECC (Euclidean: translation + rotation) on two downscaled
+levels of the frame, with the inspection region as mask so the noisy border band cannot
+pull the fit. ECC's correlation is invariant to global gain and offset, so lighting drift
+does not disturb it. The result maps reference pixel coordinates to frame coordinates.
+
+The illumination fit then models the registered frame as gain(x, y) * mean + offset(x, y)
+with gain and offset linear in x and y, fitted robustly on the coarse level.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+from engines.errors import InspectError
+
+
+def level_factors(height: int, width: int) -> tuple[int, int]:
+    """Downscale factors (coarse, fine) giving about 320 px and 1280 px on the long side."""
+    side = max(height, width)
+    fine = max(1, 2 ** round(math.log2(max(side / 1280, 1))))
+    coarse = max(fine, 2 ** round(math.log2(max(side / 320, 1))))
+    return coarse, fine
+
+
+def downscale(image: np.ndarray, factor: int) -> np.ndarray:
+    """Area-average ``image`` by ``factor`` into float32 (luminance for colour)."""
+    if image.ndim == 3:
+        image = cv2.cvtColor(image, cv2.COLOR_BGR2GRAY) if factor == 1 else image
+    h, w = image.shape[:2]
+    small = image if factor == 1 else cv2.resize(image, (w // factor, h // factor), interpolation=cv2.INTER_AREA)
+    if small.ndim == 3:
+        small = cv2.cvtColor(small, cv2.COLOR_BGR2GRAY)
+    return small.astype(np.float32)
+
+
+def _scale_matrix(m: np.ndarray, shape_full: tuple[int, int], shape_small: tuple[int, int]) -> np.ndarray:
+    """Re-express a warp between ``shape_small`` pixel grids on ``shape_full`` grids (either way round)."""
+    sy = shape_full[0] / shape_small[0]
+    sx = shape_full[1] / shape_small[1]
+    # small pixel i covers full pixels [s*i, s*i + s): its centre is s*i + (s-1)/2
+    to_full = np.array([[sx, 0, (sx - 1) / 2], [0, sy, (sy - 1) / 2], [0, 0, 1]])
+    to_small = np.linalg.inv(to_full)
+    m3 = np.vstack([m, [0, 0, 1]])
+    return (to_full @ m3 @ to_small)[:2]
+
+
+@dataclass(frozen=True)
+class Pose:
+    """Reference-to-frame transform (2x3, full-resolution pixels) and the ECC correlation reached."""
+
+    matrix: np.ndarray
+    correlation: float
+
+    @property
+    def shift(self) -> tuple[float, float]:
+        return float(self.matrix[0, 2]), float(self.matrix[1, 2])
+
+    @property
+    def angle_deg(self) -> float:
+        return math.degrees(math.atan2(self.matrix[1, 0], self.matrix[0, 0]))
+
+    def to_dict(self) -> dict[str, float]:
+        dx, dy = self.shift
+        return {"dx": round(dx, 3), "dy": round(dy, 3), "angle_deg": round(self.angle_deg, 4), "ecc": round(self.correlation, 4)}
+
+
+@dataclass(frozen=True)
+class RegistrationReference:
+    """What registration needs from the bundle: the reference at two levels and masks."""
+
+    coarse: np.ndarray  # float32 reference mean at the coarse level
+    fine: np.ndarray  # float32 reference mean at the fine level
+    coarse_mask: np.ndarray  # uint8, non-zero = use for registration and illumination fit
+    fine_mask: np.ndarray
+    factors: tuple[int, int]
+    full_shape: tuple[int, int]
+    max_shift_px: float
+    max_rotation_deg: float
+    min_correlation: float
+
+    def register(self, coarse_img: np.ndarray, fine_img: np.ndarray) -> Pose:
+        """Find the reference-to-frame transform; raises InspectError("registration") on failure."""
+        warp = self._ecc(self.coarse, coarse_img, self.coarse_mask, np.eye(2, 3, dtype=np.float32), 60, 1e-4)
+        to_fine = _scale_matrix(warp, self.fine.shape, self.coarse.shape)
+        to_fine = to_fine.astype(np.float32)
+        try:
+            warp_fine, corr = self._ecc_corr(self.fine, fine_img, self.fine_mask, to_fine, 25, 1e-5)
+        except cv2.error as exc:
+            raise InspectError("registration", f"fine alignment did not converge ({exc.err})") from None
+        matrix = _scale_matrix(warp_fine, self.full_shape, self.fine.shape)
+        pose = Pose(matrix, float(corr))
+        self._check(pose)
+        return pose
+
+    def _ecc(self, template, image, mask, warp, iterations, eps) -> np.ndarray:
+        try:
+            return self._ecc_corr(template, image, mask, warp, iterations, eps)[0]
+        except cv2.error as exc:
+            raise InspectError("registration", f"coarse alignment did not converge ({exc.err})") from None
+
+    @staticmethod
+    def _ecc_corr(template, image, mask, warp, iterations, eps) -> tuple[np.ndarray, float]:
+        criteria = (cv2.TERM_CRITERIA_EPS | cv2.TERM_CRITERIA_COUNT, iterations, eps)
+        corr, warp = cv2.findTransformECC(template, image, warp.copy(), cv2.MOTION_EUCLIDEAN, criteria, mask, 3)
+        return warp, corr
+
+    def _check(self, pose: Pose) -> None:
+        dx, dy = pose.shift
+        if pose.correlation < self.min_correlation:
+            raise InspectError(
+                "registration", f"part does not match the reference (correlation {pose.correlation:.3f} < {self.min_correlation})"
+            )
+        if math.hypot(dx, dy) > self.max_shift_px or abs(pose.angle_deg) > self.max_rotation_deg:
+            raise InspectError(
+                "registration",
+                f"pose outside limits: shift ({dx:.1f}, {dy:.1f}) px, rotation {pose.angle_deg:.2f} deg "
+                f"(limits {self.max_shift_px:.0f} px, {self.max_rotation_deg:.1f} deg)",
+            )
+
+    def photometric(self, coarse_img: np.ndarray, pose: Pose) -> np.ndarray:
+        """Fit frame = gain * reference + offset (both linear in x, y); returns [a0, ax, ay, b0, bx, by]."""
+        small_warp = _scale_matrix(pose.matrix, self.coarse.shape, self.full_shape)
+        h, w = self.coarse.shape
+        registered = cv2.warpAffine(
+            coarse_img, small_warp, (w, h), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP, borderMode=cv2.BORDER_REPLICATE
+        )
+        return fit_photometric(registered, self.coarse, self.coarse_mask, self.full_shape)
+
+
+def fit_photometric(
+    registered: np.ndarray, reference: np.ndarray, mask: np.ndarray, full_shape: tuple[int, int]
+) -> np.ndarray:
+    """Robust least squares of registered = (a0 + ax X + ay Y) * reference + (b0 + bx X + by Y).
+
+    X and Y are full-resolution pixel coordinates of each coarse pixel's centre. Two
+    reweighting passes drop pixels far from the fit, so defects do not bend the lighting model.
+    """
+    h, w = reference.shape
+    sy, sx = full_shape[0] / h, full_shape[1] / w
+    ys, xs = np.nonzero(mask)
+    X = xs * sx + (sx - 1) / 2
+    Y = ys * sy + (sy - 1) / 2
+    mu = reference[ys, xs].astype(np.float64)
+    target = registered[ys, xs].astype(np.float64)
+    design = np.stack([mu, mu * X, mu * Y, np.ones_like(mu), X, Y], axis=1)
+    keep = np.ones(len(mu), bool)
+    coef = np.array([1.0, 0, 0, 0, 0, 0])
+    for _ in range(3):
+        if keep.sum() < 12:
+            break
+        coef, *_ = np.linalg.lstsq(design[keep], target[keep], rcond=None)
+        resid = target - design @ coef
+        mad = np.median(np.abs(resid[keep])) * 1.4826 + 1e-6
+        keep = np.abs(resid) < 3 * mad
+    if not np.all(np.isfinite(coef)) or coef[0] <= 0.05:
+        raise InspectError("registration", "illumination fit failed (image too dark or featureless)")
+    return coef.astype(np.float32)
+
+
+def tile_photometric(coef: np.ndarray, origins: list[tuple[int, int]], halo: int) -> np.ndarray:
+    """Per-tile coefficients in tile-local pixel coordinates (u = column, v = row of the input tile)."""
+    a0, ax, ay, b0, bx, by = (float(v) for v in coef)
+    out = np.empty((len(origins), 6), np.float32)
+    for i, (y0, x0) in enumerate(origins):
+        ox, oy = x0 - halo, y0 - halo
+        out[i] = (a0 + ax * ox + ay * oy, ax, ay, b0 + bx * ox + by * oy, bx, by)
+    return out
+
+
+def warp_to_reference(image: np.ndarray, pose: Pose) -> np.ndarray:
+    """Resample the frame on the reference grid (bilinear, sub-pixel)."""
+    h, w = image.shape[:2]
+    return cv2.warpAffine(
+        image, pose.matrix, (w, h), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP, borderMode=cv2.BORDER_REPLICATE
+    )
+
+
+def bbox_to_frame(bbox: tuple[int, int, int, int], pose: Pose, height: int, width: int) -> tuple[int, int, int, int]:
+    """Map a reference-frame box (x1/y1 exclusive) into the frame's own pixels, rounded outwards."""
+    x0, y0, x1, y1 = bbox
+    corners = np.array([[x0, y0, 1], [x1, y0, 1], [x0, y1, 1], [x1, y1, 1]], np.float64)
+    pts = corners @ pose.matrix.T
+    fx0, fy0 = np.floor(pts.min(axis=0)).astype(int)
+    fx1, fy1 = np.ceil(pts.max(axis=0)).astype(int)
+    return max(0, fx0), max(0, fy0), min(width, max(fx1, fx0 + 1)), min(height, max(fy1, fy0 + 1))
