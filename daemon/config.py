@@ -1,0 +1,184 @@
+"""The daemon's configuration: one validated, immutable object built once at start.
+
+Sources, later ones winning: built-in defaults, a TOML file, ``INSPECTD_*`` environment
+variables (what systemd units set), then command-line options. Every value is checked
+here, so the rest of the daemon never re-validates and never sees a half-built config.
+
+TOML keys are the field names; a table flattens into its keys with ``_``:
+``[frames] endpoint = "..."`` is ``frames_endpoint``. The environment variable for a
+field is ``INSPECTD_`` + the field name in capitals (``INSPECTD_CYCLE_MS=150``).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+
+from engines.errors import UserError
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib  # type: ignore[no-redef]
+
+ENV_PREFIX = "INSPECTD_"
+BACKENDS = ("auto", "onnxruntime", "tensorrt")
+FRAME_MODES = ("pull", "sub")
+IMAGEZMQ_MODES = ("reqrep", "pubsub")
+LOG_FORMATS = ("auto", "json", "console")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+class ConfigError(UserError):
+    """A configuration value that is missing, of the wrong type or out of range."""
+
+
+@dataclass(frozen=True)
+class Config:
+    """Everything ``inspectd serve`` needs to run; see docs/protocol.md for the endpoints."""
+
+    model: str = ""
+    backend: str = "auto"
+    cycle_ms: float = 200.0
+    # Native frames: PULL binds (cameras PUSH to it); SUB connects to a camera that publishes.
+    frames_endpoint: str = "tcp://*:7700"
+    frames_mode: str = "pull"
+    # imagezmq: "" = off; reqrep binds a ROUTER (senders connect REQ); pubsub connects a SUB.
+    imagezmq_endpoint: str = ""
+    imagezmq_mode: str = "reqrep"
+    decisions_endpoint: str = "tcp://*:7701"
+    http_listen: str = "127.0.0.1:7780"  # "" = no HTTP endpoint
+    # Frames admitted and not yet finished; the excess is rejected as overload at once.
+    queue_depth: int = 4
+    workers: int = 2  # decode + prepare + decide threads; inference always has one thread
+    hwm: int = 4  # ZeroMQ high-water marks, in messages (frames), not bytes
+    max_defects: int = 20  # defects listed per decision; the rest are counted
+    summary_s: float = 10.0
+    drain_s: float = 2.0  # at shutdown, how long in-flight frames may take before rejection
+    log_format: str = "auto"
+    log_level: str = "info"
+
+    @property
+    def cycle_ns(self) -> int:
+        return int(self.cycle_ms * 1e6)
+
+    def validate(self) -> Config:
+        """Return self when every field is acceptable; raise ConfigError naming the first bad one."""
+        if not self.model:
+            raise ConfigError("model: no model bundle given (--model, `model` in the TOML or INSPECTD_MODEL)")
+        _choice("backend", self.backend, BACKENDS)
+        _choice("frames_mode", self.frames_mode, FRAME_MODES)
+        _choice("imagezmq_mode", self.imagezmq_mode, IMAGEZMQ_MODES)
+        _choice("log_format", self.log_format, LOG_FORMATS)
+        _choice("log_level", self.log_level, LOG_LEVELS)
+        _endpoint("frames_endpoint", self.frames_endpoint, required=True)
+        _endpoint("imagezmq_endpoint", self.imagezmq_endpoint, required=False)
+        _endpoint("decisions_endpoint", self.decisions_endpoint, required=True)
+        if self.http_listen:
+            parse_host_port(self.http_listen)
+        _range("cycle_ms", self.cycle_ms, 1, 600_000)
+        _range("queue_depth", self.queue_depth, 1, 1024)
+        _range("workers", self.workers, 1, 64)
+        _range("hwm", self.hwm, 1, 1000)
+        _range("max_defects", self.max_defects, 0, 10_000)
+        _range("summary_s", self.summary_s, 0.1, 86_400)
+        _range("drain_s", self.drain_s, 0, 600)
+        return self
+
+
+FIELD_TYPES: dict[str, type] = {f.name: type(getattr(Config(), f.name)) for f in fields(Config)}
+
+
+def parse_host_port(text: str) -> tuple[str, int]:
+    """Split ``HOST:PORT`` (port 0 = any free port); ConfigError when malformed."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise ConfigError(f"http_listen: expected HOST:PORT (e.g. 127.0.0.1:7780), got {text!r}")
+    return host.strip("[]"), int(port)
+
+
+def load(
+    toml_path: str | Path | None = None,
+    environ: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Config:
+    """Build the one Config from defaults, the TOML file, the environment and CLI overrides."""
+    values: dict[str, Any] = {}
+    if toml_path:
+        values.update(_from_toml(Path(toml_path)))
+    values.update(_from_env(os.environ if environ is None else environ))
+    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    return replace(Config(), **{k: _coerce(k, v, "option") for k, v in values.items()}).validate()
+
+
+def _from_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as fh:
+            data = tomllib.load(fh)
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the configuration: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            for sub, subvalue in value.items():
+                flat[f"{key}_{sub}"] = subvalue
+        else:
+            flat[key] = value
+    for key, value in flat.items():
+        if key not in FIELD_TYPES:
+            raise ConfigError(f"{path}: unknown key {key!r}; known keys: {', '.join(FIELD_TYPES)}")
+        flat[key] = _coerce(key, value, str(path))
+    if flat.get("model"):
+        # A relative bundle path in a config file means relative to that file, not the cwd.
+        flat["model"] = str((path.parent / flat["model"]).resolve())
+    return flat
+
+
+def _from_env(environ: Mapping[str, str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name in FIELD_TYPES:
+        raw = environ.get(ENV_PREFIX + name.upper())
+        if raw is not None:
+            out[name] = _coerce(name, raw, ENV_PREFIX + name.upper())
+    return out
+
+
+def _coerce(name: str, value: Any, source: str) -> Any:
+    want = FIELD_TYPES[name]
+    try:
+        if isinstance(value, bool) or (want is not str and isinstance(value, str) and not value.strip()):
+            raise ValueError
+        if want is str:
+            if not isinstance(value, str | Path):
+                raise ValueError
+            return str(value)
+        if want is int:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return int(value)
+        return float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{source}: {name} must be {want.__name__}, got {value!r}") from None
+
+
+def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{name}: expected one of {', '.join(allowed)}, got {value!r}")
+
+
+def _range(name: str, value: float, low: float, high: float) -> None:
+    if not low <= value <= high:
+        raise ConfigError(f"{name}: must be between {low:g} and {high:g}, got {value:g}")
+
+
+def _endpoint(name: str, value: str, required: bool) -> None:
+    if not value and not required:
+        return
+    scheme, sep, rest = value.partition("://")
+    if not sep or scheme not in ("tcp", "ipc", "inproc") or not rest:
+        raise ConfigError(f"{name}: expected a ZeroMQ endpoint like tcp://127.0.0.1:7700, got {value!r}")

@@ -1,0 +1,112 @@
+"""The daemon's HTTP side door: health and readiness now; operator page, /metrics and SSE later.
+
+A stdlib ThreadingHTTPServer on its own thread. Handlers only read a ``Health`` snapshot
+(and, later, metrics); nothing here touches the frame path. Routes are a table of
+``path -> handler(request) -> Response`` so new endpoints are one ``route()`` call, and a
+handler may stream (``Response.stream``) for server-sent events.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import structlog
+
+log = structlog.get_logger("inspectd.http")
+
+
+@dataclass
+class Response:
+    """Status, headers and either a body or an iterator of chunks (for SSE)."""
+
+    status: int = 200
+    body: bytes = b""
+    content_type: str = "text/plain; charset=utf-8"
+    headers: dict[str, str] = field(default_factory=dict)
+    stream: Iterable[bytes] | None = None
+
+
+Handler = Callable[[BaseHTTPRequestHandler], Response]
+
+
+class Health:
+    """What the main loop tells the outside world: it ticks (liveness) and it is ready."""
+
+    def __init__(self, stale_s: float = 5.0) -> None:
+        self._stale_s = stale_s
+        self._last_tick = time.monotonic()
+        self.ready = False
+        self.status = "starting"
+
+    def tick(self) -> None:
+        self._last_tick = time.monotonic()
+
+    @property
+    def live(self) -> bool:
+        return time.monotonic() - self._last_tick < self._stale_s
+
+
+class HttpServer:
+    """Routes GET requests to handlers on a background thread."""
+
+    def __init__(self, host: str, port: int, health: Health) -> None:
+        self.health = health
+        self.routes: dict[str, Handler] = {}
+        self.route("/healthz", self._healthz)
+        self.route("/readyz", self._readyz)
+        routes = self.routes
+
+        class _Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                handler = routes.get(self.path.split("?", 1)[0])
+                response = handler(self) if handler else Response(404, b"not found\n")
+                _write(self, response)
+
+            def log_message(self, format: str, *args: Any) -> None:  # keep access logs out of stderr
+                pass
+
+        self._server = ThreadingHTTPServer((host, port), _Handler)
+        self._server.daemon_threads = True
+        self.address = self._server.server_address[:2]
+        self._thread = threading.Thread(target=self._server.serve_forever, name="inspectd-http", daemon=True)
+
+    def route(self, path: str, handler: Handler) -> None:
+        self.routes[path] = handler
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+    # Health endpoints: status only, no body, as inference servers do.
+    def _healthz(self, _request: BaseHTTPRequestHandler) -> Response:
+        return Response(200 if self.health.live else 503)
+
+    def _readyz(self, _request: BaseHTTPRequestHandler) -> Response:
+        return Response(200 if self.health.ready and self.health.live else 503)
+
+
+def _write(request: BaseHTTPRequestHandler, response: Response) -> None:
+    try:
+        request.send_response(response.status)
+        request.send_header("Content-Type", response.content_type)
+        for key, value in response.headers.items():
+            request.send_header(key, value)
+        if response.stream is None:
+            request.send_header("Content-Length", str(len(response.body)))
+            request.end_headers()
+            request.wfile.write(response.body)
+            return
+        request.end_headers()
+        for chunk in response.stream:
+            request.wfile.write(chunk)
+            request.wfile.flush()
+    except (BrokenPipeError, ConnectionResetError):
+        pass  # the client went away; nothing to tell it

@@ -1,0 +1,182 @@
+"""Frame intake: the sockets frames arrive on, read by one thread that never blocks for long.
+
+Native frames arrive on a bound PULL socket (cameras PUSH) or a SUB socket connected to a
+camera that publishes. imagezmq senders are served by a bound ROUTER (their REQ sockets
+block for a reply, which is the decision JSON) or a SUB connected to their PUB. Every
+socket has LINGER 0, a receive high-water mark of a few frames and a MAXMSGSIZE derived
+from the model geometry (libzmq disconnects a peer that sends more), and every message is
+received zero-copy. The thread drains its sockets as fast as messages come, so excess
+frames become immediate ``overload`` rejects instead of piling up in socket buffers.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Any
+
+import structlog
+import zmq
+
+from daemon.config import Config
+from daemon.protocol import BadFrame, Frame, message_limit, parse_imagezmq, parse_native
+from engines.types import Geometry
+
+log = structlog.get_logger("inspectd.intake")
+
+POLL_MS = 100  # how often the loop looks at its stop flag when nothing arrives
+BATCH = 16  # messages read from one socket before the others get a turn
+MAX_IMAGEZMQ_CAMERAS = 4096  # per-name frame counters kept (bounded against floods of names)
+_instances = itertools.count()
+
+
+class Intake:
+    """Owns the input sockets and their thread; turns each message into a Frame or BadFrame."""
+
+    def __init__(
+        self,
+        ctx: zmq.Context[Any],
+        config: Config,
+        geometry: Callable[[], Geometry],
+        submit: Callable[[Frame | BadFrame], None],
+        clock: Callable[[], int] = time.time_ns,
+    ) -> None:
+        self._ctx = ctx
+        self._geometry = geometry
+        self._submit = submit
+        self._clock = clock
+        self._hwm = config.hwm
+        self._max_msg = message_limit(geometry())
+        self._reading = True
+        self._running = True
+        self._counters: OrderedDict[str, itertools.count[int]] = OrderedDict()
+        self.received = 0
+        self._sockets: list[zmq.Socket[Any]] = []
+        try:
+            self.native = self._open(config.frames_mode, config.frames_endpoint)
+            self.imagezmq = None
+            if config.imagezmq_endpoint:
+                mode = "router" if config.imagezmq_mode == "reqrep" else "sub"
+                self.imagezmq = self._open(mode, config.imagezmq_endpoint)
+            self.reply_endpoint = f"inproc://inspectd-replies-{next(_instances)}"
+            self._replies = self._socket(zmq.PULL)
+            self._replies.bind(self.reply_endpoint)
+        except zmq.ZMQError:
+            self.close()
+            raise
+        self._thread = threading.Thread(target=self._loop, name="inspectd-intake", daemon=True)
+
+    # -- sockets ----------------------------------------------------------------------------
+    def _socket(self, kind: int) -> zmq.Socket[Any]:
+        sock = self._ctx.socket(kind)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.RCVHWM, self._hwm)
+        sock.setsockopt(zmq.SNDHWM, self._hwm)
+        self._sockets.append(sock)
+        return sock
+
+    def _open(self, mode: str, endpoint: str) -> zmq.Socket[Any]:
+        kind = {"pull": zmq.PULL, "sub": zmq.SUB, "router": zmq.ROUTER}[mode]
+        sock = self._socket(kind)
+        sock.setsockopt(zmq.MAXMSGSIZE, self._max_msg)
+        if mode == "sub":
+            sock.setsockopt(zmq.SUBSCRIBE, b"")
+            sock.connect(endpoint)
+        else:
+            sock.bind(endpoint)
+        return sock
+
+    def endpoint(self, sock: zmq.Socket[Any] | None) -> str:
+        """The address a socket actually bound (resolves ``tcp://127.0.0.1:*``)."""
+        return sock.getsockopt_string(zmq.LAST_ENDPOINT) if sock is not None else ""
+
+    # -- lifecycle --------------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread.start()
+
+    def pause(self) -> None:
+        """Stop reading frames; replies to imagezmq senders still go out (used while draining)."""
+        self._reading = False
+
+    def stop(self) -> None:
+        self._running = False
+        if self._thread.is_alive():
+            self._thread.join(timeout=2.0)
+        self.close()
+
+    def close(self) -> None:
+        for sock in self._sockets:
+            sock.close(linger=0)
+        self._sockets.clear()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    # -- the loop ---------------------------------------------------------------------------
+    def _loop(self) -> None:
+        poller = zmq.Poller()
+        inputs = [s for s in (self.native, self.imagezmq) if s is not None]
+        for sock in [*inputs, self._replies]:
+            poller.register(sock, zmq.POLLIN)
+        while self._running:
+            ready = dict(poller.poll(POLL_MS))
+            if self._replies in ready:
+                self._forward_replies()
+            if not self._reading:
+                continue
+            for sock in inputs:
+                if sock in ready:
+                    self._drain(sock)
+
+    def _drain(self, sock: zmq.Socket[Any]) -> None:
+        for _ in range(BATCH):
+            try:
+                parts = sock.recv_multipart(flags=zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            now = self._clock()
+            self.received += 1
+            try:
+                self._submit(self._parse(sock, parts, now))
+            except Exception:  # a bug in parsing must not stop the intake
+                log.exception("intake_failed")
+
+    def _parse(self, sock: zmq.Socket[Any], parts: list[Any], now: int) -> Frame | BadFrame:
+        geometry = self._geometry()
+        if sock is not self.imagezmq:
+            return parse_native(parts, now, geometry)
+        reply = None
+        if sock.socket_type == zmq.ROUTER:
+            # [identity, b"", metadata, payload] from REQ; tolerate a DEALER without the delimiter.
+            reply = bytes(parts[0].buffer)
+            parts = parts[2:] if len(parts) > 1 and len(parts[1].buffer) == 0 else parts[1:]
+        item = parse_imagezmq(parts, now, geometry, self._next_id)
+        item.reply = reply
+        return item
+
+    def _next_id(self, camera: str) -> int:
+        counter = self._counters.get(camera)
+        if counter is None:
+            counter = self._counters[camera] = itertools.count()
+            if len(self._counters) > MAX_IMAGEZMQ_CAMERAS:
+                self._counters.popitem(last=False)
+        else:
+            self._counters.move_to_end(camera)
+        return next(counter)
+
+    def _forward_replies(self) -> None:
+        assert self.imagezmq is not None
+        for _ in range(BATCH):
+            try:
+                identity, body = self._replies.recv_multipart(flags=zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            try:
+                # ROUTER drops replies to peers that left (ROUTER_MANDATORY off): never blocks.
+                self.imagezmq.send_multipart([identity, b"", body], flags=zmq.NOBLOCK)
+            except zmq.ZMQError as exc:
+                log.warning("reply_failed", error=str(exc))

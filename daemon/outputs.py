@@ -1,0 +1,167 @@
+"""Decision sinks: each has its own bounded queue and thread, so none can block the frame path.
+
+``Outputs.publish`` is called by the scheduler (under its ordering lock) and only does
+``put_nowait`` on each interested sink's queue; encoding and socket I/O happen on the
+sink's own thread. A full queue drops the decision for that sink and counts it; a sink
+that fails counts and logs the failure and keeps running. New sinks (Modbus, audit,
+metrics) subclass ``Sink`` and implement ``accepts`` and ``send``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import queue
+import threading
+import time
+from collections.abc import Iterable
+from typing import Any
+
+import structlog
+import zmq
+
+from daemon.protocol import Decision
+
+log = structlog.get_logger("inspectd.outputs")
+
+
+class Sink:
+    """A decision consumer with a bounded queue drained by its own thread."""
+
+    name = "sink"
+
+    def __init__(self, maxsize: int = 256) -> None:
+        self._queue: queue.Queue[Decision | None] = queue.Queue(maxsize)
+        self._thread = threading.Thread(target=self._run, name=f"inspectd-{self.name}", daemon=True)
+        self.sent = 0
+        self.dropped = 0
+        self.failed = 0
+
+    def accepts(self, decision: Decision) -> bool:
+        return True
+
+    def send(self, decision: Decision) -> None:
+        raise NotImplementedError
+
+    def close_resources(self) -> None:
+        """Release sockets or files (runs on the sink's thread after the last send)."""
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def offer(self, decision: Decision) -> None:
+        try:
+            self._queue.put_nowait(decision)
+        except queue.Full:
+            self.dropped += 1
+
+    def close(self, flush_s: float = 1.0) -> None:
+        """Send what is queued (up to ``flush_s``), then stop the thread and free resources."""
+        end = time.monotonic() + flush_s
+        while not self._queue.empty() and time.monotonic() < end and self._thread.is_alive():
+            time.sleep(0.002)
+        with contextlib.suppress(queue.Full):
+            self._queue.put(None, timeout=max(0.0, end - time.monotonic()) + 0.1)
+        if self._thread.is_alive():
+            self._thread.join(timeout=1.0)
+        else:
+            self.close_resources()
+
+    def stats(self) -> dict[str, int]:
+        return {
+            "sent": self.sent,
+            "dropped": self.dropped,
+            "failed": self.failed,
+            "queued": self._queue.qsize(),
+        }
+
+    def _run(self) -> None:
+        try:
+            while True:
+                decision = self._queue.get()
+                if decision is None:
+                    return
+                try:
+                    self.send(decision)
+                except Exception as exc:  # a sink failure must never reach the frame path
+                    self.failed += 1
+                    log.warning("sink_failed", sink=self.name, error=f"{type(exc).__name__}: {exc}")
+        finally:
+            self.close_resources()
+
+
+class ZmqPubSink(Sink):
+    """Publishes every decision on a bound PUB socket: [camera_id, decision JSON]."""
+
+    name = "zmq-pub"
+
+    def __init__(self, ctx: zmq.Context[Any], endpoint: str, hwm: int = 1000) -> None:
+        super().__init__()
+        self._socket = ctx.socket(zmq.PUB)
+        self._socket.setsockopt(zmq.LINGER, 0)
+        self._socket.setsockopt(zmq.SNDHWM, hwm)  # decisions are small; PUB drops at the mark
+        self._socket.bind(endpoint)
+        self.endpoint = self._socket.getsockopt_string(zmq.LAST_ENDPOINT)
+
+    def send(self, decision: Decision) -> None:
+        topic = (decision.camera_id or "").encode()
+        try:
+            self._socket.send_multipart([topic, decision.to_json()], flags=zmq.NOBLOCK)
+            self.sent += 1
+        except zmq.Again:  # PUB normally drops silently; count it if it ever says so
+            self.dropped += 1
+
+    def close_resources(self) -> None:
+        self._socket.close(linger=0)
+
+
+class ReplySink(Sink):
+    """Answers imagezmq REQ senders: hands [identity, decision JSON] to the intake thread.
+
+    The ROUTER socket belongs to the intake thread (ZeroMQ sockets are not thread-safe),
+    so replies travel over an inproc PUSH that the intake polls next to its inputs.
+    """
+
+    name = "imagezmq-reply"
+
+    def __init__(self, ctx: zmq.Context[Any], inproc_endpoint: str) -> None:
+        super().__init__()
+        self._socket = ctx.socket(zmq.PUSH)
+        self._socket.setsockopt(zmq.LINGER, 0)
+        self._socket.connect(inproc_endpoint)
+
+    def accepts(self, decision: Decision) -> bool:
+        return decision.reply is not None
+
+    def send(self, decision: Decision) -> None:
+        assert decision.reply is not None
+        self._socket.send_multipart([decision.reply, decision.to_json()], flags=zmq.NOBLOCK)
+        self.sent += 1
+
+    def close_resources(self) -> None:
+        self._socket.close(linger=0)
+
+
+class Outputs:
+    """Fans each decision out to every sink that wants it; never blocks."""
+
+    def __init__(self, sinks: Iterable[Sink] = ()) -> None:
+        self.sinks = list(sinks)
+
+    def add(self, sink: Sink) -> None:
+        self.sinks.append(sink)
+
+    def start(self) -> None:
+        for sink in self.sinks:
+            sink.start()
+
+    def publish(self, decision: Decision) -> None:
+        for sink in self.sinks:
+            if sink.accepts(decision):
+                sink.offer(decision)
+
+    def close(self, flush_s: float = 1.0) -> None:
+        for sink in self.sinks:
+            sink.close(flush_s)
+
+    def stats(self) -> dict[str, dict[str, int]]:
+        return {sink.name: sink.stats() for sink in self.sinks}

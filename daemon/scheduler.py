@@ -1,0 +1,431 @@
+"""The one place that decides verdicts: every admitted frame gets exactly one Decision.
+
+Each frame becomes a ``Ticket``. A ticket is resolved exactly once, by whichever comes
+first of: the inspection result, its deadline timer, an overload at admission, a bad
+frame, or an error in any stage; a later outcome is only logged. Stages overlap:
+
+    intake thread --submit--> [pool: decode + prepare] --> (EDF queue) --> [ONE engine thread: infer]
+                                                                       --> [pool: decide] --> resolve
+
+Ordering and deadlines. Decisions leave in admission order per camera (a line's reject
+gate sees parts in order), so a resolved ticket waits for its unresolved predecessors.
+That can never push it past its own deadline because deadlines are kept monotone per
+camera: when a frame arrives with an earlier deadline than frames still undecided before
+it, those predecessors' deadlines are pulled down to it. Then every predecessor is
+resolved (at worst by its own timer) before a ticket's deadline, the ordering is never
+broken and no decision is late. The price, only for a camera whose deadlines go
+backwards, is that a predecessor can be rejected (reason ``deadline``) earlier than its
+own header asked. Overload and bad-frame rejects are decided at once and published as
+soon as their predecessors are. A decision's ``t_decided_ns`` is when it is published.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import math
+import threading
+import time
+from collections import Counter, deque
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from queue import PriorityQueue
+from typing import Any, Protocol
+
+import numpy as np
+import structlog
+
+from daemon.decoding import decode_frame
+from daemon.protocol import BadFrame, Decision, Frame, result_fields
+from engines.errors import ImageError, InspectError
+from engines.types import Geometry, Result
+
+log = structlog.get_logger("inspectd.scheduler")
+
+# Deadline rejects are published this long before the deadline, so thread wake-up and
+# socket hand-off never make a "deadline" decision itself late.
+DEADLINE_MARGIN_NS = 2_000_000
+_STOP = (math.inf, math.inf, None)
+
+
+class Engine(Protocol):
+    """What the scheduler needs from an ``engines.inspector.Inspector``."""
+
+    geometry: Geometry
+    bundle_id: str
+    threshold: float
+
+    def prepare(self, image: np.ndarray) -> Any: ...
+    def infer(self, prepared: Any) -> np.ndarray: ...
+    def decide(self, prepared: Any, anomaly: np.ndarray) -> Result: ...
+
+
+@dataclass(eq=False)
+class Ticket:
+    """One admitted frame on its way to its single decision."""
+
+    item: Frame | BadFrame
+    seq: int
+    deadline_ns: int
+    engine: Engine | None = None
+    stage: str = "queued"
+    prepared: Any = None
+    outcome: dict[str, Any] | None = None  # Decision fields, set once by resolve()
+    has_work: bool = False
+
+    @property
+    def camera(self) -> str | None:
+        return self.item.camera_id
+
+    @property
+    def resolved(self) -> bool:
+        return self.outcome is not None
+
+
+@dataclass
+class Stats:
+    """Counters and latencies since the last summary; read under the scheduler lock."""
+
+    reasons: Counter[str] = field(default_factory=Counter)
+    latencies_ms: deque[float] = field(default_factory=lambda: deque(maxlen=100_000))
+    decisions: int = 0
+    deadline_missed: int = 0
+    unidentified: int = 0  # bad messages without a readable frame id: counted, not answered
+    late_results: int = 0
+    since_ns: int = field(default_factory=time.monotonic_ns)
+
+    def summary(self) -> dict[str, Any]:
+        """Rates and latency percentiles since the last call, then start afresh."""
+        elapsed = max((time.monotonic_ns() - self.since_ns) / 1e9, 1e-9)
+        lat = np.fromiter(self.latencies_ms, float) if self.latencies_ms else np.zeros(1)
+        out = {
+            "decisions": self.decisions,
+            "rate_hz": round(self.decisions / elapsed, 2),
+            "reasons": dict(self.reasons),
+            "latency_p50_ms": round(float(np.percentile(lat, 50)), 2),
+            "latency_p99_ms": round(float(np.percentile(lat, 99)), 2),
+            "latency_max_ms": round(float(lat.max()), 2),
+            "deadline_missed": self.deadline_missed,
+            "unidentified_bad_messages": self.unidentified,
+            "late_results": self.late_results,
+        }
+        self.reasons.clear()
+        self.latencies_ms.clear()
+        self.decisions = self.deadline_missed = self.unidentified = self.late_results = 0
+        self.since_ns = time.monotonic_ns()
+        return out
+
+
+class Scheduler:
+    """Admits frames, runs the stages, resolves each ticket once and publishes in order."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        publish: Callable[[Decision], None],
+        *,
+        cycle_ns: int,
+        queue_depth: int = 4,
+        workers: int = 2,
+        max_defects: int = 20,
+        clock: Callable[[], int] = time.time_ns,
+    ) -> None:
+        self.engine = engine
+        self._publish = publish
+        self._cycle_ns = cycle_ns
+        self._queue_depth = queue_depth
+        self._max_defects = max_defects
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._chains: dict[str | None, deque[Ticket]] = {}
+        self._pending = 0  # admitted tickets whose stages have not finished
+        self._users: Counter[int] = Counter()  # id(engine) -> tickets still using it
+        self._seq = itertools.count()
+        self._stats = Stats()
+        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="inspectd-stage")
+        self._engine_q: PriorityQueue[tuple[float, float, Ticket | None]] = PriorityQueue()
+        self._timer_cv = threading.Condition()
+        self._timers: list[tuple[int, int, Ticket]] = []
+        self._stopping = False
+        self._threads = [
+            threading.Thread(target=self._engine_loop, name="inspectd-engine", daemon=True),
+            threading.Thread(target=self._timer_loop, name="inspectd-deadlines", daemon=True),
+        ]
+
+    # -- lifecycle ------------------------------------------------------------------------
+    def start(self) -> None:
+        for thread in self._threads:
+            thread.start()
+
+    @property
+    def alive(self) -> bool:
+        """True while the engine and deadline threads run (the watchdog's liveness test)."""
+        return all(t.is_alive() for t in self._threads)
+
+    @property
+    def in_flight(self) -> int:
+        with self._lock:
+            return sum(len(c) for c in self._chains.values())
+
+    def drain(self, timeout_s: float) -> int:
+        """Wait up to ``timeout_s`` for in-flight frames, reject the rest; returns how many were rejected."""
+        end = time.monotonic() + timeout_s
+        while self.in_flight and time.monotonic() < end:
+            time.sleep(0.005)
+        with self._lock:
+            left = [t for chain in self._chains.values() for t in chain if not t.resolved]
+        for ticket in left:
+            self._resolve(ticket, "reject", "error", detail="daemon stopping before a result was ready")
+        return len(left)
+
+    def stop(self) -> None:
+        """Stop the threads (call ``drain`` first: tickets left unresolved get no decision)."""
+        self._stopping = True
+        self._engine_q.put(_STOP)
+        with self._timer_cv:
+            self._timer_cv.notify_all()
+        for thread in self._threads:
+            thread.join(timeout=2.0)
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def summary(self) -> dict[str, Any]:
+        with self._lock:
+            out = self._stats.summary()
+            out["in_flight"] = sum(len(c) for c in self._chains.values())
+        return out
+
+    # -- reload -----------------------------------------------------------------------------
+    def swap_engine(self, new: Engine) -> Engine:
+        """Make ``new`` serve every frame admitted from now on; returns the old engine."""
+        with self._lock:
+            old, self.engine = self.engine, new
+        return old
+
+    def wait_unused(self, engine: Engine, timeout_s: float) -> bool:
+        """True once no admitted frame still uses ``engine`` (so it can be deactivated)."""
+        end = time.monotonic() + timeout_s
+        while time.monotonic() < end:
+            with self._lock:
+                if not self._users[id(engine)]:
+                    return True
+            time.sleep(0.01)
+        return False
+
+    # -- admission ---------------------------------------------------------------------------
+    def submit(self, item: Frame | BadFrame) -> None:
+        """Admit one received message; never blocks (the intake thread calls this)."""
+        if isinstance(item, BadFrame) and item.frame_id is None:
+            with self._lock:
+                self._stats.unidentified += 1
+            log.info("bad_message", detail=item.detail, camera_id=item.camera_id, source=item.source)
+            return
+        with self._lock:
+            ticket = self._admit(item)
+            overloaded = isinstance(item, Frame) and self._pending >= self._queue_depth
+            if isinstance(item, Frame) and not overloaded:
+                ticket.engine = self.engine
+                ticket.has_work = True
+                self._pending += 1
+                self._users[id(ticket.engine)] += 1
+        if isinstance(item, BadFrame):
+            self._resolve(ticket, "reject", "bad_frame", detail=item.detail)
+        elif overloaded:
+            detail = f"{self._queue_depth} frames already in flight"
+            self._resolve(ticket, "reject", "overload", detail=detail)
+        else:
+            self._arm(ticket)
+            self._pool.submit(self._prepare, ticket)
+
+    def _admit(self, item: Frame | BadFrame) -> Ticket:
+        """Create the ticket and queue it in its camera's chain (caller holds the lock)."""
+        deadline = item.deadline_ns if item.deadline_ns is not None else item.t_received_ns + self._cycle_ns
+        ticket = Ticket(item, next(self._seq), deadline)
+        chain = self._chains.setdefault(item.camera_id, deque())
+        for earlier in reversed(chain):
+            # Keep deadlines monotone per camera (see the module docstring).
+            if not earlier.resolved and earlier.deadline_ns > deadline:
+                earlier.deadline_ns = deadline
+                self._arm(earlier)
+        chain.append(ticket)
+        return ticket
+
+    def _arm(self, ticket: Ticket) -> None:
+        with self._timer_cv:
+            heapq.heappush(self._timers, (ticket.deadline_ns, ticket.seq, ticket))
+            self._timer_cv.notify()
+
+    # -- stages ------------------------------------------------------------------------------
+    def _prepare(self, ticket: Ticket) -> None:
+        if self._skip(ticket):
+            return
+        assert isinstance(ticket.item, Frame) and ticket.engine is not None
+        ticket.stage = "prepare"
+        try:
+            image = decode_frame(ticket.item, ticket.engine.geometry)
+            ticket.prepared = ticket.engine.prepare(image)
+        except Exception as exc:
+            self._fail(ticket, exc)
+            return
+        ticket.stage = "infer-queue"
+        # Earliest deadline first: a frame that prepared slowly does not hold up a later one.
+        self._engine_q.put((ticket.deadline_ns, ticket.seq, ticket))
+
+    def _engine_loop(self) -> None:
+        while True:
+            _, _, ticket = self._engine_q.get()
+            if ticket is None:
+                return
+            if self._skip(ticket):
+                continue
+            assert ticket.engine is not None
+            ticket.stage = "infer"
+            try:
+                anomaly = ticket.engine.infer(ticket.prepared)
+            except Exception as exc:
+                self._fail(ticket, exc)
+                continue
+            ticket.stage = "decide"
+            try:
+                self._pool.submit(self._decide, ticket, anomaly)
+            except RuntimeError:  # pool shut down while stopping
+                self._finish(ticket)
+
+    def _decide(self, ticket: Ticket, anomaly: np.ndarray) -> None:
+        assert ticket.engine is not None
+        try:
+            result = ticket.engine.decide(ticket.prepared, anomaly)
+        except Exception as exc:
+            self._fail(ticket, exc)
+            return
+        fields = result_fields(result, self._max_defects)
+        self._resolve(ticket, **fields)
+        self._finish(ticket)
+
+    def _skip(self, ticket: Ticket) -> bool:
+        """A ticket already resolved (its deadline passed) needs no more work."""
+        if ticket.resolved or self._stopping:
+            self._finish(ticket)
+            return True
+        return False
+
+    def _fail(self, ticket: Ticket, exc: Exception) -> None:
+        if isinstance(exc, ImageError):  # the frame does not fit the model (conform in prepare)
+            self._resolve(ticket, "reject", "bad_frame", detail=str(exc)[:200])
+        elif isinstance(exc, InspectError):
+            reason = exc.reason if exc.reason in ("bad_frame", "registration") else "error"
+            self._resolve(ticket, "reject", reason, detail=exc.detail)
+        else:
+            log.exception("stage_failed", stage=ticket.stage, frame_id=ticket.item.frame_id)
+            detail = f"{ticket.stage}: {type(exc).__name__}: {exc}"[:200]
+            self._resolve(ticket, "reject", "error", detail=detail)
+        self._finish(ticket)
+
+    def _finish(self, ticket: Ticket) -> None:
+        """The ticket's stages are over: free its place in the queue and its engine reference."""
+        with self._lock:
+            if ticket.has_work:
+                ticket.has_work = False
+                self._pending -= 1
+                self._users[id(ticket.engine)] -= 1
+                if not self._users[id(ticket.engine)]:
+                    del self._users[id(ticket.engine)]
+            ticket.prepared = None
+
+    # -- deadlines ---------------------------------------------------------------------------
+    def _timer_loop(self) -> None:
+        while True:
+            with self._timer_cv:
+                if self._stopping:
+                    return
+                expired = self._pop_expired()
+                if not expired:
+                    self._timer_cv.wait(self._next_wait_s())
+                    continue
+            for ticket in expired:
+                detail = f"no result by the deadline (at {ticket.stage})"
+                self._resolve(ticket, "reject", "deadline", detail=detail)
+
+    def _pop_expired(self) -> list[Ticket]:
+        """Tickets whose deadline (less the margin) has come (caller holds the timer lock)."""
+        expired = []
+        now = self._clock()
+        while self._timers:
+            due, _, ticket = self._timers[0]
+            if ticket.resolved or due != ticket.deadline_ns:
+                heapq.heappop(self._timers)  # decided already, or re-armed with an earlier deadline
+            elif due - DEADLINE_MARGIN_NS <= now:
+                expired.append(heapq.heappop(self._timers)[2])
+            else:
+                break
+        return expired
+
+    def _next_wait_s(self) -> float:
+        if not self._timers:
+            return 0.5
+        return min(max(self._timers[0][0] - DEADLINE_MARGIN_NS - self._clock(), 0) / 1e9, 0.5)
+
+    # -- resolution --------------------------------------------------------------------------
+    def _resolve(self, ticket: Ticket, verdict: str, reason: str, **fields: Any) -> bool:
+        """Settle ``ticket`` once; publish every decision now due in its camera's order."""
+        released: list[Decision] = []
+        with self._lock:
+            if ticket.resolved:
+                self._stats.late_results += 1
+                late = True
+            else:
+                late = False
+                ticket.outcome = {"verdict": verdict, "reason": reason, **fields}
+                released = self._release(ticket.camera)
+        if late:
+            log.debug("late_result", frame_id=ticket.item.frame_id, reason=reason, camera_id=ticket.camera)
+            return False
+        for decision in released:
+            if decision.verdict != "pass":
+                log.info(
+                    "reject",
+                    camera_id=decision.camera_id,
+                    frame_id=decision.frame_id,
+                    reason=decision.reason,
+                    detail=decision.detail,
+                    score=decision.score,
+                    latency_ms=round(decision.latency_ms, 2),
+                )
+        return True
+
+    def _release(self, camera: str | None) -> list[Decision]:
+        """Publish the chain's resolved head (caller holds the lock, which keeps the order)."""
+        chain = self._chains[camera]
+        out: list[Decision] = []
+        while chain and chain[0].resolved:
+            decision = self._decision(chain.popleft())
+            self._publish(decision)
+            self._count(decision)
+            out.append(decision)
+        if not chain:
+            del self._chains[camera]  # forget cameras with nothing in flight (bounded memory)
+        return out
+
+    def _decision(self, ticket: Ticket) -> Decision:
+        item, engine = ticket.item, ticket.engine or self.engine
+        outcome = dict(ticket.outcome or {})
+        outcome.setdefault("threshold", engine.threshold)
+        return Decision(
+            frame_id=item.frame_id,
+            camera_id=item.camera_id,
+            part_id=item.part_id,
+            t_received_ns=item.t_received_ns,
+            t_decided_ns=self._clock(),
+            deadline_ns=ticket.deadline_ns,
+            model=engine.bundle_id,
+            reply=item.reply,
+            **outcome,
+        )
+
+    def _count(self, decision: Decision) -> None:
+        stats = self._stats
+        stats.decisions += 1
+        stats.reasons[decision.reason] += 1
+        stats.latencies_ms.append(decision.latency_ms)
+        if not decision.deadline_met:
+            stats.deadline_missed += 1

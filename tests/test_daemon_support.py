@@ -1,0 +1,179 @@
+"""Shared helpers for the daemon tests (no tests here): a stand-in Inspector and socket helpers.
+
+``FakeInspector`` has the Inspector's interface: its anomaly map is the image divided
+by 128, so a pixel of 255 scores about 2 (a defect at threshold 1) and mid grey passes;
+``infer`` sleeps ``infer_s`` to model a slow backend and records which threads call it.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import replace
+from typing import Any
+
+import numpy as np
+import zmq
+
+from daemon.config import Config
+from daemon.server import Server
+from engines.errors import ImageError, InspectError
+from engines.types import Defect, Geometry, Result
+
+GEOMETRY = Geometry(32, 48, 1, "uint8")
+LOOPBACK = "tcp://127.0.0.1:*"
+
+
+class FakeInspector:
+    """Inspector stand-in: configurable inference time, deterministic verdicts."""
+
+    def __init__(
+        self,
+        geometry: Geometry = GEOMETRY,
+        infer_s: float = 0.0,
+        bundle_id: str = "fake-1",
+        threshold: float = 1.0,
+    ) -> None:
+        self.geometry = geometry
+        self.infer_s = infer_s
+        self.bundle_id = bundle_id
+        self.threshold = threshold
+        self.infer_threads: set[int] = set()
+        self.inferred: list[int] = []
+        self.active = False
+
+    def activate(self) -> None:
+        self.active = True
+
+    def deactivate(self) -> None:
+        self.active = False
+
+    def prepare(self, image: np.ndarray) -> np.ndarray:
+        why = self.geometry.check(image)
+        if why:
+            raise ImageError(f"frame: {why}")
+        if image.size and image.flat[0] == 7:  # a magic first pixel simulates a registration failure
+            raise InspectError("registration", "part not found")
+        return image
+
+    def infer(self, prepared: np.ndarray) -> np.ndarray:
+        self.infer_threads.add(threading.get_ident())
+        if prepared.size and prepared.flat[0] == 13:  # a magic first pixel simulates a backend crash
+            raise RuntimeError("backend exploded")
+        time.sleep(self.infer_s)
+        self.inferred.append(int(prepared.flat[0]))
+        return prepared.astype(np.float32) / 128.0
+
+    def decide(self, prepared: np.ndarray, amap: np.ndarray) -> Result:
+        score = float(amap.max())
+        if score <= self.threshold:
+            return Result("pass", "ok", score, self.threshold)
+        ys, xs = np.nonzero(amap > self.threshold)
+        defect = Defect((int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1), len(xs), score)
+        return Result("reject", "defect", score, self.threshold, [defect])
+
+
+def image(value: int = 100, geometry: Geometry = GEOMETRY, defect: bool = False) -> np.ndarray:
+    """A flat test image; ``defect`` adds a bright 3x3 spot; ``value`` also sets the magic first pixel."""
+    img = np.full(geometry.shape, 100, np.uint8 if geometry.dtype == "uint8" else np.uint16)
+    img.flat[0] = value
+    if defect:
+        img[10:13, 20:23] = 255
+    return img
+
+
+def header(frame_id: Any, geometry: Geometry = GEOMETRY, **extra: Any) -> dict[str, Any]:
+    return {
+        "v": 1,
+        "frame_id": frame_id,
+        "camera_id": "cam1",
+        "width": geometry.width,
+        "height": geometry.height,
+        "channels": geometry.channels,
+        "dtype": geometry.dtype,
+        "encoding": "raw",
+        **extra,
+    }
+
+
+def make_config(**overrides: Any) -> Config:
+    """A config on loopback with ephemeral ports and short timings."""
+    base = Config(
+        model="fake",
+        frames_endpoint=LOOPBACK,
+        decisions_endpoint=LOOPBACK,
+        http_listen="127.0.0.1:0",
+        cycle_ms=2000,
+        summary_s=60,
+        drain_s=1.0,
+        log_format="json",
+    )
+    return replace(base, **overrides).validate()
+
+
+@contextmanager
+def running(
+    inspector: FakeInspector | None = None, **overrides: Any
+) -> Iterator[tuple[Server, FakeInspector]]:
+    """A Server with a FakeInspector, run on a thread; stopped (and checked to exit 0) afterwards."""
+    fake = inspector or FakeInspector()
+    server = Server(make_config(**overrides), loader=lambda model, backend: fake)
+    codes: list[int] = []
+    thread = threading.Thread(target=lambda: codes.append(server.run(install_signals=False)), daemon=True)
+    thread.start()
+    assert server.ready.wait(10), "server did not become ready"
+    try:
+        yield server, fake
+    finally:
+        server.request_stop()
+        thread.join(15)
+        assert not thread.is_alive(), "server did not stop"
+        assert codes == [0]
+
+
+class Client:
+    """A camera (PUSH, native protocol) plus a decision subscriber, on one context."""
+
+    def __init__(self, server: Server, subscribe: bool = True) -> None:
+        self.ctx = zmq.Context()
+        self.push = self.ctx.socket(zmq.PUSH)
+        self.push.setsockopt(zmq.LINGER, 0)
+        self.push.setsockopt(zmq.SNDTIMEO, 2000)
+        self.push.connect(server.endpoints["frames"])
+        self.sub = self.ctx.socket(zmq.SUB)
+        self.sub.setsockopt(zmq.LINGER, 0)
+        if subscribe:
+            self.sub.setsockopt(zmq.SUBSCRIBE, b"")
+        self.sub.connect(server.endpoints["decisions"])
+        time.sleep(0.3)  # let the subscription reach the PUB (ZeroMQ's slow-joiner)
+
+    def send(self, frame_id: Any, img: np.ndarray | None = None, **extra: Any) -> None:
+        img = image() if img is None else img
+        self.push.send_multipart([json.dumps(header(frame_id, **extra)).encode(), img.tobytes()])
+
+    def send_parts(self, *parts: bytes) -> None:
+        self.push.send_multipart(list(parts))
+
+    def decisions(self, count: int, timeout_s: float = 5.0) -> list[dict[str, Any]]:
+        """Receive ``count`` decisions (fewer if the timeout passes first)."""
+        out: list[dict[str, Any]] = []
+        end = time.monotonic() + timeout_s
+        while len(out) < count and time.monotonic() < end:
+            if self.sub.poll(50):
+                topic, body = self.sub.recv_multipart()
+                decision = json.loads(body)
+                assert topic == (decision["camera_id"] or "").encode()
+                out.append(decision)
+        return out
+
+    def close(self) -> None:
+        self.ctx.destroy(linger=0)
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
