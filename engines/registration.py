@@ -29,14 +29,15 @@ def level_factors(height: int, width: int) -> tuple[int, int]:
 
 
 def downscale(image: np.ndarray, factor: int) -> np.ndarray:
-    """Area-average ``image`` by ``factor`` into float32 (luminance for colour)."""
+    """Area-average ``image`` by ``factor`` into float32 8-bit grey units (luminance for colour)."""
     if image.ndim == 3:
         image = cv2.cvtColor(image, cv2.COLOR_BGR2GRAY) if factor == 1 else image
     h, w = image.shape[:2]
     small = image if factor == 1 else cv2.resize(image, (w // factor, h // factor), interpolation=cv2.INTER_AREA)
     if small.ndim == 3:
         small = cv2.cvtColor(small, cv2.COLOR_BGR2GRAY)
-    return small.astype(np.float32)
+    unit = np.float32(1 / 257) if image.dtype == np.uint16 else np.float32(1)
+    return small.astype(np.float32) * unit
 
 
 def _scale_matrix(m: np.ndarray, shape_full: tuple[int, int], shape_small: tuple[int, int]) -> np.ndarray:
