@@ -150,7 +150,7 @@ class Intake:
         if sock is not self.imagezmq:
             return parse_native(parts, now, geometry)
         reply = None
-        if sock.socket_type == zmq.ROUTER:
+        if sock.type == zmq.ROUTER:
             # [identity, b"", metadata, payload] from REQ; tolerate a DEALER without the delimiter.
             reply = bytes(parts[0].buffer)
             parts = parts[2:] if len(parts) > 1 and len(parts[1].buffer) == 0 else parts[1:]

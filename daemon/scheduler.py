@@ -94,6 +94,7 @@ class Stats:
     unidentified: int = 0  # bad messages without a readable frame id: counted, not answered
     late_results: int = 0
     since_ns: int = field(default_factory=time.monotonic_ns)
+    totals: Counter[str] = field(default_factory=Counter)  # since start, never reset (metrics)
 
     def summary(self) -> dict[str, Any]:
         """Rates and latency percentiles since the last call, then start afresh."""
@@ -189,6 +190,11 @@ class Scheduler:
             thread.join(timeout=2.0)
         self._pool.shutdown(wait=False, cancel_futures=True)
 
+    def totals(self) -> dict[str, int]:
+        """Counts since start: decisions, per reason, unidentified bad messages, late results."""
+        with self._lock:
+            return dict(self._stats.totals)
+
     def summary(self) -> dict[str, Any]:
         with self._lock:
             out = self._stats.summary()
@@ -218,6 +224,7 @@ class Scheduler:
         if isinstance(item, BadFrame) and item.frame_id is None:
             with self._lock:
                 self._stats.unidentified += 1
+                self._stats.totals["unidentified_bad_messages"] += 1
             log.info("bad_message", detail=item.detail, camera_id=item.camera_id, source=item.source)
             return
         with self._lock:
@@ -372,6 +379,7 @@ class Scheduler:
         with self._lock:
             if ticket.resolved:
                 self._stats.late_results += 1
+                self._stats.totals["late_results"] += 1
                 late = True
             else:
                 late = False
@@ -426,6 +434,8 @@ class Scheduler:
         stats = self._stats
         stats.decisions += 1
         stats.reasons[decision.reason] += 1
+        stats.totals["decisions"] += 1
+        stats.totals[decision.reason] += 1
         stats.latencies_ms.append(decision.latency_ms)
         if not decision.deadline_met:
             stats.deadline_missed += 1

@@ -34,11 +34,15 @@ class FakeInspector:
         self,
         geometry: Geometry = GEOMETRY,
         infer_s: float = 0.0,
+        prepare_s: float = 0.0,
         bundle_id: str = "fake-1",
         threshold: float = 1.0,
     ) -> None:
         self.geometry = geometry
         self.infer_s = infer_s
+        self.prepare_s = prepare_s
+        self.inferring = False
+        self.overlapped = 0  # prepare calls that ran while infer was running
         self.bundle_id = bundle_id
         self.threshold = threshold
         self.infer_threads: set[int] = set()
@@ -57,13 +61,18 @@ class FakeInspector:
             raise ImageError(f"frame: {why}")
         if image.size and image.flat[0] == 7:  # a magic first pixel simulates a registration failure
             raise InspectError("registration", "part not found")
+        time.sleep(self.prepare_s * (5 if image.flat[0] == 21 else 1))  # 21: a slow frame
+        if self.inferring:
+            self.overlapped += 1
         return image
 
     def infer(self, prepared: np.ndarray) -> np.ndarray:
         self.infer_threads.add(threading.get_ident())
         if prepared.size and prepared.flat[0] == 13:  # a magic first pixel simulates a backend crash
             raise RuntimeError("backend exploded")
+        self.inferring = True
         time.sleep(self.infer_s)
+        self.inferring = False
         self.inferred.append(int(prepared.flat[0]))
         return prepared.astype(np.float32) / 128.0
 
@@ -115,9 +124,7 @@ def make_config(**overrides: Any) -> Config:
 
 
 @contextmanager
-def running(
-    inspector: FakeInspector | None = None, **overrides: Any
-) -> Iterator[tuple[Server, FakeInspector]]:
+def running(inspector: FakeInspector | None = None, **overrides: Any) -> Iterator[tuple[Server, FakeInspector]]:
     """A Server with a FakeInspector, run on a thread; stopped (and checked to exit 0) afterwards."""
     fake = inspector or FakeInspector()
     server = Server(make_config(**overrides), loader=lambda model, backend: fake)
