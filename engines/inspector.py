@@ -22,6 +22,7 @@ from engines.decode import conform, read_image
 from engines.errors import ImageError, InspectError
 from engines.graphs import LEVELS
 from engines.regions import find_regions
+from engines.select import create_backend
 from engines.tiling import TilePlan
 from engines.types import Result
 
@@ -97,14 +98,10 @@ class Inspector:
         self._float_input = self.geometry.dtype == "uint16"
 
     @classmethod
-    def load(cls, path: Path, backend: str = "auto", batch: int = 1, threads: int | None = None) -> Inspector:
+    def load(cls, path: Path, backend: str = "auto", batch: int = 1) -> Inspector:
         """Verify the bundle and create its backend (not yet activated)."""
         bundle = Bundle.load(path)
-        from engines.select import create_backend
-
-        engine = create_backend(
-            backend, bundle.file(GRAPH_FP32), bundle.file(GRAPH_FP16), bundle_dir=bundle.path, threads=threads
-        )
+        engine = create_backend(backend, bundle.file(GRAPH_FP32), bundle.file(GRAPH_FP16))
         return cls(bundle, engine, batch)
 
     # -- lifecycle -----------------------------------------------------------------
@@ -175,7 +172,7 @@ class Inspector:
         ]
         score = float(amap.max())
         verdict, reason = ("reject", "defect") if defects else ("pass", "ok")
-        return Result(verdict, reason, score, self.threshold, defects, anomaly_map=amap)
+        return Result(verdict, reason, score, self.threshold, defects, anomaly_map=amap, pose_matrix=prepared.pose.matrix)
 
     # -- conveniences ----------------------------------------------------------------
     def inspect(self, image: np.ndarray, source: str = "frame") -> Result:

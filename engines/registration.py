@@ -189,4 +189,4 @@ def bbox_to_frame(bbox: tuple[int, int, int, int], pose: Pose, height: int, widt
     pts = corners @ pose.matrix.T
     fx0, fy0 = np.floor(pts.min(axis=0)).astype(int)
     fx1, fy1 = np.ceil(pts.max(axis=0)).astype(int)
-    return max(0, fx0), max(0, fy0), min(width, max(fx1, fx0 + 1)), min(height, max(fy1, fy0 + 1))
+    return int(max(0, fx0)), int(max(0, fy0)), int(min(width, max(fx1, fx0 + 1))), int(min(height, max(fy1, fy0 + 1)))

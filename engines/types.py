@@ -60,7 +60,7 @@ class Defect:
     score: float
 
     def to_dict(self) -> dict[str, Any]:
-        return {"bbox": list(self.bbox), "area": self.area, "score": round(self.score, 4)}
+        return {"bbox": [int(v) for v in self.bbox], "area": int(self.area), "score": round(float(self.score), 4)}
 
 
 @dataclass
@@ -75,6 +75,7 @@ class Result:
     detail: str = ""
     timings_ms: dict[str, float] = field(default_factory=dict)
     anomaly_map: np.ndarray | None = field(default=None, repr=False)
+    pose_matrix: np.ndarray | None = field(default=None, repr=False)  # reference -> frame pixels
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {

@@ -1,0 +1,203 @@
+"""Offline commands: fit, calibrate, predict, evaluate. Each has ``*_arguments(parser)`` and ``*_main(args)``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from calibration.datasets import list_images, load_dataset, load_test_folder
+from engines.bundle import Bundle, rewrite_calibration
+from engines.decode import IMAGE_SUFFIXES
+from engines.errors import UserError
+from engines.inspector import Inspector
+
+
+def _backend_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--backend", choices=("auto", "onnxruntime", "tensorrt"), default="auto", help="inference backend (default auto)"
+    )
+
+
+# -- fit -----------------------------------------------------------------------------------
+def fit_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("dataset", type=Path, help="MVTec-layout dataset (train/good used) or a folder of good images")
+    parser.add_argument("--out", type=Path, required=True, help="bundle directory to create")
+    parser.add_argument("--detector", choices=("template",), default="template")
+    parser.add_argument("--roi", type=Path, help="inspection-region mask (PNG, non-zero = inspect, image size)")
+    parser.add_argument("--margin", type=int, help="px along the border left out of the region (default: automatic)")
+    parser.add_argument("--target-frr", type=float, default=0.005, help="false-reject rate to calibrate for")
+    parser.add_argument("--folds", type=int, default=5, help="k for the k-fold calibration on good images")
+    parser.add_argument("--core", type=int, default=1024, help="tile core side in px (multiple of 32)")
+
+
+def fit_main(args: argparse.Namespace) -> int:
+    from calibration.template_fit import FitConfig, fit_template
+
+    dataset = load_dataset(args.dataset)
+    config = FitConfig(core=args.core, folds=args.folds, target_frr=args.target_frr, margin_px=args.margin)
+    out = fit_template(dataset.train_good, args.out, args.roi, config, progress=_progress())
+    bundle = Bundle.load(out)
+    cal = bundle.calibration
+    print(
+        f"{out}: {bundle.detector} model {bundle.bundle_id} for {bundle.geometry.describe()}, "
+        f"threshold {cal['threshold']:.3f} ({cal['margin'] * 100:.0f} % above the worst of "
+        f"{len(cal['good_scores'])} held-out good scores)"
+    )
+    return 0
+
+
+# -- predict ---------------------------------------------------------------------------------
+def predict_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", type=Path, help="bundle directory")
+    parser.add_argument("inputs", type=Path, nargs="+", help="images or folders of images (searched recursively)")
+    parser.add_argument("--out", type=Path, required=True, help="JSON-lines file, one object per image")
+    _backend_argument(parser)
+
+
+def collect_images(inputs: list[Path]) -> list[Path]:
+    """Files as given, folders expanded recursively; a missing path is a user error."""
+    found: list[Path] = []
+    for item in inputs:
+        if item.is_dir():
+            found.extend(sorted(p for p in item.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES))
+        elif item.is_file():
+            found.append(item)
+        else:
+            raise UserError(f"{item}: no such image or folder")
+    if not found:
+        raise UserError(f"{', '.join(map(str, inputs))}: no images found (PNG, TIFF, BMP or JPEG)")
+    return found
+
+
+def predict_records(inspector: Inspector, paths: list[Path], desc: str = "predicting") -> Iterator[dict]:
+    for path in tqdm(paths, desc=desc, disable=not _progress(), unit="img"):
+        result = inspector.inspect_path(path)
+        yield {"image": str(path), **result.to_dict(), "timings_ms": {k: round(v, 1) for k, v in result.timings_ms.items()}}
+
+
+def predict_main(args: argparse.Namespace) -> int:
+    paths = collect_images(args.inputs)
+    inspector = Inspector.load(args.model, args.backend)
+    with inspector, _atomic_text(args.out) as fh:
+        rejects = 0
+        for record in predict_records(inspector, paths):
+            fh.write(json.dumps(record) + "\n")
+            rejects += record["verdict"] == "reject"
+    print(f"{args.out}: {len(paths)} images, {rejects} rejected (model {inspector.bundle_id})")
+    return 0
+
+
+class _atomic_text:
+    """Write a text file through a temporary sibling; it appears only if everything succeeded."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+
+    def __enter__(self):
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, self._tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", dir=self.path.parent)
+        self._fh = os.fdopen(fd, "w", encoding="utf-8")
+        return self._fh
+
+    def __exit__(self, exc_type, *exc: object) -> None:
+        self._fh.close()
+        if exc_type is None:
+            os.replace(self._tmp, self.path)
+        else:
+            os.unlink(self._tmp)
+
+
+# -- calibrate ---------------------------------------------------------------------------------
+def calibrate_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", type=Path, help="bundle directory (rewritten atomically)")
+    parser.add_argument("--good", type=Path, required=True, help="folder of good images the fit did not see")
+    parser.add_argument("--dataset", type=Path, help="labelled MVTec-layout dataset: adds ROC/PR, F1 and recall thresholds")
+    parser.add_argument("--target-frr", type=float, default=0.005, help="false-reject rate for the good-only threshold")
+    parser.add_argument("--margin", type=float, default=0.1, help="threshold >= (1 + margin) * worst good score")
+    parser.add_argument(
+        "--policy", choices=("frr", "f1", "recall"), default="frr", help="which threshold becomes active (default frr)"
+    )
+    parser.add_argument("--recall", type=float, default=0.99, help="recall target for --policy recall")
+    _backend_argument(parser)
+
+
+def calibrate_main(args: argparse.Namespace) -> int:
+    from calibration import metrics
+    from calibration.thresholds import good_threshold
+
+    goods = list_images(args.good) if args.good.is_dir() else []
+    if len(goods) < 2:
+        raise UserError(f"{args.good}: {len(goods)} good images, calibration needs at least 2")
+    inspector = Inspector.load(args.model, args.backend)
+    with inspector:
+        good_scores = np.array([r["score"] for r in predict_records(inspector, goods, "scoring goods")], float)
+        if not np.all(np.isfinite(good_scores)):
+            bad = [str(p) for p, s in zip(goods, good_scores, strict=True) if not np.isfinite(s)]
+            raise UserError(f"{bad[0]}: could not be scored (registration failed?); good images must be inspectable")
+        calibration = {**inspector.bundle.calibration, **good_threshold(good_scores, args.target_frr, args.margin)}
+        calibration["good_source"] = str(args.good)
+        if args.dataset:
+            calibration["labelled"] = _labelled_thresholds(inspector, args.dataset, args.recall, metrics)
+    if args.policy != "frr":
+        if "labelled" not in calibration:
+            raise UserError(f"--policy {args.policy}: needs --dataset with labelled defects")
+        key = "f1_threshold" if args.policy == "f1" else "recall_threshold"
+        calibration["threshold"] = calibration["labelled"][key]
+        calibration["policy"] = args.policy
+    rewrite_calibration(inspector.bundle, calibration)
+    print(f"{args.model}: threshold {calibration['threshold']:.3f} (policy {calibration['policy']})")
+    return 0
+
+
+def _labelled_thresholds(inspector: Inspector, root: Path, recall: float, metrics) -> dict:
+    dataset = load_test_folder(root)
+    records = list(predict_records(inspector, [s.path for s in dataset.test], "scoring labelled set"))
+    labels = np.array([0 if s.is_good else 1 for s in dataset.test])
+    scores = np.array([np.inf if r["score"] is None else r["score"] for r in records])
+    threshold, f1 = metrics.f1_optimal_threshold(labels, scores)
+    return {
+        "dataset": str(root),
+        "auroc": metrics.image_auroc(labels, scores),
+        "f1_threshold": threshold,
+        "f1": f1,
+        "recall_target": recall,
+        "recall_threshold": metrics.recall_target_threshold(labels, scores, recall),
+    }
+
+
+# -- evaluate ------------------------------------------------------------------------------------
+def evaluate_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", type=Path, help="bundle directory")
+    parser.add_argument("dataset", type=Path, help="MVTec-layout dataset with test/ and ground_truth/")
+    parser.add_argument("--report", type=Path, required=True, help="report directory (summary.json, plots)")
+    parser.add_argument(
+        "--downscale", type=int, metavar="PX", help="also run the downscaled global-score baseline at PX (e.g. 2048)"
+    )
+    _backend_argument(parser)
+
+
+def evaluate_main(args: argparse.Namespace) -> int:
+    from calibration.evaluation import evaluate
+
+    summary = evaluate(args.model, args.dataset, args.report, args.backend, args.downscale, progress=_progress())
+    image = summary["image"]
+    print(
+        f"{args.report}: F1 {image['f1']:.3f}, precision {image['precision']:.3f}, recall {image['recall']:.3f}, "
+        f"false-reject rate {image['false_reject_rate']:.3f}, image AUROC {image['auroc']:.4f}"
+    )
+    if "baseline" in summary:
+        base = summary["baseline"]
+        print(f"baseline (downscaled to {base['downscale']} px, global score): AUROC {base['auroc']:.3f}, best F1 {base['f1_oracle']:.3f}")
+    return 0
+
+
+def _progress() -> bool:
+    return sys.stderr.isatty() or os.environ.get("INSPECTD_PROGRESS") == "1"

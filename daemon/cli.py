@@ -1,0 +1,59 @@
+"""The `inspectd` command line: one sub-command per module, imported only when it runs.
+
+`inspectd serve` must not pay for (or depend on) the offline stack, so each entry names
+the module and functions to load lazily.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from engines.errors import UserError
+
+# name -> (module, arguments function, main function, help)
+COMMANDS: dict[str, tuple[str, str, str, str]] = {
+    "synth": ("calibration.synth", "add_arguments", "main", "write a synthetic MVTec-layout dataset of aligned parts"),
+    "fit": ("calibration.commands", "fit_arguments", "fit_main", "fit and calibrate a model bundle from good images"),
+    "calibrate": ("calibration.commands", "calibrate_arguments", "calibrate_main", "recalibrate a bundle's threshold"),
+    "predict": ("calibration.commands", "predict_arguments", "predict_main", "inspect images, write JSON lines"),
+    "evaluate": ("calibration.commands", "evaluate_arguments", "evaluate_main", "measure a bundle on a labelled dataset"),
+    "build-engine": ("engines.trt_build", "add_arguments", "main", "build a TensorRT FP16 engine for a bundle"),
+    "serve": ("daemon.server", "add_arguments", "main", "run the inspection daemon"),
+    "send": ("daemon.sender", "add_arguments", "main", "camera simulator: stream images, print decisions"),
+    "demo": ("daemon.demo", "add_arguments", "main", "synthesise a line, fit, serve and stream it end to end"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="inspectd", description="Full-resolution visual inspection of aligned parts.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, (_, _, _, help_text) in COMMANDS.items():
+        sub.add_parser(name, help=help_text, add_help=False)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser()
+    if not argv or argv[0] not in COMMANDS:
+        parser.parse_args(argv)  # prints usage or the unknown-command error
+        return 2
+    name = argv[0]
+    module_name, args_fn, main_fn, help_text = COMMANDS[name]
+    module = importlib.import_module(module_name)
+    command = argparse.ArgumentParser(prog=f"inspectd {name}", description=help_text)
+    getattr(module, args_fn)(command)
+    args = command.parse_args(argv[1:])
+    try:
+        return int(getattr(module, main_fn)(args) or 0)
+    except UserError as exc:
+        print(f"inspectd {name}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
