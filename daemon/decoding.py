@@ -31,9 +31,7 @@ def decode_frame(frame: Frame, geometry: Geometry) -> np.ndarray:
         raise InspectError("bad_frame", f"corrupt {frame.encoding}: cannot read its image size")
     if declared != (geometry.width, geometry.height):
         width, height = declared
-        raise InspectError(
-            "bad_frame", f"{frame.encoding} is {width}x{height}, model expects {geometry.describe()}"
-        )
+        raise InspectError("bad_frame", f"{frame.encoding} is {width}x{height}, model expects {geometry.describe()}")
     try:
         return decode_bytes(frame.payload, frame.encoding, geometry, source=frame.encoding)
     except ImageError as exc:

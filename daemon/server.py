@@ -63,9 +63,7 @@ def load_engine(model: str, backend: str) -> Engine:
 class Server:
     """One daemon instance: owns the engine, scheduler, sockets, sinks and HTTP."""
 
-    def __init__(
-        self, config: Config, loader: Loader = load_engine, notifier: Notifier | None = None
-    ) -> None:
+    def __init__(self, config: Config, loader: Loader = load_engine, notifier: Notifier | None = None) -> None:
         self.config = config
         self._loader = loader
         self._notifier = notifier or Notifier()
@@ -200,9 +198,7 @@ class Server:
 
     def log_summary(self) -> None:
         assert self.scheduler is not None and self.intake is not None
-        log.info(
-            "summary", received=self.intake.received, outputs=self.outputs.stats(), **self.scheduler.summary()
-        )
+        log.info("summary", received=self.intake.received, outputs=self.outputs.stats(), **self.scheduler.summary())
 
     def _start_reload(self) -> None:
         if self._reloading is not None and self._reloading.is_alive():
@@ -218,9 +214,7 @@ class Server:
         try:
             new = self._loader(self.config.model, self.config.backend)
         except Exception as exc:
-            log.error(
-                "reload_failed", detail=f"{type(exc).__name__}: {exc}", kept=self.scheduler.engine.bundle_id
-            )
+            log.error("reload_failed", detail=f"{type(exc).__name__}: {exc}", kept=self.scheduler.engine.bundle_id)
             return False
         old = self.scheduler.engine
         if new.geometry != old.geometry:
@@ -262,9 +256,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--frames-mode", choices=config_mod.FRAME_MODES, help="pull (bind) or sub (connect)")
     parser.add_argument("--imagezmq", dest="imagezmq_endpoint", metavar="ENDPOINT", help="imagezmq endpoint")
     parser.add_argument("--imagezmq-mode", choices=config_mod.IMAGEZMQ_MODES, help="reqrep (bind) or pubsub")
-    parser.add_argument(
-        "--decisions", dest="decisions_endpoint", metavar="ENDPOINT", help="decision PUB endpoint"
-    )
+    parser.add_argument("--decisions", dest="decisions_endpoint", metavar="ENDPOINT", help="decision PUB endpoint")
     parser.add_argument("--http", dest="http_listen", metavar="HOST:PORT", help="health endpoint ('' = off)")
     parser.add_argument("--cycle-ms", type=float, help="default time from receipt to decision")
     parser.add_argument("--backend", choices=config_mod.BACKENDS, help="inference backend")
