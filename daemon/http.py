@@ -39,7 +39,7 @@ class Health:
 
     def __init__(self, stale_s: float = 5.0) -> None:
         self._stale_s = stale_s
-        self._last_tick = time.monotonic()
+        self._last_tick: float | None = None  # None: still starting (loading may take minutes)
         self.ready = False
         self.status = "starting"
 
@@ -48,7 +48,8 @@ class Health:
 
     @property
     def live(self) -> bool:
-        return time.monotonic() - self._last_tick < self._stale_s
+        """True while starting and then while the main loop has ticked within ``stale_s``."""
+        return self._last_tick is None or time.monotonic() - self._last_tick < self._stale_s
 
 
 class HttpServer:

@@ -23,6 +23,7 @@ import zmq
 
 from daemon.config import Config
 from daemon.protocol import BadFrame, Frame, message_limit, parse_imagezmq, parse_native
+from engines.errors import UserError
 from engines.types import Geometry
 
 log = structlog.get_logger("inspectd.intake")
@@ -56,15 +57,15 @@ class Intake:
         self.received = 0
         self._sockets: list[zmq.Socket[Any]] = []
         try:
-            self.native = self._open(config.frames_mode, config.frames_endpoint)
+            self.native = self._open(config.frames_mode, config.frames_endpoint, "frames_endpoint")
             self.imagezmq = None
             if config.imagezmq_endpoint:
                 mode = "router" if config.imagezmq_mode == "reqrep" else "sub"
-                self.imagezmq = self._open(mode, config.imagezmq_endpoint)
+                self.imagezmq = self._open(mode, config.imagezmq_endpoint, "imagezmq_endpoint")
             self.reply_endpoint = f"inproc://inspectd-replies-{next(_instances)}"
             self._replies = self._socket(zmq.PULL)
             self._replies.bind(self.reply_endpoint)
-        except zmq.ZMQError:
+        except (zmq.ZMQError, UserError):
             self.close()
             raise
         self._thread = threading.Thread(target=self._loop, name="inspectd-intake", daemon=True)
@@ -78,15 +79,19 @@ class Intake:
         self._sockets.append(sock)
         return sock
 
-    def _open(self, mode: str, endpoint: str) -> zmq.Socket[Any]:
+    def _open(self, mode: str, endpoint: str, setting: str) -> zmq.Socket[Any]:
         kind = {"pull": zmq.PULL, "sub": zmq.SUB, "router": zmq.ROUTER}[mode]
         sock = self._socket(kind)
         sock.setsockopt(zmq.MAXMSGSIZE, self._max_msg)
-        if mode == "sub":
-            sock.setsockopt(zmq.SUBSCRIBE, b"")
-            sock.connect(endpoint)
-        else:
-            sock.bind(endpoint)
+        try:
+            if mode == "sub":
+                sock.setsockopt(zmq.SUBSCRIBE, b"")
+                sock.connect(endpoint)
+            else:
+                sock.bind(endpoint)
+        except zmq.ZMQError as exc:
+            verb = "connect to" if mode == "sub" else "bind"
+            raise UserError(f"{setting}: cannot {verb} {endpoint}: {exc.strerror}") from None
         return sock
 
     def endpoint(self, sock: zmq.Socket[Any] | None) -> str:

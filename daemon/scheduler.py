@@ -187,7 +187,8 @@ class Scheduler:
         with self._timer_cv:
             self._timer_cv.notify_all()
         for thread in self._threads:
-            thread.join(timeout=2.0)
+            if thread.ident is not None:  # started (a failed startup may stop before start)
+                thread.join(timeout=2.0)
         self._pool.shutdown(wait=False, cancel_futures=True)
 
     def totals(self) -> dict[str, int]:

@@ -108,6 +108,14 @@ class Server:
     def startup(self) -> None:
         cfg = self.config
         log.info("starting", model=cfg.model, backend=cfg.backend, cycle_ms=cfg.cycle_ms)
+        if cfg.http_listen:  # first, so /readyz answers 503 while the model loads
+            host, port = config_mod.parse_host_port(cfg.http_listen)
+            try:
+                self.http = HttpServer(host, port, self.health)
+            except OSError as exc:
+                raise UserError(f"http_listen: cannot listen on {cfg.http_listen}: {exc.strerror}") from None
+            self.http.start()
+            self.endpoints["http"] = "{}:{}".format(*self.http.address)
         self.health.status = "loading model"
         self.engine = self._loader(cfg.model, cfg.backend)
         log.info("model_ready", model=self.engine.bundle_id, geometry=self.engine.geometry.describe())
@@ -122,25 +130,17 @@ class Server:
             max_defects=cfg.max_defects,
         )
         scheduler = self.scheduler
-        self.intake = _bind(
-            "frames_endpoint / imagezmq_endpoint",
-            lambda: Intake(self._ctx, cfg, lambda: scheduler.engine.geometry, scheduler.submit),
-        )
+        self.intake = Intake(self._ctx, cfg, lambda: scheduler.engine.geometry, scheduler.submit)
         if self.intake.imagezmq is not None and cfg.imagezmq_mode == "reqrep":
             self.outputs.add(ReplySink(self._ctx, self.intake.reply_endpoint))
-        self.endpoints = {
-            "frames": self.intake.endpoint(self.intake.native),
-            "imagezmq": self.intake.endpoint(self.intake.imagezmq),
-            "decisions": pub.endpoint,
-        }
+        self.endpoints.update(
+            frames=self.intake.endpoint(self.intake.native),
+            imagezmq=self.intake.endpoint(self.intake.imagezmq),
+            decisions=pub.endpoint,
+        )
         self.outputs.start()
         self.scheduler.start()
         self.intake.start()
-        if cfg.http_listen:
-            host, port = config_mod.parse_host_port(cfg.http_listen)
-            self.http = HttpServer(host, port, self.health)
-            self.http.start()
-            self.endpoints["http"] = "{}:{}".format(*self.http.address)
         self.health.tick()
         self.health.ready = True
         self.health.status = "serving"
@@ -186,7 +186,7 @@ class Server:
             self.http.stop()
         if self._reloading is not None:
             self._reloading.join(timeout=5.0)
-        if self.scheduler is not None:
+        if self.scheduler is not None and self.intake is not None:
             self.log_summary()
         _deactivate(self.scheduler.engine if self.scheduler else self.engine)
         self._ctx.destroy(linger=0)  # closes anything a stuck thread still holds

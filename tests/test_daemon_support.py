@@ -7,6 +7,7 @@ by 128, so a pixel of 255 scores about 2 (a defect at threshold 1) and mid grey 
 
 from __future__ import annotations
 
+import itertools
 import json
 import threading
 import time
@@ -144,17 +145,18 @@ def running(inspector: FakeInspector | None = None, **overrides: Any) -> Iterato
 class Client:
     """A camera (PUSH, native protocol) plus a decision subscriber, on one context."""
 
-    def __init__(self, server: Server, subscribe: bool = True) -> None:
+    def __init__(self, server: Server | dict[str, str], subscribe: bool = True) -> None:
+        endpoints = server if isinstance(server, dict) else server.endpoints
         self.ctx = zmq.Context()
         self.push = self.ctx.socket(zmq.PUSH)
         self.push.setsockopt(zmq.LINGER, 0)
         self.push.setsockopt(zmq.SNDTIMEO, 2000)
-        self.push.connect(server.endpoints["frames"])
+        self.push.connect(endpoints["frames"])
         self.sub = self.ctx.socket(zmq.SUB)
         self.sub.setsockopt(zmq.LINGER, 0)
         if subscribe:
             self.sub.setsockopt(zmq.SUBSCRIBE, b"")
-        self.sub.connect(server.endpoints["decisions"])
+        self.sub.connect(endpoints["decisions"])
         time.sleep(0.3)  # let the subscription reach the PUB (ZeroMQ's slow-joiner)
 
     def send(self, frame_id: Any, img: np.ndarray | None = None, **extra: Any) -> None:
@@ -184,3 +186,33 @@ class Client:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def serve_fake(options_json: str) -> int:
+    """Run a fake-model daemon in this (main) thread with real signal handlers; prints its endpoints.
+
+    Options: infer_s, and reload ("ok" | "fail"): what the loader does after the first load.
+    Used by the signal tests as ``python -c "...; serve_fake('{...}')"``.
+    """
+    import sys
+
+    from daemon import logging as daemon_logging
+
+    options = json.loads(options_json)
+    loads = itertools.count(1)
+
+    def loader(model: str, backend: str) -> FakeInspector:
+        n = next(loads)
+        if n > 1 and options.get("reload") == "fail":
+            raise ValueError("bundle checksum mismatch")
+        return FakeInspector(infer_s=options.get("infer_s", 0.0), bundle_id=f"fake-{n}")
+
+    daemon_logging.configure("json", "info", stream=sys.stderr)
+    server = Server(make_config(drain_s=options.get("drain_s", 2.0)), loader=loader)
+
+    def announce() -> None:
+        server.ready.wait(30)
+        print(json.dumps(server.endpoints), flush=True)
+
+    threading.Thread(target=announce, daemon=True).start()
+    return server.run()
