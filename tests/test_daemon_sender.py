@@ -1,0 +1,41 @@
+"""The `inspectd send` camera simulator against a running daemon."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import cv2
+import pytest
+
+from daemon import sender
+from engines.errors import UserError
+from tests.test_daemon_support import image, running
+
+
+def args(folder: Path, endpoints: dict[str, str], **extra: object) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    sender.add_arguments(parser)
+    argv = [str(folder), "--endpoint", endpoints["frames"], "--decisions", endpoints["decisions"], "--rate", "50"]
+    for key, value in extra.items():
+        argv += [f"--{key.replace('_', '-')}", str(value)]
+    return parser.parse_args(argv)
+
+
+def test_send_prints_one_line_per_decision_and_exits_0(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Each image is sent, each decision printed, and the exit code says all were decided."""
+    (tmp_path / "good").mkdir()
+    cv2.imwrite(str(tmp_path / "good" / "a.png"), image())
+    cv2.imwrite(str(tmp_path / "b.png"), image(defect=True))
+    with running() as (server, _):
+        code = sender.main(args(tmp_path, server.endpoints, count=4, encoding="png"))
+    out = capsys.readouterr().out
+    assert code == 0
+    assert out.count("frame ") == 4 and "reject defect" in out and "pass   ok" in out
+    assert "sent 4, decided 4: 2 pass, 2 reject" in out
+
+
+def test_send_refuses_an_empty_folder(tmp_path: Path) -> None:
+    """A folder without images is a one-line user error."""
+    with pytest.raises(UserError, match="no images"):
+        sender.main(args(tmp_path, {"frames": "tcp://127.0.0.1:1", "decisions": "tcp://127.0.0.1:2"}))
