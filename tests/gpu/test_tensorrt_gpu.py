@@ -1,0 +1,164 @@
+"""Real-GPU checks of the TensorRT path (``pytest -m gpu tests/gpu``); skipped without a GPU.
+
+Accuracy contract, FP16 plan against ONNX Runtime on the FP32 graph, same inputs:
+relative error ||trt - ort||_2 / ||ort||_2 <= 1e-2, and max absolute error
+<= 1e-2 * max(|ort|) + 1e-3 (both are printed). A bundle is tested when
+INSPECTD_GPU_BUNDLE names a fitted bundle directory; its resident inputs come from
+``reference.npz`` (arrays named like the graph's inputs).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from engines.onnxruntime_backend import OnnxRuntimeBackend
+from tests.emulation import fake_tensorrt, toy_expected, toy_inputs, write_toy_graph
+
+pytestmark = pytest.mark.gpu
+REL_TOL = 1e-2
+
+
+def cuda_or_skip():
+    """pycuda.driver with at least one CUDA device, else skip."""
+    cuda = pytest.importorskip("pycuda.driver")
+    try:
+        cuda.init()
+        count = cuda.Device.count()
+    except cuda.Error as exc:
+        pytest.skip(f"no usable CUDA driver: {exc}")
+    if count < 1:
+        pytest.skip("no CUDA device")
+    return cuda
+
+
+@pytest.fixture
+def real_trt():
+    """The real tensorrt module on a machine with a CUDA device."""
+    trt = pytest.importorskip("tensorrt")
+    cuda_or_skip()
+    return trt
+
+
+def compare(trt_out: np.ndarray, ort_out: np.ndarray) -> tuple[float, float]:
+    """(max abs error, relative L2 error) of the TensorRT output against the FP32 reference."""
+    diff = trt_out.astype(np.float64) - ort_out.astype(np.float64)
+    rel = float(np.linalg.norm(diff) / max(np.linalg.norm(ort_out.astype(np.float64)), 1e-12))
+    return float(np.abs(diff).max()), rel
+
+
+def assert_accurate(trt_out: np.ndarray, ort_out: np.ndarray) -> None:
+    max_abs, rel = compare(trt_out, ort_out)
+    print(f"max abs error {max_abs:.4g}, relative error {rel:.4g}")
+    assert rel <= REL_TOL
+    assert max_abs <= REL_TOL * float(np.abs(ort_out).max()) + 1e-3
+
+
+def run_both(plan: Path, graph_fp32: Path, resident: dict, batches: list) -> tuple[list, list]:
+    from engines.tensorrt_backend import TensorRTBackend
+
+    with TensorRTBackend(plan) as gpu, OnnxRuntimeBackend(graph_fp32) as cpu:
+        gpu.activate(resident)
+        cpu.activate(resident)
+        got = gpu.infer_many(batches)
+        print("timings (ms):", {k: round(v, 3) for k, v in gpu.last_timings_ms.items()})
+        want = [cpu.infer(feeds, tiles) for feeds, tiles in batches]
+    return got, want
+
+
+def test_toy_engine_matches_onnxruntime_fp32(real_trt, tmp_path) -> None:
+    """An FP16 engine built from the toy graph agrees with ONNX Runtime FP32 within 1e-2."""
+    from engines.trt_build import build_engine
+
+    fp16 = write_toy_graph(tmp_path / "graph_fp16.onnx")
+    fp32 = write_toy_graph(tmp_path / "graph_fp32.onnx", fp16=False)
+    build_engine(fp16, tmp_path / "toy.plan", max_batch=4, workspace_mb=256, timing_cache=None)
+    data = toy_inputs(np.random.default_rng(0), 10, 10)
+    batches = [({k: data[k][s : s + 4] for k in ("image", "photo")}, range(s, min(s + 4, 10))) for s in (0, 4, 8)]
+    got, want = run_both(tmp_path / "toy.plan", fp32, {"reference": data["reference"]}, batches)
+    for g, w in zip(got, want, strict=True):
+        assert_accurate(g["anomaly"], w["anomaly"])
+
+
+def test_bundle_engine_matches_onnxruntime_fp32(real_trt, tmp_path) -> None:
+    """The bundle's FP16 engine agrees with its FP32 graph on ONNX Runtime within 1e-2."""
+    from engines.trt_build import build_engine
+
+    bundle = os.environ.get("INSPECTD_GPU_BUNDLE")
+    if not bundle:
+        pytest.skip("set INSPECTD_GPU_BUNDLE to a fitted bundle directory")
+    bundle = Path(bundle)
+    plan = tmp_path / "bundle.plan"
+    build_engine(bundle / "graph_fp16.onnx", plan, max_batch=4, workspace_mb=2048, timing_cache=None)
+    cpu = OnnxRuntimeBackend(bundle / "graph_fp32.onnx")
+    stored = np.load(bundle / "reference.npz")
+    resident = {name: stored[name] for name in cpu.inputs if name in stored.files}
+    n_tiles = next(iter(resident.values())).shape[0] if resident else 4
+    rng = np.random.default_rng(1)
+    feeds = {}
+    for name, spec in cpu.inputs.items():
+        if name in resident:
+            continue
+        shape = (min(4, n_tiles), *spec.shape[1:])
+        if spec.dtype == np.uint8:
+            feeds[name] = rng.integers(0, 256, shape, dtype=np.uint8)
+        elif name == "photo":  # identity photometric correction: gain 1, everything else 0
+            feeds[name] = np.tile(np.array([1, 0, 0, 0, 0, 0], spec.dtype), (shape[0], 1))
+        else:
+            feeds[name] = (rng.random(shape) * 255).astype(spec.dtype)
+    got, want = run_both(plan, bundle / "graph_fp32.onnx", resident, [(feeds, range(shape[0]))])
+    for name in want[0]:
+        assert_accurate(got[0][name], want[0][name])
+
+
+class RealPycudaDevice:
+    """Lets the TensorRT *emulation* run on real pycuda memory: every enqueue waits for the device."""
+
+    def __init__(self, cuda) -> None:
+        self.cuda = cuda
+
+    def require_context(self, what: str) -> None:
+        if self.cuda.Context.get_current() is None:
+            raise self.cuda.LogicError(f"{what}: no current CUDA context")
+
+    def enqueue(self, stream_handle: int, job) -> None:
+        self.cuda.Context.synchronize()  # pycuda has no host callbacks: run now, after queued copies
+        job()
+
+    def read(self, pointer: int, nbytes: int) -> np.ndarray:
+        out = np.empty(nbytes, np.uint8)
+        self.cuda.memcpy_dtoh(out, pointer)
+        return out
+
+    def write(self, pointer: int, data: np.ndarray) -> None:
+        self.cuda.memcpy_htod(pointer, np.ascontiguousarray(data))
+
+
+def test_pipeline_on_real_pycuda_with_emulated_tensorrt(monkeypatch, tmp_path) -> None:
+    """Real pycuda (context, pinned and device buffers, streams, events) under the emulated TensorRT."""
+    import sys
+
+    cuda = cuda_or_skip()
+    monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt.make_module(11, device=RealPycudaDevice(cuda)))
+    from engines.tensorrt_backend import TensorRTBackend
+    from engines.trt_build import build_engine
+
+    graph = write_toy_graph(tmp_path / "graph_fp16.onnx")
+    meta = build_engine(graph, tmp_path / "e.plan", max_batch=4, workspace_mb=64, timing_cache=None)
+    assert meta["gpu_name"] == cuda.Device(0).name()
+    data = toy_inputs(np.random.default_rng(3), 11, 11)
+    ranges = [range(s, min(s + 4, 11)) for s in range(0, 11, 4)]
+    batches = [({k: data[k][r.start : r.stop] for k in ("image", "photo")}, r) for r in ranges]
+    backend = TensorRTBackend(tmp_path / "e.plan")
+    for _ in range(2):  # activation is repeatable
+        backend.activate({"reference": data["reference"]})
+        outs = backend.infer_many(batches)
+        for (feeds, tiles), out in zip(batches, outs, strict=True):
+            want = toy_expected(**feeds, reference=data["reference"][tiles.start : tiles.stop])
+            np.testing.assert_allclose(out["anomaly"].astype(np.float64), want, rtol=2e-3, atol=0.5)
+        print("timings (ms):", {k: round(v, 3) for k, v in backend.last_timings_ms.items()})
+        backend.deactivate()
+        assert cuda.Context.get_current() is None
