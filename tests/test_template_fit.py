@@ -1,0 +1,213 @@
+"""Template fit on a tiny synthetic dataset: the bundle loads, goods pass, defects are found where they are."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from calibration.datasets import Dataset, load_dataset
+from calibration.template_fit import MIN_GOOD, FitConfig, fit_template, inspection_region
+from engines.bundle import GRAPH_FP16, Bundle
+from engines.decode import read_image
+from engines.errors import ImageError, UserError
+from engines.graphs import ALIGN, HALO, LEVELS
+from engines.inspector import Inspector
+from engines.onnxruntime_backend import OnnxRuntimeBackend
+from engines.types import Geometry
+from tests.helpers import convert_dataset, make_dataset, write_png
+
+SIZE = 384
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory: pytest.TempPathFactory) -> Dataset:
+    """The tiny MVTec-layout dataset (10 train goods, 4 test goods, 3 dots, 3 stains)."""
+    return load_dataset(make_dataset(tmp_path_factory.mktemp("data") / "part", size=SIZE))
+
+
+@pytest.fixture(scope="module")
+def bundle_dir(dataset: Dataset, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A bundle fitted once for the module."""
+    return fit_template(dataset.train_good, tmp_path_factory.mktemp("models") / "model", progress=False)
+
+
+@pytest.fixture(scope="module")
+def results(bundle_dir: Path, dataset: Dataset) -> dict:
+    """Inspection results of every test image (ONNX Runtime, FP32 graph)."""
+    with Inspector.load(bundle_dir, "onnxruntime") as inspector:
+        return {s.path: inspector.inspect_path(s.path) for s in dataset.test}
+
+
+def test_bundle_loads_with_the_fitted_geometry_and_calibration(bundle_dir, dataset):
+    """The bundle verifies, describes the images it was fitted on and carries a sane calibration."""
+    bundle = Bundle.load(bundle_dir)
+    assert bundle.geometry == Geometry(SIZE, SIZE, 1, "uint8")
+    assert bundle.manifest["tiling"] == {"core": SIZE, "halo": HALO, "align": ALIGN, "levels": list(LEVELS)}
+    assert bundle.manifest["training"]["n_images"] == len(dataset.train_good)
+    cal = bundle.calibration
+    assert len(cal["good_scores"]) == len(dataset.train_good), "every good image is scored once, held out"
+    assert cal["threshold"] >= max(cal["good_scores"]) * 1.1 - 1e-4
+    assert cal["fine_scale"] > 0 and cal["coarse_scale"] > 0
+
+
+def test_reference_statistics_are_consistent(bundle_dir):
+    """reference.npz holds mean, band (lo <= mu <= hi), region weight and per-level spreads of the right shapes."""
+    ref = Bundle.load(bundle_dir).reference()
+    mu, lo, hi, weight = (ref[k].astype(np.float32) for k in ("mu", "lo", "hi", "weight"))
+    assert mu.shape == lo.shape == hi.shape == (1, SIZE, SIZE) and weight.shape == (SIZE, SIZE)
+    assert (lo <= mu).all() and (mu <= hi).all()
+    assert weight[0].sum() == 0 and weight[:, -1].sum() == 0 and weight[SIZE // 2, SIZE // 2] == 1
+    padded = -(-SIZE // ALIGN) * ALIGN
+    for level in LEVELS:
+        inv = ref[f"inv_sigma{level}"]
+        assert inv.shape == (1, padded >> level, padded >> level)
+        assert np.isfinite(inv.astype(np.float32)).all() and (inv >= 0).all()
+
+
+def test_goods_pass_and_defects_are_rejected_where_they_are(results, dataset):
+    """Every good test image passes; every defect image is rejected with a box overlapping its ground truth."""
+    for sample in dataset.test:
+        result = results[sample.path]
+        if sample.is_good:
+            assert (result.verdict, result.reason, result.defects) == ("pass", "ok", []), sample.path
+            assert result.score <= result.threshold
+            continue
+        assert (result.verdict, result.reason) == ("reject", "defect"), sample.path
+        mask = read_image(sample.mask) > 0
+        top = result.defects[0]
+        x0, y0, x1, y1 = top.bbox
+        assert mask[y0:y1, x0:x1].any(), f"{sample.path}: strongest box {top.bbox} misses the defect"
+        ys, xs = np.nonzero(mask)
+        assert x0 <= xs.mean() < x1 and y0 <= ys.mean() < y1, "the box contains the defect's centre"
+        assert (x1 - x0) * (y1 - y0) < 40 * mask.sum(), "the box is local, not the whole part"
+
+
+def test_fp16_graph_of_the_bundle_agrees_with_fp32(bundle_dir, dataset):
+    """On real frames, the bundle's FP16 graph gives the FP32 map within 1e-2 relative to max(|map|, 1)."""
+    bundle = Bundle.load(bundle_dir)
+    fp32 = Inspector(bundle, OnnxRuntimeBackend(bundle.file("graph_fp32.onnx"), threads=2))
+    fp16 = Inspector(bundle, OnnxRuntimeBackend(bundle.file(GRAPH_FP16), threads=2))
+    worst = 0.0
+    with fp32, fp16:
+        for sample in (dataset.test[0], dataset.test[-1]):
+            prepared = fp32.prepare(read_image(sample.path))
+            a, b = fp32.infer(prepared), fp16.infer(prepared)
+            worst = max(worst, float((np.abs(a - b) / np.maximum(np.abs(a), 1)).max()))
+    print(f"bundle FP16 vs FP32: max relative error {worst:.2e}")
+    assert worst <= 1e-2
+
+
+def test_colour_frames_are_converted_for_a_mono_model(bundle_dir, dataset):
+    """A BGR copy of a good image is inspected like the mono original."""
+    good = read_image(dataset.test_good[0].path)
+    with Inspector.load(bundle_dir, "onnxruntime") as inspector:
+        mono = inspector.inspect(good)
+        colour = inspector.inspect(cv2.cvtColor(good, cv2.COLOR_GRAY2BGR))
+    assert colour.verdict == mono.verdict == "pass"
+    assert colour.score == pytest.approx(mono.score, abs=1e-3)
+
+
+@pytest.mark.parametrize("kind", ["noise", "blank", "black"])
+def test_unregistrable_frames_become_registration_rejects(bundle_dir, kind):
+    """Noise, a blank grey frame or a black frame are rejected for registration, with no score, never a crash."""
+    rng = np.random.default_rng(0)
+    frame = {
+        "noise": rng.integers(0, 256, (SIZE, SIZE), dtype=np.uint8),
+        "blank": np.full((SIZE, SIZE), 128, np.uint8),
+        "black": np.zeros((SIZE, SIZE), np.uint8),
+    }[kind]
+    with Inspector.load(bundle_dir, "onnxruntime") as inspector:
+        result = inspector.inspect(frame)
+    assert (result.verdict, result.reason) == ("reject", "registration")
+    assert result.to_dict()["score"] is None and result.detail
+
+
+def test_wrong_size_frame_is_a_bad_frame_reject(bundle_dir):
+    """A frame of another size becomes a "bad_frame" reject naming the expected geometry."""
+    with Inspector.load(bundle_dir, "onnxruntime") as inspector:
+        result = inspector.inspect(np.zeros((SIZE, SIZE + 8), np.uint8), "cam0")
+    assert (result.verdict, result.reason) == ("reject", "bad_frame")
+    assert "expected 384x384 mono uint8" in result.detail
+
+
+@pytest.mark.parametrize(
+    ("layout", "geometry"), [("colour", (320, 320, 3, "uint8")), ("mono16", (320, 320, 1, "uint16"))]
+)
+def test_colour_and_16_bit_datasets(tmp_path, layout, geometry):
+    """Colour and 16-bit datasets (MIN_GOOD images) fit the float32/colour graph paths; goods pass, defects fail."""
+    mono = make_dataset(tmp_path / "mono", size=320, n_train=MIN_GOOD, n_good=2, n_per_kind=1, seed=3)
+    ds = load_dataset(convert_dataset(mono, tmp_path / layout, layout))
+    bundle = fit_template(ds.train_good, tmp_path / "model", progress=False)
+    assert Bundle.load(bundle).geometry == Geometry(*geometry)
+    with Inspector.load(bundle, "onnxruntime") as inspector:
+        for sample in ds.test:
+            result = inspector.inspect_path(sample.path)
+            assert result.verdict == ("pass" if sample.is_good else "reject"), (sample.path, result.score)
+            if not sample.is_good:
+                x0, y0, x1, y1 = result.defects[0].bbox
+                assert (read_image(sample.mask)[y0:y1, x0:x1] > 0).any()
+
+
+def small_copy(dataset: Dataset, root: Path, n: int) -> list[Path]:
+    """Copies of the first ``n`` training images under ``root``."""
+    root.mkdir(parents=True)
+    return [Path(shutil.copy(p, root / p.name)) for p in dataset.train_good[:n]]
+
+
+def test_too_few_good_images(dataset, tmp_path):
+    """Fewer than MIN_GOOD images is a UserError naming the folder and the minimum; no bundle appears."""
+    images = small_copy(dataset, tmp_path / "few", MIN_GOOD - 1)
+    with pytest.raises(UserError, match=f"at least {MIN_GOOD}") as info:
+        fit_template(images, tmp_path / "model", progress=False)
+    assert str(tmp_path / "few") in str(info.value)
+    assert not (tmp_path / "model").exists()
+
+
+@pytest.mark.parametrize("position", [0, 5])
+def test_corrupt_image_names_the_file(dataset, tmp_path, position):
+    """A truncated image (first or later) is an ImageError naming it; no bundle or temp dir appears."""
+    images = small_copy(dataset, tmp_path / "imgs", MIN_GOOD + 1)
+    data = images[position].read_bytes()
+    images[position].write_bytes(data[: len(data) // 3])
+    with pytest.raises(ImageError) as info:
+        fit_template(images, tmp_path / "out" / "model", progress=False)
+    assert str(images[position]) in str(info.value)
+    assert not (tmp_path / "out").exists() or list((tmp_path / "out").iterdir()) == []
+
+
+def test_image_of_another_size_names_the_file(dataset, tmp_path):
+    """An image whose size differs from the first is a UserError naming it and the expected size."""
+    images = small_copy(dataset, tmp_path / "imgs", MIN_GOOD + 1)
+    write_png(images[4], cv2.resize(read_image(images[4]), (SIZE - 32, SIZE)))
+    with pytest.raises(UserError, match="expected 384x384") as info:
+        fit_template(images, tmp_path / "model", progress=False)
+    assert str(images[4]) in str(info.value)
+    assert not (tmp_path / "model").exists()
+
+
+def test_roi_mask_of_the_wrong_size(tmp_path):
+    """An ROI mask whose size differs from the images is a UserError naming the mask."""
+    roi = write_png(tmp_path / "roi.png", np.full((100, 120), 255, np.uint8))
+    with pytest.raises(UserError, match="expected 384x384") as info:
+        inspection_region(Geometry(SIZE, SIZE, 1, "uint8"), roi, 4)
+    assert str(roi) in str(info.value)
+
+
+def test_roi_mask_restricts_the_region(tmp_path):
+    """The inspection region is the ROI's non-zero pixels minus the border margin."""
+    mask = np.zeros((SIZE, SIZE), np.uint8)
+    mask[100:200, 50:300] = 255
+    weight = inspection_region(Geometry(SIZE, SIZE, 1, "uint8"), write_png(tmp_path / "roi.png", mask), 6)
+    np.testing.assert_array_equal(weight, (mask > 0).astype(np.uint8))
+    full = inspection_region(Geometry(SIZE, SIZE, 1, "uint8"), None, 6)
+    assert full[:6].sum() == full[:, -6:].sum() == 0 and full[6:-6, 6:-6].all()
+
+
+def test_core_must_be_aligned(dataset, tmp_path):
+    """A tile core that is not a multiple of the coarsest block is refused before any work."""
+    with pytest.raises(UserError, match=f"multiple of {ALIGN}"):
+        fit_template(dataset.train_good, tmp_path / "model", config=FitConfig(core=100), progress=False)
