@@ -57,6 +57,8 @@ class Config:
     hwm: int = 4  # ZeroMQ high-water marks, in messages (frames), not bytes
     max_defects: int = 20  # defects listed per decision; the rest are counted
     summary_s: float = 10.0
+    # Deadline rejects go out this long before the deadline, absorbing thread wake-up jitter.
+    deadline_margin_ms: float = 2.0
     drain_s: float = 2.0  # at shutdown, how long in-flight frames may take before rejection
     log_format: str = "auto"
     log_level: str = "info"
@@ -86,6 +88,7 @@ class Config:
         _range("max_defects", self.max_defects, 0, 10_000)
         _range("summary_s", self.summary_s, 0.1, 86_400)
         _range("drain_s", self.drain_s, 0, 600)
+        _range("deadline_margin_ms", self.deadline_margin_ms, 0, 1000)
         return self
 
 

@@ -190,3 +190,17 @@ def test_swap_engine_serves_new_frames_with_the_new_model() -> None:
     assert sched.wait_unused(old, 2.0)
     sched.stop()
     assert [d.model for d in got] == ["fake-1", "fake-2"]
+
+
+def test_frames_that_would_miss_their_deadline_are_refused_on_arrival() -> None:
+    """Once stage times are known, a frame whose expected finish is past its deadline is an overload reject."""
+    sink, fake = Sink(), FakeInspector(infer_s=0.1)
+    sched = scheduler(fake, sink, cycle_ns=250 * MS, queue_depth=8)
+    sched.submit(frame(0))  # teaches the scheduler what inference costs
+    sink.wait(1)
+    for i in range(1, 5):
+        sched.submit(frame(i))
+    got = sink.wait(5)
+    sched.stop()
+    assert [d.reason for d in got] == ["ok", "ok", "ok", "overload", "overload"]
+    assert "expected to finish" in got[3].detail
