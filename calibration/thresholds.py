@@ -36,7 +36,7 @@ def good_threshold(scores: np.ndarray, target_frr: float, margin: float) -> dict
     worst = float(scores.max())
     threshold = max(tail, worst * (1 + margin))
     return {
-        "threshold": round(threshold, 5),
+        "threshold": threshold,  # unrounded: rounding could drop it below the floor
         "policy": "good-frr",
         "target_frr": target_frr,
         "min_area": 1,

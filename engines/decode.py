@@ -61,7 +61,56 @@ def decode_bytes(data: bytes | memoryview, encoding: str, geometry: Geometry, so
         raise ImageError(f"{source}: unknown encoding {encoding!r}, expected one of {', '.join(ENCODINGS)}")
     if buf.nbytes > 2 * geometry.nbytes + 65536:
         raise ImageError(f"{source}: {encoding} payload of {buf.nbytes} bytes is larger than any valid frame")
+    declared = declared_size(bytes(buf[:65536]))
+    if declared is None:
+        raise ImageError(f"{source}: not a {encoding} image (no size in its header)")
+    if declared != (geometry.width, geometry.height):
+        raise ImageError(f"{source}: {encoding} declares {declared[0]}x{declared[1]}, expected {geometry.describe()}")
     image = cv2.imdecode(np.frombuffer(buf, np.uint8), cv2.IMREAD_UNCHANGED)
     if image is None:
         raise ImageError(f"{source}: corrupt {encoding} payload")
     return conform(normalise_layout(image, source), geometry, source)
+
+
+def declared_size(head: bytes) -> tuple[int, int] | None:
+    """(width, height) an encoded PNG, JPEG or TIFF declares in its header, read before any decoding.
+
+    Checking it first means a small compressed payload cannot make us allocate a huge image.
+    """
+    if head[:8] == b"\x89PNG\r\n\x1a\n" and len(head) >= 24:
+        return int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
+    if head[:2] == b"\xff\xd8":
+        return _jpeg_size(head)
+    if head[:4] in (b"II*\x00", b"MM\x00*"):
+        return _tiff_size(head)
+    return None
+
+
+def _jpeg_size(head: bytes) -> tuple[int, int] | None:
+    pos = 2
+    while pos + 9 < len(head):
+        if head[pos] != 0xFF:
+            return None
+        marker = head[pos + 1]
+        length = int.from_bytes(head[pos + 2 : pos + 4], "big")
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
+            return int.from_bytes(head[pos + 7 : pos + 9], "big"), int.from_bytes(head[pos + 5 : pos + 7], "big")
+        pos += 2 + length
+    return None
+
+
+def _tiff_size(head: bytes) -> tuple[int, int] | None:
+    order = "little" if head[:2] == b"II" else "big"
+    ifd = int.from_bytes(head[4:8], order)
+    if ifd + 2 > len(head):
+        return None
+    count = int.from_bytes(head[ifd : ifd + 2], order)
+    size: dict[int, int] = {}
+    for i in range(count):
+        entry = head[ifd + 2 + 12 * i : ifd + 14 + 12 * i]
+        if len(entry) < 12:
+            return None
+        tag, kind = int.from_bytes(entry[0:2], order), int.from_bytes(entry[2:4], order)
+        if tag in (256, 257):  # ImageWidth, ImageLength: SHORT (3) or LONG (4)
+            size[tag] = int.from_bytes(entry[8:10] if kind == 3 else entry[8:12], order)
+    return (size[256], size[257]) if len(size) == 2 else None

@@ -112,7 +112,9 @@ class RegistrationReference:
         return warp, corr
 
     def _check(self, pose: Pose) -> None:
-        dx, dy = pose.shift
+        # the part's shift is how far its centre moves; the matrix's own translation mixes in the rotation
+        cy, cx = (self.full_shape[0] - 1) / 2, (self.full_shape[1] - 1) / 2
+        dx, dy = pose.matrix @ np.array([cx, cy, 1.0]) - np.array([cx, cy])
         if pose.correlation < self.min_correlation:
             raise InspectError(
                 "registration", f"part does not match the reference (correlation {pose.correlation:.3f} < {self.min_correlation})"
@@ -189,4 +191,6 @@ def bbox_to_frame(bbox: tuple[int, int, int, int], pose: Pose, height: int, widt
     pts = corners @ pose.matrix.T
     fx0, fy0 = np.floor(pts.min(axis=0)).astype(int)
     fx1, fy1 = np.ceil(pts.max(axis=0)).astype(int)
-    return int(max(0, fx0)), int(max(0, fy0)), int(min(width, max(fx1, fx0 + 1))), int(min(height, max(fy1, fy0 + 1)))
+    x0c = int(min(max(0, fx0), width - 1))
+    y0c = int(min(max(0, fy0), height - 1))
+    return x0c, y0c, int(min(width, max(fx1, x0c + 1))), int(min(height, max(fy1, y0c + 1)))

@@ -31,6 +31,8 @@ class TilePlan:
     def __post_init__(self) -> None:
         if self.height < 1 or self.width < 1:
             raise ValueError(f"image size must be positive, got {self.height}x{self.width}")
+        if self.align < 1:
+            raise ValueError(f"align must be positive, got {self.align}")
         if self.core < 1 or self.halo < 0:
             raise ValueError(f"core must be positive and halo non-negative, got {self.core}, {self.halo}")
         if self.core % self.align or self.halo % self.align:
@@ -68,6 +70,8 @@ class TilePlan:
 
     def batches(self, batch: int) -> Iterator[range]:
         """Consecutive tile ranges of at most ``batch`` tiles covering the plan."""
+        if batch < 1:
+            raise ValueError(f"batch must be positive, got {batch}")
         for start in range(0, self.n_tiles, batch):
             yield range(start, min(start + batch, self.n_tiles))
 

@@ -135,9 +135,6 @@ def test_decode_colour_payload_for_a_mono_model_is_converted():
     np.testing.assert_array_equal(got, cv2.cvtColor(colour, cv2.COLOR_BGR2GRAY))
 
 
-@pytest.mark.xfail(
-    strict=True, reason="BUG: decode_bytes decodes compressed payloads without checking the header size first"
-)
 def test_decode_refuses_oversized_dimensions_before_decoding(monkeypatch):
     """A small PNG declaring far more pixels than the geometry (decompression bomb) is refused undecoded."""
     bomb = png_bytes(np.zeros((MONO.height * 16, MONO.width * 16), np.uint8))

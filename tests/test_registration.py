@@ -117,9 +117,6 @@ def test_pose_beyond_the_limits_is_refused(part):
     assert info.value.reason == "registration"
 
 
-@pytest.mark.xfail(
-    strict=True, reason="BUG: the shift limit is checked on the matrix translation, which includes the rotation"
-)
 def test_pose_within_both_limits_is_accepted(part):
     """A 2.5 deg rotation with a 6 px shift of the part (limits 3 deg, ~20 px) registers instead of being refused."""
     truth = pose_matrix(2.5, 0.0, 6.0, SIZE, SIZE)
@@ -231,9 +228,6 @@ def test_bbox_to_frame_clips_to_the_image():
     assert reg.bbox_to_frame((2, 3, 12, 13), back, 100, 100) == (0, 0, 2, 3)
 
 
-@pytest.mark.xfail(
-    strict=True, reason="BUG: a box the pose moves wholly outside the frame comes back inverted (x0 > x1)"
-)
 def test_bbox_to_frame_never_returns_an_inverted_box():
     """Whatever the pose, the mapped box satisfies 0 <= x0 < x1 <= width and 0 <= y0 < y1 <= height."""
     pose = reg.Pose(pose_matrix(0.0, 10.0, 10.0, 100, 100), 1.0)

@@ -33,9 +33,6 @@ def test_threshold_at_least_worst_good_times_one_plus_margin(seed, margin):
     assert 0 < cal["expected_frr"] <= 0.005 + 1e-6
 
 
-@pytest.mark.xfail(
-    strict=True, reason="BUG: the threshold is rounded to 5 decimals after the floor, so it can fall below it"
-)
 def test_threshold_floor_survives_rounding():
     """The documented floor worst * (1 + margin) holds exactly, not just up to the rounding of the stored value."""
     scores = np.array([1.0] * 10 + [1.0000004])  # the outlier makes the floor beat the Gumbel tail
@@ -56,7 +53,7 @@ def test_identical_good_scores_never_make_goods_anomalous(value):
     assert find_regions(good_map, cal["threshold"]) == []
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: rounding the threshold to 5 decimals puts it below tiny good scores")
+
 def test_small_score_scales_keep_goods_passing():
     """Good maps peaking near 1e-5 (a very quiet detector) still pass: the threshold stays above every good score."""
     value = 1.02e-5  # Gumbel tail 1.49e-5 is the larger bound; rounded to 5 decimals it becomes 1e-5 < value
