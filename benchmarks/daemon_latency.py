@@ -54,7 +54,8 @@ def prepare_bundle(size: int, workdir: Path, core: int) -> tuple[Path, Path]:
     data, bundle = workdir / f"line-{size}", workdir / f"bundle-{size}"
     if not data.exists():
         print(f"synthesising a {size} px line in {data} ...", flush=True)
-        write_dataset(data, SynthConfig(size=size, train=8, test_good=4, per_kind=1, kinds=("dot", "scratch")))
+        synth = SynthConfig(size=size, train=8, test_good=4, per_kind=1, kinds=("dot", "scratch"), workers=1)
+        write_dataset(data, synth)
     if not bundle.exists():
         print(f"fitting {bundle} ...", flush=True)
         fit_template(load_dataset(data).train_good, bundle, config=FitConfig(core=min(core, size), folds=4))
