@@ -318,7 +318,7 @@ def _component_maxima(training: _Training, stats: dict[str, np.ndarray], indices
     maxima = np.zeros((len(indices), 2), np.float32)
     origins = [plan.origin(t) for t in range(plan.n_tiles)]
     with backend:
-        backend.activate(resident_inputs(plan, stats))
+        backend.activate(resident_inputs(plan, stats, np.float32))
         for row, i in enumerate(indices):
             frame = training.registered[i]
             if training.unit != 1:

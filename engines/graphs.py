@@ -1,5 +1,9 @@
 """The template detector's anomaly graph, built as ONNX so ONNX Runtime and TensorRT run the same model.
 
+Inputs per tile batch: ``image`` (the registered frame), ``photo`` (lighting model) and the
+resident statistics ``mean``, ``low``, ``high`` [N, C, T, T], ``weight`` [N, 1, T, T] (inspection
+region) and ``coarse{l}`` [N, C, T/2^l, T/2^l] (1/spread of the block means at level l).
+
 Per tile (core + halo) the graph:
 1. corrects illumination with a per-tile linear gain/offset field (``photo``), in FP32;
 2. *fine* score: grey levels outside the per-pixel tolerance band [lo, hi] of good parts
@@ -27,6 +31,7 @@ from onnx import TensorProto, helper, numpy_helper
 LEVELS = (2, 3, 4, 5)
 ALIGN = 2 ** max(LEVELS)  # core origins and halo must be multiples of the coarsest block
 HALO = 2 * ALIGN  # the 3x3 neighbourhood at the coarsest level reaches 2 blocks out
+RESIDENT = ("mean", "low", "high", "weight", *(f"coarse{level}" for level in LEVELS))
 OPSET = 17
 
 
@@ -99,9 +104,15 @@ def _photometric_fields(g: _Builder, photo: str, tile: int) -> tuple[str, str]:
     v = g.const(np.arange(tile, dtype=np.float32).reshape(1, 1, tile, 1), "v")
     p = g.op("Reshape", [photo, g.const(np.array([-1, 6, 1, 1], np.int64))])
     coef = g.ops("Split", [p, g.const(np.ones(6, np.int64))], 6, axis=1)
-    a = g.op("Add", [coef[0], g.op("Add", [g.op("Mul", [coef[1], u]), g.op("Mul", [coef[2], v])])])
-    b = g.op("Add", [coef[3], g.op("Add", [g.op("Mul", [coef[4], u]), g.op("Mul", [coef[5], v])])])
+    # (p0 + p1*u) is one row and p2*v one column per tile: a single full-size add builds the field
+    a = g.op("Add", [g.op("Add", [coef[0], g.op("Mul", [coef[1], u])]), g.op("Mul", [coef[2], v])])
+    b = g.op("Add", [g.op("Add", [coef[3], g.op("Mul", [coef[4], u])]), g.op("Mul", [coef[5], v])])
     return a, b
+
+
+def _channel_max(g: _Builder, x: str, channels: int) -> str:
+    """Max over channels (colour); mono maps pass through without a copy."""
+    return x if channels == 1 else g.op("ReduceMax", [x], axes=[1], keepdims=1)
 
 
 def _coarse_score(g: _Builder, resid: str, inv_sigmas: dict[int, str], spec: TemplateGraphSpec) -> str:
@@ -116,7 +127,7 @@ def _coarse_score(g: _Builder, resid: str, inv_sigmas: dict[int, str], spec: Tem
             continue
         hood = g.op("AveragePool", [pooled], kernel_shape=[3, 3], strides=[1, 1], pads=[1, 1, 1, 1])
         z = g.op("Mul", [g.op("Abs", [hood]), inv_sigmas[level]])
-        z = g.op("ReduceMax", [z], axes=[1], keepdims=1)
+        z = _channel_max(g, z, spec.channels)
         scale = 2 ** (level - 2)
         if scale > 1:
             z = g.op("Resize", [z, "", g.const(np.array([1, 1, scale, scale], np.float32))], mode="nearest")
@@ -130,28 +141,32 @@ def build_template_graph(spec: TemplateGraphSpec) -> onnx.ModelProto:
     c, t = spec.channels, spec.tile
     half = TensorProto.FLOAT16 if spec.precision == "fp16" else TensorProto.FLOAT
     in_type = TensorProto.UINT8 if spec.input_dtype == "uint8" else TensorProto.FLOAT
+    # Resident statistics travel in the graph's working precision: FP32 graphs get FP32 (no
+    # per-tile conversion on the CPU), FP16 graphs get FP16 (half the device memory and traffic).
     inputs = [
         helper.make_tensor_value_info("image", in_type, ["N", c, t, t]),
         helper.make_tensor_value_info("photo", TensorProto.FLOAT, ["N", 6]),
-        helper.make_tensor_value_info("reference", TensorProto.FLOAT16, ["N", 3 * c + 1, t, t]),
     ]
+    stats = {}
+    for name, channels in (("mean", c), ("low", c), ("high", c), ("weight", 1)):
+        inputs.append(helper.make_tensor_value_info(name, half, ["N", channels, t, t]))
+        stats[name] = name if half == TensorProto.FLOAT else g.op("Cast", [name], to=TensorProto.FLOAT)
     inv_sigmas = {}
     for level in LEVELS:
         name = f"coarse{level}"
-        inputs.append(helper.make_tensor_value_info(name, TensorProto.FLOAT16, ["N", c, t >> level, t >> level]))
-        inv_sigmas[level] = name if half == TensorProto.FLOAT16 else g.op("Cast", [name], to=TensorProto.FLOAT)
+        inputs.append(helper.make_tensor_value_info(name, half, ["N", c, t >> level, t >> level]))
+        inv_sigmas[level] = name
 
     # Stage 1, FP32: illumination correction, band excess and residual at full resolution.
     x = g.op("Cast", ["image"], to=TensorProto.FLOAT)
     a, b = _photometric_fields(g, "photo", t)
     xn = g.op("Div", [g.op("Sub", [x, b]), a], "xn")
-    ref = g.op("Cast", ["reference"], to=TensorProto.FLOAT)
-    mu, lo, hi, w = g.ops("Split", [ref, g.const(np.array([c, c, c, 1], np.int64))], 4, axis=1)
+    mu, lo, hi, w = stats["mean"], stats["low"], stats["high"], stats["weight"]
     resid = g.op("Mul", [g.op("Sub", [xn, mu]), w], "resid")
     core = (spec.halo, spec.halo + spec.core)
     xn_c, lo_c, hi_c, w_c = (_slice(g, v, *core, (2, 3)) for v in (xn, lo, hi, w))
     excess = g.op("Max", [g.op("Sub", [xn_c, hi_c]), g.op("Sub", [lo_c, xn_c]), g.const(np.float32(0))])
-    fine = g.op("Mul", [g.op("ReduceMax", [excess], axes=[1], keepdims=1), w_c])
+    fine = g.op("Mul", [_channel_max(g, excess, c), w_c])
 
     # Stage 2, FP16 in the FP16 variant: pyramid and neighbourhoods.
     if half == TensorProto.FLOAT16:
@@ -178,7 +193,7 @@ def build_template_graph(spec: TemplateGraphSpec) -> onnx.ModelProto:
         {
             "inspectd.detector": "template",
             "inspectd.precision": spec.precision,
-            "inspectd.resident": ",".join(["reference", *(f"coarse{lv}" for lv in LEVELS)]),
+            "inspectd.resident": ",".join(RESIDENT),
             "inspectd.core": str(spec.core),
             "inspectd.halo": str(spec.halo),
         },

@@ -60,20 +60,19 @@ def registration_reference(bundle: Bundle, ref: dict[str, np.ndarray]) -> reg.Re
     )
 
 
-def resident_inputs(plan: TilePlan, ref: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Tile the reference statistics once, in the layout the graph's resident inputs expect."""
-    weight = ref["weight"].astype(np.float32)
-    planes = [*ref["mu"], *ref["lo"], *ref["hi"], weight]
-    out = {"reference": _tile_planes(plan, planes)}
+def resident_inputs(plan: TilePlan, ref: dict[str, np.ndarray], dtype: np.dtype = np.float32) -> dict[str, np.ndarray]:
+    """Tile the reference statistics once, in the layout and precision of the graph's resident inputs."""
+    full = {"mean": ref["mu"], "low": ref["lo"], "high": ref["hi"], "weight": ref["weight"][None]}
+    out = {name: _tile_planes(plan, planes, dtype) for name, planes in full.items()}
     for level in LEVELS:
         inv = ref[f"inv_sigma{level}"]
         sub = TilePlan(inv.shape[1], inv.shape[2], plan.core >> level, plan.halo >> level, 1)
-        out[f"coarse{level}"] = _tile_planes(sub, list(inv))
+        out[f"coarse{level}"] = _tile_planes(sub, inv, dtype)
     return out
 
 
-def _tile_planes(plan: TilePlan, planes: list[np.ndarray]) -> np.ndarray:
-    out = np.empty((plan.n_tiles, len(planes), plan.tile, plan.tile), np.float16)
+def _tile_planes(plan: TilePlan, planes: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    out = np.empty((plan.n_tiles, len(planes), plan.tile, plan.tile), dtype)
     for c, plane in enumerate(planes):
         out[:, c : c + 1] = plan.tile_all(plane.astype(np.float32))
     return out
@@ -107,7 +106,7 @@ class Inspector:
     # -- lifecycle -----------------------------------------------------------------
     def activate(self) -> None:
         """Upload the resident reference statistics and warm the backend up with one frame."""
-        self.backend.activate(resident_inputs(self.plan, self._ref))
+        self.backend.activate(resident_inputs(self.plan, self._ref, self.backend.inputs["mean"].dtype))
         self.infer(self._warmup_frame())
 
     def deactivate(self) -> None:

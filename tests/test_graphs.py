@@ -23,7 +23,7 @@ def run_graph(tmp: Path, spec: TemplateGraphSpec, feeds: dict[str, np.ndarray]) 
     onnx.save(build_template_graph(spec), path)
     resident = {k: v for k, v in feeds.items() if k not in ("image", "photo")}
     with OnnxRuntimeBackend(path, threads=2) as backend:
-        backend.activate(resident)
+        backend.activate({k: v.astype(backend.inputs[k].dtype) for k, v in resident.items()})
         out = backend.infer({"image": feeds["image"], "photo": feeds["photo"]}, range(len(feeds["image"])))
     return out["anomaly"]
 
@@ -38,8 +38,9 @@ def tile_inputs(
 ) -> dict[str, np.ndarray]:
     """Graph feeds for tiles: mu/half_band [N, C, T, T], weight [N, 1, T, T], image [N, C, T, T], photo [N, 6]."""
     n, c = mu.shape[:2]
-    reference = np.concatenate([mu, mu - half_band, mu + half_band, weight], axis=1).astype(np.float16)
-    feeds = {"image": image, "photo": photo.astype(np.float32), "reference": reference}
+    feeds = {"image": image, "photo": photo.astype(np.float32)}
+    stats = {"mean": mu, "low": mu - half_band, "high": mu + half_band, "weight": weight}
+    feeds.update({k: v.astype(np.float16) for k, v in stats.items()})
     for level in LEVELS:
         side = TILE >> level
         value = inv if np.isscalar(inv) else inv[level]
@@ -61,8 +62,7 @@ def numpy_fine(feeds: dict[str, np.ndarray], channels: int) -> np.ndarray:
     """Band excess of the lighting-corrected tile, max over channels, times the weight, on the core."""
     a, b = numpy_fields(feeds["photo"], TILE)
     xn = (feeds["image"].astype(np.float32) - b) / a
-    ref = feeds["reference"].astype(np.float32)
-    lo, hi, w = ref[:, channels : 2 * channels], ref[:, 2 * channels : 3 * channels], ref[:, 3 * channels :]
+    lo, hi, w = (feeds[k].astype(np.float32) for k in ("low", "high", "weight"))
     excess = np.maximum(np.maximum(xn - hi, lo - xn), 0).max(axis=1, keepdims=True) * w
     return excess[:, :, HALO : HALO + CORE, HALO : HALO + CORE]
 
@@ -70,9 +70,8 @@ def numpy_fine(feeds: dict[str, np.ndarray], channels: int) -> np.ndarray:
 def numpy_coarse(feeds: dict[str, np.ndarray], channels: int) -> np.ndarray:
     """|3x3 neighbourhood mean of 2^l block means of the weighted residual| * inv_sigma, max over levels."""
     a, b = numpy_fields(feeds["photo"], TILE)
-    ref = feeds["reference"].astype(np.float32)
     xn = (feeds["image"].astype(np.float32) - b) / a
-    resid = (xn - ref[:, :channels]) * ref[:, 3 * channels :]
+    resid = (xn - feeds["mean"].astype(np.float32)) * feeds["weight"].astype(np.float32)
     n = resid.shape[0]
     best = np.zeros((n, 1, CORE, CORE), np.float32)
     pooled = resid.astype(np.float64)
@@ -195,19 +194,22 @@ def test_fp16_graph_stays_within_1e_2_of_fp32(tmp_path, channels):
 @pytest.mark.parametrize("input_dtype", ["uint8", "float32"])
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
 def test_graph_io_matches_the_architecture(tmp_path, channels, input_dtype, precision):
-    """Inputs image/photo/reference/coarse<l> and output anomaly have the documented types and shapes."""
+    """Inputs image/photo/statistics/coarse<l> and output anomaly have the documented types and shapes."""
     spec = TemplateGraphSpec(channels, CORE, input_dtype=input_dtype, precision=precision)
     path = tmp_path / "g.onnx"
     onnx.save(build_template_graph(spec), path)
     backend = OnnxRuntimeBackend(path, threads=1)
     ins, outs = backend.inputs, backend.outputs
-    assert set(ins) == {"image", "photo", "reference", *(f"coarse{lv}" for lv in LEVELS)}
+    assert set(ins) == {"image", "photo", "mean", "low", "high", "weight", *(f"coarse{lv}" for lv in LEVELS)}
+    stat_dtype = np.float16 if precision == "fp16" else np.float32
     assert ins["image"].dtype == np.dtype(input_dtype) and ins["image"].shape == (-1, channels, TILE, TILE)
     assert ins["photo"].dtype == np.float32 and ins["photo"].shape == (-1, 6)
-    assert ins["reference"].dtype == np.float16 and ins["reference"].shape == (-1, 3 * channels + 1, TILE, TILE)
+    for name in ("mean", "low", "high"):
+        assert ins[name].dtype == stat_dtype and ins[name].shape == (-1, channels, TILE, TILE)
+    assert ins["weight"].dtype == stat_dtype and ins["weight"].shape == (-1, 1, TILE, TILE)
     for level in LEVELS:
         spec_l = ins[f"coarse{level}"]
-        assert spec_l.dtype == np.float16 and spec_l.shape == (-1, channels, TILE >> level, TILE >> level)
+        assert spec_l.dtype == stat_dtype and spec_l.shape == (-1, channels, TILE >> level, TILE >> level)
     assert list(outs) == ["anomaly"]
     want = np.float16 if precision == "fp16" else np.float32
     assert outs["anomaly"].dtype == want and outs["anomaly"].shape == (-1, 1, CORE, CORE)
