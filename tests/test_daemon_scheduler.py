@@ -6,10 +6,11 @@ import threading
 import time
 
 from daemon.protocol import BadFrame, Decision, Frame
-from daemon.scheduler import DEADLINE_MARGIN_NS, Scheduler
+from daemon.scheduler import Scheduler
 from tests.test_daemon_support import FakeInspector, image
 
 MS = 1_000_000
+MARGIN = 20 * MS
 
 
 class Sink:
@@ -36,7 +37,8 @@ def frame(frame_id: int, value: int = 100, deadline_ns: int | None = None, camer
 
 
 def scheduler(fake: FakeInspector, sink: Sink, **kwargs: object) -> Scheduler:
-    options: dict = {"cycle_ns": 2000 * MS, "queue_depth": 8, "workers": 2} | kwargs
+    # A generous margin: these tests assert deadline semantics, not the wake-up jitter of a busy CI box.
+    options: dict = {"cycle_ns": 2000 * MS, "queue_depth": 8, "workers": 2, "margin_ns": MARGIN} | kwargs
     sched = Scheduler(fake, sink, **options)
     sched.start()
     return sched
@@ -66,7 +68,7 @@ def test_deadline_reject_goes_out_at_the_deadline_not_after() -> None:
     waited = time.monotonic() - start
     assert decision.reason == "deadline" and decision.verdict == "reject"
     assert decision.deadline_met
-    assert decision.deadline_ns - decision.t_decided_ns < DEADLINE_MARGIN_NS + 30 * MS
+    assert decision.deadline_ns - decision.t_decided_ns < MARGIN + 30 * MS
     assert waited < 0.3  # long before the 0.4 s inference finished
     time.sleep(0.5)
     assert len(sink.items) == 1

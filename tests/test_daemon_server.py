@@ -206,7 +206,7 @@ def bundle(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     from calibration.template_fit import FitConfig, fit_template
 
     root = tmp_path_factory.mktemp("line")
-    synth = SynthConfig(size=256, train=8, test_good=2, per_kind=1, kinds=("dot", "missing"))
+    synth = SynthConfig(size=256, train=8, test_good=2, per_kind=1, kinds=("dot", "missing"), workers=1)
     write_dataset(root / "data", synth, progress=False)
     fit_template(
         load_dataset(root / "data").train_good, root / "bundle", config=FitConfig(core=128, folds=4), progress=False
