@@ -1,0 +1,226 @@
+"""Tests of the synthetic MVTec-layout dataset generator (small images, few of them)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from calibration import synth
+from calibration.synth import KINDS, SynthConfig, write_dataset
+from engines.errors import UserError
+
+SMALL = SynthConfig(size=256, train=3, test_good=2, per_kind=3, workers=2)
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("synth") / "ds"
+    return out, write_dataset(out, SMALL, progress=False)
+
+
+def _read(path: Path) -> np.ndarray:
+    img = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    assert img is not None, path
+    return img
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_layout_matches_meta(dataset: tuple[Path, dict]) -> None:
+    """Every image and mask named in meta.json exists with the right size, and nothing else is written."""
+    root, meta = dataset
+    assert json.loads((root / "meta.json").read_text()) == meta
+    expected = {"meta.json"}
+    for image in meta["images"]:
+        img = _read(root / image["path"])
+        assert img.shape == (256, 256) and img.dtype == np.uint8
+        expected.add(image["path"])
+        if image["kind"] == "good":
+            assert image["defects"] == [] and "mask" not in image
+            continue
+        assert image["mask"] == f"ground_truth/{image['kind']}/{Path(image['path']).stem}_mask.png"
+        mask = _read(root / image["mask"])
+        assert mask.shape == img.shape and mask.dtype == np.uint8
+        assert set(np.unique(mask)) <= {0, 255}
+        expected.add(image["mask"])
+    assert set(_files(root)) == expected
+    counts = {kind: sum(1 for i in meta["images"] if i["kind"] == kind and i["split"] == "test") for kind in KINDS}
+    assert counts == dict.fromkeys(KINDS, 3)
+    assert len(list((root / "train" / "good").iterdir())) == 3
+
+
+def test_masks_match_bboxes(dataset: tuple[Path, dict]) -> None:
+    """Each defect mask is non-empty and is its meta bbox grown by the 1 px dilation."""
+    root, meta = dataset
+    for image in meta["images"]:
+        if image["kind"] == "good":
+            continue
+        (defect,) = image["defects"]
+        assert defect["kind"] == image["kind"]
+        mask = _read(root / image["mask"])
+        ys, xs = np.nonzero(mask)
+        assert len(xs) > 0, image["path"]
+        x0, y0, x1, y1 = defect["bbox"]
+        grown = [max(0, x0 - 1), max(0, y0 - 1), min(256, x1 + 1), min(256, y1 + 1)]
+        assert [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1] == grown, image["path"]
+        assert defect["size_px"] == max(x1 - x0, y1 - y0)
+        assert abs(defect["contrast"]) > synth.MATERIAL
+
+
+def test_reproducible_and_seed_dependent(tmp_path: Path) -> None:
+    """The same config gives byte-identical files (whatever the worker count); another seed differs."""
+    config = SynthConfig(size=192, train=2, test_good=1, per_kind=1, kinds=("dot", "missing"), workers=1)
+    write_dataset(tmp_path / "a", config, progress=False)
+    write_dataset(tmp_path / "b", replace(config, workers=2), progress=False)
+    write_dataset(tmp_path / "c", replace(config, seed=1), progress=False)
+    a, b, c = (_files(tmp_path / name) for name in "abc")
+    assert a == b
+    assert a.keys() == c.keys()
+    assert a["train/good/000.png"] != c["train/good/000.png"]
+    assert a["test/dot/000.png"] != c["test/dot/000.png"]
+
+
+@pytest.mark.parametrize(("bit_depth", "channels"), [(16, 1), (8, 3), (16, 3)])
+def test_bit_depth_and_colour(tmp_path: Path, bit_depth: int, channels: int) -> None:
+    """16-bit images use the whole 16-bit range and colour images are 3-channel BGR."""
+    config = SynthConfig(
+        size=160, train=1, test_good=0, per_kind=1, kinds=("stain",), bit_depth=bit_depth, channels=channels, workers=1
+    )
+    meta = write_dataset(tmp_path / "ds", config, progress=False)
+    for image in meta["images"]:
+        img = _read(tmp_path / "ds" / image["path"])
+        assert img.dtype == (np.uint16 if bit_depth == 16 else np.uint8)
+        assert img.shape == ((160, 160) if channels == 1 else (160, 160, 3))
+        if bit_depth == 16:
+            assert img.max() > 200 * 257 and len(np.unique(img % 257)) > 100  # finer than 8-bit steps
+        if channels == 3:
+            assert np.abs(img[..., 0].astype(int) - img[..., 2]).mean() > 5  # tinted, not grey
+    mask = _read(tmp_path / "ds" / meta["images"][-1]["mask"])
+    assert mask.shape == (160, 160) and mask.dtype == np.uint8
+
+
+def test_border_band_varies_more_than_interior(tmp_path: Path) -> None:
+    """Across good images the typical pixel spread in the border band is over twice that of the interior."""
+    config = SynthConfig(size=320, train=8, test_good=0, per_kind=0, workers=2)
+    meta = write_dataset(tmp_path / "ds", config, progress=False)
+    stack = np.stack([_read(tmp_path / "ds" / i["path"]).astype(np.float32) for i in meta["images"]])
+    spread = stack.std(axis=0)
+    band = meta["band_px"]
+    inner = np.zeros(spread.shape, bool)
+    inner[band:-band, band:-band] = True
+    # Medians, so the few structure edges that move with the pose do not dominate the interior.
+    ratio = np.median(spread[~inner]) / np.median(spread[inner])
+    assert ratio > 2, ratio
+    assert np.median(spread[inner]) < 6  # "nearly identical": noise, lighting drift and sub-pixel pose
+
+
+@pytest.mark.parametrize("size", [256, 1024])
+def test_five_pixel_dot_is_five_pixels(size: int) -> None:
+    """A 5x5 dot has a 5x5 footprint (7x7 mask) at any image size, wherever its centre falls."""
+    config = SynthConfig(size=size)
+    design = synth.render_design(config)
+    for centre in ([100.0, 120.0], [100.5, 120.5], [101.3, 119.8]):
+        img = np.full((size, size), 150, np.float32)
+        frame = synth.Frame(
+            config, design, img, np.ones_like(img), np.ones(1, np.float32), 0.0, np.eye(2, 3), None, 0, 0
+        )
+        defect = synth.draw_dot(frame, np.array(centre), (5, 5), -40.0, np.ones(1, np.float32))
+        x0, y0, x1, y1 = defect["bbox"]
+        assert (x1 - x0, y1 - y0) == (5, 5) and defect["size_px"] == 5
+        assert frame.mask is not None
+        ys, xs = np.nonzero(frame.mask)
+        assert (xs.max() - xs.min() + 1, ys.max() - ys.min() + 1) == (7, 7)
+        changed = np.abs(img - 150) > synth.MATERIAL
+        assert not (changed & (frame.mask == 0)).any()  # the soft edge stays inside the mask
+
+
+def test_dot_sizes_are_absolute(tmp_path: Path) -> None:
+    """Dots drawn in whole datasets of two sizes have footprints exactly their nominal 5..12 px."""
+    for size in (256, 768):
+        config = SynthConfig(size=size, train=0, test_good=0, per_kind=8, kinds=("dot",), workers=1)
+        meta = write_dataset(tmp_path / str(size), config, progress=False)
+        for image in meta["images"]:
+            (d,) = image["defects"]
+            x0, y0, x1, y1 = d["bbox"]
+            assert (x1 - x0, y1 - y0) == (d["params"]["w"], d["params"]["h"])
+            assert 5 <= d["size_px"] <= 12
+
+
+def test_refuses_non_empty_out(tmp_path: Path) -> None:
+    """A non-empty OUT is refused with a one-line error, left untouched, and no temporary is left behind."""
+    out = tmp_path / "ds"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    config = SynthConfig(size=128, train=1, test_good=0, per_kind=0, workers=1)
+    with pytest.raises(UserError) as err:
+        write_dataset(out, config, progress=False)
+    message = str(err.value)
+    assert message.startswith("OUT:") and "exists" in message and "\n" not in message
+    assert _files(out) == {"keep.txt": b"mine"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ds"]
+
+
+def test_failure_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A failure half-way leaves neither OUT nor a temporary directory; an empty OUT is accepted."""
+    calls = []
+    real = synth.render_frame
+
+    def flaky(*args: object) -> tuple:
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("boom")
+        return real(*args)
+
+    monkeypatch.setattr(synth, "render_frame", flaky)
+    config = SynthConfig(size=128, train=3, test_good=0, per_kind=0, workers=1)
+    with pytest.raises(RuntimeError):
+        write_dataset(tmp_path / "ds", config, progress=False)
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.setattr(synth, "render_frame", real)
+    (tmp_path / "ds").mkdir()
+    write_dataset(tmp_path / "ds", config, progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ds"]
+    assert len(list((tmp_path / "ds" / "train" / "good").iterdir())) == 3
+
+
+def test_cli_arguments(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The CLI options map onto SynthConfig, main prints one line and returns 0."""
+    parser = argparse.ArgumentParser()
+    synth.add_arguments(parser)
+    argv = [
+        str(tmp_path / "ds"),
+        "--size",
+        "128",
+        "--train",
+        "1",
+        "--test-good",
+        "1",
+        "--per-kind",
+        "1",
+        "--kinds",
+        "scratch,extra,smear",
+        "--seed",
+        "3",
+        "--max-shift",
+        "1",
+        "--warp",
+        "1.5",
+        "--workers",
+        "1",
+    ]
+    assert synth.main(parser.parse_args(argv)) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 1 and "5 images" in lines[0]
+    meta = json.loads((tmp_path / "ds" / "meta.json").read_text())
+    assert meta["config"]["kinds"] == ["scratch", "extra", "smear"]
+    assert meta["config"]["max_shift_px"] == 1.0 and meta["config"]["warp_px"] == 1.5
+    with pytest.raises(SystemExit):
+        parser.parse_args([str(tmp_path / "x"), "--kinds", "dot,crack"])
