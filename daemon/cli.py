@@ -18,7 +18,12 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
     "fit": ("calibration.commands", "fit_arguments", "fit_main", "fit and calibrate a model bundle from good images"),
     "calibrate": ("calibration.commands", "calibrate_arguments", "calibrate_main", "recalibrate a bundle's threshold"),
     "predict": ("calibration.commands", "predict_arguments", "predict_main", "inspect images, write JSON lines"),
-    "evaluate": ("calibration.commands", "evaluate_arguments", "evaluate_main", "measure a bundle on a labelled dataset"),
+    "evaluate": (
+        "calibration.commands",
+        "evaluate_arguments",
+        "evaluate_main",
+        "measure a bundle on a labelled dataset",
+    ),
     "build-engine": ("engines.trt_build", "add_arguments", "main", "build a TensorRT FP16 engine for a bundle"),
     "serve": ("daemon.server", "add_arguments", "main", "run the inspection daemon"),
     "send": ("daemon.sender", "add_arguments", "main", "camera simulator: stream images, print decisions"),

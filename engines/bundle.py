@@ -33,7 +33,7 @@ import numpy as np
 from engines.errors import BundleError
 from engines.types import Geometry
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: separate resident statistics inputs (mean, low, high, weight)
 MANIFEST = "manifest.json"
 GRAPH_FP32 = "graph_fp32.onnx"
 GRAPH_FP16 = "graph_fp16.onnx"

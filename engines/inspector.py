@@ -19,8 +19,8 @@ from engines import registration as reg
 from engines.backend import Backend
 from engines.bundle import GRAPH_FP16, GRAPH_FP32, Bundle
 from engines.decode import conform, read_image
-from engines.errors import ImageError, InspectError
-from engines.graphs import LEVELS
+from engines.errors import BundleError, ImageError, InspectError
+from engines.graphs import LEVELS, RESIDENT
 from engines.regions import find_regions
 from engines.select import create_backend
 from engines.tiling import TilePlan
@@ -92,6 +92,9 @@ class Inspector:
         tiling = bundle.manifest["tiling"]
         self.plan = TilePlan(self.geometry.height, self.geometry.width, tiling["core"], tiling["halo"], tiling["align"])
         self.batch = max(1, backend.max_batch and min(batch, backend.max_batch) or batch)
+        missing = {"image", "photo", *RESIDENT} - set(backend.inputs)
+        if missing:
+            raise BundleError(f"{backend.graph_path}: graph lacks inputs {sorted(missing)}; refit with this inspectd")
         self._ref = bundle.reference()
         self._registration = registration_reference(bundle, self._ref)
         self._float_input = self.geometry.dtype == "uint16"
