@@ -22,7 +22,10 @@ from engines.inspector import Inspector
 
 def _backend_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--backend", choices=("auto", "onnxruntime", "tensorrt"), default="auto", help="inference backend (default auto)"
+        "--backend",
+        choices=("auto", "onnxruntime", "tensorrt"),
+        default="auto",
+        help="inference backend (default auto)",
     )
 
 
@@ -80,7 +83,11 @@ def collect_images(inputs: list[Path]) -> list[Path]:
 def predict_records(inspector: Inspector, paths: list[Path], desc: str = "predicting") -> Iterator[dict]:
     for path in tqdm(paths, desc=desc, disable=not _progress(), unit="img"):
         result = inspector.inspect_path(path)
-        yield {"image": str(path), **result.to_dict(), "timings_ms": {k: round(v, 1) for k, v in result.timings_ms.items()}}
+        yield {
+            "image": str(path),
+            **result.to_dict(),
+            "timings_ms": {k: round(v, 1) for k, v in result.timings_ms.items()},
+        }
 
 
 def predict_main(args: argparse.Namespace) -> int:
@@ -119,7 +126,9 @@ class _atomic_text:
 def calibrate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", type=Path, help="bundle directory (rewritten atomically)")
     parser.add_argument("--good", type=Path, required=True, help="folder of good images the fit did not see")
-    parser.add_argument("--dataset", type=Path, help="labelled MVTec-layout dataset: adds ROC/PR, F1 and recall thresholds")
+    parser.add_argument(
+        "--dataset", type=Path, help="labelled MVTec-layout dataset: adds ROC/PR, F1 and recall thresholds"
+    )
     parser.add_argument("--target-frr", type=float, default=0.005, help="false-reject rate for the good-only threshold")
     parser.add_argument("--margin", type=float, default=0.1, help="threshold >= (1 + margin) * worst good score")
     parser.add_argument(
@@ -195,7 +204,10 @@ def evaluate_main(args: argparse.Namespace) -> int:
     )
     if "baseline" in summary:
         base = summary["baseline"]
-        print(f"baseline (downscaled to {base['downscale']} px, global score): AUROC {base['auroc']:.3f}, best F1 {base['f1_oracle']:.3f}")
+        print(
+            f"baseline (downscaled to {base['downscale']} px, global score): "
+            f"AUROC {base['auroc']:.3f}, best F1 {base['f1_oracle']:.3f}"
+        )
     return 0
 
 

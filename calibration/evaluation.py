@@ -27,7 +27,12 @@ MAP_SIDE = 640  # pixel metrics on maps max-pooled to about this many px
 
 
 def evaluate(
-    model: Path, root: Path, report_dir: Path, backend: str = "auto", downscale: int | None = None, progress: bool = False
+    model: Path,
+    root: Path,
+    report_dir: Path,
+    backend: str = "auto",
+    downscale: int | None = None,
+    progress: bool = False,
 ) -> dict[str, Any]:
     """Run every test image, summarise, plot; returns the summary (also written as summary.json)."""
     from calibration.report import Overlay, write_report
@@ -89,7 +94,9 @@ def _pixel_pair(result: Result, mask: np.ndarray | None) -> tuple[np.ndarray, np
     ref_mask = cv2.warpAffine(
         mask.view(np.uint8), result.pose_matrix, (w, h), flags=cv2.INTER_NEAREST | cv2.WARP_INVERSE_MAP
     )
-    return small, metrics.downsample_mask(ref_mask[: small.shape[0] * factor, : small.shape[1] * factor] > 0, small.shape)
+    return small, metrics.downsample_mask(
+        ref_mask[: small.shape[0] * factor, : small.shape[1] * factor] > 0, small.shape
+    )
 
 
 def _pixel_metrics(maps: list[np.ndarray], masks: list[np.ndarray]) -> dict[str, float | None]:

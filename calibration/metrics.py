@@ -192,9 +192,7 @@ def _paired(maps: Iterable[np.ndarray], masks: Iterable[np.ndarray]) -> list[tup
     for i, (m, g) in enumerate(zip(maps, masks, strict=True)):
         m, g = np.asarray(m), np.asarray(g)
         if m.shape != g.shape:
-            raise ValueError(
-                f"map {i} has shape {m.shape} but its mask {g.shape}; resize masks with downsample_mask"
-            )
+            raise ValueError(f"map {i} has shape {m.shape} but its mask {g.shape}; resize masks with downsample_mask")
         pairs.append((m, g))
     if not pairs:
         raise ValueError("no anomaly maps given")
@@ -214,9 +212,7 @@ def _score_range(
     return lo, hi if hi > lo else lo + 1.0  # a constant map still needs a non-empty range
 
 
-def _bincount(
-    values: np.ndarray, lo: float, hi: float, bins: int, weights: np.ndarray | None = None
-) -> np.ndarray:
+def _bincount(values: np.ndarray, lo: float, hi: float, bins: int, weights: np.ndarray | None = None) -> np.ndarray:
     """Histogram of ``values`` over [lo, hi] in ``bins`` equal bins (outliers clipped to the ends).
 
     Chunked so the temporary index array stays small even for a 5120 x 5120 map.
@@ -410,9 +406,7 @@ def _ranking_scores(records: Sequence[Mapping[str, Any]]) -> np.ndarray:
     return s
 
 
-def _image_level(
-    labels: np.ndarray, scores: np.ndarray, rejects: np.ndarray, recall: float
-) -> dict[str, Any]:
+def _image_level(labels: np.ndarray, scores: np.ndarray, rejects: np.ndarray, recall: float) -> dict[str, Any]:
     out: dict[str, Any] = {"auroc": _or_none(image_auroc, labels, scores)}
     out.update(confusion(labels, rejects))
     opt = _or_none(f1_optimal_threshold, labels, scores)

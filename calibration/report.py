@@ -165,9 +165,7 @@ def summary_markdown(summary: Mapping[str, Any], baseline: Mapping[str, Any] | N
     if summary.get("worst"):
         lines += ["## Worst cases", "", "| # | image | kind | why | score |", "|---|---|---|---|---|"]
         for i, w in enumerate(summary["worst"]):
-            lines.append(
-                f"| {i:02d} | {w.get('image')} | {w.get('kind')} | {w.get('why')} | {_fmt(w.get('score'))} |"
-            )
+            lines.append(f"| {i:02d} | {w.get('image')} | {w.get('kind')} | {w.get('why')} | {_fmt(w.get('score'))} |")
         lines.append("")
     return "\n".join(lines)
 
@@ -274,9 +272,7 @@ def _grey01(image: np.ndarray) -> np.ndarray:
 def _resize(a: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """Resize to (w, h): area averaging when shrinking (no aliasing), linear when enlarging."""
     shrink = size[0] < a.shape[1]
-    return cv2.resize(
-        a.astype(np.float32), size, interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR
-    )
+    return cv2.resize(a.astype(np.float32), size, interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
 
 
 def _display_box(box: Sequence[float], scale: float) -> tuple[float, float, float, float]:
@@ -320,9 +316,7 @@ def plot_overlay(path: Path, ov: Overlay, threshold: float | None = None) -> Non
 def _draw_contours(ax: Any, mask: np.ndarray, scale: float) -> None:
     # Contours come from the full-resolution mask and are then scaled, so defects smaller than a
     # display pixel still get a (tiny) outline instead of vanishing in a downscaled mask.
-    contours, _ = cv2.findContours(
-        (np.asarray(mask) > 0).astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE
-    )
+    contours, _ = cv2.findContours((np.asarray(mask) > 0).astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
     for c in contours:
         pts = np.vstack([c[:, 0, :], c[:1, 0, :]]).astype(np.float64) * scale
         ax.plot(pts[:, 0], pts[:, 1], color="lime", linewidth=1.0)

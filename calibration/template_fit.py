@@ -37,6 +37,7 @@ from engines.types import Geometry
 
 MIN_GOOD = 8
 COARSE_FLOOR = 0.3  # grey levels (8-bit units)
+BLOCK = 32  # px: the grid of the learned local tolerance (the coarsest pyramid block)
 
 
 @dataclass(frozen=True)
@@ -79,7 +80,10 @@ def fit_template(
     """Fit, calibrate and write a template bundle to ``out``; returns ``out``."""
     images = [Path(p) for p in images]
     if len(images) < MIN_GOOD:
-        raise UserError(f"{images[0].parent if images else 'dataset'}: {len(images)} good images, the template detector needs at least {MIN_GOOD}")
+        raise UserError(
+            f"{images[0].parent if images else 'dataset'}: {len(images)} good images, "
+            f"the template detector needs at least {MIN_GOOD}"
+        )
     started = time.time()
     first = read_image(images[0])
     geometry = Geometry(first.shape[0], first.shape[1], 1 if first.ndim == 2 else 3, str(first.dtype))
@@ -92,8 +96,8 @@ def fit_template(
         # statistics and thresholds are computed from were prepared as run time will prepare frames.
         reference = _final_reference(_statistics(training, range(len(images)), config)["mu"], weight, reference)
         training = _register_all(images, geometry, weight, reference, Path(tmp), progress, "registering (2/2)")
-        calibration = _calibrate_folds(training, config, progress)
-        stats = _statistics(training, range(len(images)), config)
+        calibration, allowance, factor = _calibrate_folds(training, config, progress)
+        stats = apply_local_tolerance(_statistics(training, range(len(images)), config), allowance, factor)
         return _write(out, training, stats, reference, calibration, config, images, started)
 
 
@@ -309,14 +313,19 @@ def _graph(spec: TemplateGraphSpec, path: Path) -> Path:
     return path
 
 
-def _component_maxima(training: _Training, stats: dict[str, np.ndarray], indices: Sequence[int], core: int, tmp: Path) -> np.ndarray:
-    """Per image, the highest fine and coarse scores of held-out images, from the real graph."""
+def _component_blocks(
+    training: _Training, stats: dict[str, np.ndarray], indices: Sequence[int], core: int, tmp: Path
+) -> np.ndarray:
+    """Per held-out image, the fine and coarse scores from the real graph, max-pooled to BLOCK px blocks."""
     geo = training.geometry
     plan = TilePlan(geo.height, geo.width, core, HALO, ALIGN)
-    spec = TemplateGraphSpec(geo.channels, core, input_dtype="float32" if training.unit != 1 else "uint8", components=True)
+    spec = TemplateGraphSpec(
+        geo.channels, core, input_dtype="float32" if training.unit != 1 else "uint8", components=True
+    )
     backend = OnnxRuntimeBackend(_graph(spec, tmp / "components.onnx"))
-    maxima = np.zeros((len(indices), 2), np.float32)
+    blocks = np.zeros((len(indices), 2, *_block_shape(geo)), np.float32)
     origins = [plan.origin(t) for t in range(plan.n_tiles)]
+    per_core = core // BLOCK
     with backend:
         backend.activate(resident_inputs(plan, stats, np.float32))
         for row, i in enumerate(indices):
@@ -326,10 +335,22 @@ def _component_maxima(training: _Training, stats: dict[str, np.ndarray], indices
             padded = plan.pad(np.ascontiguousarray(frame))
             photo = reg.tile_photometric(training.coefs[i], origins, plan.halo)
             for tiles in plan.batches(1):
-                out = backend.infer({"image": plan.extract(padded, tiles), "photo": photo[tiles.start : tiles.stop]}, tiles)
-                valid = _valid_core(plan, tiles.start)
-                maxima[row] = np.maximum(maxima[row], out["anomaly"][0][:, : valid[0], : valid[1]].max(axis=(1, 2)))
-    return maxima
+                out = backend.infer(
+                    {"image": plan.extract(padded, tiles), "photo": photo[tiles.start : tiles.stop]}, tiles
+                )
+                y, x = plan.origin(tiles.start)
+                h, w = _valid_core(plan, tiles.start)
+                maps = np.zeros((2, core, core), np.float32)
+                maps[:, :h, :w] = out["anomaly"][0][:, :h, :w]
+                pooled = maps.reshape(2, per_core, BLOCK, per_core, BLOCK).max(axis=(2, 4))
+                by, bx = y // BLOCK, x // BLOCK
+                target = blocks[row, :, by : by + per_core, bx : bx + per_core]
+                target[...] = pooled[:, : target.shape[1], : target.shape[2]]
+    return blocks
+
+
+def _block_shape(geo: Geometry) -> tuple[int, int]:
+    return -(-geo.height // BLOCK), -(-geo.width // BLOCK)
 
 
 def _valid_core(plan: TilePlan, index: int) -> tuple[int, int]:
@@ -337,28 +358,97 @@ def _valid_core(plan: TilePlan, index: int) -> tuple[int, int]:
     return min(plan.core, plan.height - y), min(plan.core, plan.width - x)
 
 
+def local_tolerance(blocks: np.ndarray, inside: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Where held-out good parts score unusually high, tolerate more: the learned don't-care regions.
+
+    ``blocks`` [n, 2, Hb, Wb] holds held-out block maxima (fine excess in grey levels, coarse z).
+    Returns the fine allowance (grey levels added to both sides of the band) and the coarse factor
+    (>= 1, multiplies the block spread) per block. Blocks at or below the typical (median) block of
+    the inspection region are left alone; the rest are brought down to it. A 3x3 block
+    neighbourhood spreads each allowance, so a moving fixture edge is covered where it may be next.
+    """
+    kernel = np.ones((3, 3), np.uint8)
+    fine = cv2.dilate(blocks[:, 0].max(axis=0), kernel)
+    coarse = cv2.dilate(blocks[:, 1].max(axis=0), kernel)
+    fine_ref = float(np.median(fine[inside])) if inside.any() else 0.0
+    coarse_ref = max(float(np.median(coarse[inside])) if inside.any() else 1.0, 1e-3)
+    allowance = np.where(inside, np.maximum(fine - fine_ref, 0), 0).astype(np.float32)
+    factor = np.where(inside, np.maximum(coarse / coarse_ref, 1), 1).astype(np.float32)
+    return allowance, factor
+
+
+def _local_scores(blocks: np.ndarray, allowance: np.ndarray, factor: np.ndarray) -> np.ndarray:
+    """Per image, the highest fine and coarse scores once the local tolerance is applied."""
+    fine = np.maximum(blocks[:, 0] - allowance, 0).max(axis=(1, 2))
+    coarse = (blocks[:, 1] / factor).max(axis=(1, 2))
+    return np.stack([fine, coarse], axis=1)
+
+
 def _calibrate_folds(training: _Training, config: FitConfig, progress: bool) -> dict:
-    """k-fold: statistics without each fold, real-graph scores on it; scales and threshold from those."""
+    """k-fold: statistics without each fold, real-graph scores on it; local tolerance, scales, threshold.
+
+    The local tolerance applied to each held-out image is learned from the other folds' images
+    only (cross-fitting), so the threshold is set on scores the tolerance was not tuned on.
+    """
     n = len(training.coefs)
     folds = min(config.folds, n)
-    maxima = np.zeros((n, 2), np.float32)
+    blocks = np.zeros((n, 2, *_block_shape(training.geometry)), np.float32)
     with tempfile.TemporaryDirectory() as tmp:
         for fold in tqdm(range(folds), desc="calibrating (k-fold)", disable=not progress, unit="fold"):
             held = list(range(fold, n, folds))
             kept = [i for i in range(n) if i not in held]
             stats = _statistics(training, kept, config)
-            maxima[held] = _component_maxima(training, stats, held, config.core, Path(tmp))
-    fine_scale = max(float(np.quantile(maxima[:, 0], 0.9)), 0.5)
-    coarse_scale = max(float(np.quantile(maxima[:, 1], 0.9)), 2.0)
-    scores = np.maximum(maxima[:, 0] / fine_scale, maxima[:, 1] / coarse_scale)
+            blocks[held] = _component_blocks(training, stats, held, config.core, Path(tmp))
+    inside = _block_inside(training.weight)
+    raw = np.zeros((n, 2), np.float32)
+    for fold in range(folds):
+        held = list(range(fold, n, folds))
+        others = [i for i in range(n) if i not in held]
+        raw[held] = _local_scores(blocks[held], *local_tolerance(blocks[others], inside))
+    fine_scale = max(float(np.quantile(raw[:, 0], 0.9)), 0.5)
+    coarse_scale = max(float(np.quantile(raw[:, 1], 0.9)), 2.0)
+    scores = np.maximum(raw[:, 0] / fine_scale, raw[:, 1] / coarse_scale)
     calibration = good_threshold(scores, config.target_frr, config.threshold_margin)
+    allowance, factor = local_tolerance(blocks, inside)
     calibration.update(
         fine_scale=fine_scale,
         coarse_scale=coarse_scale,
         folds=folds,
-        held_out_components=[[round(float(a), 4), round(float(b), 4)] for a, b in maxima],
+        held_out_components=[[round(float(a), 4), round(float(b), 4)] for a, b in raw],
+        local_tolerance={
+            "block_px": BLOCK,
+            "blocks_widened": round(float(((allowance > 0) | (factor > 1))[inside].mean()), 4),
+            "fine_allowance_max": round(float(allowance.max()), 3),
+            "coarse_factor_max": round(float(factor.max()), 3),
+        },
     )
-    return calibration
+    return calibration, allowance, factor
+
+
+def _block_inside(weight: np.ndarray) -> np.ndarray:
+    h, w = weight.shape
+    hb, wb = -(-h // BLOCK), -(-w // BLOCK)
+    padded = np.zeros((hb * BLOCK, wb * BLOCK), np.uint8)
+    padded[:h, :w] = weight
+    return padded.reshape(hb, BLOCK, wb, BLOCK).max(axis=(1, 3)) > 0
+
+
+def apply_local_tolerance(stats: dict[str, np.ndarray], allowance: np.ndarray, factor: np.ndarray) -> dict:
+    """Bake the local tolerance into the statistics: wider band, larger block spread."""
+    out = dict(stats)
+    _, h, w = stats["mu"].shape
+    add = np.repeat(np.repeat(allowance, BLOCK, axis=0), BLOCK, axis=1)[:h, :w]
+    out["lo"] = (stats["lo"].astype(np.float32) - add).astype(np.float16)
+    out["hi"] = (stats["hi"].astype(np.float32) + add).astype(np.float16)
+    for level in LEVELS:
+        inv = stats[f"inv_sigma{level}"]
+        rep = BLOCK >> level
+        grow = np.repeat(np.repeat(factor, rep, axis=0), rep, axis=1)[: inv.shape[1], : inv.shape[2]]
+        grow = np.pad(grow, ((0, inv.shape[1] - grow.shape[0]), (0, inv.shape[2] - grow.shape[1])), mode="edge")
+        out[f"inv_sigma{level}"] = (inv.astype(np.float32) / grow).astype(np.float16)
+    out["local_allowance"] = allowance
+    out["local_factor"] = factor
+    return out
 
 
 def _fingerprint(images: list[Path]) -> dict:

@@ -134,7 +134,9 @@ class Backend(ABC):
         if array.ndim != len(spec.shape) or any(
             want not in (-1, got) for want, got in zip(spec.shape, array.shape, strict=True)
         ):
-            raise BackendError(f"{self.name}: {what} input {spec.name!r} has shape {array.shape}, expected {spec.shape}")
+            raise BackendError(
+                f"{self.name}: {what} input {spec.name!r} has shape {array.shape}, expected {spec.shape}"
+            )
 
     def _check_feeds(self, feeds: Mapping[str, np.ndarray]) -> int:
         missing = self._frame_inputs() - set(feeds)

@@ -133,7 +133,9 @@ def _verify_file(path: Path, digest: str) -> None:
         raise BundleError(f"{path}: missing (incomplete bundle)")
     actual = sha256_file(path)
     if actual != digest:
-        raise BundleError(f"{path}: SHA-256 {actual[:12]}… does not match the manifest's {digest[:12]}… (modified or corrupt)")
+        raise BundleError(
+            f"{path}: SHA-256 {actual[:12]}… does not match the manifest's {digest[:12]}… (modified or corrupt)"
+        )
 
 
 def write_bundle(
@@ -193,12 +195,15 @@ def _swap_into_place(tmp: Path, out: Path) -> None:
 
 def rewrite_calibration(bundle: Bundle, calibration: dict[str, Any]) -> Path:
     """Replace a bundle's calibration (atomically, hashes updated, other files copied unchanged)."""
+
     def copier(name: str) -> Callable[[Path], None]:
         return lambda dst: shutil.copyfile(bundle.file(name), dst)
 
     writers: dict[str, Callable[[Path], None]] = {name: copier(name) for name in bundle.manifest["files"]}
     writers[CALIBRATION] = lambda dst: dst.write_text(json.dumps(calibration, indent=2) + "\n", encoding="utf-8")
-    manifest = {k: v for k, v in bundle.manifest.items() if k not in ("files", "bundle_id", "packages", "format_version")}
+    manifest = {
+        k: v for k, v in bundle.manifest.items() if k not in ("files", "bundle_id", "packages", "format_version")
+    }
     # plans built for this bundle stay valid (the graphs are unchanged), so they move along
     plans = tuple(p for p in bundle.path.iterdir() if p.name.endswith((".plan", ".plan.json")))
     return write_bundle(bundle.path, manifest, writers, replace=True, unhashed=plans)

@@ -55,7 +55,9 @@ def decode_bytes(data: bytes | memoryview, encoding: str, geometry: Geometry, so
     buf = memoryview(data).cast("B")
     if encoding == "raw":
         if buf.nbytes != geometry.nbytes:
-            raise ImageError(f"{source}: raw payload of {buf.nbytes} bytes, expected {geometry.nbytes} ({geometry.describe()})")
+            raise ImageError(
+                f"{source}: raw payload of {buf.nbytes} bytes, expected {geometry.nbytes} ({geometry.describe()})"
+            )
         return np.frombuffer(buf, DTYPES[geometry.dtype]).reshape(geometry.shape)
     if encoding not in ENCODINGS:
         raise ImageError(f"{source}: unknown encoding {encoding!r}, expected one of {', '.join(ENCODINGS)}")

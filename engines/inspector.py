@@ -91,7 +91,7 @@ class Inspector:
         self.min_area = int(cal.get("min_area", 1))
         tiling = bundle.manifest["tiling"]
         self.plan = TilePlan(self.geometry.height, self.geometry.width, tiling["core"], tiling["halo"], tiling["align"])
-        self.batch = max(1, backend.max_batch and min(batch, backend.max_batch) or batch)
+        self.batch = max(1, (backend.max_batch and min(batch, backend.max_batch)) or batch)
         missing = {"image", "photo", *RESIDENT} - set(backend.inputs)
         if missing:
             raise BundleError(f"{backend.graph_path}: graph lacks inputs {sorted(missing)}; refit with this inspectd")
@@ -123,7 +123,10 @@ class Inspector:
         self.deactivate()
 
     def _warmup_frame(self) -> Prepared:
-        shape = (self.plan.rows * self.plan.core + 2 * self.plan.halo, self.plan.cols * self.plan.core + 2 * self.plan.halo)
+        shape = (
+            self.plan.rows * self.plan.core + 2 * self.plan.halo,
+            self.plan.cols * self.plan.core + 2 * self.plan.halo,
+        )
         if self.geometry.channels == 3:
             shape = (*shape, 3)
         dtype = np.float32 if self._float_input else np.uint8
@@ -154,7 +157,10 @@ class Inspector:
         amap = np.empty((self.geometry.height, self.geometry.width), np.float32)
         jobs = []
         for tiles in self.plan.batches(self.batch):
-            feeds = {"image": self.plan.extract(prepared.padded, tiles), "photo": prepared.photo[tiles.start : tiles.stop]}
+            feeds = {
+                "image": self.plan.extract(prepared.padded, tiles),
+                "photo": prepared.photo[tiles.start : tiles.stop],
+            }
             jobs.append((feeds, tiles))
         infer_many = getattr(self.backend, "infer_many", None)
         if infer_many is not None:
@@ -169,12 +175,12 @@ class Inspector:
         """Regions above the pixel threshold decide the verdict; boxes go back to frame pixels."""
         regions = find_regions(amap, self.threshold, self.min_area)
         h, w = amap.shape
-        defects = [
-            type(d)(reg.bbox_to_frame(d.bbox, prepared.pose, h, w), d.area, d.score) for d in regions
-        ]
+        defects = [type(d)(reg.bbox_to_frame(d.bbox, prepared.pose, h, w), d.area, d.score) for d in regions]
         score = float(amap.max())
         verdict, reason = ("reject", "defect") if defects else ("pass", "ok")
-        return Result(verdict, reason, score, self.threshold, defects, anomaly_map=amap, pose_matrix=prepared.pose.matrix)
+        return Result(
+            verdict, reason, score, self.threshold, defects, anomaly_map=amap, pose_matrix=prepared.pose.matrix
+        )
 
     # -- conveniences ----------------------------------------------------------------
     def inspect(self, image: np.ndarray, source: str = "frame") -> Result:

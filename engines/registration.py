@@ -72,7 +72,12 @@ class Pose:
 
     def to_dict(self) -> dict[str, float]:
         dx, dy = self.shift
-        return {"dx": round(dx, 3), "dy": round(dy, 3), "angle_deg": round(self.angle_deg, 4), "ecc": round(self.correlation, 4)}
+        return {
+            "dx": round(dx, 3),
+            "dy": round(dy, 3),
+            "angle_deg": round(self.angle_deg, 4),
+            "ecc": round(self.correlation, 4),
+        }
 
 
 @dataclass(frozen=True)
@@ -121,7 +126,8 @@ class RegistrationReference:
         dx, dy = pose.matrix @ np.array([cx, cy, 1.0]) - np.array([cx, cy])
         if pose.correlation < self.min_correlation:
             raise InspectError(
-                "registration", f"part does not match the reference (correlation {pose.correlation:.3f} < {self.min_correlation})"
+                "registration",
+                f"part does not match the reference (correlation {pose.correlation:.3f} < {self.min_correlation})",
             )
         if math.hypot(dx, dy) > self.max_shift_px or abs(pose.angle_deg) > self.max_rotation_deg:
             raise InspectError(
@@ -135,7 +141,11 @@ class RegistrationReference:
         small_warp = _scale_matrix(pose.matrix, self.coarse.shape, self.full_shape)
         h, w = self.coarse.shape
         registered = cv2.warpAffine(
-            coarse_img, small_warp, (w, h), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP, borderMode=cv2.BORDER_REPLICATE
+            coarse_img,
+            small_warp,
+            (w, h),
+            flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
+            borderMode=cv2.BORDER_REPLICATE,
         )
         return fit_photometric(registered, self.coarse, self.coarse_mask, self.full_shape)
 
