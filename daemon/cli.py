@@ -28,6 +28,7 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
     "serve": ("daemon.server", "add_arguments", "main", "run the inspection daemon"),
     "send": ("daemon.sender", "add_arguments", "main", "camera simulator: stream images, print decisions"),
     "demo": ("daemon.demo", "add_arguments", "main", "synthesise a line, fit, serve and stream it end to end"),
+    "audit": ("daemon.audit", "add_arguments", "main", "list or export the recent rejects of an audit trail"),
 }
 
 

@@ -7,6 +7,9 @@ here, so the rest of the daemon never re-validates and never sees a half-built c
 TOML keys are the field names; a table flattens into its keys with ``_``:
 ``[frames] endpoint = "..."`` is ``frames_endpoint``. The environment variable for a
 field is ``INSPECTD_`` + the field name in capitals (``INSPECTD_CYCLE_MS=150``).
+
+Every endpoint binds to loopback by default; listening on other interfaces is an explicit
+setting (``frames_endpoint = "tcp://*:7700"``, ``http_listen = "0.0.0.0:7780"``).
 """
 
 from __future__ import annotations
@@ -30,6 +33,8 @@ FRAME_MODES = ("pull", "sub")
 IMAGEZMQ_MODES = ("reqrep", "pubsub")
 LOG_FORMATS = ("auto", "json", "console")
 LOG_LEVELS = ("debug", "info", "warning", "error")
+ACTUATOR_MODES = ("pulse", "level")
+PATH_FIELDS = ("model", "audit_dir", "curve_secret_key", "curve_clients")  # relative to the TOML file
 
 
 class ConfigError(UserError):
@@ -44,13 +49,14 @@ class Config:
     backend: str = "auto"
     cycle_ms: float = 200.0
     # Native frames: PULL binds (cameras PUSH to it); SUB connects to a camera that publishes.
-    frames_endpoint: str = "tcp://*:7700"
+    frames_endpoint: str = "tcp://127.0.0.1:7700"
     frames_mode: str = "pull"
     # imagezmq: "" = off; reqrep binds a ROUTER (senders connect REQ); pubsub connects a SUB.
     imagezmq_endpoint: str = ""
     imagezmq_mode: str = "reqrep"
-    decisions_endpoint: str = "tcp://*:7701"
-    http_listen: str = "127.0.0.1:7780"  # "" = no HTTP endpoint
+    decisions_endpoint: str = "tcp://127.0.0.1:7701"
+    # Status page, /metrics, /healthz, /readyz; "" = no HTTP endpoint. Read-only.
+    http_listen: str = "127.0.0.1:7780"
     # Frames admitted and not yet finished; the excess is rejected as overload at once.
     queue_depth: int = 4
     workers: int = 2  # decode + prepare + decide threads; inference always has one thread
@@ -60,8 +66,40 @@ class Config:
     # Deadline rejects go out this long before the deadline, absorbing thread wake-up jitter.
     deadline_margin_ms: float = 2.0
     drain_s: float = 2.0  # at shutdown, how long in-flight frames may take before rejection
+    # An inference running longer than this counts as a stalled pipeline: /healthz turns 503
+    # and the systemd watchdog pings stop, so systemd restarts the daemon.
+    stall_s: float = 30.0
     log_format: str = "auto"
     log_level: str = "info"
+    # -- reject actuator on a PLC, Modbus TCP ([plc] table); plc_host "" = off
+    plc_host: str = ""
+    plc_port: int = 502
+    plc_device_id: int = 1
+    plc_register: int = 0  # first of 4 holding registers: counter, verdict, reason, frame id low word
+    plc_coil: int = 0  # the reject coil
+    plc_mode: str = "pulse"  # pulse: on for plc_pulse_ms per reject; level: the coil follows the verdict
+    plc_pulse_ms: float = 100.0
+    plc_reject_by_default: bool = False  # fire the reject at the deadline unless a pass was written
+    plc_timeout_s: float = 0.3  # per request; the link is retried with back-off
+    # -- reject actuator on a digital line, libgpiod v2 ([gpio] table); gpio_chip "" = off
+    gpio_chip: str = ""  # e.g. /dev/gpiochip0
+    gpio_line: int = 0  # line offset on the chip
+    gpio_mode: str = "pulse"
+    gpio_pulse_ms: float = 100.0
+    gpio_active_low: bool = False
+    gpio_reject_by_default: bool = False
+    # -- operator status page ([status] table)
+    status_recent: int = 20  # decisions listed
+    status_shifts: str = ""  # local start times of shifts ("06:00,14:00,22:00"): shift counters restart there
+    status_refresh_s: float = 0.5  # live-update period of the page
+    # -- audit trail ([audit] table); audit_dir "" = off
+    audit_dir: str = ""
+    audit_max_mb: float = 2048.0
+    audit_max_count: int = 10_000
+    audit_pass_sample: float = 0.0  # fraction of passes stored too (0..1)
+    # -- CurveZMQ on the bound frame and decision sockets ([curve] table); "" = plain TCP
+    curve_secret_key: str = ""  # the daemon's secret key file (zmq.auth.create_certificates)
+    curve_clients: str = ""  # directory of the public key files of the allowed cameras/subscribers
 
     @property
     def cycle_ns(self) -> int:
@@ -88,7 +126,29 @@ class Config:
         _range("max_defects", self.max_defects, 0, 10_000)
         _range("summary_s", self.summary_s, 0.1, 86_400)
         _range("drain_s", self.drain_s, 0, 600)
+        _range("stall_s", self.stall_s, 0.1, 3600)
         _range("deadline_margin_ms", self.deadline_margin_ms, 0, 1000)
+        _choice("plc_mode", self.plc_mode, ACTUATOR_MODES)
+        _choice("gpio_mode", self.gpio_mode, ACTUATOR_MODES)
+        _range("plc_port", self.plc_port, 1, 65535)
+        _range("plc_device_id", self.plc_device_id, 0, 255)
+        _range("plc_register", self.plc_register, 0, 65532)
+        _range("plc_coil", self.plc_coil, 0, 65535)
+        _range("plc_pulse_ms", self.plc_pulse_ms, 1, 60_000)
+        _range("plc_timeout_s", self.plc_timeout_s, 0.01, 60)
+        _range("gpio_line", self.gpio_line, 0, 1023)
+        _range("gpio_pulse_ms", self.gpio_pulse_ms, 1, 60_000)
+        _range("status_recent", self.status_recent, 1, 1000)
+        _range("status_refresh_s", self.status_refresh_s, 0.05, 60)
+        parse_shifts(self.status_shifts)
+        _range("audit_max_mb", self.audit_max_mb, 1, 10_000_000)
+        _range("audit_max_count", self.audit_max_count, 1, 10_000_000)
+        _range("audit_pass_sample", self.audit_pass_sample, 0, 1)
+        if bool(self.curve_secret_key) != bool(self.curve_clients):
+            raise ConfigError("curve_secret_key, curve_clients: give both (the daemon's key and the allowed clients)")
+        connects = self.frames_mode == "sub" or (self.imagezmq_endpoint and self.imagezmq_mode == "pubsub")
+        if self.curve_secret_key and connects:
+            raise ConfigError("curve_secret_key: CurveZMQ needs bound sockets (frames_mode pull, imagezmq_mode reqrep)")
         return self
 
 
@@ -101,6 +161,17 @@ def parse_host_port(text: str) -> tuple[str, int]:
     if not sep or not host or not port.isdigit() or int(port) > 65535:
         raise ConfigError(f"http_listen: expected HOST:PORT (e.g. 127.0.0.1:7780), got {text!r}")
     return host.strip("[]"), int(port)
+
+
+def parse_shifts(text: str) -> list[tuple[int, int]]:
+    """``"06:00,14:00"`` -> [(6, 0), (14, 0)], sorted; ConfigError when malformed."""
+    out = []
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        hour, sep, minute = part.partition(":")
+        if not (sep and hour.isdigit() and minute.isdigit() and int(hour) < 24 and int(minute) < 60):
+            raise ConfigError(f"status_shifts: expected HH:MM[,HH:MM...] (e.g. 06:00,14:00,22:00), got {text!r}")
+        out.append((int(hour), int(minute)))
+    return sorted(out)
 
 
 def load(
@@ -136,9 +207,10 @@ def _from_toml(path: Path) -> dict[str, Any]:
         if key not in FIELD_TYPES:
             raise ConfigError(f"{path}: unknown key {key!r}; known keys: {', '.join(FIELD_TYPES)}")
         flat[key] = _coerce(key, value, str(path))
-    if flat.get("model"):
-        # A relative bundle path in a config file means relative to that file, not the cwd.
-        flat["model"] = str((path.parent / flat["model"]).resolve())
+    for key in PATH_FIELDS:
+        if flat.get(key):
+            # A relative path in a config file means relative to that file, not the cwd.
+            flat[key] = str((path.parent / flat[key]).resolve())
     return flat
 
 
@@ -154,6 +226,12 @@ def _from_env(environ: Mapping[str, str]) -> dict[str, Any]:
 def _coerce(name: str, value: Any, source: str) -> Any:
     want = FIELD_TYPES[name]
     try:
+        if want is bool:
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.strip().lower() in _BOOLS:
+                return _BOOLS[value.strip().lower()]
+            raise ValueError
         if isinstance(value, bool) or (want is not str and isinstance(value, str) and not value.strip()):
             raise ValueError
         if want is str:
@@ -167,6 +245,9 @@ def _coerce(name: str, value: Any, source: str) -> Any:
         return float(value)
     except (TypeError, ValueError):
         raise ConfigError(f"{source}: {name} must be {want.__name__}, got {value!r}") from None
+
+
+_BOOLS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
 
 
 def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:

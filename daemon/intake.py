@@ -44,8 +44,10 @@ class Intake:
         geometry: Callable[[], Geometry],
         submit: Callable[[Frame | BadFrame], None],
         clock: Callable[[], int] = time.time_ns,
+        secure: Callable[[zmq.Socket[Any]], None] | None = None,
     ) -> None:
         self._ctx = ctx
+        self._secure = secure  # CurveZMQ on bound sockets (security.py)
         self._geometry = geometry
         self._submit = submit
         self._clock = clock
@@ -88,6 +90,8 @@ class Intake:
                 sock.setsockopt(zmq.SUBSCRIBE, b"")
                 sock.connect(endpoint)
             else:
+                if self._secure is not None:
+                    self._secure(sock)
                 sock.bind(endpoint)
         except zmq.ZMQError as exc:
             verb = "connect to" if mode == "sub" else "bind"

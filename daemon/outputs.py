@@ -3,34 +3,45 @@
 ``Outputs.publish`` is called by the scheduler (under its ordering lock) and only does
 ``put_nowait`` on each interested sink's queue; encoding and socket I/O happen on the
 sink's own thread. A full queue drops the decision for that sink and counts it; a sink
-that fails counts and logs the failure and keeps running. New sinks (Modbus, audit,
-metrics) subclass ``Sink`` and implement ``accepts`` and ``send``.
+that fails counts and logs the failure and keeps running. New sinks subclass ``Sink`` and
+implement ``accepts`` and ``send``.
+
+Evidence (the decoded frame and its anomaly map, see ``protocol.Evidence``) is large: only
+sinks whose ``wants_evidence(decision)`` is true get a decision that still references it
+(they keep short queues); every other sink gets the same decision without it, so a slow
+subscriber's queue never pins frames in memory. Sinks with ``wants_admissions`` are also
+told of each admitted frame and its deadline (``admit``), which fail-safe actuators need
+to reject a part whose pass never came.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import queue
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import structlog
 import zmq
 
-from daemon.protocol import Decision
+from daemon.protocol import BadFrame, Decision, Frame
 
 log = structlog.get_logger("inspectd.outputs")
+_IDLE = object()
 
 
 class Sink:
     """A decision consumer with a bounded queue drained by its own thread."""
 
     name = "sink"
+    wants_admissions = False
+    idle_s: float | None = None  # when set, ``idle()`` runs after this long without a decision
 
     def __init__(self, maxsize: int = 256) -> None:
-        self._queue: queue.Queue[Decision | None] = queue.Queue(maxsize)
+        self._queue: queue.Queue[Any] = queue.Queue(maxsize)
         self._thread = threading.Thread(target=self._run, name=f"inspectd-{self.name}", daemon=True)
         self.sent = 0
         self.dropped = 0
@@ -38,6 +49,16 @@ class Sink:
 
     def accepts(self, decision: Decision) -> bool:
         return True
+
+    def wants_evidence(self, decision: Decision) -> bool:
+        """True to receive this decision with its image and anomaly map (keep the queue short)."""
+        return False
+
+    def admit(self, item: Frame | BadFrame, deadline_ns: int) -> None:
+        """A frame was admitted (only called when ``wants_admissions``); must not block."""
+
+    def idle(self) -> None:
+        """Deferred work (runs on the sink's thread when its queue has been empty for ``idle_s``)."""
 
     def send(self, decision: Decision) -> None:
         raise NotImplementedError
@@ -77,11 +98,17 @@ class Sink:
     def _run(self) -> None:
         try:
             while True:
-                decision = self._queue.get()
+                try:
+                    decision = self._queue.get(timeout=self.idle_s)
+                except queue.Empty:
+                    decision = _IDLE
                 if decision is None:
                     return
                 try:
-                    self.send(decision)
+                    if decision is _IDLE:
+                        self.idle()
+                    else:
+                        self.send(decision)
                 except Exception as exc:  # a sink failure must never reach the frame path
                     self.failed += 1
                     log.warning("sink_failed", sink=self.name, error=f"{type(exc).__name__}: {exc}")
@@ -94,11 +121,19 @@ class ZmqPubSink(Sink):
 
     name = "zmq-pub"
 
-    def __init__(self, ctx: zmq.Context[Any], endpoint: str, hwm: int = 1000) -> None:
+    def __init__(
+        self,
+        ctx: zmq.Context[Any],
+        endpoint: str,
+        hwm: int = 1000,
+        secure: Callable[[zmq.Socket[Any]], None] | None = None,
+    ) -> None:
         super().__init__()
         self._socket = ctx.socket(zmq.PUB)
         self._socket.setsockopt(zmq.LINGER, 0)
         self._socket.setsockopt(zmq.SNDHWM, hwm)  # decisions are small; PUB drops at the mark
+        if secure is not None:  # CurveZMQ: only authenticated subscribers get decisions
+            secure(self._socket)
         self._socket.bind(endpoint)
         self.endpoint = self._socket.getsockopt_string(zmq.LAST_ENDPOINT)
 
@@ -155,9 +190,21 @@ class Outputs:
             sink.start()
 
     def publish(self, decision: Decision) -> None:
+        bare = decision
+        if decision.evidence is not None:
+            bare = dataclasses.replace(decision, evidence=None)
         for sink in self.sinks:
             if sink.accepts(decision):
-                sink.offer(decision)
+                sink.offer(decision if bare is not decision and sink.wants_evidence(decision) else bare)
+
+    def admit(self, item: Frame | BadFrame, deadline_ns: int) -> None:
+        for sink in self.sinks:
+            if sink.wants_admissions:
+                sink.admit(item, deadline_ns)
+
+    @property
+    def wants_admissions(self) -> bool:
+        return any(sink.wants_admissions for sink in self.sinks)
 
     def close(self, flush_s: float = 1.0) -> None:
         for sink in self.sinks:

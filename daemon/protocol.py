@@ -62,6 +62,21 @@ class BadFrame:
     source: str = "native"
 
 
+@dataclass(frozen=True, eq=False)
+class Evidence:
+    """What an operator or an auditor wants to see of a decided frame; references, never copies.
+
+    ``image`` is the decoded frame (frame pixels), ``anomaly_map`` the float32 map in the
+    reference frame and ``pose_matrix`` the 2x3 affine from reference to frame pixels; any
+    may be None (a deadline reject before decoding has none). Only sinks that ask for it
+    (``Sink.wants_evidence``) receive it, and they render or write it on their own thread.
+    """
+
+    image: Any = None
+    anomaly_map: Any = None
+    pose_matrix: Any = None
+
+
 @dataclass
 class Decision:
     """The one answer to one frame, as published (``to_json``)."""
@@ -82,6 +97,8 @@ class Decision:
     detail: str = ""
     reply: bytes | None = None
     timings_ms: dict[str, float] = field(default_factory=dict)
+    # Not published: references to the frame and its map for the sinks that ask (outputs.py).
+    evidence: Evidence | None = field(default=None, repr=False, compare=False)
 
     @property
     def latency_ms(self) -> float:

@@ -38,7 +38,7 @@ import numpy as np
 import structlog
 
 from daemon.decoding import decode_frame
-from daemon.protocol import BadFrame, Decision, Frame, result_fields
+from daemon.protocol import BadFrame, Decision, Evidence, Frame, result_fields
 from engines.errors import ImageError, InspectError
 from engines.types import Geometry, Result
 
@@ -107,6 +107,9 @@ class Ticket:
     prepared: Any = None
     outcome: dict[str, Any] | None = None  # Decision fields, set once by resolve()
     has_work: bool = False
+    image: Any = None  # the decoded frame, kept (a reference) for the evidence sinks
+    evidence: Evidence | None = None
+    timings_ms: dict[str, float] = field(default_factory=dict)  # wall time of each stage
 
     @property
     def camera(self) -> str | None:
@@ -181,6 +184,7 @@ class Scheduler:
         engine: Engine,
         publish: Callable[[Decision], None],
         *,
+        admitted: Callable[[Frame | BadFrame, int], None] | None = None,
         cycle_ns: int,
         queue_depth: int = 4,
         workers: int = 2,
@@ -190,6 +194,7 @@ class Scheduler:
     ) -> None:
         self.engine = engine
         self._publish = publish
+        self._admitted = admitted  # told (item, deadline_ns) of each admitted frame: fail-safe actuators
         self._cycle_ns = cycle_ns
         self._queue_depth = queue_depth
         self._max_defects = max_defects
@@ -208,6 +213,7 @@ class Scheduler:
         self._timer_cv = threading.Condition()
         self._timers: list[tuple[int, int, Ticket]] = []
         self._stopping = False
+        self._infer_since: float | None = None  # monotonic start of the inference in progress
         self._threads = [
             threading.Thread(target=self._engine_loop, name="inspectd-engine", daemon=True),
             threading.Thread(target=self._timer_loop, name="inspectd-deadlines", daemon=True),
@@ -222,6 +228,12 @@ class Scheduler:
     def alive(self) -> bool:
         """True while the engine and deadline threads run (the watchdog's liveness test)."""
         return all(t.is_alive() for t in self._threads)
+
+    @property
+    def stalled_s(self) -> float:
+        """How long the inference in progress has run (0 when idle): a hung backend shows here."""
+        since = self._infer_since
+        return 0.0 if since is None else time.monotonic() - since
 
     @property
     def in_flight(self) -> int:
@@ -290,6 +302,8 @@ class Scheduler:
         with self._lock:
             ticket = self._admit(item)
             overload = self._overload(ticket) if isinstance(item, Frame) else None
+            if self._admitted is not None:  # only a put_nowait per interested sink (outputs.py)
+                self._admitted(item, ticket.deadline_ns)
             if isinstance(item, Frame) and not overload:
                 ticket.engine = self.engine
                 ticket.has_work = True
@@ -350,11 +364,14 @@ class Scheduler:
         start = time.perf_counter_ns()
         try:
             image = decode_frame(ticket.item, ticket.engine.geometry)
+            ticket.image = image
             ticket.prepared = ticket.engine.prepare(image)
         except Exception as exc:
             self._fail(ticket, exc)
             return
-        self._cost.prepare = self._cost.update(self._cost.prepare, time.perf_counter_ns() - start)
+        elapsed = time.perf_counter_ns() - start
+        ticket.timings_ms["prepare"] = elapsed / 1e6
+        self._cost.prepare = self._cost.update(self._cost.prepare, elapsed)
         ticket.stage = "infer-queue"
         # Earliest deadline first: a frame that prepared slowly does not hold up a later one.
         self._engine_q.put((ticket.deadline_ns, ticket.seq, ticket))
@@ -370,12 +387,17 @@ class Scheduler:
             assert ticket.engine is not None
             ticket.stage = "infer"
             start = time.perf_counter_ns()
+            self._infer_since = time.monotonic()
             try:
                 anomaly = ticket.engine.infer(ticket.prepared)
             except Exception as exc:
                 self._fail(ticket, exc)
                 continue
-            self._cost.infer = self._cost.update(self._cost.infer, time.perf_counter_ns() - start)
+            finally:
+                self._infer_since = None
+            elapsed = time.perf_counter_ns() - start
+            ticket.timings_ms["infer"] = elapsed / 1e6
+            self._cost.infer = self._cost.update(self._cost.infer, elapsed)
             ticket.stage = "decide"
             try:
                 self._pool.submit(self._decide, ticket, anomaly)
@@ -390,8 +412,12 @@ class Scheduler:
         except Exception as exc:
             self._fail(ticket, exc)
             return
-        self._cost.decide = self._cost.update(self._cost.decide, time.perf_counter_ns() - start)
+        elapsed = time.perf_counter_ns() - start
+        ticket.timings_ms["decide"] = elapsed / 1e6
+        self._cost.decide = self._cost.update(self._cost.decide, elapsed)
+        ticket.evidence = Evidence(ticket.image, result.anomaly_map, result.pose_matrix)
         fields = result_fields(result, self._max_defects)
+        fields["timings_ms"] = {**fields["timings_ms"], **ticket.timings_ms}
         self._resolve(ticket, **fields)
         self._finish(ticket)
 
@@ -509,6 +535,11 @@ class Scheduler:
         item, engine = ticket.item, ticket.engine or self.engine
         outcome = dict(ticket.outcome or {})
         outcome.setdefault("threshold", engine.threshold)
+        outcome.setdefault("timings_ms", dict(ticket.timings_ms))
+        evidence = ticket.evidence
+        if evidence is None and ticket.image is not None:  # rejected before a map existed
+            evidence = Evidence(ticket.image)
+        ticket.image = ticket.evidence = None  # the decision holds them now; the ticket is done
         return Decision(
             frame_id=item.frame_id,
             camera_id=item.camera_id,
@@ -518,6 +549,7 @@ class Scheduler:
             deadline_ns=ticket.deadline_ns,
             model=engine.bundle_id,
             reply=item.reply,
+            evidence=evidence,
             **outcome,
         )
 

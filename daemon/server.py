@@ -4,8 +4,9 @@ startup   load + warm the model, bind the decision sinks, bind the frame sockets
           the scheduler and intake threads, start HTTP, then report ready (HTTP /readyz,
           systemd READY=1).
 main loop tick every TICK_S: systemd watchdog and /healthz liveness (only while the
-          engine, deadline and intake threads are alive), periodic summary, and acting
-          on the flags that signal handlers set (handlers do nothing else).
+          engine, deadline and intake threads are alive and no inference has run longer
+          than ``stall_s``), a STATUS= line for systemd, periodic summary, and acting on
+          the flags that signal handlers set (handlers do nothing else).
 shutdown  stop reading frames, let in-flight frames finish for up to ``drain_s``, reject
           the rest, publish every decision, close sockets, free the model; exit 0.
 
@@ -31,11 +32,14 @@ import zmq
 
 from daemon import config as config_mod
 from daemon import logging as daemon_logging
+from daemon import metrics as metrics_mod
 from daemon.config import Config
 from daemon.http import Health, HttpServer
 from daemon.intake import Intake
-from daemon.outputs import Outputs, ReplySink, ZmqPubSink
+from daemon.outputs import Outputs, ReplySink, Sink, ZmqPubSink
 from daemon.scheduler import Engine, Scheduler, run_niced
+from daemon.security import Curve
+from daemon.status import StatusBoard
 from daemon.systemd import Notifier
 from engines.errors import UserError
 from engines.types import DTYPES
@@ -43,6 +47,7 @@ from engines.types import DTYPES
 log = structlog.get_logger("inspectd.server")
 
 TICK_S = 0.1
+STATUS_S = 5.0  # period of the systemd STATUS= line
 Loader = Callable[[str, str], Engine]
 
 
@@ -80,6 +85,11 @@ class Server:
         self.outputs = Outputs()
         self.intake: Intake | None = None
         self.http: HttpServer | None = None
+        self.status: StatusBoard | None = None
+        self.metrics: metrics_mod.MetricsSink | None = None
+        self.curve: Curve | None = None
+        self._gpu_memory: metrics_mod.GpuMemory | None = None
+        self._stalled = False
         self.exit_code = 0
 
     # -- flags (what signal handlers may touch) -------------------------------------------------
@@ -112,22 +122,25 @@ class Server:
         # A thread waiting for the GIL (the deadline timer, the intake) gets it within 1 ms
         # rather than the default 5 ms while compute threads run Python code.
         sys.setswitchinterval(0.001)
+        if cfg.curve_secret_key:
+            self.curve = Curve(self._ctx, cfg.curve_secret_key, cfg.curve_clients)
+        secure = self.curve.apply if self.curve is not None else None
         if cfg.http_listen:  # first, so /readyz answers 503 while the model loads
-            host, port = config_mod.parse_host_port(cfg.http_listen)
-            try:
-                self.http = HttpServer(host, port, self.health)
-            except OSError as exc:
-                raise UserError(f"http_listen: cannot listen on {cfg.http_listen}: {exc.strerror}") from None
-            self.http.start()
-            self.endpoints["http"] = "{}:{}".format(*self.http.address)
+            self._start_http()
         self.health.status = "loading model"
         self.engine = run_niced(lambda: self._loader(cfg.model, cfg.backend))
         log.info("model_ready", model=self.engine.bundle_id, geometry=self.engine.geometry.describe())
-        pub = _bind("decisions_endpoint", lambda: ZmqPubSink(self._ctx, cfg.decisions_endpoint))
+        if self.status is not None:
+            self.status.set_model(self.engine.bundle_id)
+        pub = _bind("decisions_endpoint", lambda: ZmqPubSink(self._ctx, cfg.decisions_endpoint, secure=secure))
         self.outputs.add(pub)
+        for sink in (self.status, self.metrics, *self._line_outputs()):
+            if sink is not None:
+                self.outputs.add(sink)
         self.scheduler = Scheduler(
             self.engine,
             self.outputs.publish,
+            admitted=self.outputs.admit if self.outputs.wants_admissions else None,
             cycle_ns=cfg.cycle_ns,
             queue_depth=cfg.queue_depth,
             workers=cfg.workers,
@@ -135,7 +148,7 @@ class Server:
             margin_ns=int(cfg.deadline_margin_ms * 1e6),
         )
         scheduler = self.scheduler
-        self.intake = Intake(self._ctx, cfg, lambda: scheduler.engine.geometry, scheduler.submit)
+        self.intake = Intake(self._ctx, cfg, lambda: scheduler.engine.geometry, scheduler.submit, secure=secure)
         if self.intake.imagezmq is not None and cfg.imagezmq_mode == "reqrep":
             self.outputs.add(ReplySink(self._ctx, self.intake.reply_endpoint))
         self.endpoints.update(
@@ -150,28 +163,163 @@ class Server:
         self.health.ready = True
         self.health.status = "serving"
         self.ready.set()
-        self._notifier.notify("READY=1", f"STATUS=serving {self.engine.bundle_id}")
+        self._notifier.notify("READY=1", f"STATUS={self.status_line()}")
+        self._warn_exposed()
         log.info("ready", **self.endpoints)
+
+    def _start_http(self) -> None:
+        cfg = self.config
+        host, port = config_mod.parse_host_port(cfg.http_listen)
+        try:
+            self.http = HttpServer(host, port, self.health)
+        except OSError as exc:
+            raise UserError(f"http_listen: cannot listen on {cfg.http_listen}: {exc.strerror}") from None
+        self.status = StatusBoard(
+            cycle_ms=cfg.cycle_ms,
+            recent=cfg.status_recent,
+            shifts=config_mod.parse_shifts(cfg.status_shifts),
+            refresh_s=cfg.status_refresh_s,
+            health=self.health_summary,
+        )
+        self.status.add_routes(self.http)
+        if metrics_mod.available():
+            self.metrics = metrics_mod.MetricsSink(self.metric_sources)
+            self.metrics.add_routes(self.http)
+            self._gpu_memory = metrics_mod.GpuMemory()
+        else:
+            log.warning("metrics_off", detail="prometheus-client is not installed; /metrics answers 404")
+        self.http.start()
+        self.endpoints["http"] = "{}:{}".format(*self.http.address)
+
+    def _line_outputs(self) -> list[Sink]:
+        """The optional outputs the configuration asks for: PLC, digital line, audit trail."""
+        cfg = self.config
+        sinks: list[Sink] = []
+        if cfg.plc_host:
+            from daemon.modbus import ModbusSink
+
+            sinks.append(
+                ModbusSink(
+                    cfg.plc_host,
+                    cfg.plc_port,
+                    device_id=cfg.plc_device_id,
+                    register=cfg.plc_register,
+                    coil=cfg.plc_coil,
+                    mode=cfg.plc_mode,
+                    pulse_ms=cfg.plc_pulse_ms,
+                    reject_by_default=cfg.plc_reject_by_default,
+                    timeout_s=cfg.plc_timeout_s,
+                )
+            )
+        if cfg.gpio_chip:
+            from daemon.gpio import GpiodLine, GpioSink
+
+            line = GpiodLine(cfg.gpio_chip, cfg.gpio_line, cfg.gpio_active_low)
+            sinks.append(
+                GpioSink(
+                    line, mode=cfg.gpio_mode, pulse_ms=cfg.gpio_pulse_ms, reject_by_default=cfg.gpio_reject_by_default
+                )
+            )
+        if cfg.audit_dir:
+            from daemon.audit import AuditSink
+
+            sinks.append(AuditSink(cfg.audit_dir, cfg.audit_max_mb, cfg.audit_max_count, cfg.audit_pass_sample))
+        return sinks
+
+    def _warn_exposed(self) -> None:
+        """Say so when a socket listens beyond loopback (an explicit setting) without CurveZMQ."""
+        for name in ("frames", "imagezmq", "decisions"):
+            endpoint = self.endpoints.get(name, "")
+            host = endpoint.partition("://")[2].rpartition(":")[0].strip("[]")
+            exposed = endpoint.startswith("tcp://") and host not in ("127.0.0.1", "::1", "localhost")
+            if exposed and self.curve is None:
+                log.warning("listening_beyond_loopback", endpoint=endpoint, detail="unencrypted; see curve_*")
+        host = self.endpoints.get("http", "").rpartition(":")[0]
+        if host and host not in ("127.0.0.1", "::1", "localhost"):
+            log.warning("listening_beyond_loopback", endpoint=self.endpoints["http"], detail="read-only status page")
 
     def main_loop(self) -> None:
         next_summary = time.monotonic() + self.config.summary_s
         next_ping = 0.0
+        next_status = time.monotonic() + STATUS_S
         while not self._stop.wait(TICK_S):
             if not self._threads_alive():
                 log.error("thread_died", detail="a frame-path thread stopped; exiting for a restart")
                 self.exit_code = 1
                 return
+            if self._check_stall():
+                continue  # no liveness tick, no watchdog ping: systemd restarts a stalled daemon
             self.health.tick()
             now = time.monotonic()
             if self._notifier.watchdog_s and now >= next_ping:
                 self._notifier.notify("WATCHDOG=1")
                 next_ping = now + self._notifier.watchdog_s
+            if now >= next_status:
+                self._notifier.notify(f"STATUS={self.status_line()}")
+                next_status = now + STATUS_S
             if now >= next_summary:
                 self.log_summary()
                 next_summary = now + self.config.summary_s
             if self._reload.is_set():
                 self._reload.clear()
                 self._start_reload()
+
+    def _check_stall(self) -> bool:
+        """True while the inference in progress has run longer than ``stall_s`` (logged once per stall)."""
+        assert self.scheduler is not None
+        stalled = self.scheduler.stalled_s > self.config.stall_s
+        if stalled and not self._stalled:
+            log.error("pipeline_stalled", inference_s=round(self.scheduler.stalled_s, 1), stall_s=self.config.stall_s)
+            self.health.status = "stalled"
+            self._notifier.notify("STATUS=stalled: an inference has not returned")
+        elif self._stalled and not stalled:
+            log.info("pipeline_resumed")
+            self.health.status = "serving"
+        self._stalled = stalled
+        return stalled
+
+    def status_line(self) -> str:
+        """One line for systemd's STATUS= (shown by ``systemctl status``)."""
+        model = self.scheduler.engine.bundle_id if self.scheduler else "-"
+        if self.scheduler is None:
+            return f"{self.health.status} {model}"
+        totals = self.scheduler.totals()
+        decisions = totals.get("decisions", 0)
+        rejects = decisions - totals.get("ok", 0)
+        rate = 100 * rejects / decisions if decisions else 0.0
+        line = f"serving {model}: {decisions} decisions, {rejects} rejected ({rate:.1f} %)"
+        if self.status is not None:
+            p99 = self.status.snapshot()["latency_ms"]["p99"]
+            if p99 is not None:
+                line += f", p99 {p99:.0f} ms of {self.config.cycle_ms:g} ms"
+        return line
+
+    def health_summary(self) -> dict[str, Any]:
+        """For the status page: ok or the problems, in words."""
+        problems = []
+        if not self.health.ready:
+            problems.append(self.health.status)
+        elif self._stalled:
+            problems.append("pipeline stalled")
+        for name, stats in self.outputs.stats().items():
+            if stats.get("connected") == 0 and stats.get("failed"):
+                problems.append(f"{name} unreachable")
+        return {"ok": not problems, "summary": ", ".join(problems) or "ok", "live": self.health.live}
+
+    def metric_sources(self) -> dict[str, Any]:
+        """Scrape-time values for /metrics."""
+        out: dict[str, Any] = {"ready": self.health.ready, "queue_limit": self.config.queue_depth}
+        if self.intake is not None:
+            out["frames_received"] = self.intake.received
+        if self.scheduler is not None:
+            out["in_flight"] = self.scheduler.in_flight
+            engine = self.scheduler.engine
+            backend = type(getattr(engine, "backend", None)).__name__
+            out["model"] = {"bundle_id": engine.bundle_id, "backend": backend, "threshold": engine.threshold}
+        out["sinks"] = self.outputs.stats()
+        if self._gpu_memory is not None:
+            out["gpu_memory"] = self._gpu_memory()
+        return out
 
     def shutdown(self) -> None:
         log.info("stopping")
@@ -185,10 +333,14 @@ class Server:
                 log.warning("drain_rejected", frames=rejected)
             self.scheduler.stop()
         self.outputs.close(flush_s=1.0)
+        if self.status is not None and not self.outputs.sinks.count(self.status):
+            self.status.close_resources()  # never started (a failed startup): end its event streams
         if self.intake is not None:
             self.intake.stop()
         if self.http is not None:
             self.http.stop()
+        if self.curve is not None:
+            self.curve.stop()
         if self._reloading is not None:
             self._reloading.join(timeout=5.0)
         if self.scheduler is not None and self.intake is not None:
@@ -228,7 +380,9 @@ class Server:
             log.error("reload_failed", detail=detail + " (restart to change geometry)", kept=old.bundle_id)
             return False
         self.scheduler.swap_engine(new)
-        self._notifier.notify(f"STATUS=serving {new.bundle_id}")
+        if self.status is not None:
+            self.status.set_model(new.bundle_id)
+        self._notifier.notify(f"STATUS={self.status_line()}")
         log.info("reloaded", model=new.bundle_id, previous=old.bundle_id)
         if self.scheduler.wait_unused(old, timeout_s=60.0):
             _deactivate(old)
@@ -262,7 +416,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--imagezmq", dest="imagezmq_endpoint", metavar="ENDPOINT", help="imagezmq endpoint")
     parser.add_argument("--imagezmq-mode", choices=config_mod.IMAGEZMQ_MODES, help="reqrep (bind) or pubsub")
     parser.add_argument("--decisions", dest="decisions_endpoint", metavar="ENDPOINT", help="decision PUB endpoint")
-    parser.add_argument("--http", dest="http_listen", metavar="HOST:PORT", help="health endpoint ('' = off)")
+    parser.add_argument(
+        "--http", dest="http_listen", metavar="HOST:PORT", help="status page, /metrics, /healthz, /readyz ('' = off)"
+    )
+    parser.add_argument("--audit-dir", dest="audit_dir", metavar="DIR", help="audit trail directory ('' = off)")
+    parser.add_argument("--plc", dest="plc_host", metavar="HOST", help="Modbus TCP PLC for the reject output")
     parser.add_argument("--cycle-ms", type=float, help="default time from receipt to decision")
     parser.add_argument("--backend", choices=config_mod.BACKENDS, help="inference backend")
     parser.add_argument("--queue-depth", type=int, help="frames in flight before overload rejects")
@@ -278,6 +436,8 @@ CLI_FIELDS = (
     "imagezmq_mode",
     "decisions_endpoint",
     "http_listen",
+    "audit_dir",
+    "plc_host",
     "cycle_ms",
     "backend",
     "queue_depth",

@@ -1,0 +1,185 @@
+"""Prometheus metrics (prometheus-client) on ``/metrics``, fed off the frame path.
+
+Per-decision metrics (decisions by verdict and reason, deadline misses, end-to-end and
+stage latency histograms) are updated by ``MetricsSink`` on its own thread. Gauges that
+describe the present (frames received, frames in flight, sink queues and failures, the
+model, GPU memory) are read when Prometheus scrapes, through ``sources`` callables the
+server provides, so they cost nothing between scrapes. Each daemon has its own registry.
+GPU memory comes from NVML (``pynvml``, from the nvidia-ml-py package) when it is
+installed and the backend is on a GPU; otherwise the metric is absent.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import structlog
+
+from daemon.http import HttpServer, Response
+from daemon.outputs import Sink
+from daemon.protocol import Decision
+
+log = structlog.get_logger("inspectd.metrics")
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.0, 5.0)
+STAGE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0)
+Sources = Callable[[], dict[str, Any]]
+
+
+def available() -> bool:
+    try:
+        import prometheus_client  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+class MetricsSink(Sink):
+    """Counts decisions into a private registry; ``add_routes`` serves it on /metrics."""
+
+    name = "metrics"
+
+    def __init__(self, sources: Sources = dict) -> None:
+        from prometheus_client import CollectorRegistry, Counter, Histogram
+
+        super().__init__(maxsize=1024)
+        self.registry = CollectorRegistry()
+        self._sources = sources
+        self.decisions = Counter(
+            "inspectd_decisions",
+            "Decisions published, by verdict and reason",
+            ["verdict", "reason"],
+            registry=self.registry,
+        )
+        self.deadline_missed = Counter(
+            "inspectd_deadline_misses", "Decisions published after their deadline", registry=self.registry
+        )
+        self.latency = Histogram(
+            "inspectd_decision_latency_seconds",
+            "Receipt to decision, end to end inside the daemon",
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.stages = Histogram(
+            "inspectd_stage_seconds",
+            "Wall time of each frame-path stage (prepare = decode + registration)",
+            ["stage"],
+            buckets=STAGE_BUCKETS,
+            registry=self.registry,
+        )
+        self.registry.register(_Live(self._sources))
+
+    def send(self, decision: Decision) -> None:
+        self.decisions.labels(decision.verdict, decision.reason).inc()
+        if not decision.deadline_met:
+            self.deadline_missed.inc()
+        self.latency.observe(decision.latency_ms / 1000)
+        for stage in ("prepare", "infer", "decide"):
+            ms = decision.timings_ms.get(stage)
+            if ms is not None:
+                self.stages.labels(stage).observe(ms / 1000)
+        self.sent += 1
+
+    def render(self) -> bytes:
+        from prometheus_client import generate_latest
+
+        return generate_latest(self.registry)
+
+    def add_routes(self, http: HttpServer) -> None:
+        from prometheus_client import CONTENT_TYPE_LATEST
+
+        http.route("/metrics", lambda _: Response(body=self.render(), content_type=CONTENT_TYPE_LATEST))
+
+
+class _Live:
+    """Scrape-time gauges from the server's ``sources()`` snapshot."""
+
+    def __init__(self, sources: Sources) -> None:
+        self._sources = sources
+
+    def describe(self) -> list[Any]:
+        return []  # collected only at scrape time (avoids a collect() call at registration)
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
+
+        try:
+            src = self._sources()
+        except Exception as exc:  # a scrape must not fail because one source did
+            log.warning("metrics_source_failed", error=f"{type(exc).__name__}: {exc}")
+            return
+        if "frames_received" in src:
+            yield CounterMetricFamily(
+                "inspectd_frames_received", "Messages read from the frame sockets", src["frames_received"]
+            )
+        if "in_flight" in src:
+            yield GaugeMetricFamily("inspectd_queue_depth", "Frames admitted and not yet decided", src["in_flight"])
+        if "queue_limit" in src:
+            yield GaugeMetricFamily(
+                "inspectd_queue_limit", "queue_depth: frames in flight before overload", src["queue_limit"]
+            )
+        if "ready" in src:
+            yield GaugeMetricFamily(
+                "inspectd_ready", "1 when the model is loaded and the sockets bound", int(src["ready"])
+            )
+        sinks = src.get("sinks") or {}
+        if sinks:
+            queued = GaugeMetricFamily(
+                "inspectd_sink_queue", "Decisions waiting in each output's queue", labels=["sink"]
+            )
+            counts = {
+                key: CounterMetricFamily(f"inspectd_sink_{key}", f"Decisions {key} by each output", labels=["sink"])
+                for key in ("sent", "dropped", "failed")
+            }
+            for name, stats in sinks.items():
+                queued.add_metric([name], stats.get("queued", 0))
+                for key, family in counts.items():
+                    family.add_metric([name], stats.get(key, 0))
+            yield queued
+            yield from counts.values()
+            plc = sinks.get("plc")
+            if plc is not None:
+                yield GaugeMetricFamily(
+                    "inspectd_plc_connected", "1 while the Modbus link is up", plc.get("connected", 0)
+                )
+        model = src.get("model")
+        if model:
+            info = InfoMetricFamily("inspectd_model", "The model bundle in service")
+            info.add_metric([], {k: str(v) for k, v in model.items()})
+            yield info
+        gpu = src.get("gpu_memory")
+        if gpu:
+            used = GaugeMetricFamily("inspectd_gpu_memory_used_bytes", "GPU memory in use", labels=["gpu"])
+            total = GaugeMetricFamily("inspectd_gpu_memory_total_bytes", "GPU memory", labels=["gpu"])
+            for index, (u, t) in enumerate(gpu):
+                used.add_metric([str(index)], u)
+                total.add_metric([str(index)], t)
+            yield used
+            yield total
+
+
+class GpuMemory:
+    """(used, total) bytes per GPU through NVML, or None when NVML is not there."""
+
+    def __init__(self) -> None:
+        self._nvml: Any = None
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            self._nvml = pynvml
+        except Exception:  # not installed, no driver, no GPU
+            self._nvml = None
+
+    def __call__(self) -> list[tuple[int, int]] | None:
+        if self._nvml is None:
+            return None
+        out = []
+        try:
+            for i in range(self._nvml.nvmlDeviceGetCount()):
+                mem = self._nvml.nvmlDeviceGetMemoryInfo(self._nvml.nvmlDeviceGetHandleByIndex(i))
+                out.append((int(mem.used), int(mem.total)))
+        except Exception:
+            return None
+        return out
