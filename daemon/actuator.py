@@ -152,7 +152,8 @@ class ActuatorSink(Sink):
         now = self._clock()
         while self._events and self._events[0][0] <= now:
             _, _, kind, key = heapq.heappop(self._events)
-            if kind == "off" and self._off_at <= now:
+            if kind == "off" and self._off_at and self._off_at <= now:
+                self._off_at = 0.0
                 self.set_output(False)
             elif kind == "default" and key in self._pending and self._pending[key] <= now:
                 del self._pending[key]

@@ -335,7 +335,7 @@ PAGE = """<!doctype html>
  <div id="state" class="IDLE">&ndash;</div><div id="why"></div>
  <div class="card" style="margin-top:16px"><h2>Counters</h2>
   <table class="big"><tr><th></th><th>pass</th><th>reject</th><th>errors</th><th>reject rate</th></tr>
-   <tr><td id="shiftlabel">shift</td><td class="ok" id="s_pass">0</td><td class="ng" id="s_reject">0</td>
+   <tr id="shiftrow"><td id="shiftlabel">shift</td><td class="ok" id="s_pass">0</td><td class="ng" id="s_reject">0</td>
     <td class="warn" id="s_errors">0</td><td id="s_rate">0 %</td></tr>
    <tr><td>since start</td><td class="ok" id="t_pass">0</td><td class="ng" id="t_reject">0</td>
     <td class="warn" id="t_errors">0</td><td id="t_rate">0 %</td></tr></table>
@@ -366,7 +366,8 @@ function render(s){
   text("why", s.latest ? (s.latest.reason + " · frame " + s.latest.frame_id +
        (s.latest.part_id !== null ? " · part " + s.latest.part_id : "")) : "waiting for parts");
   tally("s", s.shift); tally("t", s.total);
-  text("shiftlabel", s.shift.configured ? "shift since " + s.shift.since.slice(11, 16) : "since start");
+  text("shiftlabel", "shift since " + s.shift.since.slice(11, 16));
+  $("shiftrow").style.display = s.shift.configured ? "" : "none";
   text("reasons", Object.entries(s.total.reasons).map(([k, v]) => k + " " + v).join(" · "));
   text("rate", s.throughput_hz.toFixed(1));
   const lat = s.latency_ms, cyc = lat.cycle;

@@ -79,11 +79,12 @@ class FakeInspector:
 
     def decide(self, prepared: np.ndarray, amap: np.ndarray) -> Result:
         score = float(amap.max())
+        pose = np.eye(2, 3)
         if score <= self.threshold:
-            return Result("pass", "ok", score, self.threshold)
+            return Result("pass", "ok", score, self.threshold, anomaly_map=amap, pose_matrix=pose)
         ys, xs = np.nonzero(amap > self.threshold)
         defect = Defect((int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1), len(xs), score)
-        return Result("reject", "defect", score, self.threshold, [defect])
+        return Result("reject", "defect", score, self.threshold, [defect], anomaly_map=amap, pose_matrix=pose)
 
 
 def image(value: int = 100, geometry: Geometry = GEOMETRY, defect: bool = False) -> np.ndarray:
@@ -216,3 +217,87 @@ def serve_fake(options_json: str) -> int:
 
     threading.Thread(target=announce, daemon=True).start()
     return server.run()
+
+
+class ModbusPeer:
+    """A real pymodbus TCP server on loopback (a PLC stand-in) that records every write it receives.
+
+    ``writes`` holds (monotonic time, "registers" | "coil", address, values) per request;
+    ``registers(address, count)`` and ``coil(address)`` read the data store back over a real client.
+    """
+
+    def __init__(self, device_id: int = 1, port: int = 0) -> None:
+        import asyncio
+        import socket
+
+        from pymodbus.server import ModbusTcpServer
+        from pymodbus.simulator import DataType, SimData, SimDevice
+
+        if not port:
+            with socket.socket() as probe:
+                probe.bind(("127.0.0.1", 0))
+                port = probe.getsockname()[1]
+        self.port = port
+        self.device_id = device_id
+        self.writes: list[tuple[float, str, int, list[Any]]] = []
+        device = SimDevice(
+            id=device_id,
+            simdata=(
+                [SimData(0, count=256, values=False, datatype=DataType.BITS)],
+                [SimData(0, count=1, values=False, datatype=DataType.BITS)],
+                [SimData(0, count=256, values=0, datatype=DataType.REGISTERS)],
+                [SimData(0, count=1, values=0, datatype=DataType.REGISTERS)],
+            ),
+        )
+        self._loop = asyncio.new_event_loop()
+        self._server: Any = None
+        started = threading.Event()
+
+        def trace(sending: bool, pdu: Any) -> Any:
+            name = type(pdu).__name__
+            if not sending and name == "WriteMultipleRegistersRequest":
+                self.writes.append((time.monotonic(), "registers", pdu.address, list(pdu.registers)))
+            elif not sending and name == "WriteSingleCoilRequest":
+                self.writes.append((time.monotonic(), "coil", pdu.address, [bool(pdu.bits[0])]))
+            return pdu
+
+        async def serve() -> None:
+            self._server = ModbusTcpServer(device, address=("127.0.0.1", port), trace_pdu=trace)
+            started.set()
+            await self._server.serve_forever()
+
+        self._thread = threading.Thread(target=lambda: self._loop.run_until_complete(serve()), daemon=True)
+        self._thread.start()
+        assert started.wait(5)
+        time.sleep(0.2)  # let the listener bind
+
+    def client(self) -> Any:
+        from pymodbus.client import ModbusTcpClient
+
+        client = ModbusTcpClient("127.0.0.1", port=self.port, timeout=1, retries=0)
+        assert client.connect()
+        return client
+
+    def registers(self, address: int, count: int) -> list[int]:
+        client = self.client()
+        try:
+            return list(client.read_holding_registers(address, count=count, device_id=self.device_id).registers)
+        finally:
+            client.close()
+
+    def coil(self, address: int) -> bool:
+        client = self.client()
+        try:
+            return bool(client.read_coils(address, count=1, device_id=self.device_id).bits[0])
+        finally:
+            client.close()
+
+    def coil_writes(self, address: int) -> list[tuple[float, bool]]:
+        return [(t, v[0]) for t, kind, a, v in self.writes if kind == "coil" and a == address]
+
+    def stop(self) -> None:
+        import asyncio
+
+        if self._server is not None:
+            asyncio.run_coroutine_threadsafe(self._server.shutdown(), self._loop).result(5)
+        self._thread.join(5)

@@ -1,0 +1,33 @@
+"""Prometheus /metrics: decisions by verdict and reason, latency histograms, live gauges, model info."""
+
+from __future__ import annotations
+
+import urllib.request
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.test_daemon_support import Client, FakeInspector, image, running
+
+
+def test_metrics_follow_the_decisions() -> None:
+    """After three frames /metrics counts them by reason and exposes latency, stages, queue depth and model."""
+    with running(FakeInspector()) as (server, _), Client(server) as client:
+        for i in range(3):
+            client.send(i, image(defect=i == 1))
+        assert len(client.decisions(3)) == 3
+        with urllib.request.urlopen(f"http://{server.endpoints['http']}/metrics", timeout=5) as response:
+            text = response.read().decode()
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+    assert samples[("inspectd_decisions_total", (("reason", "ok"), ("verdict", "pass")))] == 2
+    assert samples[("inspectd_decisions_total", (("reason", "defect"), ("verdict", "reject")))] == 1
+    assert samples[("inspectd_frames_received_total", ())] == 3
+    assert samples[("inspectd_decision_latency_seconds_count", ())] == 3
+    assert samples[("inspectd_stage_seconds_count", (("stage", "infer"),))] == 3
+    assert samples[("inspectd_queue_depth", ())] == 0 and samples[("inspectd_ready", ())] == 1
+    assert ("inspectd_deadline_misses_total", ()) in samples
+    assert any(name == "inspectd_model_info" and ("bundle_id", "fake-1") in labels for name, labels in samples)
+    assert samples[("inspectd_sink_sent_total", (("sink", "zmq-pub"),))] == 3
