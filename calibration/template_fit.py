@@ -38,6 +38,8 @@ from engines.types import Geometry
 MIN_GOOD = 8
 COARSE_FLOOR = 0.3  # grey levels (8-bit units)
 BLOCK = 32  # px: the grid of the learned local tolerance (the coarsest pyramid block)
+FINE_REF_FLOOR = 1.0  # grey levels: below this, a block's fine level is noise and needs no normalising
+BORDER_ZONE = 0.06  # fraction of the image side where tolerance also spreads along the edge
 
 
 @dataclass(frozen=True)
@@ -96,8 +98,9 @@ def fit_template(
         # statistics and thresholds are computed from were prepared as run time will prepare frames.
         reference = _final_reference(_statistics(training, range(len(images)), config)["mu"], weight, reference)
         training = _register_all(images, geometry, weight, reference, Path(tmp), progress, "registering (2/2)")
-        calibration, allowance, factor = _calibrate_folds(training, config, progress)
-        stats = apply_local_tolerance(_statistics(training, range(len(images)), config), allowance, factor)
+        calibration, gain, factor, blocks = _calibrate_folds(training, config, progress)
+        stats = apply_local_tolerance(_statistics(training, range(len(images)), config), gain, factor)
+        stats["held_out_blocks"] = blocks.astype(np.float16)  # for diagnostics and reports
         return _write(out, training, stats, reference, calibration, config, images, started)
 
 
@@ -286,7 +289,13 @@ def _statistics(training: _Training, indices: Sequence[int], config: FitConfig) 
     hi = np.stack([cv2.dilate(p, kernel) for p in hi])
     lo = np.minimum(lo, mu - config.band_sigma * sigma) - config.band_tol
     hi = np.maximum(hi, mu + config.band_sigma * sigma) + config.band_tol
-    stats = {"mu": mu, "lo": lo, "hi": hi, "weight": training.weight}
+    stats = {
+        "mu": mu,
+        "lo": lo,
+        "hi": hi,
+        "weight": training.weight,
+        "fine_gain": np.ones(_block_shape(geo), np.float32),
+    }
     noise = float(np.median(sigma[:, training.weight > 0])) if training.weight.any() else 1.0
     stats.update(_coarse_spread(training, indices, max(noise, 0.5)))
     return {k: (v.astype(np.float16) if v.dtype == np.float32 else v) for k, v in stats.items()}
@@ -358,28 +367,57 @@ def _valid_core(plan: TilePlan, index: int) -> tuple[int, int]:
     return min(plan.core, plan.height - y), min(plan.core, plan.width - x)
 
 
-def local_tolerance(blocks: np.ndarray, inside: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Where held-out good parts score unusually high, tolerate more: the learned don't-care regions.
+def local_tolerance(blocks: np.ndarray, inside: np.ndarray, border: int) -> tuple[np.ndarray, np.ndarray]:
+    """Learned local normalisation: where held-out good parts score high, the same score means less.
 
     ``blocks`` [n, 2, Hb, Wb] holds held-out block maxima (fine excess in grey levels, coarse z).
-    Returns the fine allowance (grey levels added to both sides of the band) and the coarse factor
-    (>= 1, multiplies the block spread) per block. Blocks at or below the typical (median) block of
-    the inspection region are left alone; the rest are brought down to it. A 3x3 block
-    neighbourhood spreads each allowance, so a moving fixture edge is covered where it may be next.
+    Returns, per block, the fine gain (<= 1, multiplies the fine score) and the coarse factor
+    (>= 1, multiplies the block spread): each block's level (the maximum over its neighbourhood,
+    see ``_neighbourhood_max``) is brought down to the typical (median) level of the inspection
+    region; quieter blocks are left alone. Zones where good parts vary a lot (a moving fixture
+    edge, clutter along the border) thus become tolerant in proportion to what good parts do there.
     """
-    kernel = np.ones((3, 3), np.uint8)
-    fine = cv2.dilate(blocks[:, 0].max(axis=0), kernel)
-    coarse = cv2.dilate(blocks[:, 1].max(axis=0), kernel)
-    fine_ref = float(np.median(fine[inside])) if inside.any() else 0.0
+    fine = _neighbourhood_max(blocks[:, 0].max(axis=0), border)
+    coarse = _neighbourhood_max(blocks[:, 1].max(axis=0), border)
+    fine_ref = max(float(np.median(fine[inside])) if inside.any() else 1.0, FINE_REF_FLOOR)
     coarse_ref = max(float(np.median(coarse[inside])) if inside.any() else 1.0, 1e-3)
-    allowance = np.where(inside, np.maximum(fine - fine_ref, 0), 0).astype(np.float32)
+    gain = np.where(inside, fine_ref / np.maximum(fine, fine_ref), 1).astype(np.float32)
     factor = np.where(inside, np.maximum(coarse / coarse_ref, 1), 1).astype(np.float32)
-    return allowance, factor
+    return gain, factor
 
 
-def _local_scores(blocks: np.ndarray, allowance: np.ndarray, factor: np.ndarray) -> np.ndarray:
-    """Per image, the highest fine and coarse scores once the local tolerance is applied."""
-    fine = np.maximum(blocks[:, 0] - allowance, 0).max(axis=(1, 2))
+def _neighbourhood_max(level: np.ndarray, border: int) -> np.ndarray:
+    """3x3 block maximum inside; within ``border`` blocks of an edge, the maximum along that edge's line.
+
+    A block ``d`` blocks from the top edge takes the maximum of row ``d`` between the side zones
+    (and likewise for the other edges); corner blocks take the larger of their two lines.
+    """
+    out = cv2.dilate(level, np.ones((3, 3), np.uint8))
+    hb, wb = level.shape
+    if border <= 0 or 2 * border >= min(hb, wb):
+        return out
+    mid_rows, mid_cols = slice(border, hb - border), slice(border, wb - border)
+    row_line = level[:, mid_cols].max(axis=1)[:, None]  # per row, along the top/bottom edges
+    col_line = level[mid_rows, :].max(axis=0)[None, :]  # per column, along the left/right edges
+    rows, cols = np.ogrid[:hb, :wb]
+    near_tb = (rows < border) | (rows >= hb - border)
+    near_lr = (cols < border) | (cols >= wb - border)
+    edge = np.where(
+        near_tb & near_lr,
+        np.maximum(row_line, col_line),
+        np.where(near_tb, row_line, col_line),
+    )
+    return np.where(near_tb | near_lr, np.broadcast_to(edge, level.shape), out).astype(level.dtype)
+
+
+def border_blocks(geometry: Geometry) -> int:
+    """Width of the border zone, in blocks: BORDER_ZONE of the shorter image side."""
+    return int(np.ceil(BORDER_ZONE * min(geometry.height, geometry.width) / BLOCK))
+
+
+def _local_scores(blocks: np.ndarray, gain: np.ndarray, factor: np.ndarray) -> np.ndarray:
+    """Per image, the highest fine and coarse scores once the local normalisation is applied."""
+    fine = (blocks[:, 0] * gain).max(axis=(1, 2))
     coarse = (blocks[:, 1] / factor).max(axis=(1, 2))
     return np.stack([fine, coarse], axis=1)
 
@@ -400,16 +438,17 @@ def _calibrate_folds(training: _Training, config: FitConfig, progress: bool) -> 
             stats = _statistics(training, kept, config)
             blocks[held] = _component_blocks(training, stats, held, config.core, Path(tmp))
     inside = _block_inside(training.weight)
+    border = border_blocks(training.geometry)
     raw = np.zeros((n, 2), np.float32)
     for fold in range(folds):
         held = list(range(fold, n, folds))
         others = [i for i in range(n) if i not in held]
-        raw[held] = _local_scores(blocks[held], *local_tolerance(blocks[others], inside))
+        raw[held] = _local_scores(blocks[held], *local_tolerance(blocks[others], inside, border))
     fine_scale = max(float(np.quantile(raw[:, 0], 0.9)), 0.5)
     coarse_scale = max(float(np.quantile(raw[:, 1], 0.9)), 2.0)
     scores = np.maximum(raw[:, 0] / fine_scale, raw[:, 1] / coarse_scale)
     calibration = good_threshold(scores, config.target_frr, config.threshold_margin)
-    allowance, factor = local_tolerance(blocks, inside)
+    gain, factor = local_tolerance(blocks, inside, border)
     calibration.update(
         fine_scale=fine_scale,
         coarse_scale=coarse_scale,
@@ -417,12 +456,13 @@ def _calibrate_folds(training: _Training, config: FitConfig, progress: bool) -> 
         held_out_components=[[round(float(a), 4), round(float(b), 4)] for a, b in raw],
         local_tolerance={
             "block_px": BLOCK,
-            "blocks_widened": round(float(((allowance > 0) | (factor > 1))[inside].mean()), 4),
-            "fine_allowance_max": round(float(allowance.max()), 3),
+            "blocks_normalised": round(float(((gain < 1) | (factor > 1))[inside].mean()), 4),
+            "fine_gain_min": round(float(gain.min()), 4),
             "coarse_factor_max": round(float(factor.max()), 3),
+            "border_blocks": border,
         },
     )
-    return calibration, allowance, factor
+    return calibration, gain, factor, blocks
 
 
 def _block_inside(weight: np.ndarray) -> np.ndarray:
@@ -433,20 +473,15 @@ def _block_inside(weight: np.ndarray) -> np.ndarray:
     return padded.reshape(hb, BLOCK, wb, BLOCK).max(axis=(1, 3)) > 0
 
 
-def apply_local_tolerance(stats: dict[str, np.ndarray], allowance: np.ndarray, factor: np.ndarray) -> dict:
-    """Bake the local tolerance into the statistics: wider band, larger block spread."""
+def apply_local_tolerance(stats: dict[str, np.ndarray], gain: np.ndarray, factor: np.ndarray) -> dict:
+    """Bake the local normalisation into the statistics: the fine gain map, larger block spreads."""
     out = dict(stats)
-    _, h, w = stats["mu"].shape
-    add = np.repeat(np.repeat(allowance, BLOCK, axis=0), BLOCK, axis=1)[:h, :w]
-    out["lo"] = (stats["lo"].astype(np.float32) - add).astype(np.float16)
-    out["hi"] = (stats["hi"].astype(np.float32) + add).astype(np.float16)
     for level in LEVELS:
         inv = stats[f"inv_sigma{level}"]
         rep = BLOCK >> level
         grow = np.repeat(np.repeat(factor, rep, axis=0), rep, axis=1)[: inv.shape[1], : inv.shape[2]]
-        grow = np.pad(grow, ((0, inv.shape[1] - grow.shape[0]), (0, inv.shape[2] - grow.shape[1])), mode="edge")
         out[f"inv_sigma{level}"] = (inv.astype(np.float32) / grow).astype(np.float16)
-    out["local_allowance"] = allowance
+    out["fine_gain"] = gain.astype(np.float16)
     out["local_factor"] = factor
     return out
 

@@ -2,7 +2,8 @@
 
 Inputs per tile batch: ``image`` (the registered frame), ``photo`` (lighting model) and the
 resident statistics ``mean``, ``low``, ``high`` [N, C, T, T], ``weight`` [N, 1, T, T] (inspection
-region) and ``coarse{l}`` [N, C, T/2^l, T/2^l] (1/spread of the block means at level l).
+region), ``fine_gain`` [N, 1, T/32, T/32] (learned local normalisation of the fine score) and
+``coarse{l}`` [N, C, T/2^l, T/2^l] (1/spread of the block means at level l).
 
 Per tile (core + halo) the graph:
 1. corrects illumination with a per-tile linear gain/offset field (``photo``), in FP32;
@@ -31,7 +32,8 @@ from onnx import TensorProto, helper, numpy_helper
 LEVELS = (2, 3, 4, 5)
 ALIGN = 2 ** max(LEVELS)  # core origins and halo must be multiples of the coarsest block
 HALO = 2 * ALIGN  # the 3x3 neighbourhood at the coarsest level reaches 2 blocks out
-RESIDENT = ("mean", "low", "high", "weight", *(f"coarse{level}" for level in LEVELS))
+FINE_GAIN_LEVEL = max(LEVELS)  # the learned local gain of the fine score lives on the coarsest block grid
+RESIDENT = ("mean", "low", "high", "weight", "fine_gain", *(f"coarse{level}" for level in LEVELS))
 OPSET = 17
 
 
@@ -110,6 +112,15 @@ def _photometric_fields(g: _Builder, photo: str, tile: int) -> tuple[str, str]:
     return a, b
 
 
+def _fine_gain(g: _Builder, spec: TemplateGraphSpec) -> str:
+    """The per-block gain of the fine score (learned local normalisation), expanded over the core in FP32."""
+    step = 2**FINE_GAIN_LEVEL
+    low, size = spec.halo // step, spec.core // step
+    gain = g.op("Cast", ["fine_gain"], to=TensorProto.FLOAT)
+    gain = _slice(g, gain, low, low + size, (2, 3))
+    return g.op("Resize", [gain, "", g.const(np.array([1, 1, step, step], np.float32))], mode="nearest")
+
+
 def _channel_max(g: _Builder, x: str, channels: int) -> str:
     """Max over channels (colour); mono maps pass through without a copy."""
     return x if channels == 1 else g.op("ReduceMax", [x], axes=[1], keepdims=1)
@@ -151,6 +162,8 @@ def build_template_graph(spec: TemplateGraphSpec) -> onnx.ModelProto:
     for name, channels in (("mean", c), ("low", c), ("high", c), ("weight", 1)):
         inputs.append(helper.make_tensor_value_info(name, half, ["N", channels, t, t]))
         stats[name] = name if half == TensorProto.FLOAT else g.op("Cast", [name], to=TensorProto.FLOAT)
+    gain_side = t >> FINE_GAIN_LEVEL
+    inputs.append(helper.make_tensor_value_info("fine_gain", half, ["N", 1, gain_side, gain_side]))
     inv_sigmas = {}
     for level in LEVELS:
         name = f"coarse{level}"
@@ -167,6 +180,7 @@ def build_template_graph(spec: TemplateGraphSpec) -> onnx.ModelProto:
     xn_c, lo_c, hi_c, w_c = (_slice(g, v, *core, (2, 3)) for v in (xn, lo, hi, w))
     excess = g.op("Max", [g.op("Sub", [xn_c, hi_c]), g.op("Sub", [lo_c, xn_c]), g.const(np.float32(0))])
     fine = g.op("Mul", [_channel_max(g, excess, c), w_c])
+    fine = g.op("Mul", [fine, _fine_gain(g, spec)])
 
     # Stage 2, FP16 in the FP16 variant: pyramid and neighbourhoods.
     if half == TensorProto.FLOAT16:

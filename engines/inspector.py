@@ -20,7 +20,7 @@ from engines.backend import Backend
 from engines.bundle import GRAPH_FP16, GRAPH_FP32, Bundle
 from engines.decode import conform, read_image
 from engines.errors import BundleError, ImageError, InspectError
-from engines.graphs import LEVELS, RESIDENT
+from engines.graphs import FINE_GAIN_LEVEL, LEVELS, RESIDENT
 from engines.regions import find_regions
 from engines.select import create_backend
 from engines.tiling import TilePlan
@@ -64,6 +64,11 @@ def resident_inputs(plan: TilePlan, ref: dict[str, np.ndarray], dtype: np.dtype 
     """Tile the reference statistics once, in the layout and precision of the graph's resident inputs."""
     full = {"mean": ref["mu"], "low": ref["lo"], "high": ref["hi"], "weight": ref["weight"][None]}
     out = {name: _tile_planes(plan, planes, dtype) for name, planes in full.items()}
+    gain = ref["fine_gain"][None]
+    step = 2**FINE_GAIN_LEVEL
+    out["fine_gain"] = _tile_planes(
+        TilePlan(gain.shape[1], gain.shape[2], plan.core // step, plan.halo // step, 1), gain, dtype
+    )
     for level in LEVELS:
         inv = ref[f"inv_sigma{level}"]
         sub = TilePlan(inv.shape[1], inv.shape[2], plan.core >> level, plan.halo >> level, 1)

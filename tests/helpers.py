@@ -147,7 +147,7 @@ def make_dataset(
 
 
 def random_reference(rng: np.random.Generator, height: int, width: int, channels: int) -> dict[str, np.ndarray]:
-    """Random reference statistics in the layout of reference.npz (mu, lo, hi, weight, inv_sigma<l>)."""
+    """Random reference statistics in the layout of reference.npz (mu, lo, hi, weight, inv_sigma<l>, fine_gain)."""
     from engines.graphs import ALIGN, LEVELS
 
     shape = (channels, height, width)
@@ -165,6 +165,8 @@ def random_reference(rng: np.random.Generator, height: int, width: int, channels
     for level in LEVELS:
         inv = rng.uniform(0.0, 3.0, (channels, hp >> level, wp >> level)).astype(np.float32)
         ref[f"inv_sigma{level}"] = inv.astype(np.float16)
+    blocks = (-(-height // 32), -(-width // 32))
+    ref["fine_gain"] = rng.uniform(0.3, 1.0, blocks).astype(np.float16)
     return ref
 
 

@@ -45,6 +45,7 @@ def tile_inputs(
         side = TILE >> level
         value = inv if np.isscalar(inv) else inv[level]
         feeds[f"coarse{level}"] = np.broadcast_to(np.asarray(value, np.float16), (n, c, side, side)).copy()
+    feeds["fine_gain"] = np.ones((n, 1, TILE >> 5, TILE >> 5), np.float16)
     return feeds
 
 
@@ -200,7 +201,8 @@ def test_graph_io_matches_the_architecture(tmp_path, channels, input_dtype, prec
     onnx.save(build_template_graph(spec), path)
     backend = OnnxRuntimeBackend(path, threads=1)
     ins, outs = backend.inputs, backend.outputs
-    assert set(ins) == {"image", "photo", "mean", "low", "high", "weight", *(f"coarse{lv}" for lv in LEVELS)}
+    statistics = {"mean", "low", "high", "weight", "fine_gain"}
+    assert set(ins) == {"image", "photo", *statistics, *(f"coarse{lv}" for lv in LEVELS)}
     stat_dtype = np.float16 if precision == "fp16" else np.float32
     assert ins["image"].dtype == np.dtype(input_dtype) and ins["image"].shape == (-1, channels, TILE, TILE)
     assert ins["photo"].dtype == np.float32 and ins["photo"].shape == (-1, 6)
