@@ -33,7 +33,7 @@ import cv2
 import numpy as np
 import structlog
 
-from daemon.outputs import Sink
+from daemon.outputs import OBSERVER_NICE, Sink
 from daemon.protocol import Decision
 from engines.errors import UserError
 
@@ -55,6 +55,7 @@ class AuditSink(Sink):
     """Writes rejects and sampled passes with image and anomaly map; keeps the directory under its caps."""
 
     name = "audit"
+    nice = OBSERVER_NICE
 
     def __init__(self, directory: str | Path, max_mb: float = 2048, max_count: int = 10_000, pass_sample: float = 0.0):
         super().__init__(maxsize=QUEUE)

@@ -91,7 +91,7 @@ class Config:
     # -- operator status page ([status] table)
     status_recent: int = 20  # decisions listed
     status_shifts: str = ""  # local start times of shifts ("06:00,14:00,22:00"): shift counters restart there
-    status_refresh_s: float = 0.5  # live-update period of the page
+    status_refresh_s: float = 1.0  # live-update period of the page
     # -- audit trail ([audit] table); audit_dir "" = off
     audit_dir: str = ""
     audit_max_mb: float = 2048.0

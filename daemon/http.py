@@ -17,6 +17,9 @@ from typing import Any
 
 import structlog
 
+from daemon.outputs import OBSERVER_NICE
+from daemon.scheduler import lower_priority
+
 log = structlog.get_logger("inspectd.http")
 
 
@@ -63,6 +66,11 @@ class HttpServer:
         routes = self.routes
 
         class _Handler(BaseHTTPRequestHandler):
+            def setup(self) -> None:
+                # One thread per connection: the page, SSE streams and scrapes never compete with frames.
+                lower_priority(OBSERVER_NICE)
+                super().setup()
+
             def do_GET(self) -> None:
                 handler = routes.get(self.path.split("?", 1)[0])
                 response = handler(self) if handler else Response(404, b"not found\n")

@@ -17,7 +17,7 @@ from typing import Any
 import structlog
 
 from daemon.http import HttpServer, Response
-from daemon.outputs import Sink
+from daemon.outputs import OBSERVER_NICE, Sink
 from daemon.protocol import Decision
 
 log = structlog.get_logger("inspectd.metrics")
@@ -39,6 +39,7 @@ class MetricsSink(Sink):
     """Counts decisions into a private registry; ``add_routes`` serves it on /metrics."""
 
     name = "metrics"
+    nice = OBSERVER_NICE
 
     def __init__(self, sources: Sources = dict) -> None:
         from prometheus_client import CollectorRegistry, Counter, Histogram

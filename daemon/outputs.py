@@ -28,8 +28,10 @@ import structlog
 import zmq
 
 from daemon.protocol import BadFrame, Decision, Frame
+from daemon.scheduler import lower_priority
 
 log = structlog.get_logger("inspectd.outputs")
+OBSERVER_NICE = 10  # nicer than the compute threads (COMPUTE_NICE): observers never compete with frames
 _IDLE = object()
 
 
@@ -39,6 +41,9 @@ class Sink:
     name = "sink"
     wants_admissions = False
     idle_s: float | None = None  # when set, ``idle()`` runs after this long without a decision
+    # Niceness added to the sink's thread. Sinks the line waits for (decision PUB, replies,
+    # actuators) keep 0; observers (status page, metrics, audit) yield the CPU to the frame path.
+    nice = 0
 
     def __init__(self, maxsize: int = 256) -> None:
         self._queue: queue.Queue[Any] = queue.Queue(maxsize)
@@ -96,6 +101,8 @@ class Sink:
         }
 
     def _run(self) -> None:
+        if self.nice:
+            lower_priority(self.nice)
         try:
             while True:
                 try:

@@ -30,14 +30,14 @@ import numpy as np
 import structlog
 
 from daemon.http import HttpServer, Response
-from daemon.outputs import Sink
+from daemon.outputs import OBSERVER_NICE, Sink
 from daemon.protocol import Decision, Evidence
 
 log = structlog.get_logger("inspectd.status")
 
 SYSTEM_REASONS = ("deadline", "overload", "bad_frame", "error")  # rejects the system, not the part, caused
 THUMB_WIDTH = 480
-RENDER_MIN_S = 0.25
+RENDER_MIN_S = 1.0
 HEARTBEAT_S = 2.0  # an SSE message at least this often (model age, health), even with no frames
 LATENCY_WINDOW = 1000
 RATE_WINDOW_S = 10.0
@@ -120,6 +120,7 @@ class StatusBoard(Sink):
 
     name = "status"
     idle_s = RENDER_MIN_S
+    nice = OBSERVER_NICE
 
     def __init__(
         self,
@@ -127,7 +128,7 @@ class StatusBoard(Sink):
         cycle_ms: float,
         recent: int = 20,
         shifts: list[tuple[int, int]] | None = None,
-        refresh_s: float = 0.5,
+        refresh_s: float = 1.0,
         health: Callable[[], dict[str, Any]] = dict,
     ) -> None:
         super().__init__(maxsize=256)
