@@ -103,10 +103,12 @@ def main() -> int:
     parser.add_argument("--model", type=Path)
     parser.add_argument("--images", type=Path)
     parser.add_argument("--backend", default="onnxruntime")
+    parser.add_argument("--limit", type=int, default=6, help="images measured (spread over the sorted list)")
     parser.add_argument("--measure", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.measure:
         images = sorted(p for p in args.images.rglob("*") if p.suffix.lower() in (".png", ".tif", ".tiff", ".bmp"))
+        images = images[:: max(1, len(images) // args.limit)][: args.limit]
         print(json.dumps(measure(args.model, images, args.runs, args.backend)))
         return 0
     with tempfile.TemporaryDirectory() as tmp:
@@ -131,7 +133,7 @@ def main() -> int:
         ]
         out = subprocess.run(cmd, check=True, capture_output=True, text=True, env={**os.environ})
         report = json.loads(out.stdout.strip().splitlines()[-1])
-    print_table(report, args.runs, len(images))
+    print_table(report, args.runs, min(len(images), args.limit))
     return 0
 
 
