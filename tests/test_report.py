@@ -26,9 +26,7 @@ def _inputs() -> tuple[dict, np.ndarray, np.ndarray, list[report.Overlay]]:
     for i, (y, s) in enumerate(zip(labels, scores, strict=True)):
         name = f"img{i}.png"
         verdict = "reject" if s > 1.0 else "pass"
-        records.append(
-            {"image": name, "verdict": verdict, "score": float(s), "threshold": 1.0, "defects": []}
-        )
+        records.append({"image": name, "verdict": verdict, "score": float(s), "threshold": 1.0, "defects": []})
         truth[name] = {"kind": "scratch" if y else "good", "mask": None}
     summary = metrics.summarise(records, truth)
     image = (rng.random((300, 400)) * 255).astype(np.uint8)

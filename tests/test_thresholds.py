@@ -53,7 +53,6 @@ def test_identical_good_scores_never_make_goods_anomalous(value):
     assert find_regions(good_map, cal["threshold"]) == []
 
 
-
 def test_small_score_scales_keep_goods_passing():
     """Good maps peaking near 1e-5 (a very quiet detector) still pass: the threshold stays above every good score."""
     value = 1.02e-5  # Gumbel tail 1.49e-5 is the larger bound; rounded to 5 decimals it becomes 1e-5 < value
