@@ -984,7 +984,7 @@ DEFECTS: dict[str, Callable[[Frame, np.random.Generator, bool], dict]] = {
 
 # --------------------------------------------------------------------------- dataset
 
-_DESIGN: Design | None = None  # set before forking so workers share the design copy-on-write
+_DESIGN: Design | None = None  # the part being rendered, in this process (set once per worker)
 
 
 @dataclass(frozen=True)
@@ -1036,29 +1036,32 @@ def _worker(args: tuple[_Job, SynthConfig]) -> dict[str, Any]:
     return _render_job(*args)
 
 
+def _set_design(design: Design) -> None:
+    global _DESIGN
+    _DESIGN = design
+
+
 def _render_all(jobs: list[_Job], config: SynthConfig, progress: bool) -> list[dict[str, Any]]:
-    """Render every job, in worker processes forked after the design exists (it is shared, not copied)."""
+    """Render every job, in ``config.workers`` processes when there are several.
+
+    Workers are spawned, not forked: forking a process that already runs threads (ONNX Runtime,
+    ZeroMQ, OpenCV's pool, a test runner's) can deadlock the children. Each worker receives the
+    design once, through the pool initializer.
+    """
     from tqdm import tqdm
 
     workers = min(config.workers or os.cpu_count() or 1, max(1, len(jobs)))
     entries: dict[str, dict[str, Any]] = {}
     with tqdm(total=len(jobs), desc="synth", unit="img", disable=not progress) as bar:
-        if workers == 1 or "fork" not in mp.get_all_start_methods():
+        if workers == 1:
             for job in jobs:
                 entries[job.path] = _render_job(job, config)
                 bar.update()
         else:
-            # One process per core already. OpenCV's thread pool must be shut down in the parent
-            # *before* forking: a child that inherits it deadlocks when it touches the pool.
-            threads = cv2.getNumThreads()
-            cv2.setNumThreads(1)
-            try:
-                with mp.get_context("fork").Pool(workers) as pool:
-                    for entry in pool.imap_unordered(_worker, [(job, config) for job in jobs]):
-                        entries[entry["path"]] = entry
-                        bar.update()
-            finally:
-                cv2.setNumThreads(threads)
+            with mp.get_context("spawn").Pool(workers, initializer=_set_design, initargs=(_DESIGN,)) as pool:
+                for entry in pool.imap_unordered(_worker, [(job, config) for job in jobs]):
+                    entries[entry["path"]] = entry
+                    bar.update()
     return [entries[job.path] for job in jobs]
 
 
