@@ -34,7 +34,7 @@ def test_malformed_frames_get_bad_frame_rejects_and_serving_continues() -> None:
         ([json.dumps(header(10)).encode()], "2 message parts"),
         ([json.dumps(header(11)).encode(), good, b"third"], "2 message parts"),
     ]
-    with running() as (server, _), Client(server) as client:
+    with running(queue_depth=16) as (server, _), Client(server) as client:
         for parts, _ in cases:
             client.send_parts(*parts)
         client.send_parts(json.dumps(header(20, encoding="png")).encode(), ok_png)

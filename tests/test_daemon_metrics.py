@@ -11,7 +11,7 @@ from tests.test_daemon_support import Client, FakeInspector, image, running
 
 def test_metrics_follow_the_decisions() -> None:
     """After three frames /metrics counts them by reason and exposes latency, stages, queue depth and model."""
-    with running(FakeInspector()) as (server, _), Client(server) as client:
+    with running(FakeInspector(), queue_depth=8) as (server, _), Client(server) as client:
         for i in range(3):
             client.send(i, image(defect=i == 1))
         assert len(client.decisions(3)) == 3
