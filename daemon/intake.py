@@ -20,6 +20,7 @@ from typing import Any
 
 import structlog
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from daemon.config import Config
 from daemon.protocol import BadFrame, Frame, message_limit, parse_imagezmq, parse_native
@@ -58,6 +59,8 @@ class Intake:
         self._counters: OrderedDict[str, itertools.count[int]] = OrderedDict()
         self.received = 0
         self._sockets: list[zmq.Socket[Any]] = []
+        self._monitors: list[zmq.Socket[Any]] = []
+        self.peers_dropped = 0  # disconnects: oversize messages (unreadable, so unanswered) or senders leaving
         try:
             self.native = self._open(config.frames_mode, config.frames_endpoint, "frames_endpoint")
             self.imagezmq = None
@@ -93,6 +96,9 @@ class Intake:
                 if self._secure is not None:
                     self._secure(sock)
                 sock.bind(endpoint)
+                # libzmq drops a peer that sends an oversize message before we see a byte of it:
+                # the disconnect event is the only trace, so it is what gets counted.
+                self._monitors.append(sock.get_monitor_socket(zmq.EVENT_DISCONNECTED))
         except zmq.ZMQError as exc:
             verb = "connect to" if mode == "sub" else "bind"
             raise UserError(f"{setting}: cannot {verb} {endpoint}: {exc.strerror}") from None
@@ -117,6 +123,9 @@ class Intake:
         self.close()
 
     def close(self) -> None:
+        for monitor in self._monitors:
+            monitor.close(linger=0)
+        self._monitors.clear()
         for sock in self._sockets:
             sock.close(linger=0)
         self._sockets.clear()
@@ -129,10 +138,13 @@ class Intake:
     def _loop(self) -> None:
         poller = zmq.Poller()
         inputs = [s for s in (self.native, self.imagezmq) if s is not None]
-        for sock in [*inputs, self._replies]:
+        for sock in [*inputs, self._replies, *self._monitors]:
             poller.register(sock, zmq.POLLIN)
         while self._running:
             ready = dict(poller.poll(POLL_MS))
+            for monitor in self._monitors:
+                if monitor in ready:
+                    self._count_drops(monitor)
             if self._replies in ready:
                 self._forward_replies()
             if not self._reading:
@@ -140,6 +152,16 @@ class Intake:
             for sock in inputs:
                 if sock in ready:
                     self._drain(sock)
+
+    def _count_drops(self, monitor: zmq.Socket[Any]) -> None:
+        while True:
+            try:
+                event = recv_monitor_message(monitor, flags=zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            if event["event"] == zmq.EVENT_DISCONNECTED:
+                self.peers_dropped += 1
+                log.info("peer_dropped", endpoint=event["endpoint"].decode(errors="replace"))
 
     def _drain(self, sock: zmq.Socket[Any]) -> None:
         for _ in range(BATCH):

@@ -114,6 +114,18 @@ class _Live:
             yield CounterMetricFamily(
                 "inspectd_frames_received", "Messages read from the frame sockets", src["frames_received"]
             )
+        if "peers_dropped" in src:
+            yield CounterMetricFamily(
+                "inspectd_peers_dropped",
+                "Frame-socket peers disconnected (a message over the size limit, or a sender leaving)",
+                src["peers_dropped"],
+            )
+        if "unidentified" in src:
+            yield CounterMetricFamily(
+                "inspectd_unidentified_messages",
+                "Bad messages without a readable frame id (no decision)",
+                src["unidentified"],
+            )
         if "in_flight" in src:
             yield GaugeMetricFamily("inspectd_queue_depth", "Frames admitted and not yet decided", src["in_flight"])
         if "queue_limit" in src:

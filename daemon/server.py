@@ -311,8 +311,10 @@ class Server:
         out: dict[str, Any] = {"ready": self.health.ready, "queue_limit": self.config.queue_depth}
         if self.intake is not None:
             out["frames_received"] = self.intake.received
+            out["peers_dropped"] = self.intake.peers_dropped
         if self.scheduler is not None:
             out["in_flight"] = self.scheduler.in_flight
+            out["unidentified"] = self.scheduler.totals().get("unidentified_bad_messages", 0)
             engine = self.scheduler.engine
             backend = type(getattr(engine, "backend", None)).__name__
             out["model"] = {"bundle_id": engine.bundle_id, "backend": backend, "threshold": engine.threshold}

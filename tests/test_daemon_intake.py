@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import socket
 import time
+import urllib.request
 
 import cv2
 import imagezmq
@@ -67,15 +68,22 @@ def test_garbage_flood_is_answered_or_counted_and_the_next_frame_served() -> Non
 
 
 def test_oversize_message_disconnects_the_peer_and_others_are_served() -> None:
-    """A message above the size limit never reaches the daemon (libzmq drops the peer); serving goes on."""
+    """An oversize message never reaches the daemon (libzmq drops the peer): it is counted, serving goes on."""
     with running() as (server, _), Client(server) as client:
         big = bytes(message_limit(GEOMETRY) + 1024)
         client.send_parts(json.dumps(header(1, encoding="png")).encode(), big)
-        time.sleep(0.2)
+        deadline = time.monotonic() + 5
+        while server.intake.peers_dropped < 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        dropped = server.intake.peers_dropped
         with Client(server) as other:
             other.send(2)
             got = other.decisions(1)
+            with urllib.request.urlopen(f"http://{server.endpoints['http']}/metrics", timeout=5) as response:
+                metrics = response.read().decode()
     assert [d["frame_id"] for d in got] == [2]
+    assert dropped == 1
+    assert "inspectd_peers_dropped_total 1.0" in metrics
 
 
 def test_sender_that_vanishes_mid_stream_still_gets_its_frames_decided() -> None:
