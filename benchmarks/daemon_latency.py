@@ -24,6 +24,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from collections import Counter
@@ -121,6 +122,20 @@ class Daemon:
         return code
 
 
+def _sample_rss(pid: int, samples: list[float], done: threading.Event, every_s: float = 1.0) -> None:
+    """Resident memory once a second while the soak runs: flat means no growth per frame."""
+    while not done.wait(every_s):
+        samples.append(rss_mb(pid))
+
+
+def _quarters(samples: list[float]) -> list[float]:
+    """Median RSS in each quarter of the soak."""
+    if len(samples) < 4:
+        return samples
+    n = len(samples)
+    return [float(np.median(samples[i * n // 4 : (i + 1) * n // 4])) for i in range(4)]
+
+
 def run(
     daemon: Daemon, images: list[tuple[str, np.ndarray]], count: int, rate: float, deadline_ms: float | None
 ) -> Report:
@@ -198,7 +213,13 @@ def main() -> int:
             soak_rate = 2 * 1000 / bare["p50"]
             print(f"soak: {args.soak} frames at {soak_rate:.2f} Hz, deadline {deadline_ms:.0f} ms ...", flush=True)
             rss_start = rss_mb(daemon.proc.pid)
+            samples: list[float] = []
+            done = threading.Event()
+            sampler = threading.Thread(target=_sample_rss, args=(daemon.proc.pid, samples, done), daemon=True)
+            sampler.start()
             report = run(daemon, images, args.soak, soak_rate, deadline_ms)
+            done.set()
+            sampler.join()
             rss_end = rss_mb(daemon.proc.pid)
             decided = report.decisions.values()
             late = [(d["t_decided_ns"] - d["deadline_ns"]) / 1e6 for d in decided]
@@ -217,6 +238,7 @@ def main() -> int:
                 ("soak worst lateness vs deadline (ms)", f"{max(late):+.1f} (must be <= +20)"),
                 ("soak deadline_met false", str(sum(not d["deadline_met"] for d in decided))),
                 ("daemon RSS start / end (MB)", f"{rss_start:.0f} / {rss_end:.0f}"),
+                ("daemon RSS by soak quarter (MB)", " / ".join(f"{v:.0f}" for v in _quarters(samples))),
             ]
             ok = report.sent == len(report.decisions) and report.duplicates == 0 and max(late) <= 20
             rows.append(("soak verdict", "PASS" if ok else "FAIL"))
