@@ -44,16 +44,19 @@ class Backend(ABC):
         self._n_tiles = 0
         self._resident_names: tuple[str, ...] = ()
 
-    # -- introspection --------------------------------------------------------
-    @property
-    @abstractmethod
-    def inputs(self) -> dict[str, TensorSpec]:
-        """Every graph input, resident ones included."""
+    # -- introspection (subclasses fill _inputs and _outputs when they open the graph) --
+    _inputs: dict[str, TensorSpec]
+    _outputs: dict[str, TensorSpec]
 
     @property
-    @abstractmethod
+    def inputs(self) -> dict[str, TensorSpec]:
+        """Every graph input, resident ones included."""
+        return self._inputs
+
+    @property
     def outputs(self) -> dict[str, TensorSpec]:
         """Every graph output."""
+        return self._outputs
 
     @property
     def is_active(self) -> bool:

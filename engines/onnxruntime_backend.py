@@ -52,14 +52,6 @@ class OnnxRuntimeBackend(Backend):
         self._outputs = {a.name: _spec(a) for a in self._session.get_outputs()}
         self._resident: dict[str, np.ndarray] = {}
 
-    @property
-    def inputs(self) -> dict[str, TensorSpec]:
-        return self._inputs
-
-    @property
-    def outputs(self) -> dict[str, TensorSpec]:
-        return self._outputs
-
     def _activate_impl(self, resident: dict[str, np.ndarray]) -> None:
         # Contiguous once here, so each batch below is a zero-copy slice.
         self._resident = {k: np.ascontiguousarray(v) for k, v in resident.items()}

@@ -123,14 +123,6 @@ class TensorRTBackend(Backend):
 
     # -- introspection --------------------------------------------------------
     @property
-    def inputs(self) -> dict[str, TensorSpec]:
-        return self._inputs
-
-    @property
-    def outputs(self) -> dict[str, TensorSpec]:
-        return self._outputs
-
-    @property
     def max_batch(self) -> int:
         return self._max_batch
 

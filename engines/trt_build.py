@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from engines.backend import BackendError
+from engines.bundle import sha256_file
 from engines.errors import UserError
 from engines.tensorrt_backend import import_gpu_modules
 
@@ -36,14 +37,6 @@ GRAPH_NAME = "graph_fp16.onnx"
 def sidecar_path(plan_path: Path) -> Path:
     """The metadata file that travels with a plan: ``<plan>.json``."""
     return Path(f"{plan_path}.json")
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as stream:
-        for chunk in iter(lambda: stream.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def gpu_identity(device: int = 0) -> tuple[str, str]:
