@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import tempfile
 import time
@@ -488,8 +489,6 @@ def apply_local_tolerance(stats: dict[str, np.ndarray], gain: np.ndarray, factor
 
 def _fingerprint(images: list[Path]) -> dict:
     digest = {p.name: sha256_file(p) for p in images}
-    import hashlib
-
     return {
         "n_images": len(images),
         "sha256": hashlib.sha256(json.dumps(digest, sort_keys=True).encode()).hexdigest(),

@@ -103,6 +103,7 @@ class Inspector:
         self._ref = bundle.reference()
         self._registration = registration_reference(bundle, self._ref)
         self._float_input = self.geometry.dtype == "uint16"
+        self._origins = [self.plan.origin(i) for i in range(self.plan.n_tiles)]
 
     @classmethod
     def load(cls, path: Path, backend: str = "auto", batch: int = 1) -> Inspector:
@@ -153,8 +154,7 @@ class Inspector:
             if self._float_input:
                 registered = registered.astype(np.float32) * np.float32(1 / 257)
             padded = self.plan.pad(registered)
-            origins = [self.plan.origin(i) for i in range(self.plan.n_tiles)]
-            photo = reg.tile_photometric(coef, origins, self.plan.halo)
+            photo = reg.tile_photometric(coef, self._origins, self.plan.halo)
         return Prepared(padded, photo, pose, timings)
 
     def infer(self, prepared: Prepared) -> np.ndarray:
