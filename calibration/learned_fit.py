@@ -1,0 +1,369 @@
+"""Fit the learned detector: a compact FCN conditioned on the registered reference, trained on good tiles.
+
+1. Registration and reference statistics exactly as the template fit (``calibration.template_fit``).
+2. k-fold statistics: each good image is paired with statistics fitted *without* its fold, so
+   the residuals the network learns from are those of parts the reference has not seen (as at
+   run time).
+3. One fold is held out of the training altogether; the network is trained from scratch on
+   random crops of the other folds, half of them (``defect_rate``) with a synthetic defect
+   (``calibration.learned_model``), supervised to segment it. Seeded, resumable from a
+   checkpoint, on the GPU when there is one.
+4. The held-out fold is scored through the real FP32 graph (with its own fold statistics) and
+   the threshold is set on those scores (``good_threshold``), like the template's calibration.
+5. The bundle carries FP32 and FP16 ONNX graphs (``engines.learned_graph``), the reference
+   statistics of every good image and the calibration; inference never needs torch.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import onnx
+from tqdm import tqdm
+
+from calibration import template_fit as tf
+from calibration.thresholds import good_threshold
+from engines import registration as reg
+from engines.bundle import CALIBRATION, GRAPH_FP16, GRAPH_FP32, REFERENCE, write_bundle
+from engines.decode import read_image
+from engines.errors import UserError
+from engines.graphs import ALIGN, HALO, LEVELS
+from engines.inspector import resident_inputs
+from engines.learned_graph import RADIUS, LearnedGraphSpec, build_learned_graph, macs_per_pixel
+from engines.onnxruntime_backend import OnnxRuntimeBackend
+from engines.tiling import TilePlan
+from engines.types import Geometry
+
+
+@dataclass(frozen=True)
+class LearnConfig:
+    """Training knobs of the learned detector."""
+
+    steps: int = 3000
+    batch: int = 8
+    patch: int = 128  # px; the network's output on it is patch - 2 * RADIUS
+    lr: float = 2e-3
+    seed: int = 0
+    defect_rate: float = 0.5  # fraction of training crops with a synthetic defect
+    pos_weight: float = 5.0  # BCE weight of defect pixels
+    checkpoint: Path | None = None  # default: <out>.ckpt next to the bundle
+    checkpoint_every: int = 200
+    device: str = "auto"  # "auto", "cpu", "cuda"
+
+
+@dataclass
+class TrainReport:
+    params: int
+    flops_per_mpx: float
+    steps: int
+    resumed_from: int
+    final_loss: float
+    device: str
+    seconds: float
+    losses: list[float] = field(default_factory=list)  # mean loss per checkpoint interval
+
+    def describe(self) -> str:
+        return (
+            f"network: {self.params} parameters ({self.params * 4 / 1024:.1f} KiB FP32), "
+            f"{self.flops_per_mpx / 1e9:.2f} GFLOP per megapixel; {self.steps} steps on {self.device}"
+            + (f" (resumed at {self.resumed_from})" if self.resumed_from else "")
+            + f", final loss {self.final_loss:.4f}"
+        )
+
+
+def network_cost(channels: int) -> tuple[int, float]:
+    """(parameters, FLOPs per megapixel of output) of the network."""
+    from engines.learned_graph import weight_shapes
+
+    params = sum(int(np.prod(s)) for s in weight_shapes(channels).values())
+    return params, 2.0 * macs_per_pixel(channels) * 1e6
+
+
+def fit_learned(
+    images: Sequence[Path],
+    out: Path,
+    roi: Path | None = None,
+    config: tf.FitConfig | None = None,
+    learn: LearnConfig | None = None,
+    progress: bool = True,
+    workdir: Path | None = None,
+) -> Path:
+    """Fit, train, calibrate and write a learned bundle to ``out``; returns ``out``."""
+    config = config or tf.FitConfig()
+    learn = learn or LearnConfig()
+    images = [Path(p) for p in images]
+    out = Path(out)
+    if len(images) < tf.MIN_GOOD:
+        raise UserError(
+            f"{images[0].parent if images else 'dataset'}: {len(images)} good images, "
+            f"the learned detector needs at least {tf.MIN_GOOD}"
+        )
+    if learn.patch <= 2 * RADIUS + 8:
+        raise UserError(f"patch {learn.patch}: must exceed {2 * RADIUS + 8} px (the network's receptive field)")
+    started = time.time()
+    first = read_image(images[0])
+    geometry = Geometry(first.shape[0], first.shape[1], 1 if first.ndim == 2 else 3, str(first.dtype))
+    if min(geometry.height, geometry.width) < learn.patch:
+        raise UserError(f"images are {geometry.describe()}: smaller than the {learn.patch} px training patch")
+    config = tf._resolve(config, geometry)
+    weight = tf.inspection_region(geometry, roi, config.margin_px or 0)
+    n = len(images)
+    folds = max(2, min(config.folds, n))
+    with tempfile.TemporaryDirectory(dir=workdir) as tmp:
+        reference = tf._bootstrap_reference(images, geometry, weight, config, progress)
+        training = tf._register_all(images, geometry, weight, reference, Path(tmp), progress, "registering (1/2)")
+        reference = tf._final_reference(tf._statistics(training, range(n), config)["mu"], weight, reference)
+        training = tf._register_all(images, geometry, weight, reference, Path(tmp), progress, "registering (2/2)")
+        fold_stats = [
+            tf._statistics(training, [i for i in range(n) if i % folds != f], config)
+            for f in tqdm(range(folds), desc="fold statistics", disable=not progress, unit="fold")
+        ]
+        held = [i for i in range(n) if i % folds == 0]
+        trained = [i for i in range(n) if i % folds != 0]
+        checkpoint = learn.checkpoint or out.with_name(out.name + ".ckpt")
+        weights, report = train(training, fold_stats, trained, folds, learn, checkpoint, progress)
+        if progress:
+            print(report.describe(), file=sys.stderr)
+        scores = score_images(training, fold_stats[0], held, weights, config.core, Path(tmp))
+        calibration = good_threshold(scores, config.target_frr, config.threshold_margin)
+        calibration.update(held_out=[images[i].name for i in held], folds=folds)
+        stats = tf._statistics(training, range(n), config)
+        return _write(out, training, stats, reference, calibration, config, learn, report, weights, images, started)
+
+
+# -- training ----------------------------------------------------------------------------------------
+class _Sampler:
+    """Random training crops: registered good crops, their fold's statistics, optional synthetic defect."""
+
+    def __init__(self, training: tf._Training, fold_stats: list[dict], indices: list[int], folds: int, learn):
+        self.training, self.fold_stats, self.indices, self.folds, self.learn = (
+            training,
+            fold_stats,
+            indices,
+            folds,
+            learn,
+        )
+        self.full = (training.geometry.height, training.geometry.width)
+        p = learn.patch
+        inside = training.weight[p // 2 : self.full[0] - p + p // 2 + 1, p // 2 : self.full[1] - p + p // 2 + 1]
+        self.origins = np.argwhere(inside > 0)  # crop origins whose centre is inspected
+        if not len(self.origins):
+            raise UserError(f"the inspection region has no place for a {p} px training patch")
+
+    def batch(self, rng: np.random.Generator) -> tuple[np.ndarray, ...]:
+        from calibration.learned_model import add_defect
+
+        p, tr = self.learn.patch, self.training
+        xs, mus, los, his, ws, labels = [], [], [], [], [], []
+        for _ in range(self.learn.batch):
+            i = int(self.indices[int(rng.integers(len(self.indices)))])
+            y, x = (int(v) for v in self.origins[int(rng.integers(len(self.origins)))])
+            window = (slice(y, y + p), slice(x, x + p))
+            crop = tf._planes(np.asarray(tr.registered[i][window]), tr.unit)
+            label = np.zeros((p, p), np.float32)
+            if rng.random() < self.learn.defect_rate:
+                sy, sx = (int(v) for v in self.origins[int(rng.integers(len(self.origins)))])
+                source = tf._planes(np.asarray(tr.registered[i][sy : sy + p, sx : sx + p]), tr.unit)
+                crop, label = add_defect(crop, rng, source, RADIUS + 4)
+            xs.append(_normalise_window(crop, tr.coefs[i], y, x))
+            stats = self.fold_stats[i % self.folds]
+            mus.append(stats["mu"][(slice(None), *window)])
+            los.append(stats["lo"][(slice(None), *window)])
+            his.append(stats["hi"][(slice(None), *window)])
+            ws.append(tr.weight[window][None])
+            labels.append(label[None])
+        return tuple(np.stack(a).astype(np.float32) for a in (xs, mus, los, his, ws, labels))
+
+
+def _normalise_window(planes: np.ndarray, coef: np.ndarray, y: int, x: int) -> np.ndarray:
+    """The lighting correction of ``tf.normalise`` on a window whose top-left pixel is (y, x)."""
+    _, h, w = planes.shape
+    xs = np.arange(x, x + w, dtype=np.float32)[None, :]
+    ys = np.arange(y, y + h, dtype=np.float32)[:, None]
+    a0, ax, ay, b0, bx, by = (np.float32(v) for v in coef)
+    return (planes - (b0 + bx * xs + by * ys)) / (a0 + ax * xs + ay * ys)
+
+
+def _signature(channels: int, learn: LearnConfig) -> dict:
+    keep = {k: v for k, v in asdict(learn).items() if k not in ("steps", "checkpoint", "checkpoint_every", "device")}
+    return {"channels": channels, **keep}
+
+
+def train(
+    training: tf._Training,
+    fold_stats: list[dict],
+    indices: list[int],
+    folds: int,
+    learn: LearnConfig,
+    checkpoint: Path | None,
+    progress: bool = True,
+) -> tuple[dict[str, np.ndarray], TrainReport]:
+    """Train the network from scratch (or resume from ``checkpoint``); returns its numpy weights and a report."""
+    import torch
+
+    from calibration.learned_model import LearnedNet, features, output_crop
+
+    started = time.time()
+    device = learn.device if learn.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    channels = training.geometry.channels
+    torch.manual_seed(learn.seed)
+    model = LearnedNet(channels).to(device)
+    optimiser = torch.optim.Adam(model.parameters(), lr=learn.lr)
+    rng = np.random.default_rng(learn.seed)
+    step, losses, loss_value = 0, [], float("nan")
+    signature = _signature(channels, learn)
+    if checkpoint is not None and Path(checkpoint).exists():
+        state = torch.load(checkpoint, map_location=device, weights_only=False)
+        if state["signature"] != signature:
+            raise UserError(f"{checkpoint}: checkpoint of another training configuration; delete it or change --out")
+        model.load_state_dict(state["model"])
+        optimiser.load_state_dict(state["optimiser"])
+        rng.bit_generator.state = state["rng"]
+        step, losses, loss_value = state["step"], list(state["losses"]), state["loss"]
+    resumed = step
+    sampler = _Sampler(training, fold_stats, indices, folds, learn)
+    pos_weight = torch.tensor(learn.pos_weight, device=device)
+    window: list[float] = []
+
+    def save() -> None:
+        if checkpoint is None:
+            return
+        state = {
+            "signature": signature,
+            "model": model.state_dict(),
+            "optimiser": optimiser.state_dict(),
+            "rng": rng.bit_generator.state,
+            "step": step,
+            "losses": losses,
+            "loss": loss_value,
+        }
+        tmp = Path(checkpoint).with_name(Path(checkpoint).name + ".tmp")
+        torch.save(state, tmp)
+        tmp.replace(checkpoint)
+
+    model.train()
+    with tqdm(total=learn.steps, initial=step, desc="training", disable=not progress, unit="step") as bar:
+        while step < learn.steps:
+            xn, mu, lo, hi, w, label = (torch.from_numpy(a).to(device) for a in sampler.batch(rng))
+            logit = model(features(xn, mu, lo, hi, w))
+            target, mask = output_crop(label), output_crop(w)
+            per_pixel = torch.nn.functional.binary_cross_entropy_with_logits(
+                logit, target, pos_weight=pos_weight, reduction="none"
+            )
+            loss = (per_pixel * mask).sum() / mask.sum().clamp(min=1)
+            optimiser.zero_grad(set_to_none=True)
+            loss.backward()
+            optimiser.step()
+            step += 1
+            loss_value = float(loss.detach())
+            window.append(loss_value)
+            bar.update(1)
+            bar.set_postfix(loss=f"{np.mean(window[-50:]):.4f}")
+            if step % learn.checkpoint_every == 0 or step == learn.steps:
+                losses.append(round(float(np.mean(window)), 5))
+                window = []
+                save()
+    params, flops = network_cost(channels)
+    model.eval()
+    report = TrainReport(params, flops, step, resumed, loss_value, device, round(time.time() - started, 1), losses)
+    return model.numpy_weights(), report
+
+
+# -- calibration -----------------------------------------------------------------------------------
+def score_images(
+    training: tf._Training,
+    stats: dict[str, np.ndarray],
+    indices: Sequence[int],
+    weights: dict[str, np.ndarray],
+    core: int,
+    tmp: Path,
+) -> np.ndarray:
+    """Per image, the maximum of the FP32 graph's anomaly map (as the Inspector computes it)."""
+    geo = training.geometry
+    plan = TilePlan(geo.height, geo.width, core, HALO, ALIGN)
+    spec = LearnedGraphSpec(geo.channels, core, input_dtype="float32" if training.unit != 1 else "uint8")
+    path = tmp / "learned_score.onnx"
+    onnx.save(build_learned_graph(spec, weights), path)
+    origins = [plan.origin(t) for t in range(plan.n_tiles)]
+    scores = np.zeros(len(indices), np.float64)
+    amap = np.empty((geo.height, geo.width), np.float32)
+    with OnnxRuntimeBackend(path) as backend:
+        backend.activate(resident_inputs(plan, stats, np.float32))
+        for row, i in enumerate(indices):
+            frame = training.registered[i]
+            if training.unit != 1:
+                frame = frame.astype(np.float32) * np.float32(training.unit)
+            padded = plan.pad(np.ascontiguousarray(frame))
+            photo = reg.tile_photometric(training.coefs[i], origins, plan.halo)
+            for tiles in plan.batches(1):
+                feeds = {"image": plan.extract(padded, tiles), "photo": photo[tiles.start : tiles.stop]}
+                plan.stitch(backend.infer(feeds, tiles)["anomaly"], tiles, amap)
+            scores[row] = float(amap.max())
+    return scores
+
+
+# -- bundle --------------------------------------------------------------------------------------------
+def _write(
+    out: Path,
+    training: tf._Training,
+    stats: dict[str, np.ndarray],
+    registration: reg.RegistrationReference,
+    calibration: dict,
+    config: tf.FitConfig,
+    learn: LearnConfig,
+    report: TrainReport,
+    weights: dict[str, np.ndarray],
+    images: list[Path],
+    started: float,
+) -> Path:
+    geo = training.geometry
+    coarse_f, fine_f = registration.factors
+    reference = {
+        **stats,
+        "reg_coarse": registration.coarse,
+        "reg_fine": registration.fine,
+        "reg_coarse_mask": registration.coarse_mask,
+        "reg_fine_mask": registration.fine_mask,
+    }
+    spec = LearnedGraphSpec(geo.channels, config.core, input_dtype="float32" if geo.dtype == "uint16" else "uint8")
+    learn_dict = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(learn).items()}
+    manifest = {
+        "detector": "learned",
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "fit_seconds": round(time.time() - started, 1),
+        "geometry": geo.to_dict(),
+        "tiling": {"core": config.core, "halo": HALO, "align": ALIGN, "levels": list(LEVELS)},
+        "registration": {
+            "factors": [coarse_f, fine_f],
+            "max_shift_px": config.max_shift_px,
+            "max_rotation_deg": config.max_rotation_deg,
+            "min_correlation": config.min_correlation,
+        },
+        "fit_config": asdict(config),
+        "learned": {
+            **learn_dict,
+            "receptive_radius": RADIUS,
+            "params": report.params,
+            "flops_per_mpx": report.flops_per_mpx,
+            "trained_steps": report.steps,
+            "final_loss": round(report.final_loss, 5),
+            "losses": report.losses,
+            "device": report.device,
+            "train_seconds": report.seconds,
+        },
+        "training": tf._fingerprint(images),
+    }
+    writers = {
+        GRAPH_FP32: lambda p: onnx.save(build_learned_graph(replace(spec, precision="fp32"), weights), p),
+        GRAPH_FP16: lambda p: onnx.save(build_learned_graph(replace(spec, precision="fp16"), weights), p),
+        REFERENCE: lambda p: tf._save_npz(p, reference),
+        CALIBRATION: lambda p: p.write_text(json.dumps(calibration, indent=2) + "\n", encoding="utf-8"),
+    }
+    return write_bundle(out, manifest, writers)

@@ -1,0 +1,184 @@
+"""The learned detector's anomaly graph: a compact fully convolutional network on reference-conditioned features.
+
+Same inputs as the template graph (``image``, ``photo`` and the resident statistics, see
+``engines.graphs``), same output (``anomaly`` [N, 1, core, core]), so the tiling, the
+backends, the thresholds and the regions are shared and the Inspector runs it unchanged.
+
+Per tile the graph
+1. corrects illumination exactly as the template graph does (``photo``), in FP32;
+2. builds ``FEATURES`` channels per colour channel from the corrected frame ``xn`` and the
+   registered reference (mean ``mu``, band ``[lo, hi]``, region ``w``), on the core plus the
+   network's receptive-field radius only:
+   (xn - mu) / 32, band excess max(xn - hi, lo - xn, 0) / 16, (mu - 128) / 64, (hi - lo) / 64,
+   each times w; so the network sees "how this pixel differs from the reference, and how much
+   good parts vary here";
+3. runs the network: 3x3 convolutions with dilations ``DILATIONS`` and ReLU, then a 1x1
+   convolution to one logit; all convolutions are *valid* (no padding), so the output is
+   exactly the core and equals the network applied to the whole image (the halo, 64 px, is
+   larger than the receptive-field radius, ``RADIUS``);
+4. returns softplus(logit) * w on the core: non-negative, ~0 where the network is sure the
+   pixel is good and ~logit where it sees a defect, so "threshold = (1 + margin) * worst
+   held-out good score" keeps its meaning.
+
+The FP16 variant keeps stage 1-2 (differences of two ~150-grey values) in FP32 and runs the
+network and the output in FP16. The fine-gain and coarse inputs are not used by the network;
+they are still consumed (one element, times zero) so every backend binds the same inputs.
+
+This module needs only numpy and onnx: inference never imports torch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+
+from engines.graphs import ALIGN, FINE_GAIN_LEVEL, HALO, LEVELS, OPSET, RESIDENT, _Builder, _photometric_fields, _slice
+
+FEATURES = 4  # per colour channel
+DILATIONS = (1, 2, 4, 8, 16)
+WIDTH = 16  # hidden channels
+RADIUS = sum(DILATIONS)  # receptive-field radius of the valid 3x3 stack (px)
+DIFF_SCALE, EXCESS_SCALE, MEAN_SCALE, BAND_SCALE = 32.0, 16.0, 64.0, 64.0
+assert RADIUS <= HALO
+
+
+@dataclass(frozen=True)
+class LearnedGraphSpec:
+    channels: int
+    core: int
+    halo: int = HALO
+    input_dtype: str = "uint8"
+    precision: str = "fp32"  # "fp32" or "fp16"
+
+    def __post_init__(self) -> None:
+        if self.core % ALIGN or self.halo % ALIGN or self.halo < HALO:
+            raise ValueError(f"core and halo must be multiples of {ALIGN}, halo >= {HALO}")
+
+    @property
+    def tile(self) -> int:
+        return self.core + 2 * self.halo
+
+
+def layer_names() -> list[str]:
+    """Names of the weight arrays, in order: conv{i}.weight / conv{i}.bias, the last is the 1x1 head."""
+    return [f"conv{i}.{kind}" for i in range(len(DILATIONS) + 1) for kind in ("weight", "bias")]
+
+
+def weight_shapes(channels: int) -> dict[str, tuple[int, ...]]:
+    shapes: dict[str, tuple[int, ...]] = {}
+    cin = FEATURES * channels
+    for i in range(len(DILATIONS)):
+        shapes[f"conv{i}.weight"] = (WIDTH, cin, 3, 3)
+        shapes[f"conv{i}.bias"] = (WIDTH,)
+        cin = WIDTH
+    head = len(DILATIONS)
+    shapes[f"conv{head}.weight"] = (1, WIDTH, 1, 1)
+    shapes[f"conv{head}.bias"] = (1,)
+    return shapes
+
+
+def macs_per_pixel(channels: int) -> int:
+    """Multiply-accumulates of the network per output pixel."""
+    return sum(int(np.prod(s)) for k, s in weight_shapes(channels).items() if k.endswith("weight"))
+
+
+def features_numpy(xn: np.ndarray, mu: np.ndarray, lo: np.ndarray, hi: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """The graph's stage 2 in numpy ([N, C, H, W] each, w [N, 1, H, W]) -> [N, FEATURES*C, H, W]."""
+    excess = np.maximum(np.maximum(xn - hi, lo - xn), 0)
+    return np.concatenate(
+        [
+            (xn - mu) / DIFF_SCALE * w,
+            excess / EXCESS_SCALE * w,
+            (mu - 128) / MEAN_SCALE * w,
+            (hi - lo) / BAND_SCALE * w,
+        ],
+        axis=1,
+    ).astype(np.float32)
+
+
+def build_learned_graph(spec: LearnedGraphSpec, weights: Mapping[str, np.ndarray]) -> onnx.ModelProto:
+    """Build the tiled graph described in the module docstring with the trained ``weights``."""
+    shapes = weight_shapes(spec.channels)
+    for name, shape in shapes.items():
+        if tuple(np.shape(weights[name])) != shape:
+            raise ValueError(f"weight {name}: shape {np.shape(weights[name])}, expected {shape}")
+    g = _Builder()
+    c, t = spec.channels, spec.tile
+    half = TensorProto.FLOAT16 if spec.precision == "fp16" else TensorProto.FLOAT
+    np_half = np.float16 if half == TensorProto.FLOAT16 else np.float32
+    in_type = TensorProto.UINT8 if spec.input_dtype == "uint8" else TensorProto.FLOAT
+    inputs = [
+        helper.make_tensor_value_info("image", in_type, ["N", c, t, t]),
+        helper.make_tensor_value_info("photo", TensorProto.FLOAT, ["N", 6]),
+    ]
+    for name, channels in (("mean", c), ("low", c), ("high", c), ("weight", 1)):
+        inputs.append(helper.make_tensor_value_info(name, half, ["N", channels, t, t]))
+    gain_side = t >> FINE_GAIN_LEVEL
+    inputs.append(helper.make_tensor_value_info("fine_gain", half, ["N", 1, gain_side, gain_side]))
+    for level in LEVELS:
+        inputs.append(helper.make_tensor_value_info(f"coarse{level}", half, ["N", c, t >> level, t >> level]))
+
+    # Stage 1, FP32: illumination correction over the whole tile (the photometric field is per tile).
+    x = g.op("Cast", ["image"], to=TensorProto.FLOAT)
+    a, b = _photometric_fields(g, "photo", t)
+    xn = g.op("Div", [g.op("Sub", [x, b]), a], "xn")
+    # Stage 2, FP32: features on the core plus the receptive-field radius.
+    span = (spec.halo - RADIUS, spec.halo + spec.core + RADIUS)
+    xn = _slice(g, xn, *span, (2, 3))
+    stats = {}
+    for name in ("mean", "low", "high", "weight"):
+        v = _slice(g, name, *span, (2, 3))
+        stats[name] = v if half == TensorProto.FLOAT else g.op("Cast", [v], to=TensorProto.FLOAT)
+    mu, lo, hi, w = stats["mean"], stats["low"], stats["high"], stats["weight"]
+    zero = g.const(np.float32(0))
+    excess = g.op("Max", [g.op("Sub", [xn, hi]), g.op("Sub", [lo, xn]), zero])
+    feats = [
+        g.op("Mul", [g.op("Sub", [xn, mu]), g.const(np.float32(1 / DIFF_SCALE))]),
+        g.op("Mul", [excess, g.const(np.float32(1 / EXCESS_SCALE))]),
+        g.op("Mul", [g.op("Sub", [mu, g.const(np.float32(128))]), g.const(np.float32(1 / MEAN_SCALE))]),
+        g.op("Mul", [g.op("Sub", [hi, lo]), g.const(np.float32(1 / BAND_SCALE))]),
+    ]
+    h = g.op("Mul", [g.op("Concat", feats, axis=1), w])
+    if half == TensorProto.FLOAT16:
+        h = g.op("Cast", [h], to=half)
+
+    # Stage 3: the network, valid convolutions.
+    for i, dilation in enumerate(DILATIONS):
+        wt = g.const(np.asarray(weights[f"conv{i}.weight"], np_half), f"conv{i}_w")
+        bs = g.const(np.asarray(weights[f"conv{i}.bias"], np_half), f"conv{i}_b")
+        h = g.op("Conv", [h, wt, bs], kernel_shape=[3, 3], dilations=[dilation, dilation])
+        h = g.op("Relu", [h])
+    head = len(DILATIONS)
+    wt = g.const(np.asarray(weights[f"conv{head}.weight"], np_half), "head_w")
+    bs = g.const(np.asarray(weights[f"conv{head}.bias"], np_half), "head_b")
+    logit = g.op("Conv", [h, wt, bs], kernel_shape=[1, 1])
+
+    # Every resident input stays bound: one element of each unused one, times zero.
+    unused = ["fine_gain", *(f"coarse{level}" for level in LEVELS)]
+    corner = [_slice(g, _slice(g, name, 0, 1, (1,)), 0, 1, (2, 3)) for name in unused]
+    touch = g.op("Mul", [g.op("Sum", corner), g.const(np_half(0))])
+    logit = g.op("Add", [logit, touch])
+
+    w_core = _slice(g, "weight", spec.halo, spec.halo + spec.core, (2, 3))
+    g.nodes.append(helper.make_node("Mul", [g.op("Softplus", [logit]), w_core], ["anomaly"]))
+    outputs = [helper.make_tensor_value_info("anomaly", half, ["N", 1, spec.core, spec.core])]
+    graph = helper.make_graph(g.nodes, "inspectd_learned", inputs, outputs, g.inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="inspectd")
+    model.ir_version = 8
+    helper.set_model_props(
+        model,
+        {
+            "inspectd.detector": "learned",
+            "inspectd.precision": spec.precision,
+            "inspectd.resident": ",".join(RESIDENT),
+            "inspectd.core": str(spec.core),
+            "inspectd.halo": str(spec.halo),
+            "inspectd.receptive_radius": str(RADIUS),
+        },
+    )
+    onnx.checker.check_model(model)
+    return model

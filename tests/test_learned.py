@@ -1,0 +1,246 @@
+"""The learned detector on a tiny dataset: training, the ONNX graph against PyTorch, FP16, resume, and predict."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from calibration import template_fit as tf  # noqa: E402
+from calibration.datasets import Dataset, load_dataset  # noqa: E402
+from calibration.learned_fit import LearnConfig, fit_learned, train  # noqa: E402
+from calibration.learned_model import LearnedNet, add_defect, features, output_crop  # noqa: E402
+from daemon.cli import main  # noqa: E402
+from engines.bundle import GRAPH_FP16, GRAPH_FP32, Bundle  # noqa: E402
+from engines.decode import read_image  # noqa: E402
+from engines.inspector import Inspector  # noqa: E402
+from engines.learned_graph import RADIUS, LearnedGraphSpec, build_learned_graph  # noqa: E402
+from engines.onnxruntime_backend import OnnxRuntimeBackend  # noqa: E402
+from engines.types import Geometry  # noqa: E402
+from tests.helpers import make_dataset  # noqa: E402
+
+SIZE = 384
+STEPS = 100
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory: pytest.TempPathFactory) -> Dataset:
+    return load_dataset(make_dataset(tmp_path_factory.mktemp("data") / "part", size=SIZE, kinds=("dot",)))
+
+
+@pytest.fixture(scope="module")
+def bundle_dir(dataset: Dataset, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A learned bundle trained for a few steps, once for the module."""
+    out = tmp_path_factory.mktemp("models") / "learned"
+    learn = LearnConfig(steps=STEPS, checkpoint_every=STEPS // 4, seed=0)
+    return fit_learned(dataset.train_good, out, learn=learn, progress=False)
+
+
+def test_bundle_manifest_and_calibration(bundle_dir, dataset):
+    """The bundle is a learned one for the dataset's geometry, calibrated on the held-out fold only."""
+    bundle = Bundle.load(bundle_dir)
+    assert bundle.detector == "learned"
+    assert bundle.geometry == Geometry(SIZE, SIZE, 1, "uint8")
+    learned = bundle.manifest["learned"]
+    assert learned["trained_steps"] == STEPS
+    assert learned["receptive_radius"] == RADIUS <= bundle.manifest["tiling"]["halo"]
+    assert learned["params"] < 20_000 and learned["flops_per_mpx"] > 0
+    cal = bundle.calibration
+    assert 2 <= len(cal["good_scores"]) < len(dataset.train_good), "scored on held-out goods only"
+    assert cal["threshold"] >= max(cal["good_scores"]) * 1.1 - 1e-6
+
+
+def test_loss_falls(bundle_dir):
+    """The mean training loss of the last interval is well below that of the first."""
+    losses = Bundle.load(bundle_dir).manifest["learned"]["losses"]
+    assert len(losses) == 4
+    assert losses[-1] < 0.7 * losses[0], losses
+
+
+def _tile_feeds(rng: np.random.Generator, core: int, halo: int = 64) -> dict[str, np.ndarray]:
+    t = core + 2 * halo
+    mean = rng.uniform(40, 200, (1, 1, t, t)).astype(np.float32)
+    image = np.clip(mean + rng.normal(0, 6, mean.shape), 0, 255).astype(np.uint8)
+    image[0, 0, t // 2 - 2 : t // 2 + 2, t // 2 - 2 : t // 2 + 2] = 250  # a dot
+    weight = np.ones((1, 1, t, t), np.float32)
+    weight[..., :10, :] = 0
+    feeds = {
+        "image": image,
+        "photo": np.array([[1.05, 1e-4, -2e-4, 3.0, 0.01, -0.02]], np.float32),
+        "mean": mean,
+        "low": mean - rng.uniform(2, 12, mean.shape).astype(np.float32),
+        "high": mean + rng.uniform(2, 12, mean.shape).astype(np.float32),
+        "weight": weight,
+        "fine_gain": np.ones((1, 1, t >> 5, t >> 5), np.float32),
+    }
+    for level in (2, 3, 4, 5):
+        feeds[f"coarse{level}"] = rng.uniform(0, 3, (1, 1, t >> level, t >> level)).astype(np.float32)
+    return feeds
+
+
+def _torch_reference(net: LearnedNet, feeds: dict[str, np.ndarray], core: int, halo: int = 64) -> np.ndarray:
+    """The graph's arithmetic written independently in numpy + torch (photometric field, crop, features, net)."""
+    t = core + 2 * halo
+    p = feeds["photo"][0].astype(np.float64)
+    u, v = np.arange(t)[None, :], np.arange(t)[:, None]
+    gain, offset = p[0] + p[1] * u + p[2] * v, p[3] + p[4] * u + p[5] * v
+    xn = (feeds["image"].astype(np.float64) - offset) / gain
+    span = slice(halo - RADIUS, halo + core + RADIUS)
+    crop = [
+        torch.from_numpy(np.ascontiguousarray(a[..., span, span]).astype(np.float32))
+        for a in (xn, feeds["mean"], feeds["low"], feeds["high"], feeds["weight"])
+    ]
+    with torch.no_grad():
+        logit = net(features(*crop))
+        out = torch.nn.functional.softplus(logit) * torch.from_numpy(feeds["weight"][..., halo:-halo, halo:-halo])
+    return out.numpy()
+
+
+def test_onnx_graph_equals_pytorch(tmp_path):
+    """The hand-built ONNX graph reproduces the torch network on a tile within 1e-4 (relative to max(|y|, 1))."""
+    torch.manual_seed(3)
+    net = LearnedNet(1).eval()
+    with torch.no_grad():
+        for conv in net.convs:  # larger weights than the initialisation, so the output is far from constant
+            conv.weight.mul_(3)
+    core = 64
+    feeds = _tile_feeds(np.random.default_rng(0), core)
+    spec = LearnedGraphSpec(1, core)
+    path = tmp_path / "g.onnx"
+    import onnx
+
+    onnx.save(build_learned_graph(spec, net.numpy_weights()), path)
+    expected = _torch_reference(net, feeds, core)
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = session.run(["anomaly"], feeds)[0]
+    assert got.shape == (1, 1, core, core)
+    assert expected.std() > 1e-3, "the test map is not trivial"
+    error = float((np.abs(got - expected) / np.maximum(np.abs(expected), 1)).max())
+    print(f"ONNX vs PyTorch: max relative error {error:.2e}")
+    assert error <= 1e-4
+
+
+def test_fp16_graph_agrees_with_fp32(bundle_dir, dataset):
+    """On real frames, the bundle's FP16 graph gives the FP32 map within 2e-2 relative to max(|map|, 1)."""
+    bundle = Bundle.load(bundle_dir)
+    fp32 = Inspector(bundle, OnnxRuntimeBackend(bundle.file(GRAPH_FP32), threads=2))
+    fp16 = Inspector(bundle, OnnxRuntimeBackend(bundle.file(GRAPH_FP16), threads=2))
+    worst = 0.0
+    with fp32, fp16:
+        for sample in (dataset.test[0], dataset.test[-1]):
+            prepared = fp32.prepare(read_image(sample.path))
+            a, b = fp32.infer(prepared), fp16.infer(prepared)
+            worst = max(worst, float((np.abs(a - b) / np.maximum(np.abs(a), 1)).max()))
+    print(f"learned FP16 vs FP32: max relative error {worst:.2e}")
+    assert worst <= 2e-2
+
+
+def test_predict_cli_finds_the_dots_and_passes_goods(bundle_dir, dataset, tmp_path):
+    """`inspectd predict` on the learned bundle: goods pass, each dot image is rejected with a box on the dot."""
+    out = tmp_path / "pred.jsonl"
+    test_root = dataset.test[0].path.parents[1]
+    assert main(["predict", str(bundle_dir), str(test_root), "--out", str(out), "--backend", "onnxruntime"]) == 0
+    records = {Path(r["image"]): r for r in map(json.loads, out.read_text().splitlines())}
+    assert len(records) == len(dataset.test)
+    for sample in dataset.test:
+        record = records[sample.path]
+        if sample.is_good:
+            assert record["verdict"] == "pass", (sample.path, record["score"], record["threshold"])
+            continue
+        assert record["verdict"] == "reject", (sample.path, record["score"], record["threshold"])
+        mask = read_image(sample.mask) > 0
+        x0, y0, x1, y1 = record["defects"][0]["bbox"]
+        assert mask[y0:y1, x0:x1].any(), f"{sample.path}: strongest box misses the dot"
+
+
+def test_inference_never_imports_torch(bundle_dir, dataset):
+    """Loading and running a learned bundle needs only the ONNX graph."""
+    code = (
+        "import sys; from engines.inspector import Inspector; "
+        f"i = Inspector.load({str(bundle_dir)!r}, 'onnxruntime'); i.activate(); "
+        f"i.inspect_path(__import__('pathlib').Path({str(dataset.test[0].path)!r})); "
+        "assert 'torch' not in sys.modules, 'torch imported'"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
+
+
+def test_defect_augmentation_labels_what_it_changes():
+    """Every kind of synthetic defect changes the crop where its label is, and only a local area."""
+    rng = np.random.default_rng(1)
+    crop = np.full((1, 128, 128), 120, np.float32) + rng.normal(0, 2, (1, 128, 128)).astype(np.float32)
+    crop[:, 40:80, 40:80] += 60  # some structure to remove or smear
+    source = rng.uniform(0, 255, (1, 128, 128)).astype(np.float32)
+    for _ in range(30):
+        out, label = add_defect(crop, rng, source, RADIUS + 4)
+        assert out.shape == crop.shape and label.shape == crop.shape[1:]
+        assert label.mean() < 0.5
+        if label.any():
+            assert np.abs(out - crop)[0][label > 0].max() > 1.0
+
+
+@pytest.fixture(scope="module")
+def training(dataset: Dataset) -> tuple:
+    """Registered goods and fold statistics, as the learned fit prepares them (no network)."""
+    images = dataset.train_good
+    geometry = Geometry(SIZE, SIZE, 1, "uint8")
+    config = tf._resolve(tf.FitConfig(), geometry)
+    weight = tf.inspection_region(geometry, None, config.margin_px or 0)
+    tmp = Path(tempfile.mkdtemp())
+    try:
+        reference = tf._bootstrap_reference(images, geometry, weight, config, False)
+        data = tf._register_all(images, geometry, weight, reference, tmp, False, "registering")
+        data.registered = np.array(data.registered)  # off the temporary memmap
+        stats = [tf._statistics(data, [i for i in range(len(images)) if i % 2 != f], config) for f in range(2)]
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return data, stats
+
+
+def test_training_is_reproducible_and_resumes_exactly(training, tmp_path):
+    """Same seed, same weights; stopping at a checkpoint and resuming gives the uninterrupted run's weights."""
+    data, stats = training
+    indices = list(range(1, len(data.coefs)))
+    learn = LearnConfig(steps=12, batch=2, patch=96, seed=5, checkpoint_every=6)
+    whole, report = train(data, stats, indices, 2, learn, None, progress=False)
+    again, _ = train(data, stats, indices, 2, learn, None, progress=False)
+    assert all(np.array_equal(whole[k], again[k]) for k in whole)
+    ckpt = tmp_path / "run.ckpt"
+    train(data, stats, indices, 2, LearnConfig(**{**learn.__dict__, "steps": 6}), ckpt, progress=False)
+    resumed, resumed_report = train(data, stats, indices, 2, learn, ckpt, progress=False)
+    assert resumed_report.resumed_from == 6 and resumed_report.steps == 12
+    for k in whole:
+        np.testing.assert_allclose(resumed[k], whole[k], rtol=1e-5, atol=1e-6, err_msg=k)
+    assert report.params == sum(v.size for v in whole.values())
+    other, _ = train(data, stats, indices, 2, LearnConfig(**{**learn.__dict__, "seed": 6}), None, progress=False)
+    assert not np.array_equal(other["conv0.weight"], whole["conv0.weight"])
+
+
+def test_output_crop_matches_the_valid_network():
+    """The network's output is its input minus the receptive-field radius on every side."""
+    net = LearnedNet(3)
+    x = torch.zeros(1, 12, 2 * RADIUS + 10, 2 * RADIUS + 10)
+    assert net(x).shape[-2:] == output_crop(np.zeros((2 * RADIUS + 10, 2 * RADIUS + 10))).shape
+
+
+def test_fit_cli_resumes_from_a_finished_checkpoint(bundle_dir, dataset, tmp_path):
+    """`inspectd fit --detector learned` with a checkpoint at the requested steps skips training and writes a bundle."""
+    ckpt = bundle_dir.with_name(bundle_dir.name + ".ckpt")
+    assert ckpt.exists()
+    out = tmp_path / "again"
+    root = dataset.train_good[0].parents[2]
+    argv = ["fit", str(root), "--out", str(out), "--detector", "learned", "--steps", str(STEPS)]
+    assert main([*argv, "--checkpoint", str(ckpt)]) == 0
+    bundle = Bundle.load(out)
+    assert bundle.detector == "learned" and bundle.manifest["learned"]["trained_steps"] == STEPS
+    assert bundle.manifest["learned"]["seed"] == 0
