@@ -140,22 +140,37 @@ def fit_learned(
 
 # -- training ----------------------------------------------------------------------------------------
 class _Sampler:
-    """Random training crops: registered good crops, their fold's statistics, optional synthetic defect."""
+    """Random training crops: registered good crops, their fold's statistics, optional synthetic defect.
+
+    Crops are centred on inspected pixels and may reach past the image border by up to the
+    receptive-field radius; outside the image every array is edge-replicated and the lighting
+    model extrapolated, exactly as the tile plan pads frames and statistics at run time, so the
+    network also learns the border pixels it will score there.
+    """
 
     def __init__(self, training: tf._Training, fold_stats: list[dict], indices: list[int], folds: int, learn):
-        self.training, self.fold_stats, self.indices, self.folds, self.learn = (
-            training,
-            fold_stats,
-            indices,
-            folds,
-            learn,
-        )
+        self.training, self.fold_stats, self.folds, self.learn = training, fold_stats, folds, learn
+        self.indices = indices
         self.full = (training.geometry.height, training.geometry.width)
-        p = learn.patch
-        inside = training.weight[p // 2 : self.full[0] - p + p // 2 + 1, p // 2 : self.full[1] - p + p // 2 + 1]
-        self.origins = np.argwhere(inside > 0)  # crop origins whose centre is inspected
-        if not len(self.origins):
-            raise UserError(f"the inspection region has no place for a {p} px training patch")
+        self.centres = np.argwhere(training.weight > 0)
+        if not len(self.centres):
+            raise UserError("the inspection region is empty")
+
+    def _origin(self, rng: np.random.Generator) -> tuple[int, int]:
+        p = self.learn.patch
+        cy, cx = (int(v) for v in self.centres[int(rng.integers(len(self.centres)))])
+        y = min(max(cy - p // 2, -RADIUS), self.full[0] - p + RADIUS)
+        x = min(max(cx - p // 2, -RADIUS), self.full[1] - p + RADIUS)
+        return y, x
+
+    def _window(self, array: np.ndarray, y: int, x: int) -> np.ndarray:
+        """array[..., y:y+p, x:x+p] with edge replication outside (``array`` is [H, W(, C)] or [C, H, W])."""
+        p = self.learn.patch
+        rows = np.clip(np.arange(y, y + p), 0, self.full[0] - 1)
+        cols = np.clip(np.arange(x, x + p), 0, self.full[1] - 1)
+        if array.shape[:2] == self.full:
+            return np.asarray(array[rows[0] : rows[-1] + 1])[rows - rows[0]][:, cols]
+        return np.asarray(array[:, rows[0] : rows[-1] + 1])[:, rows - rows[0]][:, :, cols]
 
     def batch(self, rng: np.random.Generator) -> tuple[np.ndarray, ...]:
         from calibration.learned_model import add_defect
@@ -164,20 +179,18 @@ class _Sampler:
         xs, mus, los, his, ws, labels = [], [], [], [], [], []
         for _ in range(self.learn.batch):
             i = int(self.indices[int(rng.integers(len(self.indices)))])
-            y, x = (int(v) for v in self.origins[int(rng.integers(len(self.origins)))])
-            window = (slice(y, y + p), slice(x, x + p))
-            crop = tf._planes(np.asarray(tr.registered[i][window]), tr.unit)
+            y, x = self._origin(rng)
+            crop = tf._planes(self._window(tr.registered[i], y, x), tr.unit)
             label = np.zeros((p, p), np.float32)
             if rng.random() < self.learn.defect_rate:
-                sy, sx = (int(v) for v in self.origins[int(rng.integers(len(self.origins)))])
-                source = tf._planes(np.asarray(tr.registered[i][sy : sy + p, sx : sx + p]), tr.unit)
+                source = tf._planes(self._window(tr.registered[i], *self._origin(rng)), tr.unit)
                 crop, label = add_defect(crop, rng, source, RADIUS + 4)
             xs.append(_normalise_window(crop, tr.coefs[i], y, x))
             stats = self.fold_stats[i % self.folds]
-            mus.append(stats["mu"][(slice(None), *window)])
-            los.append(stats["lo"][(slice(None), *window)])
-            his.append(stats["hi"][(slice(None), *window)])
-            ws.append(tr.weight[window][None])
+            mus.append(self._window(stats["mu"], y, x))
+            los.append(self._window(stats["lo"], y, x))
+            his.append(self._window(stats["hi"], y, x))
+            ws.append(self._window(tr.weight, y, x)[None])
             labels.append(label[None])
         return tuple(np.stack(a).astype(np.float32) for a in (xs, mus, los, his, ws, labels))
 

@@ -244,3 +244,30 @@ def test_fit_cli_resumes_from_a_finished_checkpoint(bundle_dir, dataset, tmp_pat
     bundle = Bundle.load(out)
     assert bundle.detector == "learned" and bundle.manifest["learned"]["trained_steps"] == STEPS
     assert bundle.manifest["learned"]["seed"] == 0
+
+
+def test_training_crops_are_padded_like_the_tiles(training):
+    """Crops reaching past the border hold what the tile plan's edge-replicated padding holds there."""
+    from calibration.learned_fit import _normalise_window, _Sampler
+
+    data, stats = training
+    learn = LearnConfig(patch=96)
+    sampler = _Sampler(data, stats, [1, 2], 2, learn)
+    frame = np.asarray(data.registered[1])
+    padded = np.pad(frame, RADIUS, mode="edge")
+    for y, x in ((-RADIUS, -RADIUS), (SIZE - 96 + RADIUS, 5), (7, SIZE - 96 + RADIUS)):
+        window = sampler._window(frame, y, x)
+        np.testing.assert_array_equal(window, padded[y + RADIUS : y + RADIUS + 96, x + RADIUS : x + RADIUS + 96])
+        mu = sampler._window(stats[0]["mu"], y, x)
+        np.testing.assert_array_equal(
+            mu[0],
+            np.pad(stats[0]["mu"][0], RADIUS, mode="edge")[y + RADIUS : y + RADIUS + 96, x + RADIUS : x + RADIUS + 96],
+        )
+    # the lighting model is extrapolated on image coordinates, as the graph's per-tile fields are
+    coef = np.array([1.1, 1e-4, -1e-4, 2.0, 0.01, 0.02], np.float32)
+    xn = _normalise_window(np.full((1, 4, 4), 100, np.float32), coef, -3, -2)
+    assert np.isclose(xn[0, 0, 0], (100 - (2.0 - 0.02 - 0.06)) / (1.1 - 2e-4 + 3e-4))
+    rng = np.random.default_rng(0)
+    origins = np.array([sampler._origin(rng) for _ in range(500)])
+    assert origins.min() >= -RADIUS and origins.max() <= SIZE - 96 + RADIUS
+    assert (origins == -RADIUS).any(), "border pixels are trained"
