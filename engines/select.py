@@ -13,6 +13,7 @@ from typing import Any
 import structlog
 
 from engines.backend import Backend, BackendError
+from engines.owner_thread import OwnerThreadBackend
 
 KINDS = ("auto", "onnxruntime", "tensorrt")
 
@@ -64,4 +65,5 @@ def _tensorrt(graph_fp16: Path, plan: Path | None) -> Backend:
         raise BackendError(f"tensorrt backend needs a CUDA GPU: {why}")
     plan = Path(plan) if plan is not None else default_plan_path(graph_fp16.parent)
     check_plan(plan, graph_fp16)
-    return TensorRTBackend(plan)
+    # Built and driven on one private thread, whichever threads load the model and run frames.
+    return OwnerThreadBackend(lambda: TensorRTBackend(plan))

@@ -11,6 +11,7 @@ import pytest
 
 from engines.backend import BackendError
 from engines.onnxruntime_backend import OnnxRuntimeBackend
+from engines.owner_thread import OwnerThreadBackend
 from engines.tensorrt_backend import INSTALL_HINT
 from tests.emulation import hide, install, write_toy_graph
 
@@ -95,9 +96,10 @@ def test_tensorrt_with_default_plan_is_chosen(monkeypatch, graphs) -> None:
 
     install(monkeypatch)
     build_engine(graphs[1], default_plan_path(graphs[1].parent), max_batch=2, workspace_mb=64, timing_cache=None)
-    assert isinstance(create_backend("tensorrt", *graphs), TensorRTBackend)
+    chosen = create_backend("tensorrt", *graphs)
+    assert isinstance(chosen, OwnerThreadBackend) and isinstance(chosen.inner, TensorRTBackend)
     log = RecordingLog()
-    assert isinstance(create_backend("auto", *graphs, log=log), TensorRTBackend)
+    assert isinstance(create_backend("auto", *graphs, log=log).inner, TensorRTBackend)
     assert log.records[0][1] == "backend_selected"
 
 
