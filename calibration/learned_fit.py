@@ -52,6 +52,7 @@ class LearnConfig:
     lr: float = 2e-3
     seed: int = 0
     defect_rate: float = 0.5  # fraction of training crops with a synthetic defect
+    hard_rate: float = 0.5  # fraction of crops centred where good parts vary most (widest band: edges, border band)
     pos_weight: float = 5.0  # BCE weight of defect pixels
     checkpoint: Path | None = None  # default: <out>.ckpt next to the bundle
     checkpoint_every: int = 200
@@ -155,10 +156,16 @@ class _Sampler:
         self.centres = np.argwhere(training.weight > 0)
         if not len(self.centres):
             raise UserError("the inspection region is empty")
+        # Hard negatives: the inspected pixels with the widest band (top 5 %) of the first fold's statistics.
+        stats = fold_stats[0]
+        width = (stats["hi"].astype(np.float32) - stats["lo"].astype(np.float32)).max(axis=0)
+        width = np.where(training.weight > 0, width, -np.inf)
+        self.hard = np.argwhere(width >= np.quantile(width[training.weight > 0], 0.95))
 
     def _origin(self, rng: np.random.Generator) -> tuple[int, int]:
         p = self.learn.patch
-        cy, cx = (int(v) for v in self.centres[int(rng.integers(len(self.centres)))])
+        pool = self.hard if rng.random() < self.learn.hard_rate else self.centres
+        cy, cx = (int(v) for v in pool[int(rng.integers(len(pool)))])
         y = min(max(cy - p // 2, -RADIUS), self.full[0] - p + RADIUS)
         x = min(max(cx - p // 2, -RADIUS), self.full[1] - p + RADIUS)
         return y, x

@@ -28,6 +28,7 @@ from engines.learned_graph import (
     MEAN_SCALE,
     RADIUS,
     WIDTH,
+    Z_FLOOR,
 )
 
 LABEL_MIN = 2.0  # grey levels, of the change smoothed over ~1 px
@@ -65,12 +66,14 @@ class LearnedNet(nn.Module):
 def features(xn: torch.Tensor, mu: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """The graph's features (``engines.learned_graph``) in torch: [N, C, H, W] each, w [N, 1, H, W]."""
     excess = torch.clamp(torch.maximum(xn - hi, lo - xn), min=0)
-    return (
-        torch.cat(
-            [(xn - mu) / DIFF_SCALE, excess / EXCESS_SCALE, (mu - 128) / MEAN_SCALE, (hi - lo) / BAND_SCALE], dim=1
-        )
-        * w
-    )
+    parts = [
+        (xn - mu) / DIFF_SCALE,
+        excess / EXCESS_SCALE,
+        (mu - 128) / MEAN_SCALE,
+        (hi - lo) / BAND_SCALE,
+        (xn - mu) / (hi - lo + Z_FLOOR),
+    ]
+    return torch.cat(parts, dim=1) * w
 
 
 def score_map(logit: torch.Tensor) -> torch.Tensor:

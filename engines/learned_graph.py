@@ -10,8 +10,8 @@ Per tile the graph
    registered reference (mean ``mu``, band ``[lo, hi]``, region ``w``), on the core plus the
    network's receptive-field radius only:
    (xn - mu) / 32, band excess max(xn - hi, lo - xn, 0) / 16, (mu - 128) / 64, (hi - lo) / 64,
-   each times w; so the network sees "how this pixel differs from the reference, and how much
-   good parts vary here";
+   and the difference in band widths (xn - mu) / (hi - lo + 4), each times w; so the network
+   sees "how this pixel differs from the reference, and how much good parts vary here";
 3. runs the network: 3x3 convolutions with dilations ``DILATIONS`` and ReLU, then a 1x1
    convolution to one logit; all convolutions are *valid* (no padding), so the output is
    exactly the core and equals the network applied to the whole image (the halo, 64 px, is
@@ -38,11 +38,12 @@ from onnx import TensorProto, helper
 
 from engines.graphs import ALIGN, FINE_GAIN_LEVEL, HALO, LEVELS, OPSET, RESIDENT, _Builder, _photometric_fields, _slice
 
-FEATURES = 4  # per colour channel
+FEATURES = 5  # per colour channel
 DILATIONS = (1, 2, 4, 8, 16)
 WIDTH = 16  # hidden channels
 RADIUS = sum(DILATIONS)  # receptive-field radius of the valid 3x3 stack (px)
 DIFF_SCALE, EXCESS_SCALE, MEAN_SCALE, BAND_SCALE = 32.0, 16.0, 64.0, 64.0
+Z_FLOOR = 4.0  # grey levels added to the band width in the normalised difference
 assert RADIUS <= HALO
 
 
@@ -86,20 +87,6 @@ def macs_per_pixel(channels: int) -> int:
     return sum(int(np.prod(s)) for k, s in weight_shapes(channels).items() if k.endswith("weight"))
 
 
-def features_numpy(xn: np.ndarray, mu: np.ndarray, lo: np.ndarray, hi: np.ndarray, w: np.ndarray) -> np.ndarray:
-    """The graph's stage 2 in numpy ([N, C, H, W] each, w [N, 1, H, W]) -> [N, FEATURES*C, H, W]."""
-    excess = np.maximum(np.maximum(xn - hi, lo - xn), 0)
-    return np.concatenate(
-        [
-            (xn - mu) / DIFF_SCALE * w,
-            excess / EXCESS_SCALE * w,
-            (mu - 128) / MEAN_SCALE * w,
-            (hi - lo) / BAND_SCALE * w,
-        ],
-        axis=1,
-    ).astype(np.float32)
-
-
 def build_learned_graph(spec: LearnedGraphSpec, weights: Mapping[str, np.ndarray]) -> onnx.ModelProto:
     """Build the tiled graph described in the module docstring with the trained ``weights``."""
     shapes = weight_shapes(spec.channels)
@@ -141,6 +128,7 @@ def build_learned_graph(spec: LearnedGraphSpec, weights: Mapping[str, np.ndarray
         g.op("Mul", [excess, g.const(np.float32(1 / EXCESS_SCALE))]),
         g.op("Mul", [g.op("Sub", [mu, g.const(np.float32(128))]), g.const(np.float32(1 / MEAN_SCALE))]),
         g.op("Mul", [g.op("Sub", [hi, lo]), g.const(np.float32(1 / BAND_SCALE))]),
+        g.op("Div", [g.op("Sub", [xn, mu]), g.op("Add", [g.op("Sub", [hi, lo]), g.const(np.float32(Z_FLOOR))])]),
     ]
     h = g.op("Mul", [g.op("Concat", feats, axis=1), w])
     if half == TensorProto.FLOAT16:

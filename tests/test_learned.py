@@ -22,13 +22,13 @@ from daemon.cli import main  # noqa: E402
 from engines.bundle import GRAPH_FP16, GRAPH_FP32, Bundle  # noqa: E402
 from engines.decode import read_image  # noqa: E402
 from engines.inspector import Inspector  # noqa: E402
-from engines.learned_graph import RADIUS, LearnedGraphSpec, build_learned_graph  # noqa: E402
+from engines.learned_graph import FEATURES, RADIUS, LearnedGraphSpec, build_learned_graph  # noqa: E402
 from engines.onnxruntime_backend import OnnxRuntimeBackend  # noqa: E402
 from engines.types import Geometry  # noqa: E402
 from tests.helpers import make_dataset  # noqa: E402
 
 SIZE = 384
-STEPS = 100
+STEPS = 160
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -56,7 +56,7 @@ def test_bundle_manifest_and_calibration(bundle_dir, dataset):
     assert learned["params"] < 20_000 and learned["flops_per_mpx"] > 0
     cal = bundle.calibration
     assert 2 <= len(cal["good_scores"]) < len(dataset.train_good), "scored on held-out goods only"
-    assert cal["threshold"] >= max(cal["good_scores"]) * 1.1 - 1e-6
+    assert cal["threshold"] >= max(cal["good_scores"]) * 1.1 - 1e-4
 
 
 def test_loss_falls(bundle_dir):
@@ -229,7 +229,7 @@ def test_training_is_reproducible_and_resumes_exactly(training, tmp_path):
 def test_output_crop_matches_the_valid_network():
     """The network's output is its input minus the receptive-field radius on every side."""
     net = LearnedNet(3)
-    x = torch.zeros(1, 12, 2 * RADIUS + 10, 2 * RADIUS + 10)
+    x = torch.zeros(1, 3 * FEATURES, 2 * RADIUS + 10, 2 * RADIUS + 10)
     assert net(x).shape[-2:] == output_crop(np.zeros((2 * RADIUS + 10, 2 * RADIUS + 10))).shape
 
 
