@@ -129,7 +129,8 @@ def fit_learned(
         held = [i for i in range(n) if i % folds == 0]
         trained = [i for i in range(n) if i % folds != 0]
         checkpoint = learn.checkpoint or out.with_name(out.name + ".ckpt")
-        weights, report = train(training, fold_stats, trained, folds, learn, checkpoint, progress)
+        data_id = f"{tf._fingerprint(images)['sha256']}:{folds}"
+        weights, report = train(training, fold_stats, trained, folds, learn, checkpoint, progress, data_id)
         if progress:
             print(report.describe(), file=sys.stderr)
         scores = score_images(training, fold_stats[0], held, weights, config.core, Path(tmp))
@@ -211,9 +212,10 @@ def _normalise_window(planes: np.ndarray, coef: np.ndarray, y: int, x: int) -> n
     return (planes - (b0 + bx * xs + by * ys)) / (a0 + ax * xs + ay * ys)
 
 
-def _signature(channels: int, learn: LearnConfig) -> dict:
+def _signature(channels: int, learn: LearnConfig, data_id: str) -> dict:
+    """What a checkpoint must agree on to be resumed: the data, the network and every knob but the step count."""
     keep = {k: v for k, v in asdict(learn).items() if k not in ("steps", "checkpoint", "checkpoint_every", "device")}
-    return {"channels": channels, **keep}
+    return {"channels": channels, "data": data_id, **keep}
 
 
 def train(
@@ -224,6 +226,7 @@ def train(
     learn: LearnConfig,
     checkpoint: Path | None,
     progress: bool = True,
+    data_id: str = "",
 ) -> tuple[dict[str, np.ndarray], TrainReport]:
     """Train the network from scratch (or resume from ``checkpoint``); returns its numpy weights and a report."""
     import torch
@@ -238,11 +241,13 @@ def train(
     optimiser = torch.optim.Adam(model.parameters(), lr=learn.lr)
     rng = np.random.default_rng(learn.seed)
     step, losses, loss_value = 0, [], float("nan")
-    signature = _signature(channels, learn)
+    signature = _signature(channels, learn, data_id)
     if checkpoint is not None and Path(checkpoint).exists():
         state = torch.load(checkpoint, map_location=device, weights_only=False)
         if state["signature"] != signature:
-            raise UserError(f"{checkpoint}: checkpoint of another training configuration; delete it or change --out")
+            raise UserError(
+                f"{checkpoint}: checkpoint of other training images or settings; delete it or pass another --checkpoint"
+            )
         model.load_state_dict(state["model"])
         optimiser.load_state_dict(state["optimiser"])
         rng.bit_generator.state = state["rng"]

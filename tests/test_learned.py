@@ -271,3 +271,17 @@ def test_training_crops_are_padded_like_the_tiles(training):
     origins = np.array([sampler._origin(rng) for _ in range(500)])
     assert origins.min() >= -RADIUS and origins.max() <= SIZE - 96 + RADIUS
     assert (origins == -RADIUS).any(), "border pixels are trained"
+
+
+def test_checkpoint_of_other_images_is_refused(training, tmp_path):
+    """A checkpoint is resumed only for the same training images and settings."""
+    from engines.errors import UserError
+
+    data, stats = training
+    learn = LearnConfig(steps=2, batch=1, patch=96, checkpoint_every=2)
+    ckpt = tmp_path / "c.ckpt"
+    train(data, stats, [1], 2, learn, ckpt, progress=False, data_id="a")
+    with pytest.raises(UserError, match="other training images or settings"):
+        train(data, stats, [1], 2, learn, ckpt, progress=False, data_id="b")
+    with pytest.raises(UserError, match="other training images or settings"):
+        train(data, stats, [1], 2, LearnConfig(**{**learn.__dict__, "lr": 1e-3}), ckpt, progress=False, data_id="a")
