@@ -16,7 +16,6 @@
 
 from __future__ import annotations
 
-import json
 import sys
 import tempfile
 import time
@@ -31,10 +30,10 @@ from tqdm import tqdm
 from calibration import template_fit as tf
 from calibration.thresholds import good_threshold
 from engines import registration as reg
-from engines.bundle import CALIBRATION, GRAPH_FP16, GRAPH_FP32, REFERENCE, write_bundle
+from engines.bundle import GRAPH_FP16, GRAPH_FP32
 from engines.decode import read_image
 from engines.errors import UserError
-from engines.graphs import ALIGN, HALO, LEVELS
+from engines.graphs import ALIGN, HALO
 from engines.inspector import resident_inputs
 from engines.learned_graph import RADIUS, LearnedGraphSpec, build_learned_graph, macs_per_pixel
 from engines.onnxruntime_backend import OnnxRuntimeBackend
@@ -349,46 +348,33 @@ def _write(
     started: float,
 ) -> Path:
     geo = training.geometry
-    coarse_f, fine_f = registration.factors
-    reference = {
-        **stats,
-        "reg_coarse": registration.coarse,
-        "reg_fine": registration.fine,
-        "reg_coarse_mask": registration.coarse_mask,
-        "reg_fine_mask": registration.fine_mask,
-    }
     spec = LearnedGraphSpec(geo.channels, config.core, input_dtype="float32" if geo.dtype == "uint16" else "uint8")
     learn_dict = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(learn).items()}
-    manifest = {
-        "detector": "learned",
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "fit_seconds": round(time.time() - started, 1),
-        "geometry": geo.to_dict(),
-        "tiling": {"core": config.core, "halo": HALO, "align": ALIGN, "levels": list(LEVELS)},
-        "registration": {
-            "factors": [coarse_f, fine_f],
-            "max_shift_px": config.max_shift_px,
-            "max_rotation_deg": config.max_rotation_deg,
-            "min_correlation": config.min_correlation,
-        },
-        "fit_config": asdict(config),
-        "learned": {
-            **learn_dict,
-            "receptive_radius": RADIUS,
-            "params": report.params,
-            "flops_per_mpx": report.flops_per_mpx,
-            "trained_steps": report.steps,
-            "final_loss": round(report.final_loss, 5),
-            "losses": report.losses,
-            "device": report.device,
-            "train_seconds": report.seconds,
-        },
-        "training": tf._fingerprint(images),
+    learned = {
+        **learn_dict,
+        "receptive_radius": RADIUS,
+        "params": report.params,
+        "flops_per_mpx": report.flops_per_mpx,
+        "trained_steps": report.steps,
+        "final_loss": round(report.final_loss, 5),
+        "losses": report.losses,
+        "device": report.device,
+        "train_seconds": report.seconds,
     }
-    writers = {
+    graphs = {
         GRAPH_FP32: lambda p: onnx.save(build_learned_graph(replace(spec, precision="fp32"), weights), p),
         GRAPH_FP16: lambda p: onnx.save(build_learned_graph(replace(spec, precision="fp16"), weights), p),
-        REFERENCE: lambda p: tf._save_npz(p, reference),
-        CALIBRATION: lambda p: p.write_text(json.dumps(calibration, indent=2) + "\n", encoding="utf-8"),
     }
-    return write_bundle(out, manifest, writers)
+    return tf.write_fitted_bundle(
+        out,
+        "learned",
+        training,
+        stats,
+        registration,
+        calibration,
+        config,
+        images,
+        started,
+        graphs,
+        {"learned": learned},
+    )

@@ -16,7 +16,7 @@ import hashlib
 import json
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -495,6 +495,52 @@ def _fingerprint(images: list[Path]) -> dict:
     }
 
 
+def write_fitted_bundle(
+    out: Path,
+    detector: str,
+    training: _Training,
+    stats: dict[str, np.ndarray],
+    registration: reg.RegistrationReference,
+    calibration: dict,
+    config: FitConfig,
+    images: list[Path],
+    started: float,
+    graphs: dict[str, Callable[[Path], None]],
+    extra_manifest: dict | None = None,
+) -> Path:
+    """Write a bundle of any detector fitted on registered good images: graphs, reference, calibration."""
+    coarse_f, fine_f = registration.factors
+    reference = {
+        **stats,
+        "reg_coarse": registration.coarse,
+        "reg_fine": registration.fine,
+        "reg_coarse_mask": registration.coarse_mask,
+        "reg_fine_mask": registration.fine_mask,
+    }
+    manifest = {
+        "detector": detector,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "fit_seconds": round(time.time() - started, 1),
+        "geometry": training.geometry.to_dict(),
+        "tiling": {"core": config.core, "halo": HALO, "align": ALIGN, "levels": list(LEVELS)},
+        "registration": {
+            "factors": [coarse_f, fine_f],
+            "max_shift_px": config.max_shift_px,
+            "max_rotation_deg": config.max_rotation_deg,
+            "min_correlation": config.min_correlation,
+        },
+        "fit_config": asdict(config),
+        "training": _fingerprint(images),
+        **(extra_manifest or {}),
+    }
+    writers = {
+        **graphs,
+        REFERENCE: lambda p: _save_npz(p, reference),
+        CALIBRATION: lambda p: p.write_text(json.dumps(calibration, indent=2) + "\n", encoding="utf-8"),
+    }
+    return write_bundle(out, manifest, writers)
+
+
 def _write(
     out: Path,
     training: _Training,
@@ -506,44 +552,20 @@ def _write(
     started: float,
 ) -> Path:
     geo = training.geometry
-    coarse_f, fine_f = registration.factors
-    reference = {
-        **stats,
-        "reg_coarse": registration.coarse,
-        "reg_fine": registration.fine,
-        "reg_coarse_mask": registration.coarse_mask,
-        "reg_fine_mask": registration.fine_mask,
-    }
-    in_dtype = "float32" if geo.dtype == "uint16" else "uint8"
     base = dict(
         channels=geo.channels,
         core=config.core,
-        input_dtype=in_dtype,
+        input_dtype="float32" if geo.dtype == "uint16" else "uint8",
         fine_scale=calibration["fine_scale"],
         coarse_scale=calibration["coarse_scale"],
     )
-    manifest = {
-        "detector": "template",
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "fit_seconds": round(time.time() - started, 1),
-        "geometry": geo.to_dict(),
-        "tiling": {"core": config.core, "halo": HALO, "align": ALIGN, "levels": list(LEVELS)},
-        "registration": {
-            "factors": [coarse_f, fine_f],
-            "max_shift_px": config.max_shift_px,
-            "max_rotation_deg": config.max_rotation_deg,
-            "min_correlation": config.min_correlation,
-        },
-        "fit_config": asdict(config),
-        "training": _fingerprint(images),
-    }
-    writers = {
+    graphs = {
         GRAPH_FP32: lambda p: onnx.save(build_template_graph(TemplateGraphSpec(**base, precision="fp32")), p),
         GRAPH_FP16: lambda p: onnx.save(build_template_graph(TemplateGraphSpec(**base, precision="fp16")), p),
-        REFERENCE: lambda p: _save_npz(p, reference),
-        CALIBRATION: lambda p: p.write_text(json.dumps(calibration, indent=2) + "\n", encoding="utf-8"),
     }
-    return write_bundle(out, manifest, writers)
+    return write_fitted_bundle(
+        out, "template", training, stats, registration, calibration, config, images, started, graphs
+    )
 
 
 def _save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
