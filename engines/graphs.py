@@ -199,18 +199,31 @@ def build_template_graph(spec: TemplateGraphSpec) -> onnx.ModelProto:
         g.nodes.append(helper.make_node("Max", [fine, coarse_full], ["anomaly"]))
         out_channels = 1
     outputs = [helper.make_tensor_value_info("anomaly", half, ["N", out_channels, spec.core, spec.core])]
-    graph = helper.make_graph(g.nodes, "inspectd_template", inputs, outputs, g.inits)
+    return finish_model(g, "template", inputs, outputs, spec.precision, spec.core, spec.halo)
+
+
+def finish_model(
+    g: _Builder,
+    detector: str,
+    inputs: list[onnx.ValueInfoProto],
+    outputs: list[onnx.ValueInfoProto],
+    precision: str,
+    core: int,
+    halo: int,
+    extra_props: dict[str, str] | None = None,
+) -> onnx.ModelProto:
+    """Wrap built nodes into a checked model carrying the metadata every inspectd graph has."""
+    graph = helper.make_graph(g.nodes, f"inspectd_{detector}", inputs, outputs, g.inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="inspectd")
     model.ir_version = 8
-    helper.set_model_props(
-        model,
-        {
-            "inspectd.detector": "template",
-            "inspectd.precision": spec.precision,
-            "inspectd.resident": ",".join(RESIDENT),
-            "inspectd.core": str(spec.core),
-            "inspectd.halo": str(spec.halo),
-        },
-    )
+    props = {
+        "inspectd.detector": detector,
+        "inspectd.precision": precision,
+        "inspectd.resident": ",".join(RESIDENT),
+        "inspectd.core": str(core),
+        "inspectd.halo": str(halo),
+        **(extra_props or {}),
+    }
+    helper.set_model_props(model, props)
     onnx.checker.check_model(model)
     return model

@@ -36,7 +36,16 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from engines.graphs import ALIGN, FINE_GAIN_LEVEL, HALO, LEVELS, OPSET, RESIDENT, _Builder, _photometric_fields, _slice
+from engines.graphs import (
+    ALIGN,
+    FINE_GAIN_LEVEL,
+    HALO,
+    LEVELS,
+    _Builder,
+    _photometric_fields,
+    _slice,
+    finish_model,
+)
 
 FEATURES = 5  # per colour channel
 DILATIONS = (1, 2, 4, 8, 16)
@@ -154,19 +163,5 @@ def build_learned_graph(spec: LearnedGraphSpec, weights: Mapping[str, np.ndarray
     w_core = _slice(g, "weight", spec.halo, spec.halo + spec.core, (2, 3))
     g.nodes.append(helper.make_node("Mul", [g.op("Softplus", [logit]), w_core], ["anomaly"]))
     outputs = [helper.make_tensor_value_info("anomaly", half, ["N", 1, spec.core, spec.core])]
-    graph = helper.make_graph(g.nodes, "inspectd_learned", inputs, outputs, g.inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="inspectd")
-    model.ir_version = 8
-    helper.set_model_props(
-        model,
-        {
-            "inspectd.detector": "learned",
-            "inspectd.precision": spec.precision,
-            "inspectd.resident": ",".join(RESIDENT),
-            "inspectd.core": str(spec.core),
-            "inspectd.halo": str(spec.halo),
-            "inspectd.receptive_radius": str(RADIUS),
-        },
-    )
-    onnx.checker.check_model(model)
-    return model
+    extra = {"inspectd.receptive_radius": str(RADIUS)}
+    return finish_model(g, "learned", inputs, outputs, spec.precision, spec.core, spec.halo, extra)
