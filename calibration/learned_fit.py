@@ -321,13 +321,7 @@ def score_images(
     with OnnxRuntimeBackend(path) as backend:
         backend.activate(resident_inputs(plan, stats, np.float32))
         for row, i in enumerate(indices):
-            frame = training.registered[i]
-            if training.unit != 1:
-                frame = frame.astype(np.float32) * np.float32(training.unit)
-            padded = plan.pad(np.ascontiguousarray(frame))
-            photo = reg.tile_photometric(training.coefs[i], origins, plan.halo)
-            for tiles in plan.batches(1):
-                feeds = {"image": plan.extract(padded, tiles), "photo": photo[tiles.start : tiles.stop]}
+            for feeds, tiles in tf.registered_tiles(training, plan, origins, i):
                 plan.stitch(backend.infer(feeds, tiles)["anomaly"], tiles, amap)
             scores[row] = float(amap.max())
     return scores

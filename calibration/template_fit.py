@@ -16,7 +16,7 @@ import hashlib
 import json
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -339,15 +339,8 @@ def _component_blocks(
     with backend:
         backend.activate(resident_inputs(plan, stats, np.float32))
         for row, i in enumerate(indices):
-            frame = training.registered[i]
-            if training.unit != 1:
-                frame = frame.astype(np.float32) * np.float32(training.unit)
-            padded = plan.pad(np.ascontiguousarray(frame))
-            photo = reg.tile_photometric(training.coefs[i], origins, plan.halo)
-            for tiles in plan.batches(1):
-                out = backend.infer(
-                    {"image": plan.extract(padded, tiles), "photo": photo[tiles.start : tiles.stop]}, tiles
-                )
+            for feeds, tiles in registered_tiles(training, plan, origins, i):
+                out = backend.infer(feeds, tiles)
                 y, x = plan.origin(tiles.start)
                 h, w = _valid_core(plan, tiles.start)
                 maps = np.zeros((2, core, core), np.float32)
@@ -357,6 +350,19 @@ def _component_blocks(
                 target = blocks[row, :, by : by + per_core, bx : bx + per_core]
                 target[...] = pooled[:, : target.shape[1], : target.shape[2]]
     return blocks
+
+
+def registered_tiles(
+    training: _Training, plan: TilePlan, origins: list[tuple[int, int]], index: int
+) -> Iterator[tuple[dict[str, np.ndarray], range]]:
+    """Graph feeds, one tile at a time, for training image ``index`` (already registered and lit)."""
+    frame = training.registered[index]
+    if training.unit != 1:
+        frame = frame.astype(np.float32) * np.float32(training.unit)
+    padded = plan.pad(np.ascontiguousarray(frame))
+    photo = reg.tile_photometric(training.coefs[index], origins, plan.halo)
+    for tiles in plan.batches(1):
+        yield {"image": plan.extract(padded, tiles), "photo": photo[tiles.start : tiles.stop]}, tiles
 
 
 def _block_shape(geo: Geometry) -> tuple[int, int]:
