@@ -192,7 +192,7 @@ class _Sampler:
             if rng.random() < self.learn.defect_rate:
                 source = tf._planes(self._window(tr.registered[i], *self._origin(rng)), tr.unit)
                 crop, label = add_defect(crop, rng, source, RADIUS + 4)
-            xs.append(_normalise_window(crop, tr.coefs[i], y, x))
+            xs.append(_normalise_window(crop, tr.coefs[i], y, x, tr.geometry.shape[:2]))
             stats = self.fold_stats[i % self.folds]
             mus.append(self._window(stats["mu"], y, x))
             los.append(self._window(stats["lo"], y, x))
@@ -202,13 +202,13 @@ class _Sampler:
         return tuple(np.stack(a).astype(np.float32) for a in (xs, mus, los, his, ws, labels))
 
 
-def _normalise_window(planes: np.ndarray, coef: np.ndarray, y: int, x: int) -> np.ndarray:
+def _normalise_window(planes: np.ndarray, coef: np.ndarray, y: int, x: int, full_shape: tuple[int, int]) -> np.ndarray:
     """The lighting correction of ``tf.normalise`` on a window whose top-left pixel is (y, x)."""
     _, h, w = planes.shape
     xs = np.arange(x, x + w, dtype=np.float32)[None, :]
     ys = np.arange(y, y + h, dtype=np.float32)[:, None]
-    a0, ax, ay, b0, bx, by = (np.float32(v) for v in coef)
-    return (planes - (b0 + bx * xs + by * ys)) / (a0 + ax * xs + ay * ys)
+    gain, offset = reg.lighting_fields(coef, xs, ys, full_shape)
+    return (planes - offset) / gain
 
 
 def _signature(channels: int, learn: LearnConfig, data_id: str) -> dict:

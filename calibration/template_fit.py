@@ -25,6 +25,7 @@ import numpy as np
 import onnx
 from tqdm import tqdm
 
+from calibration import tolerance_fit as tol
 from calibration.thresholds import good_threshold
 from engines import registration as reg
 from engines.bundle import CALIBRATION, GRAPH_FP16, GRAPH_FP32, REFERENCE, sha256_file, write_bundle
@@ -34,13 +35,12 @@ from engines.graphs import ALIGN, HALO, LEVELS, TemplateGraphSpec, build_templat
 from engines.inspector import resident_inputs
 from engines.onnxruntime_backend import OnnxRuntimeBackend
 from engines.tiling import TilePlan
+from engines.tolerance import BLOCK
 from engines.types import Geometry
 
 MIN_GOOD = 8
 COARSE_FLOOR = 0.3  # grey levels (8-bit units)
-BLOCK = 32  # px: the grid of the learned local tolerance (the coarsest pyramid block)
-FINE_REF_FLOOR = 1.0  # grey levels: below this, a block's fine level is noise and needs no normalising
-BORDER_ZONE = 0.06  # fraction of the image side where tolerance also spreads along the edge
+TRIM_FROM = 16  # images: below this the second-highest value is too poor an estimate of the range
 
 
 @dataclass(frozen=True)
@@ -54,6 +54,7 @@ class FitConfig:
     band_sigma: float = 3.0  # the band is at least mean +- band_sigma * per-pixel spread
     band_tol: float = 2.0  # grey levels (8-bit units) added on both sides of the band
     band_dilate: int = 1  # px of spatial tolerance for the min/max band
+    band_trim: int | None = None  # per pixel, lowest/highest values left out (None: 1 from TRIM_FROM images on)
     margin_px: int | None = None  # inspection-region margin along the border (None: automatic)
     max_shift_px: float | None = None  # registration limit (None: 4 % of the image side)
     max_rotation_deg: float = 3.0
@@ -68,7 +69,8 @@ class _Training:
     unit: float  # multiply raw pixel values by this to get 8-bit grey units
     weight: np.ndarray  # uint8 [H, W] inspection region, 1 = inspect
     registered: np.ndarray  # [n, H, W(, C)] raw dtype, registered frames (disk-backed)
-    coefs: np.ndarray  # [n, 6] lighting model per image
+    coefs: np.ndarray  # [n, PHOTO_TERMS] lighting model per image
+    poses: np.ndarray  # [n, 2, 3] reference -> frame transform per image
     pyramids: list[dict[int, np.ndarray]]  # per image: level -> [C, H_l, W_l] 3x3 block means of xn * w
 
 
@@ -99,8 +101,8 @@ def fit_template(
         # statistics and thresholds are computed from were prepared as run time will prepare frames.
         reference = _final_reference(_statistics(training, range(len(images)), config)["mu"], weight, reference)
         training = _register_all(images, geometry, weight, reference, Path(tmp), progress, "registering (2/2)")
-        calibration, gain, factor, blocks = _calibrate_folds(training, config, progress)
-        stats = apply_local_tolerance(_statistics(training, range(len(images)), config), gain, factor)
+        calibration, tolerance, blocks = _calibrate_folds(training, config, progress)
+        stats = apply_local_tolerance(_statistics(training, range(len(images)), config), tolerance)
         stats["held_out_blocks"] = blocks.astype(np.float16)  # for diagnostics and reports
         return _write(out, training, stats, reference, calibration, config, images, started)
 
@@ -215,9 +217,7 @@ def normalise(frames: np.ndarray, coef: np.ndarray, shape: tuple[int, int], full
     sy, sx = full_shape[0] / h, full_shape[1] / w
     xs = (np.arange(w, dtype=np.float32) * sx + (sx - 1) / 2)[None, :]
     ys = (np.arange(h, dtype=np.float32) * sy + (sy - 1) / 2)[:, None]
-    a0, ax, ay, b0, bx, by = (np.float32(v) for v in coef)
-    gain = a0 + ax * xs + ay * ys
-    offset = b0 + bx * xs + by * ys
+    gain, offset = reg.lighting_fields(coef, xs, ys, full_shape)
     return (frames - offset) / gain
 
 
@@ -238,7 +238,8 @@ def _register_all(
 ) -> _Training:
     unit = 1 / 257 if geometry.dtype == "uint16" else 1.0
     registered = np.lib.format.open_memmap(tmp / "registered.npy", "w+", geometry.dtype, (len(images), *geometry.shape))
-    coefs = np.zeros((len(images), 6), np.float32)
+    coefs = np.zeros((len(images), reg.PHOTO_TERMS), np.float32)
+    poses = np.zeros((len(images), 2, 3), np.float64)
     pyramids = []
     full = (geometry.height, geometry.width)
     for i, path in enumerate(tqdm(images, desc=desc, disable=not progress, unit="img")):
@@ -247,10 +248,11 @@ def _register_all(
         coarse = reg.downscale(image, coarse_f)
         pose = _register_or_fail(reference, coarse, reg.downscale(image, fine_f), path)
         coefs[i] = reference.photometric(coarse, pose)
+        poses[i] = pose.matrix
         registered[i] = reg.warp_to_reference(image, pose)
         xn = normalise(_planes(registered[i], unit), coefs[i], full, full)
         pyramids.append(block_means(xn * weight))
-    return _Training(geometry, unit, weight, registered, coefs, pyramids)
+    return _Training(geometry, unit, weight, registered, coefs, poses, pyramids)
 
 
 def block_means(planes: np.ndarray) -> dict[int, np.ndarray]:
@@ -267,20 +269,35 @@ def block_means(planes: np.ndarray) -> dict[int, np.ndarray]:
 
 
 def _statistics(training: _Training, indices: Sequence[int], config: FitConfig) -> dict[str, np.ndarray]:
-    """Reference statistics from the registered images at ``indices`` (the reference.npz arrays)."""
+    """Reference statistics from the registered images at ``indices`` (the reference.npz arrays).
+
+    With ``band_trim`` = 1 (the default from TRIM_FROM images on) each pixel's lowest and
+    highest value are left out of the mean, the spread and the min/max band: debris that one
+    good image happened to carry at a pixel must not widen the tolerance there for every future
+    part. What good parts do systematically (edges
+    that move, blur that changes) shows in many images and stays in the band.
+    """
     geo = training.geometry
     full = (geo.height, geo.width)
     n = len(indices)
+    trim = config.band_trim if config.band_trim is not None else int(n >= TRIM_FROM)
+    if n - 2 * trim < 2:
+        raise UserError(f"{n} images leave fewer than 2 per pixel after trimming {trim} at each end")
     total = np.zeros((geo.channels, *full), np.float64)
     total_sq = np.zeros_like(total)
-    lo = np.full((geo.channels, *full), np.inf, np.float32)
-    hi = np.full((geo.channels, *full), -np.inf, np.float32)
+    lows = [np.full((geo.channels, *full), np.inf, np.float32) for _ in range(trim + 1)]
+    highs = [np.full((geo.channels, *full), -np.inf, np.float32) for _ in range(trim + 1)]
     for i in indices:
         xn = normalise(_planes(training.registered[i], training.unit), training.coefs[i], full, full)
         total += xn
         total_sq += np.square(xn, dtype=np.float64)
-        np.minimum(lo, xn, out=lo)
-        np.maximum(hi, xn, out=hi)
+        _keep_extremes(lows, xn, np.minimum, np.maximum)
+        _keep_extremes(highs, xn, np.maximum, np.minimum)
+    for extreme in (*lows[:trim], *highs[:trim]):
+        total -= extreme
+        total_sq -= np.square(extreme, dtype=np.float64)
+    n -= 2 * trim
+    lo, hi = lows[trim], highs[trim]
     mu = (total / n).astype(np.float32)
     sigma = np.sqrt(np.maximum(total_sq / n - np.square(mu, dtype=np.float64), 0) * n / (n - 1)).astype(np.float32)
     del total, total_sq
@@ -295,11 +312,21 @@ def _statistics(training: _Training, indices: Sequence[int], config: FitConfig) 
         "lo": lo,
         "hi": hi,
         "weight": training.weight,
-        "fine_gain": np.ones(_block_shape(geo), np.float32),
+        "fine_gain": np.ones(tol.block_shape(geo), np.float32),
+        "fine_ring_gain": np.ones(tol.block_shape(geo), np.float32),
     }
     noise = float(np.median(sigma[:, training.weight > 0])) if training.weight.any() else 1.0
     stats.update(_coarse_spread(training, indices, max(noise, 0.5)))
     return {k: (v.astype(np.float16) if v.dtype == np.float32 else v) for k, v in stats.items()}
+
+
+def _keep_extremes(ranked: list[np.ndarray], x: np.ndarray, better, worse) -> None:
+    """Insert ``x`` into per-pixel running extremes, most extreme first (``better`` = np.minimum for lows)."""
+    carry = x
+    for k, current in enumerate(ranked):
+        ranked[k] = better(current, carry)
+        if k + 1 < len(ranked):
+            carry = worse(current, carry)
 
 
 def _coarse_spread(training: _Training, indices: Sequence[int], noise: float) -> dict[str, np.ndarray]:
@@ -333,7 +360,7 @@ def _component_blocks(
         geo.channels, core, input_dtype="float32" if training.unit != 1 else "uint8", components=True
     )
     backend = OnnxRuntimeBackend(_graph(spec, tmp / "components.onnx"))
-    blocks = np.zeros((len(indices), 2, *_block_shape(geo)), np.float32)
+    blocks = np.zeros((len(indices), 2, *tol.block_shape(geo)), np.float32)
     origins = [plan.origin(t) for t in range(plan.n_tiles)]
     per_core = core // BLOCK
     with backend:
@@ -360,13 +387,11 @@ def registered_tiles(
     if training.unit != 1:
         frame = frame.astype(np.float32) * np.float32(training.unit)
     padded = plan.pad(np.ascontiguousarray(frame))
-    photo = reg.tile_photometric(training.coefs[index], origins, plan.halo)
+    photo = reg.tile_photometric(training.coefs[index], origins, plan.halo, (plan.height, plan.width))
+    side = plan.tile // BLOCK
+    gain = np.ones((1, 1, side, side), np.float32)  # fitting scores raw: the tolerance is learned from these
     for tiles in plan.batches(1):
-        yield {"image": plan.extract(padded, tiles), "photo": photo[tiles.start : tiles.stop]}, tiles
-
-
-def _block_shape(geo: Geometry) -> tuple[int, int]:
-    return -(-geo.height // BLOCK), -(-geo.width // BLOCK)
+        yield {"image": plan.extract(padded, tiles), "photo": photo[tiles.start : tiles.stop], "fine_gain": gain}, tiles
 
 
 def _valid_core(plan: TilePlan, index: int) -> tuple[int, int]:
@@ -374,62 +399,9 @@ def _valid_core(plan: TilePlan, index: int) -> tuple[int, int]:
     return min(plan.core, plan.height - y), min(plan.core, plan.width - x)
 
 
-def local_tolerance(blocks: np.ndarray, inside: np.ndarray, border: int) -> tuple[np.ndarray, np.ndarray]:
-    """Learned local normalisation: where held-out good parts score high, the same score means less.
-
-    ``blocks`` [n, 2, Hb, Wb] holds held-out block maxima (fine excess in grey levels, coarse z).
-    Returns, per block, the fine gain (<= 1, multiplies the fine score) and the coarse factor
-    (>= 1, multiplies the block spread): each block's level (the maximum over its neighbourhood,
-    see ``_neighbourhood_max``) is brought down to the typical (median) level of the inspection
-    region; quieter blocks are left alone. Zones where good parts vary a lot (a moving fixture
-    edge, clutter along the border) thus become tolerant in proportion to what good parts do there.
-    """
-    fine = _neighbourhood_max(blocks[:, 0].max(axis=0), border)
-    coarse = _neighbourhood_max(blocks[:, 1].max(axis=0), border)
-    fine_ref = max(float(np.median(fine[inside])) if inside.any() else 1.0, FINE_REF_FLOOR)
-    coarse_ref = max(float(np.median(coarse[inside])) if inside.any() else 1.0, 1e-3)
-    gain = np.where(inside, fine_ref / np.maximum(fine, fine_ref), 1).astype(np.float32)
-    factor = np.where(inside, np.maximum(coarse / coarse_ref, 1), 1).astype(np.float32)
-    return gain, factor
-
-
-def _neighbourhood_max(level: np.ndarray, border: int) -> np.ndarray:
-    """3x3 block maximum inside; within ``border`` blocks of an edge, the maximum along that edge's line.
-
-    A block ``d`` blocks from the top edge takes the maximum of row ``d`` between the side zones
-    (and likewise for the other edges); corner blocks take the larger of their two lines.
-    """
-    out = cv2.dilate(level, np.ones((3, 3), np.uint8))
-    hb, wb = level.shape
-    if border <= 0 or 2 * border >= min(hb, wb):
-        return out
-    mid_rows, mid_cols = slice(border, hb - border), slice(border, wb - border)
-    row_line = level[:, mid_cols].max(axis=1)[:, None]  # per row, along the top/bottom edges
-    col_line = level[mid_rows, :].max(axis=0)[None, :]  # per column, along the left/right edges
-    rows, cols = np.ogrid[:hb, :wb]
-    near_tb = (rows < border) | (rows >= hb - border)
-    near_lr = (cols < border) | (cols >= wb - border)
-    edge = np.where(
-        near_tb & near_lr,
-        np.maximum(row_line, col_line),
-        np.where(near_tb, row_line, col_line),
-    )
-    return np.where(near_tb | near_lr, np.broadcast_to(edge, level.shape), out).astype(level.dtype)
-
-
-def border_blocks(geometry: Geometry) -> int:
-    """Width of the border zone, in blocks: BORDER_ZONE of the shorter image side."""
-    return int(np.ceil(BORDER_ZONE * min(geometry.height, geometry.width) / BLOCK))
-
-
-def _local_scores(blocks: np.ndarray, gain: np.ndarray, factor: np.ndarray) -> np.ndarray:
-    """Per image, the highest fine and coarse scores once the local normalisation is applied."""
-    fine = (blocks[:, 0] * gain).max(axis=(1, 2))
-    coarse = (blocks[:, 1] / factor).max(axis=(1, 2))
-    return np.stack([fine, coarse], axis=1)
-
-
-def _calibrate_folds(training: _Training, config: FitConfig, progress: bool) -> dict:
+def _calibrate_folds(
+    training: _Training, config: FitConfig, progress: bool
+) -> tuple[dict, tol.LocalTolerance, np.ndarray]:
     """k-fold: statistics without each fold, real-graph scores on it; local tolerance, scales, threshold.
 
     The local tolerance applied to each held-out image is learned from the other folds' images
@@ -437,59 +409,47 @@ def _calibrate_folds(training: _Training, config: FitConfig, progress: bool) -> 
     """
     n = len(training.coefs)
     folds = min(config.folds, n)
-    blocks = np.zeros((n, 2, *_block_shape(training.geometry)), np.float32)
+    blocks = np.zeros((n, 2, *tol.block_shape(training.geometry)), np.float32)
     with tempfile.TemporaryDirectory() as tmp:
         for fold in tqdm(range(folds), desc="calibrating (k-fold)", disable=not progress, unit="fold"):
             held = list(range(fold, n, folds))
             kept = [i for i in range(n) if i not in held]
             stats = _statistics(training, kept, config)
             blocks[held] = _component_blocks(training, stats, held, config.core, Path(tmp))
-    inside = _block_inside(training.weight)
-    border = border_blocks(training.geometry)
+    inside = tol.block_inside(training.weight)
+    border = tol.border_blocks(training.geometry)
     raw = np.zeros((n, 2), np.float32)
     for fold in range(folds):
         held = list(range(fold, n, folds))
         others = [i for i in range(n) if i not in held]
-        raw[held] = _local_scores(blocks[held], *local_tolerance(blocks[others], inside, border))
+        learned = tol.fit_local_tolerance(blocks[others], training.poses[others], inside, border)
+        raw[held] = learned.scores(blocks[held], training.poses[held])
     fine_scale = max(float(np.quantile(raw[:, 0], 0.9)), 0.5)
     coarse_scale = max(float(np.quantile(raw[:, 1], 0.9)), 2.0)
     scores = np.maximum(raw[:, 0] / fine_scale, raw[:, 1] / coarse_scale)
     calibration = good_threshold(scores, config.target_frr, config.threshold_margin)
-    gain, factor = local_tolerance(blocks, inside, border)
+    tolerance = tol.fit_local_tolerance(blocks, training.poses, inside, border)
     calibration.update(
         fine_scale=fine_scale,
         coarse_scale=coarse_scale,
         folds=folds,
         held_out_components=[[round(float(a), 4), round(float(b), 4)] for a, b in raw],
-        local_tolerance={
-            "block_px": BLOCK,
-            "blocks_normalised": round(float(((gain < 1) | (factor > 1))[inside].mean()), 4),
-            "fine_gain_min": round(float(gain.min()), 4),
-            "coarse_factor_max": round(float(factor.max()), 3),
-            "border_blocks": border,
-        },
+        local_tolerance=tolerance.summary(inside, border),
     )
-    return calibration, gain, factor, blocks
+    return calibration, tolerance, blocks
 
 
-def _block_inside(weight: np.ndarray) -> np.ndarray:
-    h, w = weight.shape
-    hb, wb = -(-h // BLOCK), -(-w // BLOCK)
-    padded = np.zeros((hb * BLOCK, wb * BLOCK), np.uint8)
-    padded[:h, :w] = weight
-    return padded.reshape(hb, BLOCK, wb, BLOCK).max(axis=(1, 3)) > 0
-
-
-def apply_local_tolerance(stats: dict[str, np.ndarray], gain: np.ndarray, factor: np.ndarray) -> dict:
-    """Bake the local normalisation into the statistics: the fine gain map, larger block spreads."""
+def apply_local_tolerance(stats: dict[str, np.ndarray], tolerance: tol.LocalTolerance) -> dict:
+    """Bake the local normalisation into the statistics: the fine gain maps, larger block spreads."""
     out = dict(stats)
     for level in LEVELS:
         inv = stats[f"inv_sigma{level}"]
         rep = BLOCK >> level
-        grow = np.repeat(np.repeat(factor, rep, axis=0), rep, axis=1)[: inv.shape[1], : inv.shape[2]]
+        grow = np.repeat(np.repeat(tolerance.factor, rep, axis=0), rep, axis=1)[: inv.shape[1], : inv.shape[2]]
         out[f"inv_sigma{level}"] = (inv.astype(np.float32) / grow).astype(np.float16)
-    out["fine_gain"] = gain.astype(np.float16)
-    out["local_factor"] = factor
+    out["fine_gain"] = tolerance.part_gain.astype(np.float16)
+    out["fine_ring_gain"] = tolerance.ring_gain.astype(np.float16)
+    out["local_factor"] = tolerance.factor
     return out
 
 

@@ -33,7 +33,7 @@ import numpy as np
 from engines.errors import BundleError
 from engines.types import Geometry
 
-FORMAT_VERSION = 3  # 2: separate resident statistics inputs; 3: learned fine gain
+FORMAT_VERSION = 4  # 2: separate resident statistics inputs; 3: learned fine gain; 4: quadratic lighting gain
 MANIFEST = "manifest.json"
 GRAPH_FP32 = "graph_fp32.onnx"
 GRAPH_FP16 = "graph_fp16.onnx"

@@ -1,12 +1,13 @@
 """The template detector's anomaly graph, built as ONNX so ONNX Runtime and TensorRT run the same model.
 
-Inputs per tile batch: ``image`` (the registered frame), ``photo`` (lighting model) and the
-resident statistics ``mean``, ``low``, ``high`` [N, C, T, T], ``weight`` [N, 1, T, T] (inspection
-region), ``fine_gain`` [N, 1, T/32, T/32] (learned local normalisation of the fine score) and
-``coarse{l}`` [N, C, T/2^l, T/2^l] (1/spread of the block means at level l).
+Inputs per tile batch: per frame ``image`` (the registered frame), ``photo`` (lighting model) and
+``fine_gain`` [N, 1, T/32, T/32] (learned local normalisation of the fine score for this frame's
+pose, see engines.tolerance); resident statistics ``mean``, ``low``, ``high`` [N, C, T, T],
+``weight`` [N, 1, T, T] (inspection region) and ``coarse{l}`` [N, C, T/2^l, T/2^l] (1/spread of
+the block means at level l).
 
 Per tile (core + halo) the graph:
-1. corrects illumination with a per-tile linear gain/offset field (``photo``), in FP32;
+1. corrects illumination with a per-tile gain (quadratic) and offset (linear) field (``photo``), in FP32;
 2. *fine* score: grey levels outside the per-pixel tolerance band [lo, hi] of good parts
    (the band is wide where good parts vary: structure edges, the border band);
 3. *coarse* score: the residual against the reference mean, averaged over a pyramid of
@@ -29,11 +30,14 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from engines.registration import PHOTO_TERMS
+
 LEVELS = (2, 3, 4, 5)
 ALIGN = 2 ** max(LEVELS)  # core origins and halo must be multiples of the coarsest block
 HALO = 2 * ALIGN  # the 3x3 neighbourhood at the coarsest level reaches 2 blocks out
 FINE_GAIN_LEVEL = max(LEVELS)  # the learned local gain of the fine score lives on the coarsest block grid
-RESIDENT = ("mean", "low", "high", "weight", "fine_gain", *(f"coarse{level}" for level in LEVELS))
+RESIDENT = ("mean", "low", "high", "weight", *(f"coarse{level}" for level in LEVELS))
+PER_FRAME = ("image", "photo", "fine_gain")  # fine_gain depends on the frame's pose (engines.tolerance)
 OPSET = 17
 
 
@@ -101,14 +105,25 @@ def _slice(g: _Builder, x: str, start: int, stop: int, axes: tuple[int, ...]) ->
 
 
 def _photometric_fields(g: _Builder, photo: str, tile: int) -> tuple[str, str]:
-    """Gain and offset fields a = p0 + p1*u + p2*v, b = p3 + p4*u + p5*v over the tile."""
+    """Gain a = p0 + p1 u + p2 v + p3 u^2 + p4 v^2 + p5 u v and offset b = p6 + p7 u + p8 v over the tile."""
     u = g.const(np.arange(tile, dtype=np.float32).reshape(1, 1, 1, tile), "u")
     v = g.const(np.arange(tile, dtype=np.float32).reshape(1, 1, tile, 1), "v")
-    p = g.op("Reshape", [photo, g.const(np.array([-1, 6, 1, 1], np.int64))])
-    coef = g.ops("Split", [p, g.const(np.ones(6, np.int64))], 6, axis=1)
-    # (p0 + p1*u) is one row and p2*v one column per tile: a single full-size add builds the field
-    a = g.op("Add", [g.op("Add", [coef[0], g.op("Mul", [coef[1], u])]), g.op("Mul", [coef[2], v])])
-    b = g.op("Add", [g.op("Add", [coef[3], g.op("Mul", [coef[4], u])]), g.op("Mul", [coef[5], v])])
+    uu = g.const(np.square(np.arange(tile, dtype=np.float32)).reshape(1, 1, 1, tile), "uu")
+    vv = g.const(np.square(np.arange(tile, dtype=np.float32)).reshape(1, 1, tile, 1), "vv")
+    p = g.op("Reshape", [photo, g.const(np.array([-1, PHOTO_TERMS, 1, 1], np.int64))])
+    c = g.ops("Split", [p, g.const(np.ones(PHOTO_TERMS, np.int64))], PHOTO_TERMS, axis=1)
+
+    def mul(a: str, b: str) -> str:
+        return g.op("Mul", [a, b])
+
+    def add(a: str, b: str) -> str:
+        return g.op("Add", [a, b])
+
+    # one row (terms in u), one column (terms in v) and one outer product: two full-size adds build the field
+    row = add(add(c[0], mul(c[1], u)), mul(c[3], uu))
+    col = add(mul(c[2], v), mul(c[4], vv))
+    a = add(add(row, col), mul(mul(c[5], u), v))
+    b = add(add(c[6], mul(c[7], u)), mul(c[8], v))
     return a, b
 
 
@@ -156,7 +171,7 @@ def build_template_graph(spec: TemplateGraphSpec) -> onnx.ModelProto:
     # per-tile conversion on the CPU), FP16 graphs get FP16 (half the device memory and traffic).
     inputs = [
         helper.make_tensor_value_info("image", in_type, ["N", c, t, t]),
-        helper.make_tensor_value_info("photo", TensorProto.FLOAT, ["N", 6]),
+        helper.make_tensor_value_info("photo", TensorProto.FLOAT, ["N", PHOTO_TERMS]),
     ]
     stats = {}
     for name, channels in (("mean", c), ("low", c), ("high", c), ("weight", 1)):

@@ -20,19 +20,21 @@ from engines.backend import Backend
 from engines.bundle import GRAPH_FP16, GRAPH_FP32, Bundle
 from engines.decode import conform, read_image
 from engines.errors import BundleError, ImageError, InspectError
-from engines.graphs import FINE_GAIN_LEVEL, LEVELS, RESIDENT
+from engines.graphs import FINE_GAIN_LEVEL, LEVELS, PER_FRAME, RESIDENT
 from engines.regions import find_regions
 from engines.select import create_backend
 from engines.tiling import TilePlan
+from engines.tolerance import frame_fine_gain
 from engines.types import Result
 
 
 @dataclass(frozen=True)
 class Prepared:
-    """A frame registered to the reference, padded for tiling, with its per-tile lighting model."""
+    """A frame registered to the reference, padded for tiling, with its per-tile lighting model and fine gain."""
 
     padded: np.ndarray
     photo: np.ndarray
+    fine_gain: np.ndarray  # [tiles, 1, T/32, T/32] float32
     pose: reg.Pose
     timings_ms: dict[str, float] = field(default_factory=dict)
 
@@ -64,16 +66,18 @@ def resident_inputs(plan: TilePlan, ref: dict[str, np.ndarray], dtype: np.dtype 
     """Tile the reference statistics once, in the layout and precision of the graph's resident inputs."""
     full = {"mean": ref["mu"], "low": ref["lo"], "high": ref["hi"], "weight": ref["weight"][None]}
     out = {name: _tile_planes(plan, planes, dtype) for name, planes in full.items()}
-    gain = ref["fine_gain"][None]
-    step = 2**FINE_GAIN_LEVEL
-    out["fine_gain"] = _tile_planes(
-        TilePlan(gain.shape[1], gain.shape[2], plan.core // step, plan.halo // step, 1), gain, dtype
-    )
     for level in LEVELS:
         inv = ref[f"inv_sigma{level}"]
         sub = TilePlan(inv.shape[1], inv.shape[2], plan.core >> level, plan.halo >> level, 1)
         out[f"coarse{level}"] = _tile_planes(sub, inv, dtype)
     return out
+
+
+def gain_tiles(plan: TilePlan, gain: np.ndarray) -> np.ndarray:
+    """A frame's fine gain per 32 px block [Hb, Wb] cut into the graph's per-tile layout [tiles, 1, T/32, T/32]."""
+    step = 2**FINE_GAIN_LEVEL
+    sub = TilePlan(gain.shape[0], gain.shape[1], plan.core // step, plan.halo // step, 1)
+    return _tile_planes(sub, gain[None], np.float32)
 
 
 def _tile_planes(plan: TilePlan, planes: np.ndarray, dtype: np.dtype) -> np.ndarray:
@@ -97,13 +101,16 @@ class Inspector:
         tiling = bundle.manifest["tiling"]
         self.plan = TilePlan(self.geometry.height, self.geometry.width, tiling["core"], tiling["halo"], tiling["align"])
         self.batch = max(1, (backend.max_batch and min(batch, backend.max_batch)) or batch)
-        missing = {"image", "photo", *RESIDENT} - set(backend.inputs)
+        missing = {*PER_FRAME, *RESIDENT} - set(backend.inputs)
         if missing:
             raise BundleError(f"{backend.graph_path}: graph lacks inputs {sorted(missing)}; refit with this inspectd")
         self._ref = bundle.reference()
         self._registration = registration_reference(bundle, self._ref)
         self._float_input = self.geometry.dtype == "uint16"
         self._origins = [self.plan.origin(i) for i in range(self.plan.n_tiles)]
+        self._part_gain = self._ref["fine_gain"].astype(np.float32)
+        ring = self._ref.get("fine_ring_gain")
+        self._ring_gain = np.ones_like(self._part_gain) if ring is None else ring.astype(np.float32)
 
     @classmethod
     def load(cls, path: Path, backend: str = "auto", batch: int = 1) -> Inspector:
@@ -136,8 +143,9 @@ class Inspector:
         if self.geometry.channels == 3:
             shape = (*shape, 3)
         dtype = np.float32 if self._float_input else np.uint8
-        photo = np.tile(np.array([1, 0, 0, 0, 0, 0], np.float32), (self.plan.n_tiles, 1))
-        return Prepared(np.full(shape, 128, dtype), photo, reg.Pose(np.eye(2, 3), 1.0))
+        photo = np.tile(np.eye(1, reg.PHOTO_TERMS, dtype=np.float32), (self.plan.n_tiles, 1))
+        gain = gain_tiles(self.plan, self._part_gain)
+        return Prepared(np.full(shape, 128, dtype), photo, gain, reg.Pose(np.eye(2, 3), 1.0))
 
     # -- the three stages ------------------------------------------------------------
     def prepare(self, image: np.ndarray, source: str = "frame") -> Prepared:
@@ -154,17 +162,20 @@ class Inspector:
             if self._float_input:
                 registered = registered.astype(np.float32) * np.float32(1 / 257)
             padded = self.plan.pad(registered)
-            photo = reg.tile_photometric(coef, self._origins, self.plan.halo)
-        return Prepared(padded, photo, pose, timings)
+            photo = reg.tile_photometric(coef, self._origins, self.plan.halo, (self.plan.height, self.plan.width))
+            gain = gain_tiles(self.plan, frame_fine_gain(self._part_gain, self._ring_gain, pose.matrix))
+        return Prepared(padded, photo, gain, pose, timings)
 
     def infer(self, prepared: Prepared) -> np.ndarray:
         """Run the anomaly graph over every tile; returns the float32 [H, W] map (reference frame)."""
         amap = np.empty((self.geometry.height, self.geometry.width), np.float32)
         jobs = []
+        gain = prepared.fine_gain.astype(self.backend.inputs["fine_gain"].dtype, copy=False)
         for tiles in self.plan.batches(self.batch):
             feeds = {
                 "image": self.plan.extract(prepared.padded, tiles),
                 "photo": prepared.photo[tiles.start : tiles.stop],
+                "fine_gain": gain[tiles.start : tiles.stop],
             }
             jobs.append((feeds, tiles))
         infer_many = getattr(self.backend, "infer_many", None)

@@ -46,6 +46,7 @@ from engines.graphs import (
     _slice,
     finish_model,
 )
+from engines.registration import PHOTO_TERMS
 
 FEATURES = 5  # per colour channel
 DILATIONS = (1, 2, 4, 8, 16)
@@ -109,7 +110,7 @@ def build_learned_graph(spec: LearnedGraphSpec, weights: Mapping[str, np.ndarray
     in_type = TensorProto.UINT8 if spec.input_dtype == "uint8" else TensorProto.FLOAT
     inputs = [
         helper.make_tensor_value_info("image", in_type, ["N", c, t, t]),
-        helper.make_tensor_value_info("photo", TensorProto.FLOAT, ["N", 6]),
+        helper.make_tensor_value_info("photo", TensorProto.FLOAT, ["N", PHOTO_TERMS]),
     ]
     for name, channels in (("mean", c), ("low", c), ("high", c), ("weight", 1)):
         inputs.append(helper.make_tensor_value_info(name, half, ["N", channels, t, t]))

@@ -6,7 +6,7 @@ pull the fit. ECC's correlation is invariant to global gain and offset, so light
 does not disturb it. The result maps reference pixel coordinates to frame coordinates.
 
 The illumination fit then models the registered frame as gain(x, y) * mean + offset(x, y)
-with gain and offset linear in x and y, fitted robustly on the coarse level.
+with the gain quadratic and the offset linear in x and y, fitted robustly on the coarse level.
 """
 
 from __future__ import annotations
@@ -137,7 +137,7 @@ class RegistrationReference:
             )
 
     def photometric(self, coarse_img: np.ndarray, pose: Pose) -> np.ndarray:
-        """Fit frame = gain * reference + offset (both linear in x, y); returns [a0, ax, ay, b0, bx, by]."""
+        """Fit frame = gain * reference + offset; returns the PHOTO_TERMS coefficients (see ``fit_photometric``)."""
         small_warp = _scale_matrix(pose.matrix, self.coarse.shape, self.full_shape)
         h, w = self.coarse.shape
         registered = cv2.warpAffine(
@@ -150,48 +150,80 @@ class RegistrationReference:
         return fit_photometric(registered, self.coarse, self.coarse_mask, self.full_shape)
 
 
+PHOTO_TERMS = 9  # [g0, gx, gy, gxx, gyy, gxy, o0, ox, oy]: quadratic gain, linear offset
+
+
+def _unit_coordinates(xs: np.ndarray, ys: np.ndarray, full_shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """Full-resolution pixel coordinates -> the lighting model's coordinates: centred, half-side = 1."""
+    h, w = full_shape
+    half = max(h, w) / 2
+    return (xs - (w - 1) / 2) / half, (ys - (h - 1) / 2) / half
+
+
+def lighting_fields(
+    coef: np.ndarray, xs: np.ndarray, ys: np.ndarray, full_shape: tuple[int, int]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Gain and offset of the lighting model at full-resolution pixel coordinates (broadcasting)."""
+    g0, gx, gy, gxx, gyy, gxy, o0, ox, oy = (float(v) for v in coef)
+    x, y = _unit_coordinates(np.asarray(xs, np.float64), np.asarray(ys, np.float64), full_shape)
+    gain = g0 + gx * x + gy * y + gxx * x * x + gyy * y * y + gxy * x * y
+    return gain.astype(np.float32), (o0 + ox * x + oy * y).astype(np.float32)
+
+
 def fit_photometric(
     registered: np.ndarray, reference: np.ndarray, mask: np.ndarray, full_shape: tuple[int, int]
 ) -> np.ndarray:
-    """Robust least squares of registered = (a0 + ax X + ay Y) * reference + (b0 + bx X + by Y).
+    """Robust least squares of registered = gain(x, y) * reference + offset(x, y).
 
-    X and Y are full-resolution pixel coordinates of each coarse pixel's centre. Two
-    reweighting passes drop pixels far from the fit, so defects do not bend the lighting model.
+    The gain is quadratic in x and y (vignetting and a light source's fall-off are, to first
+    order, quadratic across the field), the offset linear (stray light, dark level). x and y
+    are the centred coordinates of each coarse pixel's centre (see ``_unit_coordinates``).
+    Two reweighting passes drop pixels far from the fit, so defects do not bend the model.
     """
     h, w = reference.shape
     sy, sx = full_shape[0] / h, full_shape[1] / w
     ys, xs = np.nonzero(mask)
-    X = xs * sx + (sx - 1) / 2
-    Y = ys * sy + (sy - 1) / 2
+    x, y = _unit_coordinates(xs * sx + (sx - 1) / 2, ys * sy + (sy - 1) / 2, full_shape)
     mu = reference[ys, xs].astype(np.float64)
     target = registered[ys, xs].astype(np.float64)
-    design = np.stack([mu, mu * X, mu * Y, np.ones_like(mu), X, Y], axis=1)
-    # columns scaled to unit size so the 6x6 normal equations stay well conditioned
+    ones = np.ones_like(mu)
+    design = np.stack([mu, mu * x, mu * y, mu * x * x, mu * y * y, mu * x * y, ones, x, y], axis=1)
+    # columns scaled to unit size so the normal equations stay well conditioned
     scale = np.abs(design).max(axis=0) + 1e-12
     design = design / scale
     keep = np.ones(len(mu), bool)
-    coef = np.array([1.0, 0, 0, 0, 0, 0]) * scale
+    coef = np.eye(1, PHOTO_TERMS)[0] * scale
     for _ in range(3):
-        if keep.sum() < 12:
+        if keep.sum() < 4 * PHOTO_TERMS:
             break
         d = design[keep]
-        coef = np.linalg.solve(d.T @ d + 1e-9 * np.eye(6), d.T @ target[keep])
+        coef = np.linalg.solve(d.T @ d + 1e-9 * np.eye(PHOTO_TERMS), d.T @ target[keep])
         resid = target - design @ coef
         mad = np.median(np.abs(resid[keep])) * 1.4826 + 1e-6
         keep = np.abs(resid) < 3 * mad
     coef = coef / scale
-    if not np.all(np.isfinite(coef)) or coef[0] <= 0.05:
+    corners = lighting_fields(coef, np.array([0, full_shape[1] - 1]), np.array([[0], [full_shape[0] - 1]]), full_shape)
+    if not np.all(np.isfinite(coef)) or corners[0].min() <= 0.05 or coef[0] <= 0.05:
         raise InspectError("registration", "illumination fit failed (image too dark or featureless)")
     return coef.astype(np.float32)
 
 
-def tile_photometric(coef: np.ndarray, origins: list[tuple[int, int]], halo: int) -> np.ndarray:
-    """Per-tile coefficients in tile-local pixel coordinates (u = column, v = row of the input tile)."""
-    a0, ax, ay, b0, bx, by = (float(v) for v in coef)
-    out = np.empty((len(origins), 6), np.float32)
+def tile_photometric(
+    coef: np.ndarray, origins: list[tuple[int, int]], halo: int, full_shape: tuple[int, int]
+) -> np.ndarray:
+    """The lighting model per tile as a polynomial in tile-local pixels (u = column, v = row of the input tile).
+
+    Returns [n, PHOTO_TERMS]: gain = p0 + p1 u + p2 v + p3 u^2 + p4 v^2 + p5 u v, offset = p6 + p7 u + p8 v.
+    """
+    g0, gx, gy, gxx, gyy, gxy, o0, ox, oy = (float(v) for v in coef)
+    k = 1 / (max(full_shape) / 2)  # unit coordinates per pixel
+    out = np.empty((len(origins), PHOTO_TERMS), np.float32)
     for i, (y0, x0) in enumerate(origins):
-        ox, oy = x0 - halo, y0 - halo
-        out[i] = (a0 + ax * ox + ay * oy, ax, ay, b0 + bx * ox + by * oy, bx, by)
+        x, y = _unit_coordinates(np.float64(x0 - halo), np.float64(y0 - halo), full_shape)
+        gain0 = g0 + gx * x + gy * y + gxx * x * x + gyy * y * y + gxy * x * y
+        gain_u = (gx + 2 * gxx * x + gxy * y) * k
+        gain_v = (gy + 2 * gyy * y + gxy * x) * k
+        out[i] = (gain0, gain_u, gain_v, gxx * k * k, gyy * k * k, gxy * k * k, o0 + ox * x + oy * y, ox * k, oy * k)
     return out
 
 

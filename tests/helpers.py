@@ -171,18 +171,17 @@ def random_reference(rng: np.random.Generator, height: int, width: int, channels
 
 
 def random_photo(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
-    """Random full-image lighting coefficients [a0, ax, ay, b0, bx, by] (gain near 1, gentle gradients)."""
-    return np.array(
-        [
-            rng.uniform(0.9, 1.1),
-            rng.uniform(-2e-4, 2e-4),
-            rng.uniform(-2e-4, 2e-4),
-            rng.uniform(-8, 8),
-            rng.uniform(-0.02, 0.02),
-            rng.uniform(-0.02, 0.02),
-        ],
-        np.float32,
-    )
+    """Random lighting coefficients (registration.PHOTO_TERMS, unit coordinates): gain near 1, gentle curvature."""
+    gain = [rng.uniform(0.9, 1.1), *rng.uniform(-0.05, 0.05, 2), *rng.uniform(-0.03, 0.03, 3)]
+    return np.array([*gain, rng.uniform(-8, 8), *rng.uniform(-4, 4, 2)], np.float32)
+
+
+def lighting_truth(coef: np.ndarray, xs: np.ndarray, ys: np.ndarray, height: int, width: int) -> tuple:
+    """Gain and offset at pixel coordinates, written out independently of engines.registration."""
+    half = max(height, width) / 2
+    x, y = (xs - (width - 1) / 2) / half, (ys - (height - 1) / 2) / half
+    g0, gx, gy, gxx, gyy, gxy, o0, ox, oy = (float(v) for v in coef)
+    return g0 + gx * x + gy * y + gxx * x * x + gyy * y * y + gxy * x * y, o0 + ox * x + oy * y
 
 
 def convert_dataset(src: Path, dst: Path, layout: str) -> Path:

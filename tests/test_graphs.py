@@ -11,6 +11,7 @@ import pytest
 
 from engines.graphs import HALO, LEVELS, TemplateGraphSpec, build_template_graph
 from engines.onnxruntime_backend import OnnxRuntimeBackend
+from engines.registration import PHOTO_TERMS
 from tests.helpers import render_part
 
 CORE = 64
@@ -36,7 +37,7 @@ def tile_inputs(
     image: np.ndarray,
     photo: np.ndarray,
 ) -> dict[str, np.ndarray]:
-    """Graph feeds for tiles: mu/half_band [N, C, T, T], weight [N, 1, T, T], image [N, C, T, T], photo [N, 6]."""
+    """Graph feeds for tiles: mu/half_band [N, C, T, T], weight [N, 1, T, T], image [N, C, T, T], photo [N, 9]."""
     n, c = mu.shape[:2]
     feeds = {"image": image, "photo": photo.astype(np.float32)}
     stats = {"mean": mu, "low": mu - half_band, "high": mu + half_band, "weight": weight}
@@ -54,8 +55,8 @@ def numpy_fields(photo: np.ndarray, tile: int) -> tuple[np.ndarray, np.ndarray]:
     u = np.arange(tile, dtype=np.float32)[None, :]
     v = np.arange(tile, dtype=np.float32)[:, None]
     p = photo.astype(np.float32)[:, :, None, None]
-    a = p[:, 0] + p[:, 1] * u + p[:, 2] * v
-    b = p[:, 3] + p[:, 4] * u + p[:, 5] * v
+    a = p[:, 0] + p[:, 1] * u + p[:, 2] * v + p[:, 3] * u * u + p[:, 4] * v * v + p[:, 5] * u * v
+    b = p[:, 6] + p[:, 7] * u + p[:, 8] * v
     return a[:, None], b[:, None]
 
 
@@ -97,7 +98,8 @@ def realistic_tiles(rng: np.random.Generator, n: int, channels: int) -> dict[str
         y, x = rng.integers(0, 512 - TILE, 2)
         mu = np.repeat(part[None, y : y + TILE, x : x + TILE], channels, axis=0)
         band = 6.0 + 0.5 * np.repeat(edges[None, y : y + TILE, x : x + TILE], channels, axis=0)
-        photo = np.array([rng.uniform(0.95, 1.05), 1e-4, -1e-4, rng.uniform(-5, 5), 0.01, -0.01], np.float32)
+        curve = rng.uniform(-2e-7, 2e-7, 3)  # per px^2: up to 2 % of gain across a tile
+        photo = np.array([rng.uniform(0.95, 1.05), 1e-4, -1e-4, *curve, rng.uniform(-5, 5), 0.01, -0.01], np.float32)
         a, b = numpy_fields(photo[None], TILE)
         img = a[0] * mu + b[0] + rng.normal(0, 2, mu.shape)
         cy, cx = rng.integers(HALO, HALO + CORE - 40, 2)
@@ -156,7 +158,7 @@ def test_coarse_score_finds_a_faint_blob_but_not_noise_of_equal_energy(tmp_path)
     noise = np.full_like(mu, 128.0)
     noise[:, :, y0 : y0 + 40, x0 : x0 + 40] += rng.choice([-10.0, 10.0], (40, 40))
     assert np.isclose(np.square(blob - 128).sum(), np.square(noise - 128).sum())
-    photo = np.array([[1, 0, 0, 0, 0, 0]], np.float32)
+    photo = np.eye(1, PHOTO_TERMS, dtype=np.float32)
     spec = TemplateGraphSpec(1, CORE, components=True)
     maps = {}
     for name, image in (("blob", blob), ("noise", noise), ("flat", mu)):
@@ -205,7 +207,7 @@ def test_graph_io_matches_the_architecture(tmp_path, channels, input_dtype, prec
     assert set(ins) == {"image", "photo", *statistics, *(f"coarse{lv}" for lv in LEVELS)}
     stat_dtype = np.float16 if precision == "fp16" else np.float32
     assert ins["image"].dtype == np.dtype(input_dtype) and ins["image"].shape == (-1, channels, TILE, TILE)
-    assert ins["photo"].dtype == np.float32 and ins["photo"].shape == (-1, 6)
+    assert ins["photo"].dtype == np.float32 and ins["photo"].shape == (-1, PHOTO_TERMS)
     for name in ("mean", "low", "high"):
         assert ins[name].dtype == stat_dtype and ins[name].shape == (-1, channels, TILE, TILE)
     assert ins["weight"].dtype == stat_dtype and ins["weight"].shape == (-1, 1, TILE, TILE)
@@ -224,7 +226,7 @@ def test_graph_io_matches_the_architecture(tmp_path, channels, input_dtype, prec
         np.ones((3, 1, TILE, TILE), np.float32),
         1.0,
         image,
-        np.tile([1, 0, 0, 0, 0, 0], (3, 1)),
+        np.tile(np.eye(1, PHOTO_TERMS), (3, 1)),
     )
     out = run_graph(tmp_path, spec, feeds)
     assert out.dtype == want and out.shape == (3, 1, CORE, CORE)

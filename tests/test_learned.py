@@ -25,7 +25,7 @@ from engines.inspector import Inspector  # noqa: E402
 from engines.learned_graph import FEATURES, RADIUS, LearnedGraphSpec, build_learned_graph  # noqa: E402
 from engines.onnxruntime_backend import OnnxRuntimeBackend  # noqa: E402
 from engines.types import Geometry  # noqa: E402
-from tests.helpers import make_dataset  # noqa: E402
+from tests.helpers import lighting_truth, make_dataset  # noqa: E402
 
 SIZE = 384
 STEPS = 160
@@ -75,7 +75,7 @@ def _tile_feeds(rng: np.random.Generator, core: int, halo: int = 64) -> dict[str
     weight[..., :10, :] = 0
     feeds = {
         "image": image,
-        "photo": np.array([[1.05, 1e-4, -2e-4, 3.0, 0.01, -0.02]], np.float32),
+        "photo": np.array([[1.05, 1e-4, -2e-4, 1e-7, -2e-7, 5e-8, 3.0, 0.01, -0.02]], np.float32),
         "mean": mean,
         "low": mean - rng.uniform(2, 12, mean.shape).astype(np.float32),
         "high": mean + rng.uniform(2, 12, mean.shape).astype(np.float32),
@@ -92,7 +92,8 @@ def _torch_reference(net: LearnedNet, feeds: dict[str, np.ndarray], core: int, h
     t = core + 2 * halo
     p = feeds["photo"][0].astype(np.float64)
     u, v = np.arange(t)[None, :], np.arange(t)[:, None]
-    gain, offset = p[0] + p[1] * u + p[2] * v, p[3] + p[4] * u + p[5] * v
+    gain = p[0] + p[1] * u + p[2] * v + p[3] * u * u + p[4] * v * v + p[5] * u * v
+    offset = p[6] + p[7] * u + p[8] * v
     xn = (feeds["image"].astype(np.float64) - offset) / gain
     span = slice(halo - RADIUS, halo + core + RADIUS)
     crop = [
@@ -264,9 +265,10 @@ def test_training_crops_are_padded_like_the_tiles(training):
             np.pad(stats[0]["mu"][0], RADIUS, mode="edge")[y + RADIUS : y + RADIUS + 96, x + RADIUS : x + RADIUS + 96],
         )
     # the lighting model is extrapolated on image coordinates, as the graph's per-tile fields are
-    coef = np.array([1.1, 1e-4, -1e-4, 2.0, 0.01, 0.02], np.float32)
-    xn = _normalise_window(np.full((1, 4, 4), 100, np.float32), coef, -3, -2)
-    assert np.isclose(xn[0, 0, 0], (100 - (2.0 - 0.02 - 0.06)) / (1.1 - 2e-4 + 3e-4))
+    coef = np.array([1.1, 0.02, -0.01, 0.03, 0.01, -0.02, 2.0, 0.5, 0.4], np.float32)
+    xn = _normalise_window(np.full((1, 4, 4), 100, np.float32), coef, -3, -2, (SIZE, SIZE))
+    gain, offset = lighting_truth(coef, -2.0, -3.0, SIZE, SIZE)
+    assert np.isclose(xn[0, 0, 0], (100 - offset) / gain)
     rng = np.random.default_rng(0)
     origins = np.array([sampler._origin(rng) for _ in range(500)])
     assert origins.min() >= -RADIUS and origins.max() <= SIZE - 96 + RADIUS

@@ -11,7 +11,7 @@ import pytest
 from engines import registration as reg
 from engines.errors import InspectError
 from engines.tiling import TilePlan
-from tests.helpers import lighting, place_frame, pose_matrix, render_part
+from tests.helpers import lighting, lighting_truth, place_frame, pose_matrix, render_part
 
 SIZE = 512
 MARGIN = 16
@@ -126,16 +126,17 @@ def test_pose_within_both_limits_is_accepted(part):
 
 
 def synthetic_lit(reference: np.ndarray, coef: np.ndarray, full_shape: tuple[int, int]) -> np.ndarray:
-    """(a0 + ax X + ay Y) * reference + (b0 + bx X + by Y) on a coarse grid of full-resolution centres."""
+    """gain * reference + offset on a coarse grid of full-resolution pixel centres."""
     h, w = reference.shape
     sy, sx = full_shape[0] / h, full_shape[1] / w
     xs = (np.arange(w) * sx + (sx - 1) / 2)[None, :]
     ys = (np.arange(h) * sy + (sy - 1) / 2)[:, None]
-    a0, ax, ay, b0, bx, by = coef
-    return ((a0 + ax * xs + ay * ys) * reference + (b0 + bx * xs + by * ys)).astype(np.float32)
+    gain, offset = lighting_truth(coef, xs, ys, *full_shape)
+    return (gain * reference + offset).astype(np.float32)
 
 
-TRUE_COEF = np.array([1.08, 6e-5, -4e-5, -6.0, 0.012, 0.007])
+# gain 1.08 with a tilt and a vignetting-like curvature; offset -6 with a gradient (unit coordinates)
+TRUE_COEF = np.array([1.08, 0.03, -0.02, -0.04, -0.03, 0.015, -6.0, 3.0, 1.8])
 
 
 def assert_fields_close(coef: np.ndarray, truth: np.ndarray, full_shape: tuple[int, int], grey: float) -> None:
@@ -143,20 +144,21 @@ def assert_fields_close(coef: np.ndarray, truth: np.ndarray, full_shape: tuple[i
     ys, xs = np.mgrid[0 : full_shape[0] : 16, 0 : full_shape[1] : 16]
 
     def field(c: np.ndarray) -> np.ndarray:
-        return (c[0] + c[1] * xs + c[2] * ys) * 150 + (c[3] + c[4] * xs + c[5] * ys)
+        gain, offset = lighting_truth(c, xs, ys, *full_shape)
+        return gain * 150 + offset
 
     assert np.abs(field(coef) - field(truth)).max() < grey
 
 
 def test_photometric_fit_recovers_gain_offset_and_gradients(part):
-    """fit_photometric recovers known linear gain and offset fields from a noisy coarse frame."""
+    """fit_photometric recovers known quadratic gain and linear offset fields from a noisy coarse frame."""
     rng = np.random.default_rng(4)
     ref = reference_for(part)
     lit = synthetic_lit(ref.coarse, TRUE_COEF, ref.full_shape) + rng.normal(0, 1, ref.coarse.shape).astype(np.float32)
     coef = reg.fit_photometric(lit, ref.coarse, ref.coarse_mask, ref.full_shape)
-    assert coef.dtype == np.float32 and coef.shape == (6,)
+    assert coef.dtype == np.float32 and coef.shape == (reg.PHOTO_TERMS,)
     assert coef[0] == pytest.approx(TRUE_COEF[0], abs=0.01)
-    assert coef[3] == pytest.approx(TRUE_COEF[3], abs=1.5)
+    assert coef[6] == pytest.approx(TRUE_COEF[6], abs=1.5)
     assert_fields_close(coef, TRUE_COEF, ref.full_shape, 0.5)
 
 
@@ -178,8 +180,8 @@ def test_photometric_end_to_end_through_the_pose(part):
     truth_pose = pose_matrix(0.3, 4.4, -2.7, SIZE, SIZE)
     ys, xs = np.mgrid[0:SIZE, 0:SIZE].astype(np.float32)
     # lighting defined in reference coordinates, then the lit part is placed with the pose
-    a0, ax, ay, b0, bx, by = TRUE_COEF
-    lit_ref = (a0 + ax * xs + ay * ys) * part + (b0 + bx * xs + by * ys)
+    gain, offset = lighting_truth(TRUE_COEF, xs, ys, SIZE, SIZE)
+    lit_ref = gain * part + offset
     frame = np.clip(np.rint(place_frame(lit_ref.astype(np.float32), truth_pose)), 0, 255).astype(np.uint8)
     ref = reference_for(part)
     coarse_f, fine_f = ref.factors
@@ -237,18 +239,18 @@ def test_bbox_to_frame_never_returns_an_inverted_box():
 
 def test_tile_photometric_matches_the_full_image_field():
     """Per-tile coefficients in tile-local (u, v) reproduce the full-image gain and offset at every tile pixel."""
-    coef = np.array([1.05, 2e-4, -1e-4, 3.0, 0.01, -0.02], np.float32)
+    coef = TRUE_COEF.astype(np.float32)
     plan = TilePlan(250, 330, 64, 64, 32)
     origins = [plan.origin(i) for i in range(plan.n_tiles)]
-    tiles = reg.tile_photometric(coef, origins, plan.halo)
-    assert tiles.shape == (plan.n_tiles, 6) and tiles.dtype == np.float32
+    tiles = reg.tile_photometric(coef, origins, plan.halo, (250, 330))
+    assert tiles.shape == (plan.n_tiles, reg.PHOTO_TERMS) and tiles.dtype == np.float32
     v, u = np.mgrid[0 : plan.tile : 7, 0 : plan.tile : 7].astype(np.float64)
     for (y0, x0), t in zip(origins, tiles, strict=True):
         xs, ys = x0 - plan.halo + u, y0 - plan.halo + v  # image pixel of tile pixel (u, v)
-        gain_full = coef[0] + coef[1] * xs + coef[2] * ys
-        offset_full = coef[3] + coef[4] * xs + coef[5] * ys
-        np.testing.assert_allclose(t[0] + t[1] * u + t[2] * v, gain_full, rtol=1e-6, atol=1e-6)
-        np.testing.assert_allclose(t[3] + t[4] * u + t[5] * v, offset_full, rtol=1e-5, atol=1e-4)
+        gain_full, offset_full = lighting_truth(coef, xs, ys, 250, 330)
+        gain_tile = t[0] + t[1] * u + t[2] * v + t[3] * u * u + t[4] * v * v + t[5] * u * v
+        np.testing.assert_allclose(gain_tile, gain_full, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(t[6] + t[7] * u + t[8] * v, offset_full, rtol=1e-5, atol=1e-4)
 
 
 def test_warp_to_reference_undoes_the_pose(part):

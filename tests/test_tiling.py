@@ -13,11 +13,11 @@ import onnx
 import pytest
 
 from engines.graphs import ALIGN, HALO, TemplateGraphSpec, build_template_graph
-from engines.inspector import Inspector, Prepared, resident_inputs
+from engines.inspector import Inspector, Prepared, gain_tiles, resident_inputs
 from engines.onnxruntime_backend import OnnxRuntimeBackend
 from engines.registration import Pose, tile_photometric
 from engines.tiling import TilePlan
-from tests.helpers import random_photo, random_reference
+from tests.helpers import lighting_truth, random_photo, random_reference
 
 # Tiled and untiled maps run the same FP32 arithmetic on the same pixels; the only difference is
 # where the per-tile lighting field is anchored (float32 rounding of a0 + ax * x0), so they agree
@@ -44,8 +44,7 @@ def synthetic_frame(
     mu = ref["mu"].astype(np.float32)
     c, h, w = mu.shape
     ys, xs = np.mgrid[0:h, 0:w].astype(np.float32)
-    gain = coef[0] + coef[1] * xs + coef[2] * ys
-    offset = coef[3] + coef[4] * xs + coef[5] * ys
+    gain, offset = lighting_truth(coef, xs, ys, h, w)
     frame = gain * mu + offset + rng.normal(0, 6, mu.shape).astype(np.float32)
     for _ in range(4):
         y, x = rng.integers(0, h - 8), rng.integers(0, w - 8)
@@ -62,15 +61,21 @@ def run_map(
     plan: TilePlan,
     image: np.ndarray,
     coef: np.ndarray,
+    gain_map: np.ndarray,
     batch: int,
     lock: threading.Lock | None = None,
 ) -> np.ndarray:
     """Inspector.infer's loop: pad, per-tile lighting, extract batches, run, stitch into [H, W]."""
     padded = plan.pad(image)
-    photo = tile_photometric(coef, [plan.origin(i) for i in range(plan.n_tiles)], plan.halo)
+    photo = tile_photometric(coef, [plan.origin(i) for i in range(plan.n_tiles)], plan.halo, (plan.height, plan.width))
+    gain = gain_tiles(plan, gain_map.astype(np.float32))
     amap = np.full((plan.height, plan.width), np.nan, np.float32)
     for tiles in plan.batches(batch):
-        feeds = {"image": plan.extract(padded, tiles), "photo": photo[tiles.start : tiles.stop]}
+        feeds = {
+            "image": plan.extract(padded, tiles),
+            "photo": photo[tiles.start : tiles.stop],
+            "fine_gain": gain[tiles.start : tiles.stop],
+        }
         if lock is None:
             out = backend.infer(feeds, tiles)
         else:
@@ -90,7 +95,7 @@ def untiled_map(
     backend = graph_backend(tmp, plan, channels, input_dtype)
     with backend:
         backend.activate(resident_inputs(plan, ref))
-        return run_map(backend, plan, image, coef, 1)
+        return run_map(backend, plan, image, coef, ref["fine_gain"], 1)
 
 
 @pytest.mark.parametrize("input_dtype", ["uint8", "float32"])
@@ -108,7 +113,7 @@ def test_tiled_map_equals_untiled_map(tmp_path, height, width, core, channels, i
     backend = graph_backend(tmp_path, plan, channels, input_dtype)
     with backend:
         backend.activate(resident_inputs(plan, ref))
-        tiled = run_map(backend, plan, image, coef, batch=3)
+        tiled = run_map(backend, plan, image, coef, ref["fine_gain"], batch=3)
     whole = untiled_map(tmp_path, ref, image, coef, channels, input_dtype)
 
     assert np.isfinite(tiled).all(), "every pixel must be written by exactly one tile core"
@@ -143,9 +148,10 @@ def test_inspector_infer_uses_the_tiling_exactly(tmp_path):
         reference=lambda: ref,
     )
     inspector = Inspector(bundle, graph_backend(tmp_path, plan, 1, "uint8"), batch=4)
-    photo = tile_photometric(coef, [plan.origin(i) for i in range(plan.n_tiles)], plan.halo)
+    photo = tile_photometric(coef, [plan.origin(i) for i in range(plan.n_tiles)], plan.halo, (plan.height, plan.width))
     with inspector:
-        amap = inspector.infer(Prepared(plan.pad(image), photo, Pose(np.eye(2, 3), 1.0)))
+        gain = gain_tiles(plan, ref["fine_gain"].astype(np.float32))
+        amap = inspector.infer(Prepared(plan.pad(image), photo, gain, Pose(np.eye(2, 3), 1.0)))
     whole = untiled_map(tmp_path, ref, image, coef, 1, "uint8")
     assert amap.shape == (height, width) and amap.dtype == np.float32
     assert np.abs(amap - whole).max() <= ATOL
@@ -248,9 +254,9 @@ def test_one_plan_shared_by_threads_matches_sequential_use(tmp_path):
     lock = threading.Lock()  # the backend has one owner; the plan itself is shared freely
     with backend:
         backend.activate(resident_inputs(plan, ref))
-        sequential = [run_map(backend, plan, image, coef, 2) for image, coef in frames]
+        sequential = [run_map(backend, plan, image, coef, ref["fine_gain"], 2) for image, coef in frames]
         with ThreadPoolExecutor(max_workers=4) as pool:
-            concurrent = list(pool.map(lambda f: run_map(backend, plan, f[0], f[1], 2, lock), frames))
+            concurrent = list(pool.map(lambda f: run_map(backend, plan, f[0], f[1], ref["fine_gain"], 2, lock), frames))
     for a, b in zip(sequential, concurrent, strict=True):
         np.testing.assert_array_equal(a, b)
     assert not all(np.array_equal(sequential[0], s) for s in sequential[1:]), "frames must differ"

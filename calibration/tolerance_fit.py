@@ -1,0 +1,148 @@
+"""Learned local normalisation: where held-out good parts score high, the same score means less.
+
+Input: per held-out good image, its fine and coarse scores max-pooled to 32 px blocks of the
+reference, and its pose. Output (``LocalTolerance``):
+
+- the fine score's gain in two frames (see ``engines.tolerance``): ``part_gain`` from what the
+  part does at each place, ``ring_gain`` from what the camera does along each line parallel to
+  an image edge (in the sensor frame, pooled along the line, since clutter that appears at one
+  place along an edge can appear anywhere along it);
+- the coarse spread's factor per reference block (3x3 neighbourhood, and along the edge lines
+  within the border zone).
+
+Each level is brought down to the typical (median) level of the inspection region; quieter
+blocks are left alone. Cross-fitting (``template_fit._calibrate_folds``) scores each held-out
+image with a tolerance learned from the other folds only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+from engines.tolerance import BLOCK, frame_fine_gain, reference_to_sensor, sensor_to_reference
+from engines.types import Geometry
+
+FINE_REF_FLOOR = 1.0  # grey levels: below this, a block's fine level is noise and needs no normalising
+BORDER_ZONE = 0.06  # fraction of the image side where tolerance also spreads along the edge
+RING_QUANTILE = 0.9  # what one in ten places along an edge line shows, every place on it may show
+
+
+@dataclass(frozen=True)
+class LocalTolerance:
+    """The learned normalisation maps (block grid of the reference, ``ring_gain`` in the sensor frame)."""
+
+    part_gain: np.ndarray  # <= 1, multiplies the fine score (reference frame)
+    ring_gain: np.ndarray  # <= 1, multiplies the fine score (sensor frame, border zone)
+    factor: np.ndarray  # >= 1, multiplies the coarse spread (reference frame)
+
+    def scores(self, blocks: np.ndarray, poses: np.ndarray) -> np.ndarray:
+        """[n, 2]: per image, its highest fine and coarse scores once normalised for its pose."""
+        gains = (frame_fine_gain(self.part_gain, self.ring_gain, m) for m in poses)
+        fine = [(b[0] * gain).max() for b, gain in zip(blocks, gains, strict=True)]
+        coarse = (blocks[:, 1] / self.factor).max(axis=(1, 2))
+        return np.stack([np.asarray(fine, np.float32), coarse], axis=1)
+
+    def summary(self, inside: np.ndarray, border: int) -> dict:
+        return {
+            "block_px": BLOCK,
+            "border_blocks": border,
+            "blocks_normalised": round(float(((self.part_gain < 1) | (self.factor > 1))[inside].mean()), 4),
+            "fine_gain_min": round(float(self.part_gain.min()), 4),
+            "ring_gain_min": round(float(self.ring_gain.min()), 4),
+            "ring_blocks_normalised": round(float((self.ring_gain < 1).mean()), 4),
+            "coarse_factor_max": round(float(self.factor.max()), 3),
+        }
+
+
+def fit_local_tolerance(blocks: np.ndarray, poses: np.ndarray, inside: np.ndarray, border: int) -> LocalTolerance:
+    """Learn the normalisation from held-out block maxima ``blocks`` [n, 2, Hb, Wb] of images with ``poses``."""
+    part_gain, ring_gain = fine_tolerance(blocks[:, 0], poses, inside, border)
+    return LocalTolerance(part_gain, ring_gain, coarse_factor(blocks[:, 1], inside, border))
+
+
+def fine_tolerance(
+    fine: np.ndarray, poses: np.ndarray, inside: np.ndarray, border: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Part and ring gains of the fine score.
+
+    The ring level of a line is a high quantile, along the line, of the sensor blocks' maxima
+    over images. Where that level is above the typical one, the line is noisy: observations that
+    fell on a noisy line (in their own image's pose) do not count for the part's level, or
+    clutter that a tilted part carried across would make that place of the part tolerant for
+    every frame.
+    """
+    part_all = cv2.dilate(fine.max(axis=0), np.ones((3, 3), np.uint8))
+    ref = max(float(np.median(part_all[inside])) if inside.any() else 1.0, FINE_REF_FLOOR)
+    sensor = np.max([reference_to_sensor(f, m) for f, m in zip(fine, poses, strict=True)], axis=0)
+    ring = _line_level(sensor, border)
+    noisy = (ring > ref).astype(np.float32)
+    clean = [np.where(sensor_to_reference(noisy, m, np.max) > 0, 0, f) for f, m in zip(fine, poses, strict=True)]
+    part = cv2.dilate(np.max(clean, axis=0), np.ones((3, 3), np.uint8))
+    part_gain = np.where(inside, ref / np.maximum(part, ref), 1).astype(np.float32)
+    ring_gain = (ref / np.maximum(ring, ref)).astype(np.float32)
+    return part_gain, ring_gain
+
+
+def _line_level(level: np.ndarray, border: int) -> np.ndarray:
+    """Within ``border`` blocks of an edge, the RING_QUANTILE of each line parallel to it; 0 elsewhere.
+
+    A line is taken between the side zones; corner blocks take the larger of their two lines.
+    """
+    hb, wb = level.shape
+    if border <= 0 or 2 * border >= min(hb, wb):
+        return np.zeros_like(level)
+    row_line = np.quantile(level[:, border : wb - border], RING_QUANTILE, axis=1)[:, None]
+    col_line = np.quantile(level[border : hb - border, :], RING_QUANTILE, axis=0)[None, :]
+    near_tb, near_lr = _near_edges(hb, wb, border)
+    edge = np.where(near_tb & near_lr, np.maximum(row_line, col_line), np.where(near_tb, row_line, col_line))
+    return np.where(near_tb | near_lr, edge, 0).astype(np.float32)
+
+
+def _near_edges(hb: int, wb: int, border: int) -> tuple[np.ndarray, np.ndarray]:
+    rows, cols = np.ogrid[:hb, :wb]
+    return (rows < border) | (rows >= hb - border), (cols < border) | (cols >= wb - border)
+
+
+def coarse_factor(coarse: np.ndarray, inside: np.ndarray, border: int) -> np.ndarray:
+    """Factor (>= 1) on the block spread: each block's neighbourhood level down to the median level."""
+    level = _neighbourhood_max(coarse.max(axis=0), border)
+    ref = max(float(np.median(level[inside])) if inside.any() else 1.0, 1e-3)
+    return np.where(inside, np.maximum(level / ref, 1), 1).astype(np.float32)
+
+
+def _neighbourhood_max(level: np.ndarray, border: int) -> np.ndarray:
+    """3x3 block maximum inside; within ``border`` blocks of an edge, the maximum along that edge's line.
+
+    A block ``d`` blocks from the top edge takes the maximum of row ``d`` between the side zones
+    (and likewise for the other edges); corner blocks take the larger of their two lines.
+    """
+    out = cv2.dilate(level, np.ones((3, 3), np.uint8))
+    hb, wb = level.shape
+    if border <= 0 or 2 * border >= min(hb, wb):
+        return out
+    row_line = level[:, border : wb - border].max(axis=1)[:, None]
+    col_line = level[border : hb - border, :].max(axis=0)[None, :]
+    near_tb, near_lr = _near_edges(hb, wb, border)
+    edge = np.where(near_tb & near_lr, np.maximum(row_line, col_line), np.where(near_tb, row_line, col_line))
+    return np.where(near_tb | near_lr, np.broadcast_to(edge, level.shape), out).astype(level.dtype)
+
+
+def border_blocks(geometry: Geometry) -> int:
+    """Width of the border zone, in blocks: BORDER_ZONE of the shorter image side."""
+    return int(np.ceil(BORDER_ZONE * min(geometry.height, geometry.width) / BLOCK))
+
+
+def block_shape(geometry: Geometry) -> tuple[int, int]:
+    return -(-geometry.height // BLOCK), -(-geometry.width // BLOCK)
+
+
+def block_inside(weight: np.ndarray) -> np.ndarray:
+    """Blocks that hold at least one inspected pixel."""
+    h, w = weight.shape
+    hb, wb = -(-h // BLOCK), -(-w // BLOCK)
+    padded = np.zeros((hb * BLOCK, wb * BLOCK), np.uint8)
+    padded[:h, :w] = weight
+    return padded.reshape(hb, BLOCK, wb, BLOCK).max(axis=(1, 3)) > 0

@@ -1,0 +1,63 @@
+"""The fine score's local gain for one frame: what the part does where, and what the camera does near its edges.
+
+Good parts vary in two frames of reference. Structure edges and markers move with the part
+(the reference frame, after registration); vignetting, stray light, a fixture bar and clutter
+along the image border stay with the camera (the sensor frame). The fit therefore learns two
+gain maps on the 32 px block grid of the reference:
+
+- ``part_gain``: where held-out good parts scored high at a place of the part;
+- ``ring_gain``: in the *sensor* frame, how tolerant each line parallel to an image edge must be.
+
+Per frame the ring map is carried into the reference frame with the frame's own pose, so a
+defect 150 px from the image edge is judged by what good parts show 150 px from the image
+edge, wherever the fixture put the part. The frame's gain is the smaller of the two.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import cv2
+import numpy as np
+
+from engines.graphs import FINE_GAIN_LEVEL
+
+BLOCK = 2**FINE_GAIN_LEVEL  # px: the block grid of the gain maps (the coarsest pyramid block of the graph)
+STEP = 8  # px: the grid a block map is carried on between frames, so block footprints stay exact to 8 px
+SUB = BLOCK // STEP
+
+
+def _grid_matrix(matrix: np.ndarray, step: int) -> np.ndarray:
+    """A reference-to-frame pixel transform re-expressed on a grid of ``step`` px cells."""
+    to_px = np.array([[step, 0, (step - 1) / 2], [0, step, (step - 1) / 2], [0, 0, 1]], np.float64)
+    m3 = np.vstack([np.asarray(matrix, np.float64), [0, 0, 1]])
+    return (np.linalg.inv(to_px) @ m3 @ to_px)[:2]
+
+
+def _carry(blocks: np.ndarray, matrix: np.ndarray, inverse: bool, pool: Callable) -> np.ndarray:
+    """Carry a block map between frames on the fine grid, then pool each block's footprint.
+
+    Beyond the map's edge the outermost values continue: the part of a shifted frame that the
+    camera did not see is judged like the edge the camera did see.
+    """
+    hb, wb = blocks.shape
+    fine = np.repeat(np.repeat(blocks.astype(np.float32), SUB, axis=0), SUB, axis=1)
+    flags = cv2.INTER_NEAREST | (cv2.WARP_INVERSE_MAP if inverse else 0)
+    grid = _grid_matrix(matrix, STEP)
+    moved = cv2.warpAffine(fine, grid, (wb * SUB, hb * SUB), flags=flags, borderMode=cv2.BORDER_REPLICATE)
+    return pool(moved.reshape(hb, SUB, wb, SUB), axis=(1, 3))
+
+
+def sensor_to_reference(blocks: np.ndarray, matrix: np.ndarray, pool: Callable = np.min) -> np.ndarray:
+    """A sensor-frame block map seen from the reference frame of a frame with pose ``matrix`` (reference -> frame)."""
+    return _carry(blocks, matrix, True, pool)
+
+
+def reference_to_sensor(blocks: np.ndarray, matrix: np.ndarray, pool: Callable = np.max) -> np.ndarray:
+    """A reference-frame block map seen from the sensor of a frame with pose ``matrix``."""
+    return _carry(blocks, matrix, False, pool)
+
+
+def frame_fine_gain(part_gain: np.ndarray, ring_gain: np.ndarray, matrix: np.ndarray) -> np.ndarray:
+    """The fine gain per reference block for one frame: the smaller of the part's and the (posed) ring's."""
+    return np.minimum(part_gain.astype(np.float32), sensor_to_reference(ring_gain, matrix, np.min))
