@@ -34,26 +34,33 @@ def _grid_matrix(matrix: np.ndarray, step: int) -> np.ndarray:
     return (np.linalg.inv(to_px) @ m3 @ to_px)[:2]
 
 
-def _carry(blocks: np.ndarray, matrix: np.ndarray, inverse: bool, pool: Callable) -> np.ndarray:
-    """Carry a block map between frames on the fine grid, then pool each block's footprint.
+def _carry(blocks: np.ndarray, matrix: np.ndarray, inverse: bool, pool: Callable | None) -> np.ndarray:
+    """Carry a block map between frames.
 
+    With ``pool`` (np.min or np.max) the map travels on the 8 px grid and each block takes the
+    pool of its exact footprint, for conservative decisions. Without, each block takes the value
+    at its centre: right for block maxima, whose place inside the block is unknown.
     Beyond the map's edge the outermost values continue: the part of a shifted frame that the
     camera did not see is judged like the edge the camera did see.
     """
     hb, wb = blocks.shape
-    fine = np.repeat(np.repeat(blocks.astype(np.float32), SUB, axis=0), SUB, axis=1)
     flags = cv2.INTER_NEAREST | (cv2.WARP_INVERSE_MAP if inverse else 0)
+    source = blocks.astype(np.float32)
+    if pool is None:
+        grid = _grid_matrix(matrix, BLOCK)
+        return cv2.warpAffine(source, grid, (wb, hb), flags=flags, borderMode=cv2.BORDER_REPLICATE)
+    fine = np.repeat(np.repeat(source, SUB, axis=0), SUB, axis=1)
     grid = _grid_matrix(matrix, STEP)
     moved = cv2.warpAffine(fine, grid, (wb * SUB, hb * SUB), flags=flags, borderMode=cv2.BORDER_REPLICATE)
     return pool(moved.reshape(hb, SUB, wb, SUB), axis=(1, 3))
 
 
-def sensor_to_reference(blocks: np.ndarray, matrix: np.ndarray, pool: Callable = np.min) -> np.ndarray:
+def sensor_to_reference(blocks: np.ndarray, matrix: np.ndarray, pool: Callable | None = np.min) -> np.ndarray:
     """A sensor-frame block map seen from the reference frame of a frame with pose ``matrix`` (reference -> frame)."""
     return _carry(blocks, matrix, True, pool)
 
 
-def reference_to_sensor(blocks: np.ndarray, matrix: np.ndarray, pool: Callable = np.max) -> np.ndarray:
+def reference_to_sensor(blocks: np.ndarray, matrix: np.ndarray, pool: Callable | None = None) -> np.ndarray:
     """A reference-frame block map seen from the sensor of a frame with pose ``matrix``."""
     return _carry(blocks, matrix, False, pool)
 

@@ -1,0 +1,99 @@
+"""Learning the local tolerance from held-out block maxima: part structure, border ring, coarse factor."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from calibration import tolerance_fit as tol
+from engines.tolerance import BLOCK, frame_fine_gain, sensor_to_reference
+from engines.types import Geometry
+
+SIDE = 64  # blocks: a 2048 px image
+BORDER = tol.border_blocks(Geometry(SIDE * BLOCK, SIDE * BLOCK, 1, "uint8"))
+MARKER = (4, 30)  # a place of the part (reference block) whose look varies in every good image
+
+
+def posed(rng: np.random.Generator) -> np.ndarray:
+    """A pose of the part: up to 1 deg about the centre and 15 px of shift (reference -> frame)."""
+    angle = np.radians(rng.uniform(-1.0, 1.0))
+    c = (SIDE * BLOCK - 1) / 2
+    rot = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
+    move = np.array([c, c]) - rot @ np.array([c, c]) + rng.uniform(-15, 15, 2)
+    return np.hstack([rot, move[:, None]])
+
+
+def held_out(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Block maxima of n good images: noise, a varying marker, clutter in sensor rows 0-1 of the top edge."""
+    poses = np.stack([posed(rng) for _ in range(n)])
+    blocks = np.zeros((n, 2, SIDE, SIDE), np.float32)
+    for i, pose in enumerate(poses):
+        clutter = np.zeros((SIDE, SIDE), np.float32)
+        hits = rng.random(SIDE) < 0.3
+        clutter[rng.integers(0, 2, SIDE)[hits], np.flatnonzero(hits)] = rng.uniform(20, 40, hits.sum())
+        fine = rng.uniform(0.5, 2.0, (SIDE, SIDE)).astype(np.float32)
+        fine = np.maximum(fine, sensor_to_reference(clutter, pose, None))  # clutter stays with the camera
+        fine[MARKER] = rng.uniform(10, 15)  # the marker moves with the part
+        blocks[i, 0] = fine
+        blocks[i, 1] = rng.uniform(2, 4, (SIDE, SIDE))
+    return blocks, poses
+
+
+@pytest.fixture(scope="module")
+def learned() -> tuple[tol.LocalTolerance, np.ndarray, np.ndarray]:
+    """A tolerance learned from 24 held-out goods, with their block maxima and poses."""
+    blocks, poses = held_out(np.random.default_rng(7), 24)
+    inside = np.ones((SIDE, SIDE), bool)
+    return tol.fit_local_tolerance(blocks, poses, inside, BORDER), blocks, poses
+
+
+def test_cluttered_sensor_lines_are_tolerant_and_the_next_line_is_not(learned):
+    """The ring gain is low on the sensor rows that carry clutter anywhere along the edge, and 1 beyond them."""
+    tolerance, _, _ = learned
+    mid = slice(BORDER, SIDE - BORDER)
+    assert tolerance.ring_gain[0:2, mid].max() < 0.2
+    assert tolerance.ring_gain[2:BORDER, mid].min() > 0.95
+    assert (tolerance.ring_gain[SIDE // 2, mid] == 1).all(), "the interior has no ring"
+
+
+def test_clutter_a_tilted_part_carried_inwards_does_not_make_the_part_tolerant(learned):
+    """Reference row 2 met the cluttered sensor rows in some poses, yet its part gain stays 1 away from the marker."""
+    tolerance, blocks, _ = learned
+    naive = blocks[:, 0, 2, BORDER : SIDE - BORDER].max(axis=0)
+    assert naive.max() > 15, "some pose must have carried clutter onto reference row 2, or the test proves nothing"
+    far_from_marker = np.r_[BORDER : MARKER[1] - 2, MARKER[1] + 3 : SIDE - BORDER]
+    assert tolerance.part_gain[2, far_from_marker].min() > 0.95
+    assert tolerance.part_gain[MARKER] < 0.2, "the marker varies in every image: its place is tolerant"
+
+
+def test_a_defect_just_inside_the_clutter_zone_is_still_seen(learned):
+    """For a new frame, a strong response on sensor row 3 keeps its full score; the same on row 0 is damped."""
+    tolerance, _, _ = learned
+    pose = posed(np.random.default_rng(99))
+    gain = frame_fine_gain(tolerance.part_gain, tolerance.ring_gain, pose)
+    inner = sensor_to_reference(np.pad(np.ones((1, SIDE)), ((3, SIDE - 4), (0, 0))), pose, np.max) > 0
+    outer = sensor_to_reference(np.pad(np.ones((1, SIDE)), ((0, SIDE - 1), (0, 0))), pose, np.min) > 0
+    cols = np.zeros((SIDE, SIDE), bool)
+    cols[:, BORDER : MARKER[1] - 3] = True
+    assert gain[inner & cols].min() > 0.95
+    assert gain[outer & cols].max() < 0.2
+
+
+def test_held_out_scores_use_each_images_own_pose(learned):
+    """Scores of the training goods under their own poses stay near the typical level (clutter normalised away)."""
+    tolerance, blocks, poses = learned
+    scores = tolerance.scores(blocks, poses)
+    assert scores.shape == (len(blocks), 2)
+    assert scores[:, 0].max() < 5, "clutter and the marker are normalised to the typical block level"
+    raw = blocks[:, 0].max(axis=(1, 2))
+    assert raw.max() > 15
+
+
+def test_coarse_factor_spreads_along_the_edge_inside_the_border_zone():
+    """A high coarse level near the top edge raises the factor along that whole edge line, not the interior."""
+    coarse = np.full((3, SIDE, SIDE), 2.0, np.float32)
+    coarse[0, 1, 30] = 20.0
+    coarse[0, 30, 30] = 20.0
+    factor = tol.coarse_factor(coarse, np.ones((SIDE, SIDE), bool), BORDER)
+    assert factor[1, BORDER : SIDE - BORDER].min() == pytest.approx(10)
+    assert factor[30, 29:32].min() == pytest.approx(10) and factor[30, 40] == 1
