@@ -2,11 +2,23 @@
 
 from __future__ import annotations
 
+import time
 import urllib.request
 
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.test_daemon_support import Client, FakeInspector, image, running
+
+
+def scrape(url: str) -> dict:
+    """One /metrics scrape as {(name, sorted labels): value}."""
+    with urllib.request.urlopen(url, timeout=5) as response:
+        text = response.read().decode()
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
 
 
 def test_metrics_follow_the_decisions() -> None:
@@ -15,13 +27,15 @@ def test_metrics_follow_the_decisions() -> None:
         for i in range(3):
             client.send(i, image(defect=i == 1))
         assert len(client.decisions(3)) == 3
-        with urllib.request.urlopen(f"http://{server.endpoints['http']}/metrics", timeout=5) as response:
-            text = response.read().decode()
-    samples = {
-        (s.name, tuple(sorted(s.labels.items()))): s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-    }
+        # the metrics sink has its own queue: it follows the published decisions within moments
+        url = f"http://{server.endpoints['http']}/metrics"
+        deadline = time.monotonic() + 5
+        while True:
+            samples = scrape(url)
+            counted = sum(v for (name, _), v in samples.items() if name == "inspectd_decisions_total")
+            if counted >= 3 or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
     assert samples[("inspectd_decisions_total", (("reason", "ok"), ("verdict", "pass")))] == 2
     assert samples[("inspectd_decisions_total", (("reason", "defect"), ("verdict", "reject")))] == 1
     assert samples[("inspectd_frames_received_total", ())] == 3
