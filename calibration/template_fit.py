@@ -444,13 +444,24 @@ def apply_local_tolerance(stats: dict[str, np.ndarray], tolerance: tol.LocalTole
     out = dict(stats)
     for level in LEVELS:
         inv = stats[f"inv_sigma{level}"]
-        rep = BLOCK >> level
-        grow = np.repeat(np.repeat(tolerance.factor, rep, axis=0), rep, axis=1)[: inv.shape[1], : inv.shape[2]]
+        grow = _on_level_grid(tolerance.factor, level)[: inv.shape[1], : inv.shape[2]]
         out[f"inv_sigma{level}"] = (inv.astype(np.float32) / grow).astype(np.float16)
     out["fine_gain"] = tolerance.part_gain.astype(np.float16)
     out["fine_ring_gain"] = tolerance.ring_gain.astype(np.float16)
     out["local_factor"] = tolerance.factor
     return out
+
+
+def _on_level_grid(blocks: np.ndarray, level: int) -> np.ndarray:
+    """A BLOCK-grid map on the grid of pyramid level ``level`` (repeated, or max-pooled where cells are larger)."""
+    cell = 2**level
+    if cell <= BLOCK:
+        rep = BLOCK // cell
+        return np.repeat(np.repeat(blocks, rep, axis=0), rep, axis=1)
+    k = cell // BLOCK
+    hb, wb = -(-blocks.shape[0] // k) * k, -(-blocks.shape[1] // k) * k
+    padded = np.pad(blocks, ((0, hb - blocks.shape[0]), (0, wb - blocks.shape[1])), mode="edge")
+    return padded.reshape(hb // k, k, wb // k, k).max(axis=(1, 3))
 
 
 def _fingerprint(images: list[Path]) -> dict:

@@ -7,7 +7,7 @@ reference, and its pose. Output (``LocalTolerance``):
   part does at each place, ``ring_gain`` from what the camera does along each line parallel to
   an image edge (in the sensor frame, pooled along the line, since clutter that appears at one
   place along an edge can appear anywhere along it);
-- the coarse spread's factor per reference block (3x3 neighbourhood, and along the edge lines
+- the coarse spread's factor per reference block (a 32 px neighbourhood, and along the edge lines
   within the border zone).
 
 Each level is brought down to the typical (median) level of the inspection region; quieter
@@ -28,6 +28,8 @@ from engines.types import Geometry
 FINE_REF_FLOOR = 1.0  # grey levels: below this, a block's fine level is noise and needs no normalising
 BORDER_ZONE = 0.06  # fraction of the image side where tolerance also spreads along the edge
 RING_QUANTILE = 0.9  # what one in ten places along an edge line shows, every place on it may show
+NEIGHBOURHOOD_PX = 32  # a block's level is the maximum over this radius of neighbouring blocks
+_HOOD = np.ones((2 * -(-NEIGHBOURHOOD_PX // BLOCK) + 1,) * 2, np.uint8)
 
 
 @dataclass(frozen=True)
@@ -74,13 +76,13 @@ def fine_tolerance(
     clutter that a tilted part carried across would make that place of the part tolerant for
     every frame.
     """
-    part_all = cv2.dilate(fine.max(axis=0), np.ones((3, 3), np.uint8))
+    part_all = cv2.dilate(fine.max(axis=0), _HOOD)
     ref = max(float(np.median(part_all[inside])) if inside.any() else 1.0, FINE_REF_FLOOR)
     sensor = np.max([reference_to_sensor(f, m) for f, m in zip(fine, poses, strict=True)], axis=0)
     ring = _line_level(sensor, border)
     noisy = (ring > ref).astype(np.float32)
     clean = [np.where(sensor_to_reference(noisy, m, np.max) > 0, 0, f) for f, m in zip(fine, poses, strict=True)]
-    part = cv2.dilate(np.max(clean, axis=0), np.ones((3, 3), np.uint8))
+    part = cv2.dilate(np.max(clean, axis=0), _HOOD)
     part_gain = np.where(inside, ref / np.maximum(part, ref), 1).astype(np.float32)
     ring_gain = (ref / np.maximum(ring, ref)).astype(np.float32)
     return part_gain, ring_gain
@@ -114,12 +116,12 @@ def coarse_factor(coarse: np.ndarray, inside: np.ndarray, border: int) -> np.nda
 
 
 def _neighbourhood_max(level: np.ndarray, border: int) -> np.ndarray:
-    """3x3 block maximum inside; within ``border`` blocks of an edge, the maximum along that edge's line.
+    """Neighbourhood maximum inside; within ``border`` blocks of an edge, the maximum along that edge's line.
 
     A block ``d`` blocks from the top edge takes the maximum of row ``d`` between the side zones
     (and likewise for the other edges); corner blocks take the larger of their two lines.
     """
-    out = cv2.dilate(level, np.ones((3, 3), np.uint8))
+    out = cv2.dilate(level, _HOOD)
     hb, wb = level.shape
     if border <= 0 or 2 * border >= min(hb, wb):
         return out

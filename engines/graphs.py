@@ -35,7 +35,9 @@ from engines.registration import PHOTO_TERMS
 LEVELS = (2, 3, 4, 5)
 ALIGN = 2 ** max(LEVELS)  # core origins and halo must be multiples of the coarsest block
 HALO = 2 * ALIGN  # the 3x3 neighbourhood at the coarsest level reaches 2 blocks out
-FINE_GAIN_LEVEL = max(LEVELS)  # the learned local gain of the fine score lives on the coarsest block grid
+# The fine score's learned local gain lives on 16 px blocks: fine enough that the border band of a
+# 2048 px image (about 80 px) spans several lines of blocks, so clutter and defects there part.
+FINE_GAIN_LEVEL = 4
 RESIDENT = ("mean", "low", "high", "weight", *(f"coarse{level}" for level in LEVELS))
 PER_FRAME = ("image", "photo", "fine_gain")  # fine_gain depends on the frame's pose (engines.tolerance)
 OPSET = 17

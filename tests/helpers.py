@@ -13,6 +13,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from engines.tolerance import BLOCK
+
 SUPERSAMPLE = 4
 BACKGROUND = 30.0
 PLATE = 150.0
@@ -165,7 +167,7 @@ def random_reference(rng: np.random.Generator, height: int, width: int, channels
     for level in LEVELS:
         inv = rng.uniform(0.0, 3.0, (channels, hp >> level, wp >> level)).astype(np.float32)
         ref[f"inv_sigma{level}"] = inv.astype(np.float16)
-    blocks = (-(-height // 32), -(-width // 32))
+    blocks = (-(-height // BLOCK), -(-width // BLOCK))
     ref["fine_gain"] = rng.uniform(0.3, 1.0, blocks).astype(np.float16)
     return ref
 

@@ -9,7 +9,7 @@ import numpy as np
 import onnx
 import pytest
 
-from engines.graphs import HALO, LEVELS, TemplateGraphSpec, build_template_graph
+from engines.graphs import FINE_GAIN_LEVEL, HALO, LEVELS, TemplateGraphSpec, build_template_graph
 from engines.onnxruntime_backend import OnnxRuntimeBackend
 from engines.registration import PHOTO_TERMS
 from tests.helpers import render_part
@@ -46,7 +46,7 @@ def tile_inputs(
         side = TILE >> level
         value = inv if np.isscalar(inv) else inv[level]
         feeds[f"coarse{level}"] = np.broadcast_to(np.asarray(value, np.float16), (n, c, side, side)).copy()
-    feeds["fine_gain"] = np.ones((n, 1, TILE >> 5, TILE >> 5), np.float16)
+    feeds["fine_gain"] = np.ones((n, 1, TILE >> FINE_GAIN_LEVEL, TILE >> FINE_GAIN_LEVEL), np.float16)
     return feeds
 
 

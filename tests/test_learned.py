@@ -21,6 +21,7 @@ from calibration.learned_model import LearnedNet, add_defect, features, output_c
 from daemon.cli import main  # noqa: E402
 from engines.bundle import GRAPH_FP16, GRAPH_FP32, Bundle  # noqa: E402
 from engines.decode import read_image  # noqa: E402
+from engines.graphs import FINE_GAIN_LEVEL  # noqa: E402
 from engines.inspector import Inspector  # noqa: E402
 from engines.learned_graph import FEATURES, RADIUS, LearnedGraphSpec, build_learned_graph  # noqa: E402
 from engines.onnxruntime_backend import OnnxRuntimeBackend  # noqa: E402
@@ -80,7 +81,7 @@ def _tile_feeds(rng: np.random.Generator, core: int, halo: int = 64) -> dict[str
         "low": mean - rng.uniform(2, 12, mean.shape).astype(np.float32),
         "high": mean + rng.uniform(2, 12, mean.shape).astype(np.float32),
         "weight": weight,
-        "fine_gain": np.ones((1, 1, t >> 5, t >> 5), np.float32),
+        "fine_gain": np.ones((1, 1, t >> FINE_GAIN_LEVEL, t >> FINE_GAIN_LEVEL), np.float32),
     }
     for level in (2, 3, 4, 5):
         feeds[f"coarse{level}"] = rng.uniform(0, 3, (1, 1, t >> level, t >> level)).astype(np.float32)
