@@ -1,6 +1,6 @@
 """Learned local normalisation: where held-out good parts score high, the same score means less.
 
-Input: per held-out good image, its fine and coarse scores max-pooled to 32 px blocks of the
+Input: per held-out good image, its fine and coarse scores max-pooled to 16 px blocks of the
 reference, and its pose. Output (``LocalTolerance``):
 
 - the fine score's gain in two frames (see ``engines.tolerance``): ``part_gain`` from what the

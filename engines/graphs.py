@@ -1,7 +1,7 @@
 """The template detector's anomaly graph, built as ONNX so ONNX Runtime and TensorRT run the same model.
 
 Inputs per tile batch: per frame ``image`` (the registered frame), ``photo`` (lighting model) and
-``fine_gain`` [N, 1, T/32, T/32] (learned local normalisation of the fine score for this frame's
+``fine_gain`` [N, 1, T/16, T/16] (learned local normalisation of the fine score for this frame's
 pose, see engines.tolerance); resident statistics ``mean``, ``low``, ``high`` [N, C, T, T],
 ``weight`` [N, 1, T, T] (inspection region) and ``coarse{l}`` [N, C, T/2^l, T/2^l] (1/spread of
 the block means at level l).

@@ -34,7 +34,7 @@ class Prepared:
 
     padded: np.ndarray
     photo: np.ndarray
-    fine_gain: np.ndarray  # [tiles, 1, T/32, T/32] float32
+    fine_gain: np.ndarray  # [tiles, 1, T/16, T/16] float32
     pose: reg.Pose
     timings_ms: dict[str, float] = field(default_factory=dict)
 
@@ -74,7 +74,7 @@ def resident_inputs(plan: TilePlan, ref: dict[str, np.ndarray], dtype: np.dtype 
 
 
 def gain_tiles(plan: TilePlan, gain: np.ndarray) -> np.ndarray:
-    """A frame's fine gain per 32 px block [Hb, Wb] cut into the graph's per-tile layout [tiles, 1, T/32, T/32]."""
+    """A frame's fine gain per 16 px block [Hb, Wb] cut into the graph's per-tile layout [tiles, 1, T/16, T/16]."""
     step = 2**FINE_GAIN_LEVEL
     sub = TilePlan(gain.shape[0], gain.shape[1], plan.core // step, plan.halo // step, 1)
     return _tile_planes(sub, gain[None], np.float32)

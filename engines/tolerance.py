@@ -3,7 +3,7 @@
 Good parts vary in two frames of reference. Structure edges and markers move with the part
 (the reference frame, after registration); vignetting, stray light, a fixture bar and clutter
 along the image border stay with the camera (the sensor frame). The fit therefore learns two
-gain maps on the 32 px block grid of the reference:
+gain maps on the 16 px block grid (``BLOCK``) of the reference:
 
 - ``part_gain``: where held-out good parts scored high at a place of the part;
 - ``ring_gain``: in the *sensor* frame, how tolerant each line parallel to an image edge must be.
