@@ -233,15 +233,16 @@ def tile_photometric(
 
     Returns [n, PHOTO_TERMS]: gain = p0 + p1 u + p2 v + p3 u^2 + p4 v^2 + p5 u v, offset = p6 + p7 u + p8 v.
     """
-    g0, gx, gy, gxx, gyy, gxy, o0, ox, oy = (float(v) for v in coef)
+    _, gx, gy, gxx, gyy, gxy, _, ox, oy = (float(v) for v in coef)
     k = 1 / (max(full_shape) / 2)  # unit coordinates per pixel
     out = np.empty((len(origins), PHOTO_TERMS), np.float32)
     for i, (y0, x0) in enumerate(origins):
-        x, y = _unit_coordinates(np.float64(x0 - halo), np.float64(y0 - halo), full_shape)
-        gain0 = g0 + gx * x + gy * y + gxx * x * x + gyy * y * y + gxy * x * y
+        u0, v0 = x0 - halo, y0 - halo  # image pixel of the tile's first pixel
+        gain0, offset0 = lighting_fields(coef, np.float64(u0), np.float64(v0), full_shape)
+        x, y = _unit_coordinates(np.float64(u0), np.float64(v0), full_shape)
         gain_u = (gx + 2 * gxx * x + gxy * y) * k
         gain_v = (gy + 2 * gyy * y + gxy * x) * k
-        out[i] = (gain0, gain_u, gain_v, gxx * k * k, gyy * k * k, gxy * k * k, o0 + ox * x + oy * y, ox * k, oy * k)
+        out[i] = (gain0, gain_u, gain_v, gxx * k * k, gyy * k * k, gxy * k * k, offset0, ox * k, oy * k)
     return out
 
 
