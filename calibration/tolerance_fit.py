@@ -17,6 +17,7 @@ image with a tolerance learned from the other folds only.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import cv2
@@ -89,23 +90,28 @@ def fine_tolerance(
 
 
 def _line_level(level: np.ndarray, border: int) -> np.ndarray:
-    """Within ``border`` blocks of an edge, the RING_QUANTILE of each line parallel to it; 0 elsewhere.
+    """Within ``border`` blocks of an edge, the RING_QUANTILE of each line parallel to it; 0 elsewhere."""
+    lines = _edge_lines(level, border, lambda a, axis: np.quantile(a, RING_QUANTILE, axis=axis))
+    return np.zeros_like(level) if lines is None else np.where(lines[1], lines[0], 0).astype(np.float32)
+
+
+def _edge_lines(level: np.ndarray, border: int, reduce: Callable) -> tuple[np.ndarray, np.ndarray] | None:
+    """Per block within ``border`` blocks of an edge, ``reduce`` over its line parallel to that edge.
 
     A line is taken between the side zones; corner blocks take the larger of their two lines.
+    Returns (line values [Hb, Wb], mask of the border zone), or None where the zone would cover
+    the whole map.
     """
     hb, wb = level.shape
     if border <= 0 or 2 * border >= min(hb, wb):
-        return np.zeros_like(level)
-    row_line = np.quantile(level[:, border : wb - border], RING_QUANTILE, axis=1)[:, None]
-    col_line = np.quantile(level[border : hb - border, :], RING_QUANTILE, axis=0)[None, :]
-    near_tb, near_lr = _near_edges(hb, wb, border)
-    edge = np.where(near_tb & near_lr, np.maximum(row_line, col_line), np.where(near_tb, row_line, col_line))
-    return np.where(near_tb | near_lr, edge, 0).astype(np.float32)
-
-
-def _near_edges(hb: int, wb: int, border: int) -> tuple[np.ndarray, np.ndarray]:
+        return None
+    row_line = reduce(level[:, border : wb - border], axis=1)[:, None]  # per row, along the top/bottom edges
+    col_line = reduce(level[border : hb - border, :], axis=0)[None, :]  # per column, along the left/right edges
     rows, cols = np.ogrid[:hb, :wb]
-    return (rows < border) | (rows >= hb - border), (cols < border) | (cols >= wb - border)
+    near_tb = (rows < border) | (rows >= hb - border)
+    near_lr = (cols < border) | (cols >= wb - border)
+    edge = np.where(near_tb & near_lr, np.maximum(row_line, col_line), np.where(near_tb, row_line, col_line))
+    return np.broadcast_to(edge, level.shape), near_tb | near_lr
 
 
 def coarse_factor(coarse: np.ndarray, inside: np.ndarray, border: int) -> np.ndarray:
@@ -122,14 +128,8 @@ def _neighbourhood_max(level: np.ndarray, border: int) -> np.ndarray:
     (and likewise for the other edges); corner blocks take the larger of their two lines.
     """
     out = cv2.dilate(level, _HOOD)
-    hb, wb = level.shape
-    if border <= 0 or 2 * border >= min(hb, wb):
-        return out
-    row_line = level[:, border : wb - border].max(axis=1)[:, None]
-    col_line = level[border : hb - border, :].max(axis=0)[None, :]
-    near_tb, near_lr = _near_edges(hb, wb, border)
-    edge = np.where(near_tb & near_lr, np.maximum(row_line, col_line), np.where(near_tb, row_line, col_line))
-    return np.where(near_tb | near_lr, np.broadcast_to(edge, level.shape), out).astype(level.dtype)
+    lines = _edge_lines(level, border, np.max)
+    return out if lines is None else np.where(lines[1], lines[0], out).astype(level.dtype)
 
 
 def border_blocks(geometry: Geometry) -> int:
