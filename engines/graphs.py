@@ -44,17 +44,14 @@ OPSET = 17
 
 
 @dataclass(frozen=True)
-class TemplateGraphSpec:
-    """Everything the graph's shape and arithmetic depend on."""
+class TiledGraphSpec:
+    """What every inspectd tile graph's shape depends on: channels, tile core and halo, input type, precision."""
 
     channels: int
     core: int
     halo: int = HALO
     input_dtype: str = "uint8"  # "uint8" or "float32"
-    fine_scale: float = 1.0
-    coarse_scale: float = 1.0
     precision: str = "fp32"  # "fp32" or "fp16"
-    components: bool = False  # fitting only: output fine and coarse separately, unscaled
 
     def __post_init__(self) -> None:
         if self.core % ALIGN or self.halo % ALIGN or self.halo < HALO:
@@ -63,6 +60,15 @@ class TemplateGraphSpec:
     @property
     def tile(self) -> int:
         return self.core + 2 * self.halo
+
+
+@dataclass(frozen=True)
+class TemplateGraphSpec(TiledGraphSpec):
+    """Everything the template graph's shape and arithmetic depend on."""
+
+    fine_scale: float = 1.0
+    coarse_scale: float = 1.0
+    components: bool = False  # fitting only: output fine and coarse separately, unscaled
 
 
 class _Builder:

@@ -37,10 +37,10 @@ import onnx
 from onnx import TensorProto, helper
 
 from engines.graphs import (
-    ALIGN,
     FINE_GAIN_LEVEL,
     HALO,
     LEVELS,
+    TiledGraphSpec,
     _Builder,
     _photometric_fields,
     _slice,
@@ -58,20 +58,8 @@ assert RADIUS <= HALO
 
 
 @dataclass(frozen=True)
-class LearnedGraphSpec:
-    channels: int
-    core: int
-    halo: int = HALO
-    input_dtype: str = "uint8"
-    precision: str = "fp32"  # "fp32" or "fp16"
-
-    def __post_init__(self) -> None:
-        if self.core % ALIGN or self.halo % ALIGN or self.halo < HALO:
-            raise ValueError(f"core and halo must be multiples of {ALIGN}, halo >= {HALO}")
-
-    @property
-    def tile(self) -> int:
-        return self.core + 2 * self.halo
+class LearnedGraphSpec(TiledGraphSpec):
+    """The learned graph's shape depends on nothing beyond the common tile spec (weights come separately)."""
 
 
 def layer_names() -> list[str]:
