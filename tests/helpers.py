@@ -13,6 +13,10 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from engines.bundle import GRAPH_FP16, GRAPH_FP32, Bundle
+from engines.decode import read_image
+from engines.inspector import Inspector
+from engines.onnxruntime_backend import OnnxRuntimeBackend
 from engines.tolerance import BLOCK
 
 SUPERSAMPLE = 4
@@ -176,6 +180,20 @@ def random_photo(rng: np.random.Generator, height: int, width: int) -> np.ndarra
     """Random lighting coefficients (registration.PHOTO_TERMS, unit coordinates): gain near 1, gentle curvature."""
     gain = [rng.uniform(0.9, 1.1), *rng.uniform(-0.05, 0.05, 2), *rng.uniform(-0.03, 0.03, 3)]
     return np.array([*gain, rng.uniform(-8, 8), *rng.uniform(-4, 4, 2)], np.float32)
+
+
+def fp16_vs_fp32(bundle_dir: Path, samples: list[Path]) -> float:
+    """Largest |FP16 map - FP32 map| / max(|FP32 map|, 1) of a bundle's two graphs on real frames."""
+    bundle = Bundle.load(bundle_dir)
+    fp32 = Inspector(bundle, OnnxRuntimeBackend(bundle.file(GRAPH_FP32), threads=2))
+    fp16 = Inspector(bundle, OnnxRuntimeBackend(bundle.file(GRAPH_FP16), threads=2))
+    worst = 0.0
+    with fp32, fp16:
+        for path in samples:
+            prepared = fp32.prepare(read_image(path))
+            a, b = fp32.infer(prepared), fp16.infer(prepared)
+            worst = max(worst, float((np.abs(a - b) / np.maximum(np.abs(a), 1)).max()))
+    return worst
 
 
 def lighting_truth(coef: np.ndarray, xs: np.ndarray, ys: np.ndarray, height: int, width: int) -> tuple:

@@ -19,14 +19,12 @@ from calibration.datasets import Dataset, load_dataset  # noqa: E402
 from calibration.learned_fit import LearnConfig, fit_learned, train  # noqa: E402
 from calibration.learned_model import LearnedNet, add_defect, features, output_crop  # noqa: E402
 from daemon.cli import main  # noqa: E402
-from engines.bundle import GRAPH_FP16, GRAPH_FP32, Bundle  # noqa: E402
+from engines.bundle import Bundle  # noqa: E402
 from engines.decode import read_image  # noqa: E402
 from engines.graphs import FINE_GAIN_LEVEL  # noqa: E402
-from engines.inspector import Inspector  # noqa: E402
 from engines.learned_graph import FEATURES, RADIUS, LearnedGraphSpec, build_learned_graph  # noqa: E402
-from engines.onnxruntime_backend import OnnxRuntimeBackend  # noqa: E402
 from engines.types import Geometry  # noqa: E402
-from tests.helpers import lighting_truth, make_dataset  # noqa: E402
+from tests.helpers import fp16_vs_fp32, lighting_truth, make_dataset  # noqa: E402
 
 SIZE = 384
 STEPS = 160
@@ -135,15 +133,7 @@ def test_onnx_graph_equals_pytorch(tmp_path):
 
 def test_fp16_graph_agrees_with_fp32(bundle_dir, dataset):
     """On real frames, the bundle's FP16 graph gives the FP32 map within 2e-2 relative to max(|map|, 1)."""
-    bundle = Bundle.load(bundle_dir)
-    fp32 = Inspector(bundle, OnnxRuntimeBackend(bundle.file(GRAPH_FP32), threads=2))
-    fp16 = Inspector(bundle, OnnxRuntimeBackend(bundle.file(GRAPH_FP16), threads=2))
-    worst = 0.0
-    with fp32, fp16:
-        for sample in (dataset.test[0], dataset.test[-1]):
-            prepared = fp32.prepare(read_image(sample.path))
-            a, b = fp32.infer(prepared), fp16.infer(prepared)
-            worst = max(worst, float((np.abs(a - b) / np.maximum(np.abs(a), 1)).max()))
+    worst = fp16_vs_fp32(bundle_dir, [dataset.test[0].path, dataset.test[-1].path])
     print(f"learned FP16 vs FP32: max relative error {worst:.2e}")
     assert worst <= 2e-2
 

@@ -12,14 +12,13 @@ import pytest
 import calibration.template_fit as tf
 from calibration.datasets import Dataset, load_dataset
 from calibration.template_fit import MIN_GOOD, FitConfig, fit_template, inspection_region
-from engines.bundle import GRAPH_FP16, Bundle
+from engines.bundle import Bundle
 from engines.decode import read_image
 from engines.errors import ImageError, UserError
 from engines.graphs import ALIGN, HALO, LEVELS
 from engines.inspector import Inspector
-from engines.onnxruntime_backend import OnnxRuntimeBackend
 from engines.types import Geometry
-from tests.helpers import convert_dataset, make_dataset, write_png
+from tests.helpers import convert_dataset, fp16_vs_fp32, make_dataset, write_png
 
 SIZE = 384
 
@@ -89,15 +88,7 @@ def test_goods_pass_and_defects_are_rejected_where_they_are(results, dataset):
 
 def test_fp16_graph_of_the_bundle_agrees_with_fp32(bundle_dir, dataset):
     """On real frames, the bundle's FP16 graph gives the FP32 map within 1e-2 relative to max(|map|, 1)."""
-    bundle = Bundle.load(bundle_dir)
-    fp32 = Inspector(bundle, OnnxRuntimeBackend(bundle.file("graph_fp32.onnx"), threads=2))
-    fp16 = Inspector(bundle, OnnxRuntimeBackend(bundle.file(GRAPH_FP16), threads=2))
-    worst = 0.0
-    with fp32, fp16:
-        for sample in (dataset.test[0], dataset.test[-1]):
-            prepared = fp32.prepare(read_image(sample.path))
-            a, b = fp32.infer(prepared), fp16.infer(prepared)
-            worst = max(worst, float((np.abs(a - b) / np.maximum(np.abs(a), 1)).max()))
+    worst = fp16_vs_fp32(bundle_dir, [dataset.test[0].path, dataset.test[-1].path])
     print(f"bundle FP16 vs FP32: max relative error {worst:.2e}")
     assert worst <= 1e-2
 
