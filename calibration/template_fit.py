@@ -274,8 +274,8 @@ def _statistics(training: _Training, indices: Sequence[int], config: FitConfig) 
     With ``band_trim`` = 1 (the default from TRIM_FROM images on) each pixel's lowest and
     highest value are left out of the mean, the spread and the min/max band: debris that one
     good image happened to carry at a pixel must not widen the tolerance there for every future
-    part. What good parts do systematically (edges
-    that move, blur that changes) shows in many images and stays in the band.
+    part. What good parts do systematically (edges that move, blur that changes) shows in many
+    images and stays in the band.
     """
     geo = training.geometry
     full = (geo.height, geo.width)

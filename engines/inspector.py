@@ -109,8 +109,7 @@ class Inspector:
         self._float_input = self.geometry.dtype == "uint16"
         self._origins = [self.plan.origin(i) for i in range(self.plan.n_tiles)]
         self._part_gain = self._ref["fine_gain"].astype(np.float32)
-        ring = self._ref.get("fine_ring_gain")
-        self._ring_gain = np.ones_like(self._part_gain) if ring is None else ring.astype(np.float32)
+        self._ring_gain = self._ref["fine_ring_gain"].astype(np.float32)
 
     @classmethod
     def load(cls, path: Path, backend: str = "auto", batch: int = 1) -> Inspector:

@@ -153,7 +153,7 @@ def make_dataset(
 
 
 def random_reference(rng: np.random.Generator, height: int, width: int, channels: int) -> dict[str, np.ndarray]:
-    """Random reference statistics in the layout of reference.npz (mu, lo, hi, weight, inv_sigma<l>, fine_gain)."""
+    """Random reference statistics in the layout of reference.npz (mu, lo, hi, weight, inv_sigma<l>, fine gains)."""
     from engines.graphs import ALIGN, LEVELS
 
     shape = (channels, height, width)
@@ -173,6 +173,7 @@ def random_reference(rng: np.random.Generator, height: int, width: int, channels
         ref[f"inv_sigma{level}"] = inv.astype(np.float16)
     blocks = (-(-height // BLOCK), -(-width // BLOCK))
     ref["fine_gain"] = rng.uniform(0.3, 1.0, blocks).astype(np.float16)
+    ref["fine_ring_gain"] = np.ones(blocks, np.float16)
     return ref
 
 
