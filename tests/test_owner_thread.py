@@ -68,15 +68,22 @@ def test_errors_reach_the_caller() -> None:
     proxy.close()
 
 
-def test_emulated_tensorrt_loaded_on_one_thread_and_run_from_another(monkeypatch, tmp_path) -> None:
-    """A TensorRT backend activated from a loader thread serves infer_many from an engine thread."""
+def emulated_plan(monkeypatch, tmp_path: Path) -> Path:
+    """Install the TensorRT 11 emulation and build a plan of the toy FP16 graph (max batch 4)."""
     install(monkeypatch, major=11)
-    from engines.tensorrt_backend import TensorRTBackend
     from engines.trt_build import build_engine
 
     graph = write_toy_graph(tmp_path / "graph_fp16.onnx", fp16=True)
     plan = tmp_path / "engine.plan"
     build_engine(graph, plan, max_batch=4, workspace_mb=64, timing_cache=None)
+    return plan
+
+
+def test_emulated_tensorrt_loaded_on_one_thread_and_run_from_another(monkeypatch, tmp_path) -> None:
+    """A TensorRT backend activated from a loader thread serves infer_many from an engine thread."""
+    plan = emulated_plan(monkeypatch, tmp_path)
+    from engines.tensorrt_backend import TensorRTBackend
+
     data = toy_inputs(np.random.default_rng(3), 6, 6)
     box: dict[str, OwnerThreadBackend] = {}
 
@@ -101,13 +108,9 @@ def test_emulated_tensorrt_loaded_on_one_thread_and_run_from_another(monkeypatch
 
 def test_bare_tensorrt_backend_refuses_a_foreign_thread(monkeypatch, tmp_path) -> None:
     """Without the proxy, the (emulated) TensorRT backend refuses work from a thread that did not create it."""
-    install(monkeypatch, major=11)
+    plan = emulated_plan(monkeypatch, tmp_path)
     from engines.tensorrt_backend import TensorRTBackend
-    from engines.trt_build import build_engine
 
-    graph = write_toy_graph(tmp_path / "graph_fp16.onnx", fp16=True)
-    plan = tmp_path / "engine.plan"
-    build_engine(graph, plan, max_batch=4, workspace_mb=64, timing_cache=None)
     data = toy_inputs(np.random.default_rng(3), 4, 4)
     box: dict[str, TensorRTBackend] = {}
     loader = threading.Thread(target=lambda: box.setdefault("backend", TensorRTBackend(plan)))
