@@ -4,14 +4,18 @@
 2. k-fold statistics: each good image is paired with statistics fitted *without* its fold, so
    the residuals the network learns from are those of parts the reference has not seen (as at
    run time).
-3. One fold is held out of the training altogether; the network is trained from scratch on
-   random crops of the other folds, half of them (``defect_rate``) with a synthetic defect
-   (``calibration.learned_model``), supervised to segment it. Seeded, resumable from a
-   checkpoint, on the GPU when there is one.
-4. The held-out fold is scored through the real FP32 graph (with its own fold statistics) and
-   the threshold is set on those scores (``good_threshold``), like the template's calibration.
-5. The bundle carries FP32 and FP16 ONNX graphs (``engines.learned_graph``), the reference
-   statistics of every good image and the calibration; inference never needs torch.
+3. Two networks are trained from scratch, each on half of the images (cross-fitting), on random
+   crops, half of them (``defect_rate``) with a synthetic defect (``calibration.learned_model``),
+   supervised to segment it. Seeded, resumable from checkpoints, on the GPU when there is one.
+4. Every good image is scored through the real FP32 graph by the network that did not train on
+   it (with its fold's statistics), max-pooled to 16 px blocks. From these held-out maps comes
+   the learned map's local normalisation (``calibration.tolerance_fit.fine_tolerance``: where
+   good parts make the network fire, structure edges under pose and the border band, the same
+   output counts less) and, cross-fitted over the folds, the threshold (``good_threshold``),
+   exactly as the template's fine score is calibrated.
+5. The bundle carries the first network as FP32 and FP16 ONNX graphs (``engines.learned_graph``),
+   the reference statistics of every good image, the gains and the calibration; inference never
+   needs torch. The second network serves the calibration only.
 """
 
 from __future__ import annotations
@@ -28,16 +32,12 @@ import onnx
 from tqdm import tqdm
 
 from calibration import template_fit as tf
+from calibration import tolerance_fit as tol
 from calibration.thresholds import good_threshold
 from engines import registration as reg
 from engines.bundle import GRAPH_FP16, GRAPH_FP32
-from engines.decode import read_image
 from engines.errors import UserError
-from engines.graphs import ALIGN, HALO
-from engines.inspector import resident_inputs
 from engines.learned_graph import RADIUS, LearnedGraphSpec, build_learned_graph, macs_per_pixel
-from engines.onnxruntime_backend import OnnxRuntimeBackend
-from engines.tiling import TilePlan
 from engines.types import Geometry
 
 
@@ -45,7 +45,7 @@ from engines.types import Geometry
 class LearnConfig:
     """Training knobs of the learned detector."""
 
-    steps: int = 3000
+    steps: int = 2000  # per network (NETWORKS are trained)
     batch: int = 8
     patch: int = 128  # px; the network's output on it is patch - 2 * RADIUS
     lr: float = 2e-3
@@ -54,6 +54,7 @@ class LearnConfig:
     hard_rate: float = 0.5  # fraction of crops centred where good parts vary most (widest band: edges, border band)
     pos_weight: float = 5.0  # BCE weight of defect pixels
     checkpoint: Path | None = None  # default: <out>.ckpt next to the bundle
+    init: Path | None = None  # start from these weights (state dict, learned graph or bundle) instead of random
     checkpoint_every: int = 200
     device: str = "auto"  # "auto", "cpu", "cuda"
 
@@ -100,43 +101,115 @@ def fit_learned(
     learn = learn or LearnConfig()
     images = [Path(p) for p in images]
     out = Path(out)
-    if len(images) < tf.MIN_GOOD:
-        raise UserError(
-            f"{images[0].parent if images else 'dataset'}: {len(images)} good images, "
-            f"the learned detector needs at least {tf.MIN_GOOD}"
+    started = time.time()
+    with tempfile.TemporaryDirectory(dir=workdir) as tmp:
+        training, reference, config = tf.prepare_training(images, roi, config, Path(tmp), progress, "learned")
+        learned = learn_and_calibrate(training, images, config, learn, out, Path(tmp), progress)
+        stats = tf._statistics(training, range(len(images)), config)
+        stats["fine_gain"] = learned.part_gain.astype(np.float16)
+        stats["fine_ring_gain"] = learned.ring_gain.astype(np.float16)
+        stats["held_out_blocks"] = learned.blocks[:, None].astype(np.float16)
+        geo = training.geometry
+        spec = LearnedGraphSpec(geo.channels, config.core, input_dtype=_input_dtype(geo))
+        graphs = {
+            GRAPH_FP32: lambda p: onnx.save(build_learned_graph(replace(spec, precision="fp32"), learned.weights), p),
+            GRAPH_FP16: lambda p: onnx.save(build_learned_graph(replace(spec, precision="fp16"), learned.weights), p),
+        }
+        extra = {"learned": learned.manifest(learn)}
+        return tf.write_fitted_bundle(
+            out, "learned", training, stats, reference, learned.calibration, config, images, started, graphs, extra
         )
+
+
+NETWORKS = 2  # cross-fitting: image i is scored by network i % NETWORKS, which trained on the others
+
+
+@dataclass
+class LearnedCalibration:
+    """A trained network with its calibration from held-out good images."""
+
+    weights: dict[str, np.ndarray]  # the shipped network (the first of the cross-fitted pair)
+    reports: list[TrainReport]  # one per network
+    calibration: dict  # threshold of the learned map (normalised by its gains)
+    part_gain: np.ndarray  # the learned map's local gains, as the template's fine score has (engines.tolerance)
+    ring_gain: np.ndarray
+    blocks: np.ndarray  # [n, Hb, Wb] held-out maps, unnormalised, max-pooled to blocks
+
+    def manifest(self, learn: LearnConfig) -> dict:
+        report = self.reports[0]
+        return {
+            **{k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(learn).items()},
+            "receptive_radius": RADIUS,
+            "params": report.params,
+            "flops_per_mpx": report.flops_per_mpx,
+            "networks": [asdict(r) for r in self.reports],
+        }
+
+
+def learn_and_calibrate(
+    training: tf._Training,
+    images: list[Path],
+    config: tf.FitConfig,
+    learn: LearnConfig,
+    out: Path,
+    tmp: Path,
+    progress: bool,
+) -> LearnedCalibration:
+    """Train the cross-fitted networks on registered good images and calibrate the learned map on held-out ones."""
+    geo = training.geometry
     if learn.patch <= 2 * RADIUS + 8:
         raise UserError(f"patch {learn.patch}: must exceed {2 * RADIUS + 8} px (the network's receptive field)")
-    started = time.time()
-    first = read_image(images[0])
-    geometry = Geometry(first.shape[0], first.shape[1], 1 if first.ndim == 2 else 3, str(first.dtype))
-    if min(geometry.height, geometry.width) < learn.patch:
-        raise UserError(f"images are {geometry.describe()}: smaller than the {learn.patch} px training patch")
-    config = tf._resolve(config, geometry)
-    weight = tf.inspection_region(geometry, roi, config.margin_px or 0)
+    if min(geo.height, geo.width) < learn.patch:
+        raise UserError(f"images are {geo.describe()}: smaller than the {learn.patch} px training patch")
     n = len(images)
     folds = max(2, min(config.folds, n))
-    with tempfile.TemporaryDirectory(dir=workdir) as tmp:
-        reference = tf._bootstrap_reference(images, geometry, weight, config, progress)
-        training = tf._register_all(images, geometry, weight, reference, Path(tmp), progress, "registering (1/2)")
-        reference = tf._final_reference(tf._statistics(training, range(n), config)["mu"], weight, reference)
-        training = tf._register_all(images, geometry, weight, reference, Path(tmp), progress, "registering (2/2)")
-        fold_stats = [
-            tf._statistics(training, [i for i in range(n) if i % folds != f], config)
-            for f in tqdm(range(folds), desc="fold statistics", disable=not progress, unit="fold")
-        ]
-        held = [i for i in range(n) if i % folds == 0]
-        trained = [i for i in range(n) if i % folds != 0]
-        checkpoint = learn.checkpoint or out.with_name(out.name + ".ckpt")
-        data_id = f"{tf._fingerprint(images)['sha256']}:{folds}"
-        weights, report = train(training, fold_stats, trained, folds, learn, checkpoint, progress, data_id)
+    fold_stats = [
+        tf._statistics(training, [i for i in range(n) if i % folds != f], config)
+        for f in tqdm(range(folds), desc="fold statistics", disable=not progress, unit="fold")
+    ]
+    checkpoint = learn.checkpoint or out.with_name(out.name + ".ckpt")
+    data_id = f"{tf._fingerprint(images)['sha256']}:{folds}"
+    spec = LearnedGraphSpec(geo.channels, config.core, input_dtype=_input_dtype(geo))
+    blocks = np.zeros((n, *tol.block_shape(geo)), np.float32)
+    nets: list[tuple[dict[str, np.ndarray], TrainReport]] = []
+    for net in range(NETWORKS):
+        held = [i for i in range(n) if i % NETWORKS == net]
+        trained = [i for i in range(n) if i % NETWORKS != net]
+        net_learn = replace(learn, seed=learn.seed + net)
+        net_checkpoint = checkpoint.with_name(f"{checkpoint.name}.net{net}")
+        desc = f"training network {net + 1}/{NETWORKS}"
+        weights, report = train(
+            training, fold_stats, trained, folds, net_learn, net_checkpoint, progress, f"{data_id}:net{net}", desc
+        )
         if progress:
             print(report.describe(), file=sys.stderr)
-        scores = score_images(training, fold_stats[0], held, weights, config.core, Path(tmp))
-        calibration = good_threshold(scores, config.target_frr, config.threshold_margin)
-        calibration.update(held_out=[images[i].name for i in held], folds=folds)
-        stats = tf._statistics(training, range(n), config)
-        return _write(out, training, stats, reference, calibration, config, learn, report, weights, images, started)
+        nets.append((weights, report))
+        graph = tmp / f"learned_net{net}.onnx"
+        onnx.save(build_learned_graph(spec, weights), graph)
+        for fold in tqdm(range(folds), desc=f"scoring held-out ({net + 1}/{NETWORKS})", disable=not progress):
+            rows = [i for i in held if i % folds == fold]
+            if rows:
+                blocks[rows] = tf.graph_blocks(training, graph, fold_stats[fold], rows, config.core, 1)[:, 0]
+    inside, border = tol.block_inside(training.weight), tol.border_blocks(geo)
+    scores = tol.cross_fitted_fine_scores(blocks, training.poses, inside, border, folds)
+    calibration = good_threshold(scores, config.target_frr, config.threshold_margin)
+    part_gain, ring_gain = tol.fine_tolerance(blocks, training.poses, inside, border)
+    calibration.update(
+        folds=folds,
+        networks=NETWORKS,
+        held_out_raw_max=[round(float(b.max()), 4) for b in blocks],
+        local_tolerance={
+            "block_px": tol.BLOCK,
+            "fine_gain_min": round(float(part_gain.min()), 4),
+            "ring_gain_min": round(float(ring_gain.min()), 4),
+            "blocks_normalised": round(float((part_gain < 1)[inside].mean()), 4),
+        },
+    )
+    return LearnedCalibration(nets[0][0], [r for _, r in nets], calibration, part_gain, ring_gain, blocks)
+
+
+def _input_dtype(geo: Geometry) -> str:
+    return "float32" if geo.dtype == "uint16" else "uint8"
 
 
 # -- training ----------------------------------------------------------------------------------------
@@ -213,7 +286,8 @@ def _normalise_window(planes: np.ndarray, coef: np.ndarray, y: int, x: int, full
 
 def _signature(channels: int, learn: LearnConfig, data_id: str) -> dict:
     """What a checkpoint must agree on to be resumed: the data, the network and every knob but the step count."""
-    keep = {k: v for k, v in asdict(learn).items() if k not in ("steps", "checkpoint", "checkpoint_every", "device")}
+    skip = ("steps", "checkpoint", "checkpoint_every", "device")
+    keep = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(learn).items() if k not in skip}
     return {"channels": channels, "data": data_id, **keep}
 
 
@@ -226,17 +300,24 @@ def train(
     checkpoint: Path | None,
     progress: bool = True,
     data_id: str = "",
+    desc: str = "training",
 ) -> tuple[dict[str, np.ndarray], TrainReport]:
     """Train the network from scratch (or resume from ``checkpoint``); returns its numpy weights and a report."""
     import torch
 
-    from calibration.learned_model import LearnedNet, features, output_crop
+    from calibration.learned_model import LearnedNet, features, load_initial_weights, output_crop
 
     started = time.time()
     device = learn.device if learn.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     channels = training.geometry.channels
     torch.manual_seed(learn.seed)
-    model = LearnedNet(channels).to(device)
+    model = LearnedNet(channels)
+    if learn.init is not None:
+        copied = load_initial_weights(model, learn.init)
+        if progress:
+            total = len(model.state_dict())
+            print(f"{learn.init}: started from {len(copied)} of {total} weight arrays", file=sys.stderr)
+    model = model.to(device)
     optimiser = torch.optim.Adam(model.parameters(), lr=learn.lr)
     rng = np.random.default_rng(learn.seed)
     step, losses, loss_value = 0, [], float("nan")
@@ -273,7 +354,7 @@ def train(
         tmp.replace(checkpoint)
 
     model.train()
-    with tqdm(total=learn.steps, initial=step, desc="training", disable=not progress, unit="step") as bar:
+    with tqdm(total=learn.steps, initial=step, desc=desc, disable=not progress, unit="step") as bar:
         while step < learn.steps:
             xn, mu, lo, hi, w, label = (torch.from_numpy(a).to(device) for a in sampler.batch(rng))
             logit = model(features(xn, mu, lo, hi, w))
@@ -298,77 +379,3 @@ def train(
     model.eval()
     report = TrainReport(params, flops, step, resumed, loss_value, device, round(time.time() - started, 1), losses)
     return model.numpy_weights(), report
-
-
-# -- calibration -----------------------------------------------------------------------------------
-def score_images(
-    training: tf._Training,
-    stats: dict[str, np.ndarray],
-    indices: Sequence[int],
-    weights: dict[str, np.ndarray],
-    core: int,
-    tmp: Path,
-) -> np.ndarray:
-    """Per image, the maximum of the FP32 graph's anomaly map (as the Inspector computes it)."""
-    geo = training.geometry
-    plan = TilePlan(geo.height, geo.width, core, HALO, ALIGN)
-    spec = LearnedGraphSpec(geo.channels, core, input_dtype="float32" if training.unit != 1 else "uint8")
-    path = tmp / "learned_score.onnx"
-    onnx.save(build_learned_graph(spec, weights), path)
-    origins = [plan.origin(t) for t in range(plan.n_tiles)]
-    scores = np.zeros(len(indices), np.float64)
-    amap = np.empty((geo.height, geo.width), np.float32)
-    with OnnxRuntimeBackend(path) as backend:
-        backend.activate(resident_inputs(plan, stats, np.float32))
-        for row, i in enumerate(indices):
-            for feeds, tiles in tf.registered_tiles(training, plan, origins, i):
-                plan.stitch(backend.infer(feeds, tiles)["anomaly"], tiles, amap)
-            scores[row] = float(amap.max())
-    return scores
-
-
-# -- bundle --------------------------------------------------------------------------------------------
-def _write(
-    out: Path,
-    training: tf._Training,
-    stats: dict[str, np.ndarray],
-    registration: reg.RegistrationReference,
-    calibration: dict,
-    config: tf.FitConfig,
-    learn: LearnConfig,
-    report: TrainReport,
-    weights: dict[str, np.ndarray],
-    images: list[Path],
-    started: float,
-) -> Path:
-    geo = training.geometry
-    spec = LearnedGraphSpec(geo.channels, config.core, input_dtype="float32" if geo.dtype == "uint16" else "uint8")
-    learn_dict = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(learn).items()}
-    learned = {
-        **learn_dict,
-        "receptive_radius": RADIUS,
-        "params": report.params,
-        "flops_per_mpx": report.flops_per_mpx,
-        "trained_steps": report.steps,
-        "final_loss": round(report.final_loss, 5),
-        "losses": report.losses,
-        "device": report.device,
-        "train_seconds": report.seconds,
-    }
-    graphs = {
-        GRAPH_FP32: lambda p: onnx.save(build_learned_graph(replace(spec, precision="fp32"), weights), p),
-        GRAPH_FP16: lambda p: onnx.save(build_learned_graph(replace(spec, precision="fp16"), weights), p),
-    }
-    return tf.write_fitted_bundle(
-        out,
-        "learned",
-        training,
-        stats,
-        registration,
-        calibration,
-        config,
-        images,
-        started,
-        graphs,
-        {"learned": learned},
-    )

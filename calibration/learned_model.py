@@ -14,11 +14,15 @@ more than ``LABEL_MIN`` grey levels (smoothed over ~1 px).
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import cv2
 import numpy as np
 import torch
 from torch import nn
 
+from engines.errors import UserError
 from engines.learned_graph import (
     BAND_SCALE,
     DIFF_SCALE,
@@ -165,3 +169,54 @@ def add_defect(
 def output_crop(array: np.ndarray) -> np.ndarray:
     """The part of a [..., H, W] array that the valid network outputs for an H x W input."""
     return array[..., RADIUS:-RADIUS, RADIUS:-RADIUS]
+
+
+# -- starting from pretrained weights ----------------------------------------------------------------
+_ONNX_WEIGHT = re.compile(r"^(conv(\d+)|head)_([wb])_\d+$")
+
+
+def load_initial_weights(model: LearnedNet, path: Path) -> list[str]:
+    """Copy every layer of ``path`` whose name and shape match ``model``'s into it; returns the names copied.
+
+    ``path`` is a file on disk, never a download: a PyTorch state dict (``.pt``/``.pth``, or an
+    inspectd training checkpoint), an inspectd learned graph (``.onnx``) or a learned bundle
+    directory. Layers whose shape differs (another colour layout) keep their initialisation.
+    """
+    source = _read_weights(Path(path))
+    own = model.state_dict()
+    copied = [k for k, v in source.items() if k in own and tuple(own[k].shape) == tuple(v.shape)]
+    if not copied:
+        raise UserError(f"{path}: no layer matches the learned network ({', '.join(own)})")
+    own.update({k: torch.as_tensor(np.asarray(source[k], np.float32)) for k in copied})
+    model.load_state_dict(own)
+    return copied
+
+
+def _read_weights(path: Path) -> dict[str, np.ndarray]:
+    if path.is_dir():
+        path = path / "graph_fp32.onnx"
+    if not path.is_file():
+        raise UserError(f"{path}: no such weights file (expected .pt, .pth, .onnx or a learned bundle directory)")
+    if path.suffix == ".onnx":
+        import onnx
+        from onnx import numpy_helper
+
+        try:
+            inits = onnx.load(str(path)).graph.initializer
+        except Exception as exc:  # onnx raises several types for damaged files
+            raise UserError(f"{path}: not a readable ONNX graph ({exc})") from None
+        head = len(DILATIONS)
+        out = {}
+        for init in inits:
+            match = _ONNX_WEIGHT.match(init.name)
+            if match:
+                layer = head if match.group(1) == "head" else int(match.group(2))
+                kind = "weight" if match.group(3) == "w" else "bias"
+                out[f"convs.{layer}.{kind}"] = numpy_helper.to_array(init).astype(np.float32)
+        return out
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises several types for foreign or damaged files
+        raise UserError(f"{path}: not a readable PyTorch weights file ({exc})") from None
+    state = state.get("model", state) if isinstance(state, dict) else {}
+    return {k: v.detach().cpu().numpy() for k, v in state.items() if isinstance(v, torch.Tensor)}

@@ -84,27 +84,39 @@ def fit_template(
 ) -> Path:
     """Fit, calibrate and write a template bundle to ``out``; returns ``out``."""
     images = [Path(p) for p in images]
-    if len(images) < MIN_GOOD:
-        raise UserError(
-            f"{images[0].parent if images else 'dataset'}: {len(images)} good images, "
-            f"the template detector needs at least {MIN_GOOD}"
-        )
     started = time.time()
-    first = read_image(images[0])
-    geometry = Geometry(first.shape[0], first.shape[1], 1 if first.ndim == 2 else 3, str(first.dtype))
-    config = _resolve(config, geometry)
-    weight = inspection_region(geometry, roi, config.margin_px or 0)
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
-        reference = _bootstrap_reference(images, geometry, weight, config, progress)
-        training = _register_all(images, geometry, weight, reference, Path(tmp), progress, "registering (1/2)")
-        # Register again against exactly the reference the bundle will carry, so the images the
-        # statistics and thresholds are computed from were prepared as run time will prepare frames.
-        reference = _final_reference(_statistics(training, range(len(images)), config)["mu"], weight, reference)
-        training = _register_all(images, geometry, weight, reference, Path(tmp), progress, "registering (2/2)")
+        training, reference, config = prepare_training(images, roi, config, Path(tmp), progress, "template")
         calibration, tolerance, blocks = _calibrate_folds(training, config, progress)
         stats = apply_local_tolerance(_statistics(training, range(len(images)), config), tolerance)
         stats["held_out_blocks"] = blocks.astype(np.float16)  # for diagnostics and reports
         return _write(out, training, stats, reference, calibration, config, images, started)
+
+
+def prepare_training(
+    images: list[Path], roi: Path | None, config: FitConfig, tmp: Path, progress: bool, detector: str
+) -> tuple[_Training, reg.RegistrationReference, FitConfig]:
+    """Check the good images, build the registration reference and register every image to it (on disk in ``tmp``).
+
+    Returns the registered training set, the reference the bundle will carry, and the config with
+    its automatic values resolved for these images.
+    """
+    if len(images) < MIN_GOOD:
+        raise UserError(
+            f"{images[0].parent if images else 'dataset'}: {len(images)} good images, "
+            f"the {detector} detector needs at least {MIN_GOOD}"
+        )
+    first = read_image(images[0])
+    geometry = Geometry(first.shape[0], first.shape[1], 1 if first.ndim == 2 else 3, str(first.dtype))
+    config = _resolve(config, geometry)
+    weight = inspection_region(geometry, roi, config.margin_px or 0)
+    reference = _bootstrap_reference(images, geometry, weight, config, progress)
+    training = _register_all(images, geometry, weight, reference, tmp, progress, "registering (1/2)")
+    # Register again against exactly the reference the bundle will carry, so the images the
+    # statistics and thresholds are computed from were prepared as run time will prepare frames.
+    reference = _final_reference(_statistics(training, range(len(images)), config)["mu"], weight, reference)
+    training = _register_all(images, geometry, weight, reference, tmp, progress, "registering (2/2)")
+    return training, reference, config
 
 
 def _resolve(config: FitConfig, geometry: Geometry) -> FitConfig:
@@ -345,34 +357,43 @@ def _coarse_spread(training: _Training, indices: Sequence[int], noise: float) ->
     return out
 
 
-def _graph(spec: TemplateGraphSpec, path: Path) -> Path:
-    onnx.save(build_template_graph(spec), path)
-    return path
-
-
 def _component_blocks(
     training: _Training, stats: dict[str, np.ndarray], indices: Sequence[int], core: int, tmp: Path
 ) -> np.ndarray:
     """Per held-out image, the fine and coarse scores from the real graph, max-pooled to BLOCK px blocks."""
     geo = training.geometry
-    plan = TilePlan(geo.height, geo.width, core, HALO, ALIGN)
     spec = TemplateGraphSpec(
         geo.channels, core, input_dtype="float32" if training.unit != 1 else "uint8", components=True
     )
-    backend = OnnxRuntimeBackend(_graph(spec, tmp / "components.onnx"))
-    blocks = np.zeros((len(indices), 2, *tol.block_shape(geo)), np.float32)
+    path = tmp / "components.onnx"
+    onnx.save(build_template_graph(spec), path)
+    return graph_blocks(training, path, stats, indices, core, 2)
+
+
+def graph_blocks(
+    training: _Training,
+    graph: Path,
+    stats: dict[str, np.ndarray],
+    indices: Sequence[int],
+    core: int,
+    channels: int,
+) -> np.ndarray:
+    """[len(indices), channels, Hb, Wb]: the FP32 ``graph``'s map of each image, unnormalised, max-pooled to blocks."""
+    geo = training.geometry
+    plan = TilePlan(geo.height, geo.width, core, HALO, ALIGN)
+    blocks = np.zeros((len(indices), channels, *tol.block_shape(geo)), np.float32)
     origins = [plan.origin(t) for t in range(plan.n_tiles)]
     per_core = core // BLOCK
-    with backend:
+    with OnnxRuntimeBackend(graph) as backend:
         backend.activate(resident_inputs(plan, stats, np.float32))
         for row, i in enumerate(indices):
             for feeds, tiles in registered_tiles(training, plan, origins, i):
                 out = backend.infer(feeds, tiles)
                 y, x = plan.origin(tiles.start)
                 h, w = _valid_core(plan, tiles.start)
-                maps = np.zeros((2, core, core), np.float32)
+                maps = np.zeros((channels, core, core), np.float32)
                 maps[:, :h, :w] = out["anomaly"][0][:, :h, :w]
-                pooled = maps.reshape(2, per_core, BLOCK, per_core, BLOCK).max(axis=(2, 4))
+                pooled = maps.reshape(channels, per_core, BLOCK, per_core, BLOCK).max(axis=(2, 4))
                 by, bx = y // BLOCK, x // BLOCK
                 target = blocks[row, :, by : by + per_core, bx : bx + per_core]
                 target[...] = pooled[:, : target.shape[1], : target.shape[2]]

@@ -89,6 +89,20 @@ def fine_tolerance(
     return part_gain, ring_gain
 
 
+def cross_fitted_fine_scores(
+    fine: np.ndarray, poses: np.ndarray, inside: np.ndarray, border: int, folds: int
+) -> np.ndarray:
+    """Per image (fold ``i % folds``), its highest fine score under the gains learned from the other folds only."""
+    n = len(fine)
+    scores = np.zeros(n, np.float32)
+    for fold in range(folds):
+        held = np.arange(fold, n, folds)
+        others = np.setdiff1d(np.arange(n), held)
+        part, ring = fine_tolerance(fine[others], poses[others], inside, border)
+        scores[held] = [(fine[i] * frame_fine_gain(part, ring, poses[i])).max() for i in held]
+    return scores
+
+
 def _line_level(level: np.ndarray, border: int) -> np.ndarray:
     """Within ``border`` blocks of an edge, the RING_QUANTILE of each line parallel to it; 0 elsewhere."""
     lines = _edge_lines(level, border, lambda a, axis: np.quantile(a, RING_QUANTILE, axis=axis))

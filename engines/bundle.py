@@ -33,7 +33,9 @@ import numpy as np
 from engines.errors import BundleError
 from engines.types import Geometry
 
-FORMAT_VERSION = 4  # 2: separate resident statistics inputs; 3: learned fine gain; 4: quadratic lighting gain
+# 2: separate resident statistics inputs; 3: learned fine gain; 4: quadratic lighting gain;
+# 5: one local gain map per detector ([G, Hb, Wb] in the ensemble), the learned map normalised too
+FORMAT_VERSION = 5
 MANIFEST = "manifest.json"
 GRAPH_FP32 = "graph_fp32.onnx"
 GRAPH_FP16 = "graph_fp16.onnx"

@@ -1,10 +1,10 @@
 """The template detector's anomaly graph, built as ONNX so ONNX Runtime and TensorRT run the same model.
 
 Inputs per tile batch: per frame ``image`` (the registered frame), ``photo`` (lighting model) and
-``fine_gain`` [N, 1, T/16, T/16] (learned local normalisation of the fine score for this frame's
-pose, see engines.tolerance); resident statistics ``mean``, ``low``, ``high`` [N, C, T, T],
-``weight`` [N, 1, T, T] (inspection region) and ``coarse{l}`` [N, C, T/2^l, T/2^l] (1/spread of
-the block means at level l).
+``fine_gain`` [N, G, T/16, T/16] (learned local normalisation of the fine score for this frame's
+pose, see engines.tolerance; one channel per detector, G = 2 in the ensemble graph); resident
+statistics ``mean``, ``low``, ``high`` [N, C, T, T], ``weight`` [N, 1, T, T] (inspection region)
+and ``coarse{l}`` [N, C, T/2^l, T/2^l] (1/spread of the block means at level l).
 
 Per tile (core + halo) the graph:
 1. corrects illumination with a per-tile gain (quadratic) and offset (linear) field (``photo``), in FP32;
@@ -52,6 +52,12 @@ class TiledGraphSpec:
     halo: int = HALO
     input_dtype: str = "uint8"  # "uint8" or "float32"
     precision: str = "fp32"  # "fp32" or "fp16"
+    gains: int = 1  # channels of the per-frame fine_gain input: one per detector in the graph
+
+    @property
+    def half(self) -> int:
+        """The ONNX type of the graph's working precision (statistics, gains, output)."""
+        return TensorProto.FLOAT16 if self.precision == "fp16" else TensorProto.FLOAT
 
     def __post_init__(self) -> None:
         if self.core % ALIGN or self.halo % ALIGN or self.halo < HALO:
@@ -135,12 +141,35 @@ def _photometric_fields(g: _Builder, photo: str, tile: int) -> tuple[str, str]:
     return a, b
 
 
-def _fine_gain(g: _Builder, spec: TemplateGraphSpec) -> str:
-    """The per-block gain of the fine score (learned local normalisation), expanded over the core in FP32."""
+def tile_inputs(spec: TiledGraphSpec) -> list[onnx.ValueInfoProto]:
+    """The inputs every inspectd tile graph declares (module docstring); resident ones in the working precision.
+
+    Resident statistics travel in the graph's working precision: FP32 graphs get FP32 (no
+    per-tile conversion on the CPU), FP16 graphs get FP16 (half the device memory and traffic).
+    """
+    c, t, half = spec.channels, spec.tile, spec.half
+    in_type = TensorProto.UINT8 if spec.input_dtype == "uint8" else TensorProto.FLOAT
+    inputs = [
+        helper.make_tensor_value_info("image", in_type, ["N", c, t, t]),
+        helper.make_tensor_value_info("photo", TensorProto.FLOAT, ["N", PHOTO_TERMS]),
+    ]
+    for name, channels in (("mean", c), ("low", c), ("high", c), ("weight", 1)):
+        inputs.append(helper.make_tensor_value_info(name, half, ["N", channels, t, t]))
+    side = t >> FINE_GAIN_LEVEL
+    inputs.append(helper.make_tensor_value_info("fine_gain", half, ["N", spec.gains, side, side]))
+    for level in LEVELS:
+        inputs.append(helper.make_tensor_value_info(f"coarse{level}", half, ["N", c, t >> level, t >> level]))
+    return inputs
+
+
+def fine_gain(g: _Builder, spec: TiledGraphSpec, channel: int = 0) -> str:
+    """Channel ``channel`` of the per-block gain (learned local normalisation), expanded over the core in FP32."""
     step = 2**FINE_GAIN_LEVEL
     low, size = spec.halo // step, spec.core // step
     gain = g.op("Cast", ["fine_gain"], to=TensorProto.FLOAT)
     gain = _slice(g, gain, low, low + size, (2, 3))
+    if spec.gains > 1:
+        gain = _slice(g, gain, channel, channel + 1, (1,))
     return g.op("Resize", [gain, "", g.const(np.array([1, 1, step, step], np.float32))], mode="nearest")
 
 
@@ -172,26 +201,19 @@ def _coarse_score(g: _Builder, resid: str, inv_sigmas: dict[int, str], spec: Tem
 def build_template_graph(spec: TemplateGraphSpec) -> onnx.ModelProto:
     """Build the tiled anomaly graph described in the module docstring."""
     g = _Builder()
-    c, t = spec.channels, spec.tile
-    half = TensorProto.FLOAT16 if spec.precision == "fp16" else TensorProto.FLOAT
-    in_type = TensorProto.UINT8 if spec.input_dtype == "uint8" else TensorProto.FLOAT
-    # Resident statistics travel in the graph's working precision: FP32 graphs get FP32 (no
-    # per-tile conversion on the CPU), FP16 graphs get FP16 (half the device memory and traffic).
-    inputs = [
-        helper.make_tensor_value_info("image", in_type, ["N", c, t, t]),
-        helper.make_tensor_value_info("photo", TensorProto.FLOAT, ["N", PHOTO_TERMS]),
-    ]
-    stats = {}
-    for name, channels in (("mean", c), ("low", c), ("high", c), ("weight", 1)):
-        inputs.append(helper.make_tensor_value_info(name, half, ["N", channels, t, t]))
-        stats[name] = name if half == TensorProto.FLOAT else g.op("Cast", [name], to=TensorProto.FLOAT)
-    gain_side = t >> FINE_GAIN_LEVEL
-    inputs.append(helper.make_tensor_value_info("fine_gain", half, ["N", 1, gain_side, gain_side]))
-    inv_sigmas = {}
-    for level in LEVELS:
-        name = f"coarse{level}"
-        inputs.append(helper.make_tensor_value_info(name, half, ["N", c, t >> level, t >> level]))
-        inv_sigmas[level] = name
+    out_channels = template_anomaly(g, spec, "anomaly")
+    outputs = [helper.make_tensor_value_info("anomaly", spec.half, ["N", out_channels, spec.core, spec.core])]
+    return finish_model(g, "template", tile_inputs(spec), outputs, spec.precision, spec.core, spec.halo)
+
+
+def template_anomaly(g: _Builder, spec: TemplateGraphSpec, out: str, gain_channel: int = 0) -> int:
+    """Add the template detector's nodes, reading the tile inputs, writing tensor ``out``; returns its channels."""
+    c, t, half = spec.channels, spec.tile, spec.half
+    stats = {
+        name: name if half == TensorProto.FLOAT else g.op("Cast", [name], to=TensorProto.FLOAT)
+        for name in ("mean", "low", "high", "weight")
+    }
+    inv_sigmas = {level: f"coarse{level}" for level in LEVELS}
 
     # Stage 1, FP32: illumination correction, band excess and residual at full resolution.
     x = g.op("Cast", ["image"], to=TensorProto.FLOAT)
@@ -203,7 +225,7 @@ def build_template_graph(spec: TemplateGraphSpec) -> onnx.ModelProto:
     xn_c, lo_c, hi_c, w_c = (_slice(g, v, *core, (2, 3)) for v in (xn, lo, hi, w))
     excess = g.op("Max", [g.op("Sub", [xn_c, hi_c]), g.op("Sub", [lo_c, xn_c]), g.const(np.float32(0))])
     fine = g.op("Mul", [_channel_max(g, excess, c), w_c])
-    fine = g.op("Mul", [fine, _fine_gain(g, spec)])
+    fine = g.op("Mul", [fine, fine_gain(g, spec, gain_channel)])
 
     # Stage 2, FP16 in the FP16 variant: pyramid and neighbourhoods.
     if half == TensorProto.FLOAT16:
@@ -213,16 +235,13 @@ def build_template_graph(spec: TemplateGraphSpec) -> onnx.ModelProto:
     np_half = np.float16 if half == TensorProto.FLOAT16 else np.float32
     if spec.components:
         coarse_full = g.op("Resize", [coarse, "", g.const(np.array([1, 1, 4, 4], np.float32))], mode="nearest")
-        g.nodes.append(helper.make_node("Concat", [fine, coarse_full], ["anomaly"], axis=1))
-        out_channels = 2
-    else:
-        fine = g.op("Mul", [fine, g.const(np_half(1.0 / spec.fine_scale))])
-        coarse = g.op("Mul", [coarse, g.const(np_half(1.0 / spec.coarse_scale))])
-        coarse_full = g.op("Resize", [coarse, "", g.const(np.array([1, 1, 4, 4], np.float32))], mode="nearest")
-        g.nodes.append(helper.make_node("Max", [fine, coarse_full], ["anomaly"]))
-        out_channels = 1
-    outputs = [helper.make_tensor_value_info("anomaly", half, ["N", out_channels, spec.core, spec.core])]
-    return finish_model(g, "template", inputs, outputs, spec.precision, spec.core, spec.halo)
+        g.nodes.append(helper.make_node("Concat", [fine, coarse_full], [out], axis=1))
+        return 2
+    fine = g.op("Mul", [fine, g.const(np_half(1.0 / spec.fine_scale))])
+    coarse = g.op("Mul", [coarse, g.const(np_half(1.0 / spec.coarse_scale))])
+    coarse_full = g.op("Resize", [coarse, "", g.const(np.array([1, 1, 4, 4], np.float32))], mode="nearest")
+    g.nodes.append(helper.make_node("Max", [fine, coarse_full], [out]))
+    return 1
 
 
 def finish_model(

@@ -34,7 +34,7 @@ class Prepared:
 
     padded: np.ndarray
     photo: np.ndarray
-    fine_gain: np.ndarray  # [tiles, 1, T/16, T/16] float32
+    fine_gain: np.ndarray  # [tiles, G, T/16, T/16] float32: one local gain per detector in the graph
     pose: reg.Pose
     timings_ms: dict[str, float] = field(default_factory=dict)
 
@@ -74,10 +74,17 @@ def resident_inputs(plan: TilePlan, ref: dict[str, np.ndarray], dtype: np.dtype 
 
 
 def gain_tiles(plan: TilePlan, gain: np.ndarray) -> np.ndarray:
-    """A frame's fine gain per 16 px block [Hb, Wb] cut into the graph's per-tile layout [tiles, 1, T/16, T/16]."""
+    """A frame's fine gains per 16 px block [G, Hb, Wb] (or [Hb, Wb]) in the graph's layout [tiles, G, T/16, T/16]."""
     step = 2**FINE_GAIN_LEVEL
-    sub = TilePlan(gain.shape[0], gain.shape[1], plan.core // step, plan.halo // step, 1)
-    return _tile_planes(sub, gain[None], np.float32)
+    planes = gain.reshape(-1, *gain.shape[-2:])
+    sub = TilePlan(planes.shape[1], planes.shape[2], plan.core // step, plan.halo // step, 1)
+    return _tile_planes(sub, planes, np.float32)
+
+
+def detector_gains(ref: dict[str, np.ndarray], name: str) -> np.ndarray:
+    """A bundle's gain maps as [G, Hb, Wb] float32, one per detector (single-detector bundles store [Hb, Wb])."""
+    gain = ref[name].astype(np.float32)
+    return gain.reshape(-1, *gain.shape[-2:])
 
 
 def _tile_planes(plan: TilePlan, planes: np.ndarray, dtype: np.dtype) -> np.ndarray:
@@ -108,8 +115,8 @@ class Inspector:
         self._registration = registration_reference(bundle, self._ref)
         self._float_input = self.geometry.dtype == "uint16"
         self._origins = [self.plan.origin(i) for i in range(self.plan.n_tiles)]
-        self._part_gain = self._ref["fine_gain"].astype(np.float32)
-        self._ring_gain = self._ref["fine_ring_gain"].astype(np.float32)
+        self._part_gains = detector_gains(self._ref, "fine_gain")
+        self._ring_gains = detector_gains(self._ref, "fine_ring_gain")
 
     @classmethod
     def load(cls, path: Path, backend: str = "auto", batch: int = 1) -> Inspector:
@@ -143,7 +150,7 @@ class Inspector:
             shape = (*shape, 3)
         dtype = np.float32 if self._float_input else np.uint8
         photo = np.tile(np.eye(1, reg.PHOTO_TERMS, dtype=np.float32), (self.plan.n_tiles, 1))
-        gain = gain_tiles(self.plan, self._part_gain)
+        gain = gain_tiles(self.plan, self._part_gains)
         return Prepared(np.full(shape, 128, dtype), photo, gain, reg.Pose(np.eye(2, 3), 1.0))
 
     # -- the three stages ------------------------------------------------------------
@@ -162,7 +169,8 @@ class Inspector:
                 registered = registered.astype(np.float32) * np.float32(1 / 257)
             padded = self.plan.pad(registered)
             photo = reg.tile_photometric(coef, self._origins, self.plan.halo, (self.plan.height, self.plan.width))
-            gain = gain_tiles(self.plan, frame_fine_gain(self._part_gain, self._ring_gain, pose.matrix))
+            pairs = zip(self._part_gains, self._ring_gains, strict=True)
+            gain = gain_tiles(self.plan, np.stack([frame_fine_gain(p, r, pose.matrix) for p, r in pairs]))
         return Prepared(padded, photo, gain, pose, timings)
 
     def infer(self, prepared: Prepared) -> np.ndarray:

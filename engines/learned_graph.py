@@ -16,13 +16,15 @@ Per tile the graph
    convolution to one logit; all convolutions are *valid* (no padding), so the output is
    exactly the core and equals the network applied to the whole image (the halo, 64 px, is
    larger than the receptive-field radius, ``RADIUS``);
-4. returns softplus(logit) * w on the core: non-negative, ~0 where the network is sure the
-   pixel is good and ~logit where it sees a defect, so "threshold = (1 + margin) * worst
-   held-out good score" keeps its meaning.
+4. returns softplus(logit) * w * fine_gain on the core: non-negative, ~0 where the network is
+   sure the pixel is good and ~logit where it sees a defect, so "threshold = (1 + margin) *
+   worst held-out good score" keeps its meaning. ``fine_gain`` is the learned local
+   normalisation of this map (``calibration.learned_fit``): where held-out good parts made
+   the network fire (structure edges under pose, the border band), the same output counts less.
 
 The FP16 variant keeps stage 1-2 (differences of two ~150-grey values) in FP32 and runs the
-network and the output in FP16. The fine-gain and coarse inputs are not used by the network;
-they are still consumed (one element, times zero) so every backend binds the same inputs.
+network and the output in FP16. The coarse inputs are not used by the network; they are still
+consumed (one element, times zero) so every backend binds the same inputs.
 
 This module needs only numpy and onnx: inference never imports torch.
 """
@@ -37,16 +39,16 @@ import onnx
 from onnx import TensorProto, helper
 
 from engines.graphs import (
-    FINE_GAIN_LEVEL,
     HALO,
     LEVELS,
     TiledGraphSpec,
     _Builder,
     _photometric_fields,
     _slice,
+    fine_gain,
     finish_model,
+    tile_inputs,
 )
-from engines.registration import PHOTO_TERMS
 
 FEATURES = 5  # per colour channel
 DILATIONS = (1, 2, 4, 8, 16)
@@ -87,29 +89,36 @@ def macs_per_pixel(channels: int) -> int:
 
 def build_learned_graph(spec: LearnedGraphSpec, weights: Mapping[str, np.ndarray]) -> onnx.ModelProto:
     """Build the tiled graph described in the module docstring with the trained ``weights``."""
+    g = _Builder()
+    learned_anomaly(g, spec, weights, "anomaly", bind_unused=True)
+    outputs = [helper.make_tensor_value_info("anomaly", spec.half, ["N", 1, spec.core, spec.core])]
+    extra = {"inspectd.receptive_radius": str(RADIUS)}
+    return finish_model(g, "learned", tile_inputs(spec), outputs, spec.precision, spec.core, spec.halo, extra)
+
+
+def learned_anomaly(
+    g: _Builder,
+    spec: TiledGraphSpec,
+    weights: Mapping[str, np.ndarray],
+    out: str,
+    gain_channel: int = 0,
+    bind_unused: bool = False,
+) -> None:
+    """Add the learned detector's nodes, reading the tile inputs, writing tensor ``out`` [N, 1, core, core].
+
+    ``bind_unused``: consume one element of each input the network does not read (times zero),
+    so a graph of the learned detector alone binds the same inputs as every other.
+    """
     shapes = weight_shapes(spec.channels)
     for name, shape in shapes.items():
         if tuple(np.shape(weights[name])) != shape:
             raise ValueError(f"weight {name}: shape {np.shape(weights[name])}, expected {shape}")
-    g = _Builder()
-    c, t = spec.channels, spec.tile
-    half = TensorProto.FLOAT16 if spec.precision == "fp16" else TensorProto.FLOAT
+    half = spec.half
     np_half = np.float16 if half == TensorProto.FLOAT16 else np.float32
-    in_type = TensorProto.UINT8 if spec.input_dtype == "uint8" else TensorProto.FLOAT
-    inputs = [
-        helper.make_tensor_value_info("image", in_type, ["N", c, t, t]),
-        helper.make_tensor_value_info("photo", TensorProto.FLOAT, ["N", PHOTO_TERMS]),
-    ]
-    for name, channels in (("mean", c), ("low", c), ("high", c), ("weight", 1)):
-        inputs.append(helper.make_tensor_value_info(name, half, ["N", channels, t, t]))
-    gain_side = t >> FINE_GAIN_LEVEL
-    inputs.append(helper.make_tensor_value_info("fine_gain", half, ["N", 1, gain_side, gain_side]))
-    for level in LEVELS:
-        inputs.append(helper.make_tensor_value_info(f"coarse{level}", half, ["N", c, t >> level, t >> level]))
 
     # Stage 1, FP32: illumination correction over the whole tile (the photometric field is per tile).
     x = g.op("Cast", ["image"], to=TensorProto.FLOAT)
-    a, b = _photometric_fields(g, "photo", t)
+    a, b = _photometric_fields(g, "photo", spec.tile)
     xn = g.op("Div", [g.op("Sub", [x, b]), a], "xn")
     # Stage 2, FP32: features on the core plus the receptive-field radius.
     span = (spec.halo - RADIUS, spec.halo + spec.core + RADIUS)
@@ -142,15 +151,13 @@ def build_learned_graph(spec: LearnedGraphSpec, weights: Mapping[str, np.ndarray
     wt = g.const(np.asarray(weights[f"conv{head}.weight"], np_half), "head_w")
     bs = g.const(np.asarray(weights[f"conv{head}.bias"], np_half), "head_b")
     logit = g.op("Conv", [h, wt, bs], kernel_shape=[1, 1])
+    if bind_unused:
+        corner = [_slice(g, _slice(g, f"coarse{level}", 0, 1, (1,)), 0, 1, (2, 3)) for level in LEVELS]
+        logit = g.op("Add", [logit, g.op("Mul", [g.op("Sum", corner), g.const(np_half(0))])])
 
-    # Every resident input stays bound: one element of each unused one, times zero.
-    unused = ["fine_gain", *(f"coarse{level}" for level in LEVELS)]
-    corner = [_slice(g, _slice(g, name, 0, 1, (1,)), 0, 1, (2, 3)) for name in unused]
-    touch = g.op("Mul", [g.op("Sum", corner), g.const(np_half(0))])
-    logit = g.op("Add", [logit, touch])
-
+    # Stage 4: region weight and the learned local gain (FP32 expansion, cast back to the output type).
     w_core = _slice(g, "weight", spec.halo, spec.halo + spec.core, (2, 3))
-    g.nodes.append(helper.make_node("Mul", [g.op("Softplus", [logit]), w_core], ["anomaly"]))
-    outputs = [helper.make_tensor_value_info("anomaly", half, ["N", 1, spec.core, spec.core])]
-    extra = {"inspectd.receptive_radius": str(RADIUS)}
-    return finish_model(g, "learned", inputs, outputs, spec.precision, spec.core, spec.halo, extra)
+    gain = fine_gain(g, spec, gain_channel)
+    if half == TensorProto.FLOAT16:
+        gain = g.op("Cast", [gain], to=half)
+    g.nodes.append(helper.make_node("Mul", [g.op("Mul", [g.op("Softplus", [logit]), w_core]), gain], [out]))

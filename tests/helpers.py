@@ -197,6 +197,31 @@ def fp16_vs_fp32(bundle_dir: Path, samples: list[Path]) -> float:
     return worst
 
 
+def tile_feeds(rng: np.random.Generator, core: int, gains: int = 1, halo: int = 64) -> dict[str, np.ndarray]:
+    """FP32 feeds for one tile of any inspectd graph: a noisy frame with a dot, a lighting model, random statistics."""
+    from engines.graphs import FINE_GAIN_LEVEL, LEVELS
+
+    t = core + 2 * halo
+    mean = rng.uniform(40, 200, (1, 1, t, t)).astype(np.float32)
+    image = np.clip(mean + rng.normal(0, 6, mean.shape), 0, 255).astype(np.uint8)
+    image[0, 0, t // 2 - 2 : t // 2 + 2, t // 2 - 2 : t // 2 + 2] = 250  # a dot
+    weight = np.ones((1, 1, t, t), np.float32)
+    weight[..., :10, :] = 0
+    side = t >> FINE_GAIN_LEVEL
+    feeds = {
+        "image": image,
+        "photo": np.array([[1.05, 1e-4, -2e-4, 1e-7, -2e-7, 5e-8, 3.0, 0.01, -0.02]], np.float32),
+        "mean": mean,
+        "low": mean - rng.uniform(2, 12, mean.shape).astype(np.float32),
+        "high": mean + rng.uniform(2, 12, mean.shape).astype(np.float32),
+        "weight": weight,
+        "fine_gain": rng.uniform(0.3, 1.0, (1, gains, side, side)).astype(np.float32),
+    }
+    for level in LEVELS:
+        feeds[f"coarse{level}"] = rng.uniform(0, 3, (1, 1, t >> level, t >> level)).astype(np.float32)
+    return feeds
+
+
 def lighting_truth(coef: np.ndarray, xs: np.ndarray, ys: np.ndarray, height: int, width: int) -> tuple:
     """Gain and offset at pixel coordinates, written out independently of engines.registration."""
     half = max(height, width) / 2

@@ -16,7 +16,7 @@ torch = pytest.importorskip("torch")
 
 from calibration import template_fit as tf  # noqa: E402
 from calibration.datasets import Dataset, load_dataset  # noqa: E402
-from calibration.learned_fit import LearnConfig, fit_learned, train  # noqa: E402
+from calibration.learned_fit import NETWORKS, LearnConfig, fit_learned, train  # noqa: E402
 from calibration.learned_model import LearnedNet, add_defect, features, output_crop  # noqa: E402
 from daemon.cli import main  # noqa: E402
 from engines.bundle import Bundle  # noqa: E402
@@ -24,7 +24,7 @@ from engines.decode import read_image  # noqa: E402
 from engines.graphs import FINE_GAIN_LEVEL  # noqa: E402
 from engines.learned_graph import FEATURES, RADIUS, LearnedGraphSpec, build_learned_graph  # noqa: E402
 from engines.types import Geometry  # noqa: E402
-from tests.helpers import fp16_vs_fp32, lighting_truth, make_dataset  # noqa: E402
+from tests.helpers import fp16_vs_fp32, lighting_truth, make_dataset, tile_feeds  # noqa: E402
 
 SIZE = 384
 STEPS = 160
@@ -45,49 +45,31 @@ def bundle_dir(dataset: Dataset, tmp_path_factory: pytest.TempPathFactory) -> Pa
 
 
 def test_bundle_manifest_and_calibration(bundle_dir, dataset):
-    """The bundle is a learned one for the dataset's geometry, calibrated on the held-out fold only."""
+    """A learned bundle for the dataset's geometry; every good image was scored by the network not trained on it."""
     bundle = Bundle.load(bundle_dir)
     assert bundle.detector == "learned"
     assert bundle.geometry == Geometry(SIZE, SIZE, 1, "uint8")
     learned = bundle.manifest["learned"]
-    assert learned["trained_steps"] == STEPS
+    assert [net["steps"] for net in learned["networks"]] == [STEPS] * NETWORKS
     assert learned["receptive_radius"] == RADIUS <= bundle.manifest["tiling"]["halo"]
     assert learned["params"] < 20_000 and learned["flops_per_mpx"] > 0
     cal = bundle.calibration
-    assert 2 <= len(cal["good_scores"]) < len(dataset.train_good), "scored on held-out goods only"
+    assert len(cal["good_scores"]) == len(dataset.train_good) and cal["networks"] == NETWORKS
     assert cal["threshold"] >= max(cal["good_scores"]) * 1.1 - 1e-4
+    gains = bundle.reference()["fine_gain"]
+    assert gains.shape == (SIZE // 16, SIZE // 16) and gains.min() > 0 and gains.max() <= 1
 
 
 def test_loss_falls(bundle_dir):
-    """The mean training loss of the last interval is well below that of the first."""
-    losses = Bundle.load(bundle_dir).manifest["learned"]["losses"]
-    assert len(losses) == 4
-    assert losses[-1] < 0.7 * losses[0], losses
-
-
-def _tile_feeds(rng: np.random.Generator, core: int, halo: int = 64) -> dict[str, np.ndarray]:
-    t = core + 2 * halo
-    mean = rng.uniform(40, 200, (1, 1, t, t)).astype(np.float32)
-    image = np.clip(mean + rng.normal(0, 6, mean.shape), 0, 255).astype(np.uint8)
-    image[0, 0, t // 2 - 2 : t // 2 + 2, t // 2 - 2 : t // 2 + 2] = 250  # a dot
-    weight = np.ones((1, 1, t, t), np.float32)
-    weight[..., :10, :] = 0
-    feeds = {
-        "image": image,
-        "photo": np.array([[1.05, 1e-4, -2e-4, 1e-7, -2e-7, 5e-8, 3.0, 0.01, -0.02]], np.float32),
-        "mean": mean,
-        "low": mean - rng.uniform(2, 12, mean.shape).astype(np.float32),
-        "high": mean + rng.uniform(2, 12, mean.shape).astype(np.float32),
-        "weight": weight,
-        "fine_gain": np.ones((1, 1, t >> FINE_GAIN_LEVEL, t >> FINE_GAIN_LEVEL), np.float32),
-    }
-    for level in (2, 3, 4, 5):
-        feeds[f"coarse{level}"] = rng.uniform(0, 3, (1, 1, t >> level, t >> level)).astype(np.float32)
-    return feeds
+    """For each network, the mean training loss of the last interval is well below that of the first."""
+    for net in Bundle.load(bundle_dir).manifest["learned"]["networks"]:
+        losses = net["losses"]
+        assert len(losses) == 4
+        assert losses[-1] < 0.7 * losses[0], losses
 
 
 def _torch_reference(net: LearnedNet, feeds: dict[str, np.ndarray], core: int, halo: int = 64) -> np.ndarray:
-    """The graph's arithmetic written independently in numpy + torch (photometric field, crop, features, net)."""
+    """The graph's arithmetic written independently in numpy + torch (photometric field, crop, features, net, gain)."""
     t = core + 2 * halo
     p = feeds["photo"][0].astype(np.float64)
     u, v = np.arange(t)[None, :], np.arange(t)[:, None]
@@ -102,7 +84,9 @@ def _torch_reference(net: LearnedNet, feeds: dict[str, np.ndarray], core: int, h
     with torch.no_grad():
         logit = net(features(*crop))
         out = torch.nn.functional.softplus(logit) * torch.from_numpy(feeds["weight"][..., halo:-halo, halo:-halo])
-    return out.numpy()
+    step = 2**FINE_GAIN_LEVEL
+    gain = np.repeat(np.repeat(feeds["fine_gain"], step, axis=2), step, axis=3)[..., halo:-halo, halo:-halo]
+    return out.numpy() * gain
 
 
 def test_onnx_graph_equals_pytorch(tmp_path):
@@ -113,7 +97,7 @@ def test_onnx_graph_equals_pytorch(tmp_path):
         for conv in net.convs:  # larger weights than the initialisation, so the output is far from constant
             conv.weight.mul_(3)
     core = 64
-    feeds = _tile_feeds(np.random.default_rng(0), core)
+    feeds = tile_feeds(np.random.default_rng(0), core)
     spec = LearnedGraphSpec(1, core)
     path = tmp_path / "g.onnx"
     import onnx
@@ -225,17 +209,19 @@ def test_output_crop_matches_the_valid_network():
     assert net(x).shape[-2:] == output_crop(np.zeros((2 * RADIUS + 10, 2 * RADIUS + 10))).shape
 
 
-def test_fit_cli_resumes_from_a_finished_checkpoint(bundle_dir, dataset, tmp_path):
-    """`inspectd fit --detector learned` with a checkpoint at the requested steps skips training and writes a bundle."""
+def test_fit_cli_resumes_from_finished_checkpoints(bundle_dir, dataset, tmp_path):
+    """`inspectd fit --detector learned` with checkpoints at the requested steps skips training and writes a bundle."""
     ckpt = bundle_dir.with_name(bundle_dir.name + ".ckpt")
-    assert ckpt.exists()
+    assert all(ckpt.with_name(f"{ckpt.name}.net{n}").exists() for n in range(NETWORKS))
     out = tmp_path / "again"
     root = dataset.train_good[0].parents[2]
     argv = ["fit", str(root), "--out", str(out), "--detector", "learned", "--steps", str(STEPS)]
     assert main([*argv, "--checkpoint", str(ckpt)]) == 0
     bundle = Bundle.load(out)
-    assert bundle.detector == "learned" and bundle.manifest["learned"]["trained_steps"] == STEPS
+    assert bundle.detector == "learned"
+    assert [net["resumed_from"] for net in bundle.manifest["learned"]["networks"]] == [STEPS] * NETWORKS
     assert bundle.manifest["learned"]["seed"] == 0
+    assert bundle.calibration["good_scores"] == Bundle.load(bundle_dir).calibration["good_scores"]
 
 
 def test_training_crops_are_padded_like_the_tiles(training):
@@ -278,3 +264,30 @@ def test_checkpoint_of_other_images_is_refused(training, tmp_path):
         train(data, stats, [1], 2, learn, ckpt, progress=False, data_id="b")
     with pytest.raises(UserError, match="other training images or settings"):
         train(data, stats, [1], 2, LearnConfig(**{**learn.__dict__, "lr": 1e-3}), ckpt, progress=False, data_id="a")
+
+
+def test_initial_weights_come_from_a_bundle_or_a_state_dict(bundle_dir, tmp_path):
+    """A learned bundle's network loads into a fresh one exactly; a colour net takes every layer but the first."""
+    import onnx
+    from onnx import numpy_helper
+
+    from calibration.learned_model import load_initial_weights
+    from engines.errors import UserError
+
+    mono = LearnedNet(1)
+    assert len(load_initial_weights(mono, bundle_dir)) == len(mono.state_dict())
+    graph = onnx.load(str(bundle_dir / "graph_fp32.onnx"))
+    head = next(i for i in graph.graph.initializer if i.name.startswith("head_w"))
+    np.testing.assert_array_equal(mono.convs[-1].weight.detach().numpy(), numpy_helper.to_array(head))
+    torch.save(mono.state_dict(), tmp_path / "w.pt")
+    again = LearnedNet(1)
+    load_initial_weights(again, tmp_path / "w.pt")
+    assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), mono.state_dict().values(), strict=True))
+    colour = LearnedNet(3)
+    copied = load_initial_weights(colour, tmp_path / "w.pt")
+    assert "convs.0.weight" not in copied and len(copied) == len(colour.state_dict()) - 1
+    (tmp_path / "junk.pt").write_bytes(b"not weights")
+    with pytest.raises(UserError, match=r"junk\.pt: not a readable PyTorch weights file"):
+        load_initial_weights(LearnedNet(1), tmp_path / "junk.pt")
+    with pytest.raises(UserError, match="no such weights file"):
+        load_initial_weights(LearnedNet(1), tmp_path / "missing.onnx")
