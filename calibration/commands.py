@@ -33,17 +33,27 @@ def _backend_argument(parser: argparse.ArgumentParser) -> None:
 def fit_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("dataset", type=Path, help="MVTec-layout dataset (train/good used) or a folder of good images")
     parser.add_argument("--out", type=Path, required=True, help="bundle directory to create")
-    parser.add_argument("--detector", choices=("template", "learned"), default="template")
+    parser.add_argument(
+        "--detector",
+        choices=("template", "learned", "ensemble"),
+        default="template",
+        help="template (default), learned (needs the 'learned' extra), or ensemble (both, maps combined)",
+    )
     parser.add_argument("--roi", type=Path, help="inspection-region mask (PNG, non-zero = inspect, image size)")
     parser.add_argument("--margin", type=int, help="px along the border left out of the region (default: automatic)")
     parser.add_argument("--target-frr", type=float, default=0.005, help="false-reject rate to calibrate for")
     parser.add_argument("--folds", type=int, default=5, help="k for the k-fold calibration on good images")
     parser.add_argument("--core", type=int, default=1024, help="tile core side in px (multiple of 32)")
-    learned = parser.add_argument_group("learned detector (needs the 'learned' extra: torch)")
-    learned.add_argument("--steps", type=int, default=3000, help="training steps (default 3000)")
+    learned = parser.add_argument_group("learned and ensemble detectors (need the 'learned' extra: torch)")
+    learned.add_argument("--steps", type=int, default=2000, help="training steps per network (default 2000)")
     learned.add_argument("--seed", type=int, default=0, help="seed of the initialisation and the training crops")
     learned.add_argument("--checkpoint", type=Path, help="checkpoint to resume from and write (default: <out>.ckpt)")
     learned.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="training device")
+    learned.add_argument(
+        "--init-weights",
+        type=Path,
+        help="start the network from weights on disk (.pt/.pth state dict, a learned .onnx graph or bundle)",
+    )
 
 
 def fit_main(args: argparse.Namespace) -> int:
@@ -51,7 +61,7 @@ def fit_main(args: argparse.Namespace) -> int:
 
     dataset = load_dataset(args.dataset)
     config = FitConfig(core=args.core, folds=args.folds, target_frr=args.target_frr, margin_px=args.margin)
-    if getattr(args, "detector", "template") == "learned":
+    if getattr(args, "detector", "template") in ("learned", "ensemble"):
         out = _fit_learned(args, dataset, config)
     else:
         out = fit_template(dataset.train_good, args.out, args.roi, config, progress=_progress())
@@ -69,11 +79,17 @@ def _fit_learned(args: argparse.Namespace, dataset, config) -> Path:
     try:
         import torch  # noqa: F401
     except ImportError:
-        raise UserError("--detector learned: needs PyTorch for training (pip install 'inspectd[learned]')") from None
+        raise UserError(
+            f"--detector {args.detector}: needs PyTorch for training (pip install 'inspectd[learned]')"
+        ) from None
+    from calibration.ensemble_fit import fit_ensemble
     from calibration.learned_fit import LearnConfig, fit_learned, network_cost
 
-    learn = LearnConfig(steps=args.steps, seed=args.seed, checkpoint=args.checkpoint, device=args.device)
-    out = fit_learned(dataset.train_good, args.out, args.roi, config, learn, progress=_progress())
+    learn = LearnConfig(
+        steps=args.steps, seed=args.seed, checkpoint=args.checkpoint, device=args.device, init=args.init_weights
+    )
+    fit = fit_ensemble if args.detector == "ensemble" else fit_learned
+    out = fit(dataset.train_good, args.out, args.roi, config, learn, progress=_progress())
     params, flops = network_cost(Bundle.load(out).geometry.channels)
     print(f"{out}: network of {params} parameters, {flops / 1e9:.2f} GFLOP per megapixel")
     return out

@@ -1,0 +1,54 @@
+"""The ensemble graph: the template and the learned detector on the same tile, their calibrated maps combined.
+
+Both detectors read the same inputs (``engines.graphs.tile_inputs``); ``fine_gain`` has two
+channels, the template's local gain (0) and the learned map's (1), each carried with the frame's
+pose by the Inspector. Each map is divided by its own detector's calibrated threshold, so 1.0
+means "at that detector's threshold" in both; the output is the larger of the two. The
+ensemble's own threshold is then set on held-out good scores of this combined map
+(``calibration.ensemble_fit``), which for a maximum is exactly the larger of the two per-image
+scores.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+
+from engines.graphs import TemplateGraphSpec, _Builder, finish_model, template_anomaly, tile_inputs
+from engines.learned_graph import RADIUS, learned_anomaly
+
+
+@dataclass(frozen=True)
+class EnsembleGraphSpec(TemplateGraphSpec):
+    """The template spec (its fine and coarse scales) plus each detector's calibrated threshold."""
+
+    gains: int = 2
+    template_threshold: float = 1.0
+    learned_threshold: float = 1.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.gains != 2 or self.components:
+            raise ValueError("the ensemble graph reads two gain channels and outputs one combined map")
+        if min(self.template_threshold, self.learned_threshold) <= 0:
+            raise ValueError("detector thresholds must be positive")
+
+
+def build_ensemble_graph(spec: EnsembleGraphSpec, weights: Mapping[str, np.ndarray]) -> onnx.ModelProto:
+    """max(template / template_threshold, learned / learned_threshold) per pixel of the core."""
+    g = _Builder()
+    np_half = np.float16 if spec.half == TensorProto.FLOAT16 else np.float32
+    template_anomaly(g, spec, "template_map", gain_channel=0)
+    learned_anomaly(g, spec, weights, "learned_map", gain_channel=1)
+    scaled = [
+        g.op("Mul", ["template_map", g.const(np_half(1.0 / spec.template_threshold))]),
+        g.op("Mul", ["learned_map", g.const(np_half(1.0 / spec.learned_threshold))]),
+    ]
+    g.nodes.append(helper.make_node("Max", scaled, ["anomaly"]))
+    outputs = [helper.make_tensor_value_info("anomaly", spec.half, ["N", 1, spec.core, spec.core])]
+    extra = {"inspectd.receptive_radius": str(RADIUS)}
+    return finish_model(g, "ensemble", tile_inputs(spec), outputs, spec.precision, spec.core, spec.halo, extra)

@@ -1,0 +1,120 @@
+"""The ensemble detector: its graph (the calibrated maps' maximum), its calibration, a fitted bundle end to end."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+from calibration.ensemble_fit import combined_calibration
+from calibration.template_fit import FitConfig
+from engines.ensemble_graph import EnsembleGraphSpec, build_ensemble_graph
+from engines.graphs import TemplateGraphSpec, build_template_graph
+from engines.learned_graph import LearnedGraphSpec, build_learned_graph, weight_shapes
+from tests.helpers import tile_feeds
+
+CORE = 64
+
+
+def _run(model: onnx.ModelProto, path: Path, feeds: dict[str, np.ndarray]) -> np.ndarray:
+    onnx.save(model, path)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return session.run(["anomaly"], feeds)[0]
+
+
+def _random_weights(rng: np.random.Generator) -> dict[str, np.ndarray]:
+    return {k: rng.normal(0, 0.4, s).astype(np.float32) for k, s in weight_shapes(1).items()}
+
+
+def test_ensemble_graph_is_the_max_of_each_detectors_calibrated_map(tmp_path):
+    """Per pixel, the ensemble equals max(template / its threshold, learned / its threshold), each with its own gain."""
+    rng = np.random.default_rng(4)
+    feeds = tile_feeds(rng, CORE, gains=2)
+    weights = _random_weights(rng)
+    template = TemplateGraphSpec(1, CORE, fine_scale=2.0, coarse_scale=3.0)
+    spec = EnsembleGraphSpec(1, CORE, fine_scale=2.0, coarse_scale=3.0, template_threshold=1.7, learned_threshold=4.5)
+    one_gain = [{**feeds, "fine_gain": feeds["fine_gain"][:, c : c + 1]} for c in (0, 1)]
+    t_map = _run(build_template_graph(template), tmp_path / "t.onnx", one_gain[0])
+    l_map = _run(build_learned_graph(LearnedGraphSpec(1, CORE), weights), tmp_path / "l.onnx", one_gain[1])
+    both = _run(build_ensemble_graph(spec, weights), tmp_path / "e.onnx", feeds)
+    expected = np.maximum(t_map / 1.7, l_map / 4.5)
+    assert both.shape == (1, 1, CORE, CORE)
+    assert (t_map / 1.7 > l_map / 4.5).mean() not in (0.0, 1.0), "both detectors lead somewhere on this tile"
+    np.testing.assert_allclose(both, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_ensemble_spec_refuses_what_it_cannot_build():
+    """A single gain channel, component output or a non-positive threshold is a construction error."""
+    with pytest.raises(ValueError, match="two gain channels"):
+        EnsembleGraphSpec(1, CORE, gains=1)
+    with pytest.raises(ValueError, match="two gain channels"):
+        EnsembleGraphSpec(1, CORE, components=True)
+    with pytest.raises(ValueError, match="positive"):
+        EnsembleGraphSpec(1, CORE, learned_threshold=0.0)
+
+
+def test_combined_calibration_takes_each_images_larger_ratio():
+    """The ensemble's held-out score per image is the larger of its two scores over their detectors' thresholds."""
+    template = {"threshold": 2.0, "good_scores": [1.0, 1.8, 0.5, 0.9]}
+    learned = {"threshold": 10.0, "good_scores": [9.0, 2.0, 1.0, 3.0]}
+    cal = combined_calibration(template, learned, FitConfig())
+    np.testing.assert_allclose(cal["good_scores"], [0.9, 0.9, 0.25, 0.45], atol=1e-5)
+    assert cal["threshold"] >= 0.9 * 1.1 - 1e-9
+    assert cal["template"] is template and cal["learned"] is learned
+
+
+torch = pytest.importorskip("torch")
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A tiny ensemble bundle (few training steps), fitted once for the module."""
+    from calibration.datasets import load_dataset
+    from calibration.ensemble_fit import fit_ensemble
+    from calibration.learned_fit import LearnConfig
+    from tests.helpers import make_dataset
+
+    root = make_dataset(tmp_path_factory.mktemp("data") / "part", size=384, kinds=("dot", "stain"))
+    out = tmp_path_factory.mktemp("models") / "ensemble"
+    learn = LearnConfig(steps=160, checkpoint_every=40)
+    return fit_ensemble(load_dataset(root).train_good, out, learn=learn, progress=False), root
+
+
+def test_ensemble_bundle_carries_both_calibrations_and_gains(fitted):
+    """The bundle holds one gain map per detector and each detector's calibration beside the ensemble's."""
+    from engines.bundle import Bundle
+
+    bundle = Bundle.load(fitted[0])
+    assert bundle.detector == "ensemble"
+    ref = bundle.reference()
+    assert ref["fine_gain"].shape == ref["fine_ring_gain"].shape == (2, 384 // 16, 384 // 16)
+    cal = bundle.calibration
+    assert len(cal["good_scores"]) == len(cal["template"]["good_scores"]) == len(cal["learned"]["good_scores"])
+    assert cal["threshold"] >= max(cal["good_scores"]) * 1.1 - 1e-6
+
+
+def test_predict_cli_rejects_defects_and_passes_goods(fitted, tmp_path):
+    """`inspectd predict` on the ensemble bundle passes every good test image and rejects every defective one."""
+    from daemon.cli import main
+
+    model, root = fitted
+    out = tmp_path / "pred.jsonl"
+    assert main(["predict", str(model), str(root / "test"), "--out", str(out), "--backend", "onnxruntime"]) == 0
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(records) == 10
+    for record in records:
+        expected = "pass" if "/good/" in record["image"] else "reject"
+        assert record["verdict"] == expected, (record["image"], record["score"], record["threshold"])
+
+
+def test_fp16_ensemble_agrees_with_fp32(fitted):
+    """On real frames the ensemble's FP16 graph gives the FP32 map within 2e-2 relative to max(|map|, 1)."""
+    from tests.helpers import fp16_vs_fp32
+
+    model, root = fitted
+    samples = [root / "test" / "good" / "000.png", root / "test" / "dot" / "000.png"]
+    assert fp16_vs_fp32(model, samples) <= 2e-2
