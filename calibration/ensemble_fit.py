@@ -2,9 +2,12 @@
 
 Both detectors are fitted and calibrated exactly as on their own (``calibration.template_fit``,
 ``calibration.learned_fit``) on the same registered good images, so every image has a held-out
-score from each, cross-fitted. The ensemble graph (``engines.ensemble_graph``) outputs
-max(template / its threshold, learned / its threshold); its per-image held-out score is the
-larger of the two ratios, and the ensemble threshold is set on those (``good_threshold``).
+map from each, cross-fitted, as 16 px block maxima. The ensemble graph
+(``engines.ensemble_graph``) outputs the mean of (template / its threshold) and (learned / its
+threshold). Its held-out score per image is taken from the mean of the two *block-maximum*
+maps, which is never below the block maximum of the pixel-wise mean: the ensemble's threshold
+is set (``good_threshold``) on an upper bound of what held-out good parts score, so it errs
+towards passing fewer parts, never towards more false rejects than calibrated.
 """
 
 from __future__ import annotations
@@ -42,12 +45,15 @@ def fit_ensemble(
     started = time.time()
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
         training, reference, config = tf.prepare_training(images, roi, config, Path(tmp), progress, "ensemble")
-        template_cal, tolerance, _ = tf._calibrate_folds(training, config, progress)
+        template = tf._calibrate_folds(training, config, progress)
         learned = lf.learn_and_calibrate(training, images, config, learn, out, Path(tmp), progress)
-        calibration = combined_calibration(template_cal, learned.calibration, config)
-        stats = tf.apply_local_tolerance(tf._statistics(training, range(len(images)), config), tolerance)
-        stats["fine_gain"] = np.stack([tolerance.part_gain, learned.part_gain]).astype(np.float16)
-        stats["fine_ring_gain"] = np.stack([tolerance.ring_gain, learned.ring_gain]).astype(np.float16)
+        template_cal = template.calibration
+        calibration = combined_calibration(
+            template_cal, template.held_out_map, learned.calibration, learned.held_out_map, config
+        )
+        stats = tf.apply_local_tolerance(tf._statistics(training, range(len(images)), config), template.tolerance)
+        stats["fine_gain"] = np.stack([template.tolerance.part_gain, learned.part_gain]).astype(np.float16)
+        stats["fine_ring_gain"] = np.stack([template.tolerance.ring_gain, learned.ring_gain]).astype(np.float16)
         geo = training.geometry
         spec = EnsembleGraphSpec(
             geo.channels,
@@ -68,10 +74,11 @@ def fit_ensemble(
         )
 
 
-def combined_calibration(template: dict, learned: dict, config: tf.FitConfig) -> dict:
-    """The ensemble's threshold from each image's held-out scores, each divided by its detector's threshold."""
-    t_scores = np.asarray(template["good_scores"], np.float64) / template["threshold"]
-    l_scores = np.asarray(learned["good_scores"], np.float64) / learned["threshold"]
-    calibration = good_threshold(np.maximum(t_scores, l_scores), config.target_frr, config.threshold_margin)
-    calibration.update(template=template, learned=learned)
+def combined_calibration(
+    template: dict, template_map: np.ndarray, learned: dict, learned_map: np.ndarray, config: tf.FitConfig
+) -> dict:
+    """The ensemble's threshold from held-out block maps [n, Hb, Wb] of both detectors, as the graph combines them."""
+    combined = (template_map / template["threshold"] + learned_map / learned["threshold"]) / 2
+    calibration = good_threshold(combined.max(axis=(1, 2)), config.target_frr, config.threshold_margin)
+    calibration.update(combination="mean", template=template, learned=learned)
     return calibration

@@ -134,6 +134,7 @@ class LearnedCalibration:
     part_gain: np.ndarray  # the learned map's local gains, as the template's fine score has (engines.tolerance)
     ring_gain: np.ndarray
     blocks: np.ndarray  # [n, Hb, Wb] held-out maps, unnormalised, max-pooled to blocks
+    held_out_map: np.ndarray  # [n, Hb, Wb] the same normalised as scored (gains from the other folds)
 
     def manifest(self, learn: LearnConfig) -> dict:
         report = self.reports[0]
@@ -191,8 +192,8 @@ def learn_and_calibrate(
             if rows:
                 blocks[rows] = tf.graph_blocks(training, graph, fold_stats[fold], rows, config.core, 1)[:, 0]
     inside, border = tol.block_inside(training.weight), tol.border_blocks(geo)
-    scores = tol.cross_fitted_fine_scores(blocks, training.poses, inside, border, folds)
-    calibration = good_threshold(scores, config.target_frr, config.threshold_margin)
+    held_out_map = tol.cross_fitted_fine_maps(blocks, training.poses, inside, border, folds)
+    calibration = good_threshold(held_out_map.max(axis=(1, 2)), config.target_frr, config.threshold_margin)
     part_gain, ring_gain = tol.fine_tolerance(blocks, training.poses, inside, border)
     calibration.update(
         folds=folds,
@@ -205,7 +206,8 @@ def learn_and_calibrate(
             "blocks_normalised": round(float((part_gain < 1)[inside].mean()), 4),
         },
     )
-    return LearnedCalibration(nets[0][0], [r for _, r in nets], calibration, part_gain, ring_gain, blocks)
+    reports = [r for _, r in nets]
+    return LearnedCalibration(nets[0][0], reports, calibration, part_gain, ring_gain, blocks, held_out_map)
 
 
 def _input_dtype(geo: Geometry) -> str:

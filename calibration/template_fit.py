@@ -87,10 +87,10 @@ def fit_template(
     started = time.time()
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
         training, reference, config = prepare_training(images, roi, config, Path(tmp), progress, "template")
-        calibration, tolerance, blocks = _calibrate_folds(training, config, progress)
-        stats = apply_local_tolerance(_statistics(training, range(len(images)), config), tolerance)
-        stats["held_out_blocks"] = blocks.astype(np.float16)  # for diagnostics and reports
-        return _write(out, training, stats, reference, calibration, config, images, started)
+        folds = _calibrate_folds(training, config, progress)
+        stats = apply_local_tolerance(_statistics(training, range(len(images)), config), folds.tolerance)
+        stats["held_out_blocks"] = folds.blocks.astype(np.float16)  # for diagnostics and reports
+        return _write(out, training, stats, reference, folds.calibration, config, images, started)
 
 
 def prepare_training(
@@ -420,9 +420,17 @@ def _valid_core(plan: TilePlan, index: int) -> tuple[int, int]:
     return min(plan.core, plan.height - y), min(plan.core, plan.width - x)
 
 
-def _calibrate_folds(
-    training: _Training, config: FitConfig, progress: bool
-) -> tuple[dict, tol.LocalTolerance, np.ndarray]:
+@dataclass
+class FoldCalibration:
+    """What the k-fold calibration learns: threshold and scales, the local tolerance, the held-out evidence."""
+
+    calibration: dict
+    tolerance: tol.LocalTolerance
+    blocks: np.ndarray  # [n, 2, Hb, Wb] raw fine and coarse block maxima of each held-out image
+    held_out_map: np.ndarray  # [n, Hb, Wb] each image's anomaly map (block maxima) as scored, cross-fitted
+
+
+def _calibrate_folds(training: _Training, config: FitConfig, progress: bool) -> FoldCalibration:
     """k-fold: statistics without each fold, real-graph scores on it; local tolerance, scales, threshold.
 
     The local tolerance applied to each held-out image is learned from the other folds' images
@@ -439,16 +447,17 @@ def _calibrate_folds(
             blocks[held] = _component_blocks(training, stats, held, config.core, Path(tmp))
     inside = tol.block_inside(training.weight)
     border = tol.border_blocks(training.geometry)
-    raw = np.zeros((n, 2), np.float32)
+    normalised = np.zeros_like(blocks)
     for fold in range(folds):
         held = list(range(fold, n, folds))
         others = [i for i in range(n) if i not in held]
         learned = tol.fit_local_tolerance(blocks[others], training.poses[others], inside, border)
-        raw[held] = learned.scores(blocks[held], training.poses[held])
+        normalised[held] = learned.normalised(blocks[held], training.poses[held])
+    raw = normalised.max(axis=(2, 3))
     fine_scale = max(float(np.quantile(raw[:, 0], 0.9)), 0.5)
     coarse_scale = max(float(np.quantile(raw[:, 1], 0.9)), 2.0)
-    scores = np.maximum(raw[:, 0] / fine_scale, raw[:, 1] / coarse_scale)
-    calibration = good_threshold(scores, config.target_frr, config.threshold_margin)
+    held_out_map = np.maximum(normalised[:, 0] / fine_scale, normalised[:, 1] / coarse_scale)
+    calibration = good_threshold(held_out_map.max(axis=(1, 2)), config.target_frr, config.threshold_margin)
     tolerance = tol.fit_local_tolerance(blocks, training.poses, inside, border)
     calibration.update(
         fine_scale=fine_scale,
@@ -457,7 +466,7 @@ def _calibrate_folds(
         held_out_components=[[round(float(a), 4), round(float(b), 4)] for a, b in raw],
         local_tolerance=tolerance.summary(inside, border),
     )
-    return calibration, tolerance, blocks
+    return FoldCalibration(calibration, tolerance, blocks, held_out_map)
 
 
 def apply_local_tolerance(stats: dict[str, np.ndarray], tolerance: tol.LocalTolerance) -> dict:

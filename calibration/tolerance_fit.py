@@ -41,12 +41,15 @@ class LocalTolerance:
     ring_gain: np.ndarray  # <= 1, multiplies the fine score (sensor frame, border zone)
     factor: np.ndarray  # >= 1, multiplies the coarse spread (reference frame)
 
+    def normalised(self, blocks: np.ndarray, poses: np.ndarray) -> np.ndarray:
+        """[n, 2, Hb, Wb]: the fine and coarse block maps of images with ``poses``, normalised as the graph does."""
+        pairs = zip(blocks, poses, strict=True)
+        fine = np.stack([b[0] * frame_fine_gain(self.part_gain, self.ring_gain, m) for b, m in pairs])
+        return np.stack([fine, blocks[:, 1] / self.factor], axis=1).astype(np.float32)
+
     def scores(self, blocks: np.ndarray, poses: np.ndarray) -> np.ndarray:
         """[n, 2]: per image, its highest fine and coarse scores once normalised for its pose."""
-        gains = (frame_fine_gain(self.part_gain, self.ring_gain, m) for m in poses)
-        fine = [(b[0] * gain).max() for b, gain in zip(blocks, gains, strict=True)]
-        coarse = (blocks[:, 1] / self.factor).max(axis=(1, 2))
-        return np.stack([np.asarray(fine, np.float32), coarse], axis=1)
+        return self.normalised(blocks, poses).max(axis=(2, 3))
 
     def summary(self, inside: np.ndarray, border: int) -> dict:
         return {
@@ -89,18 +92,18 @@ def fine_tolerance(
     return part_gain, ring_gain
 
 
-def cross_fitted_fine_scores(
+def cross_fitted_fine_maps(
     fine: np.ndarray, poses: np.ndarray, inside: np.ndarray, border: int, folds: int
 ) -> np.ndarray:
-    """Per image (fold ``i % folds``), its highest fine score under the gains learned from the other folds only."""
+    """[n, Hb, Wb]: each image's (fold ``i % folds``) fine block map under gains learned from the other folds only."""
     n = len(fine)
-    scores = np.zeros(n, np.float32)
+    maps = np.zeros_like(fine, dtype=np.float32)
     for fold in range(folds):
         held = np.arange(fold, n, folds)
         others = np.setdiff1d(np.arange(n), held)
         part, ring = fine_tolerance(fine[others], poses[others], inside, border)
-        scores[held] = [(fine[i] * frame_fine_gain(part, ring, poses[i])).max() for i in held]
-    return scores
+        maps[held] = [fine[i] * frame_fine_gain(part, ring, poses[i]) for i in held]
+    return maps
 
 
 def _line_level(level: np.ndarray, border: int) -> np.ndarray:

@@ -3,10 +3,10 @@
 Both detectors read the same inputs (``engines.graphs.tile_inputs``); ``fine_gain`` has two
 channels, the template's local gain (0) and the learned map's (1), each carried with the frame's
 pose by the Inspector. Each map is divided by its own detector's calibrated threshold, so 1.0
-means "at that detector's threshold" in both; the output is the larger of the two. The
-ensemble's own threshold is then set on held-out good scores of this combined map
-(``calibration.ensemble_fit``), which for a maximum is exactly the larger of the two per-image
-scores.
+means "at that detector's threshold" in both; the output is their mean. Where good parts make
+one detector fire, the other rarely agrees, so the mean of good parts stays low, while a defect
+that one detector sees clearly, or both see faintly, stands out; the ensemble's own threshold is
+set on held-out good parts (``calibration.ensemble_fit``).
 """
 
 from __future__ import annotations
@@ -39,16 +39,16 @@ class EnsembleGraphSpec(TemplateGraphSpec):
 
 
 def build_ensemble_graph(spec: EnsembleGraphSpec, weights: Mapping[str, np.ndarray]) -> onnx.ModelProto:
-    """max(template / template_threshold, learned / learned_threshold) per pixel of the core."""
+    """(template / template_threshold + learned / learned_threshold) / 2 per pixel of the core."""
     g = _Builder()
     np_half = np.float16 if spec.half == TensorProto.FLOAT16 else np.float32
     template_anomaly(g, spec, "template_map", gain_channel=0)
     learned_anomaly(g, spec, weights, "learned_map", gain_channel=1)
     scaled = [
-        g.op("Mul", ["template_map", g.const(np_half(1.0 / spec.template_threshold))]),
-        g.op("Mul", ["learned_map", g.const(np_half(1.0 / spec.learned_threshold))]),
+        g.op("Mul", ["template_map", g.const(np_half(0.5 / spec.template_threshold))]),
+        g.op("Mul", ["learned_map", g.const(np_half(0.5 / spec.learned_threshold))]),
     ]
-    g.nodes.append(helper.make_node("Max", scaled, ["anomaly"]))
+    g.nodes.append(helper.make_node("Add", scaled, ["anomaly"]))
     outputs = [helper.make_tensor_value_info("anomaly", spec.half, ["N", 1, spec.core, spec.core])]
     extra = {"inspectd.receptive_radius": str(RADIUS)}
     return finish_model(g, "ensemble", tile_inputs(spec), outputs, spec.precision, spec.core, spec.halo, extra)

@@ -1,4 +1,4 @@
-"""The ensemble detector: its graph (the calibrated maps' maximum), its calibration, a fitted bundle end to end."""
+"""The ensemble detector: its graph (the calibrated maps' mean), its calibration, a fitted bundle end to end."""
 
 from __future__ import annotations
 
@@ -30,8 +30,8 @@ def _random_weights(rng: np.random.Generator) -> dict[str, np.ndarray]:
     return {k: rng.normal(0, 0.4, s).astype(np.float32) for k, s in weight_shapes(1).items()}
 
 
-def test_ensemble_graph_is_the_max_of_each_detectors_calibrated_map(tmp_path):
-    """Per pixel, the ensemble equals max(template / its threshold, learned / its threshold), each with its own gain."""
+def test_ensemble_graph_is_the_mean_of_each_detectors_calibrated_map(tmp_path):
+    """Per pixel, the ensemble is the mean of template / its threshold and learned / its threshold (own gains)."""
     rng = np.random.default_rng(4)
     feeds = tile_feeds(rng, CORE, gains=2)
     weights = _random_weights(rng)
@@ -41,9 +41,10 @@ def test_ensemble_graph_is_the_max_of_each_detectors_calibrated_map(tmp_path):
     t_map = _run(build_template_graph(template), tmp_path / "t.onnx", one_gain[0])
     l_map = _run(build_learned_graph(LearnedGraphSpec(1, CORE), weights), tmp_path / "l.onnx", one_gain[1])
     both = _run(build_ensemble_graph(spec, weights), tmp_path / "e.onnx", feeds)
-    expected = np.maximum(t_map / 1.7, l_map / 4.5)
+    expected = (t_map / 1.7 + l_map / 4.5) / 2
     assert both.shape == (1, 1, CORE, CORE)
     assert (t_map / 1.7 > l_map / 4.5).mean() not in (0.0, 1.0), "both detectors lead somewhere on this tile"
+    assert (l_map[0, 0] != l_map[0, 0, 0, 0]).mean() > 0.5, "the learned map is not constant"
     np.testing.assert_allclose(both, expected, rtol=1e-5, atol=1e-6)
 
 
@@ -57,14 +58,17 @@ def test_ensemble_spec_refuses_what_it_cannot_build():
         EnsembleGraphSpec(1, CORE, learned_threshold=0.0)
 
 
-def test_combined_calibration_takes_each_images_larger_ratio():
-    """The ensemble's held-out score per image is the larger of its two scores over their detectors' thresholds."""
-    template = {"threshold": 2.0, "good_scores": [1.0, 1.8, 0.5, 0.9]}
-    learned = {"threshold": 10.0, "good_scores": [9.0, 2.0, 1.0, 3.0]}
-    cal = combined_calibration(template, learned, FitConfig())
-    np.testing.assert_allclose(cal["good_scores"], [0.9, 0.9, 0.25, 0.45], atol=1e-5)
-    assert cal["threshold"] >= 0.9 * 1.1 - 1e-9
-    assert cal["template"] is template and cal["learned"] is learned
+def test_combined_calibration_scores_the_mean_of_the_block_maps():
+    """Each held-out image scores its highest block of the mean of both maps over their detectors' thresholds."""
+    template = {"threshold": 2.0}
+    learned = {"threshold": 10.0}
+    t_map = np.array([[[1.8, 0.2], [0.0, 0.0]], [[0.4, 0.4], [0.4, 0.4]]], np.float32)
+    l_map = np.array([[[0.0, 9.0], [0.0, 0.0]], [[4.0, 4.0], [4.0, 8.0]]], np.float32)
+    cal = combined_calibration(template, t_map, learned, l_map, FitConfig())
+    # image 0: peaks of the two detectors in different blocks: (0.9 + 0) / 2 and (0.1 + 0.9) / 2
+    np.testing.assert_allclose(cal["good_scores"], [0.5, 0.5], atol=1e-5)
+    assert cal["threshold"] >= 0.5 * 1.1 - 1e-9
+    assert cal["combination"] == "mean" and cal["template"] is template and cal["learned"] is learned
 
 
 torch = pytest.importorskip("torch")
