@@ -293,6 +293,11 @@ def _signature(channels: int, learn: LearnConfig, data_id: str) -> dict:
     return {"channels": channels, "data": data_id, **keep}
 
 
+def _settled(signature: dict) -> dict:
+    """A signature without its unset options, so adding an option (default None) keeps older checkpoints valid."""
+    return {k: v for k, v in signature.items() if v is not None}
+
+
 def train(
     training: tf._Training,
     fold_stats: list[dict],
@@ -326,7 +331,7 @@ def train(
     signature = _signature(channels, learn, data_id)
     if checkpoint is not None and Path(checkpoint).exists():
         state = torch.load(checkpoint, map_location=device, weights_only=False)
-        if state["signature"] != signature:
+        if _settled(state["signature"]) != _settled(signature):
             raise UserError(
                 f"{checkpoint}: checkpoint of other training images or settings; delete it or pass another --checkpoint"
             )
