@@ -222,6 +222,31 @@ def tile_feeds(rng: np.random.Generator, core: int, gains: int = 1, halo: int = 
     return feeds
 
 
+def emulated_trt_vs_fp32(bundle_dir: Path, samples: list[Path], plan: Path) -> tuple[float, bool]:
+    """(worst relative map error, verdicts all equal) of the bundle's FP16 graph as an EMULATED TensorRT plan.
+
+    The caller installs the emulation (``tests.emulation.install``): this exercises the Inspector,
+    the plan build and the TensorRT backend's buffers and bindings with the real graph's inputs;
+    it proves nothing about a GPU or TensorRT's kernels.
+    """
+    from engines.tensorrt_backend import TensorRTBackend
+    from engines.trt_build import build_engine
+
+    bundle = Bundle.load(bundle_dir)
+    build_engine(bundle.file(GRAPH_FP16), plan, max_batch=4, workspace_mb=64, timing_cache=None)
+    worst, same = 0.0, True
+    with (
+        Inspector(bundle, TensorRTBackend(plan), batch=4) as gpu,
+        Inspector(bundle, OnnxRuntimeBackend(bundle.file(GRAPH_FP32), threads=2)) as cpu,
+    ):
+        for path in samples:
+            prepared = cpu.prepare(read_image(path))
+            got, want = gpu.infer(prepared), cpu.infer(prepared)
+            worst = max(worst, float((np.abs(got - want) / np.maximum(np.abs(want), 1)).max()))
+            same &= gpu.decide(prepared, got).verdict == cpu.decide(prepared, want).verdict
+    return worst, same
+
+
 def lighting_truth(coef: np.ndarray, xs: np.ndarray, ys: np.ndarray, height: int, width: int) -> tuple:
     """Gain and offset at pixel coordinates, written out independently of engines.registration."""
     half = max(height, width) / 2

@@ -122,3 +122,15 @@ def test_fp16_ensemble_agrees_with_fp32(fitted):
     model, root = fitted
     samples = [root / "test" / "good" / "000.png", root / "test" / "dot" / "000.png"]
     assert fp16_vs_fp32(model, samples) <= 2e-2
+
+
+def test_emulated_tensorrt_ensemble_agrees_with_fp32(fitted, monkeypatch, tmp_path):
+    """The ensemble's two-gain FP16 graph as an EMULATED TensorRT plan gives the FP32 map within 2e-2, same verdicts."""
+    from tests.emulation import install
+    from tests.helpers import emulated_trt_vs_fp32
+
+    model, root = fitted
+    install(monkeypatch, major=11)
+    samples = [root / "test" / "good" / "000.png", root / "test" / "dot" / "000.png"]
+    worst, same = emulated_trt_vs_fp32(model, samples, tmp_path / "ensemble.plan")
+    assert worst <= 2e-2 and same, worst

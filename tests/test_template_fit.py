@@ -18,7 +18,7 @@ from engines.errors import ImageError, UserError
 from engines.graphs import ALIGN, HALO, LEVELS
 from engines.inspector import Inspector
 from engines.types import Geometry
-from tests.helpers import convert_dataset, fp16_vs_fp32, make_dataset, write_png
+from tests.helpers import convert_dataset, emulated_trt_vs_fp32, fp16_vs_fp32, make_dataset, write_png
 
 SIZE = 384
 
@@ -254,3 +254,14 @@ def test_trimming_starts_at_enough_images():
     few = tf._statistics(_training_of(frames), range(tf.TRIM_FROM - 1), FitConfig())
     enough = tf._statistics(_training_of(frames), range(tf.TRIM_FROM), FitConfig())
     assert float(few["hi"][0, 5, 5]) >= 200 > float(enough["hi"][0, 5, 5])
+
+
+def test_emulated_tensorrt_engine_agrees_with_fp32(bundle_dir, dataset, monkeypatch, tmp_path):
+    """The FP16 graph as an EMULATED TensorRT 10/11 plan gives the FP32 map within 1e-2 and the same verdicts."""
+    from tests.emulation import install
+
+    samples = [s.path for s in dataset.test]
+    for major in (10, 11):
+        install(monkeypatch, major=major)
+        worst, same = emulated_trt_vs_fp32(bundle_dir, samples, tmp_path / f"trt{major}.plan")
+        assert worst <= 1e-2 and same, (major, worst)

@@ -2,9 +2,9 @@
 
 Accuracy contract, FP16 plan against ONNX Runtime on the FP32 graph, same inputs:
 relative error ||trt - ort||_2 / ||ort||_2 <= 1e-2, and max absolute error
-<= 1e-2 * max(|ort|) + 1e-3 (both are printed). A bundle is tested when
-INSPECTD_GPU_BUNDLE names a fitted bundle directory; its resident inputs come from
-``reference.npz`` (arrays named like the graph's inputs).
+<= 1e-2 * max(|ort|) + 1e-3 (both are printed). A bundle (8-bit; any detector) is tested when
+INSPECTD_GPU_BUNDLE names a fitted bundle directory, through two Inspectors on the same
+prepared frames: its reference mean with noise, and with a bright 6x6 px dot.
 """
 
 from __future__ import annotations
@@ -84,34 +84,33 @@ def test_toy_engine_matches_onnxruntime_fp32(real_trt, tmp_path) -> None:
 
 
 def test_bundle_engine_matches_onnxruntime_fp32(real_trt, tmp_path) -> None:
-    """The bundle's FP16 engine agrees with its FP32 graph on ONNX Runtime within 1e-2."""
+    """Near the reference, the bundle's FP16 engine gives ONNX Runtime's FP32 map within 1e-2, and its verdict."""
+    from engines.bundle import Bundle
+    from engines.inspector import Inspector
+    from engines.tensorrt_backend import TensorRTBackend
     from engines.trt_build import build_engine
 
-    bundle = os.environ.get("INSPECTD_GPU_BUNDLE")
-    if not bundle:
+    bundle_dir = os.environ.get("INSPECTD_GPU_BUNDLE")
+    if not bundle_dir:
         pytest.skip("set INSPECTD_GPU_BUNDLE to a fitted bundle directory")
-    bundle = Path(bundle)
+    bundle = Bundle.load(Path(bundle_dir))
     plan = tmp_path / "bundle.plan"
-    build_engine(bundle / "graph_fp16.onnx", plan, max_batch=4, workspace_mb=2048, timing_cache=None)
-    cpu = OnnxRuntimeBackend(bundle / "graph_fp32.onnx")
-    stored = np.load(bundle / "reference.npz")
-    resident = {name: stored[name] for name in cpu.inputs if name in stored.files}
-    n_tiles = next(iter(resident.values())).shape[0] if resident else 4
+    build_engine(bundle.file("graph_fp16.onnx"), plan, max_batch=4, workspace_mb=2048, timing_cache=None)
+    mean = bundle.reference()["mu"].astype(np.float32)
+    image = mean[0] if mean.shape[0] == 1 else np.moveaxis(mean, 0, -1)
     rng = np.random.default_rng(1)
-    feeds = {}
-    for name, spec in cpu.inputs.items():
-        if name in resident:
-            continue
-        shape = (min(4, n_tiles), *spec.shape[1:])
-        if spec.dtype == np.uint8:
-            feeds[name] = rng.integers(0, 256, shape, dtype=np.uint8)
-        elif name == "photo":  # identity photometric correction: gain 1, everything else 0
-            feeds[name] = np.tile(np.array([1, 0, 0, 0, 0, 0], spec.dtype), (shape[0], 1))
-        else:
-            feeds[name] = (rng.random(shape) * 255).astype(spec.dtype)
-    got, want = run_both(plan, bundle / "graph_fp32.onnx", resident, [(feeds, range(shape[0]))])
-    for name in want[0]:
-        assert_accurate(got[0][name], want[0][name])
+    frames = [image + rng.normal(0, 2, image.shape), image]
+    frames[1][image.shape[0] // 2 : image.shape[0] // 2 + 6, image.shape[1] // 3 : image.shape[1] // 3 + 6] += 60
+    with (
+        Inspector(bundle, TensorRTBackend(plan), batch=4) as gpu,
+        Inspector(bundle, OnnxRuntimeBackend(bundle.file("graph_fp32.onnx"))) as cpu,
+    ):
+        for frame in frames:
+            frame = np.clip(frame, 0, 255).astype(np.uint8)
+            prepared = cpu.prepare(frame)
+            got, want = gpu.infer(prepared), cpu.infer(prepared)
+            assert_accurate(got, want)
+            assert gpu.decide(prepared, got).verdict == cpu.decide(prepared, want).verdict
 
 
 class RealPycudaDevice:
