@@ -12,7 +12,9 @@ copy/compute overlap achieved (share of serial copy + compute time hidden). Rows
 * ``onnxruntime-cpu``: the CPU baseline on the FP32 graph, same frame and tiling.
 
 Whatever cannot run is a row saying "not available: why"; the rest still runs.
-Without ``--bundle`` a toy tiled graph of similar arithmetic intensity is built
+With ``--bundle`` the bundle's own graphs run on a frame of its geometry (its reference mean
+plus noise), fed exactly as the Inspector feeds them (resident statistics, per-tile lighting
+model and local gains). Without, a toy tiled graph of similar arithmetic intensity is built
 (photometric correction, z-score against resident reference statistics, two 5x5
 smoothing passes, core crop), with the template's I/O types.
 """
@@ -26,6 +28,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -95,26 +98,66 @@ def toy_tiled_graph(path: Path, tile: int, core: int, fp16: bool) -> Path:
 
 # -- the frame -------------------------------------------------------------------------
 class Workload:
-    """One frame, its tiling, the resident reference and the per-tile photometric feed."""
+    """One frame, its tiling, and what the graph reads besides the image: resident inputs and per-tile feeds.
 
-    def __init__(self, size: int, core: int, halo: int, seed: int = 0) -> None:
+    Arrays are kept in FP32 (FP16 for the toy graph) and cast once per backend to the types its
+    graph declares, as the Inspector does.
+    """
+
+    def __init__(self, plan: TilePlan, image: np.ndarray, resident: dict, per_frame: dict) -> None:
+        self.plan, self.image, self.resident, self.per_frame = plan, image, resident, per_frame
+        self.channels = 1 if image.ndim == 2 else image.shape[2]
+
+    @classmethod
+    def toy(cls, size: int, core: int, halo: int, seed: int = 0) -> Workload:
+        """A random frame for the toy graph (``toy_tiled_graph``)."""
         rng = np.random.default_rng(seed)
-        self.plan = TilePlan(size, size, core, halo, align=1)
-        self.image = rng.integers(0, 256, (size, size), dtype=np.uint8)
-        n, tile = self.plan.n_tiles, self.plan.tile
+        plan = TilePlan(size, size, core, halo, align=1)
+        image = rng.integers(0, 256, (size, size), dtype=np.uint8)
+        n, tile = plan.n_tiles, plan.tile
         reference = np.empty((n, 4, tile, tile), np.float16)
         reference[:, 0] = 128
         reference[:, 1] = 1 / 40
         reference[:, 2:] = 0
-        self.reference = reference
-        self.photo = np.tile(np.array([1, 0, 0, 0, 0, 0], np.float32), (n, 1))
+        photo = np.tile(np.array([1, 0, 0, 0, 0, 0], np.float32), (n, 1))
+        return cls(plan, image, {"reference": reference}, {"photo": photo})
 
-    def frame_batches(self, batch: int) -> tuple[list, float]:
+    @classmethod
+    def from_bundle(cls, bundle_dir: Path, seed: int = 0) -> Workload:
+        """A frame of the bundle's geometry (its reference mean plus noise), fed exactly as the Inspector feeds it."""
+        from engines.bundle import Bundle
+        from engines.inspector import detector_gains, gain_tiles, resident_inputs
+        from engines.registration import PHOTO_TERMS
+
+        bundle = Bundle.load(bundle_dir)
+        geo, tiling = bundle.geometry, bundle.manifest["tiling"]
+        if geo.dtype != "uint8":
+            raise SystemExit(f"{bundle_dir}: the benchmark feeds 8-bit frames; this bundle is {geo.describe()}")
+        plan = TilePlan(geo.height, geo.width, tiling["core"], tiling["halo"], tiling["align"])
+        ref = bundle.reference()
+        mean = ref["mu"].astype(np.float32)
+        noisy = mean + np.random.default_rng(seed).normal(0, 2, mean.shape).astype(np.float32)
+        image = np.clip(noisy[0] if geo.channels == 1 else np.moveaxis(noisy, 0, -1), 0, 255).astype(np.uint8)
+        photo = np.tile(np.eye(1, PHOTO_TERMS, dtype=np.float32), (plan.n_tiles, 1))  # gain 1, no offset
+        gain = gain_tiles(plan, detector_gains(ref, "fine_gain"))
+        return cls(plan, image, resident_inputs(plan, ref, np.float32), {"photo": photo, "fine_gain": gain})
+
+    def resident_for(self, backend: Any) -> dict[str, np.ndarray]:
+        return {k: v.astype(backend.inputs[k].dtype, copy=False) for k, v in self.resident.items()}
+
+    def frame_batches(self, batch: int, backend: Any) -> tuple[list, float]:
         """Per-batch (feeds, tiles) for this frame and the host tiling time in ms."""
         started = time.perf_counter()
         padded = self.plan.pad(self.image)
+        per_frame = {k: v.astype(backend.inputs[k].dtype, copy=False) for k, v in self.per_frame.items()}
         batches = [
-            ({"image": self.plan.extract(padded, tiles), "photo": self.photo[tiles.start : tiles.stop]}, tiles)
+            (
+                {
+                    "image": self.plan.extract(padded, tiles),
+                    **{k: v[tiles.start : tiles.stop] for k, v in per_frame.items()},
+                },
+                tiles,
+            )
             for tiles in self.plan.batches(batch)
         ]
         return batches, (time.perf_counter() - started) * 1e3
@@ -136,12 +179,14 @@ def medians(samples: list[dict]) -> dict:
 
 
 # -- rows ------------------------------------------------------------------------------
-def run_frames(work: Workload, batch: int, frames: int, infer: Callable[[list], tuple[list, dict]]) -> dict:
+def run_frames(
+    work: Workload, backend: Any, batch: int, frames: int, infer: Callable[[list], tuple[list, dict]]
+) -> dict:
     """Median per-frame numbers for one backend at one batch size (one warm-up frame first)."""
     samples = []
     for index in range(frames + 1):
         started = time.perf_counter()
-        batches, tiling = work.frame_batches(batch)
+        batches, tiling = work.frame_batches(batch, backend)
         outputs, gpu = infer(batches)
         stitching = work.stitch(outputs, batches)
         total = (time.perf_counter() - started) * 1e3
@@ -157,15 +202,14 @@ def onnxruntime_rows(work: Workload, graph_fp32: Path, batches: list[int], frame
 
     rows = []
     with OnnxRuntimeBackend(graph_fp32) as backend:
-        backend.activate({"reference": work.reference})
+        backend.activate(work.resident_for(backend))
         for batch in batches:
 
             def infer(items: list) -> tuple[list, dict]:
                 return [backend.infer(feeds, tiles) for feeds, tiles in items], {}
 
-            rows.append(
-                row("onnxruntime-cpu", batch, f"{backend._threads} threads", **run_frames(work, batch, frames, infer))
-            )
+            result = run_frames(work, backend, batch, frames, infer)
+            rows.append(row("onnxruntime-cpu", batch, f"{backend._threads} threads", **result))
     return rows
 
 
@@ -183,7 +227,7 @@ def tensorrt_rows(work: Workload, graph_fp16: Path, batches: list[int], frames: 
         return [row("tensorrt", note=f"not available: {exc}")]
     rows = []
     with backend:
-        backend.activate({"reference": work.reference})
+        backend.activate(work.resident_for(backend))
         for batch in batches:
 
             def infer(items: list) -> tuple[list, dict]:
@@ -191,16 +235,15 @@ def tensorrt_rows(work: Workload, graph_fp16: Path, batches: list[int], frames: 
                 t = backend.last_timings_ms
                 return outs, {k: t[k] for k in ("h2d", "compute", "d2h", "overlap")}
 
-            rows.append(
-                row("tensorrt", batch, f"engine built in {built:.0f} s", **run_frames(work, batch, frames, infer))
-            )
+            result = run_frames(work, backend, batch, frames, infer)
+            rows.append(row("tensorrt", batch, f"engine built in {built:.0f} s", **result))
     return rows
 
 
 def copy_rows(work: Workload, frames: int) -> list[dict]:
     """The frame's copies alone through pinned memory on two streams: pycuda, else cupy."""
     tile, core, n = work.plan.tile, work.plan.core, work.plan.n_tiles
-    up, down = n * tile * tile, n * core * core * 2  # uint8 tiles in, float16 cores out
+    up, down = n * work.channels * tile * tile, n * core * core * 2  # uint8 tiles in, float16 cores out
     errors = []
     for name, measure in (("pycuda", _copies_pycuda), ("cupy", _copies_cupy)):
         try:
@@ -297,8 +340,8 @@ def render(rows: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--bundle", type=Path, help="bundle directory (graph_fp32.onnx, graph_fp16.onnx)")
-    parser.add_argument("--size", type=int, default=5120, help="frame side in pixels (default 5120)")
+    parser.add_argument("--bundle", type=Path, help="a fitted 8-bit bundle: its graphs, statistics and frame size")
+    parser.add_argument("--size", type=int, default=5120, help="toy graph: frame side in pixels (default 5120)")
     parser.add_argument("--batches", default="1,2,4,8", help="tile batch sizes (default 1,2,4,8)")
     parser.add_argument("--frames", type=int, default=3, help="timed frames per row (default 3)")
     parser.add_argument("--core", type=int, default=512, help="toy graph: tile core (default 512)")
@@ -306,10 +349,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-cpu", action="store_true", help="leave out the ONNX Runtime baseline")
     args = parser.parse_args(argv)
     batches = [int(b) for b in args.batches.split(",")]
-    work = Workload(args.size, args.core, args.halo)
+    work = Workload.from_bundle(args.bundle) if args.bundle else Workload.toy(args.size, args.core, args.halo)
+    plan = work.plan
     print(
-        f"frame {args.size}x{args.size} u8, {work.plan.n_tiles} tiles of {work.plan.tile}^2 "
-        f"(core {args.core}), {args.frames} timed frames per row; times are per-frame medians in ms"
+        f"frame {plan.width}x{plan.height} u8 x{work.channels}, {plan.n_tiles} tiles of {plan.tile}^2 "
+        f"(core {plan.core}), {args.frames} timed frames per row; times are per-frame medians in ms"
+        + (f"; bundle {args.bundle}" if args.bundle else "; toy graph")
     )
     with tempfile.TemporaryDirectory() as scratch:
         scratch = Path(scratch)

@@ -265,3 +265,19 @@ def test_emulated_tensorrt_engine_agrees_with_fp32(bundle_dir, dataset, monkeypa
         install(monkeypatch, major=major)
         worst, same = emulated_trt_vs_fp32(bundle_dir, samples, tmp_path / f"trt{major}.plan")
         assert worst <= 1e-2 and same, (major, worst)
+
+
+def test_gpu_benchmark_runs_a_fitted_bundle_on_emulated_tensorrt(bundle_dir, monkeypatch, capsys):
+    """`benchmarks/gpu.py --bundle` feeds the bundle's graphs as the Inspector does (EMULATED TensorRT; no speed)."""
+    import importlib.util
+
+    from tests.emulation import install
+
+    install(monkeypatch, major=10)
+    spec = importlib.util.spec_from_file_location("gpu_benchmark", Path(__file__).parents[1] / "benchmarks" / "gpu.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.main(["--bundle", str(bundle_dir), "--batches", "1", "--frames", "1"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    rows = {line.split()[0]: line for line in lines[2:]}
+    assert "not available" not in rows["tensorrt"] and "not available" not in rows["onnxruntime-cpu"], lines
