@@ -7,7 +7,8 @@ map from each, cross-fitted, as 16 px block maxima. The ensemble graph
 threshold). Its held-out score per image is taken from the mean of the two *block-maximum*
 maps, which is never below the block maximum of the pixel-wise mean: the ensemble's threshold
 is set (``good_threshold``) on an upper bound of what held-out good parts score, so it errs
-towards passing fewer parts, never towards more false rejects than calibrated.
+towards a higher threshold (a faint defect may pass), never towards more false rejects than
+calibrated.
 """
 
 from __future__ import annotations

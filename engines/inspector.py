@@ -117,6 +117,11 @@ class Inspector:
         self._origins = [self.plan.origin(i) for i in range(self.plan.n_tiles)]
         self._part_gains = detector_gains(self._ref, "fine_gain")
         self._ring_gains = detector_gains(self._ref, "fine_ring_gain")
+        gain_channels = backend.inputs["fine_gain"].shape[1]
+        if gain_channels != len(self._part_gains):
+            raise BundleError(
+                f"{backend.graph_path}: graph reads {gain_channels} gain maps, the bundle has {len(self._part_gains)}"
+            )
 
     @classmethod
     def load(cls, path: Path, backend: str = "auto", batch: int = 1) -> Inspector:

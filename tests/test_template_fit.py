@@ -281,3 +281,19 @@ def test_gpu_benchmark_runs_a_fitted_bundle_on_emulated_tensorrt(bundle_dir, mon
     lines = capsys.readouterr().out.splitlines()
     rows = {line.split()[0]: line for line in lines[2:]}
     assert "not available" not in rows["tensorrt"] and "not available" not in rows["onnxruntime-cpu"], lines
+
+
+def test_graph_reading_other_gain_maps_than_the_bundle_has_is_refused(bundle_dir, tmp_path):
+    """An Inspector refuses a graph that reads two gain maps (an ensemble's) with a one-detector bundle."""
+    import onnx
+
+    from engines.bundle import Bundle
+    from engines.errors import BundleError
+    from engines.graphs import TemplateGraphSpec, build_template_graph
+    from engines.onnxruntime_backend import OnnxRuntimeBackend
+
+    bundle = Bundle.load(bundle_dir)
+    graph = tmp_path / "two_gains.onnx"
+    onnx.save(build_template_graph(TemplateGraphSpec(1, bundle.manifest["tiling"]["core"], gains=2)), graph)
+    with pytest.raises(BundleError, match="reads 2 gain maps, the bundle has 1"):
+        Inspector(bundle, OnnxRuntimeBackend(graph))
