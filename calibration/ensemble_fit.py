@@ -53,8 +53,9 @@ def fit_ensemble(
             template_cal, template.held_out_map, learned.calibration, learned.held_out_map, config
         )
         stats = tf.apply_local_tolerance(tf._statistics(training, range(len(images)), config), template.tolerance)
-        stats["fine_gain"] = np.stack([template.tolerance.part_gain, learned.part_gain]).astype(np.float16)
-        stats["fine_ring_gain"] = np.stack([template.tolerance.ring_gain, learned.ring_gain]).astype(np.float16)
+        tolerances = (template.tolerance, learned.tolerance)
+        stats["fine_gain"] = np.stack([t.part_gain for t in tolerances]).astype(np.float16)
+        stats["fine_ring_gain"] = np.stack([t.ring_gain for t in tolerances]).astype(np.float16)
         geo = training.geometry
         spec = EnsembleGraphSpec(
             geo.channels,

@@ -9,7 +9,7 @@
    supervised to segment it. Seeded, resumable from checkpoints, on the GPU when there is one.
 4. Every good image is scored through the real FP32 graph by the network that did not train on
    it (with its fold's statistics), max-pooled to 16 px blocks. From these held-out maps comes
-   the learned map's local normalisation (``calibration.tolerance_fit.fine_tolerance``: where
+   the learned map's local normalisation (``calibration.tolerance_fit.fit_local_tolerance``: where
    good parts make the network fire, structure edges under pose and the border band, the same
    output counts less) and, cross-fitted over the folds, the threshold (``good_threshold``),
    exactly as the template's fine score is calibrated.
@@ -106,8 +106,8 @@ def fit_learned(
         training, reference, config = tf.prepare_training(images, roi, config, Path(tmp), progress, "learned")
         learned = learn_and_calibrate(training, images, config, learn, out, Path(tmp), progress)
         stats = tf._statistics(training, range(len(images)), config)
-        stats["fine_gain"] = learned.part_gain.astype(np.float16)
-        stats["fine_ring_gain"] = learned.ring_gain.astype(np.float16)
+        stats["fine_gain"] = learned.tolerance.part_gain.astype(np.float16)
+        stats["fine_ring_gain"] = learned.tolerance.ring_gain.astype(np.float16)
         stats["held_out_blocks"] = learned.blocks[:, None].astype(np.float16)
         geo = training.geometry
         spec = LearnedGraphSpec(geo.channels, config.core, input_dtype=_input_dtype(geo))
@@ -131,8 +131,7 @@ class LearnedCalibration:
     weights: dict[str, np.ndarray]  # the shipped network (the first of the cross-fitted pair)
     reports: list[TrainReport]  # one per network
     calibration: dict  # threshold of the learned map (normalised by its gains)
-    part_gain: np.ndarray  # the learned map's local gains, as the template's fine score has (engines.tolerance)
-    ring_gain: np.ndarray
+    tolerance: tol.LocalTolerance  # the learned map's local gains, as the template's fine score has (factor 1)
     blocks: np.ndarray  # [n, Hb, Wb] held-out maps, unnormalised, max-pooled to blocks
     held_out_map: np.ndarray  # [n, Hb, Wb] the same normalised as scored (gains from the other folds)
 
@@ -192,22 +191,17 @@ def learn_and_calibrate(
             if rows:
                 blocks[rows] = tf.graph_blocks(training, graph, fold_stats[fold], rows, config.core, 1)[:, 0]
     inside, border = tol.block_inside(training.weight), tol.border_blocks(geo)
-    held_out_map = tol.cross_fitted_fine_maps(blocks, training.poses, inside, border, folds)
+    held_out_map = tol.cross_fitted_maps(blocks[:, None], training.poses, inside, border, folds)[:, 0]
     calibration = good_threshold(held_out_map.max(axis=(1, 2)), config.target_frr, config.threshold_margin)
-    part_gain, ring_gain = tol.fine_tolerance(blocks, training.poses, inside, border)
+    tolerance = tol.fit_local_tolerance(blocks[:, None], training.poses, inside, border)
     calibration.update(
         folds=folds,
         networks=NETWORKS,
         held_out_raw_max=[round(float(b.max()), 4) for b in blocks],
-        local_tolerance={
-            "block_px": tol.BLOCK,
-            "fine_gain_min": round(float(part_gain.min()), 4),
-            "ring_gain_min": round(float(ring_gain.min()), 4),
-            "blocks_normalised": round(float((part_gain < 1)[inside].mean()), 4),
-        },
+        local_tolerance=tolerance.summary(inside, border),
     )
     reports = [r for _, r in nets]
-    return LearnedCalibration(nets[0][0], reports, calibration, part_gain, ring_gain, blocks, held_out_map)
+    return LearnedCalibration(nets[0][0], reports, calibration, tolerance, blocks, held_out_map)
 
 
 def _input_dtype(geo: Geometry) -> str:

@@ -447,12 +447,7 @@ def _calibrate_folds(training: _Training, config: FitConfig, progress: bool) -> 
             blocks[held] = _component_blocks(training, stats, held, config.core, Path(tmp))
     inside = tol.block_inside(training.weight)
     border = tol.border_blocks(training.geometry)
-    normalised = np.zeros_like(blocks)
-    for fold in range(folds):
-        held = list(range(fold, n, folds))
-        others = [i for i in range(n) if i not in held]
-        learned = tol.fit_local_tolerance(blocks[others], training.poses[others], inside, border)
-        normalised[held] = learned.normalised(blocks[held], training.poses[held])
+    normalised = tol.cross_fitted_maps(blocks, training.poses, inside, border, folds)
     raw = normalised.max(axis=(2, 3))
     fine_scale = max(float(np.quantile(raw[:, 0], 0.9)), 0.5)
     coarse_scale = max(float(np.quantile(raw[:, 1], 0.9)), 2.0)

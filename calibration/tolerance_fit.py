@@ -11,7 +11,7 @@ reference, and its pose. Output (``LocalTolerance``):
   within the border zone).
 
 Each level is brought down to the typical (median) level of the inspection region; quieter
-blocks are left alone. Cross-fitting (``template_fit._calibrate_folds``) scores each held-out
+blocks are left alone. Cross-fitting (``cross_fitted_maps``) scores each held-out
 image with a tolerance learned from the other folds only.
 """
 
@@ -42,14 +42,11 @@ class LocalTolerance:
     factor: np.ndarray  # >= 1, multiplies the coarse spread (reference frame)
 
     def normalised(self, blocks: np.ndarray, poses: np.ndarray) -> np.ndarray:
-        """[n, 2, Hb, Wb]: the fine and coarse block maps of images with ``poses``, normalised as the graph does."""
+        """Block maps [n, C, Hb, Wb] (fine; coarse when C = 2) of images with ``poses``, normalised as graphs do."""
         pairs = zip(blocks, poses, strict=True)
         fine = np.stack([b[0] * frame_fine_gain(self.part_gain, self.ring_gain, m) for b, m in pairs])
-        return np.stack([fine, blocks[:, 1] / self.factor], axis=1).astype(np.float32)
-
-    def scores(self, blocks: np.ndarray, poses: np.ndarray) -> np.ndarray:
-        """[n, 2]: per image, its highest fine and coarse scores once normalised for its pose."""
-        return self.normalised(blocks, poses).max(axis=(2, 3))
+        channels = [fine] if blocks.shape[1] == 1 else [fine, blocks[:, 1] / self.factor]
+        return np.stack(channels, axis=1).astype(np.float32)
 
     def summary(self, inside: np.ndarray, border: int) -> dict:
         return {
@@ -64,9 +61,26 @@ class LocalTolerance:
 
 
 def fit_local_tolerance(blocks: np.ndarray, poses: np.ndarray, inside: np.ndarray, border: int) -> LocalTolerance:
-    """Learn the normalisation from held-out block maxima ``blocks`` [n, 2, Hb, Wb] of images with ``poses``."""
+    """Learn the normalisation from held-out block maxima ``blocks`` [n, C, Hb, Wb] of images with ``poses``.
+
+    Channel 0 is a fine score (gains), channel 1, where there is one, a coarse score (factor;
+    without it the factor is 1): the template has both, the learned map only the first.
+    """
     part_gain, ring_gain = fine_tolerance(blocks[:, 0], poses, inside, border)
-    return LocalTolerance(part_gain, ring_gain, coarse_factor(blocks[:, 1], inside, border))
+    factor = coarse_factor(blocks[:, 1], inside, border) if blocks.shape[1] > 1 else np.ones_like(part_gain)
+    return LocalTolerance(part_gain, ring_gain, factor)
+
+
+def cross_fitted_maps(blocks: np.ndarray, poses: np.ndarray, inside: np.ndarray, border: int, folds: int) -> np.ndarray:
+    """``blocks`` [n, C, Hb, Wb] normalised, each image (fold ``i % folds``) by the other folds' tolerance only."""
+    n = len(blocks)
+    maps = np.zeros_like(blocks, dtype=np.float32)
+    for fold in range(folds):
+        held = np.arange(fold, n, folds)
+        others = np.setdiff1d(np.arange(n), held)
+        tolerance = fit_local_tolerance(blocks[others], poses[others], inside, border)
+        maps[held] = tolerance.normalised(blocks[held], poses[held])
+    return maps
 
 
 def fine_tolerance(
@@ -90,20 +104,6 @@ def fine_tolerance(
     part_gain = np.where(inside, ref / np.maximum(part, ref), 1).astype(np.float32)
     ring_gain = (ref / np.maximum(ring, ref)).astype(np.float32)
     return part_gain, ring_gain
-
-
-def cross_fitted_fine_maps(
-    fine: np.ndarray, poses: np.ndarray, inside: np.ndarray, border: int, folds: int
-) -> np.ndarray:
-    """[n, Hb, Wb]: each image's (fold ``i % folds``) fine block map under gains learned from the other folds only."""
-    n = len(fine)
-    maps = np.zeros_like(fine, dtype=np.float32)
-    for fold in range(folds):
-        held = np.arange(fold, n, folds)
-        others = np.setdiff1d(np.arange(n), held)
-        part, ring = fine_tolerance(fine[others], poses[others], inside, border)
-        maps[held] = [fine[i] * frame_fine_gain(part, ring, poses[i]) for i in held]
-    return maps
 
 
 def _line_level(level: np.ndarray, border: int) -> np.ndarray:

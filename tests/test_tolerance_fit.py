@@ -82,7 +82,7 @@ def test_a_defect_just_inside_the_clutter_zone_is_still_seen(learned):
 def test_held_out_scores_use_each_images_own_pose(learned):
     """Scores of the training goods under their own poses stay near the typical level (clutter normalised away)."""
     tolerance, blocks, poses = learned
-    scores = tolerance.scores(blocks, poses)
+    scores = tolerance.normalised(blocks, poses).max(axis=(2, 3))
     assert scores.shape == (len(blocks), 2)
     assert scores[:, 0].max() < 5, "clutter and the marker are normalised to the typical block level"
     raw = blocks[:, 0].max(axis=(1, 2))
@@ -97,3 +97,16 @@ def test_coarse_factor_spreads_along_the_edge_inside_the_border_zone():
     factor = tol.coarse_factor(coarse, np.ones((SIDE, SIDE), bool), BORDER)
     assert factor[1, BORDER : SIDE - BORDER].min() == pytest.approx(10)
     assert factor[30, 29:32].min() == pytest.approx(10) and factor[30, 40] == 1
+
+
+def test_a_fine_only_map_gets_the_same_gains_and_no_coarse_factor(learned):
+    """Blocks with one channel (the learned map) are normalised like the template's fine score, with factor 1."""
+    tolerance, blocks, poses = learned
+    inside = np.ones((SIDE, SIDE), bool)
+    fine_only = tol.fit_local_tolerance(blocks[:, :1], poses, inside, BORDER)
+    np.testing.assert_array_equal(fine_only.part_gain, tolerance.part_gain)
+    np.testing.assert_array_equal(fine_only.ring_gain, tolerance.ring_gain)
+    assert (fine_only.factor == 1).all()
+    maps = tol.cross_fitted_maps(blocks[:, :1], poses, inside, BORDER, 4)
+    assert maps.shape == (len(blocks), 1, SIDE, SIDE)
+    np.testing.assert_array_equal(maps, tol.cross_fitted_maps(blocks, poses, inside, BORDER, 4)[:, :1])
