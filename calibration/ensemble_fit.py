@@ -60,7 +60,7 @@ def fit_ensemble(
         spec = EnsembleGraphSpec(
             geo.channels,
             config.core,
-            input_dtype="float32" if geo.dtype == "uint16" else "uint8",
+            input_dtype=tf.graph_input_dtype(geo),
             fine_scale=template_cal["fine_scale"],
             coarse_scale=template_cal["coarse_scale"],
             template_threshold=template_cal["threshold"],

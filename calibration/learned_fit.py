@@ -38,7 +38,6 @@ from engines import registration as reg
 from engines.bundle import GRAPH_FP16, GRAPH_FP32
 from engines.errors import UserError
 from engines.learned_graph import RADIUS, LearnedGraphSpec, build_learned_graph, macs_per_pixel
-from engines.types import Geometry
 
 
 @dataclass(frozen=True)
@@ -110,7 +109,7 @@ def fit_learned(
         stats["fine_ring_gain"] = learned.tolerance.ring_gain.astype(np.float16)
         stats["held_out_blocks"] = learned.blocks[:, None].astype(np.float16)
         geo = training.geometry
-        spec = LearnedGraphSpec(geo.channels, config.core, input_dtype=_input_dtype(geo))
+        spec = LearnedGraphSpec(geo.channels, config.core, input_dtype=tf.graph_input_dtype(geo))
         graphs = {
             GRAPH_FP32: lambda p: onnx.save(build_learned_graph(replace(spec, precision="fp32"), learned.weights), p),
             GRAPH_FP16: lambda p: onnx.save(build_learned_graph(replace(spec, precision="fp16"), learned.weights), p),
@@ -169,7 +168,7 @@ def learn_and_calibrate(
     ]
     checkpoint = learn.checkpoint or out.with_name(out.name + ".ckpt")
     data_id = f"{tf._fingerprint(images)['sha256']}:{folds}"
-    spec = LearnedGraphSpec(geo.channels, config.core, input_dtype=_input_dtype(geo))
+    spec = LearnedGraphSpec(geo.channels, config.core, input_dtype=tf.graph_input_dtype(geo))
     blocks = np.zeros((n, *tol.block_shape(geo)), np.float32)
     nets: list[tuple[dict[str, np.ndarray], TrainReport]] = []
     for net in range(NETWORKS):
@@ -202,10 +201,6 @@ def learn_and_calibrate(
     )
     reports = [r for _, r in nets]
     return LearnedCalibration(nets[0][0], reports, calibration, tolerance, blocks, held_out_map)
-
-
-def _input_dtype(geo: Geometry) -> str:
-    return "float32" if geo.dtype == "uint16" else "uint8"
 
 
 # -- training ----------------------------------------------------------------------------------------

@@ -129,6 +129,11 @@ def _resolve(config: FitConfig, geometry: Geometry) -> FitConfig:
     return replace(config, max_shift_px=shift, margin_px=margin, core=core)
 
 
+def graph_input_dtype(geometry: Geometry) -> str:
+    """The graphs' frame input type: uint8 frames go up as bytes, 16-bit ones as float32 8-bit grey units."""
+    return "float32" if geometry.dtype == "uint16" else "uint8"
+
+
 def inspection_region(geometry: Geometry, roi: Path | None, margin: int) -> np.ndarray:
     """The region to inspect: the ROI mask (non-zero = inspect) minus a margin along the border."""
     h, w = geometry.height, geometry.width
@@ -362,9 +367,7 @@ def _component_blocks(
 ) -> np.ndarray:
     """Per held-out image, the fine and coarse scores from the real graph, max-pooled to BLOCK px blocks."""
     geo = training.geometry
-    spec = TemplateGraphSpec(
-        geo.channels, core, input_dtype="float32" if training.unit != 1 else "uint8", components=True
-    )
+    spec = TemplateGraphSpec(geo.channels, core, input_dtype=graph_input_dtype(geo), components=True)
     path = tmp / "components.onnx"
     onnx.save(build_template_graph(spec), path)
     return graph_blocks(training, path, stats, indices, core, 2)
@@ -557,7 +560,7 @@ def _write(
     base = dict(
         channels=geo.channels,
         core=config.core,
-        input_dtype="float32" if geo.dtype == "uint16" else "uint8",
+        input_dtype=graph_input_dtype(geo),
         fine_scale=calibration["fine_scale"],
         coarse_scale=calibration["coarse_scale"],
     )

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper
+from onnx import helper
 
 from engines.graphs import TemplateGraphSpec, _Builder, finish_model, template_anomaly, tile_inputs
 from engines.learned_graph import RADIUS, learned_anomaly
@@ -41,7 +41,7 @@ class EnsembleGraphSpec(TemplateGraphSpec):
 def build_ensemble_graph(spec: EnsembleGraphSpec, weights: Mapping[str, np.ndarray]) -> onnx.ModelProto:
     """(template / template_threshold + learned / learned_threshold) / 2 per pixel of the core."""
     g = _Builder()
-    np_half = np.float16 if spec.half == TensorProto.FLOAT16 else np.float32
+    np_half = spec.np_half
     template_anomaly(g, spec, "template_map", gain_channel=0)
     learned_anomaly(g, spec, weights, "learned_map", gain_channel=1)
     scaled = [

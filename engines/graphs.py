@@ -59,6 +59,11 @@ class TiledGraphSpec:
         """The ONNX type of the graph's working precision (statistics, gains, output)."""
         return TensorProto.FLOAT16 if self.precision == "fp16" else TensorProto.FLOAT
 
+    @property
+    def np_half(self) -> type:
+        """The numpy type of the working precision, for constants in that part of the graph."""
+        return np.float16 if self.precision == "fp16" else np.float32
+
     def __post_init__(self) -> None:
         if self.core % ALIGN or self.halo % ALIGN or self.halo < HALO:
             raise ValueError(f"core and halo must be multiples of {ALIGN}, halo >= {HALO}")
@@ -232,7 +237,7 @@ def template_anomaly(g: _Builder, spec: TemplateGraphSpec, out: str, gain_channe
         resid = g.op("Cast", [resid], to=half)
         fine = g.op("Cast", [fine], to=half)
     coarse = _coarse_score(g, resid, inv_sigmas, spec)
-    np_half = np.float16 if half == TensorProto.FLOAT16 else np.float32
+    np_half = spec.np_half
     if spec.components:
         coarse_full = g.op("Resize", [coarse, "", g.const(np.array([1, 1, 4, 4], np.float32))], mode="nearest")
         g.nodes.append(helper.make_node("Concat", [fine, coarse_full], [out], axis=1))

@@ -114,7 +114,7 @@ def learned_anomaly(
         if tuple(np.shape(weights[name])) != shape:
             raise ValueError(f"weight {name}: shape {np.shape(weights[name])}, expected {shape}")
     half = spec.half
-    np_half = np.float16 if half == TensorProto.FLOAT16 else np.float32
+    np_half = spec.np_half
 
     # Stage 1, FP32: illumination correction over the whole tile (the photometric field is per tile).
     x = g.op("Cast", ["image"], to=TensorProto.FLOAT)
