@@ -183,18 +183,28 @@ def random_photo(rng: np.random.Generator, height: int, width: int) -> np.ndarra
     return np.array([*gain, rng.uniform(-8, 8), *rng.uniform(-4, 4, 2)], np.float32)
 
 
+def maps_agree(reference: Inspector, other: Inspector, samples: list[Path]) -> tuple[float, bool]:
+    """(largest |other - reference| / max(|reference|, 1), verdicts all equal) on the same prepared frames."""
+    worst, same = 0.0, True
+    with reference, other:
+        for path in samples:
+            prepared = reference.prepare(read_image(path))
+            want, got = reference.infer(prepared), other.infer(prepared)
+            worst = max(worst, float((np.abs(got - want) / np.maximum(np.abs(want), 1)).max()))
+            same &= other.decide(prepared, got).verdict == reference.decide(prepared, want).verdict
+    return worst, same
+
+
+def fp32_inspector(bundle: Bundle) -> Inspector:
+    """The bundle on ONNX Runtime with its FP32 graph: the reference every other path is compared with."""
+    return Inspector(bundle, OnnxRuntimeBackend(bundle.file(GRAPH_FP32), threads=2))
+
+
 def fp16_vs_fp32(bundle_dir: Path, samples: list[Path]) -> float:
     """Largest |FP16 map - FP32 map| / max(|FP32 map|, 1) of a bundle's two graphs on real frames."""
     bundle = Bundle.load(bundle_dir)
-    fp32 = Inspector(bundle, OnnxRuntimeBackend(bundle.file(GRAPH_FP32), threads=2))
     fp16 = Inspector(bundle, OnnxRuntimeBackend(bundle.file(GRAPH_FP16), threads=2))
-    worst = 0.0
-    with fp32, fp16:
-        for path in samples:
-            prepared = fp32.prepare(read_image(path))
-            a, b = fp32.infer(prepared), fp16.infer(prepared)
-            worst = max(worst, float((np.abs(a - b) / np.maximum(np.abs(a), 1)).max()))
-    return worst
+    return maps_agree(fp32_inspector(bundle), fp16, samples)[0]
 
 
 def tile_feeds(rng: np.random.Generator, core: int, gains: int = 1, halo: int = 64) -> dict[str, np.ndarray]:
@@ -234,17 +244,7 @@ def emulated_trt_vs_fp32(bundle_dir: Path, samples: list[Path], plan: Path) -> t
 
     bundle = Bundle.load(bundle_dir)
     build_engine(bundle.file(GRAPH_FP16), plan, max_batch=4, workspace_mb=64, timing_cache=None)
-    worst, same = 0.0, True
-    with (
-        Inspector(bundle, TensorRTBackend(plan), batch=4) as gpu,
-        Inspector(bundle, OnnxRuntimeBackend(bundle.file(GRAPH_FP32), threads=2)) as cpu,
-    ):
-        for path in samples:
-            prepared = cpu.prepare(read_image(path))
-            got, want = gpu.infer(prepared), cpu.infer(prepared)
-            worst = max(worst, float((np.abs(got - want) / np.maximum(np.abs(want), 1)).max()))
-            same &= gpu.decide(prepared, got).verdict == cpu.decide(prepared, want).verdict
-    return worst, same
+    return maps_agree(fp32_inspector(bundle), Inspector(bundle, TensorRTBackend(plan), batch=4), samples)
 
 
 def lighting_truth(coef: np.ndarray, xs: np.ndarray, ys: np.ndarray, height: int, width: int) -> tuple:
