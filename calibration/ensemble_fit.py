@@ -46,8 +46,9 @@ def fit_ensemble(
     started = time.time()
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
         training, reference, config = tf.prepare_training(images, roi, config, Path(tmp), progress, "ensemble")
-        template = tf._calibrate_folds(training, config, progress)
-        learned = lf.learn_and_calibrate(training, images, config, learn, out, Path(tmp), progress)
+        fold_stats = tf.fold_statistics(training, config, progress)  # both detectors' held-out references
+        template = tf._calibrate_folds(training, config, progress, fold_stats)
+        learned = lf.learn_and_calibrate(training, images, config, learn, out, Path(tmp), progress, fold_stats)
         template_cal = template.calibration
         calibration = combined_calibration(
             template_cal, template.held_out_map, learned.calibration, learned.held_out_map, config

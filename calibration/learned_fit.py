@@ -153,19 +153,20 @@ def learn_and_calibrate(
     out: Path,
     tmp: Path,
     progress: bool,
+    fold_stats: list[dict] | None = None,
 ) -> LearnedCalibration:
-    """Train the cross-fitted networks on registered good images and calibrate the learned map on held-out ones."""
+    """Train the cross-fitted networks on registered good images and calibrate the learned map on held-out ones.
+
+    ``fold_stats``: ``template_fit.fold_statistics`` of this training set, when the caller has them.
+    """
     geo = training.geometry
     if learn.patch <= 2 * RADIUS + 8:
         raise UserError(f"patch {learn.patch}: must exceed {2 * RADIUS + 8} px (the network's receptive field)")
     if min(geo.height, geo.width) < learn.patch:
         raise UserError(f"images are {geo.describe()}: smaller than the {learn.patch} px training patch")
     n = len(images)
-    folds = max(2, min(config.folds, n))
-    fold_stats = [
-        tf._statistics(training, [i for i in range(n) if i % folds != f], config)
-        for f in tqdm(range(folds), desc="fold statistics", disable=not progress, unit="fold")
-    ]
+    fold_stats = fold_stats if fold_stats is not None else tf.fold_statistics(training, config, progress)
+    folds = len(fold_stats)
     checkpoint = learn.checkpoint or out.with_name(out.name + ".ckpt")
     data_id = f"{tf._fingerprint(images)['sha256']}:{folds}"
     spec = LearnedGraphSpec(geo.channels, config.core, input_dtype=tf.graph_input_dtype(geo))

@@ -433,20 +433,34 @@ class FoldCalibration:
     held_out_map: np.ndarray  # [n, Hb, Wb] each image's anomaly map (block maxima) as scored, cross-fitted
 
 
-def _calibrate_folds(training: _Training, config: FitConfig, progress: bool) -> FoldCalibration:
+def fold_statistics(training: _Training, config: FitConfig, progress: bool) -> list[dict[str, np.ndarray]]:
+    """Per fold f (images ``i % folds == f``, at least two folds), the statistics of all the other images."""
+    n = len(training.coefs)
+    folds = max(2, min(config.folds, n))
+    return [
+        _statistics(training, [i for i in range(n) if i % folds != f], config)
+        for f in tqdm(range(folds), desc="fold statistics", disable=not progress, unit="fold")
+    ]
+
+
+def _calibrate_folds(
+    training: _Training, config: FitConfig, progress: bool, fold_stats: list[dict] | None = None
+) -> FoldCalibration:
     """k-fold: statistics without each fold, real-graph scores on it; local tolerance, scales, threshold.
 
     The local tolerance applied to each held-out image is learned from the other folds' images
     only (cross-fitting), so the threshold is set on scores the tolerance was not tuned on.
+    ``fold_stats`` (``fold_statistics``), when another detector of the same fit already holds
+    them; otherwise each fold's statistics are computed and dropped in turn, to keep memory low.
     """
     n = len(training.coefs)
-    folds = min(config.folds, n)
+    folds = len(fold_stats) if fold_stats is not None else min(config.folds, n)
     blocks = np.zeros((n, 2, *tol.block_shape(training.geometry)), np.float32)
     with tempfile.TemporaryDirectory() as tmp:
         for fold in tqdm(range(folds), desc="calibrating (k-fold)", disable=not progress, unit="fold"):
             held = list(range(fold, n, folds))
             kept = [i for i in range(n) if i not in held]
-            stats = _statistics(training, kept, config)
+            stats = fold_stats[fold] if fold_stats is not None else _statistics(training, kept, config)
             blocks[held] = _component_blocks(training, stats, held, config.core, Path(tmp))
     inside = tol.block_inside(training.weight)
     border = tol.border_blocks(training.geometry)
