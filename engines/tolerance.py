@@ -38,21 +38,38 @@ def _carry(blocks: np.ndarray, matrix: np.ndarray, inverse: bool, pool: Callable
     """Carry a block map between frames.
 
     With ``pool`` (np.min or np.max) the map travels on the 8 px grid and each block takes the
-    pool of its exact footprint, for conservative decisions. Without, each block takes the value
-    at its centre: right for block maxima, whose place inside the block is unknown.
-    Beyond the map's edge the outermost values continue: the part of a shifted frame that the
-    camera did not see is judged like the edge the camera did see.
+    pool of every cell its footprint overlaps, for conservative decisions: a cell centre that
+    lands between two cells takes both (floor and ceiling of its place, per axis), so a pixel
+    at a block's edge is never judged by a stricter gain than that of the place it lands on.
+    Without, each block takes the value at its centre: right for block maxima, whose place
+    inside the block is unknown. Beyond the map's edge the outermost values continue: the part
+    of a shifted frame that the camera did not see is judged like the edge the camera did see.
     """
     hb, wb = blocks.shape
-    flags = cv2.INTER_NEAREST | (cv2.WARP_INVERSE_MAP if inverse else 0)
     source = blocks.astype(np.float32)
     if pool is None:
-        grid = _grid_matrix(matrix, BLOCK)
-        return cv2.warpAffine(source, grid, (wb, hb), flags=flags, borderMode=cv2.BORDER_REPLICATE)
+        return _warp(source, _source_matrix(matrix, BLOCK, inverse), (wb, hb))
     fine = np.repeat(np.repeat(source, SUB, axis=0), SUB, axis=1)
-    grid = _grid_matrix(matrix, STEP)
-    moved = cv2.warpAffine(fine, grid, (wb * SUB, hb * SUB), flags=flags, borderMode=cv2.BORDER_REPLICATE)
+    grid = _source_matrix(matrix, STEP, inverse)
+    moved = pool([_warp(fine, grid + corner, (wb * SUB, hb * SUB)) for corner in _CORNERS], axis=0)
     return pool(moved.reshape(hb, SUB, wb, SUB), axis=(1, 3))
+
+
+# Offsets (in cells) to a sampled place that reach the floor and the ceiling of its cell
+# coordinate by nearest-cell rounding; a place exactly on a cell centre stays on that cell.
+_EDGE = 0.5 - 1e-3
+_CORNERS = [np.array([[0, 0, dx], [0, 0, dy]]) for dx in (-_EDGE, _EDGE) for dy in (-_EDGE, _EDGE)]
+
+
+def _source_matrix(matrix: np.ndarray, step: int, inverse: bool) -> np.ndarray:
+    """The grid transform from destination cells to the source cells they sample."""
+    grid = _grid_matrix(matrix, step)
+    return grid if inverse else cv2.invertAffineTransform(grid)
+
+
+def _warp(source: np.ndarray, to_source: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    flags = cv2.INTER_NEAREST | cv2.WARP_INVERSE_MAP
+    return cv2.warpAffine(source, to_source, size, flags=flags, borderMode=cv2.BORDER_REPLICATE)
 
 
 def sensor_to_reference(blocks: np.ndarray, matrix: np.ndarray, pool: Callable | None = np.min) -> np.ndarray:

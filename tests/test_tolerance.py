@@ -38,6 +38,16 @@ def test_a_block_straddling_two_sensor_blocks_takes_the_more_tolerant():
     assert np.flatnonzero(seen[4] < 1).tolist() == [4, 5]
 
 
+@pytest.mark.parametrize("dx", [3.0, 0.4, 13.0])
+def test_a_block_reaching_a_tolerant_block_by_a_few_pixels_takes_its_gain(dx):
+    """Sub-cell shifts: every reference block whose footprint overlaps the tolerant sensor block gets its gain."""
+    sensor = np.ones((8, 12), np.float32)
+    sensor[:, 5] = 0.2  # sensor px 80..95
+    seen = sensor_to_reference(sensor, shift(dx))
+    overlapping = [b for b in range(12) if b * BLOCK + dx < 6 * BLOCK and (b + 1) * BLOCK + dx > 5 * BLOCK]
+    assert np.flatnonzero(seen[4] < 1).tolist() == overlapping
+
+
 def test_rotation_carries_an_edge_line_onto_a_tilted_line():
     """A rotated part meets the sensor's top ring on a tilted line of reference blocks."""
     hb = wb = 64
