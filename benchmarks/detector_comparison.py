@@ -2,13 +2,14 @@
 
     python benchmarks/detector_comparison.py --workdir DIR                  # 2048 px, seeds 2026 and 7
     python benchmarks/detector_comparison.py --workdir DIR --seeds 2026 --lines hard
+    python benchmarks/detector_comparison.py --workdir DIR --detectors template    # no torch needed
 
 Per (line, seed) it runs the real commands: ``inspectd synth``, ``inspectd fit`` with each
 detector (the ensemble resumes the learned fit's finished checkpoints, so both use the same
 networks), and ``inspectd evaluate``. Existing datasets, bundles and reports in ``--workdir``
 are reused, so an interrupted run continues. Prints a table: image F1, precision, recall,
 false-reject rate, AUROC and recall per defect size, and the fit time of each detector.
-Needs the 'learned' extra (torch).
+The learned and ensemble detectors need the 'learned' extra (torch).
 """
 
 from __future__ import annotations
@@ -32,12 +33,12 @@ def inspectd(*args: str) -> None:
     subprocess.run([sys.executable, "-m", "daemon.cli", *args], check=True)
 
 
-def run_line(workdir: Path, line: str, seed: int, size: int, steps: int) -> list[dict]:
+def run_line(workdir: Path, line: str, seed: int, size: int, steps: int, detectors: list[str]) -> list[dict]:
     data = workdir / f"{line}_{seed}"
     if not (data / "meta.json").exists():
         inspectd("synth", str(data), "--size", str(size), "--seed", str(seed), *LINES[line])
     rows = []
-    for detector in DETECTORS:
+    for detector in detectors:
         model = workdir / f"model_{line}_{seed}_{detector}"
         report = workdir / f"report_{line}_{seed}_{detector}"
         if not (model / "manifest.json").exists():
@@ -89,6 +90,7 @@ def main() -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[2026, 7])
     parser.add_argument("--lines", nargs="+", choices=sorted(LINES), default=["easy", "hard"])
     parser.add_argument("--steps", type=int, default=2000, help="training steps per network")
+    parser.add_argument("--detectors", nargs="+", choices=DETECTORS, default=list(DETECTORS))
     args = parser.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
     started = time.time()
@@ -96,7 +98,7 @@ def main() -> int:
         row
         for seed in args.seeds
         for line in args.lines
-        for row in run_line(args.workdir, line, seed, args.size, args.steps)
+        for row in run_line(args.workdir, line, seed, args.size, args.steps, args.detectors)
     ]
     (args.workdir / "comparison.json").write_text(json.dumps(rows, indent=2) + "\n")
     print(table(rows))
