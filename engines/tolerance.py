@@ -23,7 +23,7 @@ import numpy as np
 from engines.graphs import FINE_GAIN_LEVEL
 
 BLOCK = 2**FINE_GAIN_LEVEL  # px: the block grid of the gain maps (the graph's fine gain input)
-STEP = 8  # px: the grid a block map is carried on between frames, so block footprints stay exact to 8 px
+STEP = 8  # px: the grid a block map is carried on between frames; a block counts every cell it touches
 SUB = BLOCK // STEP
 
 
