@@ -106,6 +106,8 @@ def prepare_training(
             f"{images[0].parent if images else 'dataset'}: {len(images)} good images, "
             f"the {detector} detector needs at least {MIN_GOOD}"
         )
+    if config.folds < 2:
+        raise UserError(f"--folds {config.folds}: expected at least 2 (each fold is scored by the others)")
     first = read_image(images[0])
     geometry = Geometry(first.shape[0], first.shape[1], 1 if first.ndim == 2 else 3, str(first.dtype))
     config = _resolve(config, geometry)
@@ -434,13 +436,18 @@ class FoldCalibration:
 
 
 def fold_statistics(training: _Training, config: FitConfig, progress: bool) -> list[dict[str, np.ndarray]]:
-    """Per fold f (images ``i % folds == f``, at least two folds), the statistics of all the other images."""
+    """Per fold f (images ``i % folds == f``), the statistics of all the other images."""
     n = len(training.coefs)
-    folds = max(2, min(config.folds, n))
+    folds = fold_count(config, n)
     return [
         _statistics(training, [i for i in range(n) if i % folds != f], config)
         for f in tqdm(range(folds), desc="fold statistics", disable=not progress, unit="fold")
     ]
+
+
+def fold_count(config: FitConfig, n: int) -> int:
+    """How many folds ``n`` good images are split into (``prepare_training`` has checked folds >= 2, n >= MIN_GOOD)."""
+    return min(config.folds, n)
 
 
 def _calibrate_folds(
@@ -454,7 +461,7 @@ def _calibrate_folds(
     them; otherwise each fold's statistics are computed and dropped in turn, to keep memory low.
     """
     n = len(training.coefs)
-    folds = len(fold_stats) if fold_stats is not None else min(config.folds, n)
+    folds = len(fold_stats) if fold_stats is not None else fold_count(config, n)
     blocks = np.zeros((n, 2, *tol.block_shape(training.geometry)), np.float32)
     with tempfile.TemporaryDirectory() as tmp:
         for fold in tqdm(range(folds), desc="calibrating (k-fold)", disable=not progress, unit="fold"):

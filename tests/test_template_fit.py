@@ -159,6 +159,15 @@ def test_too_few_good_images(dataset, tmp_path):
     assert not (tmp_path / "model").exists()
 
 
+@pytest.mark.parametrize("folds", [1, 0])
+def test_fewer_than_two_folds_is_refused(dataset, tmp_path, folds):
+    """A k-fold calibration with k < 2 has no held-out images: a UserError naming --folds; no bundle appears."""
+    images = small_copy(dataset, tmp_path / "imgs", MIN_GOOD)
+    with pytest.raises(UserError, match=f"--folds {folds}: expected at least 2"):
+        fit_template(images, tmp_path / "model", config=FitConfig(folds=folds), progress=False)
+    assert not (tmp_path / "model").exists()
+
+
 @pytest.mark.parametrize("position", [0, 5])
 def test_corrupt_image_names_the_file(dataset, tmp_path, position):
     """A truncated image (first or later) is an ImageError naming it; no bundle or temp dir appears."""
