@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from calibration import fit_pipeline as fp
 from calibration import learned_fit as lf
 from calibration import template_fit as tf
 from calibration.thresholds import good_threshold
@@ -33,27 +34,27 @@ def fit_ensemble(
     images: Sequence[Path],
     out: Path,
     roi: Path | None = None,
-    config: tf.FitConfig | None = None,
+    config: fp.FitConfig | None = None,
     learn: lf.LearnConfig | None = None,
     progress: bool = True,
     workdir: Path | None = None,
 ) -> Path:
     """Fit both detectors, calibrate their combination and write an ensemble bundle to ``out``; returns ``out``."""
-    config = config or tf.FitConfig()
+    config = config or fp.FitConfig()
     learn = learn or lf.LearnConfig()
     images = [Path(p) for p in images]
     out = Path(out)
     started = time.time()
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
-        training, reference, config = tf.prepare_training(images, roi, config, Path(tmp), progress, "ensemble")
-        fold_stats = tf.fold_statistics(training, config, progress)  # both detectors' held-out references
-        template = tf._calibrate_folds(training, config, progress, fold_stats)
+        training, reference, config = fp.prepare_training(images, roi, config, Path(tmp), progress, "ensemble")
+        fold_stats = fp.fold_statistics(training, config, progress)  # both detectors' held-out references
+        template = tf.calibrate_folds(training, config, progress, fold_stats)
         learned = lf.learn_and_calibrate(training, images, config, learn, out, Path(tmp), progress, fold_stats)
         template_cal = template.calibration
         calibration = combined_calibration(
             template_cal, template.held_out_map, learned.calibration, learned.held_out_map, config
         )
-        stats = tf.apply_local_tolerance(tf._statistics(training, range(len(images)), config), template.tolerance)
+        stats = fp.apply_local_tolerance(fp.statistics(training, range(len(images)), config), template.tolerance)
         tolerances = (template.tolerance, learned.tolerance)
         stats["fine_gain"] = np.stack([t.part_gain for t in tolerances]).astype(np.float16)
         stats["fine_ring_gain"] = np.stack([t.ring_gain for t in tolerances]).astype(np.float16)
@@ -61,7 +62,7 @@ def fit_ensemble(
         spec = EnsembleGraphSpec(
             geo.channels,
             config.core,
-            input_dtype=tf.graph_input_dtype(geo),
+            input_dtype=fp.graph_input_dtype(geo),
             fine_scale=template_cal["fine_scale"],
             coarse_scale=template_cal["coarse_scale"],
             template_threshold=template_cal["threshold"],
@@ -72,13 +73,13 @@ def fit_ensemble(
             GRAPH_FP16: lambda p: onnx.save(build_ensemble_graph(replace(spec, precision="fp16"), learned.weights), p),
         }
         extra = {"learned": learned.manifest(learn)}
-        return tf.write_fitted_bundle(
+        return fp.write_fitted_bundle(
             out, "ensemble", training, stats, reference, calibration, config, images, started, graphs, extra
         )
 
 
 def combined_calibration(
-    template: dict, template_map: np.ndarray, learned: dict, learned_map: np.ndarray, config: tf.FitConfig
+    template: dict, template_map: np.ndarray, learned: dict, learned_map: np.ndarray, config: fp.FitConfig
 ) -> dict:
     """The ensemble's threshold from held-out block maps [n, Hb, Wb] of both detectors, as the graph combines them."""
     combined = (template_map / template["threshold"] + learned_map / learned["threshold"]) / 2

@@ -1,6 +1,6 @@
 """Fit the learned detector: a compact FCN conditioned on the registered reference, trained on good tiles.
 
-1. Registration and reference statistics exactly as the template fit (``calibration.template_fit``).
+1. Registration and reference statistics exactly as every fit (``calibration.fit_pipeline``).
 2. k-fold statistics: each good image is paired with statistics fitted *without* its fold, so
    the residuals the network learns from are those of parts the reference has not seen (as at
    run time).
@@ -31,7 +31,7 @@ import numpy as np
 import onnx
 from tqdm import tqdm
 
-from calibration import template_fit as tf
+from calibration import fit_pipeline as fp
 from calibration import tolerance_fit as tol
 from calibration.thresholds import good_threshold
 from engines import registration as reg
@@ -90,32 +90,32 @@ def fit_learned(
     images: Sequence[Path],
     out: Path,
     roi: Path | None = None,
-    config: tf.FitConfig | None = None,
+    config: fp.FitConfig | None = None,
     learn: LearnConfig | None = None,
     progress: bool = True,
     workdir: Path | None = None,
 ) -> Path:
     """Fit, train, calibrate and write a learned bundle to ``out``; returns ``out``."""
-    config = config or tf.FitConfig()
+    config = config or fp.FitConfig()
     learn = learn or LearnConfig()
     images = [Path(p) for p in images]
     out = Path(out)
     started = time.time()
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
-        training, reference, config = tf.prepare_training(images, roi, config, Path(tmp), progress, "learned")
+        training, reference, config = fp.prepare_training(images, roi, config, Path(tmp), progress, "learned")
         learned = learn_and_calibrate(training, images, config, learn, out, Path(tmp), progress)
-        stats = tf._statistics(training, range(len(images)), config)
+        stats = fp.statistics(training, range(len(images)), config)
         stats["fine_gain"] = learned.tolerance.part_gain.astype(np.float16)
         stats["fine_ring_gain"] = learned.tolerance.ring_gain.astype(np.float16)
         stats["held_out_blocks"] = learned.blocks[:, None].astype(np.float16)
         geo = training.geometry
-        spec = LearnedGraphSpec(geo.channels, config.core, input_dtype=tf.graph_input_dtype(geo))
+        spec = LearnedGraphSpec(geo.channels, config.core, input_dtype=fp.graph_input_dtype(geo))
         graphs = {
             GRAPH_FP32: lambda p: onnx.save(build_learned_graph(replace(spec, precision="fp32"), learned.weights), p),
             GRAPH_FP16: lambda p: onnx.save(build_learned_graph(replace(spec, precision="fp16"), learned.weights), p),
         }
         extra = {"learned": learned.manifest(learn)}
-        return tf.write_fitted_bundle(
+        return fp.write_fitted_bundle(
             out, "learned", training, stats, reference, learned.calibration, config, images, started, graphs, extra
         )
 
@@ -146,9 +146,9 @@ class LearnedCalibration:
 
 
 def learn_and_calibrate(
-    training: tf._Training,
+    training: fp.Training,
     images: list[Path],
-    config: tf.FitConfig,
+    config: fp.FitConfig,
     learn: LearnConfig,
     out: Path,
     tmp: Path,
@@ -157,7 +157,7 @@ def learn_and_calibrate(
 ) -> LearnedCalibration:
     """Train the cross-fitted networks on registered good images and calibrate the learned map on held-out ones.
 
-    ``fold_stats``: ``template_fit.fold_statistics`` of this training set, when the caller has them.
+    ``fold_stats``: ``fit_pipeline.fold_statistics`` of this training set, when the caller has them.
     """
     geo = training.geometry
     if learn.patch <= 2 * RADIUS + 8:
@@ -165,16 +165,15 @@ def learn_and_calibrate(
     if min(geo.height, geo.width) < learn.patch:
         raise UserError(f"images are {geo.describe()}: smaller than the {learn.patch} px training patch")
     n = len(images)
-    fold_stats = fold_stats if fold_stats is not None else tf.fold_statistics(training, config, progress)
+    fold_stats = fold_stats if fold_stats is not None else fp.fold_statistics(training, config, progress)
     folds = len(fold_stats)
     checkpoint = learn.checkpoint or out.with_name(out.name + ".ckpt")
-    data_id = f"{tf._fingerprint(images)['sha256']}:{folds}"
-    spec = LearnedGraphSpec(geo.channels, config.core, input_dtype=tf.graph_input_dtype(geo))
+    data_id = f"{fp.fingerprint(images)['sha256']}:{folds}"
+    spec = LearnedGraphSpec(geo.channels, config.core, input_dtype=fp.graph_input_dtype(geo))
     blocks = np.zeros((n, *tol.block_shape(geo)), np.float32)
     nets: list[tuple[dict[str, np.ndarray], TrainReport]] = []
     for net in range(NETWORKS):
-        held = [i for i in range(n) if i % NETWORKS == net]
-        trained = [i for i in range(n) if i % NETWORKS != net]
+        held, trained = fp.fold_members(n, NETWORKS, net)
         net_learn = replace(learn, seed=learn.seed + net)
         net_checkpoint = checkpoint.with_name(f"{checkpoint.name}.net{net}")
         desc = f"training network {net + 1}/{NETWORKS}"
@@ -189,7 +188,7 @@ def learn_and_calibrate(
         for fold in tqdm(range(folds), desc=f"scoring held-out ({net + 1}/{NETWORKS})", disable=not progress):
             rows = [i for i in held if i % folds == fold]
             if rows:
-                blocks[rows] = tf.graph_blocks(training, graph, fold_stats[fold], rows, config.core, 1)[:, 0]
+                blocks[rows] = fp.graph_blocks(training, graph, fold_stats[fold], rows, config.core, 1)[:, 0]
     inside, border = tol.block_inside(training.weight), tol.border_blocks(geo)
     held_out_map = tol.cross_fitted_maps(blocks[:, None], training.poses, inside, border, folds)[:, 0]
     calibration = good_threshold(held_out_map.max(axis=(1, 2)), config.target_frr, config.threshold_margin)
@@ -214,7 +213,7 @@ class _Sampler:
     network also learns the border pixels it will score there.
     """
 
-    def __init__(self, training: tf._Training, fold_stats: list[dict], indices: list[int], folds: int, learn):
+    def __init__(self, training: fp.Training, fold_stats: list[dict], indices: list[int], folds: int, learn):
         self.training, self.fold_stats, self.folds, self.learn = training, fold_stats, folds, learn
         self.indices = indices
         self.full = (training.geometry.height, training.geometry.width)
@@ -252,10 +251,10 @@ class _Sampler:
         for _ in range(self.learn.batch):
             i = int(self.indices[int(rng.integers(len(self.indices)))])
             y, x = self._origin(rng)
-            crop = tf._planes(self._window(tr.registered[i], y, x), tr.unit)
+            crop = fp.planes(self._window(tr.registered[i], y, x), tr.unit)
             label = np.zeros((p, p), np.float32)
             if rng.random() < self.learn.defect_rate:
-                source = tf._planes(self._window(tr.registered[i], *self._origin(rng)), tr.unit)
+                source = fp.planes(self._window(tr.registered[i], *self._origin(rng)), tr.unit)
                 crop, label = add_defect(crop, rng, source, RADIUS + 4)
             xs.append(_normalise_window(crop, tr.coefs[i], y, x, tr.geometry.shape[:2]))
             stats = self.fold_stats[i % self.folds]
@@ -268,7 +267,7 @@ class _Sampler:
 
 
 def _normalise_window(planes: np.ndarray, coef: np.ndarray, y: int, x: int, full_shape: tuple[int, int]) -> np.ndarray:
-    """The lighting correction of ``tf.normalise`` on a window whose top-left pixel is (y, x)."""
+    """The lighting correction of ``fp.normalise`` on a window whose top-left pixel is (y, x)."""
     _, h, w = planes.shape
     xs = np.arange(x, x + w, dtype=np.float32)[None, :]
     ys = np.arange(y, y + h, dtype=np.float32)[:, None]
@@ -289,7 +288,7 @@ def _settled(signature: dict) -> dict:
 
 
 def train(
-    training: tf._Training,
+    training: fp.Training,
     fold_stats: list[dict],
     indices: list[int],
     folds: int,

@@ -13,7 +13,7 @@ import cv2
 import numpy as np
 import pytest
 
-from calibration.template_fit import MIN_GOOD
+from calibration.fit_pipeline import MIN_GOOD
 from calibration.thresholds import good_threshold
 from daemon.cli import main
 from engines.bundle import CALIBRATION, GRAPH_FP32, REFERENCE, Bundle, sha256_file

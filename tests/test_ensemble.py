@@ -11,7 +11,7 @@ import onnxruntime as ort
 import pytest
 
 from calibration.ensemble_fit import combined_calibration
-from calibration.template_fit import FitConfig
+from calibration.fit_pipeline import FitConfig
 from engines.ensemble_graph import EnsembleGraphSpec, build_ensemble_graph
 from engines.graphs import TemplateGraphSpec, build_template_graph
 from engines.learned_graph import LearnedGraphSpec, build_learned_graph, weight_shapes

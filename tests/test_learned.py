@@ -14,7 +14,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from calibration import template_fit as tf  # noqa: E402
+from calibration import fit_pipeline as fp  # noqa: E402
 from calibration.datasets import Dataset, load_dataset  # noqa: E402
 from calibration.learned_fit import NETWORKS, LearnConfig, fit_learned, train  # noqa: E402
 from calibration.learned_model import LearnedNet, add_defect, features, output_crop  # noqa: E402
@@ -170,14 +170,14 @@ def training(dataset: Dataset) -> tuple:
     """Registered goods and fold statistics, as the learned fit prepares them (no network)."""
     images = dataset.train_good
     geometry = Geometry(SIZE, SIZE, 1, "uint8")
-    config = tf._resolve(tf.FitConfig(), geometry)
-    weight = tf.inspection_region(geometry, None, config.margin_px or 0)
+    config = fp.resolve_config(fp.FitConfig(), geometry)
+    weight = fp.inspection_region(geometry, None, config.margin_px or 0)
     tmp = Path(tempfile.mkdtemp())
     try:
-        reference = tf._bootstrap_reference(images, geometry, weight, config, False)
-        data = tf._register_all(images, geometry, weight, reference, tmp, False, "registering")
+        reference = fp.bootstrap_reference(images, geometry, weight, config, False)
+        data = fp.register_all(images, geometry, weight, reference, tmp, False, "registering")
         data.registered = np.array(data.registered)  # off the temporary memmap
-        stats = [tf._statistics(data, [i for i in range(len(images)) if i % 2 != f], config) for f in range(2)]
+        stats = [fp.statistics(data, [i for i in range(len(images)) if i % 2 != f], config) for f in range(2)]
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return data, stats

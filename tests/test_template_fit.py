@@ -9,9 +9,10 @@ import cv2
 import numpy as np
 import pytest
 
-import calibration.template_fit as tf
+import calibration.fit_pipeline as fp
 from calibration.datasets import Dataset, load_dataset
-from calibration.template_fit import MIN_GOOD, FitConfig, fit_template, inspection_region
+from calibration.fit_pipeline import MIN_GOOD, FitConfig, inspection_region
+from calibration.template_fit import fit_template
 from engines.bundle import Bundle
 from engines.decode import read_image
 from engines.errors import ImageError, UserError
@@ -214,23 +215,23 @@ def test_core_must_be_aligned(dataset, tmp_path):
         fit_template(dataset.train_good, tmp_path / "model", config=FitConfig(core=100), progress=False)
 
 
-def _training_of(frames: np.ndarray) -> tf._Training:
+def _training_of(frames: np.ndarray) -> fp.Training:
     """A _Training over already registered mono frames with an identity lighting model."""
     n, h, w = frames.shape
     weight = np.ones((h, w), np.uint8)
-    coefs = np.tile(np.eye(1, tf.reg.PHOTO_TERMS, dtype=np.float32), (n, 1))
-    pyramids = [tf.block_means(f[None].astype(np.float32)) for f in frames]
+    coefs = np.tile(np.eye(1, fp.reg.PHOTO_TERMS, dtype=np.float32), (n, 1))
+    pyramids = [fp.block_means(f[None].astype(np.float32)) for f in frames]
     poses = np.tile(np.eye(2, 3), (n, 1, 1))
-    return tf._Training(Geometry(h, w, 1, "uint8"), 1.0, weight, frames, coefs, poses, pyramids)
+    return fp.Training(Geometry(h, w, 1, "uint8"), 1.0, weight, frames, coefs, poses, pyramids)
 
 
 @pytest.mark.parametrize("trim, widened", [(0, True), (1, False)])
 def test_one_images_debris_does_not_widen_the_band_when_trimmed(trim, widened):
     """Debris carried by a single good image widens the band only without trimming; trimmed, it is left out."""
     rng = np.random.default_rng(5)
-    frames = np.clip(100 + rng.normal(0, 2, (tf.TRIM_FROM, 64, 64)), 0, 255).astype(np.uint8)
+    frames = np.clip(100 + rng.normal(0, 2, (fp.TRIM_FROM, 64, 64)), 0, 255).astype(np.uint8)
     frames[3, 20:26, 20:26] = 250
-    stats = tf._statistics(_training_of(frames), range(len(frames)), FitConfig(band_trim=trim))
+    stats = fp.statistics(_training_of(frames), range(len(frames)), FitConfig(band_trim=trim))
     hi = stats["hi"].astype(np.float32)[0]
     assert bool(hi[20:26, 20:26].max() >= 250) is widened
     assert abs(float(stats["mu"].astype(np.float32)[0, 22, 22]) - 100) < (20 if widened else 3)
@@ -242,8 +243,8 @@ def test_running_extremes_match_a_sort():
     lows = [np.full((5, 5), np.inf, np.float32) for _ in range(2)]
     highs = [np.full((5, 5), -np.inf, np.float32) for _ in range(2)]
     for v in values:
-        tf._keep_extremes(lows, v, np.minimum, np.maximum)
-        tf._keep_extremes(highs, v, np.maximum, np.minimum)
+        fp._keep_extremes(lows, v, np.minimum, np.maximum)
+        fp._keep_extremes(highs, v, np.maximum, np.minimum)
     ordered = np.sort(values, axis=0)
     np.testing.assert_array_equal(np.stack(lows), ordered[:2])
     np.testing.assert_array_equal(np.stack(highs), ordered[::-1][:2])
@@ -253,15 +254,15 @@ def test_too_few_images_to_trim_is_a_clear_error():
     """Trimming that would leave fewer than two values per pixel is refused with a message."""
     frames = np.full((3, 32, 32), 100, np.uint8)
     with pytest.raises(UserError, match="trimming"):
-        tf._statistics(_training_of(frames), range(3), FitConfig(band_trim=1))
+        fp.statistics(_training_of(frames), range(3), FitConfig(band_trim=1))
 
 
 def test_trimming_starts_at_enough_images():
     """By default a few images are used whole; from TRIM_FROM images on, each pixel's extremes are dropped."""
-    frames = np.full((tf.TRIM_FROM, 32, 32), 100, np.uint8)
+    frames = np.full((fp.TRIM_FROM, 32, 32), 100, np.uint8)
     frames[0, 5, 5] = 200
-    few = tf._statistics(_training_of(frames), range(tf.TRIM_FROM - 1), FitConfig())
-    enough = tf._statistics(_training_of(frames), range(tf.TRIM_FROM), FitConfig())
+    few = fp.statistics(_training_of(frames), range(fp.TRIM_FROM - 1), FitConfig())
+    enough = fp.statistics(_training_of(frames), range(fp.TRIM_FROM), FitConfig())
     assert float(few["hi"][0, 5, 5]) >= 200 > float(enough["hi"][0, 5, 5])
 
 

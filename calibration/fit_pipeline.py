@@ -1,0 +1,503 @@
+"""The fit pipeline every detector shares: good images in, registered training set, statistics, folds, bundle out.
+
+1. ``prepare_training``: read every good image once at two low resolutions; bootstrap a
+   registration reference (register to the first image, average, register again to the
+   average); register each image at full resolution against the reference the bundle will
+   carry, fit its lighting, and keep the registered frame on disk (``Training``).
+2. ``statistics``: per-pixel mean, spread and min/max band (dilated, so sub-pixel edge motion is
+   tolerated), and per-place spread of the residual at each pyramid level.
+3. Folds: ``fold_members`` / ``fold_statistics`` (the statistics without each fold) and
+   ``graph_blocks`` (a graph's held-out map of each image, max-pooled to blocks), from which each
+   detector calibrates on good images the statistics did not see.
+4. ``apply_local_tolerance`` bakes a learned local normalisation into the statistics;
+   ``write_fitted_bundle`` writes any detector's bundle atomically.
+
+The template (``calibration.template_fit``), learned (``calibration.learned_fit``) and ensemble
+(``calibration.ensemble_fit``) fits are built from these pieces.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import cv2
+import numpy as np
+from tqdm import tqdm
+
+from calibration import tolerance_fit as tol
+from engines import registration as reg
+from engines.bundle import CALIBRATION, REFERENCE, sha256_file, write_bundle
+from engines.decode import read_image
+from engines.errors import InspectError, UserError
+from engines.graphs import ALIGN, HALO, LEVELS
+from engines.inspector import resident_inputs
+from engines.onnxruntime_backend import OnnxRuntimeBackend
+from engines.tiling import TilePlan
+from engines.tolerance import BLOCK
+from engines.types import Geometry
+
+MIN_GOOD = 8
+COARSE_FLOOR = 0.3  # grey levels (8-bit units)
+TRIM_FROM = 16  # images: below this the second-highest value is too poor an estimate of the range
+
+
+@dataclass(frozen=True)
+class FitConfig:
+    """Knobs of the template fit; the defaults suit aligned parts with geometric structure."""
+
+    core: int = 1024  # tile core side (px); a multiple of 32
+    folds: int = 5  # k-fold calibration on the good images
+    target_frr: float = 0.005  # false-reject rate the threshold is set for
+    threshold_margin: float = 0.1  # threshold >= (1 + margin) * worst held-out good score
+    band_sigma: float = 3.0  # the band is at least mean +- band_sigma * per-pixel spread
+    band_tol: float = 2.0  # grey levels (8-bit units) added on both sides of the band
+    band_dilate: int = 1  # px of spatial tolerance for the min/max band
+    band_trim: int | None = None  # per pixel, lowest/highest values left out (None: 1 from TRIM_FROM images on)
+    margin_px: int | None = None  # inspection-region margin along the border (None: automatic)
+    max_shift_px: float | None = None  # registration limit (None: 4 % of the image side)
+    max_rotation_deg: float = 3.0
+    min_correlation: float = 0.5
+
+
+@dataclass
+class Training:
+    """Registered good images and what the statistics need of them."""
+
+    geometry: Geometry
+    unit: float  # multiply raw pixel values by this to get 8-bit grey units
+    weight: np.ndarray  # uint8 [H, W] inspection region, 1 = inspect
+    registered: np.ndarray  # [n, H, W(, C)] raw dtype, registered frames (disk-backed)
+    coefs: np.ndarray  # [n, PHOTO_TERMS] lighting model per image
+    poses: np.ndarray  # [n, 2, 3] reference -> frame transform per image
+    pyramids: list[dict[int, np.ndarray]]  # per image: level -> [C, H_l, W_l] 3x3 block means of xn * w
+
+
+def prepare_training(
+    images: list[Path], roi: Path | None, config: FitConfig, tmp: Path, progress: bool, detector: str
+) -> tuple[Training, reg.RegistrationReference, FitConfig]:
+    """Check the good images, build the registration reference and register every image to it (on disk in ``tmp``).
+
+    Returns the registered training set, the reference the bundle will carry, and the config with
+    its automatic values resolved for these images.
+    """
+    if len(images) < MIN_GOOD:
+        raise UserError(
+            f"{images[0].parent if images else 'dataset'}: {len(images)} good images, "
+            f"the {detector} detector needs at least {MIN_GOOD}"
+        )
+    if config.folds < 2:
+        raise UserError(f"--folds {config.folds}: expected at least 2 (each fold is scored by the others)")
+    first = read_image(images[0])
+    geometry = Geometry(first.shape[0], first.shape[1], 1 if first.ndim == 2 else 3, str(first.dtype))
+    config = resolve_config(config, geometry)
+    weight = inspection_region(geometry, roi, config.margin_px or 0)
+    reference = bootstrap_reference(images, geometry, weight, config, progress)
+    training = register_all(images, geometry, weight, reference, tmp, progress, "registering (1/2)")
+    # Register again against exactly the reference the bundle will carry, so the images the
+    # statistics and thresholds are computed from were prepared as run time will prepare frames.
+    reference = _final_reference(statistics(training, range(len(images)), config)["mu"], weight, reference)
+    training = register_all(images, geometry, weight, reference, tmp, progress, "registering (2/2)")
+    return training, reference, config
+
+
+def resolve_config(config: FitConfig, geometry: Geometry) -> FitConfig:
+    side = max(geometry.height, geometry.width)
+    if config.core % ALIGN:
+        raise UserError(f"--core {config.core}: must be a multiple of {ALIGN}")
+    shift = config.max_shift_px if config.max_shift_px is not None else 0.04 * side
+    margin = config.margin_px if config.margin_px is not None else max(4, int(np.ceil(side / 512)) + 2)
+    core = min(config.core, -(-side // ALIGN) * ALIGN)
+    return replace(config, max_shift_px=shift, margin_px=margin, core=core)
+
+
+def graph_input_dtype(geometry: Geometry) -> str:
+    """The graphs' frame input type: uint8 frames go up as bytes, 16-bit ones as float32 8-bit grey units."""
+    return "float32" if geometry.dtype == "uint16" else "uint8"
+
+
+def inspection_region(geometry: Geometry, roi: Path | None, margin: int) -> np.ndarray:
+    """The region to inspect: the ROI mask (non-zero = inspect) minus a margin along the border."""
+    h, w = geometry.height, geometry.width
+    weight = np.ones((h, w), np.uint8)
+    if roi is not None:
+        mask = cv2.imread(str(roi), cv2.IMREAD_GRAYSCALE)
+        if mask is None:
+            raise UserError(f"{roi}: not a readable mask image (expected a PNG, non-zero = inspect)")
+        if mask.shape != (h, w):
+            raise UserError(f"{roi}: mask is {mask.shape[1]}x{mask.shape[0]}, expected {w}x{h} like the images")
+        weight = (mask > 0).astype(np.uint8)
+    if margin > 0:
+        weight[:margin] = weight[-margin:] = 0
+        weight[:, :margin] = weight[:, -margin:] = 0
+    if not weight.any():
+        raise UserError(f"{roi or 'inspection region'}: nothing left to inspect after a {margin} px margin")
+    return weight
+
+
+def _level_mask(weight: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    small = cv2.resize(weight.astype(np.float32), (shape[1], shape[0]), interpolation=cv2.INTER_AREA)
+    return ((small > 0.999) * 255).astype(np.uint8)
+
+
+def _read_checked(path: Path, geometry: Geometry) -> np.ndarray:
+    image = read_image(path)
+    problem = geometry.check(image)
+    if problem:
+        raise UserError(f"{path}: {problem} (all images of a dataset must match the first)")
+    return image
+
+
+def bootstrap_reference(
+    images: list[Path], geometry: Geometry, weight: np.ndarray, config: FitConfig, progress: bool
+) -> reg.RegistrationReference:
+    """A registration reference made from the images themselves (register to #0, average, repeat)."""
+    coarse_f, fine_f = reg.level_factors(geometry.height, geometry.width)
+    levels = []
+    for path in tqdm(images, desc="reading", disable=not progress, unit="img"):
+        image = _read_checked(path, geometry)
+        levels.append((reg.downscale(image, coarse_f), reg.downscale(image, fine_f)))
+    coarse0, fine0 = levels[0]
+    ref = reg.RegistrationReference(
+        coarse=coarse0,
+        fine=fine0,
+        coarse_mask=_level_mask(weight, coarse0.shape),
+        fine_mask=_level_mask(weight, fine0.shape),
+        factors=(coarse_f, fine_f),
+        full_shape=(geometry.height, geometry.width),
+        max_shift_px=float(config.max_shift_px or 0),
+        max_rotation_deg=config.max_rotation_deg,
+        min_correlation=config.min_correlation,
+    )
+    for _ in range(2):
+        fine_sum = np.zeros_like(fine0, np.float64)
+        for path, (coarse, fine) in zip(images, levels, strict=True):
+            pose = _register_or_fail(ref, coarse, fine, path)
+            coef = ref.photometric(coarse, pose)
+            fine_pose = reg.Pose(reg._scale_matrix(pose.matrix, fine.shape, ref.full_shape), 1.0)
+            registered = reg.warp_to_reference(fine, fine_pose)
+            fine_sum += normalise(registered[None], coef, fine.shape, ref.full_shape)[0]
+        mean_fine = (fine_sum / len(images)).astype(np.float32)
+        mean_coarse = cv2.resize(mean_fine, coarse0.shape[::-1], interpolation=cv2.INTER_AREA)
+        ref = replace(ref, coarse=mean_coarse, fine=mean_fine)
+    return ref
+
+
+def _final_reference(
+    mu: np.ndarray, weight: np.ndarray, previous: reg.RegistrationReference
+) -> reg.RegistrationReference:
+    """The registration reference the bundle carries: the mean good part at both levels."""
+    mu = mu.astype(np.float32)
+    mu_img = mu[0] if mu.shape[0] == 1 else np.ascontiguousarray(mu.transpose(1, 2, 0))
+    coarse_f, fine_f = previous.factors
+    coarse, fine = reg.downscale(mu_img, coarse_f), reg.downscale(mu_img, fine_f)
+    return replace(
+        previous,
+        coarse=coarse,
+        fine=fine,
+        coarse_mask=_level_mask(weight, coarse.shape),
+        fine_mask=_level_mask(weight, fine.shape),
+    )
+
+
+def _register_or_fail(ref: reg.RegistrationReference, coarse, fine, path: Path) -> reg.Pose:
+    try:
+        return ref.register(coarse, fine)
+    except InspectError as exc:
+        raise UserError(f"{path}: registration failed: {exc.detail} (is it the same part and view?)") from None
+
+
+def normalise(frames: np.ndarray, coef: np.ndarray, shape: tuple[int, int], full_shape: tuple[int, int]) -> np.ndarray:
+    """Apply the lighting model: (x - offset) / gain on a grid of ``shape`` spanning the full image.
+
+    ``frames`` is [C, h, w] in 8-bit grey units; the coordinates are full-resolution pixel centres.
+    """
+    h, w = shape
+    sy, sx = full_shape[0] / h, full_shape[1] / w
+    xs = (np.arange(w, dtype=np.float32) * sx + (sx - 1) / 2)[None, :]
+    ys = (np.arange(h, dtype=np.float32) * sy + (sy - 1) / 2)[:, None]
+    gain, offset = reg.lighting_fields(coef, xs, ys, full_shape)
+    return (frames - offset) / gain
+
+
+def planes(image: np.ndarray, unit: float) -> np.ndarray:
+    """[H, W(, C)] raw pixels -> [C, H, W] float32 in 8-bit grey units."""
+    planes = image[None] if image.ndim == 2 else image.transpose(2, 0, 1)
+    return planes.astype(np.float32) * np.float32(unit)
+
+
+def register_all(
+    images: list[Path],
+    geometry: Geometry,
+    weight: np.ndarray,
+    reference: reg.RegistrationReference,
+    tmp: Path,
+    progress: bool,
+    desc: str,
+) -> Training:
+    unit = 1 / 257 if geometry.dtype == "uint16" else 1.0
+    registered = np.lib.format.open_memmap(tmp / "registered.npy", "w+", geometry.dtype, (len(images), *geometry.shape))
+    coefs = np.zeros((len(images), reg.PHOTO_TERMS), np.float32)
+    poses = np.zeros((len(images), 2, 3), np.float64)
+    pyramids = []
+    full = (geometry.height, geometry.width)
+    for i, path in enumerate(tqdm(images, desc=desc, disable=not progress, unit="img")):
+        image = _read_checked(path, geometry)
+        coarse_f, fine_f = reference.factors
+        coarse = reg.downscale(image, coarse_f)
+        pose = _register_or_fail(reference, coarse, reg.downscale(image, fine_f), path)
+        coefs[i] = reference.photometric(coarse, pose)
+        poses[i] = pose.matrix
+        registered[i] = reg.warp_to_reference(image, pose)
+        xn = normalise(planes(registered[i], unit), coefs[i], full, full)
+        pyramids.append(block_means(xn * weight))
+    return Training(geometry, unit, weight, registered, coefs, poses, pyramids)
+
+
+def block_means(planes: np.ndarray) -> dict[int, np.ndarray]:
+    """The graph's coarse path in numpy: 2x2 mean pyramid, then the 3x3 neighbourhood mean per level."""
+    c, h, w = planes.shape
+    hp, wp = -(-h // ALIGN) * ALIGN, -(-w // ALIGN) * ALIGN
+    pooled = np.pad(planes, ((0, 0), (0, hp - h), (0, wp - w)), mode="edge")
+    out = {}
+    for level in range(1, max(LEVELS) + 1):
+        pooled = pooled.reshape(c, pooled.shape[1] // 2, 2, pooled.shape[2] // 2, 2).mean(axis=(2, 4))
+        if level in LEVELS:
+            out[level] = np.stack([cv2.blur(p, (3, 3), borderType=cv2.BORDER_REPLICATE) for p in pooled])
+    return out
+
+
+def statistics(training: Training, indices: Sequence[int], config: FitConfig) -> dict[str, np.ndarray]:
+    """Reference statistics from the registered images at ``indices`` (the reference.npz arrays).
+
+    With ``band_trim`` = 1 (the default from TRIM_FROM images on) each pixel's lowest and
+    highest value are left out of the mean, the spread and the min/max band: debris that one
+    good image happened to carry at a pixel must not widen the tolerance there for every future
+    part. What good parts do systematically (edges that move, blur that changes) shows in many
+    images and stays in the band.
+    """
+    geo = training.geometry
+    full = (geo.height, geo.width)
+    n = len(indices)
+    trim = config.band_trim if config.band_trim is not None else int(n >= TRIM_FROM)
+    if n - 2 * trim < 2:
+        raise UserError(f"{n} images leave fewer than 2 per pixel after trimming {trim} at each end")
+    total = np.zeros((geo.channels, *full), np.float64)
+    total_sq = np.zeros_like(total)
+    lows = [np.full((geo.channels, *full), np.inf, np.float32) for _ in range(trim + 1)]
+    highs = [np.full((geo.channels, *full), -np.inf, np.float32) for _ in range(trim + 1)]
+    for i in indices:
+        xn = normalise(planes(training.registered[i], training.unit), training.coefs[i], full, full)
+        total += xn
+        total_sq += np.square(xn, dtype=np.float64)
+        _keep_extremes(lows, xn, np.minimum, np.maximum)
+        _keep_extremes(highs, xn, np.maximum, np.minimum)
+    for extreme in (*lows[:trim], *highs[:trim]):
+        total -= extreme
+        total_sq -= np.square(extreme, dtype=np.float64)
+    n -= 2 * trim
+    lo, hi = lows[trim], highs[trim]
+    mu = (total / n).astype(np.float32)
+    sigma = np.sqrt(np.maximum(total_sq / n - np.square(mu, dtype=np.float64), 0) * n / (n - 1)).astype(np.float32)
+    del total, total_sq
+    k = 2 * config.band_dilate + 1
+    kernel = np.ones((k, k), np.uint8)
+    lo = np.stack([cv2.erode(p, kernel) for p in lo])
+    hi = np.stack([cv2.dilate(p, kernel) for p in hi])
+    lo = np.minimum(lo, mu - config.band_sigma * sigma) - config.band_tol
+    hi = np.maximum(hi, mu + config.band_sigma * sigma) + config.band_tol
+    stats = {
+        "mu": mu,
+        "lo": lo,
+        "hi": hi,
+        "weight": training.weight,
+        "fine_gain": np.ones(tol.block_shape(geo), np.float32),
+        "fine_ring_gain": np.ones(tol.block_shape(geo), np.float32),
+    }
+    noise = float(np.median(sigma[:, training.weight > 0])) if training.weight.any() else 1.0
+    stats.update(_coarse_spread(training, indices, max(noise, 0.5)))
+    return {k: (v.astype(np.float16) if v.dtype == np.float32 else v) for k, v in stats.items()}
+
+
+def _keep_extremes(ranked: list[np.ndarray], x: np.ndarray, better, worse) -> None:
+    """Insert ``x`` into per-pixel running extremes, most extreme first (``better`` = np.minimum for lows)."""
+    carry = x
+    for k, current in enumerate(ranked):
+        ranked[k] = better(current, carry)
+        if k + 1 < len(ranked):
+            carry = worse(current, carry)
+
+
+def _coarse_spread(training: Training, indices: Sequence[int], noise: float) -> dict[str, np.ndarray]:
+    """1/sigma of the block-mean residual per place and level; zero outside the inspection region."""
+    out = {}
+    for level in LEVELS:
+        stack = np.stack([training.pyramids[i][level] for i in indices])
+        sigma = stack.std(axis=0, ddof=1)
+        # Below COARSE_FLOOR grey levels, block means move with the lighting model and the
+        # registration more than with anything a defect does; never trust a smaller spread.
+        floor = max(noise / (3 * 2**level), COARSE_FLOOR)
+        sigma = np.maximum(sigma, floor)
+        sigma = np.stack([cv2.dilate(p, np.ones((3, 3), np.uint8)) for p in sigma])
+        inside = block_means(training.weight[None].astype(np.float32))[level] > 0.999
+        out[f"inv_sigma{level}"] = np.where(inside, 1.0 / sigma, 0.0).astype(np.float32)
+    return out
+
+
+def graph_blocks(
+    training: Training,
+    graph: Path,
+    stats: dict[str, np.ndarray],
+    indices: Sequence[int],
+    core: int,
+    channels: int,
+) -> np.ndarray:
+    """[len(indices), channels, Hb, Wb]: the FP32 ``graph``'s map of each image, unnormalised, max-pooled to blocks."""
+    geo = training.geometry
+    plan = TilePlan(geo.height, geo.width, core, HALO, ALIGN)
+    blocks = np.zeros((len(indices), channels, *tol.block_shape(geo)), np.float32)
+    origins = [plan.origin(t) for t in range(plan.n_tiles)]
+    per_core = core // BLOCK
+    with OnnxRuntimeBackend(graph) as backend:
+        backend.activate(resident_inputs(plan, stats, np.float32))
+        for row, i in enumerate(indices):
+            for feeds, tiles in registered_tiles(training, plan, origins, i):
+                out = backend.infer(feeds, tiles)
+                y, x = plan.origin(tiles.start)
+                h, w = _valid_core(plan, tiles.start)
+                maps = np.zeros((channels, core, core), np.float32)
+                maps[:, :h, :w] = out["anomaly"][0][:, :h, :w]
+                pooled = maps.reshape(channels, per_core, BLOCK, per_core, BLOCK).max(axis=(2, 4))
+                by, bx = y // BLOCK, x // BLOCK
+                target = blocks[row, :, by : by + per_core, bx : bx + per_core]
+                target[...] = pooled[:, : target.shape[1], : target.shape[2]]
+    return blocks
+
+
+def registered_tiles(
+    training: Training, plan: TilePlan, origins: list[tuple[int, int]], index: int
+) -> Iterator[tuple[dict[str, np.ndarray], range]]:
+    """Graph feeds, one tile at a time, for training image ``index`` (already registered and lit)."""
+    frame = training.registered[index]
+    if training.unit != 1:
+        frame = frame.astype(np.float32) * np.float32(training.unit)
+    padded = plan.pad(np.ascontiguousarray(frame))
+    photo = reg.tile_photometric(training.coefs[index], origins, plan.halo, (plan.height, plan.width))
+    side = plan.tile // BLOCK
+    gain = np.ones((1, 1, side, side), np.float32)  # fitting scores raw: the tolerance is learned from these
+    for tiles in plan.batches(1):
+        yield {"image": plan.extract(padded, tiles), "photo": photo[tiles.start : tiles.stop], "fine_gain": gain}, tiles
+
+
+def _valid_core(plan: TilePlan, index: int) -> tuple[int, int]:
+    y, x = plan.origin(index)
+    return min(plan.core, plan.height - y), min(plan.core, plan.width - x)
+
+
+def fold_statistics(training: Training, config: FitConfig, progress: bool) -> list[dict[str, np.ndarray]]:
+    """Per fold f (images ``i % folds == f``), the statistics of all the other images."""
+    n = len(training.coefs)
+    folds = fold_count(config, n)
+    return [
+        statistics(training, fold_members(n, folds, f)[1], config)
+        for f in tqdm(range(folds), desc="fold statistics", disable=not progress, unit="fold")
+    ]
+
+
+def fold_members(n: int, folds: int, fold: int) -> tuple[list[int], list[int]]:
+    """(held out, kept) image indices of ``fold``: image ``i`` belongs to fold ``i % folds``."""
+    held = list(range(fold, n, folds))
+    return held, [i for i in range(n) if i % folds != fold]
+
+
+def fold_count(config: FitConfig, n: int) -> int:
+    """How many folds ``n`` good images are split into (``prepare_training`` has checked folds >= 2, n >= MIN_GOOD)."""
+    return min(config.folds, n)
+
+
+def apply_local_tolerance(stats: dict[str, np.ndarray], tolerance: tol.LocalTolerance) -> dict:
+    """Bake the local normalisation into the statistics: the fine gain maps, larger block spreads."""
+    out = dict(stats)
+    for level in LEVELS:
+        inv = stats[f"inv_sigma{level}"]
+        grow = _on_level_grid(tolerance.factor, level)[: inv.shape[1], : inv.shape[2]]
+        out[f"inv_sigma{level}"] = (inv.astype(np.float32) / grow).astype(np.float16)
+    out["fine_gain"] = tolerance.part_gain.astype(np.float16)
+    out["fine_ring_gain"] = tolerance.ring_gain.astype(np.float16)
+    out["local_factor"] = tolerance.factor
+    return out
+
+
+def _on_level_grid(blocks: np.ndarray, level: int) -> np.ndarray:
+    """A BLOCK-grid map on the grid of pyramid level ``level`` (repeated, or max-pooled where cells are larger)."""
+    cell = 2**level
+    if cell <= BLOCK:
+        rep = BLOCK // cell
+        return np.repeat(np.repeat(blocks, rep, axis=0), rep, axis=1)
+    k = cell // BLOCK
+    hb, wb = -(-blocks.shape[0] // k) * k, -(-blocks.shape[1] // k) * k
+    padded = np.pad(blocks, ((0, hb - blocks.shape[0]), (0, wb - blocks.shape[1])), mode="edge")
+    return padded.reshape(hb // k, k, wb // k, k).max(axis=(1, 3))
+
+
+def fingerprint(images: list[Path]) -> dict:
+    digest = {p.name: sha256_file(p) for p in images}
+    return {
+        "n_images": len(images),
+        "sha256": hashlib.sha256(json.dumps(digest, sort_keys=True).encode()).hexdigest(),
+    }
+
+
+def write_fitted_bundle(
+    out: Path,
+    detector: str,
+    training: Training,
+    stats: dict[str, np.ndarray],
+    registration: reg.RegistrationReference,
+    calibration: dict,
+    config: FitConfig,
+    images: list[Path],
+    started: float,
+    graphs: dict[str, Callable[[Path], None]],
+    extra_manifest: dict | None = None,
+) -> Path:
+    """Write a bundle of any detector fitted on registered good images: graphs, reference, calibration."""
+    coarse_f, fine_f = registration.factors
+    reference = {
+        **stats,
+        "reg_coarse": registration.coarse,
+        "reg_fine": registration.fine,
+        "reg_coarse_mask": registration.coarse_mask,
+        "reg_fine_mask": registration.fine_mask,
+    }
+    manifest = {
+        "detector": detector,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "fit_seconds": round(time.time() - started, 1),
+        "geometry": training.geometry.to_dict(),
+        "tiling": {"core": config.core, "halo": HALO, "align": ALIGN, "levels": list(LEVELS)},
+        "registration": {
+            "factors": [coarse_f, fine_f],
+            "max_shift_px": config.max_shift_px,
+            "max_rotation_deg": config.max_rotation_deg,
+            "min_correlation": config.min_correlation,
+        },
+        "fit_config": asdict(config),
+        "training": fingerprint(images),
+        **(extra_manifest or {}),
+    }
+    writers = {
+        **graphs,
+        REFERENCE: lambda p: _save_npz(p, reference),
+        CALIBRATION: lambda p: p.write_text(json.dumps(calibration, indent=2) + "\n", encoding="utf-8"),
+    }
+    return write_bundle(out, manifest, writers)
+
+
+def _save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    with open(path, "wb") as fh:
+        np.savez(fh, **arrays)
