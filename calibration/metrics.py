@@ -396,9 +396,15 @@ def _or_none(fn: Any, *args: Any) -> Any:
         return None
 
 
-def _ranking_scores(records: Sequence[Mapping[str, Any]]) -> np.ndarray:
-    """Record scores, with non-finite ones (failed frames) ranked above every finite score."""
-    s = np.array([float(r["score"]) for r in records], dtype=np.float64)
+def _score(record: Mapping[str, Any]) -> float:
+    """A record's score as a float; NaN where there is none (``predict`` writes null for a failed frame)."""
+    value = record.get("score")
+    return float("nan") if value is None else float(value)
+
+
+def ranking_scores(records: Sequence[Mapping[str, Any]]) -> np.ndarray:
+    """Record scores, with missing or non-finite ones (failed frames) ranked above every finite score."""
+    s = np.array([_score(r) for r in records], dtype=np.float64)
     bad = ~np.isfinite(s)
     if bad.any():
         top = float(np.max(s[~bad])) if (~bad).any() else 0.0
@@ -465,15 +471,29 @@ def _finite_or_none(value: Any) -> float | None:
 
 
 def _worst(
-    records: Sequence[Mapping[str, Any]], kinds: list[str], scores: np.ndarray, n_worst: int
+    records: Sequence[Mapping[str, Any]],
+    kinds: list[str],
+    scores: np.ndarray,
+    located: Sequence[bool | None],
+    n_worst: int,
 ) -> list[dict[str, Any]]:
-    """Highest-scoring goods (false-reject risks) then lowest-scoring defects (escape risks)."""
+    """Highest-scoring goods (false-reject risks), lowest-scoring defects (escape risks), then a few
+    rejected defects not listed yet: those whose ground truth no detected region overlaps first
+    (rejected for something else), then the weakest (closest to escaping)."""
     goods = [i for i, k in enumerate(kinds) if k == "good"]
     defects = [i for i, k in enumerate(kinds) if k != "good"]
     goods.sort(key=lambda i: -scores[i])
     defects.sort(key=lambda i: scores[i])
+    low = defects[:n_worst]
+    rejected = [i for i in defects if i not in low and records[i]["verdict"] == "reject"]
+    rejected.sort(key=lambda i: (located[i] is not False, scores[i]))
     out = []
-    for why, idx in (("high-scoring good", goods[:n_worst]), ("low-scoring defect", defects[:n_worst])):
+    groups = (
+        ("high-scoring good", goods[:n_worst]),
+        ("low-scoring defect", low),
+        ("weakest or unlocated reject", rejected[: max(1, n_worst // 2)] if n_worst else []),
+    )
+    for why, idx in groups:
         for i in idx:
             r = records[i]
             out.append(
@@ -481,12 +501,128 @@ def _worst(
                     "image": str(r["image"]),
                     "kind": kinds[i],
                     "why": why,
-                    "score": _finite_or_none(r["score"]),
+                    "score": _finite_or_none(_score(r)),
                     "threshold": float(r["threshold"]),
                     "verdict": str(r["verdict"]),
                 }
             )
     return out
+
+
+def _operating_point(threshold: float | None, labels: np.ndarray, rejects: np.ndarray | None) -> dict[str, Any]:
+    """Precision, recall, F1 and false-reject rate of one threshold's decisions (all None without one)."""
+    if threshold is None or rejects is None:
+        keys = ("precision", "recall", "f1", "false_reject_rate", "rejected_goods", "found_defects")
+        return {"threshold": None, **dict.fromkeys(keys)}
+    c = confusion(labels, rejects)
+    return {
+        "threshold": round(float(threshold), 4),
+        "precision": round(float(c["precision"]), 4),
+        "recall": round(float(c["recall"]), 4),
+        "f1": round(float(c["f1"]), 4),
+        "false_reject_rate": round(float(c["false_reject_rate"]), 4),
+        "rejected_goods": c["fp"],
+        "found_defects": c["tp"],
+    }
+
+
+def threshold_choices(
+    labels: np.ndarray, scores: np.ndarray, rejects: np.ndarray, threshold: float | None, recall: float
+) -> dict[str, dict[str, Any]]:
+    """The three thresholds a quality engineer chooses between, each with its figures on this data.
+
+    ``calibrated`` is the records' own threshold and verdicts (what the line does); ``f1_optimal``
+    and ``recall_target`` are chosen on these labels and apply the rule ``score > t`` (failed
+    frames, ranked highest, are rejected by every threshold). The latter two are None without defects.
+    """
+    y = np.asarray(labels).astype(int)
+    out = {"calibrated": _operating_point(threshold, y, rejects)}
+    f1 = _or_none(f1_optimal_threshold, y, scores)
+    out["f1_optimal"] = _operating_point(None if f1 is None else f1[0], y, None if f1 is None else scores > f1[0])
+    rt = _or_none(recall_target_threshold, y, scores, recall)
+    out["recall_target"] = {"target": recall, **_operating_point(rt, y, None if rt is None else scores > rt)}
+    return out
+
+
+def _quantiles(values: np.ndarray) -> dict[str, Any]:
+    if values.size == 0:
+        return {"n": 0, **dict.fromkeys(("min", "median", "p95", "max"))}
+    names = ("min", "median", "p95", "max")
+    q = np.percentile(values, (0, 50, 95, 100))
+    return {"n": int(values.size), **{k: round(float(v), 4) for k, v in zip(names, q, strict=True)}}
+
+
+def score_distribution(records: Sequence[Mapping[str, Any]], kinds: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """Per class (good, defect): how many were scored, min/median/95th percentile/max, and how many
+    frames could not be scored at all (registration failed, bad frame), which never count as finite."""
+    scores = np.array([_score(r) for r in records], dtype=np.float64)
+    out = {}
+    for name, members in (("good", [k == "good" for k in kinds]), ("defect", [k != "good" for k in kinds])):
+        sel = scores[np.asarray(members, dtype=bool)] if records else scores
+        finite = sel[np.isfinite(sel)]
+        out[name] = {**_quantiles(finite), "unscored": int(sel.size - finite.size)}
+    return out
+
+
+def outcome(kind: str, verdict: str, located: bool | None = None) -> str:
+    """What a decision means against the truth: correct pass, false reject, escape or correct reject.
+
+    A rejected defect whose ground truth no detected region overlaps (``located`` False) was
+    rejected for something else: "correct reject, defect not located".
+    """
+    if kind == "good":
+        return "false reject" if verdict == "reject" else "correct pass"
+    if verdict != "reject":
+        return "escape"
+    return "correct reject, defect not located" if located is False else "correct reject"
+
+
+def _located(regions: Sequence[GtRegion], has_mask: bool) -> bool | None:
+    """Whether a detected region overlaps the ground truth; None without a mask or without a GT region."""
+    return any(g.found for g in regions) if has_mask and regions else None
+
+
+PER_IMAGE_COLUMNS = (
+    "image",
+    "kind",
+    "outcome",
+    "score",
+    "threshold",
+    "verdict",
+    "reason",
+    "defects",
+    "gt_regions",
+    "located",
+)
+
+
+def per_image(records: Sequence[Mapping[str, Any]], truth: Mapping[str, Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """One row per record (``PER_IMAGE_COLUMNS``): its decision against the truth.
+
+    ``defects`` is the number of detected regions, ``gt_regions`` the number of ground-truth
+    regions (None without a mask) and ``located`` whether a detected region overlaps the ground
+    truth (None where there is no mask or it is empty).
+    """
+    rows = []
+    for r, regs in zip(records, _regions(records, truth), strict=True):
+        t = truth[r["image"]]
+        has_mask = t.get("mask") is not None
+        located = _located(regs, has_mask)
+        rows.append(
+            {
+                "image": str(r["image"]),
+                "kind": str(t["kind"]),
+                "outcome": outcome(str(t["kind"]), str(r["verdict"]), located),
+                "score": _finite_or_none(_score(r)),
+                "threshold": float(r["threshold"]),
+                "verdict": str(r["verdict"]),
+                "reason": str(r.get("reason", "")),
+                "defects": len(r.get("defects", [])),
+                "gt_regions": len(regs) if has_mask else None,
+                "located": located,
+            }
+        )
+    return rows
 
 
 def summarise(
@@ -498,31 +634,41 @@ def summarise(
     """Score ``inspectd predict`` records against ground truth; returns a JSON-serialisable dict.
 
     ``truth`` maps each record's image path to ``{"kind": "good" | <defect kind>, "mask": bool
-    ndarray (full resolution) | None}``. Keys: ``n_images``, ``n_good``, ``n_defect``,
+    ndarray (full resolution) | None}``; a defect image without a mask counts at image level
+    only. Keys: ``n_images``, ``n_good``, ``n_defect``, ``masks`` (defect images with a mask),
     ``unscored`` (truth images without a record), ``threshold`` (the records' threshold when they
     all agree, else None), ``image`` (AUROC, confusion at the records' verdicts, F1-optimal
-    threshold and F1, recall-target threshold), ``per_kind``, ``per_size`` and ``worst``.
-    Undefined metrics (e.g. AUROC without goods) are None. Failed frames with a non-finite score
-    rank above all others.
+    threshold and F1, recall-target threshold), ``thresholds`` (``threshold_choices``),
+    ``scores`` (``score_distribution``), ``per_kind``, ``per_size`` and ``worst``.
+    Undefined metrics (e.g. AUROC without goods) are None. Failed frames (null or non-finite
+    score) rank above all others.
     """
     missing = [str(r["image"]) for r in records if r["image"] not in truth]
     if missing:
         raise ValueError(f"no ground truth for {len(missing)} image(s), e.g. {missing[0]}")
     kinds = [str(truth[r["image"]]["kind"]) for r in records]
     labels = np.array([k != "good" for k in kinds], dtype=bool)
-    scores = _ranking_scores(records)
+    scores = ranking_scores(records)
     rejects = np.array([r["verdict"] == "reject" for r in records], dtype=bool)
     thresholds = {float(r["threshold"]) for r in records}
+    threshold = thresholds.pop() if len(thresholds) == 1 else None
     regions = _regions(records, truth)
+    located = [
+        _located(regs, truth[r["image"]].get("mask") is not None) for r, regs in zip(records, regions, strict=True)
+    ]
     seen = {r["image"] for r in records}
+    masked = sum(1 for r, y in zip(records, labels, strict=True) if y and truth[r["image"]].get("mask") is not None)
     return {
         "n_images": len(records),
         "n_good": int((~labels).sum()),
         "n_defect": int(labels.sum()),
+        "masks": {"defect_images": int(labels.sum()), "with_mask": masked},
         "unscored": sum(1 for k in truth if k not in seen),
-        "threshold": thresholds.pop() if len(thresholds) == 1 else None,
+        "threshold": threshold,
         "image": _image_level(labels.astype(int), scores, rejects, recall_target),
+        "thresholds": threshold_choices(labels, scores, rejects, threshold, recall_target),
+        "scores": score_distribution(records, kinds),
         "per_kind": _per_kind(records, kinds, rejects, regions),
         "per_size": _per_size(regions),
-        "worst": _worst(records, kinds, scores, n_worst),
+        "worst": _worst(records, kinds, scores, located, n_worst),
     }

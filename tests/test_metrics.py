@@ -299,7 +299,9 @@ def test_summarise_tiny_synthetic_set() -> None:
         ("g2.png", "high-scoring good"),
         ("d1.png", "low-scoring defect"),
         ("s1.png", "low-scoring defect"),
+        ("d2.png", "weakest or unlocated reject"),  # the one rejected defect not listed yet
     ]
+    assert s["masks"] == {"defect_images": 3, "with_mask": 2}
 
 
 def test_summarise_all_good_has_no_auroc() -> None:
@@ -313,3 +315,87 @@ def test_summarise_unknown_image_is_an_error() -> None:
     """A record without ground truth is refused, naming the image."""
     with pytest.raises(ValueError, match=r"x\.png"):
         metrics.summarise([_record("x.png", 0.3, [])], {})
+
+
+def test_summarise_takes_predict_records_with_null_scores() -> None:
+    """``predict`` writes "score": null for a frame it could not register; it ranks above every score."""
+    records = [_record("g.png", 0.2, []), _record("d.png", 0.5, [])]
+    records[1].update(score=None, verdict="reject", reason="registration")
+    truth = {"g.png": {"kind": "good", "mask": None}, "d.png": {"kind": "dent", "mask": None}}
+    s = metrics.summarise(records, truth)
+    assert s["image"]["auroc"] == 1.0 and s["image"]["recall"] == 1.0
+    assert s["scores"]["defect"] == {"n": 0, "min": None, "median": None, "p95": None, "max": None, "unscored": 1}
+    assert metrics.per_image(records, truth)[1]["score"] is None
+    json.dumps(s, allow_nan=False)
+
+
+def test_threshold_choices_give_each_thresholds_figures_on_the_data() -> None:
+    """Calibrated (the verdicts), F1-optimal and recall-target thresholds, each with precision, recall, F1, FRR."""
+    # LABELS/SCORES with the records' threshold at 0.6: only the 0.9 defect is rejected.
+    rejects = np.array(SCORES) > 0.6
+    t = metrics.threshold_choices(np.array(LABELS), np.array(SCORES), rejects, 0.6, recall=1.0)
+    assert t["calibrated"] == {
+        "threshold": 0.6,
+        "precision": 1.0,
+        "recall": round(1 / 3, 4),
+        "f1": 0.5,
+        "false_reject_rate": 0.0,
+        "rejected_goods": 0,
+        "found_defects": 1,
+    }
+    # F1-optimal at 0.25 rejects 0.9, 0.5, 0.5, 0.3: 3 defects and 1 of 3 goods.
+    f1 = t["f1_optimal"]
+    assert (f1["threshold"], f1["recall"], f1["precision"], f1["f1"]) == (0.25, 1.0, 0.75, round(6 / 7, 4))
+    assert (f1["false_reject_rate"], f1["rejected_goods"]) == (round(1 / 3, 4), 1)
+    assert t["recall_target"]["target"] == 1.0 and t["recall_target"]["threshold"] == 0.25
+
+
+def test_threshold_choices_without_defects_leave_the_labelled_ones_empty() -> None:
+    """On good parts only the calibrated threshold still has its false-reject rate; the others are None."""
+    t = metrics.threshold_choices(np.zeros(4, int), np.array([0.1, 0.2, 0.3, 1.5]), np.array([0, 0, 0, 1]), 1.0, 0.99)
+    assert t["calibrated"]["false_reject_rate"] == 0.25 and t["calibrated"]["rejected_goods"] == 1
+    assert t["f1_optimal"]["threshold"] is None and t["recall_target"]["false_reject_rate"] is None
+
+
+def test_summarise_good_only_gives_false_rejects_and_score_distribution() -> None:
+    """A test set of good parts: the false-reject rate and the distribution of their scores."""
+    scores = [0.1, 0.2, 0.3, 0.4, 1.5]
+    records = [_record(f"g{i}.png", v, []) for i, v in enumerate(scores)]
+    truth = {r["image"]: {"kind": "good", "mask": None} for r in records}
+    s = metrics.summarise(records, truth)
+    assert s["image"]["false_reject_rate"] == pytest.approx(0.2)
+    good = s["scores"]["good"]
+    assert (good["n"], good["min"], good["median"], good["max"], good["unscored"]) == (5, 0.1, 0.3, 1.5, 0)
+    assert good["p95"] == pytest.approx(np.percentile(scores, 95), abs=1e-4)
+    assert s["scores"]["defect"]["n"] == 0
+    json.dumps(s, allow_nan=False)
+
+
+def test_per_image_rows_say_what_each_decision_was() -> None:
+    """One row per record: outcome against the truth, number of detected regions, and located only where a mask is."""
+    mask = np.zeros((50, 50), bool)
+    mask[10:20, 10:20] = True
+    records = [
+        _record("g.png", 1.4, [[0, 0, 5, 5]]),  # false reject
+        _record("hit.png", 3.0, [[12, 12, 15, 15]]),  # box on the defect
+        _record("off.png", 2.0, [[40, 40, 45, 45], [30, 30, 32, 32]]),  # rejected, but elsewhere
+        _record("esc.png", 0.5, []),
+        _record("nomask.png", 2.0, [[1, 1, 2, 2]]),  # image label only
+    ]
+    truth = {
+        "g.png": {"kind": "good", "mask": None},
+        "hit.png": {"kind": "dent", "mask": mask},
+        "off.png": {"kind": "dent", "mask": mask},
+        "esc.png": {"kind": "dent", "mask": mask},
+        "nomask.png": {"kind": "dent", "mask": None},
+    }
+    rows = metrics.per_image(records, truth)
+    assert [tuple(r) for r in rows] == [metrics.PER_IMAGE_COLUMNS] * 5
+    assert [(r["outcome"], r["defects"], r["gt_regions"], r["located"]) for r in rows] == [
+        ("false reject", 1, None, None),
+        ("correct reject", 1, 1, True),
+        ("correct reject, defect not located", 2, 1, False),
+        ("escape", 0, 1, False),
+        ("correct reject", 1, None, None),
+    ]
+    assert rows[0]["score"] == 1.4 and rows[0]["threshold"] == 1.0 and rows[0]["verdict"] == "reject"
