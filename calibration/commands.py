@@ -18,6 +18,7 @@ from engines.bundle import Bundle, rewrite_calibration
 from engines.decode import IMAGE_SUFFIXES
 from engines.errors import UserError
 from engines.inspector import Inspector
+from engines.types import Result
 
 
 def _backend_argument(parser: argparse.ArgumentParser) -> None:
@@ -118,14 +119,18 @@ def collect_images(inputs: list[Path]) -> list[Path]:
     return found
 
 
+def prediction_record(path: Path, result: Result) -> dict:
+    """The JSON object ``inspectd predict`` writes for one image (``evaluate`` keeps the same records)."""
+    return {
+        "image": str(path),
+        **result.to_dict(),
+        "timings_ms": {k: round(v, 1) for k, v in result.timings_ms.items()},
+    }
+
+
 def predict_records(inspector: Inspector, paths: list[Path], desc: str = "predicting") -> Iterator[dict]:
     for path in tqdm(paths, desc=desc, disable=not _progress(), unit="img"):
-        result = inspector.inspect_path(path)
-        yield {
-            "image": str(path),
-            **result.to_dict(),
-            "timings_ms": {k: round(v, 1) for k, v in result.timings_ms.items()},
-        }
+        yield prediction_record(path, inspector.inspect_path(path))
 
 
 def predict_main(args: argparse.Namespace) -> int:
@@ -223,28 +228,51 @@ def _labelled_thresholds(inspector: Inspector, root: Path, recall: float, metric
 # -- evaluate ------------------------------------------------------------------------------------
 def evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", type=Path, help="bundle directory")
-    parser.add_argument("dataset", type=Path, help="MVTec-layout dataset with test/ and ground_truth/")
-    parser.add_argument("--report", type=Path, required=True, help="report directory (summary.json, plots)")
+    parser.add_argument(
+        "dataset",
+        type=Path,
+        help="MVTec-layout dataset with test/<kind>/ (ground_truth/<kind>/ masks optional: pixel metrics need them)",
+    )
+    parser.add_argument(
+        "--report", type=Path, required=True, help="report directory (summary.md, summary.json, per_image.csv, plots)"
+    )
     parser.add_argument(
         "--downscale", type=int, metavar="PX", help="also run the downscaled global-score baseline at PX (e.g. 2048)"
     )
     _backend_argument(parser)
 
 
+def _num(value: object, spec: str = ".3f") -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
 def evaluate_main(args: argparse.Namespace) -> int:
+    from calibration.report import require_plotting
+
+    require_plotting()  # before any work: a missing extra must not cost a whole evaluation
+    if args.downscale is not None and args.downscale < 32:
+        raise UserError(f"--downscale {args.downscale}: expected a side of at least 32 px (e.g. 2048)")
     from calibration.evaluation import evaluate
 
     summary = evaluate(args.model, args.dataset, args.report, args.backend, args.downscale, progress=_progress())
     image = summary["image"]
     print(
-        f"{args.report}: F1 {image['f1']:.3f}, precision {image['precision']:.3f}, recall {image['recall']:.3f}, "
-        f"false-reject rate {image['false_reject_rate']:.3f}, image AUROC {image['auroc']:.4f}"
+        f"{args.report}: {summary['n_good']} good and {summary['n_defect']} defect images; "
+        f"F1 {_num(image['f1'])}, precision {_num(image['precision'])}, recall {_num(image['recall'])}, "
+        f"false-reject rate {_num(image['false_reject_rate'])} ({image['fp']} of {summary['n_good']} good rejected), "
+        f"image AUROC {_num(image['auroc'], '.4f')}"
     )
+    if summary["n_defect"] == 0:
+        good = summary["scores"]["good"]
+        print(f"good parts only: highest score {_num(good['max'])} against threshold {_num(summary['threshold'])}")
+    if summary["pixel"].get("note"):
+        print(f"pixel metrics: {summary['pixel']['note']}")
     if "baseline" in summary:
         base = summary["baseline"]
+        base_image = base.get("image") or {}
         print(
-            f"baseline (downscaled to {base['downscale']} px, global score): "
-            f"AUROC {base['auroc']:.3f}, best F1 {base['f1_oracle']:.3f}"
+            f"baseline (downscaled to {base['downscale']} px, global score, threshold chosen on this test set): "
+            f"AUROC {_num(base_image.get('auroc'))}, best F1 {_num(base_image.get('f1'))}"
         )
     return 0
 

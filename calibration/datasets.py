@@ -11,7 +11,11 @@ from engines.errors import UserError
 
 @dataclass(frozen=True)
 class Sample:
-    """One test image: its kind ("good" or a defect kind) and its ground-truth mask, if any."""
+    """One test image: its kind ("good" or a defect kind) and its ground-truth mask, if any.
+
+    A defect image without a mask is labelled at image level only: it counts for image metrics
+    and per-kind recall, not for pixel metrics or recall per defect size.
+    """
 
     path: Path
     kind: str
@@ -38,6 +42,11 @@ class Dataset:
     def kinds(self) -> tuple[str, ...]:
         return tuple(sorted({s.kind for s in self.test if not s.is_good}))
 
+    @property
+    def unmasked(self) -> tuple[Sample, ...]:
+        """Defect images without a ground-truth mask (image labels only)."""
+        return tuple(s for s in self.test if not s.is_good and s.mask is None)
+
 
 def list_images(folder: Path) -> list[Path]:
     """Image files directly in ``folder``, sorted by name."""
@@ -45,7 +54,11 @@ def list_images(folder: Path) -> list[Path]:
 
 
 def load_dataset(root: Path) -> Dataset:
-    """Read an MVTec-layout dataset (train/good, test/<kind>, ground_truth/<kind>) or a plain folder."""
+    """Read an MVTec-layout dataset (train/good, test/<kind>, ground_truth/<kind>) or a plain folder.
+
+    Ground-truth masks (``ground_truth/<kind>/<stem>_mask.png``) are optional: real datasets often
+    label images only.
+    """
     root = Path(root)
     if not root.is_dir():
         raise UserError(f"{root}: not a directory (expected a dataset folder)")
@@ -76,10 +89,7 @@ def _test_samples(root: Path) -> list[Sample]:
     for kind_dir in sorted(p for p in test_dir.iterdir() if p.is_dir()):
         kind = kind_dir.name
         for image in list_images(kind_dir):
-            mask = None
-            if kind != "good":
-                mask = root / "ground_truth" / kind / f"{image.stem}_mask.png"
-                if not mask.is_file():
-                    raise UserError(f"{mask}: missing ground-truth mask for {image}")
-            samples.append(Sample(image, kind, mask))
+            mask = root / "ground_truth" / kind / f"{image.stem}_mask.png"
+            has_mask = kind != "good" and mask.is_file()
+            samples.append(Sample(image, kind, mask if has_mask else None))
     return samples
