@@ -256,15 +256,19 @@ def evaluate_main(args: argparse.Namespace) -> int:
 
     summary = evaluate(args.model, args.dataset, args.report, args.backend, args.downscale, progress=_progress())
     image = summary["image"]
-    print(
-        f"{args.report}: {summary['n_good']} good and {summary['n_defect']} defect images; "
-        f"F1 {_num(image['f1'])}, precision {_num(image['precision'])}, recall {_num(image['recall'])}, "
-        f"false-reject rate {_num(image['false_reject_rate'])} ({image['fp']} of {summary['n_good']} good rejected), "
-        f"image AUROC {_num(image['auroc'], '.4f')}"
-    )
+    frr = f"false-reject rate {_num(image['false_reject_rate'])} ({image['fp']} of {summary['n_good']} good rejected)"
     if summary["n_defect"] == 0:
         good = summary["scores"]["good"]
-        print(f"good parts only: highest score {_num(good['max'])} against threshold {_num(summary['threshold'])}")
+        print(
+            f"{args.report}: {summary['n_good']} good images and no defects: {frr}; "
+            f"highest score {_num(good['max'])} against threshold {_num(summary['threshold'])}"
+        )
+    else:
+        print(
+            f"{args.report}: {summary['n_good']} good and {summary['n_defect']} defect images; "
+            f"F1 {_num(image['f1'])}, precision {_num(image['precision'])}, recall {_num(image['recall'])}, "
+            f"{frr}, image AUROC {_num(image['auroc'], '.4f')}"
+        )
     if summary["pixel"].get("note"):
         print(f"pixel metrics: {summary['pixel']['note']}")
     if "baseline" in summary:

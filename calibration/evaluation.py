@@ -130,11 +130,11 @@ def _pixel_metrics(maps: list[np.ndarray], masks: list[np.ndarray], dataset: Dat
     defects = [s for s in dataset.test if not s.is_good]
     unmasked = len(dataset.unmasked)
     if not defects:
-        out["note"] = "no defect images: pixel metrics need defect images with ground-truth masks"
+        out["note"] = "none: there are no defect images"
     elif unmasked == len(defects):
         out["note"] = (
-            "pixel metrics need ground-truth masks (ground_truth/<kind>/<name>_mask.png); "
-            f"none of the {len(defects)} defect images has one"
+            f"none: they need ground-truth masks (ground_truth/KIND/NAME_mask.png) and none of the "
+            f"{len(defects)} defect images has one"
         )
     elif unmasked:
         out["note"] = (

@@ -415,6 +415,8 @@ def ranking_scores(records: Sequence[Mapping[str, Any]]) -> np.ndarray:
 def _image_level(labels: np.ndarray, scores: np.ndarray, rejects: np.ndarray, recall: float) -> dict[str, Any]:
     out: dict[str, Any] = {"auroc": _or_none(image_auroc, labels, scores)}
     out.update(confusion(labels, rejects))
+    if not labels.any():  # good parts only: "recall 1.0" would read as a finding; there was nothing to find
+        out.update(precision=None, recall=None, f1=None)
     opt = _or_none(f1_optimal_threshold, labels, scores)
     out["f1_optimal_threshold"], out["f1_optimal_f1"] = opt if opt else (None, None)
     out["recall_target"] = recall
@@ -515,12 +517,14 @@ def _operating_point(threshold: float | None, labels: np.ndarray, rejects: np.nd
         keys = ("precision", "recall", "f1", "false_reject_rate", "rejected_goods", "found_defects")
         return {"threshold": None, **dict.fromkeys(keys)}
     c = confusion(labels, rejects)
+    defects = bool(np.asarray(labels).any())  # without defects, precision/recall/F1 would only be conventions
+
+    def rate(key: str) -> float | None:
+        return round(float(c[key]), 4) if defects or key == "false_reject_rate" else None
+
     return {
         "threshold": round(float(threshold), 4),
-        "precision": round(float(c["precision"]), 4),
-        "recall": round(float(c["recall"]), 4),
-        "f1": round(float(c["f1"]), 4),
-        "false_reject_rate": round(float(c["false_reject_rate"]), 4),
+        **{k: rate(k) for k in ("precision", "recall", "f1", "false_reject_rate")},
         "rejected_goods": c["fp"],
         "found_defects": c["tp"],
     }

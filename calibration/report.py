@@ -189,7 +189,9 @@ def _fmt(v: Any) -> str:
 def _delta(key: str, v: Any, b: Any) -> str:
     numeric = all(isinstance(x, int | float) and not isinstance(x, bool) for x in (v, b))
     # Thresholds of two different detectors are in different units: a difference means nothing.
-    return f"{v - b:+.4f}" if numeric and "threshold" not in key else ""
+    if not numeric or "threshold" in key:
+        return ""
+    return f"{v - b:+d}" if isinstance(v, int) and isinstance(b, int) else f"{v - b:+.4f}"
 
 
 def _scalar_table(cur: Mapping[str, Any], base: Mapping[str, Any] | None, base_name: str = "baseline") -> list[str]:
@@ -257,10 +259,11 @@ def report_notes(summary: Mapping[str, Any]) -> list[str]:
 
 
 THRESHOLD_ROWS = (
-    ("calibrated", "calibrated: set on good images only"),
-    ("f1_optimal", "F1-optimal: chosen on these labels"),
-    ("recall_target", "recall target: chosen on these labels"),
+    ("calibrated", "set on good images only"),
+    ("f1_optimal", "chosen on these labels"),
+    ("recall_target", "chosen on these labels"),
 )
+THRESHOLD_NAMES = {"calibrated": "calibrated", "f1_optimal": "F1-optimal", "recall_target": "recall-target"}
 
 
 def _threshold_section(summary: Mapping[str, Any]) -> list[str]:
@@ -275,12 +278,13 @@ def _threshold_section(summary: Mapping[str, Any]) -> list[str]:
     for key, label in THRESHOLD_ROWS:
         row = choices.get(key) or {}
         if key == "calibrated" and labelled_policy:
-            label = f"calibrated: the bundle's threshold, policy {policy} (chosen on labelled defects)"
+            label = f"the bundle's, policy {policy}: chosen on labelled defects"
         if key == "recall_target":
-            label = f"recall target {_fmt(row.get('target'))}: chosen on these labels"
+            label = f"target {_fmt(row.get('target'))}, {label}"
         lines.append(f"| {key} ({label}) | " + " | ".join(_fmt(row.get(c)) for c in cols) + " |")
-    lines += ["", *_threshold_advice(choices, summary, labelled_policy), ""]
-    return lines
+    for paragraph in _threshold_advice(choices, summary, labelled_policy):
+        lines += ["", paragraph]
+    return [*lines, ""]
 
 
 def _threshold_advice(choices: Mapping[str, Any], summary: Mapping[str, Any], labelled_policy: bool) -> list[str]:
@@ -296,28 +300,34 @@ def _threshold_advice(choices: Mapping[str, Any], summary: Mapping[str, Any], la
         )
         return lines
     if labelled_policy:
-        source = "It was itself chosen on labelled defects: if on this data set, its figures here are optimistic too."
-    else:
-        source = (
-            "It was set from good images held out of the fit, before any defect was seen, so its figures here are a "
-            "fair estimate of what the line will do with new parts."
+        policy = (summary.get("model") or {}).get("threshold_policy")
+        lines.append(
+            f"**Which to use:** the bundle's threshold ({_fmt(cal.get('threshold'))}) was itself chosen on labelled "
+            f"defects (policy {policy}), not on good images alone: if they were these images, its figures here are "
+            "optimistic, like those of the other two rows, which were chosen on these labelled defects and are "
+            "measured on the same images. For a fair estimate, recalibrate on good images the fit did not see "
+            "(`inspectd calibrate MODEL --good GOOD_DIR`) and evaluate again; keep a threshold chosen on labels only "
+            "if it holds on labelled images that were not used to choose it."
         )
-    lines.append(
-        f"**Which to use:** keep the calibrated threshold ({_fmt(cal.get('threshold'))}) on the line. {source} "
-        "The F1-optimal and recall-target thresholds were chosen on these labelled defects and are measured on the "
-        "same images, so their figures are optimistic: they fit this sample, chance included. If the calibrated "
-        "recall is not acceptable, they show what a lower threshold could gain and at which false-reject rate; "
-        "confirm that on labelled images not used to choose it before switching "
-        "(`inspectd calibrate MODEL --good GOOD_DIR --dataset OTHER_DATASET --policy f1`, or `--policy recall`)."
-    )
+    else:
+        lines.append(
+            f"**Which to use:** keep the calibrated threshold ({_fmt(cal.get('threshold'))}) on the line. It was set "
+            "from good images held out of the fit, before any defect was seen, so its figures here are a fair "
+            "estimate of what the line will do with new parts. The F1-optimal and recall-target thresholds were "
+            "chosen on these labelled defects and are measured on the same images, so their figures are "
+            "optimistic: they fit this sample, chance included. If the calibrated recall is not acceptable, they "
+            "show what a lower threshold could gain and at which false-reject rate; confirm that on labelled "
+            "images not used to choose it before switching "
+            "(`inspectd calibrate MODEL --good GOOD_DIR --dataset OTHER_DATASET --policy f1`, or `--policy recall`)."
+        )
     n_good = summary.get("n_good", 0)
-    for key, label in THRESHOLD_ROWS[1:]:
+    for key, _ in THRESHOLD_ROWS[1:]:
         row = choices.get(key) or {}
         frr = row.get("false_reject_rate")
         if frr is not None and n_good and frr >= max(0.05, 2 * (cal.get("false_reject_rate") or 0)):
             everything = " (every good part)" if frr >= 1 else ""
             lines.append(
-                f"Note: the {label.split(':')[0]} threshold would reject {frr:.0%} of good parts "
+                f"**Note:** the {THRESHOLD_NAMES[key]} threshold would reject {frr:.0%} of good parts "
                 f"({row.get('rejected_goods')} of {n_good}){everything}."
             )
     return lines
@@ -402,7 +412,9 @@ def summary_markdown(
         lines += ["Ground-truth masks (`masks`):", "", *_scalar_table(summary["masks"], None)]
     if isinstance(summary.get("image"), Mapping):
         base_img = baseline.get("image") if baseline is not None else None
-        name = f"baseline ({baseline.get('downscale')} px)" if baseline is not None else "baseline"
+        name = "baseline"
+        if baseline is not None:
+            name = f"baseline ({baseline.get('downscale')} px, threshold chosen on this set)"
         lines += ["## Image level (at the calibrated threshold)", ""]
         lines += _scalar_table(summary["image"], base_img, name)
     lines += _threshold_section(summary)

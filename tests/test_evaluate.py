@@ -119,6 +119,7 @@ def test_evaluate_good_parts_only(model, data, tmp_path, capsys):
     assert good["n"] == 3 and good["max"] < summary["threshold"]
     assert summary["image"]["auroc"] is None and summary["thresholds"]["f1_optimal"]["threshold"] is None
     assert "false-reject rate 0.000 (0 of 3 good rejected)" in stdout and "highest score" in stdout
+    assert summary["image"]["recall"] is None and "recall" not in stdout  # nothing to find is not "recall 1.0"
     assert "Good parts only" in md and "![Score distribution](histogram.png)" in md
     assert (tmp_path / "report" / "histogram.png").stat().st_size > 0
 

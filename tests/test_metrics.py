@@ -354,6 +354,7 @@ def test_threshold_choices_without_defects_leave_the_labelled_ones_empty() -> No
     """On good parts only the calibrated threshold still has its false-reject rate; the others are None."""
     t = metrics.threshold_choices(np.zeros(4, int), np.array([0.1, 0.2, 0.3, 1.5]), np.array([0, 0, 0, 1]), 1.0, 0.99)
     assert t["calibrated"]["false_reject_rate"] == 0.25 and t["calibrated"]["rejected_goods"] == 1
+    assert t["calibrated"]["recall"] is None  # nothing to find is not "recall 1.0"
     assert t["f1_optimal"]["threshold"] is None and t["recall_target"]["false_reject_rate"] is None
 
 

@@ -377,3 +377,12 @@ def test_import_does_not_load_matplotlib() -> None:
     code = "import sys, calibration.report; assert 'matplotlib' not in sys.modules"
     root = Path(__file__).resolve().parents[1]
     subprocess.run([sys.executable, "-c", code], check=True, cwd=root)
+
+
+def test_markdown_advice_when_the_bundles_threshold_was_chosen_on_labels() -> None:
+    """A bundle recalibrated with --policy f1 is not called "set on good images only", nor advised to be kept as is."""
+    summary, baseline, *_ = _full_summary()
+    summary["model"]["threshold_policy"] = "f1"
+    md = report.summary_markdown(summary, baseline)
+    assert "| calibrated (the bundle's, policy f1: chosen on labelled defects) |" in md
+    assert "was itself chosen on labelled defects (policy f1)" in md and "keep the calibrated threshold" not in md
