@@ -176,3 +176,9 @@ def test_evaluate_downscale_baseline_beside_the_models_figures(full_report):
     kind_row = next(line for line in md.splitlines() if line.startswith("| dot |"))
     assert kind_row.split("|")[-2].strip() == f"{base['per_kind']['dot']['recall']:.4f}"
     assert "baseline (downscaled to 128 px" in stdout
+
+
+def test_evaluate_refuses_a_tiny_downscale_before_any_work(model, data, tmp_path, capsys):
+    """--downscale below 32 px is a one-line error, before the model is loaded."""
+    rc, _, stderr = cli(capsys, "evaluate", model, data, "--report", tmp_path / "report", "--downscale", "8")
+    assert rc == 2 and "--downscale 8" in stderr and not (tmp_path / "report").exists()
