@@ -247,7 +247,7 @@ def _num(value: object, spec: str = ".3f") -> str:
 
 
 def evaluate_main(args: argparse.Namespace) -> int:
-    from calibration.report import require_plotting
+    from calibration.figures import require_plotting
 
     require_plotting()  # before any work: a missing extra must not cost a whole evaluation
     if args.downscale is not None and args.downscale < 32:

@@ -23,7 +23,7 @@ from tqdm import tqdm
 from calibration import metrics
 from calibration.commands import prediction_record
 from calibration.datasets import Dataset, Sample, load_test_folder
-from calibration.report import Overlay
+from calibration.figures import Overlay
 from engines.decode import read_image
 from engines.inspector import Inspector
 from engines.types import Result
@@ -44,7 +44,8 @@ def evaluate(
     Defect images need no mask: without one they count at image level and per kind only. A test
     set of good parts only yields the false-reject rate and the score distribution.
     """
-    from calibration.report import require_plotting, write_report
+    from calibration.figures import require_plotting
+    from calibration.report import write_report
 
     require_plotting()
     dataset = load_test_folder(root)

@@ -13,14 +13,15 @@ import cv2
 import numpy as np
 import pytest
 
-from calibration import metrics, report
+from calibration import figures, metrics, report
+from calibration.figures import overlay_title
 
 pytest.importorskip("matplotlib")
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-def _inputs() -> tuple[dict, np.ndarray, np.ndarray, list[report.Overlay]]:
+def _inputs() -> tuple[dict, np.ndarray, np.ndarray, list[figures.Overlay]]:
     rng = np.random.default_rng(0)
     labels = np.array([0] * 40 + [1] * 6)
     scores = np.r_[rng.normal(0.5, 0.2, 40), rng.normal(1.8, 0.5, 6)]
@@ -36,7 +37,7 @@ def _inputs() -> tuple[dict, np.ndarray, np.ndarray, list[report.Overlay]]:
     mask[100:120, 200:260] = True
     amap = rng.random((75, 100)).astype(np.float32) * 2  # a downsampled map
     overlays = [
-        report.Overlay("img0.png", image, amap, [(200, 100, 260, 120)], mask),
+        figures.Overlay("img0.png", image, amap, [(200, 100, 260, 120)], mask),
         ("img1.png", np.dstack([image] * 3), amap, []),  # a plain 4-tuple, colour image
     ]
     return summary, labels, scores, overlays
@@ -132,8 +133,8 @@ def test_overlay_downscales_and_keeps_tiny_box_visible(tmp_path: Path) -> None:
     """A 5120 px image is shown at <= 1024 px, and a 5x5 px defect box is still clearly drawn at its place."""
     image = np.full((2560, 5120), 128, np.uint8)
     amap = np.zeros((320, 640), np.float32)  # zero map: the colour layer has no red in it
-    ov = report.Overlay("big.png", image, amap, [(3000, 1200, 3005, 1205)])
-    fig, axes = report.overlay_figure(ov, 1.0)
+    ov = figures.Overlay("big.png", image, amap, [(3000, 1200, 3005, 1205)])
+    fig, axes = figures.overlay_figure(ov, 1.0)
     path = tmp_path / "worst_00.png"
     fig.savefig(path, dpi=100)
     png = cv2.imread(str(path))
@@ -152,48 +153,48 @@ def test_overlay_ground_truth_shows_on_a_5120_px_image(tmp_path: Path) -> None:
     mask[1200:1205, 3000:3005] = True
     amap = np.zeros((320, 640), np.float32)
     path = tmp_path / "worst_00.png"
-    report.plot_overlay(path, report.Overlay("dot.png", image, amap, [], mask), 1.0)
+    figures.plot_overlay(path, figures.Overlay("dot.png", image, amap, [], mask), 1.0)
     lime = _colour(cv2.imread(str(path)), "lime")
     assert lime.sum() >= 150, f"ground truth outline covers only {lime.sum()} px"
-    fig, axes = report.overlay_figure(report.Overlay("dot.png", image, amap, [], mask), 1.0)
+    fig, axes = figures.overlay_figure(figures.Overlay("dot.png", image, amap, [], mask), 1.0)
     col, row = _png_point(fig, axes.full, 3002.5 * 0.2 - 0.5, 1202.5 * 0.2 - 0.5)
     assert lime[row - 16 : row + 17, col - 16 : col + 17].sum() >= 60, "no visible outline at the defect"
     x0, y0, x1, y1 = axes.zoom_box
     assert x0 <= 3000 < 3005 <= x1 and y0 <= 1200 < 1205 <= y1 and x1 - x0 <= 200
 
 
-def _escape_case() -> report.Overlay:
+def _escape_case() -> figures.Overlay:
     image = np.full((300, 400), 120, np.uint8)
     mask = np.zeros((300, 400), bool)
     mask[100:106, 250:256] = True
     amap = np.zeros((300, 400), np.float32)
     amap[100:106, 250:256] = 0.54
-    return report.Overlay("dot/003.png", image, amap, [], mask, "dot", 0.54, "pass", "ok")
+    return figures.Overlay("dot/003.png", image, amap, [], mask, "dot", 0.54, "pass", "ok")
 
 
 def test_overlay_title_says_what_the_case_is() -> None:
     """False reject, escape, correct reject (located or not), correct pass, with score against threshold."""
     esc = _escape_case()
-    assert report.overlay_title(esc, 3.0) == (
+    assert overlay_title(esc, 3.0) == (
         "ESCAPE: dot/003.png\nkind dot · score 0.54 vs threshold 3 · pass (ok) · 0 detected regions · "
         "ground truth not located"
     )
     hit = esc._replace(boxes=[(249, 99, 257, 107)], score=4.2, verdict="reject", reason="defect")
-    assert report.overlay_title(hit, 3.0).startswith("CORRECT REJECT: dot/003.png\nkind dot · score 4.2 vs threshold 3")
-    assert report.overlay_title(hit, 3.0).endswith("1 detected region · ground truth located")
+    assert overlay_title(hit, 3.0).startswith("CORRECT REJECT: dot/003.png\nkind dot · score 4.2 vs threshold 3")
+    assert overlay_title(hit, 3.0).endswith("1 detected region · ground truth located")
     elsewhere = hit._replace(boxes=[(10, 10, 20, 20)])
-    assert report.overlay_title(elsewhere, 3.0).startswith("CORRECT REJECT, DEFECT NOT LOCATED")
+    assert overlay_title(elsewhere, 3.0).startswith("CORRECT REJECT, DEFECT NOT LOCATED")
     good = esc._replace(kind="good", mask=None, score=3.5, verdict="reject", reason="defect", boxes=[(1, 1, 4, 4)])
-    assert report.overlay_title(good, 3.0).startswith("FALSE REJECT: dot/003.png\nkind good · score 3.5 vs threshold 3")
+    assert overlay_title(good, 3.0).startswith("FALSE REJECT: dot/003.png\nkind good · score 3.5 vs threshold 3")
     unscored = good._replace(score=None, reason="registration", boxes=[])
-    assert "score not scored vs threshold 3 · reject (registration)" in report.overlay_title(unscored, 3.0)
-    assert report.overlay_title(good._replace(verdict="pass", reason="ok"), 3.0).startswith("CORRECT PASS")
+    assert "score not scored vs threshold 3 · reject (registration)" in overlay_title(unscored, 3.0)
+    assert figures.overlay_title(good._replace(verdict="pass", reason="ok"), 3.0).startswith("CORRECT PASS")
 
 
 def test_overlay_page_has_title_colour_bar_legend_and_zoom() -> None:
     """The page carries its title, a colour bar in score units with the threshold marked, a legend, and a zoom
     on the missed defect."""
-    fig, axes = report.overlay_figure(_escape_case(), 3.0)
+    fig, axes = figures.overlay_figure(_escape_case(), 3.0)
     try:
         texts = [t.get_text() for t in fig.texts]
         assert "ESCAPE: dot/003.png" in texts
@@ -206,7 +207,7 @@ def test_overlay_page_has_title_colour_bar_legend_and_zoom() -> None:
         x0, y0, x1, y1 = axes.zoom_box
         assert x0 <= 250 < 256 <= x1 and y0 <= 100 < 106 <= y1
     finally:
-        report._pyplot().close(fig)
+        figures._pyplot().close(fig)
 
 
 def _full_summary() -> tuple[dict, dict, list[dict], list[dict], np.ndarray, np.ndarray]:
