@@ -223,6 +223,27 @@ def test_failed_activation_frees_buffers_and_pops_context(monkeypatch, tmp_path,
     assert fake_pycuda.context_depth() == 0
 
 
+def test_failed_enqueue_drains_the_streams_and_the_backend_recovers(monkeypatch, tmp_path, data) -> None:
+    """An enqueue refused mid-frame raises BackendError with no copy left queued; the next frame is right."""
+    trt, _ = install(monkeypatch, major=11)
+    enqueue, refusals = trt.IExecutionContext.execute_async_v3, []
+
+    def refuse_second(self, stream_handle: int) -> bool:
+        refusals.append(stream_handle)
+        return len(refusals) != 2 and enqueue(self, stream_handle)
+
+    ranges = [range(s, min(s + MAX_BATCH, N_TILES)) for s in range(0, N_TILES, MAX_BATCH)]
+    batches = [(frame(data, r), r) for r in ranges]
+    with make_backend("tensorrt", tmp_path) as backend:
+        backend.activate({"reference": data["reference"]})
+        monkeypatch.setattr(trt.IExecutionContext, "execute_async_v3", refuse_second)
+        with pytest.raises(BackendError, match="execute_async_v3 failed"):
+            backend.infer_many(batches)
+        assert fake_pycuda.pending_operations() == 0  # nothing still queued against the lanes' buffers
+        for tiles, out in zip(ranges, backend.infer_many(batches), strict=True):
+            assert_close(out["anomaly"], expected(data, tiles))
+
+
 def test_failed_capture_falls_back_to_plain_enqueue(monkeypatch, tmp_path, data) -> None:
     """When the CUDA-graph capture hook fails, inference still runs through execute_async_v3."""
     install(monkeypatch, major=11)

@@ -11,6 +11,7 @@ import pytest
 from engines.backend import BackendError
 from engines.errors import UserError
 from tests.emulation import TILE, install, write_toy_graph
+from tests.emulation.fake_tensorrt import state
 
 
 @pytest.fixture(params=[10, 11], ids=["trt10", "trt11"])
@@ -37,16 +38,16 @@ def test_build_uses_strong_typing_and_never_fp16_flags(trt, graph, tmp_path) -> 
     """The network is STRONGLY_TYPED; FP16 and EXPLICIT_BATCH flags are never looked up or set."""
     build(graph, tmp_path / "a.plan")
     strongly = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
-    assert trt.STATE["network_flags"] == [strongly]
-    assert trt.STATE["config_flags"] == []
-    assert not {"BuilderFlag.FP16", "NetworkDefinitionCreationFlag.EXPLICIT_BATCH"} & trt.STATE["touched"]
-    assert trt.STATE["pool_limits"] == {"WORKSPACE": 128 << 20}
+    assert state(trt)["network_flags"] == [strongly]
+    assert state(trt)["config_flags"] == []
+    assert not {"BuilderFlag.FP16", "NetworkDefinitionCreationFlag.EXPLICIT_BATCH"} & state(trt)["touched"]
+    assert state(trt)["pool_limits"] == {"WORKSPACE": 128 << 20}
 
 
 def test_profile_covers_the_batch_of_every_input(trt, graph, tmp_path) -> None:
     """One profile with min/opt/max over the batch dimension, other dims from the graph."""
     build(graph, tmp_path / "a.plan", min_batch=2, opt_batch=4)
-    (profile,) = trt.STATE["profiles"]
+    (profile,) = state(trt)["profiles"]
     assert set(profile) == {"image", "photo", "reference"}
     assert profile["image"] == [(2, 1, TILE, TILE), (4, 1, TILE, TILE), (6, 1, TILE, TILE)]
     assert profile["photo"] == [(2, 6), (4, 6), (6, 6)]
@@ -56,9 +57,9 @@ def test_timing_cache_is_saved_and_reused(trt, graph, tmp_path) -> None:
     """The first build writes the timing cache; the second build hits it."""
     cache = tmp_path / "timing.cache"
     build(graph, tmp_path / "a.plan", cache)
-    assert cache.is_file() and trt.STATE["cache_misses"] == 1
+    assert cache.is_file() and state(trt)["cache_misses"] == 1
     build(graph, tmp_path / "b.plan", cache)
-    assert trt.STATE["cache_hits"] == 1
+    assert state(trt)["cache_hits"] == 1
 
 
 def test_corrupt_timing_cache_only_costs_time(trt, graph, tmp_path) -> None:

@@ -23,15 +23,19 @@ CORE = TILE - 2 * HALO
 
 
 def install(monkeypatch, major: int = 11, device_count: int = 1) -> tuple[types.ModuleType, types.ModuleType]:
-    """Emulated (tensorrt, pycuda.driver) in sys.modules, with a fresh emulated driver."""
+    """Emulated (tensorrt, pycuda.driver) in sys.modules, with a fresh emulated driver.
+
+    The test-only helpers of the driver emulation stay on ``fake_pycuda`` itself.
+    """
     fake_pycuda.reset(device_count)
     trt = fake_tensorrt.make_module(major)
+    driver = fake_pycuda.driver_module()
     package = types.ModuleType("pycuda", "EMULATED pycuda (tests only)")
-    package.driver = fake_pycuda
+    package.driver = driver
     monkeypatch.setitem(sys.modules, "pycuda", package)
-    monkeypatch.setitem(sys.modules, "pycuda.driver", fake_pycuda)
+    monkeypatch.setitem(sys.modules, "pycuda.driver", driver)
     monkeypatch.setitem(sys.modules, "tensorrt", trt)
-    return trt, fake_pycuda
+    return trt, driver
 
 
 def hide(monkeypatch) -> None:

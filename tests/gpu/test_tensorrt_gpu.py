@@ -138,9 +138,13 @@ class RealPycudaDevice:
 
 def test_pipeline_on_real_pycuda_with_emulated_tensorrt(monkeypatch, tmp_path) -> None:
     """Real pycuda (context, pinned and device buffers, streams, events) under the emulated TensorRT."""
+    check_pipeline(cuda_or_skip(), monkeypatch, tmp_path)
+
+
+def check_pipeline(cuda, monkeypatch, tmp_path) -> None:
+    """Build, activate twice, run batches and deactivate on ``cuda`` (real, or the emulated driver on a CPU)."""
     import sys
 
-    cuda = cuda_or_skip()
     monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt.make_module(11, device=RealPycudaDevice(cuda)))
     from engines.tensorrt_backend import TensorRTBackend
     from engines.trt_build import build_engine
