@@ -31,10 +31,13 @@ numpy cannot hold). 11.x mode has no ``BuilderFlag.FP16`` / ``INT8``, no
 as in 11.4. Arguments are refused as pybind11 refuses them in the real bindings (a
 ``TypeError`` naming incompatible function arguments, before anything runs) for the
 parameter types listed above: an int where an enum member is expected
-(``Logger(2)``), a negative size, ints where ``Dims`` are expected, a ``str`` model.
-``tests/test_real_bindings.py`` checks all of this against the real compiled bindings.
+(``Logger(2)``), a negative size, ints where ``Dims`` are expected, a ``str`` model. Like
+pybind11, an enum member is accepted where an int is expected (``create_network(flag)``
+passes both: only ``1 << int(flag)`` is the right bit mask). ``tests/test_real_bindings.py``
+checks all of this against the real compiled bindings.
 
-What still differs from the real modules (the same test fails when this list drifts):
+What still differs from the real modules (that test fails on any other difference in names,
+kinds, signatures, enum values, return types or refusals):
 
 * ``IHostMemory`` is a ``bytes`` subclass (pure Python offers the buffer protocol no
   other way), so it also has ``bytes``' methods.
