@@ -14,7 +14,12 @@ deadline, the reject fires at the deadline. A pass that arrives later is reporte
 controller as a reject (the part is already past the gate). This covers a decision that
 never reached the sink (its queue was full, the pipeline stalled) and a slow device link;
 it cannot cover the daemon process dying, which only the controller's own timeout on the
-result counter can (docs: "On the line" in the README).
+result counter can (docs: "On the line" in the README). A message whose frame id cannot be
+read gets no decision, but it may have been a part: it is admitted under a key of its own
+and so fires one default reject at its receipt time + cycle.
+
+The sink's thread is fatal to the daemon if it dies (supervision.py); its waits are
+bounded (``WAIT_S``), so it reaches a checkpoint at least that often.
 
 Result record (the PLC's holding registers): [inspection counter (16 bit, wraps), verdict
 (1 OK, 2 NG, 3 error), reason code, frame id low word]. NG is a part judged bad (defect,
@@ -44,6 +49,8 @@ VERDICT_CODES = {"ok": 1, "ng": 2, "error": 3}
 REASON_CODES = {"ok": 0, "defect": 1, "registration": 2, "deadline": 3, "overload": 4, "bad_frame": 5, "error": 6}
 NG_REASONS = ("defect", "registration")
 FIRED_MEMORY = 4096  # frames whose default reject fired, remembered to report their late pass as a reject
+WAIT_S = 1.0  # longest wait for work: the thread's loop turns (and meets its checkpoint) at least this often
+MAX_AHEAD_NS = 10**15  # a default reject is never armed further ahead than this (about 11 days)
 
 Key = tuple[Any, Any]
 
@@ -58,13 +65,14 @@ def frame_word(frame_id: Any) -> int:
     """The low 16 bits of an integer frame id; a CRC of a string id."""
     if isinstance(frame_id, int) and not isinstance(frame_id, bool):
         return frame_id & 0xFFFF
-    return zlib.crc32(str(frame_id).encode()) & 0xFFFF
+    return zlib.crc32(str(frame_id).encode("utf-8", "surrogatepass")) & 0xFFFF
 
 
 class ActuatorSink(Sink):
     """Decisions -> result record + reject output, with pulse timing and reject-by-default."""
 
     name = "actuator"
+    fatal = True
 
     def __init__(
         self,
@@ -81,6 +89,7 @@ class ActuatorSink(Sink):
         self._clock = clock
         self._events: list[tuple[float, int, str, Key | None]] = []  # (due, seq, "off" | "default", key)
         self._seq = itertools.count()
+        self._unidentified = itertools.count()
         self._pending: dict[Key, float] = {}  # reject-by-default: frame -> monotonic deadline
         self._fired: OrderedDict[Key, None] = OrderedDict()
         self._off_at = 0.0
@@ -102,8 +111,10 @@ class ActuatorSink(Sink):
         return self.reject_by_default
 
     def admit(self, item: Frame | BadFrame, deadline_ns: int) -> None:
-        if item.frame_id is not None:
-            self.offer(("admit", (item.camera_id, item.frame_id), deadline_ns))  # type: ignore[arg-type]
+        # A message without a frame id never gets a decision: a key no decision can match makes it
+        # fire its default reject (frame ids are ints or strings, never tuples).
+        frame = item.frame_id if item.frame_id is not None else ("unidentified", next(self._unidentified))
+        self.offer(("admit", (item.camera_id, frame), deadline_ns))  # type: ignore[arg-type]
 
     def stats(self) -> dict[str, int]:
         return {
@@ -117,21 +128,32 @@ class ActuatorSink(Sink):
     def _run(self) -> None:
         try:
             while True:
-                timeout = max(0.0, self._events[0][0] - self._clock()) if self._events else None
+                timeout = min(WAIT_S, max(0.0, self._events[0][0] - self._clock())) if self._events else WAIT_S
                 try:
                     item = self._queue.get(timeout=timeout)
                 except queue.Empty:
                     item = ()
-                self._guard(self._due)
-                if item is None:
-                    return
-                if isinstance(item, tuple) and item and item[0] == "admit":
-                    self._arm_default(item[1], item[2])
-                elif isinstance(item, Decision):
-                    self._guard(self._decision, item)
+                self.watch.busy()
+                try:
+                    if not self._step(item):
+                        return
+                finally:
+                    self.watch.idle()
         finally:
+            # Also when the thread dies: a pulse is not left on (the daemon is then unhealthy and restarted).
             self._guard(self._shutdown)
-            self.close_resources()
+            self.release()
+
+    def _step(self, item: Any) -> bool:
+        """Fire what is due, then handle one queue item; False at the end (None)."""
+        self._guard(self._due)
+        if item is None:
+            return False
+        if isinstance(item, tuple) and item and item[0] == "admit":
+            self._arm_default(item[1], item[2])
+        elif isinstance(item, Decision):
+            self._guard(self._decision, item)
+        return True
 
     def _guard(self, fn: Callable[..., None], *args: Any) -> None:
         try:
@@ -144,7 +166,8 @@ class ActuatorSink(Sink):
         log.warning("actuator_failed", sink=self.name, error=f"{type(exc).__name__}: {exc}")
 
     def _arm_default(self, key: Key, deadline_ns: int) -> None:
-        due = self._clock() + (deadline_ns - time.time_ns()) / 1e9
+        ahead_ns = min(max(deadline_ns - time.time_ns(), 0), MAX_AHEAD_NS)  # in ints: no float overflow
+        due = self._clock() + ahead_ns / 1e9
         self._pending[key] = due
         heapq.heappush(self._events, (due, next(self._seq), "default", key))
 

@@ -66,9 +66,14 @@ class Config:
     # Deadline rejects go out this long before the deadline, absorbing thread wake-up jitter.
     deadline_margin_ms: float = 2.0
     drain_s: float = 2.0  # at shutdown, how long in-flight frames may take before rejection
-    # An inference running longer than this counts as a stalled pipeline: /healthz turns 503
-    # and the systemd watchdog pings stop, so systemd restarts the daemon.
+    # A thread holding one unit of work longer than this is stalled (supervision.py); on the frame
+    # path (e.g. an inference that does not return) /healthz turns 503 and the watchdog pings stop.
     stall_s: float = 30.0
+    # After a frame-path thread died, the daemon stays up this long (unhealthy: 503s, no watchdog
+    # pings, the status page says why), then exits 1 for a restart.
+    fatal_exit_s: float = 10.0
+    # A header deadline_ns further ahead of receipt than this is refused (bad_frame).
+    deadline_max_s: float = 60.0
     log_format: str = "auto"
     log_level: str = "info"
     # -- reject actuator on a PLC, Modbus TCP ([plc] table); plc_host "" = off
@@ -127,6 +132,8 @@ class Config:
         _range("summary_s", self.summary_s, 0.1, 86_400)
         _range("drain_s", self.drain_s, 0, 600)
         _range("stall_s", self.stall_s, 0.1, 3600)
+        _range("fatal_exit_s", self.fatal_exit_s, 0, 3600)
+        _range("deadline_max_s", self.deadline_max_s, 0.001, 86_400)
         _range("deadline_margin_ms", self.deadline_margin_ms, 0, 1000)
         _choice("plc_mode", self.plc_mode, ACTUATOR_MODES)
         _choice("gpio_mode", self.gpio_mode, ACTUATOR_MODES)

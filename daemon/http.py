@@ -8,7 +8,6 @@ handler may stream (``Response.stream``) for server-sent events.
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -19,6 +18,7 @@ import structlog
 
 from daemon.outputs import OBSERVER_NICE
 from daemon.scheduler import lower_priority
+from daemon.supervision import Supervisor, Watch
 
 log = structlog.get_logger("inspectd.http")
 
@@ -38,13 +38,15 @@ Handler = Callable[[BaseHTTPRequestHandler], Response]
 
 
 class Health:
-    """What the main loop tells the outside world: it ticks (liveness) and it is ready."""
+    """What the main loop tells the outside world: it ticks (liveness), it is ready, or what is wrong."""
 
     def __init__(self, stale_s: float = 5.0) -> None:
         self._stale_s = stale_s
         self._last_tick: float | None = None  # None: still starting (loading may take minutes)
         self.ready = False
         self.status = "starting"
+        # A dead or stalled frame-path thread (supervision.py), in words; None while healthy.
+        self.problem: str | None = None
 
     def tick(self) -> None:
         self._last_tick = time.monotonic()
@@ -53,6 +55,11 @@ class Health:
     def live(self) -> bool:
         """True while starting and then while the main loop has ticked within ``stale_s``."""
         return self._last_tick is None or time.monotonic() - self._last_tick < self._stale_s
+
+    @property
+    def healthy(self) -> bool:
+        """/healthz: the main loop ticks and no frame-path thread is dead or stalled."""
+        return self.live and self.problem is None
 
 
 class HttpServer:
@@ -79,16 +86,22 @@ class HttpServer:
             def log_message(self, format: str, *args: Any) -> None:  # keep access logs out of stderr
                 pass
 
-        self._server = ThreadingHTTPServer((host, port), _Handler)
-        self._server.daemon_threads = True
+        self._server = _Server((host, port), _Handler)
         self.address = self._server.server_address[:2]
-        self._thread = threading.Thread(target=self._server.serve_forever, name="inspectd-http", daemon=True)
+        # An observer: restarted in place if it dies (serving resumes on the same listening socket).
+        self.watch = Watch("http", self._serve, fatal=False)
+        self._server.watch = self.watch
 
     def route(self, path: str, handler: Handler) -> None:
         self.routes[path] = handler
 
-    def start(self) -> None:
-        self._thread.start()
+    def start(self, supervisor: Supervisor | None = None) -> None:
+        if supervisor is not None:
+            supervisor.add(self.watch)
+        self.watch.start()
+
+    def _serve(self) -> None:
+        self._server.serve_forever(poll_interval=0.5)
 
     def stop(self) -> None:
         self._server.shutdown()
@@ -96,10 +109,21 @@ class HttpServer:
 
     # Health endpoints: status only, no body, as inference servers do.
     def _healthz(self, _request: BaseHTTPRequestHandler) -> Response:
-        return Response(200 if self.health.live else 503)
+        return Response(200 if self.health.healthy else 503)
 
     def _readyz(self, _request: BaseHTTPRequestHandler) -> Response:
-        return Response(200 if self.health.ready and self.health.live else 503)
+        return Response(200 if self.health.ready and self.health.healthy else 503)
+
+
+class _Server(ThreadingHTTPServer):
+    """The stdlib server; its loop meets the supervision checkpoint every poll interval."""
+
+    daemon_threads = True
+    watch: Watch | None = None
+
+    def service_actions(self) -> None:
+        if self.watch is not None:
+            self.watch.checkpoint()
 
 
 def _write(request: BaseHTTPRequestHandler, response: Response) -> None:

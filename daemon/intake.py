@@ -7,12 +7,15 @@ socket has LINGER 0, a receive high-water mark of a few frames and a MAXMSGSIZE 
 from the model geometry (libzmq disconnects a peer that sends more), and every message is
 received zero-copy. The thread drains its sockets as fast as messages come, so excess
 frames become immediate ``overload`` rejects instead of piling up in socket buffers.
+
+Nothing a camera sends can raise out of the intake: the parsers are total (protocol.py),
+and the thread is supervised and fatal (supervision.py). ``failed`` counts the messages
+whose handling failed all the same (a bug, each logged with its traceback).
 """
 
 from __future__ import annotations
 
 import itertools
-import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -24,6 +27,7 @@ from zmq.utils.monitor import recv_monitor_message
 
 from daemon.config import Config
 from daemon.protocol import BadFrame, Frame, message_limit, parse_imagezmq, parse_native
+from daemon.supervision import Supervisor, Watch
 from engines.errors import UserError
 from engines.types import Geometry
 
@@ -46,6 +50,7 @@ class Intake:
         submit: Callable[[Frame | BadFrame], None],
         clock: Callable[[], int] = time.time_ns,
         secure: Callable[[zmq.Socket[Any]], None] | None = None,
+        supervisor: Supervisor | None = None,
     ) -> None:
         self._ctx = ctx
         self._secure = secure  # CurveZMQ on bound sockets (security.py)
@@ -53,11 +58,13 @@ class Intake:
         self._submit = submit
         self._clock = clock
         self._hwm = config.hwm
+        self._max_ahead_ns = int(config.deadline_max_s * 1e9)
         self._max_msg = message_limit(geometry())
         self._reading = True
         self._running = True
         self._counters: OrderedDict[str, itertools.count[int]] = OrderedDict()
         self.received = 0
+        self.failed = 0  # messages whose parsing or admission raised (each logged with its traceback)
         self._sockets: list[zmq.Socket[Any]] = []
         self._monitors: list[zmq.Socket[Any]] = []
         self.peers_dropped = 0  # disconnects: oversize messages (unreadable, so unanswered) or senders leaving
@@ -73,7 +80,9 @@ class Intake:
         except (zmq.ZMQError, UserError):
             self.close()
             raise
-        self._thread = threading.Thread(target=self._loop, name="inspectd-intake", daemon=True)
+        self.watch = Watch("intake", self._loop, fatal=True)
+        if supervisor is not None:
+            supervisor.add(self.watch)
 
     # -- sockets ----------------------------------------------------------------------------
     def _socket(self, kind: int) -> zmq.Socket[Any]:
@@ -110,7 +119,7 @@ class Intake:
 
     # -- lifecycle --------------------------------------------------------------------------
     def start(self) -> None:
-        self._thread.start()
+        self.watch.start()
 
     def pause(self) -> None:
         """Stop reading frames; replies to imagezmq senders still go out (used while draining)."""
@@ -118,8 +127,7 @@ class Intake:
 
     def stop(self) -> None:
         self._running = False
-        if self._thread.is_alive():
-            self._thread.join(timeout=2.0)
+        self.watch.join(timeout=2.0)
         self.close()
 
     def close(self) -> None:
@@ -132,7 +140,7 @@ class Intake:
 
     @property
     def alive(self) -> bool:
-        return self._thread.is_alive()
+        return self.watch.alive
 
     # -- the loop ---------------------------------------------------------------------------
     def _loop(self) -> None:
@@ -141,17 +149,25 @@ class Intake:
         for sock in [*inputs, self._replies, *self._monitors]:
             poller.register(sock, zmq.POLLIN)
         while self._running:
+            self.watch.checkpoint()
             ready = dict(poller.poll(POLL_MS))
-            for monitor in self._monitors:
-                if monitor in ready:
-                    self._count_drops(monitor)
-            if self._replies in ready:
-                self._forward_replies()
-            if not self._reading:
-                continue
-            for sock in inputs:
-                if sock in ready:
-                    self._drain(sock)
+            self.watch.busy()
+            try:
+                self._serve(ready, inputs)
+            finally:
+                self.watch.idle()
+
+    def _serve(self, ready: dict[Any, int], inputs: list[zmq.Socket[Any]]) -> None:
+        for monitor in self._monitors:
+            if monitor in ready:
+                self._count_drops(monitor)
+        if self._replies in ready:
+            self._forward_replies()
+        if not self._reading:
+            return
+        for sock in inputs:
+            if sock in ready:
+                self._drain(sock)
 
     def _count_drops(self, monitor: zmq.Socket[Any]) -> None:
         while True:
@@ -172,14 +188,18 @@ class Intake:
             now = self._clock()
             self.received += 1
             try:
-                self._submit(self._parse(sock, parts, now))
-            except Exception:  # a bug in parsing must not stop the intake
+                item = self._parse(sock, parts, now)
+                if isinstance(item, BadFrame) and item.internal:
+                    self.failed += 1  # answered all the same; protocol.py logged the traceback
+                self._submit(item)
+            except Exception:  # a bug must not stop the intake
+                self.failed += 1
                 log.exception("intake_failed")
 
     def _parse(self, sock: zmq.Socket[Any], parts: list[Any], now: int) -> Frame | BadFrame:
         geometry = self._geometry()
         if sock is not self.imagezmq:
-            return parse_native(parts, now, geometry)
+            return parse_native(parts, now, geometry, self._max_ahead_ns)
         reply = None
         if sock.type == zmq.ROUTER:
             # [identity, b"", metadata, payload] from REQ; tolerate a DEALER without the delimiter.

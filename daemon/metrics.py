@@ -126,6 +126,13 @@ class _Live:
                 "Bad messages without a readable frame id (no decision)",
                 src["unidentified"],
             )
+        if "t_capture_dropped" in src:
+            yield CounterMetricFamily(
+                "inspectd_capture_times_dropped",
+                "t_capture_ns header values dropped as unreadable (informational; the frame is still inspected)",
+                src["t_capture_dropped"],
+            )
+        yield from _threads(src)
         if "in_flight" in src:
             yield GaugeMetricFamily("inspectd_queue_depth", "Frames admitted and not yet decided", src["in_flight"])
         if "queue_limit" in src:
@@ -170,6 +177,35 @@ class _Live:
                 total.add_metric([str(index)], t)
             yield used
             yield total
+
+
+def _threads(src: dict[str, Any]) -> Iterator[Any]:
+    """Supervision (supervision.py): deaths, restarts and stalls per thread, and overall health."""
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+    if "healthy" in src:
+        yield GaugeMetricFamily(
+            "inspectd_healthy", "1 while no frame-path thread is dead or stalled (/healthz)", int(src["healthy"])
+        )
+    threads = src.get("threads") or {}
+    if not threads:
+        return
+    deaths = CounterMetricFamily(
+        "inspectd_thread_deaths",
+        "Supervised threads that died (an exception escaped their loop); pool stage tasks count as 'stages'",
+        labels=["thread", "policy"],
+    )
+    restarts = CounterMetricFamily("inspectd_thread_restarts", "Observer threads restarted in place", labels=["thread"])
+    stalls = CounterMetricFamily(
+        "inspectd_thread_stalls", "Times a thread held one unit of work longer than stall_s", labels=["thread"]
+    )
+    stalled = GaugeMetricFamily("inspectd_thread_stalled", "1 while the thread is stalled", labels=["thread"])
+    for name, stats in threads.items():
+        deaths.add_metric([name, stats["policy"]], stats["deaths"])
+        restarts.add_metric([name], stats["restarts"])
+        stalls.add_metric([name], stats["stalls"])
+        stalled.add_metric([name], stats["stalled"])
+    yield from (deaths, restarts, stalls, stalled)
 
 
 class GpuMemory:

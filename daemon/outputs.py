@@ -6,6 +6,11 @@ sink's own thread. A full queue drops the decision for that sink and counts it; 
 that fails counts and logs the failure and keeps running. New sinks subclass ``Sink`` and
 implement ``accepts`` and ``send``.
 
+Each sink's thread is supervised (``supervision.Watch``): sinks that carry the decision to
+the line (decisions socket, imagezmq replies, reject actuators) are ``fatal``: if their
+thread dies the daemon reports itself unhealthy and is restarted; observers (status page,
+metrics, audit) are restarted in place on the same queue.
+
 Evidence (the decoded frame and its anomaly map, see ``protocol.Evidence``) is large: only
 sinks whose ``wants_evidence(decision)`` is true get a decision that still references it
 (they keep short queues); every other sink gets the same decision without it, so a slow
@@ -29,6 +34,7 @@ import zmq
 
 from daemon.protocol import BadFrame, Decision, Frame
 from daemon.scheduler import lower_priority
+from daemon.supervision import Supervisor, Watch
 
 log = structlog.get_logger("inspectd.outputs")
 OBSERVER_NICE = 10  # nicer than the compute threads (COMPUTE_NICE): observers never compete with frames
@@ -39,6 +45,7 @@ class Sink:
     """A decision consumer with a bounded queue drained by its own thread."""
 
     name = "sink"
+    fatal = False  # True: the line waits for this sink (its death makes the daemon unhealthy)
     wants_admissions = False
     idle_s: float | None = None  # when set, ``idle()`` runs after this long without a decision
     # Niceness added to the sink's thread. Sinks the line waits for (decision PUB, replies,
@@ -47,7 +54,9 @@ class Sink:
 
     def __init__(self, maxsize: int = 256) -> None:
         self._queue: queue.Queue[Any] = queue.Queue(maxsize)
-        self._thread = threading.Thread(target=self._run, name=f"inspectd-{self.name}", daemon=True)
+        self.watch = Watch(self.name, self._run, fatal=self.fatal)
+        self._resources_closed = False
+        self._resources_lock = threading.Lock()
         self.sent = 0
         self.dropped = 0
         self.failed = 0
@@ -71,8 +80,18 @@ class Sink:
     def close_resources(self) -> None:
         """Release sockets or files (runs on the sink's thread after the last send)."""
 
-    def start(self) -> None:
-        self._thread.start()
+    def start(self, supervisor: Supervisor | None = None) -> None:
+        if supervisor is not None:
+            supervisor.add(self.watch)
+        self.watch.start()
+
+    def release(self) -> None:
+        """``close_resources`` once, whichever of the sink's thread and ``close`` gets there first."""
+        with self._resources_lock:
+            if self._resources_closed:
+                return
+            self._resources_closed = True
+        self.close_resources()
 
     def offer(self, decision: Decision) -> None:
         try:
@@ -83,14 +102,13 @@ class Sink:
     def close(self, flush_s: float = 1.0) -> None:
         """Send what is queued (up to ``flush_s``), then stop the thread and free resources."""
         end = time.monotonic() + flush_s
-        while not self._queue.empty() and time.monotonic() < end and self._thread.is_alive():
+        while not self._queue.empty() and time.monotonic() < end and self.watch.alive:
             time.sleep(0.002)
         with contextlib.suppress(queue.Full):
             self._queue.put(None, timeout=max(0.0, end - time.monotonic()) + 0.1)
-        if self._thread.is_alive():
-            self._thread.join(timeout=1.0)
-        else:
-            self.close_resources()
+        self.watch.join(timeout=1.0)
+        if not self.watch.alive:
+            self.release()
 
     def stats(self) -> dict[str, int]:
         return {
@@ -103,30 +121,34 @@ class Sink:
     def _run(self) -> None:
         if self.nice:
             lower_priority(self.nice)
-        try:
-            while True:
-                try:
-                    decision = self._queue.get(timeout=self.idle_s)
-                except queue.Empty:
-                    decision = _IDLE
-                if decision is None:
-                    return
-                try:
-                    if decision is _IDLE:
-                        self.idle()
-                    else:
-                        self.send(decision)
-                except Exception as exc:  # a sink failure must never reach the frame path
-                    self.failed += 1
-                    log.warning("sink_failed", sink=self.name, error=f"{type(exc).__name__}: {exc}")
-        finally:
-            self.close_resources()
+        while True:
+            try:
+                decision = self._queue.get(timeout=self.idle_s)
+            except queue.Empty:
+                decision = _IDLE
+            if decision is None:
+                break
+            self.watch.busy()
+            try:
+                if decision is _IDLE:
+                    self.idle()
+                else:
+                    self.send(decision)
+            except Exception as exc:  # a sink failure must never reach the frame path
+                self.failed += 1
+                log.warning("sink_failed", sink=self.name, error=f"{type(exc).__name__}: {exc}")
+            finally:
+                self.watch.idle()
+        # Only a normal end releases here: a thread that died may be restarted on the same resources
+        # (``close`` releases them at shutdown).
+        self.release()
 
 
 class ZmqPubSink(Sink):
     """Publishes every decision on a bound PUB socket: [camera_id, decision JSON]."""
 
     name = "zmq-pub"
+    fatal = True
 
     def __init__(
         self,
@@ -145,7 +167,8 @@ class ZmqPubSink(Sink):
         self.endpoint = self._socket.getsockopt_string(zmq.LAST_ENDPOINT)
 
     def send(self, decision: Decision) -> None:
-        topic = (decision.camera_id or "").encode()
+        # Camera ids are validated text (protocol.py); surrogatepass keeps even a bug from stopping the socket.
+        topic = (decision.camera_id or "").encode("utf-8", "surrogatepass")
         try:
             self._socket.send_multipart([topic, decision.to_json()], flags=zmq.NOBLOCK)
             self.sent += 1
@@ -164,6 +187,7 @@ class ReplySink(Sink):
     """
 
     name = "imagezmq-reply"
+    fatal = True
 
     def __init__(self, ctx: zmq.Context[Any], inproc_endpoint: str) -> None:
         super().__init__()
@@ -192,22 +216,28 @@ class Outputs:
     def add(self, sink: Sink) -> None:
         self.sinks.append(sink)
 
-    def start(self) -> None:
+    def start(self, supervisor: Supervisor | None = None) -> None:
         for sink in self.sinks:
-            sink.start()
+            sink.start(supervisor)
 
     def publish(self, decision: Decision) -> None:
         bare = decision
         if decision.evidence is not None:
             bare = dataclasses.replace(decision, evidence=None)
         for sink in self.sinks:
-            if sink.accepts(decision):
-                sink.offer(decision if bare is not decision and sink.wants_evidence(decision) else bare)
+            try:
+                if sink.accepts(decision):
+                    sink.offer(decision if bare is not decision and sink.wants_evidence(decision) else bare)
+            except Exception as exc:  # runs on a frame-path thread: one sink's bug must not stop it or the others
+                _hand_off_failed(sink, exc)
 
     def admit(self, item: Frame | BadFrame, deadline_ns: int) -> None:
         for sink in self.sinks:
             if sink.wants_admissions:
-                sink.admit(item, deadline_ns)
+                try:
+                    sink.admit(item, deadline_ns)
+                except Exception as exc:
+                    _hand_off_failed(sink, exc)
 
     @property
     def wants_admissions(self) -> bool:
@@ -219,3 +249,8 @@ class Outputs:
 
     def stats(self) -> dict[str, dict[str, int]]:
         return {sink.name: sink.stats() for sink in self.sinks}
+
+
+def _hand_off_failed(sink: Sink, exc: Exception) -> None:
+    sink.failed += 1
+    log.exception("sink_hand_off_failed", sink=sink.name, error=f"{type(exc).__name__}: {exc}")

@@ -1,9 +1,11 @@
 """Wire formats: frames in (native and imagezmq), decisions out. Pure functions, no sockets.
 
 Parsing never trusts a size the sender declared: every header is checked against the
-model's geometry and the message limits before anything is allocated, and a message
-that cannot be read becomes a ``BadFrame`` (never an exception) so the scheduler can
-answer it with a ``bad_frame`` reject. docs/protocol.md is the user-facing description.
+model's geometry and the message limits before anything is allocated, every field's type
+and range is checked (``validation.py``), and a message that cannot be read becomes a
+``BadFrame`` (never an exception) so the scheduler can answer it with a ``bad_frame``
+reject. ``parse_native`` and ``parse_imagezmq`` are total: whatever the bytes, they return.
+docs/protocol.md is the user-facing description.
 """
 
 from __future__ import annotations
@@ -14,12 +16,17 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import structlog
+
+from daemon import validation as check
+from daemon.validation import DEFAULT_MAX_AHEAD_NS, MAX_ID_CHARS, is_int, short
 from engines.types import DTYPES, Geometry, Result
+
+log = structlog.get_logger("inspectd.protocol")
 
 PROTOCOL_VERSION = 1
 ENCODINGS = ("raw", "png", "jpeg", "tiff")
 MAX_HEADER_BYTES = 16 * 1024
-MAX_ID_CHARS = 256
 HEADER_FIELDS = ("v", "frame_id", "camera_id", "width", "height", "channels", "dtype", "encoding")
 IMAGEZMQ_CAMERA = "imagezmq"  # camera id for imagezmq messages whose name cannot be read
 
@@ -46,6 +53,7 @@ class Frame:
     part_id: str | int | None = None
     reply: bytes | None = None  # ROUTER identity of an imagezmq REQ sender awaiting the decision
     source: str = "native"
+    dropped: tuple[str, ...] = ()  # informational header fields dropped as unreadable (t_capture_ns)
 
 
 @dataclass
@@ -60,6 +68,8 @@ class BadFrame:
     deadline_ns: int | None = None
     reply: bytes | None = None
     source: str = "native"
+    dropped: tuple[str, ...] = ()
+    internal: bool = False  # the checks themselves failed (a bug, logged with its traceback)
 
 
 @dataclass(frozen=True, eq=False)
@@ -157,79 +167,95 @@ def result_fields(result: Result, max_defects: int) -> dict[str, Any]:
 
 
 # -- native protocol -------------------------------------------------------------------------
-def parse_native(parts: Sequence[Any], t_received_ns: int, geometry: Geometry) -> Frame | BadFrame:
-    """Check a native two-part message (JSON header, payload) against the model's geometry."""
+def parse_native(
+    parts: Sequence[Any], t_received_ns: int, geometry: Geometry, max_ahead_ns: int = DEFAULT_MAX_AHEAD_NS
+) -> Frame | BadFrame:
+    """Check a native two-part message (JSON header, payload): every field, then the model's geometry.
+
+    ``max_ahead_ns`` is how far past receipt a deadline may lie (``deadline_max_s``).
+    """
     bad = BadFrame("", t_received_ns)
+    try:
+        return _parse_native(parts, bad, geometry, max_ahead_ns)
+    except Exception as exc:  # a gap in the checks: the frame is still answered if it named itself
+        return _internal(bad, exc)
+
+
+def _parse_native(parts: Sequence[Any], bad: BadFrame, geometry: Geometry, max_ahead_ns: int) -> Frame | BadFrame:
     if not parts:
         return _bad(bad, "empty message")
-    header, why = _json_object(_view(parts[0]))
+    header, why = check.json_object(_view(parts[0]), MAX_HEADER_BYTES)
+    deadline_why = ""
     if header is not None:
-        _read_ids(header, bad)
+        deadline_why = _read_ids(header, bad, max_ahead_ns)
     if len(parts) != 2:
         return _bad(bad, f"expected 2 message parts (header, payload), got {len(parts)}")
     if header is None:
         return _bad(bad, why)
-    missing = [k for k in HEADER_FIELDS if k not in header]
-    if missing:
-        return _bad(bad, f"header misses {', '.join(missing)}")
-    if header["v"] != PROTOCOL_VERSION:
-        return _bad(bad, f"protocol version {header['v']!r}, this daemon speaks {PROTOCOL_VERSION}")
-    if bad.frame_id is None or bad.camera_id is None:
-        return _bad(bad, "frame_id must be an int or a short string and camera_id a non-empty short string")
-    for key in ("t_capture_ns", "deadline_ns"):
-        if key in header and header[key] is not None and not _is_int(header[key]):
-            return _bad(bad, f"{key} must be an integer (Unix ns), got {header[key]!r}")
-    why = _check_image_fields(header, geometry)
+    why = _check_header(header, bad) or deadline_why or _check_image_fields(header, geometry)
     if why:
         return _bad(bad, why)
     payload = _view(parts[1])
     why = _check_payload(len(payload), header["encoding"], geometry)
     if why:
         return _bad(bad, why)
+    t_capture, dropped = check.capture_time(header.get("t_capture_ns"))
+    assert bad.camera_id is not None and bad.frame_id is not None  # _check_header made sure
     return Frame(
         camera_id=bad.camera_id,
         frame_id=bad.frame_id,
         encoding=header["encoding"],
         payload=payload,
-        t_received_ns=t_received_ns,
-        deadline_ns=header.get("deadline_ns"),
-        t_capture_ns=header.get("t_capture_ns"),
+        t_received_ns=bad.t_received_ns,
+        deadline_ns=bad.deadline_ns,
+        t_capture_ns=t_capture,
         part_id=bad.part_id,
+        dropped=("t_capture_ns",) if dropped else (),
     )
 
 
-def _read_ids(header: dict[str, Any], bad: BadFrame) -> None:
-    """Pick up whatever ids a header carries, so even a rejected frame can be named."""
-    frame_id = header.get("frame_id")
-    if _is_int(frame_id) or (isinstance(frame_id, str) and 0 < len(frame_id) <= MAX_ID_CHARS):
-        bad.frame_id = frame_id
-    camera_id = header.get("camera_id")
-    if isinstance(camera_id, str) and 0 < len(camera_id) <= MAX_ID_CHARS:
-        bad.camera_id = camera_id
-    part_id = header.get("part_id")
-    if _is_int(part_id) or (isinstance(part_id, str) and len(part_id) <= MAX_ID_CHARS):
-        bad.part_id = part_id
-    deadline = header.get("deadline_ns")
-    if _is_int(deadline):
-        bad.deadline_ns = deadline
+def _read_ids(header: dict[str, Any], bad: BadFrame, max_ahead_ns: int) -> str:
+    """Pick up whatever ids a header carries, so even a rejected frame can be named; returns why the deadline is bad."""
+    bad.frame_id = check.frame_id(header.get("frame_id"))
+    bad.camera_id = check.camera_id(header.get("camera_id"))
+    bad.part_id, _ = check.part_id(header.get("part_id"))
+    bad.deadline_ns, why = check.deadline(header.get("deadline_ns"), bad.t_received_ns, max_ahead_ns)
+    return why
+
+
+def _check_header(header: dict[str, Any], bad: BadFrame) -> str | None:
+    """Presence, version and ids; None when all are fine."""
+    missing = [k for k in HEADER_FIELDS if k not in header]
+    if missing:
+        return f"header misses {', '.join(missing)}"
+    version = header["v"]
+    if not is_int(version) or version != PROTOCOL_VERSION:
+        return f"protocol version {short(version)}, this daemon speaks {PROTOCOL_VERSION}"
+    if bad.frame_id is None:
+        return f"frame_id must be a 64-bit integer or a text of 1-{MAX_ID_CHARS} characters"
+    if bad.camera_id is None:
+        return f"camera_id must be a text of 1-{MAX_ID_CHARS} characters, got {short(header['camera_id'])}"
+    _, why = check.part_id(header.get("part_id"))
+    return why or None
 
 
 def _check_image_fields(header: dict[str, Any], geometry: Geometry) -> str | None:
     width, height, channels = header["width"], header["height"], header["channels"]
-    if not all(_is_int(x) and x > 0 for x in (width, height)) or channels not in (1, 3):
-        return f"bad image size {width!r}x{height!r}x{channels!r} (channels must be 1 or 3)"
-    if header["dtype"] not in DTYPES:
-        return f"unknown dtype {header['dtype']!r}, expected one of {', '.join(DTYPES)}"
-    if header["encoding"] not in ENCODINGS:
-        return f"unknown encoding {header['encoding']!r}, expected one of {', '.join(ENCODINGS)}"
-    return _check_geometry(height, width, channels, header["dtype"], geometry)
+    if not all(is_int(x) and x > 0 for x in (width, height)) or not (is_int(channels) and channels in (1, 3)):
+        return f"bad image size {short(width)}x{short(height)}x{short(channels)} (channels must be 1 or 3)"
+    dtype, encoding = header["dtype"], header["encoding"]
+    if not isinstance(dtype, str) or dtype not in DTYPES:
+        return f"unknown dtype {short(dtype)}, expected one of {', '.join(DTYPES)}"
+    if not isinstance(encoding, str) or encoding not in ENCODINGS:
+        return f"unknown encoding {short(encoding)}, expected one of {', '.join(ENCODINGS)}"
+    return _check_geometry(height, width, channels, dtype, geometry)
 
 
 def _check_geometry(height: int, width: int, channels: int, dtype: str, geometry: Geometry) -> str | None:
     got = (height, width, channels, dtype)
     if got != (geometry.height, geometry.width, geometry.channels, geometry.dtype):
         kind = "mono" if channels == 1 else "colour"
-        return f"frame is {width}x{height} {kind} {dtype}, model expects {geometry.describe()}"
+        return f"frame is {short(width)}x{short(height)} {kind} {dtype}, model expects {geometry.describe()}"
     return None
 
 
@@ -252,41 +278,53 @@ def parse_imagezmq(
 
     imagezmq carries no frame id: the camera id is the message name (``msg``, by
     convention the sender's name) and the frame id a per-camera counter from ``next_id``.
+    A name that is not valid text counts under ``IMAGEZMQ_CAMERA`` and the frame is a
+    ``bad_frame`` (every imagezmq message is answered: its REQ sender waits for the reply).
     """
-    header, why = _json_object(_view(parts[0])) if parts else (None, "empty message")
-    camera = IMAGEZMQ_CAMERA
-    if header is not None and isinstance(header.get("msg"), str) and 0 < len(header["msg"]) <= MAX_ID_CHARS:
-        camera = header["msg"]
+    header, why = check.json_object(_view(parts[0]), MAX_HEADER_BYTES) if parts else (None, "empty message")
+    name = header.get("msg") if header is not None else None
+    camera = check.camera_id(name) or IMAGEZMQ_CAMERA
     bad = BadFrame("", t_received_ns, camera_id=camera, frame_id=next_id(camera), source="imagezmq")
+    try:
+        return _parse_imagezmq(parts, header, why, bad, geometry)
+    except Exception as exc:  # a gap in the checks: the sender still gets its reply
+        return _internal(bad, exc)
+
+
+def _parse_imagezmq(
+    parts: Sequence[Any], header: dict[str, Any] | None, why: str, bad: BadFrame, geometry: Geometry
+) -> Frame | BadFrame:
     if len(parts) != 2:
         return _bad(bad, f"expected 2 message parts (metadata, image), got {len(parts)}")
     if header is None:
         return _bad(bad, why)
     if "msg" not in header:
         return _bad(bad, "imagezmq metadata misses msg")
+    if check.camera_id(header["msg"]) is None:
+        return _bad(bad, f"imagezmq msg must be a text of 1-{MAX_ID_CHARS} characters, got {short(header['msg'])}")
     payload = _view(parts[1])
     if "shape" in header or "dtype" in header:
         encoding = "raw"
-        why = _check_imagezmq_array(header, geometry) or _check_payload(len(payload), "raw", geometry)
+        why = _check_imagezmq_array(header, geometry) or _check_payload(len(payload), "raw", geometry) or ""
     else:
         encoding = "jpeg"
-        why = _check_payload(len(payload), "jpeg", geometry)
+        why = _check_payload(len(payload), "jpeg", geometry) or ""
     if why:
         return _bad(bad, why)
     assert bad.camera_id is not None and bad.frame_id is not None
-    return Frame(bad.camera_id, bad.frame_id, encoding, payload, t_received_ns, source="imagezmq")
+    return Frame(bad.camera_id, bad.frame_id, encoding, payload, bad.t_received_ns, source="imagezmq")
 
 
 def _check_imagezmq_array(header: dict[str, Any], geometry: Geometry) -> str | None:
     shape, dtype = header.get("shape"), header.get("dtype")
-    sizes_ok = isinstance(shape, list) and len(shape) in (2, 3) and all(_is_int(x) and x > 0 for x in shape)
+    sizes_ok = isinstance(shape, list) and len(shape) in (2, 3) and all(is_int(x) and x > 0 for x in shape)
     if not sizes_ok:
-        return f"imagezmq shape must be [h, w] or [h, w, c], got {shape!r}"
-    if dtype not in DTYPES:
-        return f"unknown dtype {dtype!r}, expected one of {', '.join(DTYPES)}"
+        return f"imagezmq shape must be [h, w] or [h, w, c], got {short(shape)}"
+    if not isinstance(dtype, str) or dtype not in DTYPES:
+        return f"unknown dtype {short(dtype)}, expected one of {', '.join(DTYPES)}"
     channels = shape[2] if len(shape) == 3 else 1
     if channels not in (1, 3):
-        return f"imagezmq image has {channels} channels, expected 1 or 3"
+        return f"imagezmq image has {short(channels)} channels, expected 1 or 3"
     return _check_geometry(shape[0], shape[1], channels, dtype, geometry)
 
 
@@ -297,22 +335,12 @@ def _view(part: Any) -> memoryview:
     return memoryview(buffer).cast("B") if not isinstance(buffer, memoryview) else buffer.cast("B")
 
 
-def _json_object(data: memoryview) -> tuple[dict[str, Any] | None, str]:
-    if len(data) > MAX_HEADER_BYTES:
-        return None, f"header of {len(data)} bytes exceeds {MAX_HEADER_BYTES}"
-    try:
-        header = json.loads(bytes(data).decode("utf-8"))
-    except (UnicodeDecodeError, ValueError):
-        return None, "header is not UTF-8 JSON"
-    if not isinstance(header, dict):
-        return None, "header is not a JSON object"
-    return header, ""
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 def _bad(bad: BadFrame, detail: str) -> BadFrame:
     bad.detail = detail[:200]
     return bad
+
+
+def _internal(bad: BadFrame, exc: Exception) -> BadFrame:
+    log.exception("parse_failed", frame_id=bad.frame_id, source=bad.source)
+    bad.internal = True
+    return _bad(bad, f"unreadable header ({type(exc).__name__})")

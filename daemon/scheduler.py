@@ -16,7 +16,15 @@ resolved (at worst by its own timer) before a ticket's deadline, the ordering is
 broken and no decision is late. The price, only for a camera whose deadlines go
 backwards, is that a predecessor can be rejected (reason ``deadline``) earlier than its
 own header asked. Overload and bad-frame rejects are decided at once and published as
-soon as their predecessors are. A decision's ``t_decided_ns`` is when it is published.
+soon as their predecessors are. A frame whose deadline has already passed on arrival is
+rejected (``deadline``) at once, the same way; it pulls no predecessor's deadline down
+(they could only be rejected too) and is not a delay of the deadline thread. A decision's
+``t_decided_ns`` is when it is published.
+
+Threads: the engine owner and the deadline thread are supervised and fatal
+(supervision.py); each marks the work it holds, so a hung inference is a stall. A stage
+task (decode + prepare, decide) whose exception escapes its own handling is logged,
+counted as a death of ``stages`` and its frame rejected (``error``); the pool carries on.
 """
 
 from __future__ import annotations
@@ -39,6 +47,7 @@ import structlog
 
 from daemon.decoding import decode_frame
 from daemon.protocol import BadFrame, Decision, Evidence, Frame, result_fields
+from daemon.supervision import Supervisor
 from engines.errors import ImageError, InspectError
 from engines.types import Geometry, Result
 
@@ -52,6 +61,7 @@ COMPUTE_NICE = 5
 # Deadline rejects are published this long before the deadline, so thread wake-up and
 # socket hand-off never make a "deadline" decision itself late.
 DEADLINE_MARGIN_NS = 2_000_000
+MAX_TIMER_WAIT_NS = 500_000_000  # the deadline thread looks at its stop flag (and checkpoint) this often
 _STOP = (math.inf, math.inf, None)
 
 
@@ -107,6 +117,7 @@ class Ticket:
     prepared: Any = None
     outcome: dict[str, Any] | None = None  # Decision fields, set once by resolve()
     has_work: bool = False
+    armed_ns: int = 0  # when its deadline timer was (last) armed: timer lag counts from here at the earliest
     image: Any = None  # the decoded frame, kept (a reference) for the evidence sinks
     evidence: Evidence | None = None
     timings_ms: dict[str, float] = field(default_factory=dict)  # wall time of each stage
@@ -129,6 +140,7 @@ class Stats:
     decisions: int = 0
     deadline_missed: int = 0
     unidentified: int = 0  # bad messages without a readable frame id: counted, not answered
+    capture_dropped: int = 0  # t_capture_ns values dropped as unreadable (informational field)
     late_results: int = 0
     timer_lag_ns: int = 0  # worst delay of the deadline thread behind its schedule (CPU/GIL starvation)
     since_ns: int = field(default_factory=time.monotonic_ns)
@@ -147,12 +159,14 @@ class Stats:
             "latency_max_ms": round(float(lat.max()), 2),
             "deadline_missed": self.deadline_missed,
             "unidentified_bad_messages": self.unidentified,
+            "t_capture_dropped": self.capture_dropped,
             "late_results": self.late_results,
             "timer_lag_max_ms": round(self.timer_lag_ns / 1e6, 2),
         }
         self.reasons.clear()
         self.latencies_ms.clear()
         self.decisions = self.deadline_missed = self.unidentified = self.late_results = self.timer_lag_ns = 0
+        self.capture_dropped = 0
         self.since_ns = time.monotonic_ns()
         return out
 
@@ -191,6 +205,7 @@ class Scheduler:
         max_defects: int = 20,
         margin_ns: int = DEADLINE_MARGIN_NS,
         clock: Callable[[], int] = time.time_ns,
+        supervisor: Supervisor | None = None,
     ) -> None:
         self.engine = engine
         self._publish = publish
@@ -213,27 +228,26 @@ class Scheduler:
         self._timer_cv = threading.Condition()
         self._timers: list[tuple[int, int, Ticket]] = []
         self._stopping = False
-        self._infer_since: float | None = None  # monotonic start of the inference in progress
-        self._threads = [
-            threading.Thread(target=self._engine_loop, name="inspectd-engine", daemon=True),
-            threading.Thread(target=self._timer_loop, name="inspectd-deadlines", daemon=True),
-        ]
+        sup = supervisor or Supervisor()
+        self._supervisor = sup
+        self._engine_watch = sup.watch("engine", self._engine_loop, fatal=True)
+        self._timer_watch = sup.watch("deadlines", self._timer_loop, fatal=True)
+        self._stages = sup.watch("stages", None, fatal=False)  # the pool's tasks (never started as a thread)
 
     # -- lifecycle ------------------------------------------------------------------------
     def start(self) -> None:
-        for thread in self._threads:
-            thread.start()
+        self._engine_watch.start()
+        self._timer_watch.start()
 
     @property
     def alive(self) -> bool:
-        """True while the engine and deadline threads run (the watchdog's liveness test)."""
-        return all(t.is_alive() for t in self._threads)
+        """True while the engine and deadline threads run."""
+        return self._engine_watch.alive and self._timer_watch.alive
 
     @property
     def stalled_s(self) -> float:
-        """How long the inference in progress has run (0 when idle): a hung backend shows here."""
-        since = self._infer_since
-        return 0.0 if since is None else time.monotonic() - since
+        """How long the engine thread has held its frame (0 when idle): a hung backend shows here."""
+        return self._engine_watch.busy_s()
 
     @property
     def in_flight(self) -> int:
@@ -257,9 +271,8 @@ class Scheduler:
         self._engine_q.put(_STOP)
         with self._timer_cv:
             self._timer_cv.notify_all()
-        for thread in self._threads:
-            if thread.ident is not None:  # started (a failed startup may stop before start)
-                thread.join(timeout=2.0)
+        for watch in (self._engine_watch, self._timer_watch):
+            watch.join(timeout=2.0)  # a no-op when never started (a failed startup)
         self._pool.shutdown(wait=False, cancel_futures=True)
 
     def totals(self) -> dict[str, int]:
@@ -293,37 +306,52 @@ class Scheduler:
     # -- admission ---------------------------------------------------------------------------
     def submit(self, item: Frame | BadFrame) -> None:
         """Admit one received message; never blocks (the intake thread calls this)."""
-        if isinstance(item, BadFrame) and item.frame_id is None:
+        if item.dropped:
             with self._lock:
-                self._stats.unidentified += 1
-                self._stats.totals["unidentified_bad_messages"] += 1
-            log.info("bad_message", detail=item.detail, camera_id=item.camera_id, source=item.source)
+                self._stats.capture_dropped += 1
+                self._stats.totals["t_capture_dropped"] += 1
+        if isinstance(item, BadFrame) and item.frame_id is None:
+            self._unidentified(item)
             return
+        now = self._clock()
         with self._lock:
-            ticket = self._admit(item)
-            overload = self._overload(ticket) if isinstance(item, Frame) else None
+            ticket = self._admit(item, now)
+            past = isinstance(item, Frame) and ticket.deadline_ns <= now
+            overload = self._overload(ticket) if isinstance(item, Frame) and not past else None
             if self._admitted is not None:  # only a put_nowait per interested sink (outputs.py)
                 self._admitted(item, ticket.deadline_ns)
-            if isinstance(item, Frame) and not overload:
+            if isinstance(item, Frame) and not (past or overload):
                 ticket.engine = self.engine
                 ticket.has_work = True
                 self._working.add(ticket)
                 self._users[id(ticket.engine)] += 1
         if isinstance(item, BadFrame):
             self._resolve(ticket, "reject", "bad_frame", detail=item.detail)
+        elif past:
+            self._resolve(ticket, "reject", "deadline", detail="the deadline had passed when the frame arrived")
         elif overload:
             self._resolve(ticket, "reject", "overload", detail=overload)
         else:
             self._arm(ticket)
-            self._pool.submit(self._prepare, ticket)
+            self._run_task(self._prepare, ticket)
 
-    def _admit(self, item: Frame | BadFrame) -> Ticket:
+    def _unidentified(self, item: BadFrame) -> None:
+        """A message that cannot be answered: counted, logged, and (a part may have passed) told to the actuators."""
+        with self._lock:
+            self._stats.unidentified += 1
+            self._stats.totals["unidentified_bad_messages"] += 1
+            if self._admitted is not None:  # reject-by-default fires one reject for it at receipt + cycle
+                self._admitted(item, item.t_received_ns + self._cycle_ns)
+        log.info("bad_message", detail=item.detail, camera_id=item.camera_id, source=item.source)
+
+    def _admit(self, item: Frame | BadFrame, now: int) -> Ticket:
         """Create the ticket and queue it in its camera's chain (caller holds the lock)."""
         deadline = item.deadline_ns if item.deadline_ns is not None else item.t_received_ns + self._cycle_ns
         ticket = Ticket(item, next(self._seq), deadline)
         chain = self._chains.setdefault(item.camera_id, deque())
-        for earlier in reversed(chain):
-            # Keep deadlines monotone per camera (see the module docstring).
+        # Keep deadlines monotone per camera (see the module docstring); a deadline already past
+        # pulls nothing down: the frame is rejected at once and its predecessors keep their own.
+        for earlier in reversed(chain) if deadline > now else ():
             if not earlier.resolved and earlier.deadline_ns > deadline:
                 earlier.deadline_ns = deadline
                 self._arm(earlier)
@@ -351,9 +379,22 @@ class Scheduler:
         return None
 
     def _arm(self, ticket: Ticket) -> None:
+        ticket.armed_ns = self._clock()
         with self._timer_cv:
             heapq.heappush(self._timers, (ticket.deadline_ns, ticket.seq, ticket))
             self._timer_cv.notify()
+
+    def _run_task(self, task: Callable[..., None], ticket: Ticket, *args: Any) -> None:
+        """Queue a stage task on the pool, supervised: an exception escaping it rejects its frame."""
+        self._pool.submit(
+            self._supervisor.run_task, self._stages, task, ticket, *args, on_failure=lambda: self._abandon(ticket)
+        )
+
+    def _abandon(self, ticket: Ticket) -> None:
+        """After an internal failure of a stage task: an ``error`` reject, and its place freed."""
+        if not ticket.resolved:
+            self._resolve(ticket, "reject", "error", detail=f"internal error at {ticket.stage}")
+        self._finish(ticket)
 
     # -- stages ------------------------------------------------------------------------------
     def _prepare(self, ticket: Ticket) -> None:
@@ -382,27 +423,31 @@ class Scheduler:
             _, _, ticket = self._engine_q.get()
             if ticket is None:
                 return
-            if self._skip(ticket):
-                continue
-            assert ticket.engine is not None
-            ticket.stage = "infer"
-            start = time.perf_counter_ns()
-            self._infer_since = time.monotonic()
+            self._engine_watch.busy()  # holds this frame until it is handed on: a hung backend is a stall
             try:
-                anomaly = ticket.engine.infer(ticket.prepared)
-            except Exception as exc:
-                self._fail(ticket, exc)
-                continue
+                self._infer(ticket)
             finally:
-                self._infer_since = None
-            elapsed = time.perf_counter_ns() - start
-            ticket.timings_ms["infer"] = elapsed / 1e6
-            self._cost.infer = self._cost.update(self._cost.infer, elapsed)
-            ticket.stage = "decide"
-            try:
-                self._pool.submit(self._decide, ticket, anomaly)
-            except RuntimeError:  # pool shut down while stopping
-                self._finish(ticket)
+                self._engine_watch.idle()
+
+    def _infer(self, ticket: Ticket) -> None:
+        if self._skip(ticket):
+            return
+        assert ticket.engine is not None
+        ticket.stage = "infer"
+        start = time.perf_counter_ns()
+        try:
+            anomaly = ticket.engine.infer(ticket.prepared)
+        except Exception as exc:
+            self._fail(ticket, exc)
+            return
+        elapsed = time.perf_counter_ns() - start
+        ticket.timings_ms["infer"] = elapsed / 1e6
+        self._cost.infer = self._cost.update(self._cost.infer, elapsed)
+        ticket.stage = "decide"
+        try:
+            self._run_task(self._decide, ticket, anomaly)
+        except RuntimeError:  # pool shut down while stopping
+            self._finish(ticket)
 
     def _decide(self, ticket: Ticket, anomaly: np.ndarray) -> None:
         assert ticket.engine is not None
@@ -458,6 +503,7 @@ class Scheduler:
     # -- deadlines ---------------------------------------------------------------------------
     def _timer_loop(self) -> None:
         while True:
+            self._timer_watch.checkpoint()
             with self._timer_cv:
                 if self._stopping:
                     return
@@ -465,9 +511,13 @@ class Scheduler:
                 if not expired:
                     self._timer_cv.wait(self._next_wait_s())
                     continue
-            for ticket in expired:
-                detail = f"no result by the deadline (at {ticket.stage})"
-                self._resolve(ticket, "reject", "deadline", detail=detail)
+            self._timer_watch.busy()
+            try:
+                for ticket in expired:
+                    detail = f"no result by the deadline (at {ticket.stage})"
+                    self._resolve(ticket, "reject", "deadline", detail=detail)
+            finally:
+                self._timer_watch.idle()
 
     def _pop_expired(self) -> list[Ticket]:
         """Tickets whose deadline (less the margin) has come (caller holds the timer lock)."""
@@ -479,15 +529,18 @@ class Scheduler:
                 heapq.heappop(self._timers)  # decided already, or re-armed with an earlier deadline
             elif due - self._margin_ns <= now:
                 expired.append(heapq.heappop(self._timers)[2])
-                self._stats.timer_lag_ns = max(self._stats.timer_lag_ns, now - (due - self._margin_ns))
+                # Lag behind schedule: from when the timer was due, or armed if it was due already then.
+                lag = now - max(due - self._margin_ns, ticket.armed_ns)
+                self._stats.timer_lag_ns = max(self._stats.timer_lag_ns, lag)
             else:
                 break
         return expired
 
     def _next_wait_s(self) -> float:
         if not self._timers:
-            return 0.5
-        return min(max(self._timers[0][0] - self._margin_ns - self._clock(), 0) / 1e9, 0.5)
+            return MAX_TIMER_WAIT_NS / 1e9
+        wait_ns = self._timers[0][0] - self._margin_ns - self._clock()  # ints: no float overflow
+        return min(max(wait_ns, 0), MAX_TIMER_WAIT_NS) / 1e9
 
     # -- resolution --------------------------------------------------------------------------
     def _resolve(self, ticket: Ticket, verdict: str, reason: str, **fields: Any) -> bool:

@@ -44,6 +44,11 @@ class Curve:
         self._auth.configure_curve(domain="*", location=str(clients))
         log.info("curve_enabled", clients=len(list(clients.glob("*.key"))))
 
+    @property
+    def thread(self) -> Any:
+        """The authenticator's thread (supervised by the server: without it no client gets in)."""
+        return self._auth.thread
+
     def apply(self, sock: zmq.Socket[Any]) -> None:
         sock.curve_secretkey = self._secret
         sock.curve_publickey = self.public_key

@@ -3,10 +3,11 @@
 startup   load + warm the model, bind the decision sinks, bind the frame sockets, start
           the scheduler and intake threads, start HTTP, then report ready (HTTP /readyz,
           systemd READY=1).
-main loop tick every TICK_S: systemd watchdog and /healthz liveness (only while the
-          engine, deadline and intake threads are alive and no inference has run longer
-          than ``stall_s``), a STATUS= line for systemd, periodic summary, and acting on
-          the flags that signal handlers set (handlers do nothing else).
+main loop tick every TICK_S: supervision (supervision.py: restart dead observers; a dead
+          or stalled frame-path thread makes /healthz and /readyz 503 and stops the
+          watchdog; a dead one makes the daemon exit 1 after ``fatal_exit_s``), the systemd
+          watchdog and /healthz liveness, a STATUS= line for systemd, periodic summary, and
+          acting on the flags that signal handlers set (handlers do nothing else).
 shutdown  stop reading frames, let in-flight frames finish for up to ``drain_s``, reject
           the rest, publish every decision, close sockets, free the model; exit 0.
 
@@ -40,6 +41,7 @@ from daemon.outputs import Outputs, ReplySink, Sink, ZmqPubSink
 from daemon.scheduler import Engine, Scheduler, run_niced
 from daemon.security import Curve
 from daemon.status import StatusBoard
+from daemon.supervision import State, Supervisor, Watch
 from daemon.systemd import Notifier
 from engines.errors import UserError
 from engines.types import DTYPES
@@ -69,10 +71,20 @@ def load_engine(model: str, backend: str) -> Engine:
 class Server:
     """One daemon instance: owns the engine, scheduler, sockets, sinks and HTTP."""
 
-    def __init__(self, config: Config, loader: Loader = load_engine, notifier: Notifier | None = None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        loader: Loader = load_engine,
+        notifier: Notifier | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.config = config
         self._loader = loader
         self._notifier = notifier or Notifier()
+        # Every thread registers here; ``clock`` times stalls and the exit after a fatal death.
+        self.supervisor = Supervisor(config.stall_s, clock)
+        self._state = State()
+        self._fatal_at: float | None = None
         self.health = Health()
         self.ready = threading.Event()
         self.endpoints: dict[str, str] = {}
@@ -89,7 +101,6 @@ class Server:
         self.metrics: metrics_mod.MetricsSink | None = None
         self.curve: Curve | None = None
         self._gpu_memory: metrics_mod.GpuMemory | None = None
-        self._stalled = False
         self.exit_code = 0
 
     # -- flags (what signal handlers may touch) -------------------------------------------------
@@ -124,6 +135,7 @@ class Server:
         sys.setswitchinterval(0.001)
         if cfg.curve_secret_key:
             self.curve = Curve(self._ctx, cfg.curve_secret_key, cfg.curve_clients)
+            self.supervisor.add(Watch.of("curve-auth", self.curve.thread, fatal=True))
         secure = self.curve.apply if self.curve is not None else None
         if cfg.http_listen:  # first, so /readyz answers 503 while the model loads
             self._start_http()
@@ -146,9 +158,17 @@ class Server:
             workers=cfg.workers,
             max_defects=cfg.max_defects,
             margin_ns=int(cfg.deadline_margin_ms * 1e6),
+            supervisor=self.supervisor,
         )
         scheduler = self.scheduler
-        self.intake = Intake(self._ctx, cfg, lambda: scheduler.engine.geometry, scheduler.submit, secure=secure)
+        self.intake = Intake(
+            self._ctx,
+            cfg,
+            lambda: scheduler.engine.geometry,
+            scheduler.submit,
+            secure=secure,
+            supervisor=self.supervisor,
+        )
         if self.intake.imagezmq is not None and cfg.imagezmq_mode == "reqrep":
             self.outputs.add(ReplySink(self._ctx, self.intake.reply_endpoint))
         self.endpoints.update(
@@ -156,7 +176,7 @@ class Server:
             imagezmq=self.intake.endpoint(self.intake.imagezmq),
             decisions=pub.endpoint,
         )
-        self.outputs.start()
+        self.outputs.start(self.supervisor)
         self.scheduler.start()
         self.intake.start()
         self.health.tick()
@@ -188,7 +208,7 @@ class Server:
             self._gpu_memory = metrics_mod.GpuMemory()
         else:
             log.warning("metrics_off", detail="prometheus-client is not installed; /metrics answers 404")
-        self.http.start()
+        self.http.start(self.supervisor)
         self.endpoints["http"] = "{}:{}".format(*self.http.address)
 
     def _line_outputs(self) -> list[Sink]:
@@ -243,15 +263,15 @@ class Server:
         next_ping = 0.0
         next_status = time.monotonic() + STATUS_S
         while not self._stop.wait(TICK_S):
-            if not self._threads_alive():
-                log.error("thread_died", detail="a frame-path thread stopped; exiting for a restart")
+            state = self._supervise()
+            if self._fatal_exit_due():
+                log.error("exiting", detail="a frame-path thread died; exit 1 for a restart", problem=state.problem)
                 self.exit_code = 1
                 return
-            if self._check_stall():
-                continue  # no liveness tick, no watchdog ping: systemd restarts a stalled daemon
             self.health.tick()
             now = time.monotonic()
-            if self._notifier.watchdog_s and now >= next_ping:
+            # No watchdog ping while a frame-path thread is dead or stalled: systemd restarts the daemon.
+            if state.healthy and self._notifier.watchdog_s and now >= next_ping:
                 self._notifier.notify("WATCHDOG=1")
                 next_ping = now + self._notifier.watchdog_s
             if now >= next_status:
@@ -264,23 +284,30 @@ class Server:
                 self._reload.clear()
                 self._start_reload()
 
-    def _check_stall(self) -> bool:
-        """True while the inference in progress has run longer than ``stall_s`` (logged once per stall)."""
-        assert self.scheduler is not None
-        stalled = self.scheduler.stalled_s > self.config.stall_s
-        if stalled and not self._stalled:
-            log.error("pipeline_stalled", inference_s=round(self.scheduler.stalled_s, 1), stall_s=self.config.stall_s)
-            self.health.status = "stalled"
-            self._notifier.notify("STATUS=stalled: an inference has not returned")
-        elif self._stalled and not stalled:
-            log.info("pipeline_resumed")
-            self.health.status = "serving"
-        self._stalled = stalled
-        return stalled
+    def _supervise(self) -> State:
+        """Ask the supervisor about every thread; turn what it found into health, STATUS= and the exit timer."""
+        state = self._state = self.supervisor.check()
+        problem = state.problem
+        if problem != self.health.problem:
+            self.health.problem = problem
+            if problem:
+                log.error("unhealthy", problem=problem)
+                self._notifier.notify(f"STATUS=unhealthy: {problem}")
+            else:
+                log.info("healthy_again")
+        if state.fatal and self._fatal_at is None:
+            self._fatal_at = self.supervisor.clock()
+            log.error("fatal", problem=problem, exit_in_s=self.config.fatal_exit_s)
+        return state
+
+    def _fatal_exit_due(self) -> bool:
+        return self._fatal_at is not None and self.supervisor.clock() - self._fatal_at >= self.config.fatal_exit_s
 
     def status_line(self) -> str:
         """One line for systemd's STATUS= (shown by ``systemctl status``)."""
         model = self.scheduler.engine.bundle_id if self.scheduler else "-"
+        if self.health.problem:
+            return f"unhealthy: {self.health.problem}"
         if self.scheduler is None:
             return f"{self.health.status} {model}"
         totals = self.scheduler.totals()
@@ -295,26 +322,42 @@ class Server:
         return line
 
     def health_summary(self) -> dict[str, Any]:
-        """For the status page: ok or the problems, in words."""
-        problems = []
-        if not self.health.ready:
+        """For the status page: ok or the problems, in words (a dead frame-path thread first)."""
+        state = self._state
+        problems = [f"FATAL: {p}, restarting" for p in state.fatal] + state.stalled
+        if not self.health.ready and not state.fatal:
             problems.append(self.health.status)
-        elif self._stalled:
-            problems.append("pipeline stalled")
+        problems += state.degraded
         for name, stats in self.outputs.stats().items():
             if stats.get("connected") == 0 and stats.get("failed"):
                 problems.append(f"{name} unreachable")
-        return {"ok": not problems, "summary": ", ".join(problems) or "ok", "live": self.health.live}
+        summary = ", ".join(problems) or "ok"
+        if state.notes and not problems:
+            summary = f"ok ({'; '.join(state.notes)})"
+        return {
+            "ok": not problems,
+            "fatal": bool(state.fatal),
+            "summary": summary,
+            "live": self.health.live,
+            "healthy": self.health.healthy,
+        }
 
     def metric_sources(self) -> dict[str, Any]:
         """Scrape-time values for /metrics."""
-        out: dict[str, Any] = {"ready": self.health.ready, "queue_limit": self.config.queue_depth}
+        out: dict[str, Any] = {
+            "ready": self.health.ready,
+            "healthy": self.health.healthy,
+            "queue_limit": self.config.queue_depth,
+            "threads": self.supervisor.stats(),
+        }
         if self.intake is not None:
             out["frames_received"] = self.intake.received
             out["peers_dropped"] = self.intake.peers_dropped
         if self.scheduler is not None:
             out["in_flight"] = self.scheduler.in_flight
-            out["unidentified"] = self.scheduler.totals().get("unidentified_bad_messages", 0)
+            totals = self.scheduler.totals()
+            out["unidentified"] = totals.get("unidentified_bad_messages", 0)
+            out["t_capture_dropped"] = totals.get("t_capture_dropped", 0)
             engine = self.scheduler.engine
             backend = type(getattr(engine, "backend", None)).__name__
             out["model"] = {"bundle_id": engine.bundle_id, "backend": backend, "threshold": engine.threshold}
@@ -325,7 +368,9 @@ class Server:
 
     def shutdown(self) -> None:
         log.info("stopping")
+        self.supervisor.stopping()  # threads ending from here on are stopped, not dead
         self.health.ready = False
+        self.health.status = "stopping"
         self._notifier.notify("STOPPING=1")
         if self.intake is not None:
             self.intake.pause()
@@ -352,9 +397,6 @@ class Server:
         log.info("stopped", exit_code=self.exit_code)
 
     # -- helpers --------------------------------------------------------------------------------
-    def _threads_alive(self) -> bool:
-        return bool(self.scheduler and self.scheduler.alive and self.intake and self.intake.alive)
-
     def log_summary(self) -> None:
         assert self.scheduler is not None and self.intake is not None
         log.info("summary", received=self.intake.received, outputs=self.outputs.stats(), **self.scheduler.summary())

@@ -75,14 +75,14 @@ def test_lifecycle_status_and_a_stalled_pipeline_stops_the_watchdog(tmp_path: Pa
         systemd.drain()  # what came before the stall was certain
         stalled_at = time.monotonic()
         time.sleep(0.5)
-        assert server.health_summary()["summary"] == "pipeline stalled"
+        assert server.health_summary()["summary"] == "engine stalled (no progress for over 0.3 s)"
         server.request_stop()
         thread.join(10)
     messages = systemd.drain()
     systemd.close()
     assert messages[0].startswith("READY=1\nSTATUS=serving fake-1: 0 decisions")
     assert messages.count("WATCHDOG=1") >= 3
-    assert any(m.startswith("STATUS=stalled") for m in messages)
+    assert any(m.startswith("STATUS=unhealthy: engine stalled") for m in messages)
     late_pings = [t for t, m in systemd.messages if m == "WATCHDOG=1" and t > stalled_at]
     assert not late_pings and messages[-1] == "STOPPING=1"
 
