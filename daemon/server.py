@@ -393,6 +393,8 @@ class Server:
         if self.scheduler is not None and self.intake is not None:
             self.log_summary()
         _deactivate(self.scheduler.engine if self.scheduler else self.engine)
+        if self._fatal_at is not None:
+            self.exit_code = 1  # stopped by a signal, but a frame-path thread had died: still a failure
         self._ctx.destroy(linger=0)  # closes anything a stuck thread still holds
         log.info("stopped", exit_code=self.exit_code)
 

@@ -328,9 +328,11 @@ PAGE = """<!doctype html>
  h2{margin:0 0 8px;font-size:18px;color:#aaa;font-weight:500}
  #thumb{width:100%;max-height:60vh;object-fit:contain;background:#000;border-radius:8px}
  #recent td{font-size:16px}
+ #alarm{background:#b3161b;font-size:30px;font-weight:700;padding:12px 16px;text-align:center}
 </style></head><body>
 <header><span>inspectd &middot; model <b id="model">-</b> <span id="age"></span></span>
 <span>health <b id="health">-</b> &middot; <span id="conn">connecting</span></span></header>
+<div id="alarm" hidden></div>
 <main>
 <section>
  <div id="state" class="IDLE">&ndash;</div><div id="why"></div>
@@ -376,6 +378,7 @@ function render(s){
   text("cycle", cyc + " ms"); $("p99").className = lat.p99 !== null && lat.p99 > cyc ? "ng" : "";
   text("model", s.model.id || "loading"); text("age", age(s.model.age_s));
   const h = s.health || {}; text("health", h.summary || "-"); $("health").className = h.ok ? "ok" : "ng";
+  $("alarm").hidden = h.ok !== false; if (h.ok === false) text("alarm", h.summary);
   const r = s.reject_image;
   if (r && r.version !== imgVersion) { imgVersion = r.version; $("thumb").src = "/reject.jpg?v=" + r.version;
     text("rinfo", "· frame " + r.frame_id + " · " + r.reason + (r.score !== null ? " · score " + r.score : "")); }
