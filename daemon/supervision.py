@@ -87,10 +87,12 @@ class Watch:
 
     # -- called by the watched thread ----------------------------------------------------------
     def checkpoint(self) -> None:
-        """Raise an injected fault, if any (once)."""
-        fault = self._fault
+        """Raise an injected fault, if any (once, in whichever thread or task gets here first)."""
+        if self._fault is None:
+            return
+        with self._lock:
+            fault, self._fault = self._fault, None
         if fault is not None:
-            self._fault = None
             raise fault
 
     def busy(self) -> None:
@@ -234,6 +236,7 @@ class Supervisor:
             task(*args)
         except BaseException as exc:
             watch.record_death(f"{type(exc).__name__}: {exc}")
+            watch.restarts += 1  # the pool's thread carries on with the next task: restarted in place
             log.error("thread_died", thread=watch.name, policy=watch.policy, error=watch.error, exc_info=exc)
             try:
                 on_failure()
@@ -246,16 +249,13 @@ class Supervisor:
         state = State()
         now = self.clock()
         for watch in self.watches:
-            if watch.restarts:
-                state.notes.append(f"{watch.name} restarted {watch.restarts}x ({watch.error})")
-            if not watch.started:
-                continue
-            if not watch.alive:
+            if watch.started and not watch.alive:
                 if not self._stopping:
                     self._dead(watch, now, state)
-                continue
-            watch.died_at = None
-            self._stall(watch, now, state)
+            elif watch.started:
+                self._stall(watch, now, state)
+            if watch.restarts:  # also a task group such as "stages", which has no thread of its own
+                state.notes.append(f"{watch.name} restarted {watch.restarts}x ({watch.error})")
         return state
 
     def _dead(self, watch: Watch, now: float, state: State) -> None:
