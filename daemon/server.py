@@ -407,8 +407,15 @@ class Server:
         if self._reloading is not None and self._reloading.is_alive():
             log.warning("reload_ignored", detail="a reload is already in progress")
             return
-        self._reloading = threading.Thread(target=self.reload, name="inspectd-reload", daemon=True)
+        self._reloading = threading.Thread(target=self._reload_logged, name="inspectd-reload", daemon=True)
         self._reloading.start()
+
+    def _reload_logged(self) -> None:
+        """The reload thread: short-lived, so not supervised, but an error in it is logged with its traceback."""
+        try:
+            self.reload()
+        except Exception:
+            log.exception("reload_failed", detail="internal error; the old model may still be serving")
 
     def reload(self) -> bool:
         """Load and warm the bundle again, then swap it in; on failure keep serving the old one."""

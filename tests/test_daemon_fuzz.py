@@ -45,9 +45,10 @@ from tests.test_daemon_support import GEOMETRY, LOOPBACK, FakeInspector, ModbusP
 
 MS = 1_000_000
 GOOD = image().tobytes()
+DEFECT = image(defect=True).tobytes()
 PAYLOADS = {
     "raw": GOOD,
-    "raw_defect": image(defect=True).tobytes(),
+    "raw_defect": DEFECT,
     "png": cv2.imencode(".png", image())[1].tobytes(),
     "jpeg": cv2.imencode(".jpg", image())[1].tobytes(),
     "tiff": cv2.imencode(".tiff", image())[1].tobytes(),
@@ -134,11 +135,15 @@ class NativeCase:
 
 @st.composite
 def native_cases(draw: st.DrawFn) -> NativeCase:
+    clean = draw(st.integers(0, 2)) == 0  # a third are well-formed frames, so the engine sees odd ids and deadlines too
     fields: dict[str, Any] = {}
     for name, valid in VALID.items():
-        choice = draw(field_choice)
+        choice = "valid" if clean else draw(field_choice)
         if choice != "absent":
             fields[name] = draw(valid if choice == "valid" else junk)
+    payload = draw(st.sampled_from(list(PAYLOADS.values())) | st.binary(max_size=3000))
+    if clean:
+        payload = PAYLOADS[fields["encoding"]] if fields["encoding"] != "raw" else draw(st.sampled_from([GOOD, DEFECT]))
     camera_kind = draw(st.sampled_from(["valid"] * 4 + ["junk", "absent"]))
     camera = "n-" + draw(st.text(max_size=40)) if camera_kind == "valid" else None
     if camera_kind == "junk":
@@ -163,7 +168,7 @@ def native_cases(draw: st.DrawFn) -> NativeCase:
         id_suffix=draw(st.text(max_size=20)),
         camera=camera,
         deadline=deadline,
-        payload=draw(st.sampled_from(list(PAYLOADS.values())) | st.binary(max_size=3000)),
+        payload=payload,
         parts=draw(st.sampled_from([2] * 8 + [1, 3])),
         pad=draw(st.sampled_from([0] * 30 + [17_000])),
     )
@@ -339,6 +344,7 @@ class Line:
             "identified": len(ledger.identified),
             "unidentified": ledger.unidentified,
             "native_decisions": sum(native.values()),
+            "reasons": dict(Counter(d["reason"] for d in ledger.decisions if _native(d))),
             "duplicates": sum(c - 1 for c in native.values() if c > 1),
             "missing": sum(1 for f in ledger.identified if native[_key(f)] == 0),
             "unexpected": sum(1 for f in native if f not in {_key(k) for k in ledger.identified}),
