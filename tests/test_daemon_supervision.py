@@ -211,12 +211,12 @@ def daemon(
         peer.stop()
 
 
-def poke(server: Server, client: Client, frame_id: int) -> list[dict[str, Any]]:
-    """Give every thread something to do: a rejected native frame (its decision returned, if one comes within 1 s),
-    then an imagezmq frame (its reply not awaited)."""
+def poke(server: Server, client: Client, frame_id: int, wait_s: float = 1.0) -> list[dict[str, Any]]:
+    """Give every thread something to do: a rejected native frame (its decision returned, if one comes within
+    ``wait_s``), then an imagezmq frame (its reply not awaited)."""
     client.send(frame_id, image(defect=True))
     got: list[dict[str, Any]] = []
-    end = time.monotonic() + 1
+    end = time.monotonic() + wait_s
     while time.monotonic() < end and not any(d["camera_id"] == "cam1" and d["frame_id"] == frame_id for d in got):
         got += client.decisions(1, timeout_s=0.1)
     req = client.ctx.socket(zmq.REQ)
@@ -245,7 +245,7 @@ def test_a_dead_frame_path_thread_makes_the_daemon_unhealthy(tmp_path: Path, kin
     with capture_logs() as logs, daemon(tmp_path, clock) as (server, systemd, codes), Client(server) as client:
         assert wait_for(lambda: "WATCHDOG=1" in systemd.drain())
         server.supervisor.inject(kind, Fault("injected"))
-        poke(server, client, 1)
+        poke(server, client, 1, wait_s=0)
         assert wait_for(lambda: server.health.problem is not None, 10)
         time.sleep(0.3)  # a few main-loop ticks: chances for a wrong ping
         address = server.endpoints["http"]
@@ -303,7 +303,7 @@ def test_the_daemon_exits_1_once_fatal_exit_s_has_passed(tmp_path: Path) -> None
     clock = FakeClock()
     with daemon(tmp_path, clock, fatal_exit_s=5.0) as (server, _, codes), Client(server) as client:
         server.supervisor.inject("engine", Fault("injected"))
-        poke(server, client, 1)
+        poke(server, client, 1, wait_s=0)
         assert wait_for(lambda: server.health.problem is not None)
         clock.advance(4.9)
         time.sleep(0.3)
