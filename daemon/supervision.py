@@ -155,10 +155,11 @@ class Watch:
             return
         self.returned = True
 
-    def record_death(self, error: str) -> None:
+    def record_death(self, error: str, restarted: bool = False) -> None:
         """Count a death noticed from outside (a loop that returned; a task that raised)."""
         with self._lock:
             self.deaths += 1
+            self.restarts += restarted
             self.error = error[:200]
 
     def stats(self) -> dict[str, Any]:
@@ -235,8 +236,8 @@ class Supervisor:
             watch.checkpoint()
             task(*args)
         except BaseException as exc:
-            watch.record_death(f"{type(exc).__name__}: {exc}")
-            watch.restarts += 1  # the pool's thread carries on with the next task: restarted in place
+            # The pool's thread carries on with the next task: restarted in place.
+            watch.record_death(f"{type(exc).__name__}: {exc}", restarted=True)
             log.error("thread_died", thread=watch.name, policy=watch.policy, error=watch.error, exc_info=exc)
             try:
                 on_failure()

@@ -220,7 +220,7 @@ def poke(server: Server, client: Client, frame_id: int, wait_s: float = 1.0) -> 
     while time.monotonic() < end and not any(d["camera_id"] == "cam1" and d["frame_id"] == frame_id for d in got):
         got += client.decisions(1, timeout_s=0.1)
     req = client.ctx.socket(zmq.REQ)
-    req.setsockopt(zmq.LINGER, 0)
+    req.setsockopt(zmq.LINGER, 5000)  # closed when garbage-collected: the message must still go out
     req.connect(server.endpoints["imagezmq"])
     req.send_multipart([json.dumps({"msg": "pi", "dtype": "uint8", "shape": [32, 48]}).encode(), image().tobytes()])
     return [d for d in got if d["camera_id"] == "cam1"]
