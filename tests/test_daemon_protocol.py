@@ -113,3 +113,56 @@ def test_decision_json_caps_defects_and_reports_timing() -> None:
     inf = Decision(1, "c", None, "reject", "bad_frame", 0, 0, 0, "m", score=float("inf"))
     assert json.loads(inf.to_json())["score"] is None
     assert np.isfinite(out["score"])
+
+
+def test_field_rules_at_their_edges() -> None:
+    """Ids: 64-bit ints and 1-256 characters of text; bools, floats and lone surrogates are not ids."""
+    from daemon import validation as check
+
+    assert [check.frame_id(v) for v in (-(2**63), 2**64 - 1, "a" * 256, "日本")] == [
+        -(2**63),
+        2**64 - 1,
+        "a" * 256,
+        "日本",
+    ]
+    assert [check.frame_id(v) for v in (-(2**63) - 1, 2**64, "a" * 257, "", True, 1.0, "x\ud800", [1])] == [None] * 8
+    assert check.camera_id("cam\ud800") is None and check.camera_id("\x00tab\t") == "\x00tab\t"
+    assert (
+        check.part_id(None) == (None, "") and check.part_id(False)[0] is None and "part_id" in check.part_id(False)[1]
+    )
+
+
+def test_deadline_window_at_its_edges() -> None:
+    """0 and 2**64-1 are "none"; [receipt - 10 s, receipt + max] is accepted; one ns outside is refused."""
+    from daemon.validation import PAST_WINDOW_NS, deadline
+
+    t, ahead = 10**18, 60 * 10**9
+    assert deadline(0, t, ahead) == (None, "") and deadline(2**64 - 1, t, ahead) == (None, "")
+    assert deadline(t - PAST_WINDOW_NS, t, ahead) == (t - PAST_WINDOW_NS, "")
+    assert deadline(t + ahead, t, ahead) == (t + ahead, "")
+    for bad in (t - PAST_WINDOW_NS - 1, t + ahead + 1, 10**400, -(10**400), True, 1.5e18, "soon"):
+        value, why = deadline(bad, t, ahead)
+        assert value is None and "deadline_ns" in why, bad
+
+
+def test_native_frames_keep_valid_deadlines_and_drop_bad_capture_times() -> None:
+    """A deadline 5 s past is kept (the scheduler rejects it at once); t_capture_ns junk is dropped, not refused."""
+    now = 10**18
+    parts = [json.dumps(header(1, deadline_ns=now - 5 * 10**9, t_capture_ns=-5)).encode(), image().tobytes()]
+    item = parse_native(parts, now, GEOMETRY)
+    assert isinstance(item, Frame) and item.deadline_ns == now - 5 * 10**9
+    assert item.t_capture_ns is None and item.dropped == ("t_capture_ns",)
+    far = parse_native([json.dumps(header(2, deadline_ns=now + 61 * 10**9)).encode(), image().tobytes()], now, GEOMETRY)
+    assert isinstance(far, BadFrame) and far.deadline_ns is None and far.frame_id == 2
+
+
+def test_parsers_answer_even_when_a_check_itself_fails(monkeypatch: object) -> None:
+    """A bug inside the checks still gives a named bad_frame (flagged internal), never an exception."""
+    from daemon import protocol
+
+    def broken(*_: object) -> None:
+        raise ZeroDivisionError("bug")
+
+    monkeypatch.setattr(protocol, "_check_image_fields", broken)  # type: ignore[attr-defined]
+    item = parse_native([json.dumps(header(9)).encode(), image().tobytes()], 0, GEOMETRY)
+    assert isinstance(item, BadFrame) and item.internal and item.frame_id == 9 and "ZeroDivisionError" in item.detail
