@@ -178,7 +178,8 @@ class State:
     """What the supervisor found: problems that make the daemon unhealthy, and those that do not."""
 
     fatal: list[str] = field(default_factory=list)  # dead fatal threads: unhealthy until the exit
-    stalled: list[str] = field(default_factory=list)  # stalled fatal threads: unhealthy while it lasts
+    # Stalled fatal threads and failing fatal conditions: unhealthy while they last.
+    stalled: list[str] = field(default_factory=list)
     degraded: list[str] = field(default_factory=list)  # observers dead (awaiting restart) or stalled
     notes: list[str] = field(default_factory=list)  # observers restarted since start
 
@@ -199,6 +200,7 @@ class Supervisor:
         self.stall_s = stall_s
         self.clock = clock
         self._watches: dict[str, Watch] = {}
+        self._conditions: dict[str, tuple[Callable[[], str | None], bool]] = {}
         self._lock = threading.Lock()
         self._stopping = False
 
@@ -213,6 +215,15 @@ class Supervisor:
 
     def watch(self, name: str, target: Callable[[], Any] | None, *, fatal: bool) -> Watch:
         return self.add(Watch(name, target, fatal=fatal))
+
+    def condition(self, name: str, check: Callable[[], str | None], *, fatal: bool = True) -> None:
+        """A health condition that is not a thread (e.g. a decision queue that overflowed).
+
+        While ``check()`` returns a problem (text), it counts like a stall: a fatal condition makes
+        the daemon unhealthy (503, no watchdog pings), another one is shown on the status page.
+        """
+        with self._lock:
+            self._conditions[name] = (check, fatal)
 
     def get(self, name: str) -> Watch:
         return self._watches[name]
@@ -257,7 +268,19 @@ class Supervisor:
                 self._stall(watch, now, state)
             if watch.restarts:  # also a task group such as "stages", which has no thread of its own
                 state.notes.append(f"{watch.name} restarted {watch.restarts}x ({watch.error})")
+        self._check_conditions(state)
         return state
+
+    def _check_conditions(self, state: State) -> None:
+        with self._lock:
+            conditions = list(self._conditions.items())
+        for name, (check, fatal) in conditions:
+            try:
+                problem = check()
+            except Exception as exc:  # a broken check is itself a problem, never a crash of the main loop
+                problem = f"check failed ({type(exc).__name__}: {exc})"
+            if problem:
+                (state.stalled if fatal else state.degraded).append(f"{name}: {problem}")
 
     def _dead(self, watch: Watch, now: float, state: State) -> None:
         if watch.died_at is None and (watch.returned or watch.adopted):  # ended although nobody asked

@@ -138,6 +138,18 @@ def test_a_loop_that_returns_or_a_foreign_thread_that_ends_is_a_death_unless_sto
     assert calm.check().healthy and ended.deaths == 0
 
 
+def test_conditions_other_than_threads_make_the_daemon_unhealthy_while_they_hold() -> None:
+    """A registered condition (e.g. a decision queue that overflowed) counts like a stall while it reports a problem."""
+    sup = Supervisor()
+    overflowing = {"now": "queue full (4096 decisions)"}
+    sup.condition("zmq-pub queue", lambda: overflowing["now"])
+    sup.condition("audit disk", lambda: "read-only", fatal=False)
+    state = sup.check()
+    assert state.problem == "zmq-pub queue: queue full (4096 decisions)" and state.degraded == ["audit disk: read-only"]
+    overflowing["now"] = None
+    assert sup.check().healthy
+
+
 def test_an_escaping_stage_task_is_counted_and_its_frame_handed_back() -> None:
     """run_task logs and counts an exception that escaped a pool task and calls its clean-up."""
     sup = Supervisor()
