@@ -26,6 +26,11 @@ waiting for work is idle, never stalled. A stalled fatal thread makes the daemon
 while it lasts (it may still return); a stalled observer is reported on the status page.
 Stalls are logged when they start and end and counted.
 
+Health that is not a thread registers as a condition (``Supervisor.condition``): a check that
+returns a problem in words. A fatal condition counts like a stall while it holds; a final one
+(a sink that carries decisions overflowed, so a decision was lost) counts like a dead
+frame-path thread from then on: the daemon exits after ``fatal_exit_s``.
+
 Fault injection (``Supervisor.inject``) works like a failpoint: the named thread raises the
 given exception at its next checkpoint (the start of its next unit of work or loop turn).
 The tests use it to kill each kind of thread deterministically; it can serve a drill.
@@ -177,7 +182,8 @@ class Watch:
 class State:
     """What the supervisor found: problems that make the daemon unhealthy, and those that do not."""
 
-    fatal: list[str] = field(default_factory=list)  # dead fatal threads: unhealthy until the exit
+    # Dead fatal threads and final conditions (a decision lost): unhealthy until the exit.
+    fatal: list[str] = field(default_factory=list)
     # Stalled fatal threads and failing fatal conditions: unhealthy while they last.
     stalled: list[str] = field(default_factory=list)
     degraded: list[str] = field(default_factory=list)  # observers dead (awaiting restart) or stalled
@@ -200,7 +206,8 @@ class Supervisor:
         self.stall_s = stall_s
         self.clock = clock
         self._watches: dict[str, Watch] = {}
-        self._conditions: dict[str, tuple[Callable[[], str | None], bool]] = {}
+        self._conditions: dict[str, tuple[Callable[[], str | None], bool, bool]] = {}
+        self._final: dict[str, str] = {}  # final conditions reported so far: name -> their latest problem
         self._lock = threading.Lock()
         self._stopping = False
 
@@ -216,14 +223,17 @@ class Supervisor:
     def watch(self, name: str, target: Callable[[], Any] | None, *, fatal: bool) -> Watch:
         return self.add(Watch(name, target, fatal=fatal))
 
-    def condition(self, name: str, check: Callable[[], str | None], *, fatal: bool = True) -> None:
+    def condition(self, name: str, check: Callable[[], str | None], *, fatal: bool = True, final: bool = False) -> None:
         """A health condition that is not a thread (e.g. a decision queue that overflowed).
 
         While ``check()`` returns a problem (text), it counts like a stall: a fatal condition makes
         the daemon unhealthy (503, no watchdog pings), another one is shown on the status page.
+        ``final`` (with ``fatal``): the problem cannot be undone (a decision was lost), so it counts
+        like a dead frame-path thread from the first time it is reported: it stays reported, and the
+        daemon exits after ``fatal_exit_s`` for a restart.
         """
         with self._lock:
-            self._conditions[name] = (check, fatal)
+            self._conditions[name] = (check, fatal, final)
 
     def get(self, name: str) -> Watch:
         return self._watches[name]
@@ -274,12 +284,19 @@ class Supervisor:
     def _check_conditions(self, state: State) -> None:
         with self._lock:
             conditions = list(self._conditions.items())
-        for name, (check, fatal) in conditions:
+        for name, (check, fatal, final) in conditions:
             try:
                 problem = check()
             except Exception as exc:  # a broken check is itself a problem, never a crash of the main loop
                 problem = f"check failed ({type(exc).__name__}: {exc})"
-            if problem:
+            if final and fatal:
+                if problem:
+                    if name not in self._final:
+                        log.error("condition_final", condition=name, problem=problem)
+                    self._final[name] = problem
+                if name in self._final:  # kept once reported: what it stands for cannot be undone
+                    state.fatal.append(f"{name}: {self._final[name]}")
+            elif problem:
                 (state.stalled if fatal else state.degraded).append(f"{name}: {problem}")
 
     def _dead(self, watch: Watch, now: float, state: State) -> None:

@@ -150,6 +150,19 @@ def test_conditions_other_than_threads_make_the_daemon_unhealthy_while_they_hold
     assert sup.check().healthy
 
 
+def test_a_final_condition_counts_like_a_dead_thread_and_stays() -> None:
+    """A final condition (a line sink lost a decision) is fatal from its first report on, even once it clears."""
+    sup = Supervisor()
+    lost = {"now": None}
+    sup.condition("zmq-pub queue", lambda: lost["now"], final=True)
+    assert sup.check().healthy
+    lost["now"] = "1 decisions lost (the queue of 16 was full)"
+    assert sup.check().fatal == ["zmq-pub queue: 1 decisions lost (the queue of 16 was full)"]
+    lost["now"] = None
+    state = sup.check()
+    assert state.fatal == ["zmq-pub queue: 1 decisions lost (the queue of 16 was full)"] and not state.healthy
+
+
 def test_an_escaping_stage_task_is_counted_and_its_frame_handed_back() -> None:
     """run_task logs and counts an exception that escaped a pool task and calls its clean-up."""
     sup = Supervisor()
