@@ -57,11 +57,18 @@ class Config:
     decisions_endpoint: str = "tcp://127.0.0.1:7701"
     # Status page, /metrics, /healthz, /readyz; "" = no HTTP endpoint. Read-only.
     http_listen: str = "127.0.0.1:7780"
+    # Open HTTP connections (event streams included; at most half of them streams); beyond, 503 + Retry-After.
+    http_max_connections: int = 64
+    # A request must arrive whole within this long, and each send to a client may block this long.
+    http_timeout_s: float = 10.0
     # Frames admitted and not yet finished; the excess is rejected as overload at once.
     queue_depth: int = 4
     workers: int = 2  # decode + prepare + decide threads; inference always has one thread
     hwm: int = 4  # ZeroMQ high-water marks, in messages (frames), not bytes
     max_defects: int = 20  # defects listed per decision; the rest are counted
+    # Decisions the line outputs (decision PUB, imagezmq replies, actuators) each hold while their thread
+    # catches up; an overflow loses a decision and is a fatal health failure (outputs.py).
+    decision_queue: int = 65_536
     summary_s: float = 10.0
     # Deadline rejects go out this long before the deadline, absorbing thread wake-up jitter.
     deadline_margin_ms: float = 2.0
@@ -80,7 +87,7 @@ class Config:
     plc_host: str = ""
     plc_port: int = 502
     plc_device_id: int = 1
-    plc_register: int = 0  # first of 4 holding registers: counter, verdict, reason, frame id low word
+    plc_register: int = 0  # first of the 9 holding registers of the result record (docs/protocol.md, "PLC")
     plc_coil: int = 0  # the reject coil
     plc_mode: str = "pulse"  # pulse: on for plc_pulse_ms per reject; level: the coil follows the verdict
     plc_pulse_ms: float = 100.0
@@ -129,6 +136,9 @@ class Config:
         _range("workers", self.workers, 1, 64)
         _range("hwm", self.hwm, 1, 1000)
         _range("max_defects", self.max_defects, 0, 10_000)
+        _range("decision_queue", self.decision_queue, 16, 10_000_000)
+        _range("http_max_connections", self.http_max_connections, 2, 100_000)
+        _range("http_timeout_s", self.http_timeout_s, 0.1, 3600)
         _range("summary_s", self.summary_s, 0.1, 86_400)
         _range("drain_s", self.drain_s, 0, 600)
         _range("stall_s", self.stall_s, 0.1, 3600)
@@ -139,7 +149,7 @@ class Config:
         _choice("gpio_mode", self.gpio_mode, ACTUATOR_MODES)
         _range("plc_port", self.plc_port, 1, 65535)
         _range("plc_device_id", self.plc_device_id, 0, 255)
-        _range("plc_register", self.plc_register, 0, 65532)
+        _range("plc_register", self.plc_register, 0, 65535 - 8)
         _range("plc_coil", self.plc_coil, 0, 65535)
         _range("plc_pulse_ms", self.plc_pulse_ms, 1, 60_000)
         _range("plc_timeout_s", self.plc_timeout_s, 0.01, 60)

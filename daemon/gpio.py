@@ -14,6 +14,7 @@ from collections.abc import Callable
 from typing import Protocol
 
 from daemon.actuator import ActuatorSink
+from daemon.outputs import DECISION_QUEUE
 from engines.errors import UserError
 
 
@@ -58,9 +59,11 @@ class GpioSink(ActuatorSink):
         mode: str = "pulse",
         pulse_ms: float = 100.0,
         reject_by_default: bool = False,
+        capacity: int = DECISION_QUEUE,
         clock: Callable[[], float] = time.monotonic,
+        wall: Callable[[], int] = time.time_ns,
     ) -> None:
-        super().__init__(mode, pulse_ms, reject_by_default, clock=clock)
+        super().__init__(mode, pulse_ms, reject_by_default, capacity, clock=clock, wall=wall)
         self._line = line
 
     def set_output(self, on: bool) -> None:

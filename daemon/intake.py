@@ -36,6 +36,7 @@ log = structlog.get_logger("inspectd.intake")
 POLL_MS = 100  # how often the loop looks at its stop flag when nothing arrives
 BATCH = 16  # messages read from one socket before the others get a turn
 MAX_IMAGEZMQ_CAMERAS = 4096  # per-name frame counters kept (bounded against floods of names)
+REPLY_HWM = 1000  # imagezmq replies queued per sender (a REQ sender has one outstanding; a DEALER may have more)
 _instances = itertools.count()
 
 
@@ -68,12 +69,18 @@ class Intake:
         self._sockets: list[zmq.Socket[Any]] = []
         self._monitors: list[zmq.Socket[Any]] = []
         self.peers_dropped = 0  # disconnects: oversize messages (unreadable, so unanswered) or senders leaving
+        self.replies_undelivered = 0  # imagezmq replies the ROUTER could not route (the sender left or stopped reading)
         try:
             self.native = self._open(config.frames_mode, config.frames_endpoint, "frames_endpoint")
             self.imagezmq = None
             if config.imagezmq_endpoint:
                 mode = "router" if config.imagezmq_mode == "reqrep" else "sub"
                 self.imagezmq = self._open(mode, config.imagezmq_endpoint, "imagezmq_endpoint")
+                if mode == "router":
+                    # Replies are small: room for many per sender. MANDATORY: a reply that cannot be
+                    # routed raises (counted) instead of vanishing.
+                    self.imagezmq.setsockopt(zmq.SNDHWM, REPLY_HWM)
+                    self.imagezmq.setsockopt(zmq.ROUTER_MANDATORY, 1)
             self.reply_endpoint = f"inproc://inspectd-replies-{next(_instances)}"
             self._replies = self._socket(zmq.PULL)
             self._replies.bind(self.reply_endpoint)
@@ -227,7 +234,8 @@ class Intake:
             except zmq.Again:
                 return
             try:
-                # ROUTER drops replies to peers that left (ROUTER_MANDATORY off): never blocks.
                 self.imagezmq.send_multipart([identity, b"", body], flags=zmq.NOBLOCK)
-            except zmq.ZMQError as exc:
-                log.warning("reply_failed", error=str(exc))
+            except zmq.ZMQError as exc:  # EHOSTUNREACH: the sender left; EAGAIN: it stopped reading
+                self.replies_undelivered += 1
+                level = log.warning if self.replies_undelivered == 1 else log.debug
+                level("reply_undelivered", error=str(exc), undelivered=self.replies_undelivered)

@@ -158,11 +158,8 @@ class _Live:
                     family.add_metric([name], stats.get(key, 0))
             yield queued
             yield from counts.values()
-            plc = sinks.get("plc")
-            if plc is not None:
-                yield GaugeMetricFamily(
-                    "inspectd_plc_connected", "1 while the Modbus link is up", plc.get("connected", 0)
-                )
+            yield from _line_outputs(sinks)
+        yield from _http(src.get("http"))
         model = src.get("model")
         if model:
             info = InfoMetricFamily("inspectd_model", "The model bundle in service")
@@ -177,6 +174,65 @@ class _Live:
                 total.add_metric([str(index)], t)
             yield used
             yield total
+
+
+# Counters of the line outputs (outputs.py, actuator.py): stat key -> (metric, help).
+ACTUATOR_COUNTS = {
+    "records": ("inspectd_actuator_records", "Result records written"),
+    "coalesced": ("inspectd_actuator_coalesced", "Decisions covered by a later one's record (fell behind)"),
+    "default_rejects": ("inspectd_actuator_default_rejects", "Rejects fired at a deadline without a result record"),
+    "unfired_rejects": ("inspectd_actuator_unfired_rejects", "Reject signals the output could not give (link down)"),
+    "missed_results": ("inspectd_actuator_missed_results", "Decisions first recorded after the link came back"),
+}
+
+
+def _line_outputs(sinks: dict[str, dict[str, Any]]) -> Iterator[Any]:
+    """Where each line output's guarantee ends: undelivered replies, stalled subscribers, the actuators' counts."""
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+    undelivered = CounterMetricFamily(
+        "inspectd_sink_undelivered",
+        "Replies handed to ZeroMQ that could not be routed (the imagezmq sender had left or stopped reading)",
+        labels=["sink"],
+    )
+    for name, stats in sinks.items():
+        if "undelivered" in stats:
+            undelivered.add_metric([name], stats["undelivered"])
+    yield undelivered
+    pub = sinks.get("zmq-pub")
+    if pub is not None:
+        yield CounterMetricFamily(
+            "inspectd_decision_subscriber_stalls",
+            "Times a decision subscriber's queue was found full; it misses decisions until it reads again (seq gaps)",
+            pub.get("subscriber_stalls", 0),
+        )
+    actuators = {name: stats for name, stats in sinks.items() if "default_rejects" in stats}
+    for key, (metric, text) in ACTUATOR_COUNTS.items():
+        family = CounterMetricFamily(metric, text, labels=["sink"])
+        for name, stats in actuators.items():
+            family.add_metric([name], stats.get(key, 0))
+        yield family
+    plc = sinks.get("plc")
+    if plc is not None:
+        yield GaugeMetricFamily("inspectd_plc_connected", "1 while the Modbus link is up", plc.get("connected", 0))
+
+
+def _http(stats: dict[str, int] | None) -> Iterator[Any]:
+    """The HTTP side door's limits (http.py): open connections, refusals over the cap, requests that timed out."""
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+    if not stats:
+        return
+    yield GaugeMetricFamily("inspectd_http_connections", "Open HTTP connections, event streams included", stats["open"])
+    yield GaugeMetricFamily("inspectd_http_streams", "Open event streams (the status page)", stats["streams"])
+    yield CounterMetricFamily(
+        "inspectd_http_refused", "Connections answered 503 (http_max_connections reached)", stats["refused"]
+    )
+    yield CounterMetricFamily(
+        "inspectd_http_timeouts",
+        "Connections closed because no whole request came within http_timeout_s",
+        stats["timed_out"],
+    )
 
 
 def _threads(src: dict[str, Any]) -> Iterator[Any]:

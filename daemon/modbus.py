@@ -1,15 +1,17 @@
 """Reject actuator on a PLC over Modbus TCP (pymodbus; the ``plc`` extra).
 
-Per decision, one "write multiple registers" request puts the 4-register result record at
-``plc_register`` (counter, verdict, reason, frame id low word; see actuator.py), so the PLC
-sees the record change atomically and can use the counter as its result-ready handshake.
-The reject coil ``plc_coil`` is pulsed or follows the verdict (``plc_mode``).
+Per turn of the actuator (actuator.py), one "write multiple registers" request puts the
+9-register result record at ``plc_register`` (counter, verdict, reason, frame id low word,
+covered, rejects, reject bits, missed, unfired; ``actuator.Record``), so the PLC sees the
+record change atomically and can use the counter as its result-ready handshake. The reject
+coil ``plc_coil`` is pulsed or follows the verdict (``plc_mode``).
 
 The link is opened lazily and reopened with exponential back-off (0.5 s doubling to 10 s)
-after a failure; while it is down, decisions are counted as failed (``failed`` in the sink
-statistics and metrics) and the loss and the recovery are logged once each. Each request
-has a short timeout (``plc_timeout_s``) and no retries, and all of it runs on the sink's
-own thread: an unreachable PLC never delays a decision.
+after a failure; while it is down, records and reject signals fail (counted: ``failed``,
+``unfired_rejects``), the results are held, and the first record after the reconnect covers
+them and says how many were missed. The loss and the recovery are logged once each. Each
+request has a short timeout (``plc_timeout_s``) and no retries, and all of it runs on the
+sink's own thread: an unreachable PLC never delays a decision.
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ from typing import Any
 
 import structlog
 
-from daemon.actuator import ActuatorSink
+from daemon.actuator import ActuatorSink, Record
+from daemon.outputs import DECISION_QUEUE
 from engines.errors import UserError
 
 log = structlog.get_logger("inspectd.modbus")
@@ -51,13 +54,15 @@ class ModbusSink(ActuatorSink):
         reject_by_default: bool = False,
         timeout_s: float = 0.3,
         backoff_s: tuple[float, float] = (BACKOFF_MIN_S, BACKOFF_MAX_S),
+        capacity: int = DECISION_QUEUE,
         clock: Callable[[], float] = time.monotonic,
+        wall: Callable[[], int] = time.time_ns,
     ) -> None:
         try:
             from pymodbus.client import ModbusTcpClient
         except ImportError:
             raise UserError("plc_host: Modbus output needs pymodbus (pip install 'inspectd[plc]')") from None
-        super().__init__(mode, pulse_ms, reject_by_default, clock=clock)
+        super().__init__(mode, pulse_ms, reject_by_default, capacity, clock=clock, wall=wall)
         self.host, self.port = host, port
         self.device_id, self.register, self.coil = device_id, register, coil
         self._client = ModbusTcpClient(host, port=port, timeout=timeout_s, retries=0)
@@ -72,8 +77,11 @@ class ModbusSink(ActuatorSink):
         return {**super().stats(), "connected": int(self.connected), "reconnects": self.reconnects}
 
     # -- hardware calls ----------------------------------------------------------------------
-    def write_result(self, counter: int, verdict: int, reason: int, frame: int) -> None:
-        self._call("write_registers", self.register, [counter, verdict, reason, frame])
+    def write_result(self, record: Record) -> None:
+        self._call("write_registers", self.register, list(record))
+
+    def retry_at(self) -> float:
+        return 0.0 if self.connected else self._retry_at
 
     def set_output(self, on: bool) -> None:
         self._call("write_coil", self.coil, on)

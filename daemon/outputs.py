@@ -2,14 +2,27 @@
 
 ``Outputs.publish`` is called by the scheduler (under its ordering lock) and only does
 ``put_nowait`` on each interested sink's queue; encoding and socket I/O happen on the
-sink's own thread. A full queue drops the decision for that sink and counts it; a sink
-that fails counts and logs the failure and keeps running. New sinks subclass ``Sink`` and
-implement ``accepts`` and ``send``.
+sink's own thread. New sinks subclass ``Sink`` and implement ``accepts`` and ``send``.
 
-Each sink's thread is supervised (``supervision.Watch``): sinks that carry the decision to
-the line (decisions socket, imagezmq replies, reject actuators) are ``fatal``: if their
-thread dies the daemon reports itself unhealthy and is restarted; observers (status page,
-metrics, audit) are restarted in place on the same queue.
+Two kinds of sink, by what a lost decision costs:
+
+line sinks   carry the decision itself to the line: the decisions socket, imagezmq replies,
+             reject actuators (``fatal = True``). They never drop silently: their queues hold
+             ``DECISION_QUEUE`` decisions (minutes of a fast line; a decision is under 1 KB
+             here), and an overflow, i.e. a decision lost, is a final health failure
+             (``Supervisor.condition(..., final=True)``: /healthz 503, no watchdog pings, exit 1
+             after ``fatal_exit_s``), as is the death of their thread.
+observers    the status page, metrics and the audit trail: a full queue drops and counts; if
+             their thread dies it is restarted in place on the same queue.
+
+Where the decisions socket's guarantee ends: ``ZmqPubSink`` hands each decision to libzmq,
+which keeps a queue per subscriber (``PUB_HWM`` decisions, then the TCP buffers, then the
+subscriber's own ``RCVHWM``). A subscriber that stops reading fills them, and PUB semantics
+then drop what it cannot take. The socket is set to ``ZMQ_XPUB_NODROP``, so libzmq says so
+(EAGAIN) instead of dropping unseen: the stall is counted and logged, the decision goes to
+every other subscriber, and the stalled one misses decisions until it reads again; each
+decision carries ``seq`` so a subscriber can count what it missed. A stalled subscriber
+never slows or stops the others or the daemon.
 
 Evidence (the decoded frame and its anomaly map, see ``protocol.Evidence``) is large: only
 sinks whose ``wants_evidence(decision)`` is true get a decision that still references it
@@ -38,6 +51,11 @@ from daemon.supervision import Supervisor, Watch
 
 log = structlog.get_logger("inspectd.outputs")
 OBSERVER_NICE = 10  # nicer than the compute threads (COMPUTE_NICE): observers never compete with frames
+# Decisions a line sink holds before a decision is lost (a final health failure): ten minutes at
+# 100 decisions/s. Only filled while the sink's thread cannot keep up (each costs about 1 KB then).
+DECISION_QUEUE = 65_536
+PUB_HWM = 10_000  # decisions libzmq queues per subscriber before it counts as stalled
+RETRY_S = 0.05  # a line sink whose hand-off is refused (queue full) tries again this often
 _IDLE = object()
 
 
@@ -53,12 +71,14 @@ class Sink:
     nice = 0
 
     def __init__(self, maxsize: int = 256) -> None:
+        self.capacity = maxsize
         self._queue: queue.Queue[Any] = queue.Queue(maxsize)
         self.watch = Watch(self.name, self._run, fatal=self.fatal)
         self._resources_closed = False
         self._resources_lock = threading.Lock()
+        self._closing = threading.Event()
         self.sent = 0
-        self.dropped = 0
+        self.dropped = 0  # decisions the queue could not take (for a line sink: lost, a health failure)
         self.failed = 0
 
     def accepts(self, decision: Decision) -> bool:
@@ -83,7 +103,15 @@ class Sink:
     def start(self, supervisor: Supervisor | None = None) -> None:
         if supervisor is not None:
             supervisor.add(self.watch)
+            if self.fatal:  # a line sink that lost a decision: the daemon is restarted (module docstring)
+                supervisor.condition(f"{self.name} queue", self.lost_problem, fatal=True, final=True)
         self.watch.start()
+
+    def lost_problem(self) -> str | None:
+        """For a line sink: what it lost to an overflow, in words; None while nothing was lost."""
+        if not self.dropped:
+            return None
+        return f"{self.dropped} decisions lost (the queue of {self.capacity} was full)"
 
     def release(self) -> None:
         """``close_resources`` once, whichever of the sink's thread and ``close`` gets there first."""
@@ -97,13 +125,20 @@ class Sink:
         try:
             self._queue.put_nowait(decision)
         except queue.Full:
-            self.dropped += 1
+            self.overflowed()
+
+    def overflowed(self) -> None:
+        """A decision did not fit: counted; for a line sink also a final health failure (``lost_problem``)."""
+        self.dropped += 1
+        if self.fatal and self.dropped == 1:
+            log.error("decision_lost", sink=self.name, detail=f"queue of {self.capacity} full; the daemon will restart")
 
     def close(self, flush_s: float = 1.0) -> None:
         """Send what is queued (up to ``flush_s``), then stop the thread and free resources."""
         end = time.monotonic() + flush_s
         while not self._queue.empty() and time.monotonic() < end and self.watch.alive:
             time.sleep(0.002)
+        self._closing.set()  # a hand-off still being retried gives up now
         with contextlib.suppress(queue.Full):
             self._queue.put(None, timeout=max(0.0, end - time.monotonic()) + 0.1)
         self.watch.join(timeout=1.0)
@@ -145,7 +180,17 @@ class Sink:
 
 
 class ZmqPubSink(Sink):
-    """Publishes every decision on a bound PUB socket: [camera_id, decision JSON]."""
+    """Publishes every decision on a bound PUB socket: [camera_id, decision JSON with ``seq``].
+
+    ``seq`` numbers the decisions on this socket (1, 2, 3 ... since the daemon started), so a
+    subscriber sees from a gap exactly how many it missed. The socket has ``ZMQ_XPUB_NODROP``
+    (libzmq: "return EAGAIN if SNDHWM is reached" instead of dropping; it applies to PUB too):
+    EAGAIN means a subscriber's queue is full and the whole decision was refused. The sink
+    then sends it once more without NODROP, so every other subscriber gets it, and counts a
+    **subscriber stall**. From then on libzmq skips that subscriber without a word until it has
+    read again (its queue is no longer eligible), so the count is of stalls, not of decisions
+    missed: those the subscriber counts itself, from ``seq``.
+    """
 
     name = "zmq-pub"
     fatal = True
@@ -154,26 +199,49 @@ class ZmqPubSink(Sink):
         self,
         ctx: zmq.Context[Any],
         endpoint: str,
-        hwm: int = 1000,
+        hwm: int = PUB_HWM,
         secure: Callable[[zmq.Socket[Any]], None] | None = None,
+        maxsize: int = DECISION_QUEUE,
     ) -> None:
-        super().__init__()
+        super().__init__(maxsize)
         self._socket = ctx.socket(zmq.PUB)
         self._socket.setsockopt(zmq.LINGER, 0)
-        self._socket.setsockopt(zmq.SNDHWM, hwm)  # decisions are small; PUB drops at the mark
+        self._socket.setsockopt(zmq.SNDHWM, hwm)  # per subscriber; decisions are small
+        self._socket.setsockopt(zmq.XPUB_NODROP, 1)
         if secure is not None:  # CurveZMQ: only authenticated subscribers get decisions
             secure(self._socket)
         self._socket.bind(endpoint)
         self.endpoint = self._socket.getsockopt_string(zmq.LAST_ENDPOINT)
+        self.seq = 0  # decisions published
+        self.subscriber_stalls = 0  # times a subscriber's queue was found full
 
     def send(self, decision: Decision) -> None:
+        self.seq += 1
         # Camera ids are validated text (protocol.py); surrogatepass keeps even a bug from stopping the socket.
-        topic = (decision.camera_id or "").encode("utf-8", "surrogatepass")
+        parts = [(decision.camera_id or "").encode("utf-8", "surrogatepass"), decision.to_json(seq=self.seq)]
         try:
-            self._socket.send_multipart([topic, decision.to_json()], flags=zmq.NOBLOCK)
-            self.sent += 1
-        except zmq.Again:  # PUB normally drops silently; count it if it ever says so
-            self.dropped += 1
+            self._socket.send_multipart(parts, flags=zmq.NOBLOCK)
+        except zmq.Again:  # a subscriber's queue is full: the others still get it, the stall is counted
+            self._send_past_a_stalled_subscriber(parts, decision)
+        self.sent += 1
+
+    def _send_past_a_stalled_subscriber(self, parts: list[bytes], decision: Decision) -> None:
+        self.subscriber_stalls += 1
+        log.warning(
+            "subscriber_stalled",
+            sink=self.name,
+            detail="a decision subscriber's queue is full: it misses decisions until it reads again (gaps in seq)",
+            seq=self.seq,
+            stalls=self.subscriber_stalls,
+        )
+        self._socket.setsockopt(zmq.XPUB_NODROP, 0)
+        try:
+            self._socket.send_multipart(parts, flags=zmq.NOBLOCK)  # PUB semantics: never refused
+        finally:
+            self._socket.setsockopt(zmq.XPUB_NODROP, 1)
+
+    def stats(self) -> dict[str, int]:
+        return {**super().stats(), "subscriber_stalls": self.subscriber_stalls}
 
     def close_resources(self) -> None:
         self._socket.close(linger=0)
@@ -183,25 +251,50 @@ class ReplySink(Sink):
     """Answers imagezmq REQ senders: hands [identity, decision JSON] to the intake thread.
 
     The ROUTER socket belongs to the intake thread (ZeroMQ sockets are not thread-safe),
-    so replies travel over an inproc PUSH that the intake polls next to its inputs.
+    so replies travel over an inproc PUSH that the intake polls next to its inputs. When
+    that pipe is full (the intake is busy) the reply waits and is tried again, so a reply is
+    never dropped here; the sink's own queue holds the backlog (``DECISION_QUEUE``). Replies
+    the ROUTER cannot deliver (the sender left) are counted by the intake (``undelivered``).
     """
 
     name = "imagezmq-reply"
     fatal = True
 
-    def __init__(self, ctx: zmq.Context[Any], inproc_endpoint: str) -> None:
-        super().__init__()
+    def __init__(
+        self,
+        ctx: zmq.Context[Any],
+        inproc_endpoint: str,
+        maxsize: int = DECISION_QUEUE,
+        undelivered: Callable[[], int] | None = None,
+    ) -> None:
+        super().__init__(maxsize)
         self._socket = ctx.socket(zmq.PUSH)
         self._socket.setsockopt(zmq.LINGER, 0)
         self._socket.connect(inproc_endpoint)
+        self._undelivered = undelivered
 
     def accepts(self, decision: Decision) -> bool:
         return decision.reply is not None
 
     def send(self, decision: Decision) -> None:
         assert decision.reply is not None
-        self._socket.send_multipart([decision.reply, decision.to_json()], flags=zmq.NOBLOCK)
+        parts = [decision.reply, decision.to_json()]
+        while True:
+            try:
+                self._socket.send_multipart(parts, flags=zmq.NOBLOCK)
+                break
+            except zmq.Again:  # the intake has not caught up: wait (bounded) and try again
+                if self._closing.is_set():
+                    raise
+                self._socket.poll(int(RETRY_S * 1000), zmq.POLLOUT)
+                self.watch.checkpoint()
         self.sent += 1
+
+    def stats(self) -> dict[str, int]:
+        out = super().stats()
+        if self._undelivered is not None:
+            out["undelivered"] = self._undelivered()
+        return out
 
     def close_resources(self) -> None:
         self._socket.close(linger=0)

@@ -141,8 +141,9 @@ class Decision:
             out["detail"] = self.detail
         return out
 
-    def to_json(self) -> bytes:
-        return json.dumps(self.to_dict(), separators=(",", ":")).encode()
+    def to_json(self, **extra: Any) -> bytes:
+        """The published JSON; ``extra`` fields are added by the output that sends it (the PUB's ``seq``)."""
+        return json.dumps({**self.to_dict(), **extra}, separators=(",", ":")).encode()
 
 
 def _round(value: float | None) -> float | None:

@@ -144,7 +144,10 @@ class Server:
         log.info("model_ready", model=self.engine.bundle_id, geometry=self.engine.geometry.describe())
         if self.status is not None:
             self.status.set_model(self.engine.bundle_id)
-        pub = _bind("decisions_endpoint", lambda: ZmqPubSink(self._ctx, cfg.decisions_endpoint, secure=secure))
+        pub = _bind(
+            "decisions_endpoint",
+            lambda: ZmqPubSink(self._ctx, cfg.decisions_endpoint, secure=secure, maxsize=cfg.decision_queue),
+        )
         self.outputs.add(pub)
         for sink in (self.status, self.metrics, *self._line_outputs()):
             if sink is not None:
@@ -170,7 +173,11 @@ class Server:
             supervisor=self.supervisor,
         )
         if self.intake.imagezmq is not None and cfg.imagezmq_mode == "reqrep":
-            self.outputs.add(ReplySink(self._ctx, self.intake.reply_endpoint))
+            intake = self.intake
+            replies = ReplySink(
+                self._ctx, intake.reply_endpoint, cfg.decision_queue, undelivered=lambda: intake.replies_undelivered
+            )
+            self.outputs.add(replies)
         self.endpoints.update(
             frames=self.intake.endpoint(self.intake.native),
             imagezmq=self.intake.endpoint(self.intake.imagezmq),
@@ -191,7 +198,14 @@ class Server:
         cfg = self.config
         host, port = config_mod.parse_host_port(cfg.http_listen)
         try:
-            self.http = HttpServer(host, port, self.health)
+            self.http = HttpServer(
+                host,
+                port,
+                self.health,
+                max_connections=cfg.http_max_connections,
+                timeout_s=cfg.http_timeout_s,
+                clock=self.supervisor.clock,
+            )
         except OSError as exc:
             raise UserError(f"http_listen: cannot listen on {cfg.http_listen}: {exc.strerror}") from None
         self.status = StatusBoard(
@@ -229,6 +243,7 @@ class Server:
                     pulse_ms=cfg.plc_pulse_ms,
                     reject_by_default=cfg.plc_reject_by_default,
                     timeout_s=cfg.plc_timeout_s,
+                    capacity=cfg.decision_queue,
                 )
             )
         if cfg.gpio_chip:
@@ -237,7 +252,11 @@ class Server:
             line = GpiodLine(cfg.gpio_chip, cfg.gpio_line, cfg.gpio_active_low)
             sinks.append(
                 GpioSink(
-                    line, mode=cfg.gpio_mode, pulse_ms=cfg.gpio_pulse_ms, reject_by_default=cfg.gpio_reject_by_default
+                    line,
+                    mode=cfg.gpio_mode,
+                    pulse_ms=cfg.gpio_pulse_ms,
+                    reject_by_default=cfg.gpio_reject_by_default,
+                    capacity=cfg.decision_queue,
                 )
             )
         if cfg.audit_dir:
@@ -362,6 +381,8 @@ class Server:
             backend = type(getattr(engine, "backend", None)).__name__
             out["model"] = {"bundle_id": engine.bundle_id, "backend": backend, "threshold": engine.threshold}
         out["sinks"] = self.outputs.stats()
+        if self.http is not None:
+            out["http"] = self.http.stats()
         if self._gpu_memory is not None:
             out["gpu_memory"] = self._gpu_memory()
         return out

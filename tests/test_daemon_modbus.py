@@ -1,10 +1,14 @@
-"""Modbus TCP reject output against a real pymodbus server: records, coil pulses, an unreachable PLC."""
+"""Modbus TCP reject output against a real pymodbus server: records, coil pulses, a PLC that stops answering or
+goes away, and a flood with reject-by-default where every frame must end in a record or a default reject."""
 
 from __future__ import annotations
 
+import json
+import socket
 import time
+from typing import Any
 
-from daemon.actuator import REASON_CODES, VERDICT_CODES
+from daemon.actuator import REASON_CODES, VERDICT_CODES, Record, frame_word
 from daemon.modbus import ModbusSink
 from daemon.protocol import Decision
 from tests.test_daemon_support import Client, FakeInspector, ModbusPeer, image, running
@@ -24,6 +28,40 @@ def wait_for(check, timeout_s: float = 5.0) -> bool:  # type: ignore[no-untyped-
     return False
 
 
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def coverage(records: list[list[int]], decisions: list[dict[str, Any]]) -> dict[Any, int]:
+    """Which record covers each decision (decisions in the order they were published).
+
+    A record covers the ``covered`` decisions after the previous one's: its counter must move by
+    exactly that much, and its frame word must be the newest covered decision's.
+    """
+    covers: dict[Any, int] = {}
+    seen = 0
+    for n, values in enumerate(records):
+        record = Record(*values)
+        assert record.counter == (seen + record.covered) & 0xFFFF, f"record {n} skips or repeats decisions"
+        newest = decisions[seen + record.covered - 1]
+        assert record.frame == frame_word(newest["frame_id"])
+        assert record.rejects >= sum(d["verdict"] != "pass" for d in decisions[seen : seen + record.covered])
+        for d in decisions[seen : seen + record.covered]:
+            covers[d["frame_id"]] = n
+        seen += record.covered
+    return covers
+
+
 def test_records_and_coil_pulse_are_written_to_the_plc() -> None:
     """The result block lands at the configured registers and the reject coil pulses on the configured device."""
     peer = ModbusPeer(device_id=3)
@@ -33,7 +71,10 @@ def test_records_and_coil_pulse_are_written_to_the_plc() -> None:
         sink.offer(decision(5))
         sink.offer(decision(70000, "reject", "defect"))
         assert wait_for(lambda: len(peer.coil_writes(7)) >= 2)
-        assert peer.registers(40, 4) == [2, VERDICT_CODES["ng"], REASON_CODES["defect"], 70000 & 0xFFFF]
+        values = peer.registers(40, 9)
+        assert values[:4] == [2, VERDICT_CODES["ng"], REASON_CODES["defect"], 70000 & 0xFFFF]
+        published = [{"frame_id": 5, "verdict": "pass"}, {"frame_id": 70000, "verdict": "reject"}]
+        assert sorted(coverage(peer.records(40), published)) == [5, 70000]
         (t_on, on), (t_off, off) = peer.coil_writes(7)[:2]
         assert on is True and off is False and 0.05 <= t_off - t_on < 0.3
         assert peer.coil(7) is False and sink.stats()["connected"] == 1
@@ -42,33 +83,34 @@ def test_records_and_coil_pulse_are_written_to_the_plc() -> None:
         peer.stop()
 
 
-def test_unreachable_plc_is_counted_and_reconnected_with_backoff() -> None:
-    """With no PLC listening, sends fail fast and are counted; once it appears, the sink reconnects."""
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    sink = ModbusSink("127.0.0.1", port, timeout_s=0.2, backoff_s=(0.1, 0.2))
+def test_after_a_reconnect_the_first_record_says_what_the_plc_missed() -> None:
+    """With no PLC listening, records and coil pulses fail fast and are counted; once it is there, the first record
+    covers every decision made meanwhile and says how many results were missed and how many rejects went unsignalled."""
+    port = free_port()
+    clock = FakeClock()
+    sink = ModbusSink("127.0.0.1", port, timeout_s=0.2, backoff_s=(0.1, 0.2), clock=clock)
     sink.start()
     start = time.monotonic()
     for i in range(50):
         sink.offer(decision(i, "reject", "defect"))
-    assert wait_for(lambda: sink.stats()["queued"] == 0, 3.0)
-    assert time.monotonic() - start < 3.0 and sink.failed >= 50 and sink.stats()["connected"] == 0
+    assert wait_for(lambda: sink.stats()["unfired_rejects"] == 50, 3.0)
+    assert time.monotonic() - start < 3.0 and sink.stats()["connected"] == 0 and sink.counter == 0
     peer = ModbusPeer(port=port)
     try:
-        time.sleep(0.3)  # past the back-off
+        clock.now += 1.0  # past the back-off and the record's retry time
         sink.offer(decision(99, "reject", "defect"))
-        assert wait_for(lambda: peer.registers(0, 4)[3] == 99)
-        assert sink.stats()["connected"] == 1
+        assert wait_for(lambda: peer.records())
+        assert sink.stats()["connected"] == 1 and sink.stats()["missed_results"] == 50
     finally:
         sink.close()
         peer.stop()
+    first = Record(*peer.records()[0])
+    assert (first.counter, first.covered, first.rejects, first.missed, first.unfired) == (51, 51, 51, 50, 50)
+    assert (first.frame, first.reject_bits) == (99, 0xFFFF)
 
 
 def test_daemon_writes_each_decision_to_the_plc() -> None:
-    """A running daemon with plc_host set writes one record per frame and pulses the coil for the reject."""
+    """A running daemon with plc_host set covers every frame with a record and pulses the coil for the reject."""
     peer = ModbusPeer()
     try:
         with running(FakeInspector(), plc_host="127.0.0.1", plc_port=peer.port, plc_pulse_ms=30) as (server, _):
@@ -76,10 +118,10 @@ def test_daemon_writes_each_decision_to_the_plc() -> None:
                 client.send(1)
                 client.send(2, image(defect=True))
                 client.send(3)
-                assert len(client.decisions(3)) == 3
-            assert wait_for(lambda: peer.registers(0, 4)[0] == 3)
-        records = [v for _, kind, _, v in peer.writes if kind == "registers"]
-        assert [r[1] for r in records] == [1, 2, 1] and [r[3] for r in records] == [1, 2, 3]
+                got = client.decisions(3)
+            assert wait_for(lambda: peer.registers(0, 1)[0] == 3)
+        covers = coverage(peer.records(), got)
+        assert sorted(covers) == [1, 2, 3]
         assert [v for _, v in peer.coil_writes(0)][:2] == [True, False]
     finally:
         peer.stop()
@@ -100,3 +142,61 @@ def test_reject_by_default_fires_when_the_pipeline_is_too_slow() -> None:
             assert t_on - sent < 0.4  # at the deadline (150 ms), not after the 500 ms inference
     finally:
         peer.stop()
+
+
+def test_row2_a_plc_that_stops_answering_loses_no_frame() -> None:
+    """Issue 13, row 2: the PLC stops answering while 300 frames are decided (the actuator thread waits in its
+    request; the old queue of 256 dropped admissions and decisions). Once it answers again every frame is covered by
+    a record, in order, and nothing was dropped."""
+    peer = ModbusPeer()
+    plc = {"plc_host": "127.0.0.1", "plc_port": peer.port, "plc_reject_by_default": True, "plc_timeout_s": 30.0}
+    try:
+        with running(FakeInspector(), queue_depth=16, **plc) as (server, _), Client(server) as client:
+            client.send(0)
+            got = client.decisions(1)
+            assert wait_for(lambda: len(peer.records()) == 1)
+            peer.pause()
+            for i in range(1, 301):
+                client.send(i, image(defect=i % 5 == 0))
+            got += client.decisions(300, timeout_s=20)
+            plc_sink = next(s for s in server.outputs.sinks if s.name == "plc")
+            peer.resume()
+            assert wait_for(lambda: plc_sink.stats()["queued"] == 0, 10)
+            assert wait_for(lambda: sum(Record(*r).covered for r in peer.records()) >= len(got), 10)
+            stats = plc_sink.stats()
+    finally:
+        peer.stop()
+    assert [d["frame_id"] for d in got] == list(range(301))
+    covers = coverage(peer.records(), got)
+    assert sorted(covers) == list(range(301))  # every frame has its result in a record
+    assert stats["dropped"] == 0 and stats["coalesced"] > 0  # it fell behind and caught up with the newest state
+
+
+def test_flood_every_frame_ends_in_a_record_or_a_default_reject() -> None:
+    """A 300-frame flood at the default 200 ms cycle with 20 unreadable messages among it, reject-by-default on:
+    each frame id is covered by a result record (continuous counter, right frame words), each message without an id
+    fired a default reject, nothing was dropped or missed."""
+    peer = ModbusPeer()
+    plc = {"plc_host": "127.0.0.1", "plc_port": peer.port, "plc_reject_by_default": True, "plc_pulse_ms": 20}
+    try:
+        with (
+            running(FakeInspector(infer_s=0.003), cycle_ms=200, **plc) as (server, _),
+            Client(server) as client,
+        ):
+            for i in range(300):
+                client.send(i, image(defect=i % 9 == 0))
+                if i % 15 == 7:
+                    client.send_parts(b"not json", image().tobytes())  # a part passed, its id is unreadable
+            got = client.decisions(300, timeout_s=30)
+            plc_sink = next(s for s in server.outputs.sinks if s.name == "plc")
+            assert wait_for(lambda: plc_sink.stats()["queued"] == 0 and plc_sink.stats()["scheduled"] == 0, 10)
+            stats = plc_sink.stats()
+    finally:
+        peer.stop()
+    assert len(got) == 300
+    covers = coverage(peer.records(), got)
+    missing = set(range(300)) - set(covers)
+    assert not missing, f"frames with no result record: {sorted(missing)}"
+    assert stats["default_rejects"] >= 20 and stats["dropped"] == 0 and stats["missed_results"] == 0
+    assert any(on for _, on in peer.coil_writes(0))
+    print(json.dumps({k: stats[k] for k in ("records", "coalesced", "default_rejects", "late_passes")}))

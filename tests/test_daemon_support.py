@@ -11,7 +11,7 @@ import itertools
 import json
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import replace
 from typing import Any
@@ -126,10 +126,13 @@ def make_config(**overrides: Any) -> Config:
 
 
 @contextmanager
-def running(inspector: FakeInspector | None = None, **overrides: Any) -> Iterator[tuple[Server, FakeInspector]]:
-    """A Server with a FakeInspector, run on a thread; stopped (and checked to exit 0) afterwards."""
+def running(
+    inspector: FakeInspector | None = None, clock: Callable[[], float] = time.monotonic, **overrides: Any
+) -> Iterator[tuple[Server, FakeInspector]]:
+    """A Server with a FakeInspector (and ``clock`` for supervision and HTTP deadlines), run on a thread;
+    stopped (and checked to exit 0) afterwards."""
     fake = inspector or FakeInspector()
-    server = Server(make_config(**overrides), loader=lambda model, backend: fake)
+    server = Server(make_config(**overrides), loader=lambda model, backend: fake, clock=clock)
     codes: list[int] = []
     thread = threading.Thread(target=lambda: codes.append(server.run(install_signals=False)), daemon=True)
     thread.start()
@@ -251,6 +254,7 @@ class ModbusPeer:
         )
         self._loop = asyncio.new_event_loop()
         self._server: Any = None
+        self._gate = threading.Event()
         started = threading.Event()
 
         def trace(sending: bool, pdu: Any) -> Any:
@@ -295,9 +299,22 @@ class ModbusPeer:
     def coil_writes(self, address: int) -> list[tuple[float, bool]]:
         return [(t, v[0]) for t, kind, a, v in self.writes if kind == "coil" and a == address]
 
+    def records(self, address: int = 0) -> list[list[int]]:
+        """Every result record written at ``address``, oldest first (actuator.Record's fields)."""
+        return [v for _, kind, a, v in self.writes if kind == "registers" and a == address]
+
+    def pause(self) -> None:
+        """Stop answering (a PLC halted mid-cycle): the server's loop blocks until ``resume``; TCP still connects."""
+        self._gate = threading.Event()
+        self._loop.call_soon_threadsafe(self._gate.wait, 30)
+
+    def resume(self) -> None:
+        self._gate.set()
+
     def stop(self) -> None:
         import asyncio
 
+        self._gate.set()
         if self._server is not None:
             asyncio.run_coroutine_threadsafe(self._server.shutdown(), self._loop).result(5)
         self._thread.join(5)
