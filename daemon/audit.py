@@ -8,10 +8,18 @@ Layout: one directory per decision under ``audit_dir``, named so that names sort
                   (100 = the threshold, 255 = 2.55 times it or more)
 A record is written into a ``.tmp-`` directory and renamed, so a reader never sees half of
 one. After each write the oldest records are deleted until both caps (``audit_max_count``,
-``audit_max_mb``) hold. A full or read-only disk makes a write fail: the failure is counted
-(``failed``) and logged (first time and every 100th), the half-written record removed, and
-the daemon carries on. The queue holds at most ``QUEUE`` records (each pins its frame in
-memory until written); beyond that records are dropped and counted.
+``audit_max_mb``) hold.
+
+A full disk does not cost the newest reject: when a reject's write fails for lack of space
+(ENOSPC, EDQUOT), the oldest records are deleted one at a time to make room and the write
+is tried again, until it fits or no record is left (``made_room`` counts the deletions).
+Any other failure (a read-only disk, a missing directory, permissions) and a pass that does
+not fit are counted (``failed``) and the half-written record removed; the daemon carries on.
+Failing writes are logged when they start, at once when their cause changes (full, then
+read-only), every ``LOG_EVERY_S`` while they go on (with the count since the last line),
+and when writes succeed again; meanwhile the status page shows the cause (a non-fatal
+condition). The queue holds at most ``QUEUE`` records (each pins its frame in memory until
+written); beyond that records are dropped and counted.
 
 ``inspectd audit list DIR`` and ``inspectd audit export DIR --out FILE.tar.gz|DIR`` read it.
 """
@@ -20,12 +28,15 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import errno
 import json
 import os
 import re
 import shutil
 import tarfile
+import time
 from collections import deque
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -35,11 +46,14 @@ import structlog
 
 from daemon.outputs import OBSERVER_NICE, Sink
 from daemon.protocol import Decision
+from daemon.supervision import Supervisor
 from engines.errors import UserError
 
 log = structlog.get_logger("inspectd.audit")
 
 QUEUE = 8
+LOG_EVERY_S = 60.0  # while writes keep failing for one cause, one log line per this long
+FULL = (errno.ENOSPC, errno.EDQUOT)
 ANOMALY_SCALE = 100.0  # anomaly.png grey value per threshold
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.-]+")
 
@@ -57,22 +71,42 @@ class AuditSink(Sink):
     name = "audit"
     nice = OBSERVER_NICE
 
-    def __init__(self, directory: str | Path, max_mb: float = 2048, max_count: int = 10_000, pass_sample: float = 0.0):
+    def __init__(
+        self,
+        directory: str | Path,
+        max_mb: float = 2048,
+        max_count: int = 10_000,
+        pass_sample: float = 0.0,
+        clock: Callable[[], float] = time.monotonic,
+    ):
         super().__init__(maxsize=QUEUE)
         self.directory = Path(directory)
         self.max_bytes = int(max_mb * 1024 * 1024)
         self.max_count = max_count
         self.pass_sample = pass_sample
+        self._clock = clock
         self._credit = 0.0
         self.written = 0
         self.deleted = 0
+        self.made_room = 0  # records deleted because the disk was full
         self._index: deque[tuple[str, int]] = deque()
         self._bytes = 0
+        self.cause: str | None = None  # why writes are failing now; None while they succeed
+        self._cause_failures = 0  # failures since the cause was last logged
+        self._logged_at = 0.0
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
             self._scan()
         except OSError as exc:  # logged and counted on each write; never stops the daemon
             log.warning("audit_unavailable", directory=str(self.directory), error=str(exc))
+
+    def start(self, supervisor: Supervisor | None = None) -> None:
+        if supervisor is not None:  # shown on the status page while writes fail; never fatal
+            supervisor.condition("audit", self.problem, fatal=False)
+        super().start(supervisor)
+
+    def problem(self) -> str | None:
+        return None if self.cause is None else f"records not written ({self.cause})"
 
     # -- frame path (cheap) ------------------------------------------------------------------
     def accepts(self, decision: Decision) -> bool:
@@ -90,32 +124,40 @@ class AuditSink(Sink):
         return True
 
     def stats(self) -> dict[str, int]:
-        return {**super().stats(), "records": len(self._index), "bytes": self._bytes, "deleted": self.deleted}
+        return {
+            **super().stats(),
+            "records": len(self._index),
+            "bytes": self._bytes,
+            "deleted": self.deleted,
+            "made_room": self.made_room,
+        }
 
     # -- the sink's thread -------------------------------------------------------------------
     def send(self, decision: Decision) -> None:
         name = record_name(decision)
-        tmp = self.directory / f".tmp-{name}"
-        try:
-            size = self._write(tmp, decision)
-            final = self.directory / name
-            if final.exists():
-                shutil.rmtree(final)
-            os.rename(tmp, final)
-        except OSError as exc:
-            self.failed += 1
-            if self.failed == 1 or self.failed % 100 == 0:
-                log.warning("audit_write_failed", directory=str(self.directory), error=str(exc), failures=self.failed)
-            shutil.rmtree(tmp, ignore_errors=True)
-            return
+        files = self._files(decision)
+        while True:
+            try:
+                self._store(name, files)
+                break
+            except OSError as exc:
+                if exc.errno in FULL and decision.verdict != "pass" and self._index:
+                    self._delete_oldest()  # make room for the newest reject
+                    self.made_room += 1
+                    continue
+                self._failed(exc)
+                return
         self.sent += 1
         self.written += 1
-        self._index.append((name, size))
-        self._bytes += size
+        self._index.append((name, sum(len(d) for d in files.values())))
+        self._bytes += self._index[-1][1]
+        if self.cause is not None:
+            log.info("audit_write_recovered", directory=str(self.directory), after=self.cause)
+            self.cause = None
         self._enforce()
 
-    def _write(self, tmp: Path, decision: Decision) -> int:
-        tmp.mkdir()
+    def _files(self, decision: Decision) -> dict[str, bytes]:
+        """The record's files, encoded once (a write retried after making room does not encode again)."""
         evidence = decision.evidence
         record = decision.to_dict()
         files = {}
@@ -129,17 +171,58 @@ class AuditSink(Sink):
         if evidence is not None and evidence.pose_matrix is not None:
             record["pose_matrix"] = np.asarray(evidence.pose_matrix, float).round(6).tolist()
         files["decision.json"] = json.dumps(record, indent=1).encode()
-        for filename, data in files.items():
-            with open(tmp / filename, "wb") as fh:
-                fh.write(data)
-        return sum(len(d) for d in files.values())
+        return files
+
+    def _store(self, name: str, files: dict[str, bytes]) -> None:
+        """Write the record into a temporary directory and rename it into place; nothing is left on failure."""
+        tmp = self.directory / f".tmp-{name}"
+        try:
+            tmp.mkdir()
+            for filename, data in files.items():
+                self._write_file(tmp / filename, data)
+            final = self.directory / name
+            if final.exists():
+                shutil.rmtree(final)
+            os.rename(tmp, final)
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+    def _write_file(self, path: Path, data: bytes) -> None:
+        with open(path, "wb") as fh:
+            fh.write(data)
+
+    def _failed(self, exc: OSError) -> None:
+        """Count a failed write; log it when the cause is new or every ``LOG_EVERY_S`` while it lasts."""
+        self.failed += 1
+        self._cause_failures += 1
+        cause = failure_cause(exc)
+        now = self._clock()
+        if cause != self.cause:
+            level = "audit_write_failed" if self.cause is None else "audit_write_failure_changed"
+            log.warning(level, directory=str(self.directory), cause=cause, was=self.cause, error=str(exc))
+        elif now - self._logged_at >= LOG_EVERY_S:
+            log.warning(
+                "audit_write_failing",
+                directory=str(self.directory),
+                cause=cause,
+                failures=self._cause_failures,
+                since_s=round(now - self._logged_at),
+                error=str(exc),
+            )
+        else:
+            return
+        self.cause, self._logged_at, self._cause_failures = cause, now, 0
+
+    def _delete_oldest(self) -> None:
+        name, size = self._index.popleft()
+        shutil.rmtree(self.directory / name, ignore_errors=True)
+        self._bytes -= size
+        self.deleted += 1
 
     def _enforce(self) -> None:
         while self._index and (len(self._index) > self.max_count or self._bytes > self.max_bytes):
-            name, size = self._index.popleft()
-            shutil.rmtree(self.directory / name, ignore_errors=True)
-            self._bytes -= size
-            self.deleted += 1
+            self._delete_oldest()
 
     def _scan(self) -> None:
         """Index what earlier runs left (oldest first); remove half-written records."""
@@ -151,6 +234,19 @@ class AuditSink(Sink):
                 self._index.append((entry.name, size))
                 self._bytes += size
         self._enforce()
+
+
+def failure_cause(exc: OSError) -> str:
+    """A write failure's cause in words (what an operator acts on)."""
+    if exc.errno in FULL:
+        return "disk full"
+    if exc.errno == errno.EROFS:
+        return "read-only file system"
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        return "permission denied"
+    if exc.errno in (errno.ENOENT, errno.ENOTDIR):
+        return "directory missing"
+    return exc.strerror or type(exc).__name__
 
 
 def _png(image: np.ndarray) -> bytes:

@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
+import shutil
+import subprocess
 import tarfile
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
+from structlog.testing import capture_logs
 
 from daemon import cli
 from daemon.audit import AuditSink
@@ -114,3 +121,142 @@ def test_cli_lists_and_exports_recent_rejects(tmp_path: Path, capsys: pytest.Cap
     assert cli.main(["audit", "export", str(tmp_path / "trail"), "--passes", "--out", str(tmp_path / "d")]) == 0
     assert len(list((tmp_path / "d").iterdir())) == 3
     assert cli.main(["audit", "list", str(tmp_path / "missing")]) == 2
+
+
+# -- issue 13, row 5: a full disk, then a read-only one ---------------------------------------------------
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def noisy(frame_id: int, verdict: str = "reject") -> Decision:
+    """A record of about 20 KB (a 96x96 noise frame does not compress)."""
+    now = time.time_ns() + frame_id * 1_000_000
+    frame = np.random.default_rng(frame_id).integers(0, 256, (96, 96), dtype=np.uint8)
+    evidence = Evidence(frame, np.zeros((96, 96), np.float32), np.eye(2, 3))
+    reason = "ok" if verdict == "pass" else "defect"
+    return Decision(
+        frame_id, "cam1", None, verdict, reason, now, now, now + 10**9, "m", threshold=1.0, evidence=evidence
+    )
+
+
+def write_one(sink: AuditSink, d: Decision) -> None:
+    """Offer one record and wait until the sink has written it or failed (a line paces its rejects too)."""
+    done = sink.sent + sink.failed
+    sink.offer(d)
+    end = time.monotonic() + 10
+    while sink.sent + sink.failed == done and time.monotonic() < end:
+        time.sleep(0.005)
+    assert sink.sent + sink.failed == done + 1
+
+
+@contextmanager
+def tmpfs(path: Path, size_kb: int) -> Iterator[Callable[[bool], None]]:
+    """A real tiny file system (tmpfs) at ``path``; yields ``set_read_only(flag)``. Skips where it cannot mount."""
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("mounting a tmpfs needs root (the simulated disk test covers the same rules)")
+    path.mkdir()
+    command = ["mount", "-t", "tmpfs", "-o", f"size={size_kb}k", "tmpfs", str(path)]
+    mounted = subprocess.run(command, capture_output=True)
+    if mounted.returncode:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+
+    def set_read_only(flag: bool) -> None:
+        options = f"remount,{'ro' if flag else 'rw'}"
+        subprocess.run(["mount", "-o", options, str(path)], check=True, capture_output=True)
+
+    try:
+        yield set_read_only
+    finally:
+        subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+def fill_up(root: Path) -> None:
+    """Take a real file system's last free bytes with a file that is not the audit trail's."""
+    with open(root / "filler", "ab", buffering=0) as fh, contextlib.suppress(OSError):
+        while True:
+            fh.write(b"\0" * 4096)
+
+
+def full_then_read_only(
+    sink: AuditSink,
+    root: Path,
+    clock: FakeClock,
+    set_read_only: Callable[[bool], None],
+    fill: Callable[[Path], None] = fill_up,
+) -> None:
+    """The scenario of row 5, on any file system: 30 rejects on a disk that holds a few; then a sampled pass on a
+    disk filled by someone else; then the disk turns read-only; then it recovers."""
+    with capture_logs() as logs:
+        sink.start()
+        for i in range(30):
+            write_one(sink, noisy(i))
+        kept = sorted(int(p.name.split("_")[2]) for p in sink.directory.iterdir())
+        assert sink.failed == 0 and sink.sent == 30 and sink.made_room > 0  # no reject was lost
+        assert kept == list(range(30 - len(kept), 30)) and 2 <= len(kept) < 30  # the newest, oldest deleted
+        fill(root)
+        write_one(sink, noisy(30, "pass"))  # a pass does not push rejects out
+        assert sink.failed == 1 and sink.problem() == "records not written (disk full)"
+        set_read_only(True)
+        write_one(sink, noisy(31))
+        write_one(sink, noisy(32))  # the same cause again: not logged again yet
+        assert sink.problem() == "records not written (read-only file system)"
+        clock.now += 61
+        write_one(sink, noisy(33))  # still failing a minute later: one line with the count
+        set_read_only(False)
+        (root / "filler").unlink()
+        write_one(sink, noisy(34))
+        sink.close(flush_s=5.0)
+    events = [(e["event"], e.get("cause"), e.get("failures")) for e in logs if e["event"].startswith("audit_write")]
+    assert events == [
+        ("audit_write_failed", "disk full", None),
+        ("audit_write_failure_changed", "read-only file system", None),
+        ("audit_write_failing", "read-only file system", 2),
+        ("audit_write_recovered", None, None),
+    ]
+    assert sink.failed == 4 and sink.problem() is None
+    assert max(int(p.name.split("_")[2]) for p in sink.directory.iterdir()) == 34
+
+
+def test_row5_a_tiny_real_file_system_full_then_read_only(tmp_path: Path) -> None:
+    """Issue 13, row 5, on a real 192 KiB tmpfs: the newest rejects are kept by deleting the oldest (the old sink
+    lost them), and failures are logged when they start, when their cause changes and once a minute while they last."""
+    root = tmp_path / "fs"
+    with tmpfs(root, 192) as set_read_only:
+        clock = FakeClock()
+        full_then_read_only(AuditSink(root / "audit", clock=clock), root, clock, set_read_only)
+
+
+class TinyDisk(AuditSink):
+    """An audit sink on a simulated disk of ``size`` bytes under ``root`` (ENOSPC beyond it; EROFS when
+    read-only): the same rules where a tmpfs cannot be mounted. Only the file writes are simulated."""
+
+    def __init__(self, root: Path, size: int, clock: FakeClock) -> None:
+        self.root, self.size, self.read_only = root, size, False
+        super().__init__(root / "audit", clock=clock)
+
+    def _write_file(self, path: Path, data: bytes) -> None:
+        if self.read_only:
+            raise OSError(errno.EROFS, "Read-only file system", str(path))
+        used = sum(f.stat().st_size for f in self.root.rglob("*") if f.is_file())
+        if used + len(data) > self.size:
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        super()._write_file(path, data)
+
+
+def test_row5_a_simulated_tiny_disk_full_then_read_only(tmp_path: Path) -> None:
+    """The same scenario on a simulated 100 KB disk, so it runs without root."""
+    clock = FakeClock()
+    sink = TinyDisk(tmp_path, 100_000, clock)
+
+    def set_read_only(flag: bool) -> None:
+        sink.read_only = flag
+
+    def fill_simulated(root: Path) -> None:
+        used = sum(f.stat().st_size for f in root.rglob("*") if f.is_file())
+        (root / "filler").write_bytes(b"\0" * (sink.size - used))
+
+    full_then_read_only(sink, tmp_path, clock, set_read_only, fill_simulated)
