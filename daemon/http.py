@@ -210,7 +210,9 @@ class _Server(ThreadingHTTPServer):
     def process_request(self, request: Any, client_address: Any) -> None:
         with self._lock:
             full = len(self._open) >= self.max_connections
-            if not full:
+            if full:
+                self.refused += 1
+            else:
                 self._open.add(request)
                 self._waiting[request] = self.clock()
         if full:
@@ -253,7 +255,6 @@ class _Server(ThreadingHTTPServer):
 
     def _refuse(self, request: socket.socket) -> None:
         """Over the cap: 503 with Retry-After, written without a thread; closed once the client read it."""
-        self.refused += 1
         try:
             request.setblocking(False)
             request.send(REFUSAL)
