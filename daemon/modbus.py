@@ -30,6 +30,7 @@ log = structlog.get_logger("inspectd.modbus")
 
 BACKOFF_MIN_S = 0.5
 BACKOFF_MAX_S = 10.0
+REPEAT_LOG_S = 60.0  # the same refusal (e.g. registers the PLC does not have) is logged once a minute
 
 
 class PlcUnavailable(ConnectionError):
@@ -71,6 +72,7 @@ class ModbusSink(ActuatorSink):
         self._retry_at = 0.0
         self.connected = False
         self.reconnects = 0
+        self._last_error, self._last_error_at = "", 0.0
         self._ever_connected = False
 
     def stats(self) -> dict[str, int]:
@@ -90,8 +92,12 @@ class ModbusSink(ActuatorSink):
         self._client.close()
 
     def on_failure(self, exc: Exception) -> None:
-        if not isinstance(exc, PlcUnavailable):  # one line per loss, not one per decision
-            log.warning("plc_failed", host=self.host, port=self.port, error=f"{type(exc).__name__}: {exc}")
+        if isinstance(exc, PlcUnavailable):  # the loss was logged once, by _lost
+            return
+        error, now = f"{type(exc).__name__}: {exc}", self._clock()
+        if error != self._last_error or now - self._last_error_at >= REPEAT_LOG_S:  # not one line per retry
+            log.warning("plc_failed", host=self.host, port=self.port, error=error)
+            self._last_error, self._last_error_at = error, now
 
     # -- the link ------------------------------------------------------------------------------
     def _call(self, method: str, address: int, value: Any) -> None:
