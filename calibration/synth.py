@@ -38,11 +38,12 @@ from engines.errors import UserError
 
 KINDS = ("dot", "scratch", "stain", "missing", "extra", "smear")
 
-REF_SIZE = 5120  # structure sizes below are quoted at this image size and scale with it
+REF_SIZE = 5120  # structure sizes below are quoted at this image side and scale with the shorter side
 FIX_BITS = 4  # fractional bits for cv2 drawing: sub-pixel, anti-aliased geometry
 FIX = 1 << FIX_BITS
 MATERIAL = 3.0  # grey levels: a pixel changed by more than this is part of a defect
-BODY_INSET = 0.02  # the part body starts this fraction of the size from each edge
+BODY_INSET = 0.02  # the part body starts this fraction of the shorter side from each edge
+MIN_SIDE = 128  # px: the smallest image side the generator (and the detectors) accept
 KEEPOUT = 0.6  # fraction of the band (from the edge) where the fixture and clutter live
 # Level 1 for speed; run-length matching only, because noisy pixels defeat LZ77 string search
 # anyway (half the write time of plain level 1 on noisy 16-bit images, and smaller files).
@@ -69,7 +70,7 @@ LUMA_BGR = np.array([0.114, 0.587, 0.299], np.float32)
 class SynthConfig:
     """Everything that determines a synthetic dataset (``workers`` only sets the speed)."""
 
-    size: int = 1024
+    size: int = 1024  # square shorthand: the side of ``width`` and ``height`` not given
     seed: int = 0
     train: int = 30
     test_good: int = 40
@@ -84,17 +85,35 @@ class SynthConfig:
     noise: float = 2.0
     border_band: float = 0.04
     workers: int = 0
+    width: int | None = None  # None: ``size``
+    height: int | None = None  # None: ``size``
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(height, width) of every image in pixels."""
+        return (self.height or self.size, self.width or self.size)
+
+    @property
+    def side(self) -> int:
+        """The shorter image side: structure sizes, the border band and defect size caps scale with it."""
+        return min(self.shape)
 
     @property
     def shift_px(self) -> float:
         """The pose shift bound actually used."""
-        return self.size / 512 if self.max_shift_px is None else float(self.max_shift_px)
+        return max(self.shape) / 512 if self.max_shift_px is None else float(self.max_shift_px)
+
+    def describe(self) -> str:
+        h, w = self.shape
+        return f"{w}px" if w == h else f"{w}x{h} px"
 
 
 def validate(config: SynthConfig) -> None:
     """Raise ``UserError`` naming the first setting that cannot produce a dataset."""
     checks = [
-        (config.size >= 128, f"--size: expected at least 128, got {config.size}"),
+        (config.size >= MIN_SIDE, f"--size: expected at least {MIN_SIDE}, got {config.size}"),
+        ((config.width or MIN_SIDE) >= MIN_SIDE, f"--width: expected at least {MIN_SIDE}, got {config.width}"),
+        ((config.height or MIN_SIDE) >= MIN_SIDE, f"--height: expected at least {MIN_SIDE}, got {config.height}"),
         (min(config.train, config.test_good, config.per_kind) >= 0, "--train/--test-good/--per-kind: >= 0"),
         (config.bit_depth in (8, 16), f"--bit-depth: expected 8 or 16, got {config.bit_depth}"),
         (config.channels in (1, 3), f"--channels: expected 1 or 3, got {config.channels}"),
@@ -123,12 +142,23 @@ class Structure:
 
 
 class _Painter:
-    """Anti-aliased, sub-pixel drawing on a uint8 canvas, grey or tinted BGR."""
+    """Anti-aliased, sub-pixel drawing on a uint8 canvas, grey or tinted BGR.
 
-    def __init__(self, size: int, channels: int) -> None:
+    The design is laid out in fractions of the image: ``at(u, v)`` is the point ``u`` of the
+    width across and ``v`` of the height down, so a non-square image spreads the layout over
+    its whole field; sizes (radii, widths, pitches) scale with the shorter side ``s``.
+    """
+
+    def __init__(self, shape: tuple[int, int], channels: int) -> None:
         self.channels = channels
-        self.img = np.zeros((size, size) if channels == 1 else (size, size, 3), np.uint8)
+        self.h, self.w = shape
+        self.s = min(shape)
+        self.img = np.zeros(shape if channels == 1 else (*shape, 3), np.uint8)
         self.structures: list[Structure] = []
+
+    def at(self, u: float, v: float) -> tuple[float, float]:
+        """Design coordinates (x, y) of the point ``u`` across the width and ``v`` down the height."""
+        return u * self.w, v * self.h
 
     def colour(self, tone: Tone) -> float | tuple[float, float, float]:
         grey, tint = tone
@@ -190,15 +220,17 @@ def _rect(x0: float, y0: float, x1: float, y1: float, chamfer: float = 0.0) -> n
     return np.array([[x0, y0], [x1 - chamfer, y0], [x1, y0 + chamfer], [x1, y1], [x0, y1]])
 
 
-def _body_outline(a: float, b: float, radius: float, chamfer: float) -> np.ndarray:
+def _body_outline(top_left: tuple[float, float], bottom_right: tuple[float, float], s: int) -> np.ndarray:
     """Part outline: rounded top-left and bottom-right corners, chamfered top-right and bottom-left."""
+    (x0, y0), (x1, y1) = top_left, bottom_right
+    radius, chamfer = 0.06 * s, 0.05 * s
 
     def arc(cx: float, cy: float, start: float) -> list[tuple[float, float]]:
         angles = np.radians(np.linspace(start, start + 90, 24))
         return [(cx + radius * math.cos(t), cy + radius * math.sin(t)) for t in angles]
 
-    pts = [*arc(a + radius, a + radius, 180), (b - chamfer, a), (b, a + chamfer)]
-    pts += [*arc(b - radius, b - radius, 0), (a + chamfer, b), (a, b - chamfer)]
+    pts = [*arc(x0 + radius, y0 + radius, 180), (x1 - chamfer, y0), (x1, y0 + chamfer)]
+    pts += [*arc(x1 - radius, y1 - radius, 0), (x0 + chamfer, y1), (x0, y1 - chamfer)]
     return np.array(pts)
 
 
@@ -222,18 +254,18 @@ class Design:
 
 def render_design(config: SynthConfig) -> Design:
     """Draw the golden part once, at full resolution, with an optics blur."""
-    size = config.size
     rng = np.random.default_rng([config.seed, DESIGN_STREAM])
-    painter = _Painter(size, config.channels)
+    painter = _Painter(config.shape, config.channels)
     painter.fill(BACKGROUND)
-    outline = _body_outline(BODY_INSET * size, (1 - BODY_INSET) * size, 0.06 * size, 0.05 * size)
+    s = painter.s
+    outline = _body_outline(painter.at(BODY_INSET, BODY_INSET), painter.at(1 - BODY_INSET, 1 - BODY_INSET), s)
     painter.poly(outline, BODY)
     for draw in (_draw_holes, _draw_markers, _draw_rings, _draw_pads, _draw_buses, _draw_dot_grid):
-        draw(painter, rng, size)
-    _draw_text(painter, rng, size)
-    _draw_fine(painter, rng, size)
+        draw(painter, rng)
+    _draw_text(painter, rng)
+    _draw_fine(painter, rng)
     image = cv2.GaussianBlur(painter.img.astype(np.float32), (0, 0), 0.8)
-    body = np.zeros((size, size), np.uint8)
+    body = np.zeros(config.shape, np.uint8)
     cv2.fillPoly(body, [_fixed(outline)], 1, cv2.LINE_8, FIX_BITS)
     edges = [(0,), (2,), (0, 2), (1, 3), (3,)][int(rng.integers(5))]
     return Design(image, body, painter.structures, edges)
@@ -244,24 +276,31 @@ def _w(ref_px: float, size: int, min_px: float) -> float:
     return max(min_px, ref_px * size / REF_SIZE)
 
 
-def _draw_holes(p: _Painter, rng: np.random.Generator, s: int) -> None:
+def _draw_holes(p: _Painter, rng: np.random.Generator) -> None:
+    s = p.s
     for u, v in ((0.1, 0.1), (0.9, 0.1), (0.1, 0.9), (0.9, 0.9)):
-        c = (u * s, v * s)
+        c = p.at(u, v)
         p.ring(c, 0.044 * s, _w(40, s, 2), RING_BRIGHT)
         p.disc(c, 0.028 * s, HOLE)
 
 
-def _draw_markers(p: _Painter, rng: np.random.Generator, s: int) -> None:
-    """Small dots along the part edge, inside the border band (so band defects can remove them)."""
-    r = _w(8, s, 1.5)
+def _draw_markers(p: _Painter, rng: np.random.Generator) -> None:
+    """Small dots along the part edge, inside the border band (so band defects can remove them).
+
+    Their distance from the edge scales with the shorter side, like the band's width.
+    """
+    r = _w(8, p.s, 1.5)
+    near, far_x, far_y = 0.032 * p.s, p.w - 0.032 * p.s, p.h - 0.032 * p.s
     for t in np.arange(0.2, 0.81, 0.04):
-        for c in ((t, 0.032), (t, 0.968), (0.032, t), (0.968, t)):
-            p.disc((c[0] * s, c[1] * s), r, MARKER, keep=True)
+        x, y = p.at(t, t)
+        for c in ((x, near), (x, far_y), (near, y), (far_x, y)):
+            p.disc(c, r, MARKER, keep=True)
 
 
-def _draw_rings(p: _Painter, rng: np.random.Generator, s: int) -> None:
+def _draw_rings(p: _Painter, rng: np.random.Generator) -> None:
     """Concentric rings around a central hole, outermost first so inner ones stay visible."""
-    c = (0.5 * s, 0.5 * s)
+    s = p.s
+    c = p.at(0.5, 0.5)
     for radius, width, tone in (
         (0.125, _w(16, s, 2), TRACE),
         (0.10, 4.0, RING_BRIGHT),
@@ -275,50 +314,54 @@ def _draw_rings(p: _Painter, rng: np.random.Generator, s: int) -> None:
         p.disc((c[0] + 0.145 * s * math.cos(t), c[1] + 0.145 * s * math.sin(t)), _w(6, s, 1.5), MARKER, keep=True)
 
 
-def _draw_pads(p: _Painter, rng: np.random.Generator, s: int) -> None:
+def _draw_pads(p: _Painter, rng: np.random.Generator) -> None:
     """A 4x9 pad array on the left; the right column connects to the rings with traces."""
+    s = p.s
     cols, rows = 4, 9
-    cw, ch = 0.22 * s / cols, 0.6 * s / rows
+    cw, ch = 0.22 * p.w / cols, 0.6 * p.h / rows
     widths = [_w(w, s, 1.0) for w in (2, 3, 4, 6, 8)]
+    ring_x, ring_y = p.at(0.5, 0.5)
     for j in range(rows):
         for i in range(cols):
             w, h = rng.uniform(0.4, 0.7) * cw, rng.uniform(0.35, 0.65) * ch
-            cx, cy = 0.14 * s + (i + 0.5) * cw, 0.2 * s + (j + 0.5) * ch
+            cx, cy = 0.14 * p.w + (i + 0.5) * cw, 0.2 * p.h + (j + 0.5) * ch
             chamfer = 0.3 * min(w, h) if rng.random() < 0.3 else 0.0
             p.poly(_rect(cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2, chamfer), PAD, keep=True)
             if i == cols - 1:
                 angle = math.radians(150 + 60 * j / (rows - 1))
-                end = np.array([0.5 * s + 0.135 * s * math.cos(angle), 0.5 * s + 0.135 * s * math.sin(angle)])
-                knee = np.array([0.37 * s + 0.004 * s * j, cy])
+                end = np.array([ring_x + 0.135 * s * math.cos(angle), ring_y + 0.135 * s * math.sin(angle)])
+                knee = np.array([0.37 * p.w + 0.004 * p.w * j, cy])
                 width = widths[int(rng.integers(len(widths)))]
                 p.segment(np.array([cx + w / 2, cy]), knee, width, TRACE, keep=True)
                 p.segment(knee, end, width, TRACE, keep=True)
 
 
-def _draw_buses(p: _Painter, rng: np.random.Generator, s: int) -> None:
+def _draw_buses(p: _Painter, rng: np.random.Generator) -> None:
     """Parallel horizontal traces of decreasing width across the top."""
-    y = 0.155 * s
+    s = p.s
+    y = 0.155 * p.h
     for ref in (8, 6, 4, 3, 2):
         width = _w(ref, s, 1.0)
-        x0, x1 = rng.uniform(0.15, 0.2) * s, rng.uniform(0.8, 0.85) * s
+        x0, x1 = rng.uniform(0.15, 0.2) * p.w, rng.uniform(0.8, 0.85) * p.w
         p.segment(np.array([x0, y]), np.array([x1, y]), width, TRACE, keep=True)
         y += max(0.007 * s, 4 * width)
 
 
-def _draw_dot_grid(p: _Painter, rng: np.random.Generator, s: int) -> None:
+def _draw_dot_grid(p: _Painter, rng: np.random.Generator) -> None:
+    s = p.s
     r = _w(9, s, 2.0)
     pitch = max(4 * r, 0.012 * s)
-    for y in np.arange(0.2 * s, 0.52 * s, pitch):
-        for x in np.arange(0.64 * s, 0.86 * s, pitch):
+    for y in np.arange(0.2 * p.h, 0.52 * p.h, pitch):
+        for x in np.arange(0.64 * p.w, 0.86 * p.w, pitch):
             if rng.random() > 0.05:  # a few gaps make the grid part of the design, not a texture
                 p.disc((float(x), float(y)), r, MARKER, keep=True)
 
 
-def _draw_text(p: _Painter, rng: np.random.Generator, s: int) -> None:
+def _draw_text(p: _Painter, rng: np.random.Generator) -> None:
     """Text-like 5x7 cell glyphs; each glyph is one removable structure."""
-    cell = _w(6, s, 2.0)
-    for y in np.arange(0.6 * s, 0.8 * s - 7 * cell, 9 * cell):
-        for x in np.arange(0.64 * s, 0.87 * s - 5 * cell, 6 * cell):
+    cell = _w(6, p.s, 2.0)
+    for y in np.arange(0.6 * p.h, 0.8 * p.h - 7 * cell, 9 * cell):
+        for x in np.arange(0.64 * p.w, 0.87 * p.w - 5 * cell, 6 * cell):
             bits = rng.random((7, 5)) < 0.45
             for r, c in zip(*np.nonzero(bits), strict=True):
                 x0, y0 = x + c * cell, y + r * cell
@@ -327,18 +370,19 @@ def _draw_text(p: _Painter, rng: np.random.Generator, s: int) -> None:
                 p.structures.append(Structure("rect", _rect(x, y, x + 5 * cell, y + 7 * cell), 0.0))
 
 
-def _draw_fine(p: _Painter, rng: np.random.Generator, s: int) -> None:
+def _draw_fine(p: _Painter, rng: np.random.Generator) -> None:
     """2-4 px lines and 3 px dots at every image size, so fine structure never vanishes."""
-    x, y0, y1 = 0.36 * s, 0.84 * s, 0.9 * s
-    while x < 0.64 * s:
+    w, h = p.w, p.h
+    x, y0, y1 = 0.36 * w, 0.84 * h, 0.9 * h
+    while x < 0.64 * w:
         width = float(rng.choice([2.0, 3.0, 4.0]))
         length = (y1 - y0) * rng.uniform(0.5, 1.0)
         p.segment(np.array([x, y0]), np.array([x, y0 + length]), width, TRACE, keep=True)
         x += 3 * width + 2
-    for x in np.arange(0.36 * s, 0.64 * s, 8.0):
-        p.disc((float(x), 0.915 * s), 1.5, MARKER)
-    p.poly(_rect(0.13 * s, 0.84 * s, 0.3 * s, 0.92 * s, 0.02 * s), PAD)
-    p.poly(_rect(0.15 * s, 0.86 * s, 0.28 * s, 0.9 * s), RING_DARK)
+    for x in np.arange(0.36 * w, 0.64 * w, 8.0):
+        p.disc((float(x), 0.915 * h), 1.5, MARKER)
+    p.poly(_rect(0.13 * w, 0.84 * h, 0.3 * w, 0.92 * h, 0.02 * p.s), PAD)
+    p.poly(_rect(0.15 * w, 0.86 * h, 0.28 * w, 0.9 * h), RING_DARK)
 
 
 # --------------------------------------------------------------------------- frames
@@ -362,15 +406,26 @@ class Frame:
     mask: np.ndarray | None = None
 
     @property
-    def size(self) -> int:
-        return self.config.size
+    def shape(self) -> tuple[int, int]:
+        """(height, width) in pixels."""
+        return self.config.shape
+
+    @property
+    def extent(self) -> np.ndarray:
+        """(width, height): the image size in the (x, y) order of points."""
+        return np.array(self.config.shape[::-1])
+
+    @property
+    def side(self) -> int:
+        """The shorter side, which defect size caps scale with."""
+        return self.config.side
 
     def to_image(self, pts: np.ndarray) -> np.ndarray:
         """Design coordinates -> image coordinates, including the (first-order) non-rigid warp."""
         pts = np.asarray(pts, np.float64)
         out = pts @ self.matrix[:, :2].T + self.matrix[:, 2]
         if self.disp is not None:
-            ix = np.clip(np.round(out).astype(int), 0, self.size - 1)
+            ix = np.clip(np.round(out).astype(int), 0, self.extent - 1)
             d = np.stack([self.disp[0][ix[:, 1], ix[:, 0]], self.disp[1][ix[:, 1], ix[:, 0]]], axis=1)
             out -= d @ self.matrix[:, :2].T
         return out
@@ -378,7 +433,7 @@ class Frame:
     def on_body(self, pts: np.ndarray) -> bool:
         inv = cv2.invertAffineTransform(self.matrix)
         d = np.round(np.asarray(pts, np.float64) @ inv[:, :2].T + inv[:, 2]).astype(int)
-        if (d < 0).any() or (d >= self.size).any():
+        if (d < 0).any() or (d >= self.extent).any():
             return False
         return bool(self.design.body[d[:, 1], d[:, 0]].all())
 
@@ -386,7 +441,7 @@ class Frame:
         """What a surface of ``tone`` looks like under this frame's lighting, in a region."""
         grey, tint = tone
         gain = self.gain[y0:y1, x0:x1]
-        lift = self.offset + _glow_at(self.glow, self.band, self.size, (y0, y1, x0, x1))
+        lift = self.offset + _glow_at(self.glow, self.band, self.shape, (y0, y1, x0, x1))
         if self.config.channels == 1:
             return grey * gain + lift
         colour = np.minimum(255.0, grey * np.array(tint, np.float32)) * self.cgain
@@ -394,10 +449,10 @@ class Frame:
 
 
 def _sample_pose(config: SynthConfig, rng: np.random.Generator) -> dict[str, float]:
-    s = config.size
+    extent = np.array(config.shape[::-1])  # (width, height)
     dx, dy = rng.uniform(-1, 1, 2) * config.shift_px
     angle = rng.uniform(-1, 1) * config.max_rotation_deg
-    cx, cy = s / 2 + rng.uniform(-0.05, 0.05, 2) * s
+    cx, cy = extent / 2 + rng.uniform(-0.05, 0.05, 2) * extent
     return {"dx": float(dx), "dy": float(dy), "angle_deg": float(angle), "cx": float(cx), "cy": float(cy)}
 
 
@@ -409,14 +464,14 @@ def _pose_matrix(pose: dict[str, float]) -> np.ndarray:
 
 def _warp(design: np.ndarray, matrix: np.ndarray, warp_px: float, rng: np.random.Generator) -> tuple:
     """Pose the design (sub-pixel bilinear); with ``warp_px`` add a smooth random displacement field."""
-    s = design.shape[0]
+    h, w = design.shape[:2]
     if warp_px <= 0:
-        img = cv2.warpAffine(design, matrix, (s, s), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+        img = cv2.warpAffine(design, matrix, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
         return img, None
     grid = (rng.standard_normal((2, 6, 6)) * warp_px * 0.6).astype(np.float32)
-    dx, dy = (cv2.resize(g, (s, s), interpolation=cv2.INTER_CUBIC) for g in grid)
+    dx, dy = (cv2.resize(g, (w, h), interpolation=cv2.INTER_CUBIC) for g in grid)
     inv = cv2.invertAffineTransform(matrix).astype(np.float32)
-    xs, ys = np.arange(s, dtype=np.float32)[None, :], np.arange(s, dtype=np.float32)[:, None]
+    xs, ys = np.arange(w, dtype=np.float32)[None, :], np.arange(h, dtype=np.float32)[:, None]
     map_x = inv[0, 0] * xs + inv[0, 1] * ys + inv[0, 2] + dx
     map_y = inv[1, 0] * xs + inv[1, 1] * ys + inv[1, 2] + dy
     img = cv2.remap(design, map_x, map_y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
@@ -433,7 +488,8 @@ def _gain_field(config: SynthConfig, rng: np.random.Generator) -> np.ndarray:
     grad *= rng.uniform(0, 0.03) * light / max(float(np.abs(grad).max()), 1e-9)
     vignette = 0.06 * (1 + rng.uniform(-0.2, 0.2) * light) * (x * x + y * y) / 2
     gain = (1 + rng.uniform(-0.04, 0.04) * light) * (1 + grad) * (1 - vignette)
-    return cv2.resize(gain.astype(np.float32), (config.size, config.size), interpolation=cv2.INTER_LINEAR)
+    h, w = config.shape
+    return cv2.resize(gain.astype(np.float32), (w, h), interpolation=cv2.INTER_LINEAR)
 
 
 def _edge_view(img: np.ndarray, edge: int) -> np.ndarray:
@@ -483,26 +539,27 @@ def _band_glow(img: np.ndarray, band: int, glow: np.ndarray) -> None:
         view[:band] += _column(amplitude * _band_profile(np.arange(band), band), view[:band])
 
 
-def _glow_at(glow: np.ndarray, band: int, size: int, win: tuple[int, int, int, int]) -> np.ndarray:
+def _glow_at(glow: np.ndarray, band: int, shape: tuple[int, int], win: tuple[int, int, int, int]) -> np.ndarray:
     """The additive band glow in a window, broadcastable to (h, w): the same field as ``_band_glow``."""
     if band <= 0:
         return np.zeros((1, 1), np.float32)
+    h, w = shape
     ys = np.arange(win[0], win[1])[:, None]
     xs = np.arange(win[2], win[3])[None, :]
-    out = glow[0] * _band_profile(ys, band) + glow[1] * _band_profile(size - 1 - ys, band)
-    return out + glow[2] * _band_profile(xs, band) + glow[3] * _band_profile(size - 1 - xs, band)
+    out = glow[0] * _band_profile(ys, band) + glow[1] * _band_profile(h - 1 - ys, band)
+    return out + glow[2] * _band_profile(xs, band) + glow[3] * _band_profile(w - 1 - xs, band)
 
 
 def _fixture(img: np.ndarray, design: Design, band: int, offset: float, rng: np.random.Generator) -> None:
     """A dark fixture bar along one or two edges whose inner edge moves (and tilts) per image."""
-    s = img.shape[0]
     for edge in design.bar_edges:
+        view = _edge_view(img, edge)
+        length = view.shape[1]  # pixels along the edge
         depth = band * rng.uniform(0.15, 0.45)
         tilt = band * rng.uniform(-0.05, 0.05)
         rows = min(band, math.ceil(depth + abs(tilt)) + 2)
-        edge_line = depth + tilt * (np.arange(s) / s - 0.5)
+        edge_line = depth + tilt * (np.arange(length) / length - 0.5)
         alpha = np.clip(edge_line[None, :] - np.arange(rows)[:, None] + 0.5, 0, 1).astype(np.float32)
-        view = _edge_view(img, edge)
         if img.ndim == 3:
             alpha = alpha[..., None]
         view[:rows] = view[:rows] * (1 - alpha) + (FIXTURE + offset) * alpha
@@ -510,16 +567,16 @@ def _fixture(img: np.ndarray, design: Design, band: int, offset: float, rng: np.
 
 def _clutter(img: np.ndarray, band: int, rng: np.random.Generator) -> None:
     """Structured clutter (debris, reflections, cable edges) in the outer part of the band, new per image."""
-    s = img.shape[0]
     limit = KEEPOUT * band
     for edge in range(4):
-        layers = [np.zeros((band, s), np.uint8) for _ in range(2)]  # bright, dark
-        for _ in range(int(rng.poisson(5 + s / 300))):
+        view = _edge_view(img, edge)
+        length = view.shape[1]  # pixels along the edge
+        layers = [np.zeros((band, length), np.uint8) for _ in range(2)]  # bright, dark
+        for _ in range(int(rng.poisson(5 + length / 300))):
             _clutter_item(layers[int(rng.integers(2))], band, rng)
         delta = (layers[0].astype(np.float32) - layers[1]) * (90 / 255)
         delta *= np.clip((limit - np.arange(band)) / (0.15 * band + 1e-9), 0, 1)[:, None].astype(np.float32)
         delta = cv2.GaussianBlur(delta, (0, 0), 0.7)
-        view = _edge_view(img, edge)
         view[:band] += delta[..., None] if img.ndim == 3 else delta
 
 
@@ -574,7 +631,7 @@ def _quantise(img: np.ndarray, bit_depth: int) -> np.ndarray:
 def render_frame(config: SynthConfig, design: Design, split_id: int, index: int, kind: str) -> tuple:
     """Render one image; returns (pixels, mask or None, defects, pose)."""
     rng = np.random.default_rng([config.seed, split_id, index])
-    band = round(config.border_band * config.size)
+    band = round(config.border_band * config.side)
     pose = _sample_pose(config, rng)
     matrix = _pose_matrix(pose)
     img, disp = _warp(design.image, matrix, config.warp_px, rng)
@@ -602,9 +659,9 @@ def render_frame(config: SynthConfig, design: Design, split_id: int, index: int,
 # --------------------------------------------------------------------------- defects
 
 
-def _span(lo: float, hi: float, size: int) -> tuple[float, float]:
-    """A size range in absolute pixels, with its upper end capped at size/8 for small images."""
-    cap = size / 8
+def _span(lo: float, hi: float, side: int) -> tuple[float, float]:
+    """A size range in absolute pixels, with its upper end capped at 1/8 of the shorter side for small images."""
+    cap = side / 8
     hi = min(hi, cap)
     return min(lo, hi / 2), hi
 
@@ -631,7 +688,7 @@ def _place(frame: Frame, rng: np.random.Generator, half: np.ndarray, band: bool)
     Defects keep out of the outer band (fixture bar, clutter) so that every one is
     visible; "in the band" means the defect's box reaches into the border band.
     """
-    s, ko, bw = frame.size, frame.keepout, frame.band
+    s, ko, bw = frame.extent, frame.keepout, frame.band
     half = np.ceil(np.asarray(half, np.float64)) + 1
     inner = np.maximum(half, bw)  # interior defects stay clear of the whole band
     for attempt in range(400):
@@ -646,15 +703,16 @@ def _place(frame: Frame, rng: np.random.Generator, half: np.ndarray, band: bool)
         if frame.on_body(corners):
             near = min((centre - half).min(), (s - 1 - centre - half).min())
             return centre, bool(near < bw)
-    raise RuntimeError(f"cannot place a defect of half-size {half.tolist()} on a {s}px part")
+    raise RuntimeError(f"cannot place a defect of half-size {half.tolist()} on a {s[0]}x{s[1]} px part")
 
 
-def _band_centre(rng: np.random.Generator, s: int, ko: int, bw: int, half: np.ndarray) -> np.ndarray:
+def _band_centre(rng: np.random.Generator, s: np.ndarray, ko: int, bw: int, half: np.ndarray) -> np.ndarray:
+    """A centre in the band along a random edge; ``s`` is the image's (width, height)."""
     edge = int(rng.integers(4))
     axis = 1 if edge < 2 else 0  # coordinate perpendicular to the edge
     centre = rng.uniform(half + ko, s - 1 - half - ko)
     dist = rng.uniform(ko, bw) + half[axis]
-    centre[axis] = dist if edge in (0, 2) else s - 1 - dist
+    centre[axis] = dist if edge in (0, 2) else s[axis] - 1 - dist
     return centre
 
 
@@ -663,10 +721,11 @@ def _add_defect(frame: Frame, kind: str, rng: np.random.Generator) -> dict[str, 
     return DEFECTS[kind](frame, rng, band)
 
 
-def _window(centre: np.ndarray, half: np.ndarray, margin: int, size: int) -> tuple[int, int, int, int]:
+def _window(centre: np.ndarray, half: np.ndarray, margin: int, shape: tuple[int, int]) -> tuple[int, int, int, int]:
+    """(y0, y1, x0, x1) around ``centre`` (x, y), clipped to an image of ``shape`` (height, width)."""
     x0, y0 = np.floor(centre - half).astype(int) - margin
     x1, y1 = np.ceil(centre + half).astype(int) + margin + 1
-    return max(0, y0), min(size, y1), max(0, x0), min(size, x1)
+    return max(0, y0), min(shape[0], y1), max(0, x0), min(shape[1], x1)
 
 
 def _commit(
@@ -689,7 +748,7 @@ def _commit(
     if not footprint.any():
         raise _Retry
     frame.img[y0:y1, x0:x1] = new
-    mask = np.zeros((frame.size, frame.size), np.uint8)
+    mask = np.zeros(frame.shape, np.uint8)
     mask[y0:y1, x0:x1] = footprint.astype(np.uint8) * 255
     frame.mask = cv2.dilate(mask, np.ones((3, 3), np.uint8))  # tolerate the soft edge and sub-pixel rounding
     ys, xs = np.nonzero(footprint)
@@ -769,7 +828,7 @@ def draw_dot(
     """
     w, h = wh
     centre = np.floor(centre) + np.array([0 if w % 2 else 0.5, 0 if h % 2 else 0.5])
-    win = _window(centre, np.array([w, h]) / 2, 3, frame.size)
+    win = _window(centre, np.array([w, h]) / 2, 3, frame.shape)
     origin = np.array([win[2], win[0]], np.float64)
 
     def draw(canvas: np.ndarray, to_canvas: Callable, ss: int) -> None:
@@ -788,7 +847,7 @@ def draw_dot(
 @_retrying
 def _scratch(frame: Frame, rng: np.random.Generator, band: bool) -> dict:
     """A thin, slightly curved line, 1..3 px wide and 40..400 px long."""
-    length = rng.uniform(*_span(40, 400, frame.size))
+    length = rng.uniform(*_span(40, 400, frame.side))
     width = rng.uniform(1, 3)
     t = rng.uniform(0, math.pi)
     d, n = np.array([math.cos(t), math.sin(t)]), np.array([-math.sin(t), math.cos(t)])
@@ -798,7 +857,7 @@ def _scratch(frame: Frame, rng: np.random.Generator, band: bool) -> dict:
     half = np.abs(local).max(axis=0) + width
     centre, in_band = _place(frame, rng, half, band)
     pts = local + centre
-    win = _window(centre, half, 3, frame.size)
+    win = _window(centre, half, 3, frame.shape)
     origin = np.array([win[2], win[0]], np.float64)
 
     def draw(canvas: np.ndarray, to_canvas: Callable, ss: int) -> None:
@@ -819,10 +878,10 @@ def _smooth_noise(rng: np.random.Generator, hw: tuple[int, int], cells: int) -> 
 @_retrying
 def _stain(frame: Frame, rng: np.random.Generator, band: bool) -> dict:
     """A smooth irregular low-contrast blob (10..20 grey), 60..300 px across."""
-    across = rng.uniform(*_span(60, 300, frame.size))
+    across = rng.uniform(*_span(60, 300, frame.side))
     half = np.array([across, across]) / 2
     centre, in_band = _place(frame, rng, half, band)
-    win = _window(centre, half, 2, frame.size)
+    win = _window(centre, half, 2, frame.shape)
     hw = (win[1] - win[0], win[3] - win[2])
     ys, xs = np.mgrid[win[0] : win[1], win[2] : win[3]].astype(np.float32)
     r = np.hypot(xs - centre[0], ys - centre[1]) / (across / 2)
@@ -843,13 +902,13 @@ def _stain(frame: Frame, rng: np.random.Generator, band: bool) -> dict:
 @_retrying
 def _smear(frame: Frame, rng: np.random.Generator, band: bool) -> dict:
     """An elongated smooth streak (15..30 grey), up to 500x100 px, in any orientation."""
-    length = rng.uniform(*_span(150, 500, frame.size))
+    length = rng.uniform(*_span(150, 500, frame.side))
     width = length * rng.uniform(0.12, 0.2)
     t = rng.uniform(0, math.pi)
     d = np.array([math.cos(t), math.sin(t)])
     half = np.abs(d) * length / 2 + np.abs(d[::-1]) * width / 2
     centre, in_band = _place(frame, rng, half, band)
-    win = _window(centre, half, 2, frame.size)
+    win = _window(centre, half, 2, frame.shape)
     ys, xs = np.mgrid[win[0] : win[1], win[2] : win[3]].astype(np.float32)
     u = (xs - centre[0]) * d[0] + (ys - centre[1]) * d[1]
     v = -(xs - centre[0]) * d[1] + (ys - centre[1]) * d[0]
@@ -873,14 +932,14 @@ def _smear(frame: Frame, rng: np.random.Generator, band: bool) -> dict:
 @_retrying
 def _extra(frame: Frame, rng: np.random.Generator, band: bool) -> dict:
     """A foreign particle, 8..60 px, with the intensity of some structure of the part."""
-    radius = rng.uniform(*_span(8, 60, frame.size)) / 2
+    radius = rng.uniform(*_span(8, 60, frame.side)) / 2
     n = int(rng.integers(6, 12))
     t = np.sort(rng.uniform(0, 2 * math.pi, n))
     r = radius * rng.uniform(0.55, 1.0, n)
     local = np.stack([r * np.cos(t), r * np.sin(t)], axis=1)
     half = np.abs(local).max(axis=0)
     centre, in_band = _place(frame, rng, half, band)
-    win = _window(centre, half, 3, frame.size)
+    win = _window(centre, half, 3, frame.shape)
     origin = np.array([win[2], win[0]], np.float64)
 
     def draw(canvas: np.ndarray, to_canvas: Callable, ss: int) -> None:
@@ -910,8 +969,8 @@ def _missing(frame: Frame, rng: np.random.Generator, band: bool) -> dict:
     piece, grow, what = _pick_structure(frame, rng, band)
     lo, hi = piece.min(axis=0), piece.max(axis=0)
     centre, half = (lo + hi) / 2, (hi - lo) / 2 + grow
-    near = min((centre - half).min(), (frame.size - 1 - centre - half).min())
-    win = _window(centre, half, 3, frame.size)
+    near = min((centre - half).min(), (frame.extent - 1 - centre - half).min())
+    win = _window(centre, half, 3, frame.shape)
     origin = np.array([win[2], win[0]], np.float64)
 
     def draw(canvas: np.ndarray, to_canvas: Callable, ss: int) -> None:
@@ -937,7 +996,7 @@ def _pick_structure(frame: Frame, rng: np.random.Generator, band: bool) -> tuple
     Picks a structure type first (dot, rect, trace) so that the many glyphs and grid
     dots do not crowd out pads and traces.
     """
-    s, ko, bw = frame.size, frame.keepout, frame.band
+    s, ko, bw = frame.extent, frame.keepout, frame.band
     slack = 2.5 + frame.config.warp_px * 0.2  # cover anti-aliasing, blur and the warp approximation
     groups = [g for g in frame.design.groups.values() if g]
     fallback = None
@@ -946,7 +1005,7 @@ def _pick_structure(frame: Frame, rng: np.random.Generator, band: bool) -> tuple
         st = group[int(rng.integers(len(group)))]
         piece, grow = _structure_piece(frame, st, rng, slack)
         lo, hi = piece.min(axis=0) - grow, piece.max(axis=0) + grow
-        if (lo < ko).any() or (hi > s - 1 - ko).any() or (hi - lo).max() > s / 8:
+        if (lo < ko).any() or (hi > s - 1 - ko).any() or (hi - lo).max() > frame.side / 8:
             continue
         if (min(lo.min(), (s - 1 - hi).min()) < bw) == band:
             return piece, grow, st.kind
@@ -1070,6 +1129,7 @@ def _config_dict(config: SynthConfig) -> dict[str, Any]:
     out = {k: v for k, v in asdict(config).items() if k != "workers"}
     out["kinds"] = list(config.kinds)
     out["max_shift_px"] = config.shift_px
+    out["height"], out["width"] = config.shape
     return out
 
 
@@ -1099,7 +1159,7 @@ def write_dataset(out: Path, config: SynthConfig, progress: bool = True) -> dict
                 (tmp / job.mask_path).parent.mkdir(parents=True, exist_ok=True)
         _DESIGN = render_design(config)
         images = _render_all(jobs, config, progress)
-        band = round(config.border_band * config.size)
+        band = round(config.border_band * config.side)
         meta = {
             "config": _config_dict(config),
             "band_px": band,
@@ -1136,7 +1196,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``inspectd synth``; defaults are those of ``SynthConfig``."""
     d = SynthConfig()
     parser.add_argument("out", type=Path, help="output directory (must not exist, or be empty)")
-    parser.add_argument("--size", type=int, default=d.size, help="square image side in pixels")
+    parser.add_argument("--size", type=int, default=d.size, help="square image side in pixels (shorthand)")
+    parser.add_argument("--width", type=int, default=None, help="image width in pixels (default: --size)")
+    parser.add_argument("--height", type=int, default=None, help="image height in pixels (default: --size)")
     parser.add_argument("--seed", type=int, default=d.seed)
     parser.add_argument("--train", type=int, default=d.train, help="train/good images")
     parser.add_argument("--test-good", type=int, default=d.test_good, help="test/good images")
@@ -1144,12 +1206,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kinds", type=_kinds_arg, default=d.kinds, help=f"comma list of {','.join(KINDS)}")
     parser.add_argument("--bit-depth", type=int, choices=(8, 16), default=d.bit_depth)
     parser.add_argument("--channels", type=int, choices=(1, 3), default=d.channels)
-    parser.add_argument("--max-shift", type=float, default=None, help="pose shift bound in px (default size/512)")
+    parser.add_argument("--max-shift", type=float, default=None, help="pose shift bound in px (default long side/512)")
     parser.add_argument("--max-rotation", type=float, default=d.max_rotation_deg, help="degrees")
     parser.add_argument("--warp", type=float, default=d.warp_px, help="non-rigid warp amplitude in px")
     parser.add_argument("--light", type=float, default=d.light, help="scale of illumination drift")
     parser.add_argument("--noise", type=float, default=d.noise, help="sensor noise sigma, 8-bit grey levels")
-    parser.add_argument("--border-band", type=float, default=d.border_band, help="band width, fraction of size")
+    parser.add_argument("--border-band", type=float, default=d.border_band, help="band width, fraction of short side")
     parser.add_argument("--workers", type=int, default=d.workers, help="processes (0: one per CPU)")
 
 
@@ -1157,6 +1219,8 @@ def main(args: argparse.Namespace) -> int:
     """Write the dataset and print a one-line summary."""
     config = SynthConfig(
         size=args.size,
+        width=getattr(args, "width", None),
+        height=getattr(args, "height", None),
         seed=args.seed,
         train=args.train,
         test_good=args.test_good,
@@ -1177,6 +1241,6 @@ def main(args: argparse.Namespace) -> int:
     n_defect = sum(1 for image in meta["images"] if image["defects"])
     print(
         f"wrote {len(meta['images'])} images ({config.train} train, {config.test_good} test good, "
-        f"{n_defect} defective) of {config.size}px to {args.out} in {time.perf_counter() - start:.1f} s"
+        f"{n_defect} defective) of {config.describe()} to {args.out} in {time.perf_counter() - start:.1f} s"
     )
     return 0

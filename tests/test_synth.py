@@ -191,6 +191,50 @@ def test_failure_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     assert len(list((tmp_path / "ds" / "train" / "good").iterdir())) == 3
 
 
+@pytest.mark.parametrize(("width", "height", "bit_depth", "channels"), [(477, 333, 8, 1), (200, 352, 16, 3)])
+def test_non_square_images(tmp_path: Path, width: int, height: int, bit_depth: int, channels: int) -> None:
+    """--width/--height give non-square images and masks; defects and their boxes lie inside the image."""
+    config = SynthConfig(
+        width=width, height=height, train=2, test_good=0, per_kind=1, bit_depth=bit_depth, channels=channels, workers=1
+    )
+    meta = write_dataset(tmp_path / "ds", config, progress=False)
+    assert (meta["config"]["width"], meta["config"]["height"]) == (width, height)
+    assert meta["band_px"] == round(config.border_band * min(width, height))
+    shape = (height, width) if channels == 1 else (height, width, 3)
+    for image in meta["images"]:
+        img = _read(tmp_path / "ds" / image["path"])
+        assert img.shape == shape and img.dtype == (np.uint16 if bit_depth == 16 else np.uint8)
+        if image["kind"] == "good":
+            continue
+        mask = _read(tmp_path / "ds" / image["mask"])
+        assert mask.shape == (height, width)
+        ys, xs = np.nonzero(mask)
+        x0, y0, x1, y1 = image["defects"][0]["bbox"]
+        grown = [max(0, x0 - 1), max(0, y0 - 1), min(width, x1 + 1), min(height, y1 + 1)]
+        assert [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1] == grown, image["path"]
+
+
+def test_non_square_part_fills_the_field(tmp_path: Path) -> None:
+    """A wide image holds the part across its width, and the noisy border band runs along all four edges."""
+    config = SynthConfig(width=480, height=320, train=6, test_good=0, per_kind=0, workers=1)
+    meta = write_dataset(tmp_path / "ds", config, progress=False)
+    stack = np.stack([_read(tmp_path / "ds" / i["path"]).astype(np.float32) for i in meta["images"]])
+    spread, band = stack.std(axis=0), meta["band_px"]
+    inner = np.median(spread[band:-band, band:-band])
+    for edge in (spread[:band], spread[-band:], spread[:, :band], spread[:, -band:]):
+        assert np.median(edge) > 2 * inner
+    design = synth.render_design(config)
+    cols = np.flatnonzero(design.body.any(axis=0))
+    assert cols.min() < 0.05 * 480 and cols.max() > 0.95 * 480  # the body spans the width, not a centred square
+
+
+def test_square_shorthand_is_unchanged() -> None:
+    """--size N is exactly --width N --height N (same design and frames)."""
+    a = synth.render_design(SynthConfig(size=200, seed=3))
+    b = synth.render_design(SynthConfig(width=200, height=200, seed=3))
+    assert np.array_equal(a.image, b.image)
+
+
 def test_cli_arguments(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """The CLI options map onto SynthConfig, main prints one line and returns 0."""
     parser = argparse.ArgumentParser()
@@ -224,3 +268,22 @@ def test_cli_arguments(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> No
     assert meta["config"]["max_shift_px"] == 1.0 and meta["config"]["warp_px"] == 1.5
     with pytest.raises(SystemExit):
         parser.parse_args([str(tmp_path / "x"), "--kinds", "dot,crack"])
+
+
+def test_cli_width_and_height(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--width/--height set the image size (each defaults to --size); below the minimum is a one-line error."""
+    parser = argparse.ArgumentParser()
+    synth.add_arguments(parser)
+    common = ["--train", "1", "--test-good", "0", "--per-kind", "0", "--workers", "1"]
+    args = parser.parse_args([str(tmp_path / "ds"), "--width", "300", "--height", "150", *common])
+    assert synth.main(args) == 0
+    assert "300x150 px" in capsys.readouterr().out
+    assert _read(tmp_path / "ds" / "train" / "good" / "000.png").shape == (150, 300)
+    args = parser.parse_args([str(tmp_path / "ds2"), "--size", "160", "--width", "200", *common])
+    assert synth.main(args) == 0
+    assert _read(tmp_path / "ds2" / "train" / "good" / "000.png").shape == (160, 200)
+    for flag in ("--width", "--height"):
+        args = parser.parse_args([str(tmp_path / "ds3"), flag, str(synth.MIN_SIDE - 1), *common])
+        with pytest.raises(UserError, match=f"^{flag}: expected at least {synth.MIN_SIDE}"):
+            synth.main(args)
+    assert not (tmp_path / "ds3").exists()
