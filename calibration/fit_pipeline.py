@@ -37,7 +37,7 @@ from engines.errors import InspectError, UserError
 from engines.graphs import ALIGN, HALO, LEVELS
 from engines.inspector import resident_inputs
 from engines.onnxruntime_backend import OnnxRuntimeBackend
-from engines.tiling import TilePlan
+from engines.tiling import TilePlan, cell_grid
 from engines.tolerance import BLOCK
 from engines.types import Geometry
 
@@ -259,7 +259,11 @@ def register_all(
 
 
 def block_means(planes: np.ndarray) -> dict[int, np.ndarray]:
-    """The graph's coarse path in numpy: 2x2 mean pyramid, then the 3x3 neighbourhood mean per level."""
+    """The graph's coarse path in numpy: 2x2 mean pyramid, then the 3x3 neighbourhood mean per level.
+
+    Computed on the image edge-padded to whole ALIGN cells (as tiles pad it), each level
+    cropped to its ``cell_grid``.
+    """
     c, h, w = planes.shape
     hp, wp = -(-h // ALIGN) * ALIGN, -(-w // ALIGN) * ALIGN
     pooled = np.pad(planes, ((0, 0), (0, hp - h), (0, wp - w)), mode="edge")
@@ -267,7 +271,8 @@ def block_means(planes: np.ndarray) -> dict[int, np.ndarray]:
     for level in range(1, max(LEVELS) + 1):
         pooled = pooled.reshape(c, pooled.shape[1] // 2, 2, pooled.shape[2] // 2, 2).mean(axis=(2, 4))
         if level in LEVELS:
-            out[level] = np.stack([cv2.blur(p, (3, 3), borderType=cv2.BORDER_REPLICATE) for p in pooled])
+            rows, cols = cell_grid(h, w, 2**level)
+            out[level] = np.stack([cv2.blur(p, (3, 3), borderType=cv2.BORDER_REPLICATE)[:rows, :cols] for p in pooled])
     return out
 
 
@@ -424,7 +429,7 @@ def apply_local_tolerance(stats: dict[str, np.ndarray], tolerance: tol.LocalTole
     out = dict(stats)
     for level in LEVELS:
         inv = stats[f"inv_sigma{level}"]
-        grow = _on_level_grid(tolerance.factor, level)[: inv.shape[1], : inv.shape[2]]
+        grow = _on_level_grid(tolerance.factor, level, inv.shape[1:])
         out[f"inv_sigma{level}"] = (inv.astype(np.float32) / grow).astype(np.float16)
     out["fine_gain"] = tolerance.part_gain.astype(np.float16)
     out["fine_ring_gain"] = tolerance.ring_gain.astype(np.float16)
@@ -432,16 +437,24 @@ def apply_local_tolerance(stats: dict[str, np.ndarray], tolerance: tol.LocalTole
     return out
 
 
-def _on_level_grid(blocks: np.ndarray, level: int) -> np.ndarray:
-    """A BLOCK-grid map on the grid of pyramid level ``level`` (repeated, or max-pooled where cells are larger)."""
+def _on_level_grid(blocks: np.ndarray, level: int, shape: tuple[int, int]) -> np.ndarray:
+    """A BLOCK-grid map on the grid ``shape`` of pyramid level ``level``.
+
+    Repeated where the level's cells are smaller than a block, max-pooled where they are larger;
+    both grids follow ``cell_grid`` over the same image, so the result covers ``shape`` exactly.
+    """
     cell = 2**level
     if cell <= BLOCK:
         rep = BLOCK // cell
-        return np.repeat(np.repeat(blocks, rep, axis=0), rep, axis=1)
-    k = cell // BLOCK
-    hb, wb = -(-blocks.shape[0] // k) * k, -(-blocks.shape[1] // k) * k
-    padded = np.pad(blocks, ((0, hb - blocks.shape[0]), (0, wb - blocks.shape[1])), mode="edge")
-    return padded.reshape(hb // k, k, wb // k, k).max(axis=(1, 3))
+        grid = np.repeat(np.repeat(blocks, rep, axis=0), rep, axis=1)
+    else:
+        k = cell // BLOCK
+        hb, wb = -(-blocks.shape[0] // k) * k, -(-blocks.shape[1] // k) * k
+        padded = np.pad(blocks, ((0, hb - blocks.shape[0]), (0, wb - blocks.shape[1])), mode="edge")
+        grid = padded.reshape(hb // k, k, wb // k, k).max(axis=(1, 3))
+    if grid.shape[0] < shape[0] or grid.shape[1] < shape[1]:
+        raise ValueError(f"{blocks.shape} blocks of {BLOCK} px cannot cover the {shape} grid of {cell} px cells")
+    return grid[: shape[0], : shape[1]]
 
 
 def fingerprint(images: list[Path]) -> dict:

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
+from engines.tiling import cell_grid
 from engines.tolerance import BLOCK, frame_fine_gain, reference_to_sensor, sensor_to_reference
 from engines.types import Geometry
 
@@ -155,13 +156,13 @@ def border_blocks(geometry: Geometry) -> int:
 
 
 def block_shape(geometry: Geometry) -> tuple[int, int]:
-    return -(-geometry.height // BLOCK), -(-geometry.width // BLOCK)
+    return cell_grid(geometry.height, geometry.width, BLOCK)
 
 
 def block_inside(weight: np.ndarray) -> np.ndarray:
     """Blocks that hold at least one inspected pixel."""
     h, w = weight.shape
-    hb, wb = -(-h // BLOCK), -(-w // BLOCK)
+    hb, wb = cell_grid(h, w, BLOCK)
     padded = np.zeros((hb * BLOCK, wb * BLOCK), np.uint8)
     padded[:h, :w] = weight
     return padded.reshape(hb, BLOCK, wb, BLOCK).max(axis=(1, 3)) > 0

@@ -7,6 +7,10 @@ receptive field). Graphs return only the core, so stitching is a copy, with no
 blending and no seams. Images are padded by edge replication; with core origins
 aligned to the graph's coarsest stride, the tiled output equals the output of one
 big tile covering the image.
+
+Every coarser map of an image (the graph's pyramid levels, the 16 px gain blocks) lives on a
+grid of cells laid from the image's top-left corner; ``cell_grid`` is the one rule for its
+shape, so maps of different cell sizes always line up with each other and with the tiles.
 """
 
 from __future__ import annotations
@@ -16,6 +20,19 @@ from dataclasses import dataclass
 
 import cv2
 import numpy as np
+
+
+def cell_grid(height: int, width: int, cell: int) -> tuple[int, int]:
+    """(rows, columns) of the grid of ``cell`` px cells over a ``height`` x ``width`` image.
+
+    A cell exists where it holds at least one image pixel: a side that is not a multiple of
+    ``cell`` ends in one partial cell (its outside part is edge-replicated, as tiles pad frames),
+    never in a cell wholly outside the image. Core origins are multiples of every cell size in
+    use, so a tile's cells are the same cells at every size.
+    """
+    if height < 1 or width < 1 or cell < 1:
+        raise ValueError(f"grid of {cell} px cells over {height}x{width}: sizes must be positive")
+    return -(-height // cell), -(-width // cell)
 
 
 @dataclass(frozen=True)

@@ -154,7 +154,8 @@ def make_dataset(
 
 def random_reference(rng: np.random.Generator, height: int, width: int, channels: int) -> dict[str, np.ndarray]:
     """Random reference statistics in the layout of reference.npz (mu, lo, hi, weight, inv_sigma<l>, fine gains)."""
-    from engines.graphs import ALIGN, LEVELS
+    from engines.graphs import LEVELS
+    from engines.tiling import cell_grid
 
     shape = (channels, height, width)
     mu = rng.uniform(40, 200, shape).astype(np.float32)
@@ -167,11 +168,10 @@ def random_reference(rng: np.random.Generator, height: int, width: int, channels
         "hi": hi.astype(np.float16),
         "weight": weight,
     }
-    hp, wp = -(-height // ALIGN) * ALIGN, -(-width // ALIGN) * ALIGN
     for level in LEVELS:
-        inv = rng.uniform(0.0, 3.0, (channels, hp >> level, wp >> level)).astype(np.float32)
+        inv = rng.uniform(0.0, 3.0, (channels, *cell_grid(height, width, 2**level))).astype(np.float32)
         ref[f"inv_sigma{level}"] = inv.astype(np.float16)
-    blocks = (-(-height // BLOCK), -(-width // BLOCK))
+    blocks = cell_grid(height, width, BLOCK)
     ref["fine_gain"] = rng.uniform(0.3, 1.0, blocks).astype(np.float16)
     ref["fine_ring_gain"] = np.ones(blocks, np.float16)
     return ref
