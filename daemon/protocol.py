@@ -20,6 +20,7 @@ import structlog
 
 from daemon import validation as check
 from daemon.validation import DEFAULT_MAX_AHEAD_NS, MAX_ID_CHARS, is_int, short
+from engines.decode import encoded_limit
 from engines.types import DTYPES, Geometry, Result
 
 log = structlog.get_logger("inspectd.protocol")
@@ -34,9 +35,8 @@ FrameId = int | str
 
 
 def message_limit(geometry: Geometry) -> int:
-    """Largest acceptable message part in bytes: the raw image plus room for compressor overhead."""
-    # PNG/TIFF of incompressible data can come out slightly larger than the raw pixels.
-    return geometry.nbytes + geometry.nbytes // 8 + 64 * 1024
+    """Largest acceptable message part in bytes: the largest encoded image (``engines.decode.encoded_limit``)."""
+    return encoded_limit(geometry)
 
 
 @dataclass

@@ -6,11 +6,13 @@ import argparse
 from pathlib import Path
 
 import cv2
+import numpy as np
 import pytest
 
 from daemon import sender
 from engines.errors import UserError
-from tests.test_daemon_support import image, running
+from engines.types import Geometry
+from tests.test_daemon_support import FakeInspector, image, running
 
 
 def args(folder: Path, endpoints: dict[str, str], **extra: object) -> argparse.Namespace:
@@ -39,3 +41,21 @@ def test_send_refuses_an_empty_folder(tmp_path: Path) -> None:
     """A folder without images is a one-line user error."""
     with pytest.raises(UserError, match="no images"):
         sender.main(args(tmp_path, {"frames": "tcp://127.0.0.1:1", "decisions": "tcp://127.0.0.1:2"}))
+
+
+@pytest.mark.parametrize("encoding", ["tiff", "jpeg", "png"])
+def test_send_encoded_frames_of_a_real_sensor_size(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], encoding: str
+) -> None:
+    """`inspectd send --encoding tiff|jpeg|png` of 512x384 frames: every frame decided, none a bad_frame.
+
+    OpenCV writes a TIFF's index after the pixels; noisy frames put it past the first 64 KiB.
+    """
+    geometry = Geometry(384, 512, 1, "uint8")
+    rng = np.random.default_rng(3)
+    for i in range(2):
+        cv2.imwrite(str(tmp_path / f"{i}.png"), rng.integers(0, 256, geometry.shape).astype(np.uint8))
+    with running(FakeInspector(geometry, threshold=2.5)) as (server, _):  # every pixel value passes
+        code = sender.main(args(tmp_path, server.endpoints, count=4, encoding=encoding))
+    out = capsys.readouterr().out
+    assert code == 0 and "sent 4, decided 4: 4 pass, 0 reject" in out, out

@@ -8,10 +8,22 @@ import cv2
 import numpy as np
 import pytest
 
+from daemon.decoding import decode_frame
+from daemon.protocol import Frame, message_limit
 from engines import decode
 from engines.decode import conform, decode_bytes, normalise_layout, read_image
-from engines.errors import ImageError
+from engines.errors import ImageError, InspectError
 from engines.types import Geometry
+from tests.encoders import (
+    CASES,
+    FAR,
+    HEIGHT,
+    WIDTH,
+    jpeg_frame_header_offset,
+    noise,
+    pillow_jpeg_with_metadata,
+    tiff_index_offset,
+)
 
 MONO = Geometry(48, 64, 1, "uint8")
 COLOUR = Geometry(48, 64, 3, "uint8")
@@ -108,7 +120,7 @@ def test_decode_oversize_payload_is_refused_before_decoding(monkeypatch):
     calls = []
     monkeypatch.setattr(decode.cv2, "imdecode", lambda *a: calls.append(a))
     with pytest.raises(ImageError, match="larger than any valid frame"):
-        decode_bytes(bytes(2 * MONO.nbytes + 65537), "png", MONO)
+        decode_bytes(bytes(decode.encoded_limit(MONO) + 1), "png", MONO)
     assert calls == []
 
 
@@ -138,7 +150,7 @@ def test_decode_colour_payload_for_a_mono_model_is_converted():
 def test_decode_refuses_oversized_dimensions_before_decoding(monkeypatch):
     """A small PNG declaring far more pixels than the geometry (decompression bomb) is refused undecoded."""
     bomb = png_bytes(np.zeros((MONO.height * 16, MONO.width * 16), np.uint8))
-    assert len(bomb) < 2 * MONO.nbytes + 65536, "the payload passes the byte-size check"
+    assert len(bomb) < decode.encoded_limit(MONO), "the payload passes the byte-size check"
     calls = []
     real = decode.cv2.imdecode
     monkeypatch.setattr(decode.cv2, "imdecode", lambda *a: calls.append(a) or real(*a))
@@ -176,3 +188,64 @@ def test_read_image_accepts_str_paths(tmp_path):
     path = Path(tmp_path) / "s.png"
     cv2.imwrite(str(path), sample(MONO))
     assert read_image(str(path)).shape == MONO.shape
+
+
+# -- files and frames as real encoders write them (tests/encoders.py) ----------------------------
+@pytest.fixture(scope="module", params=sorted(CASES))
+def encoded(request: pytest.FixtureRequest) -> tuple[str, bytes, np.ndarray, Geometry, bool]:
+    make, channels, dtype, lossless = CASES[request.param]
+    image = noise(channels, dtype)
+    return request.param, make(image), image, Geometry(HEIGHT, WIDTH, channels, dtype), lossless
+
+
+def test_encoded_cases_have_the_awkward_layouts(encoded) -> None:
+    """The size really is far from the start: TIFF index past 64 KiB, JPEG frame header past 64 KiB."""
+    name, data, *_ = encoded
+    if "tiff" in name:
+        assert tiff_index_offset(data) > FAR, name
+    if "jpeg" in name:
+        assert jpeg_frame_header_offset(data) > FAR, name
+
+
+def test_payload_and_frame_decoders_read_real_encodings(encoded) -> None:
+    """decode_bytes (predict, imagezmq) and decode_frame (the daemon) return the pixels in the model's layout."""
+    name, data, image, geometry, lossless = encoded
+    encoding = name.split("-")[1]
+    got = decode_bytes(data, encoding, geometry, "cam")
+    frame = Frame("cam", 1, encoding, memoryview(data), 0)
+    np.testing.assert_array_equal(decode_frame(frame, geometry), got)
+    assert got.shape == geometry.shape and got.dtype == image.dtype
+    if lossless:
+        np.testing.assert_array_equal(got, image)
+    else:
+        assert abs(float(got.mean()) - float(image.mean())) < 2
+
+
+def test_file_reader_reads_real_encodings(encoded, tmp_path: Path) -> None:
+    """read_image reads the same bytes from a file."""
+    name, data, image, geometry, lossless = encoded
+    path = tmp_path / f"{name}.{name.split('-')[1]}"
+    path.write_bytes(data)
+    got = read_image(path)
+    assert got.shape == geometry.shape and got.dtype == image.dtype
+    if lossless:
+        np.testing.assert_array_equal(got, image)
+
+
+def test_a_wrong_size_encoding_is_refused_before_decoding(encoded, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A frame of another size is refused from its header alone, naming both sizes."""
+    name, data, _, geometry, _ = encoded
+    monkeypatch.setattr(decode.cv2, "imdecode", lambda *a: pytest.fail("decoded before the size was checked"))
+    other = Geometry(HEIGHT, WIDTH + 1, geometry.channels, geometry.dtype)
+    with pytest.raises(InspectError, match=f"is {WIDTH}x{HEIGHT}, model expects {WIDTH + 1}x{HEIGHT}"):
+        decode_frame(Frame("cam", 1, name.split("-")[1], memoryview(data), 0), other)
+
+
+def test_metadata_larger_than_a_small_frame_is_accepted() -> None:
+    """240 KB of EXIF/ICC/XMP on a 160x128 frame is within the payload limits (and the frame decodes)."""
+    geometry = Geometry(128, 160, 1, "uint8")
+    image = np.random.default_rng(1).integers(0, 256, geometry.shape).astype(np.uint8)
+    data = pillow_jpeg_with_metadata(image, quality=95)
+    assert len(data) > 200_000
+    assert len(data) <= message_limit(geometry)
+    assert decode_bytes(data, "jpeg", geometry).shape == geometry.shape
