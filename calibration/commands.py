@@ -45,6 +45,19 @@ def fit_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--target-frr", type=float, default=0.005, help="false-reject rate to calibrate for")
     parser.add_argument("--folds", type=int, default=5, help="k for the k-fold calibration on good images")
     parser.add_argument("--core", type=int, default=1024, help="tile core side in px (multiple of 32)")
+    parser.add_argument(
+        "--max-shift",
+        type=float,
+        metavar="PX",
+        help="registration limit: how far a part may move, fit and run time (default: 4 %% of the longer side)",
+    )
+    parser.add_argument(
+        "--max-rotation",
+        type=float,
+        default=3.0,
+        metavar="DEG",
+        help="registration limit: how far a part may turn, fit and run time (default 3)",
+    )
     learned = parser.add_argument_group("learned and ensemble detectors (need the 'learned' extra: torch)")
     learned.add_argument("--steps", type=int, default=2000, help="training steps per network (default 2000)")
     learned.add_argument("--seed", type=int, default=0, help="seed of the initialisation and the training crops")
@@ -61,7 +74,14 @@ def fit_main(args: argparse.Namespace) -> int:
     from calibration.template_fit import FitConfig, fit_template
 
     dataset = load_dataset(args.dataset)
-    config = FitConfig(core=args.core, folds=args.folds, target_frr=args.target_frr, margin_px=args.margin)
+    config = FitConfig(
+        core=args.core,
+        folds=args.folds,
+        target_frr=args.target_frr,
+        margin_px=args.margin,
+        max_shift_px=getattr(args, "max_shift", None),
+        max_rotation_deg=getattr(args, "max_rotation", FitConfig.max_rotation_deg),
+    )
     if getattr(args, "detector", "template") in ("learned", "ensemble"):
         out = _fit_learned(args, dataset, config)
     else:

@@ -59,8 +59,8 @@ class FitConfig:
     band_dilate: int = 1  # px of spatial tolerance for the min/max band
     band_trim: int | None = None  # per pixel, lowest/highest values left out (None: 1 from TRIM_FROM images on)
     margin_px: int | None = None  # inspection-region margin along the border (None: automatic)
-    max_shift_px: float | None = None  # registration limit (None: 4 % of the image side)
-    max_rotation_deg: float = 3.0
+    max_shift_px: float | None = None  # registration limit, fit and run time (None: 4 % of the longer side)
+    max_rotation_deg: float = 3.0  # registration limit, fit and run time
     min_correlation: float = 0.5
 
 
@@ -92,6 +92,10 @@ def prepare_training(
         )
     if config.folds < 2:
         raise UserError(f"--folds {config.folds}: expected at least 2 (each fold is scored by the others)")
+    if config.max_shift_px is not None and not config.max_shift_px > 0:
+        raise UserError(f"--max-shift {config.max_shift_px:g}: expected a positive number of pixels")
+    if not 0 < config.max_rotation_deg <= 180:
+        raise UserError(f"--max-rotation {config.max_rotation_deg:g}: expected degrees in (0, 180]")
     first = read_image(images[0])
     geometry = Geometry(first.shape[0], first.shape[1], 1 if first.ndim == 2 else 3, str(first.dtype))
     config = resolve_config(config, geometry)
@@ -208,7 +212,10 @@ def _register_or_fail(ref: reg.RegistrationReference, coarse, fine, path: Path) 
     try:
         return ref.register(coarse, fine)
     except InspectError as exc:
-        raise UserError(f"{path}: registration failed: {exc.detail} (is it the same part and view?)") from None
+        raise UserError(
+            f"{path}: registration failed: {exc.detail} (is it the same part and view? the limits are "
+            f"--max-shift {ref.max_shift_px:g} px and --max-rotation {ref.max_rotation_deg:g} deg)"
+        ) from None
 
 
 def normalise(frames: np.ndarray, coef: np.ndarray, shape: tuple[int, int], full_shape: tuple[int, int]) -> np.ndarray:

@@ -335,3 +335,28 @@ def test_online_modules_import_neither_torch_nor_matplotlib():
     )
     assert run.returncode == 0, run.stderr
     assert run.stdout.strip() == ""
+
+
+def test_fit_registration_limits_from_the_command_line(data, tmp_path, capsys):
+    """A good image shifted past the default limit is refused naming --max-shift/--max-rotation; raising them fits."""
+    images = copy_train(data, tmp_path / "ds", MIN_GOOD + 2)
+    moved = cv2.warpAffine(read_image(images[4]), np.float32([[1, 0, 20], [0, 1, -6]]), (SIZE, SIZE))
+    write_png(images[4], moved)
+    out = tmp_path / "models" / "model"
+    rc, _, err = cli(capsys, "fit", tmp_path / "ds", "--out", out)
+    default = 0.04 * SIZE
+    assert_user_error(rc, err, "fit", images[4], "pose outside limits")
+    assert f"--max-shift {default:g} px and --max-rotation 3 deg" in err
+    rc, _, err = cli(capsys, "fit", tmp_path / "ds", "--out", out, "--max-shift", 30, "--max-rotation", 2.5)
+    assert rc == 0, err
+    limits = Bundle.load(out).manifest["registration"]
+    assert (limits["max_shift_px"], limits["max_rotation_deg"]) == (30, 2.5)
+
+
+@pytest.mark.parametrize(("flag", "value"), [("--max-shift", "0"), ("--max-rotation", "-1"), ("--max-rotation", "200")])
+def test_fit_refuses_impossible_registration_limits(flag, value, data, tmp_path, capsys):
+    """A non-positive shift or a rotation outside (0, 180] degrees is a one-line error before any work."""
+    copy_train(data, tmp_path / "ds", MIN_GOOD)
+    rc, _, err = cli(capsys, "fit", tmp_path / "ds", "--out", tmp_path / "model", flag, value)
+    assert_user_error(rc, err, "fit", flag, "expected")
+    assert not (tmp_path / "model").exists()
