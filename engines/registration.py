@@ -19,16 +19,20 @@ import numpy as np
 
 from engines.errors import InspectError
 
+MIN_LEVEL_SIDE = 64  # px: the short side of a registration level is never brought below this
+
 
 def level_factors(height: int, width: int) -> tuple[int, int]:
     """Downscale factors (coarse, fine) giving about 320 px and 640 px on the long side.
 
     ECC at 640 px lands within 0.03 px (full resolution) of ECC at 1280 px on 5120 px parts,
-    at a quarter of the cost.
+    at a quarter of the cost. On very elongated sensors the short side limits the factors
+    (it keeps at least MIN_LEVEL_SIDE px), or a 5472x128 part would be registered on 8 rows.
     """
     side = max(height, width)
-    fine = max(1, 2 ** round(math.log2(max(side / 640, 1))))
-    coarse = max(fine, 2 ** round(math.log2(max(side / 320, 1))))
+    cap = 2 ** max(0, math.floor(math.log2(min(height, width) / MIN_LEVEL_SIDE)))
+    fine = min(cap, max(1, 2 ** round(math.log2(max(side / 640, 1)))))
+    coarse = min(cap, max(fine, 2 ** round(math.log2(max(side / 320, 1)))))
     return coarse, fine
 
 

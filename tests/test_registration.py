@@ -58,6 +58,48 @@ def corners_error(found: np.ndarray, truth: np.ndarray, height: int, width: int)
     return float(np.linalg.norm(corners @ found.T - corners @ truth.T, axis=1).max())
 
 
+def test_level_factors_keep_the_short_side_of_elongated_sensors():
+    """A long narrow sensor keeps at least MIN_LEVEL_SIDE px across at both levels; usual sizes are unchanged."""
+    for height, width in [(128, 5472), (160, 2400), (256, 4096), (200, 3000)]:
+        coarse, fine = reg.level_factors(height, width)
+        assert height // coarse >= reg.MIN_LEVEL_SIDE and height // fine >= reg.MIN_LEVEL_SIDE
+    assert reg.level_factors(3648, 5472) == reg.level_factors(5120, 5120) == (16, 8)
+    assert reg.level_factors(1080, 1440) == (4, 2)
+
+
+def test_recovers_a_known_pose_on_an_elongated_sensor():
+    """A 4096x256 strip registers within 1.5 px at the corners (on 16 and 32 rows it was off by 5-8 px)."""
+    height, width = 256, 4096
+    strip = render_part(height, width)
+    coarse_f, fine_f = reg.level_factors(height, width)
+    coarse, fine = reg.downscale(strip, coarse_f), reg.downscale(strip, fine_f)
+
+    def mask(shape: tuple[int, int], factor: int) -> np.ndarray:
+        m = np.zeros(shape, np.uint8)
+        k = max(1, MARGIN // factor)
+        m[k:-k, k:-k] = 255
+        return m
+
+    ref = reg.RegistrationReference(
+        coarse,
+        fine,
+        mask(coarse.shape, coarse_f),
+        mask(fine.shape, fine_f),
+        (coarse_f, fine_f),
+        strip.shape,
+        0.04 * width,
+        3.0,
+        0.5,
+    )
+    rng = np.random.default_rng(1)
+    for dx, dy, angle in [(3.2, -1.7, 0.1), (-2.5, 1.2, -0.1), (1.3, 2.1, 0.05)]:
+        truth = pose_matrix(angle, dx, dy, height, width)
+        frame = lighting(place_frame(strip, truth), 1.03, 4.0, -3.0, offset=2.0) + rng.normal(0, 2, strip.shape)
+        frame = np.clip(np.rint(frame), 0, 255).astype(np.uint8)
+        pose = register(ref, frame)
+        assert corners_error(pose.matrix, truth, height, width) < 1.5
+
+
 def test_level_factors_aim_at_320_and_1280_px():
     """The coarse and fine levels are about 320 and 1280 px on the long side, never upscaled."""
     assert reg.level_factors(384, 384) == (1, 1)
