@@ -11,6 +11,7 @@ import importlib
 import sys
 
 from engines.errors import UserError
+from engines.version import VERSION
 
 # name -> (module, arguments function, main function, help)
 COMMANDS: dict[str, tuple[str, str, str, str]] = {
@@ -34,6 +35,7 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="inspectd", description="Full-resolution visual inspection of aligned parts.")
+    parser.add_argument("--version", action="version", version=f"inspectd {VERSION}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, (_, _, _, help_text) in COMMANDS.items():
         sub.add_parser(name, help=help_text, add_help=False)
@@ -43,8 +45,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser()
+    if argv[:1] == ["--version"]:
+        print(f"inspectd {VERSION}")
+        return 0
     if not argv or argv[0] not in COMMANDS:
-        parser.parse_args(argv)  # prints usage or the unknown-command error
+        parser.parse_args(argv)  # prints usage (or help) or the unknown-command error
         return 2
     name = argv[0]
     module_name, args_fn, main_fn, help_text = COMMANDS[name]

@@ -11,6 +11,7 @@ installed and the backend is on a GPU; otherwise the metric is absent.
 
 from __future__ import annotations
 
+import platform
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -19,6 +20,7 @@ import structlog
 from daemon.http import HttpServer, Response
 from daemon.outputs import OBSERVER_NICE, Sink
 from daemon.protocol import Decision
+from engines.version import VERSION
 
 log = structlog.get_logger("inspectd.metrics")
 
@@ -42,7 +44,7 @@ class MetricsSink(Sink):
     nice = OBSERVER_NICE
 
     def __init__(self, sources: Sources = dict) -> None:
-        from prometheus_client import CollectorRegistry, Counter, Histogram
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
         super().__init__(maxsize=1024)
         self.registry = CollectorRegistry()
@@ -70,6 +72,10 @@ class MetricsSink(Sink):
             registry=self.registry,
         )
         self.registry.register(_Live(self._sources))
+        build = build_info()
+        Gauge("inspectd_build_info", "The running inspectd (value 1)", list(build), registry=self.registry).labels(
+            **build
+        ).set(1)
 
     def send(self, decision: Decision) -> None:
         self.decisions.labels(decision.verdict, decision.reason).inc()
@@ -91,6 +97,20 @@ class MetricsSink(Sink):
         from prometheus_client import CONTENT_TYPE_LATEST
 
         http.route("/metrics", lambda _: Response(body=self.render(), content_type=CONTENT_TYPE_LATEST))
+
+
+def build_info() -> dict[str, str]:
+    """Labels of ``inspectd_build_info``: the inspectd version and the runtime it stands on."""
+    from engines.bundle import package_versions
+
+    packages = package_versions()
+    return {
+        "version": VERSION,
+        "python": platform.python_version(),
+        "numpy": packages["numpy"],
+        "opencv": packages["opencv-python-headless"],
+        "onnxruntime": packages["onnxruntime"],
+    }
 
 
 class _Live:

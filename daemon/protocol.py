@@ -22,6 +22,7 @@ from daemon import validation as check
 from daemon.validation import DEFAULT_MAX_AHEAD_NS, MAX_ID_CHARS, is_int, short
 from engines.decode import encoded_limit
 from engines.types import DTYPES, Geometry, Result
+from engines.version import VERSION
 
 log = structlog.get_logger("inspectd.protocol")
 
@@ -136,6 +137,7 @@ class Decision:
             "latency_ms": round(self.latency_ms, 3),
             "deadline_met": self.deadline_met,
             "model": self.model,
+            "version": VERSION,  # the inspectd that decided; an added field, so `v` stays 1
         }
         if self.detail:
             out["detail"] = self.detail

@@ -45,6 +45,7 @@ from daemon.supervision import State, Supervisor, Watch
 from daemon.systemd import Notifier
 from engines.errors import UserError
 from engines.types import DTYPES
+from engines.version import VERSION
 
 log = structlog.get_logger("inspectd.server")
 
@@ -129,7 +130,7 @@ class Server:
 
     def startup(self) -> None:
         cfg = self.config
-        log.info("starting", model=cfg.model, backend=cfg.backend, cycle_ms=cfg.cycle_ms)
+        log.info("starting", version=VERSION, model=cfg.model, backend=cfg.backend, cycle_ms=cfg.cycle_ms)
         # A thread waiting for the GIL (the deadline timer, the intake) gets it within 1 ms
         # rather than the default 5 ms while compute threads run Python code.
         sys.setswitchinterval(0.001)

@@ -56,8 +56,10 @@ def package_versions() -> dict[str, str]:
     """Versions of what produced (or runs) the bundle, for the manifest and for diagnostics."""
     from importlib.metadata import PackageNotFoundError, version
 
-    out = {}
-    for name in ("inspectd", "numpy", "opencv-python-headless", "onnx", "onnxruntime"):
+    from engines.version import VERSION
+
+    out = {"inspectd": VERSION}
+    for name in ("numpy", "opencv-python-headless", "onnx", "onnxruntime"):
         try:
             out[name] = version(name)
         except PackageNotFoundError:

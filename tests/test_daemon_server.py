@@ -244,3 +244,30 @@ def test_real_bundle_decisions_match_offline_inspection(bundle: tuple[Path, Path
     assert [d["score"] for d in got] == pytest.approx([r.score for r in expected], abs=1e-3)
     assert {d["model"] for d in got} == {server.scheduler.engine.bundle_id}
     assert os.path.basename(paths[0].parent) in ("dot", "good", "missing")
+
+
+# -- the version, everywhere ------------------------------------------------------------------------
+def test_the_version_is_in_the_cli_the_startup_log_metrics_and_every_decision(capsys) -> None:
+    """`inspectd --version`, the "starting" log line, inspectd_build_info and every decision carry the version."""
+    import importlib.metadata
+
+    from structlog.testing import capture_logs
+
+    from tests.test_daemon_metrics import scrape
+
+    version = importlib.metadata.version("inspectd")
+    assert cli.main(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"inspectd {version}"
+    run = subprocess.run([sys.executable, "-m", "daemon.cli", "--version"], capture_output=True, text=True, cwd=REPO)
+    assert (run.returncode, run.stdout.strip()) == (0, f"inspectd {version}")
+    with capture_logs() as logs, running() as (server, _), Client(server) as client:
+        client.send(1)
+        client.send_parts(b"{not json", b"")  # unreadable: no decision
+        client.send_parts(json.dumps({"v": 1, "frame_id": 2, "camera_id": "cam1"}).encode(), b"x")  # a bad_frame
+        decisions = client.decisions(2)
+        samples = scrape(f"http://{server.endpoints['http']}/metrics")
+    assert [(d["reason"], d["version"], d["v"]) for d in decisions] == [("ok", version, 1), ("bad_frame", version, 1)]
+    starting = [e for e in logs if e["event"] == "starting"]
+    assert len(starting) == 1 and starting[0]["version"] == version
+    build = [dict(labels) for (name, labels), value in samples.items() if name == "inspectd_build_info" and value == 1]
+    assert len(build) == 1 and build[0]["version"] == version and build[0]["python"] == sys.version.split()[0]
