@@ -18,7 +18,7 @@ from engines.bundle import Bundle, rewrite_calibration
 from engines.decode import IMAGE_SUFFIXES
 from engines.errors import UserError
 from engines.inspector import Inspector
-from engines.types import Result
+from engines.types import MIN_SIDE, Result
 
 
 def _backend_argument(parser: argparse.ArgumentParser) -> None:
@@ -270,8 +270,8 @@ def evaluate_main(args: argparse.Namespace) -> int:
     from calibration.figures import require_plotting
 
     require_plotting()  # before any work: a missing extra must not cost a whole evaluation
-    if args.downscale is not None and args.downscale < 32:
-        raise UserError(f"--downscale {args.downscale}: expected a side of at least 32 px (e.g. 2048)")
+    if args.downscale is not None and args.downscale < MIN_SIDE:
+        raise UserError(f"--downscale {args.downscale}: expected a side of at least {MIN_SIDE} px (e.g. 2048)")
     from calibration.evaluation import evaluate
 
     summary = evaluate(args.model, args.dataset, args.report, args.backend, args.downscale, progress=_progress())

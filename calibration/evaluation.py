@@ -25,8 +25,10 @@ from calibration.commands import prediction_record
 from calibration.datasets import Dataset, Sample, load_test_folder
 from calibration.figures import Overlay
 from engines.decode import read_image
+from engines.errors import UserError
 from engines.inspector import Inspector
-from engines.types import Result
+from engines.tiling import cell_grid
+from engines.types import MIN_SIDE, Result
 
 MAP_SIDE = 640  # pixel metrics on maps max-pooled to about this many px
 
@@ -49,6 +51,8 @@ def evaluate(
 
     require_plotting()
     dataset = load_test_folder(root)
+    if downscale:
+        _check_downscale(dataset, downscale)
     inspector = Inspector.load(model, backend)
     records, truth, maps, masks, timings = [], {}, [], [], []
     with inspector:
@@ -100,8 +104,10 @@ def _read_mask(sample: Sample, shape: tuple[int, ...]) -> np.ndarray | None:
 
 
 def _max_pool(amap: np.ndarray, factor: int) -> np.ndarray:
-    h, w = (amap.shape[0] // factor) * factor, (amap.shape[1] // factor) * factor
-    return amap[:h, :w].reshape(h // factor, factor, w // factor, factor).max(axis=(1, 3))
+    """Max over ``factor`` px cells (``cell_grid``: a partial last row or column of cells counts too)."""
+    rows, cols = cell_grid(*amap.shape, factor)
+    padded = np.pad(amap, ((0, rows * factor - amap.shape[0]), (0, cols * factor - amap.shape[1])), mode="edge")
+    return padded.reshape(rows, factor, cols, factor).max(axis=(1, 3))
 
 
 def _pixel_pair(result: Result, mask: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
@@ -115,9 +121,9 @@ def _pixel_pair(result: Result, mask: np.ndarray | None) -> tuple[np.ndarray, np
     ref_mask = cv2.warpAffine(
         mask.view(np.uint8), result.pose_matrix, (w, h), flags=cv2.INTER_NEAREST | cv2.WARP_INVERSE_MAP
     )
-    return small, metrics.downsample_mask(
-        ref_mask[: small.shape[0] * factor, : small.shape[1] * factor] > 0, small.shape
-    )
+    whole = np.zeros((small.shape[0] * factor, small.shape[1] * factor), bool)  # the cells' full extent
+    whole[:h, :w] = ref_mask > 0
+    return small, metrics.downsample_mask(whole, small.shape)
 
 
 def _pixel_metrics(maps: list[np.ndarray], masks: list[np.ndarray], dataset: Dataset) -> dict[str, Any]:
@@ -210,11 +216,26 @@ def _baseline(dataset: Dataset, side: int, progress: bool) -> dict[str, Any]:
     }
 
 
+def _shrunk_size(height: int, width: int, side: int) -> tuple[int, int]:
+    """(width, height) of an image whose longer side is brought down to ``side`` px (never up)."""
+    scale = min(1.0, side / max(height, width))
+    return round(width * scale), round(height * scale)
+
+
+def _check_downscale(dataset: Dataset, side: int) -> None:
+    """Refuse, before any work, a baseline size whose images would be too small to fit a model on."""
+    h, w = read_image(dataset.train_good[0] if dataset.train_good else dataset.test[0].path).shape[:2]
+    sw, sh = _shrunk_size(h, w, side)
+    if min(sw, sh) < MIN_SIDE:
+        raise UserError(
+            f"--downscale {side}: the {w}x{h} images would shrink to {sw}x{sh}, "
+            f"below the {MIN_SIDE} px minimum side (use at least {-(-MIN_SIDE * max(h, w) // min(h, w))})"
+        )
+
+
 def _shrunk(src: Path, dst: Path, side: int) -> Path:
     image = read_image(src)
-    h, w = image.shape[:2]
-    scale = min(1.0, side / max(h, w))
-    small = cv2.resize(image, (round(w * scale), round(h * scale)), interpolation=cv2.INTER_AREA)
+    small = cv2.resize(image, _shrunk_size(*image.shape[:2], side), interpolation=cv2.INTER_AREA)
     dst.parent.mkdir(parents=True, exist_ok=True)
     cv2.imwrite(str(dst), small, [cv2.IMWRITE_PNG_COMPRESSION, 1])
     return dst

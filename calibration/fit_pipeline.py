@@ -39,7 +39,7 @@ from engines.inspector import resident_inputs
 from engines.onnxruntime_backend import OnnxRuntimeBackend
 from engines.tiling import TilePlan, cell_grid
 from engines.tolerance import BLOCK
-from engines.types import Geometry
+from engines.types import MIN_SIDE, Geometry
 
 MIN_GOOD = 8
 COARSE_FLOOR = 0.3  # grey levels (8-bit units)
@@ -98,6 +98,8 @@ def prepare_training(
         raise UserError(f"--max-rotation {config.max_rotation_deg:g}: expected degrees in (0, 180]")
     first = read_image(images[0])
     geometry = Geometry(first.shape[0], first.shape[1], 1 if first.ndim == 2 else 3, str(first.dtype))
+    if min(geometry.height, geometry.width) < MIN_SIDE:
+        raise UserError(f"{images[0]}: images are {geometry.describe()}, expected at least {MIN_SIDE} px on each side")
     config = resolve_config(config, geometry)
     weight = inspection_region(geometry, roi, config.margin_px or 0)
     reference = bootstrap_reference(images, geometry, weight, config, progress)

@@ -35,6 +35,7 @@ import cv2
 import numpy as np
 
 from engines.errors import UserError
+from engines.types import MIN_SIDE
 
 KINDS = ("dot", "scratch", "stain", "missing", "extra", "smear")
 
@@ -43,7 +44,6 @@ FIX_BITS = 4  # fractional bits for cv2 drawing: sub-pixel, anti-aliased geometr
 FIX = 1 << FIX_BITS
 MATERIAL = 3.0  # grey levels: a pixel changed by more than this is part of a defect
 BODY_INSET = 0.02  # the part body starts this fraction of the shorter side from each edge
-MIN_SIDE = 128  # px: the smallest image side the generator (and the detectors) accept
 KEEPOUT = 0.6  # fraction of the band (from the edge) where the fixture and clutter live
 # Level 1 for speed; run-length matching only, because noisy pixels defeat LZ77 string search
 # anyway (half the write time of plain level 1 on noisy 16-bit images, and smaller files).

@@ -8,6 +8,10 @@ from typing import Any
 import numpy as np
 
 DTYPES = {"uint8": np.dtype(np.uint8), "uint16": np.dtype(np.uint16)}
+# px: the shortest image side inspectd fits models for (every detector; the learned one trains on
+# 128 px crops, and below it a part is too small to register reliably). Any larger size works,
+# square or not, whatever its remainder by the tile and block sizes.
+MIN_SIDE = 128
 
 
 @dataclass(frozen=True)
