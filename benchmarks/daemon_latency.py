@@ -2,6 +2,7 @@
 
     python benchmarks/daemon_latency.py                      # 5120x5120 mono, the target geometry
     python benchmarks/daemon_latency.py --size 512 --soak 500  # a quick check
+    python benchmarks/daemon_latency.py --width 2448 --height 2048  # another sensor size
 
 1. Bare predict: ``Inspector.inspect`` on the test images in this process (p50/p99/max),
    the reference the daemon's overhead is measured against.
@@ -28,6 +29,7 @@ import threading
 import time
 import urllib.request
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -46,20 +48,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def prepare_bundle(size: int, workdir: Path, core: int) -> tuple[Path, Path]:
-    """A synthetic line of ``size`` px and a template bundle fitted on it (cached in ``workdir``)."""
+def prepare_bundle(width: int, height: int, workdir: Path, core: int) -> tuple[Path, Path]:
+    """A synthetic line of ``width`` x ``height`` px and a template bundle fitted on it (cached in ``workdir``)."""
     from calibration.datasets import load_dataset
     from calibration.synth import SynthConfig, write_dataset
     from calibration.template_fit import FitConfig, fit_template
 
+    size = f"{width}x{height}"
     data, bundle = workdir / f"line-{size}", workdir / f"bundle-{size}"
     if not data.exists():
         print(f"synthesising a {size} px line in {data} ...", flush=True)
-        synth = SynthConfig(size=size, train=8, test_good=4, per_kind=1, kinds=("dot", "scratch"), workers=1)
-        write_dataset(data, synth)
+        synth = SynthConfig(width=width, height=height, train=8, test_good=4, per_kind=1, workers=1)
+        write_dataset(data, replace(synth, kinds=("dot", "scratch")))
     if not bundle.exists():
         print(f"fitting {bundle} ...", flush=True)
-        fit_template(load_dataset(data).train_good, bundle, config=FitConfig(core=min(core, size), folds=4))
+        # the fit brings a core larger than the image down to it (a multiple of 32)
+        fit_template(load_dataset(data).train_good, bundle, config=FitConfig(core=core, folds=4))
     return data, bundle
 
 
@@ -158,9 +162,11 @@ def latencies(report: Report) -> list[float]:
     return [(report.received_ns[k] - report.sent_ns[k]) / 1e6 for k in report.decisions if k in report.sent_ns]
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--size", type=int, default=5120, help="image side in px (default 5120)")
+    parser.add_argument("--size", type=int, default=5120, help="square image side in px (default 5120)")
+    parser.add_argument("--width", type=int, help="image width in px (default --size)")
+    parser.add_argument("--height", type=int, help="image height in px (default --size)")
     parser.add_argument("--model", type=Path, help="an existing bundle (default: synthesise and fit one)")
     parser.add_argument("--workdir", type=Path, default=Path("runs/bench"), help="where data and bundles are cached")
     parser.add_argument("--backend", default="auto", choices=("auto", "onnxruntime", "tensorrt"))
@@ -171,30 +177,32 @@ def main() -> int:
     parser.add_argument("--soak", type=int, default=500, help="frames in the overload soak (0 = skip)")
     parser.add_argument("--cycle", type=float, default=3.0, help="soak deadline in bare-predict p50s")
     parser.add_argument("--queue-depth", type=int, default=4)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    width, height = args.width or args.size, args.height or args.size
 
     args.workdir.mkdir(parents=True, exist_ok=True)
     if args.model:
         bundle, data = args.model, None
     else:
-        data, bundle = prepare_bundle(args.size, args.workdir, args.core)
+        data, bundle = prepare_bundle(width, height, args.workdir, args.core)
     paths = sorted((data / "test").rglob("*.png")) if data else []
     images = [(str(p.relative_to(data / "test")), read_image(p)) for p in paths]
     if not images:
         raise SystemExit("no test images (give a synthesised line, not --model alone)")
-    geometry = images[0][1].shape
+    first = images[0][1]
+    geometry = f"{first.shape[1]}x{first.shape[0]}" + (f"x{first.shape[2]}" if first.ndim == 3 else "")
 
     print(f"bare predict ({args.bare} frames, {geometry}, backend {args.backend}) ...", flush=True)
     bare = bare_predict(bundle, [img for _, img in images], args.backend, args.bare)
     rate = args.load * 1000 / bare["p50"]
     deadline_ms = args.cycle * bare["p50"]
     rows: list[tuple[str, str]] = [
-        ("image", "x".join(map(str, geometry)) + f" {images[0][1].dtype}"),
+        ("image", f"{geometry} {first.dtype}"),
         ("cpu cores", str(os.cpu_count())),
         ("bare predict p50 / p99 / max (ms)", f"{bare['p50']:.1f} / {bare['p99']:.1f} / {bare['max']:.1f}"),
     ]
 
-    log = args.workdir / f"daemon-{args.size}.log"
+    log = args.workdir / f"daemon-{width}x{height}.log"
     daemon = Daemon(bundle, args.backend, cycle_ms=max(1000.0, 5 * bare["p50"]), queue_depth=args.queue_depth, log=log)
     try:
         if args.frames:

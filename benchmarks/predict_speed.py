@@ -1,6 +1,7 @@
 """Speed and memory of `inspectd predict` per full-resolution frame, split by stage.
 
     python benchmarks/predict_speed.py                       # synthesise 5120 px parts, fit, measure
+    python benchmarks/predict_speed.py --width 4096 --height 3000  # another sensor size
     python benchmarks/predict_speed.py --model M --images D  # measure an existing bundle on your images
 
 Prints median (and p90) milliseconds per stage — decode, registration, anomaly map, regions,
@@ -20,7 +21,10 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
+
+from engines.decode import IMAGE_SUFFIXES
 
 STAGES = ("decode", "registration", "anomaly_map", "regions")
 
@@ -83,37 +87,40 @@ def print_table(report: dict, runs: int, n_images: int) -> None:
     )
 
 
-def prepare(size: int, workdir: Path) -> tuple[Path, list[Path]]:
-    """A synthetic line at ``size`` px and a template model fitted on it."""
+def prepare(width: int, height: int, workdir: Path) -> tuple[Path, list[Path]]:
+    """A synthetic line of ``width`` x ``height`` px and a template model fitted on it."""
     from calibration.synth import SynthConfig, write_dataset
     from calibration.template_fit import FitConfig, fit_template
 
     data = workdir / "data"
-    write_dataset(data, SynthConfig(size=size, seed=11, train=10, test_good=2, per_kind=1, kinds=("dot", "stain")))
+    config = SynthConfig(width=width, height=height, seed=11, train=10, test_good=2, per_kind=1)
+    write_dataset(data, replace(config, kinds=("dot", "stain")))
     train = sorted((data / "train" / "good").glob("*.png"))
     model = fit_template(train, workdir / "model", config=FitConfig(folds=3))
     images = sorted((data / "test").rglob("*.png"))
     return model, images
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--size", type=int, default=5120)
+    parser.add_argument("--size", type=int, default=5120, help="square image side of the synthesised line")
+    parser.add_argument("--width", type=int, help="image width of the synthesised line (default --size)")
+    parser.add_argument("--height", type=int, help="image height of the synthesised line (default --size)")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--model", type=Path)
     parser.add_argument("--images", type=Path)
     parser.add_argument("--backend", default="onnxruntime")
     parser.add_argument("--limit", type=int, default=6, help="images measured (spread over the sorted list)")
     parser.add_argument("--measure", action="store_true", help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.measure:
-        images = sorted(p for p in args.images.rglob("*") if p.suffix.lower() in (".png", ".tif", ".tiff", ".bmp"))
+        images = sorted(p for p in args.images.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
         images = images[:: max(1, len(images) // args.limit)][: args.limit]
         print(json.dumps(measure(args.model, images, args.runs, args.backend)))
         return 0
     with tempfile.TemporaryDirectory() as tmp:
         if args.model is None:
-            model, images = prepare(args.size, Path(tmp))
+            model, images = prepare(args.width or args.size, args.height or args.size, Path(tmp))
             image_dir = Path(tmp) / "data" / "test"
         else:
             model, image_dir = args.model, args.images
