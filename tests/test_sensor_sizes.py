@@ -197,8 +197,9 @@ def test_tiled_map_equals_untiled_map(line: Line, tmp_path: Path) -> None:
     assert float(maps["untiled"].max()) > 1, "the compared map holds the defect, not only noise"
 
 
-def test_serve_decides_raw_and_tiff_frames_like_predict(line: Line) -> None:
-    """A real daemon on the bundle answers raw and TIFF frames of this size exactly as predict does."""
+def test_serve_decides_raw_and_tiff_frames_like_predict(line: Line, tmp_path: Path) -> None:
+    """A real daemon on the bundle answers raw and TIFF frames of this size exactly as predict does,
+    keeps each frame and its map in the audit trail and shows the latest reject on the status page."""
     from daemon.server import Server, load_engine
     from tests.test_daemon_support import Client, header, make_config
 
@@ -207,7 +208,7 @@ def test_serve_decides_raw_and_tiff_frames_like_predict(line: Line) -> None:
     with Inspector.load(line.bundle, "onnxruntime") as offline:
         expected = [offline.inspect(img) for img in images]
     # deadlines far away: the verdicts, not this machine's speed, are under test
-    cfg = make_config(cycle_ms=600_000, queue_depth=8)
+    cfg = make_config(cycle_ms=600_000, queue_depth=8, audit_dir=str(tmp_path / "audit"), audit_pass_sample=1.0)
     cfg = dataclasses.replace(cfg, model=str(line.bundle), backend="onnxruntime")
     server = Server(cfg, loader=load_engine)
     thread = threading.Thread(target=lambda: server.run(install_signals=False), daemon=True)
@@ -223,6 +224,8 @@ def test_serve_decides_raw_and_tiff_frames_like_predict(line: Line) -> None:
                 client.send_parts(json.dumps(header(100 + i, encoding="tiff", **fields)).encode(), tiff)
                 time.sleep(0.02)
             got = {d["frame_id"]: d for d in client.decisions(2 * len(images), timeout_s=30)}
+        thumbnail = _wait_for_reject_thumbnail(server) if any(r.verdict == "reject" for r in expected) else None
+        records = _wait_for_audit(tmp_path / "audit", 2 * len(images))
     finally:
         server.request_stop()
         thread.join(20)
@@ -231,6 +234,38 @@ def test_serve_decides_raw_and_tiff_frames_like_predict(line: Line) -> None:
         for frame_id in (i, 100 + i):
             assert got[frame_id]["reason"] == want.reason, got[frame_id]
             assert got[frame_id]["score"] == pytest.approx(want.score, abs=1e-3)
+    assert thumbnail is None or cv2.imdecode(np.frombuffer(thumbnail, np.uint8), cv2.IMREAD_COLOR) is not None
+    for record in records:
+        frame = read_image(record / "image.png")
+        assert frame.shape == images[0].shape and frame.dtype == images[0].dtype
+        assert read_image(record / "anomaly.png").shape == (line.height, line.width)
+
+
+def _wait_for_audit(root: Path, count: int, timeout_s: float = 20) -> list[Path]:
+    """The audit records (the audit sink writes on its own thread, after the decision is published)."""
+    end = time.monotonic() + timeout_s
+    while True:
+        records = [p.parent for p in root.glob("*/anomaly.png") if not p.parent.name.startswith(".tmp-")]
+        if len(records) >= count or time.monotonic() > end:
+            assert len(records) == count, (len(records), count)
+            return records
+        time.sleep(0.05)
+
+
+def _wait_for_reject_thumbnail(server, timeout_s: float = 20) -> bytes:
+    """/reject.jpg from the status page (rendered on the status thread once a reject is published)."""
+    import urllib.error
+    import urllib.request
+
+    end = time.monotonic() + timeout_s
+    while True:
+        try:
+            with urllib.request.urlopen(f"http://{server.endpoints['http']}/reject.jpg", timeout=5) as response:
+                return response.read()
+        except urllib.error.HTTPError:
+            if time.monotonic() > end:
+                raise
+            time.sleep(0.05)
 
 
 def test_ensemble_fit_at_an_odd_size(tmp_path: Path) -> None:
