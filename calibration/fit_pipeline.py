@@ -19,6 +19,7 @@ The template (``calibration.template_fit``), learned (``calibration.learned_fit`
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -379,8 +380,7 @@ def graph_blocks(
     with OnnxRuntimeBackend(graph) as backend:
         backend.activate(resident_inputs(plan, stats, np.float32))
         for row, i in enumerate(indices):
-            for feeds, tiles in registered_tiles(training, plan, origins, i):
-                out = backend.infer(feeds, tiles)
+            for tiles, out in _scored(backend, registered_tiles(training, plan, origins, i)):
                 y, x = plan.origin(tiles.start)
                 h, w = _valid_core(plan, tiles.start)
                 maps = np.zeros((channels, core, core), np.float32)
@@ -390,6 +390,15 @@ def graph_blocks(
                 target = blocks[row, :, by : by + per_core, bx : bx + per_core]
                 target[...] = pooled[:, : target.shape[1], : target.shape[2]]
     return blocks
+
+
+def _scored(
+    backend: OnnxRuntimeBackend, jobs: Iterator[tuple[dict[str, np.ndarray], range]]
+) -> Iterator[tuple[range, dict[str, np.ndarray]]]:
+    """Run the jobs a few at a time (one per core at once), yielding each tile range with its outputs, in order."""
+    while chunk := list(itertools.islice(jobs, 2 * backend.threads)):
+        for (_, tiles), out in zip(chunk, backend.infer_many(chunk), strict=True):
+            yield tiles, out
 
 
 def registered_tiles(

@@ -13,7 +13,7 @@ file only says how it runs, never what it accepts.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -89,16 +89,20 @@ class Backend(ABC):
         """Run one batch: per-frame ``feeds`` for the tile positions ``tiles``; returns the outputs."""
         if not self._active:
             raise BackendError(f"{self.name}: infer() before activate()")
-        batch = self._check_feeds(feeds)
-        if tiles is None:
-            tiles = range(batch)
-        if len(tiles) != batch or tiles.step != 1:
-            raise BackendError(f"{self.name}: {batch} tiles fed but tile range {tiles} given")
-        if self._n_tiles and (tiles.start < 0 or tiles.stop > self._n_tiles):
-            raise BackendError(f"{self.name}: tile range {tiles} outside 0..{self._n_tiles}")
-        if self.max_batch and batch > self.max_batch:
-            raise BackendError(f"{self.name}: batch {batch} exceeds the maximum {self.max_batch}")
-        return self._infer_impl(feeds, tiles)
+        return self._infer_impl(feeds, self._check_batch(feeds, tiles))
+
+    def infer_many(
+        self, batches: Sequence[tuple[Mapping[str, np.ndarray], range | None]]
+    ) -> list[dict[str, np.ndarray]]:
+        """Run a whole frame's batches (each what ``infer`` takes); outputs in the order given.
+
+        Every batch is checked before any runs. Backends that can overlap batches (pipelined
+        streams, tiles on several cores) override ``_infer_many_impl``; by default they run in turn.
+        """
+        if not self._active:
+            raise BackendError(f"{self.name}: infer() before activate()")
+        checked = [(feeds, self._check_batch(feeds, tiles)) for feeds, tiles in batches]
+        return self._infer_many_impl(checked)
 
     def deactivate(self) -> None:
         """Free every buffer; the backend can be activated again afterwards."""
@@ -122,6 +126,9 @@ class Backend(ABC):
     @abstractmethod
     def _deactivate_impl(self) -> None: ...
 
+    def _infer_many_impl(self, batches: list[tuple[Mapping[str, np.ndarray], range]]) -> list[dict[str, np.ndarray]]:
+        return [self._infer_impl(feeds, tiles) for feeds, tiles in batches]
+
     # -- checks ----------------------------------------------------------------
     def _spec(self, name: str) -> TensorSpec:
         try:
@@ -140,6 +147,19 @@ class Backend(ABC):
             raise BackendError(
                 f"{self.name}: {what} input {spec.name!r} has shape {array.shape}, expected {spec.shape}"
             )
+
+    def _check_batch(self, feeds: Mapping[str, np.ndarray], tiles: range | None) -> range:
+        """Check one batch's per-frame feeds and tile range (None = 0..batch); returns the range."""
+        batch = self._check_feeds(feeds)
+        if tiles is None:
+            tiles = range(batch)
+        if len(tiles) != batch or tiles.step != 1:
+            raise BackendError(f"{self.name}: {batch} tiles fed but tile range {tiles} given")
+        if self._n_tiles and (tiles.start < 0 or tiles.stop > self._n_tiles):
+            raise BackendError(f"{self.name}: tile range {tiles} outside 0..{self._n_tiles}")
+        if self.max_batch and batch > self.max_batch:
+            raise BackendError(f"{self.name}: batch {batch} exceeds the maximum {self.max_batch}")
+        return tiles
 
     def _check_feeds(self, feeds: Mapping[str, np.ndarray]) -> int:
         missing = self._frame_inputs() - set(feeds)

@@ -190,11 +190,7 @@ class Inspector:
                 "fine_gain": gain[tiles.start : tiles.stop],
             }
             jobs.append((feeds, tiles))
-        infer_many = getattr(self.backend, "infer_many", None)
-        if infer_many is not None:
-            outputs = infer_many(jobs)
-        else:
-            outputs = [self.backend.infer(feeds, tiles) for feeds, tiles in jobs]
+        outputs = self.backend.infer_many(jobs)  # tiles side by side (CPU) or pipelined over streams (GPU)
         for (_, tiles), out in zip(jobs, outputs, strict=True):
             self.plan.stitch(out["anomaly"], tiles, amap)
         return amap

@@ -154,6 +154,68 @@ def test_deactivate_frees_everything_and_reactivation_works(kind, tmp_path, data
             assert fake_pycuda.context_depth() == 0
 
 
+def test_infer_many_gives_every_batch_in_order(kind, tmp_path, data) -> None:
+    """A frame's batches through infer_many equal one infer per batch, in the order given (every backend)."""
+    ranges = [range(s, min(s + 3, N_TILES)) for s in range(0, N_TILES, 3)]
+    with make_backend(kind, tmp_path) as backend:
+        backend.activate({"reference": data["reference"]})
+        results = backend.infer_many([(frame(data, r), r) for r in ranges])
+        assert len(results) == len(ranges)
+        for tiles, out in zip(ranges, results, strict=True):
+            assert_close(out["anomaly"], expected(data, tiles))
+            np.testing.assert_array_equal(out["anomaly"], backend.infer(frame(data, tiles), tiles)["anomaly"])
+
+
+def test_infer_many_refuses_a_bad_batch_before_running_any(kind, tmp_path, data) -> None:
+    """A bad batch anywhere in the list is refused before any runs; an inactive backend runs none (all backends)."""
+    with make_backend(kind, tmp_path) as backend:
+        backend.activate({"reference": data["reference"]})
+        good = (frame(data, range(2)), range(2))
+        with pytest.raises(BackendError, match="tile range"):
+            backend.infer_many([good, (frame(data, range(2)), range(5, 8))])
+        backend.deactivate()
+        with pytest.raises(BackendError, match="before activate"):
+            backend.infer_many([good])
+
+
+# -- ONNX Runtime only: tiles side by side ------------------------------------------------
+def test_onnxruntime_runs_tiles_side_by_side_on_single_threaded_sessions(tmp_path, data) -> None:
+    """With more tiles than threads, each run is single-threaded and the tiles run on the backend's workers."""
+    (tmp_path / "g").mkdir()
+    backend = OnnxRuntimeBackend(write_toy_graph(tmp_path / "g" / "graph_fp32.onnx", fp16=False), threads=2)
+    seen: set[str] = set()
+    run = backend._infer_impl
+
+    def spy(feeds, tiles):
+        seen.add(threading.current_thread().name)
+        return run(feeds, tiles)
+
+    backend._infer_impl = spy
+    with backend:
+        backend.activate({"reference": data["reference"]})
+        assert backend._session.get_session_options().intra_op_num_threads == 1
+        ranges = [range(i, i + 1) for i in range(N_TILES)]
+        results = backend.infer_many([(frame(data, r), r) for r in ranges])
+        for tiles, out in zip(ranges, results, strict=True):
+            assert_close(out["anomaly"], expected(data, tiles))
+        assert seen and all(name.startswith("inspectd-tile") for name in seen)
+    assert backend._pool is None, "deactivate stops the workers"
+
+
+def test_onnxruntime_splits_the_nodes_when_there_are_fewer_tiles_than_threads(tmp_path, data) -> None:
+    """A one-tile plan cannot run tiles side by side: its session uses the threads inside each node instead."""
+    backend = OnnxRuntimeBackend(write_toy_graph(tmp_path / "graph_fp32.onnx", fp16=False), threads=2)
+    with backend:
+        backend.activate({"reference": data["reference"][:1]})
+        assert backend._session.get_session_options().intra_op_num_threads == 2
+        assert backend._pool is None
+        out = backend.infer_many([(frame(data, range(1)), range(1))])
+        assert_close(out[0]["anomaly"], expected(data, range(1)))
+        backend.deactivate()
+        backend.activate({"reference": data["reference"]})
+        assert backend._session.get_session_options().intra_op_num_threads == 1 and backend._pool is not None
+
+
 # -- TensorRT only: pipelining, threads, failures ---------------------------------------
 @pytest.fixture(params=[10, 11], ids=["trt10", "trt11"])
 def trt_backend(request, monkeypatch, tmp_path, data):
