@@ -92,9 +92,11 @@ def rss_mb(pid: int) -> float:
 
 
 class Daemon:
-    """`inspectd serve` as a subprocess on loopback ports."""
+    """`inspectd serve` of checkout ``repo`` as a subprocess on loopback ports."""
 
-    def __init__(self, bundle: Path, backend: str, cycle_ms: float, queue_depth: int, log: Path) -> None:
+    def __init__(
+        self, bundle: Path, backend: str, cycle_ms: float, queue_depth: int, log: Path, repo: Path = REPO
+    ) -> None:
         self.frames = f"tcp://127.0.0.1:{free_port()}"
         self.decisions = f"tcp://127.0.0.1:{free_port()}"
         self.http = f"127.0.0.1:{free_port()}"
@@ -102,7 +104,8 @@ class Daemon:
         argv += ["--frames", self.frames, "--decisions", self.decisions, "--http", self.http]
         argv += ["--cycle-ms", f"{cycle_ms:.0f}", "--queue-depth", str(queue_depth), "--log-format", "json"]
         self._log = log.open("w")
-        self.proc = subprocess.Popen(argv, cwd=REPO, stdout=self._log, stderr=subprocess.STDOUT)
+        env = {**os.environ, "PYTHONPATH": str(repo)}  # another checkout (frame_path.py's baseline) runs its own code
+        self.proc = subprocess.Popen(argv, cwd=repo, env=env, stdout=self._log, stderr=subprocess.STDOUT)
         self._wait_ready()
 
     def _wait_ready(self, timeout_s: float = 600) -> None:

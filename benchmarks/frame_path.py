@@ -1,0 +1,729 @@
+"""The raw-frame path, stage by stage, against its floors and against a baseline checkout, in one run.
+
+    python benchmarks/frame_path.py --model M --images DIR            # this checkout vs main at 633562a
+    python benchmarks/frame_path.py --fit DATASET --images DATASET/test --daemon   # everything
+
+1. Floors, on one of the frames: a ZeroMQ hop over loopback TCP, memcpy, area resize to 1/8, an
+   affine warp of the frame, a 5-op elementwise map (numpy, and ONNX Runtime float32), uint8 to
+   float32, one pass of "map above threshold", connected components on a dense and on a sparse map.
+2. The raw-frame path (``Inspector.prepare`` / ``infer`` / ``decide`` on decoded frames, as the
+   daemon gets them) for this checkout and the baseline, each in its own long-lived process that
+   imports its own checkout (PYTHONPATH), fed the same frames alternately, frame by frame, so
+   both see the same machine load. ``--frames`` frames x ``--runs`` runs; medians of wall time
+   and of the process's CPU time per stage, each stage's ratio to the baseline and to its floor.
+3. Identity, on every frame of the first run: verdicts, reasons, defect boxes and areas equal to
+   the baseline's; maps and scores within 1e-3.
+4. ``--sessions``: ONNX Runtime session options (threads, spinning, optimisation level, arena,
+   memory patterns, IO binding) on this checkout's graph and one frame's tiles.
+5. ``--daemon``: each checkout's ``inspectd serve`` fed raw frames over loopback at ``--load`` of
+   the rate its own bare predict sustains (measured just before), ``--runs`` runs each, interleaved:
+   end-to-end p50 / p99 and the overhead over bare predict per run.
+6. ``--fit DATASET``: ``inspectd fit`` under each checkout (wall time, peak resident memory, the
+   two bundles compared); the frame path then runs each checkout on its own bundle.
+
+The baseline is a detached ``git worktree`` of ``--baseline`` (default 633562a) made for the run
+and removed after it, or ``--baseline-dir``. On a shared machine, read the ratios (both sides saw
+the same load) and the CPU columns; the load average is printed at the start and the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import json
+import os
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+BASELINE = "633562a"
+MAP_TOLERANCE = 1e-3
+STAGES = ("prepare", "infer", "decide", "total")
+# Sub-stages timed by wrapping functions of whichever checkout a worker imports; a checkout
+# without one of them shows a dash. (label, module, attribute path)
+PROBES = (
+    ("prepare", "downscale", "engines.registration", "downscale"),
+    ("prepare", "register (ECC)", "engines.registration", "RegistrationReference.register"),
+    ("prepare", "photometric fit", "engines.registration", "RegistrationReference.photometric"),
+    ("prepare", "resample", "engines.registration", "warp_to_reference"),
+    ("prepare", "pad", "engines.tiling", "TilePlan.pad"),
+    ("prepare", "fine gain", "engines.inspector", "frame_fine_gain"),
+    ("infer", "extract tiles", "engines.tiling", "TilePlan.extract"),
+    ("infer", "stitch", "engines.tiling", "TilePlan.stitch"),
+    ("decide", "regions", "engines.inspector", "find_regions"),
+)
+FLOOR_OF = {  # stage -> the floors (summed) that bound it
+    "prepare": ("area resize to 1/8", "area resize to 1/8", "affine warp (uint8)"),
+    "downscale": ("area resize to 1/8", "area resize to 1/8"),
+    "resample": ("affine warp (uint8)",),
+    "infer": ("5-op map, ONNX Runtime float32",),
+    "decide": ("map above threshold (one pass)",),
+    "regions": ("map above threshold (one pass)",),
+    "total": (
+        *("area resize to 1/8", "area resize to 1/8", "affine warp (uint8)"),
+        *("5-op map, ONNX Runtime float32", "map above threshold (one pass)"),
+    ),
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# floors
+# ---------------------------------------------------------------------------------------------
+def _median_ms(fn: Callable[[], Any], repeats: int) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1000)
+    return statistics.median(times)
+
+
+def _zmq_hop(frame: np.ndarray, repeats: int) -> float:
+    """One frame's bytes PUSHed to a PULL socket over loopback TCP: send call to the last byte received."""
+    import zmq
+
+    ctx = zmq.Context()
+    pull, push = ctx.socket(zmq.PULL), ctx.socket(zmq.PUSH)
+    try:
+        port = pull.bind_to_random_port("tcp://127.0.0.1")
+        push.connect(f"tcp://127.0.0.1:{port}")
+        payload = np.ascontiguousarray(frame).data
+        times = []
+        for _ in range(repeats + 1):
+            start = time.perf_counter()
+            push.send(payload, copy=False)
+            pull.recv(copy=False)
+            times.append((time.perf_counter() - start) * 1000)
+        return statistics.median(times[1:])
+    finally:
+        push.close(linger=0)
+        pull.close(linger=0)
+        ctx.term()
+
+
+def _ort_map_ms(x: np.ndarray, repeats: int) -> float:
+    """y = max((x - b) / a - mu, 0) * w as one ONNX Runtime float32 run over the whole frame."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    names = ("x", "b", "a", "mu", "w")
+    nodes = [
+        helper.make_node("Sub", ["x", "b"], ["t1"]),
+        helper.make_node("Div", ["t1", "a"], ["t2"]),
+        helper.make_node("Sub", ["t2", "mu"], ["t3"]),
+        helper.make_node("Relu", ["t3"], ["t4"]),
+        helper.make_node("Mul", ["t4", "w"], ["y"]),
+    ]
+    shape = list(x.shape)
+    graph = helper.make_graph(
+        nodes,
+        "floor",
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, shape) for n in names],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, shape)],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = _cores()
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    feeds = {"x": x, "b": np.full_like(x, 3), "a": np.full_like(x, 1.02), "mu": x * 0.97, "w": np.ones_like(x)}
+    return _median_ms(lambda: session.run(None, feeds), repeats)
+
+
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def measure_floors(frame: np.ndarray, repeats: int) -> dict[str, float]:
+    """The floors of the module docstring on ``frame`` (mono, or the first channel of colour)."""
+    import cv2
+
+    plane = np.ascontiguousarray(frame if frame.ndim == 2 else frame[:, :, 0])
+    h, w = plane.shape
+    out: dict[str, float] = {"ZeroMQ hop, loopback TCP": _zmq_hop(frame, repeats)}
+    copy = np.empty_like(frame)
+    out["memcpy"] = _median_ms(lambda: np.copyto(copy, frame), repeats)
+    out["area resize to 1/8"] = _median_ms(
+        lambda: cv2.resize(plane, (w // 8, h // 8), interpolation=cv2.INTER_AREA), repeats
+    )
+    matrix = cv2.getRotationMatrix2D(((w - 1) / 2, (h - 1) / 2), 0.3, 1.0)
+    matrix[:, 2] += (2.3, -1.7)
+    warped = np.empty_like(plane)
+    flags = cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP
+    out["affine warp (uint8)"] = _median_ms(
+        lambda: cv2.warpAffine(plane, matrix, (w, h), warped, flags=flags, borderMode=cv2.BORDER_REPLICATE), repeats
+    )
+    x = np.empty(plane.shape, np.float32)
+    out["uint8 -> float32"] = _median_ms(lambda: np.copyto(x, plane), repeats)
+    b, a, mu, wt, y = np.full_like(x, 3), np.full_like(x, 1.02), x * 0.97, np.ones_like(x), np.empty_like(x)
+
+    def numpy_map() -> None:
+        np.subtract(x, b, out=y)
+        np.divide(y, a, out=y)
+        np.subtract(y, mu, out=y)
+        np.maximum(y, 0, out=y)
+        np.multiply(y, wt, out=y)
+
+    out["5-op map, numpy float32"] = _median_ms(numpy_map, repeats)
+    out["5-op map, ONNX Runtime float32"] = _ort_map_ms(x[None, None], repeats)
+    above = np.empty(plane.shape, bool)
+    out["map above threshold (one pass)"] = _median_ms(lambda: np.greater(y, 0.5, out=above), repeats)
+    dense = np.ones(plane.shape, np.uint8)  # every pixel above threshold: one region the size of the frame
+    sparse = np.zeros(plane.shape, np.uint8)  # five small defects
+    for i in range(5):
+        sparse[h // 6 * (i + 1) : h // 6 * (i + 1) + 12, w // 7 * (i + 1) : w // 7 * (i + 1) + 9] = 1
+    out["connected components, dense"] = _median_ms(lambda: cv2.connectedComponentsWithStats(dense, 8), repeats)
+    out["connected components, sparse"] = _median_ms(lambda: cv2.connectedComponentsWithStats(sparse, 8), repeats)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# worker: one checkout's raw-frame path, driven over stdin/stdout
+# ---------------------------------------------------------------------------------------------
+class Probes:
+    """Wall and thread-CPU time of the PROBES functions, summed per frame."""
+
+    def __init__(self) -> None:
+        self.wall: dict[str, float] = {}
+        self.cpu: dict[str, float] = {}
+        self.present: list[str] = []
+        for _, label, module, path in PROBES:
+            if self._wrap(label, module, path):
+                self.present.append(label)
+
+    def _wrap(self, label: str, module: str, path: str) -> bool:
+        import importlib
+
+        try:
+            owner: Any = importlib.import_module(module)
+            *parents, attr = path.split(".")
+            for name in parents:
+                owner = getattr(owner, name)
+            fn = getattr(owner, attr)
+        except (ImportError, AttributeError):
+            return False
+        probes = self
+
+        @functools.wraps(fn)
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            wall, cpu = time.perf_counter(), time.thread_time()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                probes.wall[label] = probes.wall.get(label, 0.0) + (time.perf_counter() - wall) * 1000
+                probes.cpu[label] = probes.cpu.get(label, 0.0) + (time.thread_time() - cpu) * 1000
+
+        setattr(owner, attr, timed)  # on a class, a plain function binds like the method it replaces
+        return True
+
+    def reset(self) -> None:
+        self.wall.clear()
+        self.cpu.clear()
+
+
+def _raw(image: np.ndarray) -> np.ndarray:
+    """The frame as the daemon hands it over: a read-only view of a received buffer."""
+    return np.frombuffer(np.ascontiguousarray(image).tobytes(), image.dtype).reshape(image.shape)
+
+
+def worker(model: Path, images: list[Path], maps: Path) -> None:
+    """Serve commands from stdin, one JSON line each; answer with one JSON line on stdout."""
+    import engines
+    from engines.decode import read_image
+    from engines.inspector import Inspector
+
+    frames = [_raw(read_image(p)) for p in images]
+    probes = Probes()
+    inspector = Inspector.load(model, "onnxruntime")
+    inspector.activate()
+    inspector.decide(*_run_stages(inspector, frames[0], {}, {}))  # warm-up beyond activate's own
+    _reply({"engines": str(Path(engines.__file__).parent.parent), "probes": probes.present})
+    for line in sys.stdin:
+        cmd = json.loads(line)
+        if cmd["op"] == "frame":
+            _reply(_frame(inspector, probes, frames[cmd["index"]], maps if cmd.get("save") else None, cmd["index"]))
+        elif cmd["op"] == "bare":
+            _reply({"ms": _bare(inspector, frames, cmd["count"])})
+        elif cmd["op"] == "sessions":
+            _reply({"rows": session_options_table(inspector, frames[0], cmd["repeats"])})
+        elif cmd["op"] == "peak":
+            _reply({"peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})
+        elif cmd["op"] == "quit":
+            _reply({})
+            return
+
+
+def _reply(obj: dict) -> None:
+    sys.stdout.write(json.dumps(obj) + "\n")
+    sys.stdout.flush()
+
+
+def _run_stages(inspector: Any, frame: np.ndarray, wall: dict[str, float], cpu: dict[str, float]) -> tuple:
+    prepared = anomaly = None
+    for stage in ("prepare", "infer"):
+        w, c = time.perf_counter(), time.process_time()
+        if stage == "prepare":
+            prepared = inspector.prepare(frame)
+        else:
+            anomaly = inspector.infer(prepared)
+        wall[stage], cpu[stage] = (time.perf_counter() - w) * 1000, (time.process_time() - c) * 1000
+    return prepared, anomaly
+
+
+def _frame(inspector: Any, probes: Probes, frame: np.ndarray, maps: Path | None, index: int) -> dict:
+    probes.reset()
+    wall: dict[str, float] = {}
+    cpu: dict[str, float] = {}
+    prepared, anomaly = _run_stages(inspector, frame, wall, cpu)
+    w, c = time.perf_counter(), time.process_time()
+    result = inspector.decide(prepared, anomaly)
+    wall["decide"], cpu["decide"] = (time.perf_counter() - w) * 1000, (time.process_time() - c) * 1000
+    wall["total"], cpu["total"] = sum(wall.values()), sum(cpu.values())
+    out = {"wall": wall, "cpu": cpu, "probe_wall": dict(probes.wall), "probe_cpu": dict(probes.cpu)}
+    if maps is not None:
+        np.save(maps / f"{index}.npy", np.asarray(anomaly, np.float32))
+        out["decision"] = {
+            "verdict": result.verdict,
+            "reason": result.reason,
+            "score": result.score,
+            "defects": [[list(map(int, d.bbox)), int(d.area), float(d.score)] for d in result.defects],
+        }
+    return out
+
+
+def _bare(inspector: Any, frames: list[np.ndarray], count: int) -> list[float]:
+    """Inspector.inspect wall time per frame, as daemon_latency.py measures bare predict."""
+    times = []
+    for i in range(count):
+        start = time.perf_counter()
+        inspector.inspect(frames[i % len(frames)])
+        times.append((time.perf_counter() - start) * 1000)
+    return times
+
+
+# ---------------------------------------------------------------------------------------------
+# ONNX Runtime session options (worker side, this checkout)
+# ---------------------------------------------------------------------------------------------
+def session_options_table(inspector: Any, frame: np.ndarray, repeats: int) -> list[dict]:
+    """Every tile of one prepared frame through the bundle's FP32 graph under different session options."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import onnxruntime as ort
+
+    from engines.inspector import resident_inputs
+
+    prepared = inspector.prepare(frame)
+    resident = resident_inputs(inspector.plan, inspector._ref, np.float32)
+    gain = prepared.fine_gain.astype(np.float32)
+    jobs = []
+    for tiles in inspector.plan.batches(1):
+        feeds = {
+            "image": inspector.plan.extract(prepared.padded, tiles),
+            "photo": prepared.photo[tiles.start : tiles.stop],
+        }
+        feeds["fine_gain"] = gain[tiles.start : tiles.stop]
+        feeds.update({k: v[tiles.start : tiles.stop] for k, v in resident.items()})
+        jobs.append(feeds)
+    graph = str(inspector.backend.graph_path)
+    cores = _cores()
+    level = ort.GraphOptimizationLevel
+
+    def session(threads: int, spin: bool = False, opt: Any = level.ORT_ENABLE_ALL, **flags: bool) -> Any:
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        options.graph_optimization_level = opt
+        options.enable_cpu_mem_arena = flags.get("arena", True)
+        options.enable_mem_pattern = flags.get("pattern", True)
+        if flags.get("parallel"):
+            options.execution_mode = ort.ExecutionMode.ORT_PARALLEL
+            options.inter_op_num_threads = threads
+        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
+        return ort.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
+
+    pool = ThreadPoolExecutor(cores)
+
+    def in_turn(s: Any) -> Callable[[], list]:
+        return lambda: [s.run(None, f)[0] for f in jobs]
+
+    def side_by_side(s: Any) -> Callable[[], list]:
+        return lambda: list(pool.map(lambda f: s.run(None, f)[0], jobs))
+
+    def bound(s: Any, parallel: bool) -> Callable[[], list]:
+        core = inspector.plan.core
+
+        def one(f: dict) -> np.ndarray:
+            binding = s.io_binding()
+            for name, value in f.items():
+                binding.bind_cpu_input(name, value)
+            out = np.empty((1, 1, core, core), np.float32)
+            binding.bind_output("anomaly", "cpu", 0, np.float32, out.shape, out.ctypes.data)
+            s.run_with_iobinding(binding)
+            return out
+
+        return (lambda: list(pool.map(one, jobs))) if parallel else (lambda: [one(f) for f in jobs])
+
+    single = session(1)
+    cases = {
+        f"before: {min(cores, 8)} intra-op threads, spinning, tiles in turn": in_turn(
+            session(min(cores, 8), spin=True)
+        ),
+        f"{cores} intra-op threads, no spinning, tiles in turn": in_turn(session(cores)),
+        f"{cores} intra-op threads, parallel executor": in_turn(session(cores, parallel=True)),
+        "1 thread, tiles in turn": in_turn(single),
+        f"1 thread per run, {cores} tiles side by side (chosen)": side_by_side(single),
+        "  ... basic graph optimisation": side_by_side(session(1, opt=level.ORT_ENABLE_BASIC)),
+        "  ... extended graph optimisation": side_by_side(session(1, opt=level.ORT_ENABLE_EXTENDED)),
+        "  ... no memory arena": side_by_side(session(1, arena=False)),
+        "  ... no memory patterns": side_by_side(session(1, pattern=False)),
+        "  ... IO binding (output into a preallocated buffer)": bound(single, True),
+    }
+    reference = None
+    rows = {name: ([], []) for name in cases}
+    for name, fn in cases.items():
+        out = fn()
+        reference = out if reference is None else reference
+        if not all(np.array_equal(a, b) for a, b in zip(reference, out, strict=True)):
+            raise SystemExit(f"session option '{name}' changed the map")
+    for _ in range(repeats):
+        for name, fn in cases.items():
+            w, c = time.perf_counter(), time.process_time()
+            fn()
+            rows[name][0].append((time.perf_counter() - w) * 1000)
+            rows[name][1].append((time.process_time() - c) * 1000)
+    pool.shutdown()
+    return [{"option": k, "wall": statistics.median(w), "cpu": statistics.median(c)} for k, (w, c) in rows.items()]
+
+
+# ---------------------------------------------------------------------------------------------
+# driver side
+# ---------------------------------------------------------------------------------------------
+class Worker:
+    """A worker process on one checkout."""
+
+    def __init__(self, name: str, checkout: Path, model: Path, images: list[Path], maps: Path) -> None:
+        self.name, self.maps, self._closed = name, maps, False
+        env = {**os.environ, "PYTHONPATH": str(checkout)}
+        argv = [sys.executable, __file__, "--worker", "--model", str(model), "--maps", str(maps)]
+        argv += ["--image-list", *map(str, images)]
+        self.proc = subprocess.Popen(argv, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd="/")
+        hello = self._read()
+        if Path(hello["engines"]).resolve() != checkout.resolve():
+            raise SystemExit(f"{name}: imported engines from {hello['engines']}, not {checkout}")
+        self.probes: list[str] = hello["probes"]
+
+    def ask(self, **cmd: Any) -> dict:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(json.dumps(cmd) + "\n")
+        self.proc.stdin.flush()
+        return self._read()
+
+    def _read(self) -> dict:
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        if not line:
+            raise SystemExit(f"{self.name} worker exited with {self.proc.wait()}")
+        return json.loads(line)
+
+    def close(self) -> None:
+        """Stop the worker (once)."""
+        if self._closed or self.proc.poll() is not None:
+            return
+        self._closed = True
+        self.ask(op="quit")
+        self.proc.wait(30)
+
+
+@contextlib.contextmanager
+def baseline_checkout(args: argparse.Namespace, workdir: Path) -> Iterator[Path]:
+    if args.baseline_dir:
+        yield args.baseline_dir
+        return
+    path = workdir / f"baseline-{args.baseline}"
+    subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", str(path), args.baseline], check=True)
+    try:
+        yield path
+    finally:
+        subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(path)], check=False)
+
+
+def pick_images(folder: Path, limit: int) -> list[Path]:
+    """``limit`` images spread over the sorted list (so defects of several kinds come with the goods)."""
+    paths = sorted(p for p in folder.rglob("*") if p.suffix.lower() in (".png", ".tif", ".tiff", ".bmp"))
+    if not paths:
+        raise SystemExit(f"{folder}: no images")
+    step = max(1, len(paths) // limit)
+    return paths[::step][:limit]
+
+
+def compare(base: dict, new: dict, index: int, maps: tuple[Path, Path]) -> dict:
+    """Identity of one frame: decisions equal, maps and scores within MAP_TOLERANCE."""
+    a, b = (np.load(d / f"{index}.npy") for d in maps)
+    diff = float(np.abs(a - b).max())
+    db, dn = base["decision"], new["decision"]
+    boxes = [d[:2] for d in db["defects"]] == [d[:2] for d in dn["defects"]]
+    scores = [db["score"]] + [d[2] for d in db["defects"]], [dn["score"]] + [d[2] for d in dn["defects"]]
+    score_diff = max(abs(x - y) for x, y in zip(*scores, strict=False)) if len(scores[0]) == len(scores[1]) else 1e9
+    same = db["verdict"] == dn["verdict"] and db["reason"] == dn["reason"] and boxes
+    for d in maps:
+        (d / f"{index}.npy").unlink()
+    return {"decision": same, "map_diff": diff, "score_diff": score_diff, "verdict": dn["verdict"]}
+
+
+def run_frames(workers: dict[str, Worker], n_frames: int, runs: int) -> tuple[dict, list[dict]]:
+    """Every frame through both workers, alternating which goes first; the first run also checks identity."""
+    samples: dict[str, list[dict]] = {name: [] for name in workers}
+    identity = []
+    names = list(workers)
+    for run in range(runs):
+        for i in range(n_frames):
+            order = names if (run * n_frames + i) % 2 == 0 else names[::-1]
+            got = {name: workers[name].ask(op="frame", index=i, save=run == 0) for name in order}
+            for name in names:
+                samples[name].append(got[name])
+            if run == 0 and len(names) == 2:
+                maps = (workers[names[0]].maps, workers[names[1]].maps)
+                identity.append(compare(got[names[0]], got[names[1]], i, maps))
+        print(f"  run {run + 1}/{runs} done (load average {os.getloadavg()[0]:.1f})", flush=True)
+    return samples, identity
+
+
+def _med(rows: list[dict], key: str, field: str) -> float | None:
+    values = [r[key][field] for r in rows if field in r[key]]
+    return statistics.median(values) if values else None
+
+
+def _fmt(value: float | None, width: int = 9, digits: int = 1) -> str:
+    return f"{'–':>{width}}" if value is None else f"{value:>{width}.{digits}f}"
+
+
+def print_stage_table(samples: dict[str, list[dict]], floors: dict[str, float], names: list[str]) -> None:
+    base, new = (names[0], names[1]) if len(names) == 2 else (None, names[0])
+    print(f"\n{'stage (medians, ms)':<26}", end="")
+    if base:
+        print(f"{'baseline':>9}{'cpu':>8}", end="")
+    print(f"{'new':>9}{'cpu':>8}", end="")
+    if base:
+        print(f"{'new/base':>9}{'cpu n/b':>9}", end="")
+    print(f"{'floor':>8}{'new/floor':>10}")
+    rows: list[tuple[str, str, str]] = []
+    for stage in STAGES:
+        rows.append((stage, "wall", "cpu"))
+        rows += [(f"  {label}", "probe_wall", "probe_cpu") for s, label, *_ in PROBES if s == stage]
+    for label, wall_key, cpu_key in rows:
+        key = label.strip()
+        n_wall, n_cpu = _med(samples[new], wall_key, key), _med(samples[new], cpu_key, key)
+        line = f"{label:<26}"
+        if base:
+            b_wall, b_cpu = _med(samples[base], wall_key, key), _med(samples[base], cpu_key, key)
+            line += _fmt(b_wall) + _fmt(b_cpu, 8)
+        line += _fmt(n_wall) + _fmt(n_cpu, 8)
+        if base:
+            line += _fmt(n_wall / b_wall if n_wall and b_wall else None, 9, 2)
+            line += _fmt(n_cpu / b_cpu if n_cpu and b_cpu else None, 9, 2)
+        floor = sum(floors[f] for f in FLOOR_OF[key]) if key in FLOOR_OF else None
+        line += _fmt(floor, 8) + _fmt(n_wall / floor if n_wall and floor else None, 10, 2)
+        print(line)
+    print("(cpu: the process's CPU time, every thread; sub-stages: the calling thread's, summed over calls)")
+
+
+def print_floors(floors: dict[str, float]) -> None:
+    print(f"\n{'floor (median ms)':<34}{'ms':>8}")
+    for name, value in floors.items():
+        print(f"{name:<34}{value:>8.1f}")
+
+
+def print_identity(identity: list[dict]) -> bool:
+    ok = all(r["decision"] and r["map_diff"] <= MAP_TOLERANCE and r["score_diff"] <= MAP_TOLERANCE for r in identity)
+    worst = max((r["map_diff"] for r in identity), default=float("nan"))
+    verdicts = {v: sum(r["verdict"] == v for r in identity) for v in ("pass", "reject")}
+    same = sum(r["decision"] for r in identity)
+    print(
+        f"\nidentity vs baseline: decisions identical on {same}/{len(identity)} frames "
+        f"({verdicts['pass']} pass, {verdicts['reject']} reject); worst map difference {worst:.2e}, "
+        f"worst score difference {max((r['score_diff'] for r in identity), default=float('nan')):.2e} "
+        f"(tolerance {MAP_TOLERANCE:g}) -> {'IDENTICAL' if ok else 'DIFFERENT'}"
+    )
+    return ok
+
+
+def print_sessions(rows: list[dict]) -> None:
+    before = rows[0]
+    title = "ONNX Runtime session options, every tile of one frame (medians, ms)"
+    print(f"\n{title:<70}{'wall':>8}{'cpu':>8}{'cpu/before':>11}")
+    for row in rows:
+        print(f"{row['option']:<70}{row['wall']:>8.1f}{row['cpu']:>8.1f}{row['cpu'] / before['cpu']:>11.2f}")
+
+
+# ---------------------------------------------------------------------------------------------
+# daemon and fit
+# ---------------------------------------------------------------------------------------------
+def run_daemons(args: argparse.Namespace, workers: dict[str, Worker], checkouts: dict[str, Path], models: dict) -> None:
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from daemon_latency import Daemon, latencies, percentiles, run
+
+    from engines.decode import read_image
+
+    images = [(p.name, read_image(p)) for p in pick_images(args.images, args.frames)]
+    daemons = {}
+    try:
+        for name, checkout in checkouts.items():
+            log = args.workdir / f"daemon-{name}.log"
+            daemons[name] = Daemon(models[name], "onnxruntime", 5000.0, 4, log, repo=checkout)
+        results: dict[str, list[tuple[float, dict]]] = {name: [] for name in checkouts}
+        for r in range(args.runs):
+            for name in checkouts if r % 2 == 0 else list(checkouts)[::-1]:
+                bare = percentiles(workers[name].ask(op="bare", count=args.frames)["ms"])
+                rate = args.load * 1000 / bare["p50"]
+                report = run(daemons[name], images, args.daemon_frames, rate, None)
+                lat = percentiles(latencies(report))
+                lat["decided"], lat["sent"], lat["rate"] = len(report.decisions), report.sent, rate
+                results[name].append((bare["p50"], lat))
+    finally:
+        for daemon in daemons.values():
+            daemon.stop()
+    print(f"\ndaemon: raw frames over loopback at {args.load:.0%} of each checkout's bare rate", end="")
+    print(f", {args.daemon_frames} frames per run")
+    print(f"{'checkout':<10}{'run':>4}{'rate Hz':>9}{'bare p50':>10}{'e2e p50':>9}{'e2e p99':>9}", end="")
+    print(f"{'overhead':>10}{'decided':>9}")
+    for name, rows in results.items():
+        for i, (bare_p50, lat) in enumerate(rows, 1):
+            overhead = 100 * (lat["p50"] / bare_p50 - 1)
+            print(
+                f"{name:<10}{i:>4}{lat['rate']:>9.2f}{bare_p50:>10.1f}{lat['p50']:>9.1f}{lat['p99']:>9.1f}"
+                f"{overhead:>+9.1f}%{lat['decided']:>5}/{lat['sent']}"
+            )
+
+
+def run_fits(args: argparse.Namespace, checkouts: dict[str, Path]) -> dict[str, Path]:
+    """``inspectd fit`` under each checkout: wall time, peak resident memory; the bundles compared."""
+    models, rows = {}, []
+    for name, checkout in checkouts.items():
+        out = args.workdir / f"model-{name}"
+        if out.exists():
+            shutil.rmtree(out)
+        argv = [sys.executable, "-m", "daemon.cli", "fit", str(args.fit), "--out", str(out)]
+        env = {**os.environ, "PYTHONPATH": str(checkout)}
+        print(f"fitting with the {name} checkout ...", flush=True)
+        start = time.perf_counter()
+        proc = subprocess.Popen(argv, cwd=checkout, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        _, status, usage = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - start
+        if status:
+            raise SystemExit(f"{name} fit failed: {proc.stderr.read().decode()[-2000:] if proc.stderr else ''}")
+        models[name] = out
+        rows.append((name, wall, usage.ru_maxrss / 1024, usage.ru_utime + usage.ru_stime))
+    print(f"\n{'fit':<10}{'wall':>10}{'peak MB':>9}{'cpu s':>8}")
+    for name, wall, peak, cpu in rows:
+        print(f"{name:<10}{int(wall // 60):>6}:{wall % 60:04.1f}{peak:>9.0f}{cpu:>8.1f}")
+    if len(rows) == 2:
+        compare_bundles(*(models[n] for n in checkouts))
+    return models
+
+
+def compare_bundles(a: Path, b: Path) -> None:
+    """reference.npz arrays and calibration of two bundles fitted on the same images."""
+    ra, rb = np.load(a / "reference.npz"), np.load(b / "reference.npz")
+    worst = {}
+    for key in sorted(set(ra.files) & set(rb.files)):
+        x, y = ra[key].astype(np.float64), rb[key].astype(np.float64)
+        worst[key] = float(np.abs(x - y).max() / max(np.abs(x).max(), 1e-12)) if x.shape == y.shape else float("inf")
+    ca, cb = (json.loads((p / "calibration.json").read_text()) for p in (a, b))
+    differing = {k: v for k, v in worst.items() if v > 0}
+    print(f"bundles: {len(worst)} reference arrays, {len(worst) - len(differing)} bit-identical", end="")
+    if differing:
+        key = max(differing, key=differing.get)
+        print(f"; largest relative difference {differing[key]:.2e} ({key})", end="")
+    print(f"; threshold {ca['threshold']:.6f} vs {cb['threshold']:.6f}")
+
+
+# ---------------------------------------------------------------------------------------------
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", type=Path, help="bundle for both checkouts (default: --fit's bundles)")
+    parser.add_argument("--baseline-model", type=Path, help="the baseline's own bundle (default: --model)")
+    parser.add_argument("--images", type=Path, help="folder of frames (searched recursively)")
+    parser.add_argument("--frames", type=int, default=10, help="frames per run (spread over the sorted list)")
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--baseline", default=BASELINE, help="commit of the baseline (default %(default)s)")
+    parser.add_argument("--baseline-dir", type=Path, help="an existing checkout to use as the baseline")
+    parser.add_argument("--no-baseline", action="store_true", help="this checkout only")
+    parser.add_argument("--floor-repeats", type=int, default=10)
+    parser.add_argument("--sessions", action="store_true", help="ONNX Runtime session options table")
+    parser.add_argument("--daemon", action="store_true", help="both daemons at --load of their bare rate")
+    parser.add_argument("--daemon-frames", type=int, default=30)
+    parser.add_argument("--load", type=float, default=0.7)
+    parser.add_argument("--fit", type=Path, help="a dataset to fit under each checkout (time, memory)")
+    parser.add_argument("--workdir", type=Path, help="where bundles, logs and the baseline go (default: temporary)")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--maps", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--image-list", nargs="*", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        worker(args.model, args.image_list, args.maps)
+        return 0
+    if args.images is None or (args.model is None and args.fit is None):
+        parser.error("give --images and --model (or --fit)")
+    with contextlib.ExitStack() as stack:
+        if args.workdir is None:
+            args.workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="frame_path-")))
+        args.workdir.mkdir(parents=True, exist_ok=True)
+        print(f"load average at start: {' '.join(f'{v:.1f}' for v in os.getloadavg())}; {_cores()} cores")
+        checkouts = {}
+        if not args.no_baseline:
+            checkouts["baseline"] = stack.enter_context(baseline_checkout(args, args.workdir))
+        checkouts["new"] = REPO
+        models = run_fits(args, checkouts) if args.fit else {}
+        if args.model:
+            models = {"baseline": args.baseline_model or args.model, "new": args.model}
+        images = pick_images(args.images, args.frames)
+        from engines.decode import read_image
+
+        floors = measure_floors(read_image(images[0]), args.floor_repeats)
+        workers: dict[str, Worker] = {}
+        for name, checkout in checkouts.items():
+            maps = args.workdir / f"maps-{name}"
+            maps.mkdir(exist_ok=True)
+            workers[name] = stack.enter_context(contextlib.closing(Worker(name, checkout, models[name], images, maps)))
+        names = ", ".join(p.relative_to(args.images).as_posix() for p in images)
+        print(f"{len(images)} frames x {args.runs} runs: {names}")
+        samples, identity = run_frames(workers, len(images), args.runs)
+        floors_after = measure_floors(read_image(images[0]), args.floor_repeats)
+        floors = {k: statistics.median([floors[k], floors_after[k]]) for k in floors}
+        print_floors(floors)
+        print_stage_table(samples, floors, list(workers))
+        ok = print_identity(identity) if identity else True
+        peaks = {name: w.ask(op="peak")["peak_mb"] for name, w in workers.items()}
+        print("peak resident memory of the frame path: " + ", ".join(f"{k} {v:.0f} MB" for k, v in peaks.items()))
+        if args.sessions:
+            print_sessions(workers["new"].ask(op="sessions", repeats=max(3, args.runs))["rows"])
+        if args.daemon:
+            run_daemons(args, workers, checkouts, models)
+        for w in workers.values():
+            w.close()
+        print(f"load average at end: {' '.join(f'{v:.1f}' for v in os.getloadavg())}")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    threading.current_thread().name = "frame_path"
+    sys.exit(main())
