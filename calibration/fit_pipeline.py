@@ -43,6 +43,7 @@ from engines.tolerance import BLOCK
 from engines.types import MIN_SIDE, Geometry
 
 MIN_GOOD = 8
+STRIP = 64  # rows of the image the statistics take at a time: a strip's arrays stay in the CPU's cache
 COARSE_FLOOR = 0.3  # grey levels (8-bit units)
 TRIM_FROM = 16  # images: below this the second-highest value is too poor an estimate of the range
 
@@ -221,15 +222,22 @@ def _register_or_fail(ref: reg.RegistrationReference, coarse, fine, path: Path) 
         ) from None
 
 
-def normalise(frames: np.ndarray, coef: np.ndarray, shape: tuple[int, int], full_shape: tuple[int, int]) -> np.ndarray:
+def normalise(
+    frames: np.ndarray,
+    coef: np.ndarray,
+    shape: tuple[int, int],
+    full_shape: tuple[int, int],
+    rows: slice = slice(None),
+) -> np.ndarray:
     """Apply the lighting model: (x - offset) / gain on a grid of ``shape`` spanning the full image.
 
     ``frames`` is [C, h, w] in 8-bit grey units; the coordinates are full-resolution pixel centres.
+    With ``rows``, ``frames`` holds only those rows of the grid; every value is the one the whole grid gets.
     """
     h, w = shape
     sy, sx = full_shape[0] / h, full_shape[1] / w
     xs = (np.arange(w, dtype=np.float32) * sx + (sx - 1) / 2)[None, :]
-    ys = (np.arange(h, dtype=np.float32) * sy + (sy - 1) / 2)[:, None]
+    ys = (np.arange(h, dtype=np.float32) * sy + (sy - 1) / 2)[rows, None]
     gain, offset = reg.lighting_fields(coef, xs, ys, full_shape)
     return (frames - offset) / gain
 
@@ -254,7 +262,6 @@ def register_all(
     coefs = np.zeros((len(images), reg.PHOTO_TERMS), np.float32)
     poses = np.zeros((len(images), 2, 3), np.float64)
     pyramids = []
-    full = (geometry.height, geometry.width)
     for i, path in enumerate(tqdm(images, desc=desc, disable=not progress, unit="img")):
         image = _read_checked(path, geometry)
         coarse_f, fine_f = reference.factors
@@ -263,8 +270,7 @@ def register_all(
         coefs[i] = reference.photometric(coarse, pose)
         poses[i] = pose.matrix
         registered[i] = reg.warp_to_reference(image, pose)
-        xn = normalise(planes(registered[i], unit), coefs[i], full, full)
-        pyramids.append(block_means(xn * weight))
+        pyramids.append(lit_block_means(registered[i], coefs[i], unit, weight))
     return Training(geometry, unit, weight, registered, coefs, poses, pyramids)
 
 
@@ -274,15 +280,50 @@ def block_means(planes: np.ndarray) -> dict[int, np.ndarray]:
     Computed on the image edge-padded to whole ALIGN cells (as tiles pad it), each level
     cropped to its ``cell_grid``.
     """
-    c, h, w = planes.shape
+    _, h, w = planes.shape
+    return _neighbourhoods(_pyramid(_pad_aligned(planes)), h, w)
+
+
+def lit_block_means(frame: np.ndarray, coef: np.ndarray, unit: float, weight: np.ndarray) -> dict[int, np.ndarray]:
+    """``block_means`` of the lit frame times the region, ``STRIP`` rows at a time (equal to the whole-frame result).
+
+    ``frame`` is one registered image [H, W(, C)] in raw pixels: no full-size float copy is made.
+    """
+    h, w = weight.shape
+    levels: dict[int, list[np.ndarray]] = {level: [] for level in range(1, max(LEVELS) + 1)}
+    for start in range(0, h, STRIP):  # STRIP is a multiple of ALIGN: a strip's blocks are whole
+        rows = slice(start, min(start + STRIP, h))
+        xn = normalise(planes(frame[rows], unit), coef, (h, w), (h, w), rows)
+        xn *= weight[rows]
+        for level, pooled in _pyramid(_pad_aligned(xn)).items():
+            levels[level].append(pooled)
+    return _neighbourhoods({level: np.concatenate(parts, axis=1) for level, parts in levels.items()}, h, w)
+
+
+def _pad_aligned(planes: np.ndarray) -> np.ndarray:
+    """Edge-replicate [C, h, w] planes to multiples of ALIGN (the coarsest block) on the bottom and right."""
+    _, h, w = planes.shape
     hp, wp = -(-h // ALIGN) * ALIGN, -(-w // ALIGN) * ALIGN
-    pooled = np.pad(planes, ((0, 0), (0, hp - h), (0, wp - w)), mode="edge")
-    out = {}
+    return np.pad(planes, ((0, 0), (0, hp - h), (0, wp - w)), mode="edge")
+
+
+def _pyramid(padded: np.ndarray) -> dict[int, np.ndarray]:
+    """The 2x2 mean pyramid of ALIGN-padded planes, every level from 1 to max(LEVELS)."""
+    c = padded.shape[0]
+    out, pooled = {}, padded
     for level in range(1, max(LEVELS) + 1):
         pooled = pooled.reshape(c, pooled.shape[1] // 2, 2, pooled.shape[2] // 2, 2).mean(axis=(2, 4))
-        if level in LEVELS:
-            rows, cols = cell_grid(h, w, 2**level)
-            out[level] = np.stack([cv2.blur(p, (3, 3), borderType=cv2.BORDER_REPLICATE)[:rows, :cols] for p in pooled])
+        out[level] = pooled
+    return out
+
+
+def _neighbourhoods(pyramid: dict[int, np.ndarray], h: int, w: int) -> dict[int, np.ndarray]:
+    """The 3x3 neighbourhood mean of the pyramid's LEVELS for an h x w image, each cropped to its ``cell_grid``."""
+    out = {}
+    for level in LEVELS:
+        rows, cols = cell_grid(h, w, 2**level)
+        blur = [cv2.blur(p, (3, 3), borderType=cv2.BORDER_REPLICATE)[:rows, :cols] for p in pyramid[level]]
+        out[level] = np.stack(blur)
     return out
 
 
@@ -294,6 +335,10 @@ def statistics(training: Training, indices: Sequence[int], config: FitConfig) ->
     good image happened to carry at a pixel must not widen the tolerance there for every future
     part. What good parts do systematically (edges that move, blur that changes) shows in many
     images and stays in the band.
+
+    Everything per pixel is computed ``STRIP`` rows at a time (``_strip_statistics``), so no
+    full-size float copy of any image and no full-size float64 sum is ever made; the results
+    equal those of whole frames, bit for bit.
     """
     geo = training.geometry
     full = (geo.height, geo.width)
@@ -301,30 +346,22 @@ def statistics(training: Training, indices: Sequence[int], config: FitConfig) ->
     trim = config.band_trim if config.band_trim is not None else int(n >= TRIM_FROM)
     if n - 2 * trim < 2:
         raise UserError(f"{n} images leave fewer than 2 per pixel after trimming {trim} at each end")
-    total = np.zeros((geo.channels, *full), np.float64)
-    total_sq = np.zeros_like(total)
-    lows = [np.full((geo.channels, *full), np.inf, np.float32) for _ in range(trim + 1)]
-    highs = [np.full((geo.channels, *full), -np.inf, np.float32) for _ in range(trim + 1)]
-    for i in indices:
-        xn = normalise(planes(training.registered[i], training.unit), training.coefs[i], full, full)
-        total += xn
-        total_sq += np.square(xn, dtype=np.float64)
-        _keep_extremes(lows, xn, np.minimum, np.maximum)
-        _keep_extremes(highs, xn, np.maximum, np.minimum)
-    for extreme in (*lows[:trim], *highs[:trim]):
-        total -= extreme
-        total_sq -= np.square(extreme, dtype=np.float64)
-    n -= 2 * trim
-    lo, hi = lows[trim], highs[trim]
-    mu = (total / n).astype(np.float32)
-    sigma = np.sqrt(np.maximum(total_sq / n - np.square(mu, dtype=np.float64), 0) * n / (n - 1)).astype(np.float32)
-    del total, total_sq
+    mu, sigma, lo, hi = (np.empty((geo.channels, *full), np.float32) for _ in range(4))
+    for start in range(0, geo.height, STRIP):
+        rows = slice(start, min(start + STRIP, geo.height))
+        mu[:, rows], sigma[:, rows], lo[:, rows], hi[:, rows] = _strip_statistics(training, indices, trim, rows)
+    noise = _region_median(sigma, training.weight) if training.weight.any() else 1.0
     k = 2 * config.band_dilate + 1
     kernel = np.ones((k, k), np.uint8)
     lo = np.stack([cv2.erode(p, kernel) for p in lo])
     hi = np.stack([cv2.dilate(p, kernel) for p in hi])
-    lo = np.minimum(lo, mu - config.band_sigma * sigma) - config.band_tol
-    hi = np.maximum(hi, mu + config.band_sigma * sigma) + config.band_tol
+    # lo = min(lo, mu - band_sigma * sigma) - band_tol and its mirror for hi, in place (the same float32 steps)
+    spread = np.multiply(sigma, config.band_sigma, out=sigma)
+    np.minimum(lo, np.subtract(mu, spread), out=lo)
+    lo -= config.band_tol
+    np.maximum(hi, np.add(mu, spread, out=spread), out=hi)
+    hi += config.band_tol
+    del sigma, spread
     stats = {
         "mu": mu,
         "lo": lo,
@@ -333,9 +370,40 @@ def statistics(training: Training, indices: Sequence[int], config: FitConfig) ->
         "fine_gain": np.ones(tol.block_shape(geo), np.float32),
         "fine_ring_gain": np.ones(tol.block_shape(geo), np.float32),
     }
-    noise = float(np.median(sigma[:, training.weight > 0])) if training.weight.any() else 1.0
     stats.update(_coarse_spread(training, indices, max(noise, 0.5)))
     return {k: (v.astype(np.float16) if v.dtype == np.float32 else v) for k, v in stats.items()}
+
+
+def _region_median(planes: np.ndarray, region: np.ndarray) -> float:
+    """``np.median(planes[:, region > 0])`` with one copy of the values (no index arrays, no second copy)."""
+    values = np.compress(region.ravel() > 0, planes.reshape(len(planes), -1), axis=1)
+    return float(np.median(values, overwrite_input=True))
+
+
+def _strip_statistics(
+    training: Training, indices: Sequence[int], trim: int, rows: slice
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Mean, spread and the trimmed low and high extremes of ``rows`` of the images at ``indices``."""
+    geo = training.geometry
+    full = (geo.height, geo.width)
+    shape = (geo.channels, len(range(*rows.indices(geo.height))), geo.width)
+    total = np.zeros(shape, np.float64)
+    total_sq = np.zeros_like(total)
+    lows = [np.full(shape, np.inf, np.float32) for _ in range(trim + 1)]
+    highs = [np.full(shape, -np.inf, np.float32) for _ in range(trim + 1)]
+    for i in indices:
+        xn = normalise(planes(training.registered[i, rows], training.unit), training.coefs[i], full, full, rows)
+        total += xn
+        total_sq += np.square(xn, dtype=np.float64)
+        _keep_extremes(lows, xn, np.minimum, np.maximum)
+        _keep_extremes(highs, xn, np.maximum, np.minimum)
+    for extreme in (*lows[:trim], *highs[:trim]):
+        total -= extreme
+        total_sq -= np.square(extreme, dtype=np.float64)
+    n = len(indices) - 2 * trim
+    mu = (total / n).astype(np.float32)
+    sigma = np.sqrt(np.maximum(total_sq / n - np.square(mu, dtype=np.float64), 0) * n / (n - 1)).astype(np.float32)
+    return mu, sigma, lows[trim], highs[trim]
 
 
 def _keep_extremes(ranked: list[np.ndarray], x: np.ndarray, better, worse) -> None:
@@ -350,17 +418,35 @@ def _keep_extremes(ranked: list[np.ndarray], x: np.ndarray, better, worse) -> No
 def _coarse_spread(training: Training, indices: Sequence[int], noise: float) -> dict[str, np.ndarray]:
     """1/sigma of the block-mean residual per place and level; zero outside the inspection region."""
     out = {}
+    region = block_means(training.weight[None].astype(np.float32))
     for level in LEVELS:
-        stack = np.stack([training.pyramids[i][level] for i in indices])
-        sigma = stack.std(axis=0, ddof=1)
+        sigma = _spread([training.pyramids[i][level] for i in indices])
         # Below COARSE_FLOOR grey levels, block means move with the lighting model and the
         # registration more than with anything a defect does; never trust a smaller spread.
         floor = max(noise / (3 * 2**level), COARSE_FLOOR)
         sigma = np.maximum(sigma, floor)
         sigma = np.stack([cv2.dilate(p, np.ones((3, 3), np.uint8)) for p in sigma])
-        inside = block_means(training.weight[None].astype(np.float32))[level] > 0.999
+        inside = region[level] > 0.999
         out[f"inv_sigma{level}"] = np.where(inside, 1.0 / sigma, 0.0).astype(np.float32)
     return out
+
+
+def _spread(arrays: Sequence[np.ndarray]) -> np.ndarray:
+    """``np.stack(arrays).std(axis=0, ddof=1)``, bit for bit, without the stack: two passes, float32 as numpy sums.
+
+    numpy sums a float32 stack along its first axis in order and divides by the count as an intp
+    (in float64, stored as float32); the same steps are taken here one array at a time.
+    """
+    total = np.zeros_like(arrays[0])
+    for a in arrays:
+        total += a
+    mean = np.true_divide(total, np.intp(len(arrays)), out=total, casting="unsafe")
+    squares = np.zeros_like(mean)
+    for a in arrays:
+        deviation = a - mean
+        squares += np.multiply(deviation, deviation, out=deviation)
+    var = np.true_divide(squares, np.intp(max(len(arrays) - 1, 0)), out=squares, casting="unsafe")
+    return np.sqrt(var, out=var)
 
 
 def graph_blocks(
