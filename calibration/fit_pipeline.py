@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import mmap
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, replace
@@ -271,7 +272,21 @@ def register_all(
         poses[i] = pose.matrix
         registered[i] = reg.warp_to_reference(image, pose)
         pyramids.append(lit_block_means(registered[i], coefs[i], unit, weight))
+        release_pages(registered)
     return Training(geometry, unit, weight, registered, coefs, poses, pyramids)
+
+
+def release_pages(frames: np.ndarray) -> None:
+    """Unmap the pages of a disk-backed stack (``np.memmap``) this process has touched; no-op for plain arrays.
+
+    The registered frames live in a file mapped into memory; every page read or written stays
+    mapped and counts as this process's resident memory (the whole stack, by the end of a fit)
+    although the kernel holds it in its page cache anyway. Released, the next access maps it
+    again from the cache, with the data as last written.
+    """
+    mapping = getattr(frames, "_mmap", None)
+    if isinstance(mapping, mmap.mmap) and hasattr(mmap, "MADV_DONTNEED"):
+        mapping.madvise(mmap.MADV_DONTNEED)
 
 
 def block_means(planes: np.ndarray) -> dict[int, np.ndarray]:
@@ -350,6 +365,7 @@ def statistics(training: Training, indices: Sequence[int], config: FitConfig) ->
     for start in range(0, geo.height, STRIP):
         rows = slice(start, min(start + STRIP, geo.height))
         mu[:, rows], sigma[:, rows], lo[:, rows], hi[:, rows] = _strip_statistics(training, indices, trim, rows)
+        release_pages(training.registered)
     noise = _region_median(sigma, training.weight) if training.weight.any() else 1.0
     k = 2 * config.band_dilate + 1
     kernel = np.ones((k, k), np.uint8)
@@ -475,6 +491,7 @@ def graph_blocks(
                 by, bx = y // BLOCK, x // BLOCK
                 target = blocks[row, :, by : by + per_core, bx : bx + per_core]
                 target[...] = pooled[:, : target.shape[1], : target.shape[2]]
+            release_pages(training.registered)
     return blocks
 
 

@@ -8,6 +8,7 @@ statistics must give exactly their arrays, and use a bounded amount of memory wh
 from __future__ import annotations
 
 import tracemalloc
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -165,3 +166,24 @@ def test_photometric_terms_reach_the_statistics():
     flat = fp.Training(**{**training.__dict__, "coefs": np.tile(np.eye(1, reg.PHOTO_TERMS, dtype=np.float32), (9, 1))})
     lit, unlit = fp.statistics(training, range(9), FitConfig()), fp.statistics(flat, range(9), FitConfig())
     assert not np.array_equal(lit["mu"], unlit["mu"])
+
+
+def _rss_file_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("RssFile:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no RssFile line")
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs Linux /proc to read resident memory")
+def test_released_pages_leave_the_resident_set_and_keep_their_data(tmp_path):
+    """Released frames of a disk-backed stack no longer count as resident; reading them gives what was written."""
+    frames = np.lib.format.open_memmap(tmp_path / "registered.npy", "w+", np.uint8, (4, 1024, 8192))
+    for i in range(len(frames)):
+        frames[i] = i + 1
+    touched = _rss_file_mb()
+    fp.release_pages(frames)
+    released = _rss_file_mb()
+    assert touched - released >= 24, (touched, released)  # 32 MB written, at most a little still mapped
+    assert [int(frames[i, 512:520, 100:900].min()) for i in range(4)] == [1, 2, 3, 4]
+    fp.release_pages(np.zeros(3))  # plain arrays: nothing to do
