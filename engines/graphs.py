@@ -124,7 +124,12 @@ def _slice(g: _Builder, x: str, start: int, stop: int, axes: tuple[int, ...]) ->
 
 
 def _photometric_fields(g: _Builder, photo: str, tile: int) -> tuple[str, str]:
-    """Gain a = p0 + p1 u + p2 v + p3 u^2 + p4 v^2 + p5 u v and offset b = p6 + p7 u + p8 v over the tile."""
+    """Gain a = p0 + p1 u + p2 v + p3 u^2 + p4 v^2 + p5 u v and offset b = p6 + p7 u + p8 v over the tile.
+
+    The gain is a sum of three outer products, a[v, u] = 1 * (p0 + p1 u + p3 u^2) + (p2 v + p4 v^2) * 1
+    + v * (p5 u): one MatMul of [T, 3] by [3, T] writes it in one pass over the tile; the offset is
+    one broadcast Add of a row and a column.
+    """
     u = g.const(np.arange(tile, dtype=np.float32).reshape(1, 1, 1, tile), "u")
     v = g.const(np.arange(tile, dtype=np.float32).reshape(1, 1, tile, 1), "v")
     uu = g.const(np.square(np.arange(tile, dtype=np.float32)).reshape(1, 1, 1, tile), "uu")
@@ -138,10 +143,14 @@ def _photometric_fields(g: _Builder, photo: str, tile: int) -> tuple[str, str]:
     def add(a: str, b: str) -> str:
         return g.op("Add", [a, b])
 
-    # one row (terms in u), one column (terms in v) and one outer product: two full-size adds build the field
-    row = add(add(c[0], mul(c[1], u)), mul(c[3], uu))
-    col = add(mul(c[2], v), mul(c[4], vv))
-    a = add(add(row, col), mul(mul(c[5], u), v))
+    row = add(add(c[0], mul(c[1], u)), mul(c[3], uu))  # [N, 1, 1, T]: the terms in u
+    col = add(mul(c[2], v), mul(c[4], vv))  # [N, 1, T, 1]: the terms in v
+    ones_col = g.const(np.ones((1, 1, tile, 1), np.float32))
+    ones_row = g.const(np.ones((1, 1, 1, tile), np.float32))
+    v_col = g.op("Expand", [v, g.op("Shape", [col])])  # [N, 1, T, 1], so the factors share a batch dimension
+    left = g.op("Concat", [g.op("Expand", [ones_col, g.op("Shape", [col])]), col, v_col], axis=3)  # [N, 1, T, 3]
+    right = g.op("Concat", [row, g.op("Expand", [ones_row, g.op("Shape", [row])]), mul(c[5], u)], axis=2)  # [N,1,3,T]
+    a = g.op("MatMul", [left, right])
     b = add(add(c[6], mul(c[7], u)), mul(c[8], v))
     return a, b
 
@@ -167,14 +176,20 @@ def tile_inputs(spec: TiledGraphSpec) -> list[onnx.ValueInfoProto]:
     return inputs
 
 
-def fine_gain(g: _Builder, spec: TiledGraphSpec, channel: int = 0) -> str:
-    """Channel ``channel`` of the per-block gain (learned local normalisation), expanded over the core in FP32."""
+def fine_gain(g: _Builder, spec: TiledGraphSpec, channel: int = 0, scale: float = 1.0) -> str:
+    """Channel ``channel`` of the per-block gain (learned local normalisation) times ``scale``, over the core in FP32.
+
+    ``scale`` is applied on the blocks, before the gain is expanded to pixels: one multiplication
+    per 16x16 block instead of one per pixel.
+    """
     step = 2**FINE_GAIN_LEVEL
     low, size = spec.halo // step, spec.core // step
     gain = g.op("Cast", ["fine_gain"], to=TensorProto.FLOAT)
     gain = _slice(g, gain, low, low + size, (2, 3))
     if spec.gains > 1:
         gain = _slice(g, gain, channel, channel + 1, (1,))
+    if scale != 1.0:
+        gain = g.op("Mul", [gain, g.const(np.float32(scale))])
     return g.op("Resize", [gain, "", g.const(np.array([1, 1, step, step], np.float32))], mode="nearest")
 
 
@@ -212,8 +227,16 @@ def build_template_graph(spec: TemplateGraphSpec) -> onnx.ModelProto:
 
 
 def template_anomaly(g: _Builder, spec: TemplateGraphSpec, out: str, gain_channel: int = 0) -> int:
-    """Add the template detector's nodes, reading the tile inputs, writing tensor ``out``; returns its channels."""
-    c, t, half = spec.channels, spec.tile, spec.half
+    """Add the template detector's nodes, reading the tile inputs, writing tensor ``out``; returns its channels.
+
+    Every full-size step is one pass over the tile; the band excess is taken over the whole tile
+    and cut to the core once (cutting the frame, the band and the region to the core first would
+    copy four tiles to save work on one); the fine scale rides on the per-block gain. The excess is
+    not clamped at zero: the anomaly is its maximum with the coarse score, which is never negative,
+    so a negative excess (inside the band) can never be the output. The fitting graph
+    (``components``) outputs the excess itself and clamps it.
+    """
+    c, half = spec.channels, spec.half
     stats = {
         name: name if half == TensorProto.FLOAT else g.op("Cast", [name], to=TensorProto.FLOAT)
         for name in ("mean", "low", "high", "weight")
@@ -222,15 +245,17 @@ def template_anomaly(g: _Builder, spec: TemplateGraphSpec, out: str, gain_channe
 
     # Stage 1, FP32: illumination correction, band excess and residual at full resolution.
     x = g.op("Cast", ["image"], to=TensorProto.FLOAT)
-    a, b = _photometric_fields(g, "photo", t)
+    a, b = _photometric_fields(g, "photo", spec.tile)
     xn = g.op("Div", [g.op("Sub", [x, b]), a], "xn")
     mu, lo, hi, w = stats["mean"], stats["low"], stats["high"], stats["weight"]
     resid = g.op("Mul", [g.op("Sub", [xn, mu]), w], "resid")
-    core = (spec.halo, spec.halo + spec.core)
-    xn_c, lo_c, hi_c, w_c = (_slice(g, v, *core, (2, 3)) for v in (xn, lo, hi, w))
-    excess = g.op("Max", [g.op("Sub", [xn_c, hi_c]), g.op("Sub", [lo_c, xn_c]), g.const(np.float32(0))])
-    fine = g.op("Mul", [_channel_max(g, excess, c), w_c])
-    fine = g.op("Mul", [fine, fine_gain(g, spec, gain_channel)])
+    excess = g.op("Max", [g.op("Sub", [xn, hi]), g.op("Sub", [lo, xn])])  # > 0 outside the band
+    excess = g.op("Mul", [_channel_max(g, excess, c), w])
+    excess = _slice(g, excess, spec.halo, spec.halo + spec.core, (2, 3))
+    scale = 1.0 if spec.components else 1.0 / spec.fine_scale
+    fine = g.op("Mul", [excess, fine_gain(g, spec, gain_channel, scale)])
+    if spec.components:
+        fine = g.op("Relu", [fine])
 
     # Stage 2, FP16 in the FP16 variant: pyramid and neighbourhoods.
     if half == TensorProto.FLOAT16:
@@ -242,7 +267,6 @@ def template_anomaly(g: _Builder, spec: TemplateGraphSpec, out: str, gain_channe
         coarse_full = g.op("Resize", [coarse, "", g.const(np.array([1, 1, 4, 4], np.float32))], mode="nearest")
         g.nodes.append(helper.make_node("Concat", [fine, coarse_full], [out], axis=1))
         return 2
-    fine = g.op("Mul", [fine, g.const(np_half(1.0 / spec.fine_scale))])
     coarse = g.op("Mul", [coarse, g.const(np_half(1.0 / spec.coarse_scale))])
     coarse_full = g.op("Resize", [coarse, "", g.const(np.array([1, 1, 4, 4], np.float32))], mode="nearest")
     g.nodes.append(helper.make_node("Max", [fine, coarse_full], [out]))
