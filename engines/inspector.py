@@ -197,10 +197,11 @@ class Inspector:
 
     def decide(self, prepared: Prepared, amap: np.ndarray) -> Result:
         """Regions above the pixel threshold decide the verdict; boxes go back to frame pixels."""
-        regions = find_regions(amap, self.threshold, self.min_area)
+        row_max = amap.max(axis=1)  # the one full pass over the map: its score, and where to look for regions
+        regions = find_regions(amap, self.threshold, self.min_area, row_max=row_max)
         h, w = amap.shape
         defects = [type(d)(reg.bbox_to_frame(d.bbox, prepared.pose, h, w), d.area, d.score) for d in regions]
-        score = float(amap.max())
+        score = float(row_max.max())
         verdict, reason = ("reject", "defect") if defects else ("pass", "ok")
         return Result(
             verdict, reason, score, self.threshold, defects, anomaly_map=amap, pose_matrix=prepared.pose.matrix
