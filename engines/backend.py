@@ -13,7 +13,7 @@ file only says how it runs, never what it accepts.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -99,10 +99,28 @@ class Backend(ABC):
         Every batch is checked before any runs. Backends that can overlap batches (pipelined
         streams, tiles on several cores) override ``_infer_many_impl``; by default they run in turn.
         """
+        return self._infer_many_impl(self._check_batches(batches))
+
+    def infer_each(
+        self,
+        batches: Sequence[tuple[Mapping[str, np.ndarray], range | None]],
+        consume: Callable[[int, dict[str, np.ndarray]], None],
+    ) -> None:
+        """``infer_many``, handing each batch's outputs to ``consume(index, outputs)`` as soon as they are done.
+
+        ``consume`` may be called from another thread and out of order (writes to disjoint places,
+        such as stitching tiles into a map, are safe); every call has returned when this returns.
+        By default the batches run as ``infer_many`` and are consumed in order, on this thread.
+        """
+        for index, outputs in enumerate(self.infer_many(batches)):
+            consume(index, outputs)
+
+    def _check_batches(
+        self, batches: Sequence[tuple[Mapping[str, np.ndarray], range | None]]
+    ) -> list[tuple[Mapping[str, np.ndarray], range]]:
         if not self._active:
             raise BackendError(f"{self.name}: infer() before activate()")
-        checked = [(feeds, self._check_batch(feeds, tiles)) for feeds, tiles in batches]
-        return self._infer_many_impl(checked)
+        return [(feeds, self._check_batch(feeds, tiles)) for feeds, tiles in batches]
 
     def deactivate(self) -> None:
         """Free every buffer; the backend can be activated again afterwards."""

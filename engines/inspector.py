@@ -190,9 +190,12 @@ class Inspector:
                 "fine_gain": gain[tiles.start : tiles.stop],
             }
             jobs.append((feeds, tiles))
-        outputs = self.backend.infer_many(jobs)  # tiles side by side (CPU) or pipelined over streams (GPU)
-        for (_, tiles), out in zip(jobs, outputs, strict=True):
-            self.plan.stitch(out["anomaly"], tiles, amap)
+
+        def stitch(index: int, outputs: dict[str, np.ndarray]) -> None:  # tiles own disjoint places of the map
+            self.plan.stitch(outputs["anomaly"], jobs[index][1], amap)
+
+        # tiles side by side, each stitched by the worker that ran it (CPU), or pipelined over streams (GPU)
+        self.backend.infer_each(jobs, stitch)
         return amap
 
     def decide(self, prepared: Prepared, amap: np.ndarray) -> Result:

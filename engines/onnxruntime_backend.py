@@ -14,7 +14,7 @@ tiles than cores.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
 
@@ -117,11 +117,35 @@ class OnnxRuntimeBackend(Backend):
         return dict(zip(names, values, strict=True))
 
     def _infer_many_impl(self, batches: list[tuple[Mapping[str, np.ndarray], range]]) -> list[dict[str, np.ndarray]]:
+        results: list[dict[str, np.ndarray]] = [{} for _ in batches]
+        self._run_each(batches, results.__setitem__)
+        return results
+
+    def infer_each(
+        self,
+        batches: Sequence[tuple[Mapping[str, np.ndarray], range | None]],
+        consume: Callable[[int, dict[str, np.ndarray]], None],
+    ) -> None:
+        """Each tile's outputs are consumed by the worker that ran it, while they are still in its cache."""
+        self._run_each(self._check_batches(batches), consume)
+
+    def _run_each(
+        self,
+        batches: list[tuple[Mapping[str, np.ndarray], range]],
+        consume: Callable[[int, dict[str, np.ndarray]], None],
+    ) -> None:
         if self._pool is None or len(batches) < 2:
-            return super()._infer_many_impl(batches)
-        futures = [self._pool.submit(self._infer_impl, feeds, tiles) for feeds, tiles in batches]
+            for index, (feeds, tiles) in enumerate(batches):
+                consume(index, self._infer_impl(feeds, tiles))
+            return
+
+        def run(index: int, feeds: Mapping[str, np.ndarray], tiles: range) -> None:
+            consume(index, self._infer_impl(feeds, tiles))
+
+        futures = [self._pool.submit(run, i, feeds, tiles) for i, (feeds, tiles) in enumerate(batches)]
         wait(futures)  # every batch finished before the first error is raised: none runs on unseen
-        return [future.result() for future in futures]
+        for future in futures:
+            future.result()
 
     def _deactivate_impl(self) -> None:
         if self._pool is not None:

@@ -178,7 +178,48 @@ def test_infer_many_refuses_a_bad_batch_before_running_any(kind, tmp_path, data)
             backend.infer_many([good])
 
 
+def test_infer_each_hands_every_batch_over_once(kind, tmp_path, data) -> None:
+    """infer_each gives consume each batch's outputs exactly once, equal to infer_many's (every backend)."""
+    ranges = [range(i, i + 1) for i in range(N_TILES)]
+    batches = [(frame(data, r), r) for r in ranges]
+    got: dict[int, np.ndarray] = {}
+    lock = threading.Lock()
+
+    def consume(index: int, outputs: dict[str, np.ndarray]) -> None:
+        with lock:
+            assert index not in got
+            got[index] = outputs["anomaly"].copy()
+
+    with make_backend(kind, tmp_path) as backend:
+        backend.activate({"reference": data["reference"]})
+        backend.infer_each(batches, consume)
+        assert sorted(got) == list(range(N_TILES))
+        for index, out in enumerate(backend.infer_many(batches)):
+            np.testing.assert_array_equal(got[index], out["anomaly"])
+
+
 # -- ONNX Runtime only: tiles side by side ------------------------------------------------
+def test_onnxruntime_consumes_each_tile_on_its_worker_and_finishes_all_before_an_error(tmp_path, data) -> None:
+    """Outputs are consumed by the worker that ran the tile; a failing consume is raised after every tile ran."""
+    backend = OnnxRuntimeBackend(write_toy_graph(tmp_path / "graph_fp32.onnx", fp16=False), threads=2)
+    threads: set[str] = set()
+    done: list[int] = []
+
+    def consume(index: int, outputs: dict[str, np.ndarray]) -> None:
+        threads.add(threading.current_thread().name)
+        done.append(index)
+        if index == 1:
+            raise ValueError("consumer failed")
+
+    with backend:
+        backend.activate({"reference": data["reference"]})
+        batches = [(frame(data, range(i, i + 1)), range(i, i + 1)) for i in range(N_TILES)]
+        with pytest.raises(ValueError, match="consumer failed"):
+            backend.infer_each(batches, consume)
+        assert sorted(done) == list(range(N_TILES))
+        assert all(name.startswith("inspectd-tile") for name in threads)
+
+
 def test_onnxruntime_runs_tiles_side_by_side_on_single_threaded_sessions(tmp_path, data) -> None:
     """With more tiles than threads, each run is single-threaded and the tiles run on the backend's workers."""
     (tmp_path / "g").mkdir()
