@@ -14,7 +14,8 @@
 3. Identity, on every frame of the first run: verdicts, reasons, defect boxes and areas equal to
    the baseline's; maps and scores within 1e-3.
 4. ``--sessions``: ONNX Runtime session options (threads, spinning, optimisation level, arena,
-   memory patterns, IO binding) on this checkout's graph and one frame's tiles.
+   memory patterns, IO binding) on this checkout's graph and one frame's tiles; ``--nodes``: ONNX
+   Runtime's own profiler on each checkout's graph, one tile on one thread, time per op type.
 5. ``--daemon``: each checkout's ``inspectd serve`` fed raw frames over loopback at ``--load`` of
    the rate its own bare predict sustains (measured just before), ``--runs`` runs each, interleaved:
    end-to-end p50 / p99 and the overhead over bare predict per run.
@@ -265,11 +266,20 @@ def worker(model: Path, images: list[Path], maps: Path) -> None:
             _reply({"ms": _bare(inspector, frames, cmd["count"])})
         elif cmd["op"] == "sessions":
             _reply({"rows": session_options_table(inspector, frames[0], cmd["repeats"])})
+        elif cmd["op"] == "nodes":
+            _reply({"ops": node_profile(inspector, frames[0], cmd["repeats"])})
         elif cmd["op"] == "peak":
-            _reply({"peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})
+            _reply({"peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "now_mb": _rss_mb()})
         elif cmd["op"] == "quit":
             _reply({})
             return
+
+
+def _rss_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
 
 
 def _reply(obj: dict) -> None:
@@ -323,12 +333,8 @@ def _bare(inspector: Any, frames: list[np.ndarray], count: int) -> list[float]:
 # ---------------------------------------------------------------------------------------------
 # ONNX Runtime session options (worker side, this checkout)
 # ---------------------------------------------------------------------------------------------
-def session_options_table(inspector: Any, frame: np.ndarray, repeats: int) -> list[dict]:
-    """Every tile of one prepared frame through the bundle's FP32 graph under different session options."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    import onnxruntime as ort
-
+def _tile_feeds(inspector: Any, frame: np.ndarray) -> list[dict[str, np.ndarray]]:
+    """Every input of every tile of one prepared frame, one tile per dict (resident statistics included)."""
     from engines.inspector import resident_inputs
 
     prepared = inspector.prepare(frame)
@@ -336,13 +342,59 @@ def session_options_table(inspector: Any, frame: np.ndarray, repeats: int) -> li
     gain = prepared.fine_gain.astype(np.float32)
     jobs = []
     for tiles in inspector.plan.batches(1):
-        feeds = {
-            "image": inspector.plan.extract(prepared.padded, tiles),
-            "photo": prepared.photo[tiles.start : tiles.stop],
-        }
-        feeds["fine_gain"] = gain[tiles.start : tiles.stop]
-        feeds.update({k: v[tiles.start : tiles.stop] for k, v in resident.items()})
+        a, b = tiles.start, tiles.stop
+        feeds = {"image": inspector.plan.extract(prepared.padded, tiles), "photo": prepared.photo[a:b]}
+        feeds["fine_gain"] = gain[a:b]
+        feeds.update({k: v[a:b] for k, v in resident.items()})
         jobs.append(feeds)
+    return jobs
+
+
+def node_profile(inspector: Any, frame: np.ndarray, repeats: int) -> dict[str, float]:
+    """ONNX Runtime's own profiler on the bundle's FP32 graph, one thread, the middle tile: ms per op type.
+
+    Each node's median over ``repeats`` runs, summed per op type, and the run's thread CPU median.
+    """
+    import collections
+
+    import onnxruntime as ort
+
+    jobs = _tile_feeds(inspector, frame)
+    feeds = jobs[len(jobs) // 2]
+    with tempfile.TemporaryDirectory() as tmp:
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = 1
+        options.enable_profiling = True
+        options.profile_file_prefix = str(Path(tmp) / "nodes")
+        session = ort.InferenceSession(str(inspector.backend.graph_path), options, providers=["CPUExecutionProvider"])
+        for _ in range(3):
+            session.run(None, feeds)
+        cpu = []
+        for _ in range(repeats):
+            start = time.thread_time()
+            session.run(None, feeds)
+            cpu.append((time.thread_time() - start) * 1000)
+        events = json.loads(Path(session.end_profiling()).read_text())
+    per_node = collections.defaultdict(list)
+    for event in events:
+        if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
+            per_node[(event["args"]["op_name"], event["name"])].append(event["dur"] / 1000)
+    ops: dict[str, float] = collections.defaultdict(float)
+    for (op, _), durations in per_node.items():
+        ops[op] += statistics.median(durations[3:] or durations)
+    ops = dict(sorted(ops.items(), key=lambda kv: -kv[1]))
+    ops["(sum of node medians)"] = sum(ops.values())
+    ops["(run, thread CPU median)"] = statistics.median(cpu)
+    return ops
+
+
+def session_options_table(inspector: Any, frame: np.ndarray, repeats: int) -> list[dict]:
+    """Every tile of one prepared frame through the bundle's FP32 graph under different session options."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import onnxruntime as ort
+
+    jobs = _tile_feeds(inspector, frame)
     graph = str(inspector.backend.graph_path)
     cores = _cores()
     level = ort.GraphOptimizationLevel
@@ -566,6 +618,14 @@ def print_identity(identity: list[dict]) -> bool:
     return ok
 
 
+def print_nodes(profiles: dict[str, dict[str, float]]) -> None:
+    names = list(profiles)
+    print(f"\n{'graph nodes, one tile, one thread (ms)':<40}" + "".join(f"{n:>12}" for n in names))
+    ops = list(dict.fromkeys(op for p in profiles.values() for op in p))
+    for op in sorted(ops, key=lambda o: (o.startswith("("), -max(p.get(o, 0.0) for p in profiles.values()))):
+        print(f"{op:<40}" + "".join(f"{profiles[n].get(op, 0.0):>12.2f}" for n in names))
+
+
 def print_sessions(rows: list[dict]) -> None:
     before = rows[0]
     title = "ONNX Runtime session options, every tile of one frame (medians, ms)"
@@ -669,6 +729,7 @@ def main() -> int:
     parser.add_argument("--no-baseline", action="store_true", help="this checkout only")
     parser.add_argument("--floor-repeats", type=int, default=10)
     parser.add_argument("--sessions", action="store_true", help="ONNX Runtime session options table")
+    parser.add_argument("--nodes", action="store_true", help="ONNX Runtime's profiler: time per op type, one tile")
     parser.add_argument("--daemon", action="store_true", help="both daemons at --load of their bare rate")
     parser.add_argument("--daemon-frames", type=int, default=30)
     parser.add_argument("--load", type=float, default=0.7)
@@ -712,8 +773,11 @@ def main() -> int:
         print_floors(floors)
         print_stage_table(samples, floors, list(workers))
         ok = print_identity(identity) if identity else True
-        peaks = {name: w.ask(op="peak")["peak_mb"] for name, w in workers.items()}
-        print("peak resident memory of the frame path: " + ", ".join(f"{k} {v:.0f} MB" for k, v in peaks.items()))
+        memory = {name: w.ask(op="peak") for name, w in workers.items()}
+        print("resident memory of the frame-path workers, peak (loading and activation included) / after the frames: ")
+        print("  " + ", ".join(f"{k} {v['peak_mb']:.0f} / {v['now_mb']:.0f} MB" for k, v in memory.items()))
+        if args.nodes:
+            print_nodes({name: w.ask(op="nodes", repeats=20)["ops"] for name, w in workers.items()})
         if args.sessions:
             print_sessions(workers["new"].ask(op="sessions", repeats=max(3, args.runs))["rows"])
         if args.daemon:
