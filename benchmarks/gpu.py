@@ -206,10 +206,10 @@ def onnxruntime_rows(work: Workload, graph_fp32: Path, batches: list[int], frame
         for batch in batches:
 
             def infer(items: list) -> tuple[list, dict]:
-                return [backend.infer(feeds, tiles) for feeds, tiles in items], {}
+                return backend.infer_many(items), {}  # batches side by side, as the Inspector runs them
 
             result = run_frames(work, backend, batch, frames, infer)
-            rows.append(row("onnxruntime-cpu", batch, f"{backend._threads} threads", **result))
+            rows.append(row("onnxruntime-cpu", batch, f"{backend.threads} threads", **result))
     return rows
 
 
