@@ -38,6 +38,10 @@ from engines.errors import UserError
 from engines.types import MIN_SIDE
 
 KINDS = ("dot", "scratch", "stain", "missing", "extra", "smear")
+# Kinds made only when asked for (--kinds), so default datasets stay as they were; stream ids follow ALL_KINDS.
+EXTRA_KINDS = ("chip",)
+ALL_KINDS = KINDS + EXTRA_KINDS
+FIXTURES = ("design", "random")
 
 REF_SIZE = 5120  # structure sizes below are quoted at this image side and scale with the shorter side
 FIX_BITS = 4  # fractional bits for cv2 drawing: sub-pixel, anti-aliased geometry
@@ -84,6 +88,14 @@ class SynthConfig:
     light: float = 1.0
     noise: float = 2.0
     border_band: float = 0.04
+    # Sensor-frame nuisances of the border band. The defaults are the original generator's; the
+    # options make lines like other plants': one fixture bar per image on a random side ("random"),
+    # band vignetting and extra blur drawn from given ranges, a smooth bend of the part.
+    fixture: str = "design"  # "design": bars on the design's edges; "random": one bar, random side per image
+    fixture_depth: tuple[float, float] = (0.15, 0.45)  # bar depth, fraction of the border band
+    band_vignette: tuple[float, float] = (0.1, 0.8)  # vignetting strength at the image edge, per image and edge
+    band_blur_px: tuple[float, float] | None = None  # band blur sigma in px (None: 0.3..1.0 x max(1, band/20))
+    bend_px: float = 0.0  # std (px) of a 9x9 grid of displacements, cubic-interpolated: a smooth bend
     workers: int = 0
     width: int | None = None  # None: ``size``
     height: int | None = None  # None: ``size``
@@ -117,16 +129,32 @@ def validate(config: SynthConfig) -> None:
         (min(config.train, config.test_good, config.per_kind) >= 0, "--train/--test-good/--per-kind: >= 0"),
         (config.bit_depth in (8, 16), f"--bit-depth: expected 8 or 16, got {config.bit_depth}"),
         (config.channels in (1, 3), f"--channels: expected 1 or 3, got {config.channels}"),
-        (set(config.kinds) <= set(KINDS), f"--kinds: expected some of {','.join(KINDS)}"),
+        (set(config.kinds) <= set(ALL_KINDS), f"--kinds: expected some of {','.join(ALL_KINDS)}"),
         (len(set(config.kinds)) == len(config.kinds), "--kinds: a kind is listed twice"),
         (config.shift_px >= 0 and config.max_rotation_deg >= 0, "--max-shift/--max-rotation: >= 0"),
         (config.warp_px >= 0 and config.light >= 0 and config.noise >= 0, "--warp/--light/--noise: >= 0"),
         (0 <= config.border_band <= 0.2, f"--border-band: expected 0..0.2, got {config.border_band}"),
+        (config.fixture in FIXTURES, f"--fixture: expected one of {','.join(FIXTURES)}, got {config.fixture}"),
+        (_range_ok(config.fixture_depth, 0, 1), f"--fixture-depth: expected LO,HI in 0..1, got {config.fixture_depth}"),
+        (_range_ok(config.band_vignette, 0, 1), f"--band-vignette: expected LO,HI in 0..1, got {config.band_vignette}"),
+        (
+            config.band_blur_px is None or _range_ok(config.band_blur_px, 0, 50),
+            f"--band-blur: expected LO,HI in 0..50 px, got {config.band_blur_px}",
+        ),
+        (config.bend_px >= 0, f"--bend: expected >= 0, got {config.bend_px}"),
+        (
+            "chip" not in config.kinds or chip_room(round(config.border_band * config.side)) >= 4,
+            "--kinds chip: the border band is too narrow for chips (make --size or --border-band larger)",
+        ),
         (config.workers >= 0, f"--workers: expected >= 0, got {config.workers}"),
     ]
     for ok, message in checks:
         if not ok:
             raise UserError(message)
+
+
+def _range_ok(pair: tuple[float, float], lo: float, hi: float) -> bool:
+    return len(pair) == 2 and lo <= pair[0] <= pair[1] <= hi
 
 
 # --------------------------------------------------------------------------- design
@@ -404,6 +432,7 @@ class Frame:
     keepout: int
     glow: np.ndarray = field(default_factory=lambda: np.zeros(4, np.float32))  # per edge, grey levels
     mask: np.ndarray | None = None
+    bars: list[dict[str, float]] = field(default_factory=list)  # fixture bars drawn (edge, depth_px, tilt_px)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -462,14 +491,25 @@ def _pose_matrix(pose: dict[str, float]) -> np.ndarray:
     return m
 
 
-def _warp(design: np.ndarray, matrix: np.ndarray, warp_px: float, rng: np.random.Generator) -> tuple:
-    """Pose the design (sub-pixel bilinear); with ``warp_px`` add a smooth random displacement field."""
+def _warp(design: np.ndarray, matrix: np.ndarray, config: SynthConfig, rng: np.random.Generator) -> tuple:
+    """Pose the design (sub-pixel bilinear), plus smooth random displacement fields if asked for.
+
+    ``warp_px``: a 6x6 grid of displacements; ``bend_px``: a 9x9 grid with standard deviation
+    ``bend_px``; both interpolated (bicubic) over the image and added, in design pixels.
+    """
     h, w = design.shape[:2]
-    if warp_px <= 0:
+    grids = []
+    if config.warp_px > 0:
+        grids.append(rng.standard_normal((2, 6, 6)) * config.warp_px * 0.6)
+    if config.bend_px > 0:
+        grids.append(rng.standard_normal((2, 9, 9)) * config.bend_px)
+    if not grids:
         img = cv2.warpAffine(design, matrix, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
         return img, None
-    grid = (rng.standard_normal((2, 6, 6)) * warp_px * 0.6).astype(np.float32)
-    dx, dy = (cv2.resize(g, (w, h), interpolation=cv2.INTER_CUBIC) for g in grid)
+    dx, dy = np.zeros((h, w), np.float32), np.zeros((h, w), np.float32)
+    for grid in grids:
+        dx += cv2.resize(grid[0].astype(np.float32), (w, h), interpolation=cv2.INTER_CUBIC)
+        dy += cv2.resize(grid[1].astype(np.float32), (w, h), interpolation=cv2.INTER_CUBIC)
     inv = cv2.invertAffineTransform(matrix).astype(np.float32)
     xs, ys = np.arange(w, dtype=np.float32)[None, :], np.arange(h, dtype=np.float32)[:, None]
     map_x = inv[0, 0] * xs + inv[0, 1] * ys + inv[0, 2] + dx
@@ -508,10 +548,13 @@ def _column(values: np.ndarray, like: np.ndarray) -> np.ndarray:
     return values.reshape((-1,) + (1,) * (like.ndim - 1)).astype(np.float32)
 
 
-def _band_blur(img: np.ndarray, band: int, rng: np.random.Generator) -> None:
-    """Extra defocus towards each edge, with a strength that changes per image and per edge."""
+def _band_blur(img: np.ndarray, band: int, sigma_px: tuple[float, float] | None, rng: np.random.Generator) -> None:
+    """Extra defocus towards each edge, with a strength that changes per image and per edge.
+
+    ``sigma_px``: the range of the blur's sigma in pixels; None: 0.3..1.0 x max(1, band / 20).
+    """
     for edge in range(4):
-        sigma = rng.uniform(0.3, 1.0) * max(1.0, band / 20)
+        sigma = rng.uniform(0.3, 1.0) * max(1.0, band / 20) if sigma_px is None else rng.uniform(*sigma_px)
         view = _edge_view(img, edge)
         slab = np.ascontiguousarray(view[: band + math.ceil(3 * sigma) + 1])
         blurred = cv2.GaussianBlur(slab, (0, 0), sigma)[:band]
@@ -524,10 +567,10 @@ def _band_profile(d: np.ndarray, band: int) -> np.ndarray:
     return (np.clip(1 - np.asarray(d, np.float32) / band, 0, 1) ** 2).astype(np.float32)
 
 
-def _band_vignette(gain: np.ndarray, band: int, rng: np.random.Generator) -> None:
-    """Strong vignetting near each edge; its strength is redrawn for every image and edge."""
+def _band_vignette(gain: np.ndarray, band: int, strength_range: tuple[float, float], rng: np.random.Generator) -> None:
+    """Vignetting near each edge (``strength_range``: darkening at the edge); redrawn for every image and edge."""
     for edge in range(4):
-        strength = rng.uniform(0.1, 0.8)
+        strength = rng.uniform(*strength_range)
         view = _edge_view(gain, edge)
         view[:band] *= _column(1 - strength * _band_profile(np.arange(band), band), view[:band])
 
@@ -550,12 +593,20 @@ def _glow_at(glow: np.ndarray, band: int, shape: tuple[int, int], win: tuple[int
     return out + glow[2] * _band_profile(xs, band) + glow[3] * _band_profile(w - 1 - xs, band)
 
 
-def _fixture(img: np.ndarray, design: Design, band: int, offset: float, rng: np.random.Generator) -> None:
-    """A dark fixture bar along one or two edges whose inner edge moves (and tilts) per image."""
-    for edge in design.bar_edges:
+def _fixture(
+    img: np.ndarray, config: SynthConfig, design: Design, band: int, offset: float, rng: np.random.Generator
+) -> list[dict[str, float]]:
+    """A dark fixture bar along one edge or more whose inner edge moves (and tilts) per image; returns the bars.
+
+    ``config.fixture`` "design": on the design's fixed edges; "random": one bar on an edge drawn per image.
+    The bars stay with the camera (sensor frame), whatever the part's pose.
+    """
+    edges = design.bar_edges if config.fixture == "design" else (int(rng.integers(4)),)
+    bars = []
+    for edge in edges:
         view = _edge_view(img, edge)
         length = view.shape[1]  # pixels along the edge
-        depth = band * rng.uniform(0.15, 0.45)
+        depth = band * rng.uniform(*config.fixture_depth)
         tilt = band * rng.uniform(-0.05, 0.05)
         rows = min(band, math.ceil(depth + abs(tilt)) + 2)
         edge_line = depth + tilt * (np.arange(length) / length - 0.5)
@@ -563,6 +614,8 @@ def _fixture(img: np.ndarray, design: Design, band: int, offset: float, rng: np.
         if img.ndim == 3:
             alpha = alpha[..., None]
         view[:rows] = view[:rows] * (1 - alpha) + (FIXTURE + offset) * alpha
+        bars.append({"edge": edge, "depth_px": round(depth, 2), "tilt_px": round(tilt, 2)})
+    return bars
 
 
 def _clutter(img: np.ndarray, band: int, rng: np.random.Generator) -> None:
@@ -629,31 +682,32 @@ def _quantise(img: np.ndarray, bit_depth: int) -> np.ndarray:
 
 
 def render_frame(config: SynthConfig, design: Design, split_id: int, index: int, kind: str) -> tuple:
-    """Render one image; returns (pixels, mask or None, defects, pose)."""
+    """Render one image; returns (pixels, mask or None, defects, pose, fixture bars drawn)."""
     rng = np.random.default_rng([config.seed, split_id, index])
     band = round(config.border_band * config.side)
     pose = _sample_pose(config, rng)
     matrix = _pose_matrix(pose)
-    img, disp = _warp(design.image, matrix, config.warp_px, rng)
+    img, disp = _warp(design.image, matrix, config, rng)
     gain = _gain_field(config, rng)
     cgain = (1 + rng.uniform(-0.01, 0.01, config.channels) * config.light).astype(np.float32)
     offset = float(rng.uniform(-4, 4) * config.light)
     glow = rng.uniform(0, 60, 4).astype(np.float32)
+    bars: list[dict[str, float]] = []
     if band > 0:
-        _band_blur(img, band, rng)
-        _band_vignette(gain, band, rng)
+        _band_blur(img, band, config.band_blur_px, rng)
+        _band_vignette(gain, band, config.band_vignette, rng)
     img *= gain[..., None] * cgain if img.ndim == 3 else gain
     img += offset
     if band > 0:
         _band_glow(img, band, glow)
-        _fixture(img, design, band, offset, rng)
+        bars = _fixture(img, config, design, band, offset, rng)
         _clutter(img, band, rng)
     keepout = math.ceil(KEEPOUT * band) + 2
-    frame = Frame(config, design, img, gain, cgain, offset, matrix, disp, band, keepout, glow)
+    frame = Frame(config, design, img, gain, cgain, offset, matrix, disp, band, keepout, glow, bars=bars)
     defects = [] if kind == "good" else [_add_defect(frame, kind, rng)]
     del gain, disp
     _add_noise(img, config.noise, rng)
-    return _quantise(img, config.bit_depth), frame.mask, defects, pose
+    return _quantise(img, config.bit_depth), frame.mask, defects, pose, bars
 
 
 # --------------------------------------------------------------------------- defects
@@ -1031,6 +1085,60 @@ def _structure_piece(frame: Frame, st: Structure, rng: np.random.Generator, slac
     return frame.to_image(_thick_line(a, b, st.width)), slack
 
 
+@_retrying
+def _chip(frame: Frame, rng: np.random.Generator, band: bool) -> dict:
+    """A small chipped or spotted patch, 4..14 px, always inside the border band where the part is visible.
+
+    Placed between the clutter zone (and any fixture bar on that edge) and the band's inner
+    edge, on the part body: the band is where vignetting, blur and the fixture make a detector
+    tolerant, so this kind measures what that tolerance costs.
+    """
+    across = rng.uniform(4, min(14, chip_room(frame.band)))
+    n = int(rng.integers(5, 9))
+    t = np.sort(rng.uniform(0, 2 * math.pi, n))
+    r = across / 2 * rng.uniform(0.6, 1.0, n)
+    local = np.stack([r * np.cos(t), r * np.sin(t)], axis=1)
+    half = np.abs(local).max(axis=0)
+    centre = _chip_centre(frame, rng, half)
+    win = _window(centre, half, 3, frame.shape)
+    origin = np.array([win[2], win[0]], np.float64)
+
+    def draw(canvas: np.ndarray, to_canvas: Callable, ss: int) -> None:
+        cv2.fillPoly(canvas, [to_canvas(local + centre)], 255, cv2.LINE_AA, FIX_BITS)
+
+    cover = _supersampled((win[1] - win[0], win[3] - win[2]), origin, draw)
+    contrast = _signed(rng, 30, 70)
+    new = _additive(frame, win, cv2.GaussianBlur(cover, (0, 0), 0.5), contrast, _direction(frame, rng, False))
+    params = {"across": round(across, 1), "nominal_contrast": round(contrast, 2)}
+    return _commit(frame, win, new, "chip", True, params, geometric=cover >= 0.5)
+
+
+def chip_room(band: int) -> int:
+    """px between the clutter zone and the inner edge of a ``band`` px border band: where chips go."""
+    return band - (math.ceil(KEEPOUT * band) + 2) - 2
+
+
+def _chip_centre(frame: Frame, rng: np.random.Generator, half: np.ndarray) -> np.ndarray:
+    """A centre whose shape lies inside the band, clear of the clutter zone and the fixture bars, on the body."""
+    s, bw = frame.extent, frame.band
+    half = np.ceil(half) + 1
+    for _ in range(400):
+        edge = int(rng.integers(4))
+        bar = max([b["depth_px"] + abs(b["tilt_px"]) / 2 + 3 for b in frame.bars if b["edge"] == edge], default=0)
+        near = max(frame.keepout, math.ceil(bar))
+        axis = 1 if edge < 2 else 0  # coordinate perpendicular to the edge
+        span = (near + half[axis], bw - 1 - half[axis])
+        if span[0] > span[1]:
+            continue
+        centre = rng.uniform(half + near, s - 1 - half - near)
+        dist = rng.uniform(*span)
+        centre[axis] = dist if edge in (0, 2) else s[axis] - 1 - dist
+        corners = centre + half * np.array([[0, 0], [-1, -1], [1, -1], [-1, 1], [1, 1]])
+        if frame.on_body(corners):
+            return centre
+    raise RuntimeError(f"cannot place a chip in the {bw} px border band of a {s[0]}x{s[1]} px part")
+
+
 DEFECTS: dict[str, Callable[[Frame, np.random.Generator, bool], dict]] = {
     "dot": _dot,
     "scratch": _scratch,
@@ -1038,6 +1146,7 @@ DEFECTS: dict[str, Callable[[Frame, np.random.Generator, bool], dict]] = {
     "missing": _missing,
     "extra": _extra,
     "smear": _smear,
+    "chip": _chip,
 }
 
 
@@ -1051,7 +1160,7 @@ class _Job:
     root: str
     split: str  # "train" | "test"
     kind: str  # "good" or a defect kind
-    split_id: int  # rng stream: 0 train, 1 test/good, 2+ index in KINDS
+    split_id: int  # rng stream: 0 train, 1 test/good, 2+ index in ALL_KINDS
     index: int
 
     @property
@@ -1067,14 +1176,14 @@ def _jobs(root: Path, config: SynthConfig) -> list[_Job]:
     jobs = [_Job(str(root), "train", "good", 0, i) for i in range(config.train)]
     jobs += [_Job(str(root), "test", "good", 1, i) for i in range(config.test_good)]
     for kind in config.kinds:
-        # Stream ids follow KINDS, so a kind's images do not depend on which other kinds were asked for.
-        jobs += [_Job(str(root), "test", kind, 2 + KINDS.index(kind), i) for i in range(config.per_kind)]
+        # Stream ids follow ALL_KINDS, so a kind's images do not depend on which other kinds were asked for.
+        jobs += [_Job(str(root), "test", kind, 2 + ALL_KINDS.index(kind), i) for i in range(config.per_kind)]
     return jobs
 
 
 def _render_job(job: _Job, config: SynthConfig) -> dict[str, Any]:
     assert _DESIGN is not None
-    pixels, mask, defects, pose = render_frame(config, _DESIGN, job.split_id, job.index, job.kind)
+    pixels, mask, defects, pose, bars = render_frame(config, _DESIGN, job.split_id, job.index, job.kind)
     root = Path(job.root)
     _imwrite(root / job.path, pixels)
     entry: dict[str, Any] = {"path": job.path, "split": job.split, "kind": job.kind}
@@ -1083,6 +1192,8 @@ def _render_job(job: _Job, config: SynthConfig) -> dict[str, Any]:
         entry["mask"] = job.mask_path
     entry["defects"] = defects
     entry["pose"] = {k: round(v, 4) for k, v in pose.items()}
+    if config.fixture != "design":  # design bars are a property of the line; random ones of each image
+        entry["fixture"] = bars
     return entry
 
 
@@ -1126,8 +1237,7 @@ def _render_all(jobs: list[_Job], config: SynthConfig, progress: bool) -> list[d
 
 def _config_dict(config: SynthConfig) -> dict[str, Any]:
     # ``workers`` changes only the speed; leaving it out keeps meta.json identical across machines.
-    out = {k: v for k, v in asdict(config).items() if k != "workers"}
-    out["kinds"] = list(config.kinds)
+    out = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(config).items() if k != "workers"}
     out["max_shift_px"] = config.shift_px
     out["height"], out["width"] = config.shape
     return out
@@ -1186,10 +1296,20 @@ def write_dataset(out: Path, config: SynthConfig, progress: bool = True) -> dict
 
 def _kinds_arg(text: str) -> tuple[str, ...]:
     kinds = tuple(k.strip() for k in text.split(",") if k.strip())
-    unknown = [k for k in kinds if k not in KINDS]
+    unknown = [k for k in kinds if k not in ALL_KINDS]
     if unknown:
-        raise argparse.ArgumentTypeError(f"unknown kind(s) {','.join(unknown)}; expected some of {','.join(KINDS)}")
+        raise argparse.ArgumentTypeError(f"unknown kind(s) {','.join(unknown)}; expected some of {','.join(ALL_KINDS)}")
     return kinds
+
+
+def _range_arg(text: str) -> tuple[float, float]:
+    try:
+        lo, hi = (float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected LO,HI (two numbers), got {text!r}") from None
+    if lo > hi:
+        raise argparse.ArgumentTypeError(f"expected LO <= HI, got {text!r}")
+    return lo, hi
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -1203,7 +1323,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--train", type=int, default=d.train, help="train/good images")
     parser.add_argument("--test-good", type=int, default=d.test_good, help="test/good images")
     parser.add_argument("--per-kind", type=int, default=d.per_kind, help="test images per defect kind")
-    parser.add_argument("--kinds", type=_kinds_arg, default=d.kinds, help=f"comma list of {','.join(KINDS)}")
+    parser.add_argument(
+        "--kinds",
+        type=_kinds_arg,
+        default=d.kinds,
+        help=f"comma list of {','.join(ALL_KINDS)} (default: all but {','.join(EXTRA_KINDS)})",
+    )
     parser.add_argument("--bit-depth", type=int, choices=(8, 16), default=d.bit_depth)
     parser.add_argument("--channels", type=int, choices=(1, 3), default=d.channels)
     parser.add_argument("--max-shift", type=float, default=None, help="pose shift bound in px (default long side/512)")
@@ -1212,6 +1337,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--light", type=float, default=d.light, help="scale of illumination drift")
     parser.add_argument("--noise", type=float, default=d.noise, help="sensor noise sigma, 8-bit grey levels")
     parser.add_argument("--border-band", type=float, default=d.border_band, help="band width, fraction of short side")
+    band = parser.add_argument_group("sensor-frame nuisances of the border band, and the part's bend")
+    band.add_argument(
+        "--fixture",
+        choices=FIXTURES,
+        default=d.fixture,
+        help="design: bars on the design's fixed edges (default); random: one bar per image on a random side",
+    )
+    band.add_argument(
+        "--fixture-depth", type=_range_arg, default=d.fixture_depth, help="LO,HI: bar depth, fraction of the band"
+    )
+    band.add_argument(
+        "--band-vignette", type=_range_arg, default=d.band_vignette, help="LO,HI: darkening at the edge (0..1)"
+    )
+    band.add_argument("--band-blur", type=_range_arg, default=None, help="LO,HI: band blur sigma in px")
+    band.add_argument("--bend", type=float, default=d.bend_px, help="std of a 9x9 grid of displacements, px")
     parser.add_argument("--workers", type=int, default=d.workers, help="processes (0: one per CPU)")
 
 
@@ -1234,6 +1374,11 @@ def main(args: argparse.Namespace) -> int:
         light=args.light,
         noise=args.noise,
         border_band=getattr(args, "border_band", SynthConfig.border_band),
+        fixture=args.fixture,
+        fixture_depth=args.fixture_depth,
+        band_vignette=args.band_vignette,
+        band_blur_px=args.band_blur,
+        bend_px=args.bend,
         workers=args.workers,
     )
     start = time.perf_counter()

@@ -287,3 +287,119 @@ def test_cli_width_and_height(tmp_path: Path, capsys: pytest.CaptureFixture[str]
         with pytest.raises(UserError, match=f"^{flag}: expected at least {synth.MIN_SIDE}"):
             synth.main(args)
     assert not (tmp_path / "ds3").exists()
+
+
+HARD = SynthConfig(
+    size=640,
+    seed=11,
+    train=6,
+    test_good=0,
+    per_kind=4,
+    kinds=("chip",),
+    fixture="random",
+    fixture_depth=(0.25, 0.55),
+    band_vignette=(0.12, 0.30),
+    band_blur_px=(1.2, 2.2),
+    bend_px=0.8,
+    max_rotation_deg=1.5,
+    workers=1,
+)
+
+
+@pytest.fixture(scope="module")
+def hard(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("synth_hard") / "ds"
+    return out, write_dataset(out, HARD, progress=False)
+
+
+def test_random_fixture_is_one_dark_bar_on_a_side_per_image_in_the_sensor_frame(hard) -> None:
+    """Each image has one bar, on a drawn side, of the asked depth; its pixels are the fixture's dark grey."""
+    root, meta = hard
+    band = meta["band_px"]
+    sides = set()
+    for image in meta["images"]:
+        (bar,) = image["fixture"]
+        sides.add(bar["edge"])
+        assert 0.25 * band <= bar["depth_px"] <= 0.55 * band
+        view = synth._edge_view(_read(root / image["path"]).astype(np.float32), bar["edge"])
+        inside = view[: int(bar["depth_px"] - abs(bar["tilt_px"])) - 1]
+        assert np.median(inside) < synth.FIXTURE + 20, image["path"]  # the bar, whatever the part's pose
+    assert len(sides) > 1, "the side is drawn per image"
+
+
+def test_band_options_are_recorded_in_meta(hard) -> None:
+    """meta.json records the fixture mode, depth, vignetting, blur and bend ranges the line was made with."""
+    _, meta = hard
+    config = meta["config"]
+    assert config["fixture"] == "random" and config["fixture_depth"] == [0.25, 0.55]
+    assert config["band_vignette"] == [0.12, 0.30] and config["band_blur_px"] == [1.2, 2.2]
+    assert config["bend_px"] == 0.8 and config["kinds"] == ["chip"]
+
+
+def test_chips_are_small_and_inside_the_band_clear_of_bar_and_clutter(hard) -> None:
+    """Every chip lies within the border band, beyond the clutter zone and its image's bar, on the part."""
+    root, meta = hard
+    band, keepout = meta["band_px"], meta["keepout_px"]
+    size = meta["config"]["size"]
+    for image in meta["images"]:
+        if image["kind"] != "chip":
+            continue
+        (chip,) = image["defects"]
+        assert chip["in_band"] and 4 <= chip["size_px"] <= synth.chip_room(band) + 2
+        x0, y0, x1, y1 = chip["bbox"]
+        dists = {0: y0, 1: size - y1, 2: x0, 3: size - x1}
+        edge = min(dists, key=dists.get)
+        assert keepout - 1 <= dists[edge] and min(dists.values()) < band, (image["path"], dists)
+        for bar in image["fixture"]:
+            assert dists[bar["edge"]] >= bar["depth_px"], "the chip is visible, not under the bar"
+        assert _read(root / image["mask"]).any()
+
+
+def test_bend_is_a_smooth_field_of_the_asked_size() -> None:
+    """--bend adds a smooth displacement field with about the asked standard deviation, on a 9x9 grid."""
+    config = SynthConfig(size=512, bend_px=0.8)
+    rng = np.random.default_rng(0)
+    design = np.zeros((512, 512), np.float32)
+    spreads = []
+    for _ in range(8):
+        _, (dx, dy) = synth._warp(design, np.eye(2, 3), config, rng)
+        spreads.append(np.std(np.concatenate([dx.ravel(), dy.ravel()])))
+        assert np.abs(np.diff(dx, axis=1)).max() < 0.1 and np.abs(np.diff(dy, axis=0)).max() < 0.1  # smooth
+    assert 0.4 < np.median(spreads) < 1.2
+    assert synth._warp(design, np.eye(2, 3), SynthConfig(size=512), rng)[1] is None
+
+
+def test_default_datasets_do_not_change_with_the_new_options_unused(tmp_path: Path) -> None:
+    """The design's bars, default vignetting and blur draw as before: no per-image fixture entry, same pixels."""
+    config = SynthConfig(size=160, train=1, test_good=0, per_kind=0, workers=1)
+    meta = write_dataset(tmp_path / "a", config, progress=False)
+    assert "fixture" not in meta["images"][0]
+    same = write_dataset(
+        tmp_path / "b", replace(config, fixture_depth=(0.15, 0.45), band_vignette=(0.1, 0.8)), progress=False
+    )
+    assert _files(tmp_path / "a") == _files(tmp_path / "b") and same["images"] == meta["images"]
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("fixture", "left"), ("fixture_depth", (0.6, 0.2)), ("band_vignette", (0.1, 1.5)), ("bend_px", -1.0)],
+)
+def test_bad_band_options_are_refused(field: str, value: object) -> None:
+    """Out-of-range band options end in a UserError naming the option; chips need a band wide enough."""
+    with pytest.raises(UserError, match="--" + field.split("_")[0]):
+        synth.validate(replace(SynthConfig(), **{field: value}))
+    with pytest.raises(UserError, match="--kinds chip"):
+        synth.validate(SynthConfig(size=256, kinds=("chip",)))
+
+
+def test_cli_band_options_parse_into_the_config() -> None:
+    """--fixture, --fixture-depth, --band-vignette, --band-blur, --bend and --kinds chip reach SynthConfig."""
+    parser = argparse.ArgumentParser()
+    synth.add_arguments(parser)
+    band = ["--fixture", "random", "--fixture-depth", "0.25,0.55", "--band-blur", "1.2,2.2", "--bend", "0.8"]
+    args = parser.parse_args(["x", *band, "--band-vignette", "0.12,0.3", "--kinds", "dot,chip"])
+    assert (args.fixture, args.fixture_depth, args.band_blur, args.bend) == ("random", (0.25, 0.55), (1.2, 2.2), 0.8)
+    assert args.band_vignette == (0.12, 0.3) and args.kinds == ("dot", "chip")
+    for bad in (["--band-blur", "2"], ["--fixture-depth", "0.5,0.2"], ["--fixture", "left"]):
+        with pytest.raises(SystemExit):
+            parser.parse_args(["x", *bad])
