@@ -153,6 +153,17 @@ def _level_mask(weight: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     return ((small > 0.999) * 255).astype(np.uint8)
 
 
+def registration_mask(weight: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Where registration looks, on a level of ``shape``: the inspection region without the border zone.
+
+    A fixture bar, vignetting and clutter in the border zone stay with the camera; left in, they
+    pull ECC towards the sensor's own pose. Where the region lies mostly in that zone, it is kept whole.
+    """
+    region = _level_mask(weight, shape)
+    inner = reg.light_mask(region)
+    return inner if inner.sum() >= 0.25 * region.sum() else region
+
+
 def _read_checked(path: Path, geometry: Geometry) -> np.ndarray:
     image = read_image(path)
     problem = geometry.check(image)
@@ -171,17 +182,19 @@ def bootstrap_reference(
         image = _read_checked(path, geometry)
         levels.append((reg.downscale(image, coarse_f), reg.downscale(image, fine_f)))
     coarse0, fine0 = levels[0]
+    limits = {"max_shift_px": float(config.max_shift_px or 0), "max_rotation_deg": config.max_rotation_deg}
     ref = reg.RegistrationReference(
         coarse=coarse0,
         fine=fine0,
-        coarse_mask=_level_mask(weight, coarse0.shape),
-        fine_mask=_level_mask(weight, fine0.shape),
+        coarse_mask=registration_mask(weight, coarse0.shape),
+        fine_mask=registration_mask(weight, fine0.shape),
         factors=(coarse_f, fine_f),
         full_shape=(geometry.height, geometry.width),
-        max_shift_px=float(config.max_shift_px or 0),
-        max_rotation_deg=config.max_rotation_deg,
+        # first pass against image 0: another image's pose relative to it can be up to twice the limits
+        max_shift_px=2 * limits["max_shift_px"],
+        max_rotation_deg=2 * limits["max_rotation_deg"],
         min_correlation=config.min_correlation,
-    )
+    ).with_search()
     for _ in range(2):
         fine_sum = np.zeros_like(fine0, np.float64)
         for path, (coarse, fine) in zip(images, levels, strict=True):
@@ -192,7 +205,7 @@ def bootstrap_reference(
             fine_sum += normalise(registered[None], coef, fine.shape, ref.full_shape)[0]
         mean_fine = (fine_sum / len(images)).astype(np.float32)
         mean_coarse = cv2.resize(mean_fine, coarse0.shape[::-1], interpolation=cv2.INTER_AREA)
-        ref = replace(ref, coarse=mean_coarse, fine=mean_fine)
+        ref = replace(ref, coarse=mean_coarse, fine=mean_fine, **limits).with_search()
     return ref
 
 
@@ -208,9 +221,9 @@ def _final_reference(
         previous,
         coarse=coarse,
         fine=fine,
-        coarse_mask=_level_mask(weight, coarse.shape),
-        fine_mask=_level_mask(weight, fine.shape),
-    )
+        coarse_mask=registration_mask(weight, coarse.shape),
+        fine_mask=registration_mask(weight, fine.shape),
+    ).with_search()
 
 
 def _register_or_fail(ref: reg.RegistrationReference, coarse, fine, path: Path) -> reg.Pose:
@@ -619,6 +632,7 @@ def write_fitted_bundle(
             "max_shift_px": config.max_shift_px,
             "max_rotation_deg": config.max_rotation_deg,
             "min_correlation": config.min_correlation,
+            "search": registration.search is not None,  # coarse pose search before ECC (absent: none)
         },
         "fit_config": asdict(config),
         "training": fingerprint(images),

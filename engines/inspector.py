@@ -49,7 +49,7 @@ def _timed(timings: dict[str, float], stage: str) -> Iterator[None]:
 def registration_reference(bundle: Bundle, ref: dict[str, np.ndarray]) -> reg.RegistrationReference:
     cfg = bundle.manifest["registration"]
     geo = bundle.geometry
-    return reg.RegistrationReference(
+    ref = reg.RegistrationReference(
         coarse=ref["reg_coarse"],
         fine=ref["reg_fine"],
         coarse_mask=ref["reg_coarse_mask"],
@@ -60,6 +60,8 @@ def registration_reference(bundle: Bundle, ref: dict[str, np.ndarray]) -> reg.Re
         max_rotation_deg=float(cfg["max_rotation_deg"]),
         min_correlation=float(cfg["min_correlation"]),
     )
+    # bundles from before the coarse pose search start ECC at the identity, as they were calibrated
+    return ref.with_search() if cfg.get("search", False) else ref
 
 
 def resident_inputs(plan: TilePlan, ref: dict[str, np.ndarray], dtype: np.dtype = np.float32) -> dict[str, np.ndarray]:

@@ -1,9 +1,13 @@
 """Sub-pixel registration of a frame to the reference part, and the per-frame illumination fit.
 
-Registration is coarse-to-fine ECC (Euclidean: translation + rotation) on two downscaled
-levels of the frame, with the inspection region as mask so the noisy border band cannot
-pull the fit. ECC's correlation is invariant to global gain and offset, so lighting drift
-does not disturb it. The result maps reference pixel coordinates to frame coordinates.
+Registration is a coarse search (``PoseSearch``: a sweep of rotations, each scored by phase
+correlation of windowed gradient images at about 160 px) followed by coarse-to-fine ECC
+(Euclidean: translation + rotation) on two downscaled levels of the frame, with the
+inspection region as mask. Bundles fitted with this version leave the border zone
+(``light_mask``) out of the masks: a fixture bar or vignetting there stays with the camera and
+would pull ECC towards the sensor's pose (a bar along one edge moved a 2048 px part by 2.5 px).
+ECC's correlation is invariant to global gain and offset, so lighting drift does not disturb
+it. The result maps reference pixel coordinates to frame coordinates.
 
 The illumination fit then models the registered frame as gain(x, y) * mean + offset(x, y)
 with the gain quadratic and the offset linear in x and y, fitted robustly on the coarse level.
@@ -12,7 +16,7 @@ with the gain quadratic and the offset linear in x and y, fitted robustly on the
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import cv2
 import numpy as np
@@ -84,6 +88,121 @@ class Pose:
         }
 
 
+SEARCH_SIDE = 160  # px: long side of the level the coarse pose search runs on
+SEARCH_STEP_PX = 0.5  # px at that level: how far the angle grid's spacing moves the farthest window pixel
+
+
+def _rotation(angle_deg: float, shape: tuple[int, int]) -> np.ndarray:
+    """Reference-to-frame rotation by ``angle_deg`` (``Pose.angle_deg``'s sense) about the centre of ``shape``."""
+    t = math.radians(angle_deg)
+    rot = np.array([[math.cos(t), -math.sin(t)], [math.sin(t), math.cos(t)]])
+    centre = np.array([(shape[1] - 1) / 2, (shape[0] - 1) / 2])
+    return np.hstack([rot, (centre - rot @ centre)[:, None]])
+
+
+def _gradient(image: np.ndarray) -> np.ndarray:
+    """Gradient magnitude: edges of the part, not its grey levels (lighting gain and offset drop out)."""
+    gx = cv2.Sobel(image, cv2.CV_32F, 1, 0, ksize=3)
+    gy = cv2.Sobel(image, cv2.CV_32F, 0, 1, ksize=3)
+    return cv2.magnitude(gx, gy)
+
+
+@dataclass(frozen=True)
+class PoseSearch:
+    """A start for ECC anywhere within the pose limits: a rotation sweep with phase correlation.
+
+    For each angle of a grid over ±``max_rotation_deg``, the reference's gradient image at about
+    ``SEARCH_SIDE`` px is rotated and windowed once (``build``); per frame, its own windowed
+    gradient image is phase-correlated with each (one forward DFT, one inverse per angle), and
+    the angle with the sharpest peak gives the rotation and the peak the shift. The window is
+    zero over the border zone (``light_mask``), in the sensor frame: a fixture bar, vignetting
+    and clutter there stay with the camera and would otherwise vote for the identity.
+    """
+
+    factor: int  # search level = coarse level downscaled by this
+    angles: np.ndarray  # degrees (Pose.angle_deg's sense)
+    spectra: np.ndarray  # [n, h, w, 2] DFTs of the windowed gradient of the reference rotated by each angle
+    window: np.ndarray  # float32 [h, w]
+
+    @classmethod
+    def build(cls, coarse: np.ndarray, mask: np.ndarray, max_rotation_deg: float) -> PoseSearch:
+        """Precompute the rotated reference spectra from the coarse reference and its registration mask."""
+        factor = max(1, round(max(coarse.shape) / SEARCH_SIDE))
+        level = _search_level(coarse, factor)
+        h, w = level.shape
+        window = _area(light_mask(mask).astype(np.float32) / 255, factor)
+        window = cv2.GaussianBlur((window > 0.999).astype(np.float32), (0, 0), 1.5)
+        radius = 0.5 * math.hypot(h, w)
+        step = math.degrees(2 * SEARCH_STEP_PX / radius)
+        n = max(1, math.ceil(max_rotation_deg / step))
+        angles = np.arange(-n, n + 1) * step
+        spectra = np.stack([cls._spectrum(cls._rotated(level, a), window) for a in angles])
+        return cls(factor, angles.astype(np.float64), spectra, window)
+
+    @staticmethod
+    def _rotated(level: np.ndarray, angle: float) -> np.ndarray:
+        m = _rotation(angle, level.shape)
+        return cv2.warpAffine(level, m, level.shape[::-1], flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+
+    @staticmethod
+    def _spectrum(level: np.ndarray, window: np.ndarray) -> np.ndarray:
+        return cv2.dft(_gradient(level) * window, flags=cv2.DFT_COMPLEX_OUTPUT)
+
+    def find(self, coarse_img: np.ndarray) -> np.ndarray:
+        """The best (rotation, shift) for a frame's coarse level, as a 2x3 reference-to-frame warp at that level."""
+        level = _search_level(coarse_img, self.factor)
+        frame = self._spectrum(level, self.window)
+        peaks = [_phase_peak(frame, ref) for ref in self.spectra]
+        best = int(np.argmax([p[0] for p in peaks]))
+        angle = self.angles[best] + _parabola_offset([p[0] for p in peaks], best) * _step(self.angles)
+        # the shift found at the best grid angle, re-expressed about the same centre for the refined angle
+        shift = np.array(peaks[best][1])
+        warp = _rotation(angle, level.shape)
+        warp[:, 2] += shift
+        return _scale_matrix(warp, coarse_img.shape, level.shape)
+
+
+def _step(angles: np.ndarray) -> float:
+    return float(angles[1] - angles[0]) if len(angles) > 1 else 0.0
+
+
+def _search_level(image: np.ndarray, factor: int) -> np.ndarray:
+    """The search level: low-passed before decimation, so fine periodic structure (a grid of pads, a
+    grating) becomes a flat area with edges where it ends instead of a moire that moves another way."""
+    blurred = cv2.GaussianBlur(image.astype(np.float32), (0, 0), 0.5 * factor) if factor > 1 else image
+    return _area(blurred, factor)
+
+
+def _area(image: np.ndarray, factor: int) -> np.ndarray:
+    if factor == 1:
+        return image.astype(np.float32)
+    h, w = image.shape[:2]
+    return cv2.resize(image, (w // factor, h // factor), interpolation=cv2.INTER_AREA).astype(np.float32)
+
+
+def _phase_peak(frame: np.ndarray, ref: np.ndarray) -> tuple[float, tuple[float, float]]:
+    """(peak height, (dx, dy)) of the phase correlation: the frame is the reference moved by (dx, dy)."""
+    cross = cv2.mulSpectrums(frame, ref, 0, conjB=True)
+    magnitude = cv2.magnitude(cross[..., 0], cross[..., 1]) + 1e-6
+    cross /= magnitude[..., None]
+    surface = cv2.idft(cross, flags=cv2.DFT_REAL_OUTPUT | cv2.DFT_SCALE)
+    h, w = surface.shape
+    y, x = np.unravel_index(int(np.argmax(surface)), surface.shape)
+    dx = x + _parabola_offset(surface[y, [(x - 1) % w, x, (x + 1) % w]], 1)
+    dy = y + _parabola_offset(surface[[(y - 1) % h, y, (y + 1) % h], x], 1)
+    wrap = lambda v, n: v - n if v > n / 2 else v  # noqa: E731 - circular shift to signed
+    return float(surface[y, x]), (wrap(dx, w), wrap(dy, h))
+
+
+def _parabola_offset(values, i: int) -> float:
+    """Sub-sample offset (-0.5..0.5) of the maximum of a parabola through values[i-1], values[i], values[i+1]."""
+    if i <= 0 or i >= len(values) - 1:
+        return 0.0
+    a, b, c = (float(values[k]) for k in (i - 1, i, i + 1))
+    denom = a - 2 * b + c
+    return 0.0 if denom >= 0 else float(np.clip(0.5 * (a - c) / denom, -0.5, 0.5))
+
+
 @dataclass(frozen=True)
 class RegistrationReference:
     """What registration needs from the bundle: the reference at two levels and masks."""
@@ -97,26 +216,58 @@ class RegistrationReference:
     max_shift_px: float
     max_rotation_deg: float
     min_correlation: float
+    search: PoseSearch | None = None  # None (bundles from before the search): ECC starts at the identity
+
+    def with_search(self) -> RegistrationReference:
+        """This reference with a coarse pose search built from its coarse level and mask."""
+        return replace(self, search=PoseSearch.build(self.coarse, self.coarse_mask, self.max_rotation_deg))
 
     def register(self, coarse_img: np.ndarray, fine_img: np.ndarray) -> Pose:
-        """Find the reference-to-frame transform; raises InspectError("registration") on failure."""
-        warp = self._ecc(self.coarse, coarse_img, self.coarse_mask, np.eye(2, 3, dtype=np.float32), 60, 1e-4)
-        to_fine = _scale_matrix(warp, self.fine.shape, self.coarse.shape)
-        to_fine = to_fine.astype(np.float32)
+        """Find the reference-to-frame transform; raises InspectError("registration") on failure.
+
+        With a search: ECC from its start (coarse, then fine); should that fail or land below the
+        correlation limit, fine ECC straight from the start (coarse ECC can drift on structure near
+        its level's resolution), then the identity. Without (older bundles): ECC from the identity.
+        """
+        if self.search is None:
+            warp = self._ecc_level("coarse", np.eye(2, 3, dtype=np.float32), coarse_img)
+            return self._finish(self._ecc_level("fine", self._to_fine(warp), fine_img))
+        start = self.search.find(coarse_img).astype(np.float32)
+        attempts = (
+            lambda: self._to_fine(self._ecc_level("coarse", start, coarse_img)),
+            lambda: self._to_fine(start),
+            lambda: self._to_fine(self._ecc_level("coarse", np.eye(2, 3, dtype=np.float32), coarse_img)),
+        )
+        failure: InspectError | None = None
+        for attempt in attempts:
+            try:
+                pose = self._finish(self._ecc_level("fine", attempt(), fine_img))
+            except InspectError as exc:
+                failure = failure or exc
+                continue
+            return pose
+        assert failure is not None
+        raise failure
+
+    def _to_fine(self, coarse_warp: np.ndarray) -> np.ndarray:
+        return _scale_matrix(coarse_warp, self.fine.shape, self.coarse.shape).astype(np.float32)
+
+    def _ecc_level(self, level: str, warp: np.ndarray, image: np.ndarray) -> tuple[np.ndarray, float] | np.ndarray:
+        """ECC on the coarse level (returns the warp) or the fine level (returns warp and correlation)."""
+        coarse = level == "coarse"
+        template, mask = (self.coarse, self.coarse_mask) if coarse else (self.fine, self.fine_mask)
+        iterations, eps = (60, 1e-4) if coarse else (25, 1e-5)
         try:
-            warp_fine, corr = self._ecc_corr(self.fine, fine_img, self.fine_mask, to_fine, 25, 1e-5)
+            found = self._ecc_corr(template, image, mask, warp, iterations, eps)
         except cv2.error as exc:
-            raise InspectError("registration", f"fine alignment did not converge ({exc.err})") from None
-        matrix = _scale_matrix(warp_fine, self.full_shape, self.fine.shape)
-        pose = Pose(matrix, float(corr))
+            raise InspectError("registration", f"{level} alignment did not converge ({exc.err})") from None
+        return found[0] if coarse else found
+
+    def _finish(self, fine: tuple[np.ndarray, float]) -> Pose:
+        warp_fine, corr = fine
+        pose = Pose(_scale_matrix(warp_fine, self.full_shape, self.fine.shape), float(corr))
         self._check(pose)
         return pose
-
-    def _ecc(self, template, image, mask, warp, iterations, eps) -> np.ndarray:
-        try:
-            return self._ecc_corr(template, image, mask, warp, iterations, eps)[0]
-        except cv2.error as exc:
-            raise InspectError("registration", f"coarse alignment did not converge ({exc.err})") from None
 
     @staticmethod
     def _ecc_corr(template, image, mask, warp, iterations, eps) -> tuple[np.ndarray, float]:

@@ -271,3 +271,33 @@ def convert_dataset(src: Path, dst: Path, layout: str) -> Path:
                 raise ValueError(f"unknown layout {layout!r}")
         write_png(target, image)
     return Path(dst)
+
+
+def render_speckled_part(size: int, seed: int = 3) -> np.ndarray:
+    """A plate covered with small bright pads (3-8 px at 5120 px, scaled, at least 1 px) and nothing large.
+
+    At the coarse registration levels such a part keeps little but its outline, so a fixture bar
+    and vignetting that stay with the camera weigh as much as the part: the hard case for ECC.
+    """
+    canvas = np.full((size, size), 40, np.float32)
+    cv2.rectangle(canvas, (int(0.03 * size), int(0.03 * size)), (int(0.97 * size), int(0.97 * size)), 120, -1)
+    rng = np.random.default_rng(seed)
+    for _ in range(3000):
+        x, y = rng.uniform(0.08, 0.92, 2) * size
+        cv2.circle(canvas, (int(x), int(y)), max(1, int(rng.uniform(3, 8) * size / 5120)), 200, -1)
+    return cv2.GaussianBlur(canvas, (0, 0), 0.8)
+
+
+def sensor_clutter(frame: np.ndarray, edges: tuple[int, ...] = (0, 2), depth: float = 0.022) -> np.ndarray:
+    """Add what stays with the camera: dark fixture bars ``depth`` of the side deep along ``edges``
+    (0 top, 1 bottom, 2 left, 3 right) and 30 % vignetting over the outer 4 % of the side; float32."""
+    out = frame.astype(np.float32).copy()
+    h, w = out.shape[:2]
+    bar = int(depth * min(h, w))
+    for edge in edges:
+        view = {0: out[:bar], 1: out[h - bar :], 2: out[:, :bar], 3: out[:, w - bar :]}[edge]
+        view[...] = 10.0
+    band = 0.04 * min(h, w)
+    ys, xs = np.mgrid[0:h, 0:w].astype(np.float32)
+    to_edge = np.minimum(np.minimum(ys, h - 1 - ys), np.minimum(xs, w - 1 - xs))
+    return out * (1 - 0.3 * np.clip(1 - to_edge / band, 0, 1) ** 2)

@@ -11,7 +11,15 @@ import pytest
 from engines import registration as reg
 from engines.errors import InspectError
 from engines.tiling import TilePlan
-from tests.helpers import lighting, lighting_truth, place_frame, pose_matrix, render_part
+from tests.helpers import (
+    lighting,
+    lighting_truth,
+    place_frame,
+    pose_matrix,
+    render_part,
+    render_speckled_part,
+    sensor_clutter,
+)
 
 SIZE = 512
 MARGIN = 16
@@ -335,3 +343,109 @@ def test_lighting_is_fitted_away_from_the_border_band(part):
     everywhere = reg.fit_photometric(vignetted, ref.coarse, mask, ref.full_shape)
     with pytest.raises(AssertionError):  # the control: fitted on the band too, the model bends
         assert_fields_close(everywhere, TRUE_COEF, ref.full_shape, 0.2)
+
+
+def fitted_reference(part: np.ndarray, search: bool = True) -> reg.RegistrationReference:
+    """A reference as ``inspectd fit`` builds one (margin, masks without the border zone, the pose search);
+    ``search=False``: as fits before the search did (whole region as mask, ECC from the identity)."""
+    from calibration.fit_pipeline import _level_mask, registration_mask
+
+    size = part.shape[0]
+    weight = np.ones(part.shape, np.uint8)
+    margin = max(4, math.ceil(size / 512) + 2)
+    weight[:margin] = weight[-margin:] = 0
+    weight[:, :margin] = weight[:, -margin:] = 0
+    coarse_f, fine_f = reg.level_factors(*part.shape)
+    coarse, fine = reg.downscale(part, coarse_f), reg.downscale(part, fine_f)
+    masks = registration_mask if search else _level_mask
+    ref = reg.RegistrationReference(
+        coarse=coarse,
+        fine=fine,
+        coarse_mask=masks(weight, coarse.shape),
+        fine_mask=masks(weight, fine.shape),
+        factors=(coarse_f, fine_f),
+        full_shape=part.shape,
+        max_shift_px=0.04 * size,
+        max_rotation_deg=3.0,
+        min_correlation=0.5,
+    )
+    return ref.with_search() if search else ref
+
+
+def cluttered_frame(part: np.ndarray, truth: np.ndarray, seed: int) -> np.ndarray:
+    """The part under pose ``truth``, with fixture bars and vignetting that stay with the camera, noise, uint8."""
+    frame = sensor_clutter(place_frame(part, truth))
+    noise = np.random.default_rng(seed).normal(0, 2, frame.shape).astype(np.float32)
+    return np.clip(np.rint(frame + noise), 0, 255).astype(np.uint8)
+
+
+LARGE_POSES = [(1.5, 24.0, -24.0), (-1.5, -24.0, 12.0), (1.0, 12.0, 20.0), (-0.7, 20.0, 24.0)]
+
+
+@pytest.fixture(scope="module")
+def speckled_2048() -> tuple[np.ndarray, reg.RegistrationReference]:
+    part = render_speckled_part(2048)
+    return part, fitted_reference(part)
+
+
+def test_pose_search_starts_ecc_near_the_truth(speckled_2048):
+    """The rotation sweep with phase correlation puts the start within a coarse pixel of the pose (2048 px)."""
+    part, ref = speckled_2048
+    for i, (angle, dx, dy) in enumerate(LARGE_POSES):
+        truth = pose_matrix(angle, dx, dy, *part.shape)
+        coarse = reg.downscale(cluttered_frame(part, truth, i), ref.factors[0])
+        start = reg._scale_matrix(ref.search.find(coarse), part.shape, coarse.shape)
+        assert corners_error(start, truth, *part.shape) <= ref.factors[0], (angle, dx, dy)
+
+
+def registration_errors(part: np.ndarray, ref: reg.RegistrationReference) -> list[float]:
+    """Corner error (px) of each LARGE_POSES frame's registration; inf where it was refused."""
+    errors = []
+    for i, (angle, dx, dy) in enumerate(LARGE_POSES):
+        truth = pose_matrix(angle, dx, dy, *part.shape)
+        try:
+            errors.append(corners_error(register(ref, cluttered_frame(part, truth, i)).matrix, truth, *part.shape))
+        except InspectError:
+            errors.append(math.inf)
+    return errors
+
+
+def test_large_poses_register_with_a_fixture_bar_and_vignetting_in_view(speckled_2048):
+    """±1.5 deg and ±24 px with fixture bars and vignetting along two edges register within 0.1 px (2048 px).
+
+    The control: ECC from the identity with the border zone in its mask, as fits did before, lands
+    pixels off (the bars and the vignetting stay with the camera and pull towards its own pose).
+    """
+    part, ref = speckled_2048
+    errors = registration_errors(part, ref)
+    print("corner errors with the search (px):", [round(e, 3) for e in errors])
+    assert max(errors) <= 0.1
+    before = registration_errors(part, fitted_reference(part, search=False))
+    print("corner errors as before (px):", [round(e, 3) for e in before])
+    assert max(before) > 1.0
+
+
+@pytest.mark.slow
+def test_large_poses_register_at_full_size():
+    """The same poses at 5120 px (±1.5 deg, ±24 px) with the bars and vignetting: within 0.15 px."""
+    part = render_speckled_part(5120)
+    errors = registration_errors(part, fitted_reference(part))
+    print("corner errors at 5120 px (px):", [round(e, 3) for e in errors])
+    assert max(errors) <= 0.15
+
+
+@pytest.mark.parametrize("kind", ["noise", "blank", "other part"])
+def test_the_search_does_not_make_unrelated_images_register(speckled_2048, kind):
+    """With the pose search, noise, a blank frame or another part are still refused for registration."""
+    part, ref = speckled_2048
+    rng = np.random.default_rng(2)
+    if kind == "noise":
+        frame = rng.integers(0, 256, part.shape, dtype=np.uint8)
+    elif kind == "blank":
+        frame = np.full(part.shape, 90, np.uint8)
+    else:
+        other = render_part(part.shape[0])
+        frame = np.rint(sensor_clutter(np.flipud(other))).astype(np.uint8)
+    with pytest.raises(InspectError) as info:
+        register(ref, frame)
+    assert info.value.reason == "registration" and info.value.detail
