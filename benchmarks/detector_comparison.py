@@ -3,13 +3,25 @@
     python benchmarks/detector_comparison.py --workdir DIR                  # 2048 px, seeds 2026 and 7
     python benchmarks/detector_comparison.py --workdir DIR --seeds 2026 --lines hard
     python benchmarks/detector_comparison.py --workdir DIR --detectors template    # no torch needed
+    python benchmarks/detector_comparison.py --workdir DIR --lines fixture fixture-hard --seeds 11 12
+    python benchmarks/detector_comparison.py --workdir DIR --lines fixture-hard --size 5120 --seeds 11
+    python benchmarks/detector_comparison.py --workdir DIR --fit-args=--alignment=nonrigid --tag nonrigid
+
+Lines: ``easy`` (synth's defaults), ``hard`` (±1.5 deg, ±24 px, a 6x6-grid warp of 1.5 px,
+stronger light), ``fixture`` (one dark fixture bar per image on a random side, 25-55 % of the
+border band deep, band vignetting 12-30 %, extra band blur 1.2-2.2 px, and small defects inside
+the band: the ``chip`` kind) and ``fixture-hard`` (the fixture line with ±1.5 deg, ±24 px, a
+9x9-grid bend of 0.8 px and stronger light). No line uses an ROI: ``fit``'s defaults.
 
 Per (line, seed) it runs the real commands: ``inspectd synth``, ``inspectd fit`` with each
 detector (the ensemble resumes the learned fit's finished checkpoints, so both use the same
 networks), and ``inspectd evaluate``. Existing datasets, bundles and reports in ``--workdir``
-are reused, so an interrupted run continues. Prints a table: image F1, precision, recall,
-false-reject rate, AUROC and recall per defect size, and the fit time of each detector.
-The learned and ensemble detectors need the 'learned' extra (torch).
+are reused, so an interrupted run continues (``--tag`` keeps the bundles of fits with other
+``--fit-args`` apart). Prints two tables: image F1, precision, recall, false-reject rate, AUROC,
+recall per defect size, fit time and the median predict time per image (registration, anomaly
+map, regions; not the decode) with its ratio to the template's on the same line in the same
+run; and recall per defect kind. The learned and ensemble detectors need the 'learned' extra
+(torch). Timings on a shared machine are only indicative.
 """
 
 from __future__ import annotations
@@ -21,9 +33,13 @@ import sys
 import time
 from pathlib import Path
 
+FIXTURE = ["--fixture", "random", "--fixture-depth", "0.25,0.55", "--band-vignette", "0.12,0.30"]
+FIXTURE += ["--band-blur", "1.2,2.2", "--kinds", "dot,scratch,stain,missing,extra,smear,chip"]
 LINES = {
     "easy": [],
     "hard": ["--max-rotation", "1.5", "--max-shift", "24", "--warp", "1.5", "--light", "2.5"],
+    "fixture": FIXTURE,
+    "fixture-hard": [*FIXTURE, "--max-rotation", "1.5", "--max-shift", "24", "--bend", "0.8", "--light", "2.5"],
 }
 DETECTORS = ("template", "learned", "ensemble")
 SIZES = ("<10", "10-50", "50-200", ">200")
@@ -33,24 +49,30 @@ def inspectd(*args: str) -> None:
     subprocess.run([sys.executable, "-m", "daemon.cli", *args], check=True)
 
 
-def run_line(workdir: Path, line: str, seed: int, size: int, steps: int, detectors: list[str]) -> list[dict]:
-    data = workdir / f"{line}_{seed}"
+def run_line(workdir: Path, line: str, seed: int, args: argparse.Namespace) -> list[dict]:
+    size_tag = "" if args.size == 2048 else f"_{args.size}"
+    data = workdir / f"{line}_{seed}{size_tag}"
     if not (data / "meta.json").exists():
-        inspectd("synth", str(data), "--size", str(size), "--seed", str(seed), *LINES[line])
+        counts = ["--test-good", str(args.test_good)]
+        inspectd("synth", str(data), "--size", str(args.size), "--seed", str(seed), *counts, *LINES[line])
     rows = []
-    for detector in detectors:
-        model = workdir / f"model_{line}_{seed}_{detector}"
-        report = workdir / f"report_{line}_{seed}_{detector}"
+    tag = f"{size_tag}{'_' + args.tag if args.tag else ''}"
+    for detector in args.detectors:
+        model = workdir / f"model_{line}_{seed}{tag}_{detector}"
+        report = workdir / f"report_{line}_{seed}{tag}_{detector}"
         if not (model / "manifest.json").exists():
-            argv = ["fit", str(data), "--out", str(model), "--detector", detector, "--steps", str(steps)]
+            argv = ["fit", str(data), "--out", str(model), "--detector", detector, "--steps", str(args.steps)]
             if detector == "ensemble":  # the learned fit's finished networks
-                argv += ["--checkpoint", str(workdir / f"model_{line}_{seed}_learned.ckpt")]
-            inspectd(*argv)
+                argv += ["--checkpoint", str(workdir / f"model_{line}_{seed}{tag}_learned.ckpt")]
+            inspectd(*argv, *args.fit_args.split())
         if not (report / "summary.json").exists():
             inspectd("evaluate", str(model), str(data), "--report", str(report), "--backend", "onnxruntime")
         summary = json.loads((report / "summary.json").read_text())
         manifest = json.loads((model / "manifest.json").read_text())
         rows.append(_row(line, seed, detector, summary, manifest))
+    template = next((r["predict_ms"] for r in rows if r["detector"] == "template"), None)
+    for r in rows:
+        r["predict_ratio"] = r["predict_ms"] / template if template else None
     return rows
 
 
@@ -67,19 +89,34 @@ def _row(line: str, seed: int, detector: str, summary: dict, manifest: dict) -> 
         "auroc": image["auroc"],
         "recall_by_size": {k: summary["per_size"].get(k, {}).get("recall") for k in SIZES},
         "n_by_size": {k: summary["per_size"].get(k, {}).get("n", 0) for k in SIZES},
+        "recall_by_kind": {k: v["recall"] for k, v in summary["per_kind"].items()},
         "fit_s": manifest.get("fit_seconds"),
+        "predict_ms": sum(summary.get("timings_ms_median", {}).values()),
+        "alignment": manifest.get("fit_config", {}).get("alignment", "rigid"),
     }
 
 
 def table(rows: list[dict]) -> str:
-    head = "| line | seed | detector | F1 | P | R | FRR | AUROC | " + " | ".join(f"R {s}" for s in SIZES) + " | fit s |"
-    lines = [head, "|" + "---|" * (9 + len(SIZES))]
+    sizes_head = " | ".join(f"R {s}" for s in SIZES)
+    head = f"| line | seed | detector | F1 | P | R | FRR | AUROC | {sizes_head} | fit s | predict ms | ratio |"
+    lines = [head, "|" + "---|" * (12 + len(SIZES))]
     for r in rows:
         sizes = " | ".join("-" if r["recall_by_size"][s] is None else f"{r['recall_by_size'][s]:.2f}" for s in SIZES)
+        ratio = "-" if r.get("predict_ratio") is None else f"{r['predict_ratio']:.2f}"
         lines.append(
             f"| {r['line']} | {r['seed']} | {r['detector']} | {r['f1']:.3f} | {r['precision']:.3f} | "
-            f"{r['recall']:.3f} | {r['frr']:.3f} | {r['auroc']:.3f} | {sizes} | {r['fit_s']:.0f} |"
+            f"{r['recall']:.3f} | {r['frr']:.3f} | {r['auroc']:.3f} | {sizes} | {r['fit_s']:.0f} | "
+            f"{r['predict_ms']:.0f} | {ratio} |"
         )
+    return "\n".join(lines)
+
+
+def kind_table(rows: list[dict]) -> str:
+    kinds = sorted({k for r in rows for k in r["recall_by_kind"]})
+    lines = ["| line | seed | detector | " + " | ".join(kinds) + " |", "|" + "---|" * (3 + len(kinds))]
+    for r in rows:
+        recalls = " | ".join("-" if k not in r["recall_by_kind"] else f"{r['recall_by_kind'][k]:.2f}" for k in kinds)
+        lines.append(f"| {r['line']} | {r['seed']} | {r['detector']} | {recalls} |")
     return "\n".join(lines)
 
 
@@ -91,18 +128,19 @@ def main() -> int:
     parser.add_argument("--lines", nargs="+", choices=sorted(LINES), default=["easy", "hard"])
     parser.add_argument("--steps", type=int, default=2000, help="training steps per network")
     parser.add_argument("--detectors", nargs="+", choices=DETECTORS, default=list(DETECTORS))
+    parser.add_argument("--test-good", type=int, default=40, help="good test images per line (synth --test-good)")
+    parser.add_argument("--fit-args", default="", help="extra arguments for every fit, e.g. --fit-args=--roi=M.png")
+    parser.add_argument("--tag", default="", help="names the bundles and reports of fits with other --fit-args")
     args = parser.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
     started = time.time()
-    rows = [
-        row
-        for seed in args.seeds
-        for line in args.lines
-        for row in run_line(args.workdir, line, seed, args.size, args.steps, args.detectors)
-    ]
-    (args.workdir / "comparison.json").write_text(json.dumps(rows, indent=2) + "\n")
+    rows = [row for seed in args.seeds for line in args.lines for row in run_line(args.workdir, line, seed, args)]
+    name = f"comparison{'_' + args.tag if args.tag else ''}.json"
+    (args.workdir / name).write_text(json.dumps(rows, indent=2) + "\n")
     print(table(rows))
-    print(f"\n{len(rows)} fits evaluated in {time.time() - started:.0f} s; rows in {args.workdir / 'comparison.json'}")
+    print()
+    print(kind_table(rows))
+    print(f"\n{len(rows)} fits evaluated in {time.time() - started:.0f} s; rows in {args.workdir / name}")
     return 0
 
 

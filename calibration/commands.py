@@ -18,6 +18,7 @@ from engines.bundle import Bundle, rewrite_calibration
 from engines.decode import IMAGE_SUFFIXES
 from engines.errors import UserError
 from engines.inspector import Inspector
+from engines.nonrigid import ALIGNMENTS, DEFAULT_ALIGNMENT
 from engines.types import MIN_SIDE, Result
 
 
@@ -58,6 +59,13 @@ def fit_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="DEG",
         help="registration limit: how far a part may turn, fit and run time (default 3)",
     )
+    parser.add_argument(
+        "--alignment",
+        choices=ALIGNMENTS,
+        default=DEFAULT_ALIGNMENT,
+        help="rigid: the part's pose only; nonrigid: plus a smooth displacement field, for parts that bend "
+        f"(default {DEFAULT_ALIGNMENT})",
+    )
     learned = parser.add_argument_group("learned and ensemble detectors (need the 'learned' extra: torch)")
     learned.add_argument("--steps", type=int, default=2000, help="training steps per network (default 2000)")
     learned.add_argument("--seed", type=int, default=0, help="seed of the initialisation and the training crops")
@@ -81,6 +89,7 @@ def fit_main(args: argparse.Namespace) -> int:
         margin_px=args.margin,
         max_shift_px=getattr(args, "max_shift", None),
         max_rotation_deg=getattr(args, "max_rotation", FitConfig.max_rotation_deg),
+        alignment=getattr(args, "alignment", DEFAULT_ALIGNMENT),
     )
     if getattr(args, "detector", "template") in ("learned", "ensemble"):
         out = _fit_learned(args, dataset, config)

@@ -38,6 +38,7 @@ from engines.decode import read_image
 from engines.errors import InspectError, UserError
 from engines.graphs import ALIGN, HALO, LEVELS
 from engines.inspector import resident_inputs
+from engines.nonrigid import ALIGNMENTS, DEFAULT_ALIGNMENT, FieldReference, parameters
 from engines.onnxruntime_backend import OnnxRuntimeBackend
 from engines.tiling import TilePlan, cell_grid
 from engines.tolerance import BLOCK
@@ -65,6 +66,7 @@ class FitConfig:
     max_shift_px: float | None = None  # registration limit, fit and run time (None: 4 % of the longer side)
     max_rotation_deg: float = 3.0  # registration limit, fit and run time
     min_correlation: float = 0.5
+    alignment: str = DEFAULT_ALIGNMENT  # "rigid": the pose only; "nonrigid": plus a smooth field (parts that bend)
 
 
 @dataclass
@@ -99,6 +101,8 @@ def prepare_training(
         raise UserError(f"--max-shift {config.max_shift_px:g}: expected a positive number of pixels")
     if not 0 < config.max_rotation_deg <= 180:
         raise UserError(f"--max-rotation {config.max_rotation_deg:g}: expected degrees in (0, 180]")
+    if config.alignment not in ALIGNMENTS:
+        raise UserError(f"--alignment {config.alignment}: expected one of {', '.join(ALIGNMENTS)}")
     first = read_image(images[0])
     geometry = Geometry(first.shape[0], first.shape[1], 1 if first.ndim == 2 else 3, str(first.dtype))
     if min(geometry.height, geometry.width) < MIN_SIDE:
@@ -109,7 +113,8 @@ def prepare_training(
     training = register_all(images, geometry, weight, reference, tmp, progress, "registering (1/2)")
     # Register again against exactly the reference the bundle will carry, so the images the
     # statistics and thresholds are computed from were prepared as run time will prepare frames.
-    reference = _final_reference(statistics(training, range(len(images)), config)["mu"], weight, reference)
+    mu = statistics(training, range(len(images)), config)["mu"]
+    reference = _final_reference(mu, weight, reference, config.alignment == "nonrigid")
     training = register_all(images, geometry, weight, reference, tmp, progress, "registering (2/2)")
     return training, reference, config
 
@@ -210,19 +215,21 @@ def bootstrap_reference(
 
 
 def _final_reference(
-    mu: np.ndarray, weight: np.ndarray, previous: reg.RegistrationReference
+    mu: np.ndarray, weight: np.ndarray, previous: reg.RegistrationReference, nonrigid: bool
 ) -> reg.RegistrationReference:
-    """The registration reference the bundle carries: the mean good part at both levels."""
+    """The registration reference the bundle carries: the mean good part at both levels (and the field's)."""
     mu = mu.astype(np.float32)
     mu_img = mu[0] if mu.shape[0] == 1 else np.ascontiguousarray(mu.transpose(1, 2, 0))
     coarse_f, fine_f = previous.factors
     coarse, fine = reg.downscale(mu_img, coarse_f), reg.downscale(mu_img, fine_f)
+    field = FieldReference.from_full(mu_img, weight, previous.full_shape) if nonrigid else None
     return replace(
         previous,
         coarse=coarse,
         fine=fine,
         coarse_mask=registration_mask(weight, coarse.shape),
         fine_mask=registration_mask(weight, fine.shape),
+        field=field,
     ).with_search()
 
 
@@ -234,6 +241,13 @@ def _register_or_fail(ref: reg.RegistrationReference, coarse, fine, path: Path) 
             f"{path}: registration failed: {exc.detail} (is it the same part and view? the limits are "
             f"--max-shift {ref.max_shift_px:g} px and --max-rotation {ref.max_rotation_deg:g} deg)"
         ) from None
+
+
+def _align_or_fail(ref: reg.RegistrationReference, image: np.ndarray, path: Path) -> reg.Aligned:
+    try:
+        return reg.align(image, ref)
+    except InspectError as exc:
+        raise UserError(f"{path}: registration failed: {exc.detail} (is it the same part and view?)") from None
 
 
 def normalise(
@@ -277,13 +291,10 @@ def register_all(
     poses = np.zeros((len(images), 2, 3), np.float64)
     pyramids = []
     for i, path in enumerate(tqdm(images, desc=desc, disable=not progress, unit="img")):
-        image = _read_checked(path, geometry)
-        coarse_f, fine_f = reference.factors
-        coarse = reg.downscale(image, coarse_f)
-        pose = _register_or_fail(reference, coarse, reg.downscale(image, fine_f), path)
-        coefs[i] = reference.photometric(coarse, pose)
-        poses[i] = pose.matrix
-        registered[i] = reg.warp_to_reference(image, pose)
+        aligned = _align_or_fail(reference, _read_checked(path, geometry), path)
+        coefs[i] = aligned.coef
+        poses[i] = aligned.pose.matrix
+        registered[i] = aligned.registered
         pyramids.append(lit_block_means(registered[i], coefs[i], unit, weight))
         release_pages(registered)
     return Training(geometry, unit, weight, registered, coefs, poses, pyramids)
@@ -621,6 +632,8 @@ def write_fitted_bundle(
         "reg_coarse_mask": registration.coarse_mask,
         "reg_fine_mask": registration.fine_mask,
     }
+    if registration.field is not None:
+        reference.update(reg_field=registration.field.level, reg_field_mask=registration.field.mask)
     manifest = {
         "detector": detector,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -633,6 +646,8 @@ def write_fitted_bundle(
             "max_rotation_deg": config.max_rotation_deg,
             "min_correlation": config.min_correlation,
             "search": registration.search is not None,  # coarse pose search before ECC (absent: none)
+            # the smooth field after the pose (absent: rigid), with what its estimation depended on
+            **({"field": {"factor": registration.field.factor, **parameters()}} if registration.field else {}),
         },
         "fit_config": asdict(config),
         "training": fingerprint(images),

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from engines import nonrigid
 from engines import registration as reg
 from engines.backend import Backend
 from engines.bundle import GRAPH_FP16, GRAPH_FP32, Bundle
@@ -49,19 +50,27 @@ def _timed(timings: dict[str, float], stage: str) -> Iterator[None]:
 def registration_reference(bundle: Bundle, ref: dict[str, np.ndarray]) -> reg.RegistrationReference:
     cfg = bundle.manifest["registration"]
     geo = bundle.geometry
-    ref = reg.RegistrationReference(
+    full_shape = (geo.height, geo.width)
+    field = None
+    if "field" in cfg:
+        if {k: v for k, v in cfg["field"].items() if k != "factor"} != nonrigid.parameters():
+            raise BundleError(f"{bundle.path}: fitted with other non-rigid alignment parameters; refit the model")
+        factor = int(cfg["field"]["factor"])
+        field = nonrigid.FieldReference(factor, ref["reg_field"], ref["reg_field_mask"], full_shape)
+    registration = reg.RegistrationReference(
         coarse=ref["reg_coarse"],
         fine=ref["reg_fine"],
         coarse_mask=ref["reg_coarse_mask"],
         fine_mask=ref["reg_fine_mask"],
         factors=tuple(cfg["factors"]),
-        full_shape=(geo.height, geo.width),
+        full_shape=full_shape,
         max_shift_px=float(cfg["max_shift_px"]),
         max_rotation_deg=float(cfg["max_rotation_deg"]),
         min_correlation=float(cfg["min_correlation"]),
+        field=field,
     )
     # bundles from before the coarse pose search start ECC at the identity, as they were calibrated
-    return ref.with_search() if cfg.get("search", False) else ref
+    return registration.with_search() if cfg.get("search", False) else registration
 
 
 def resident_inputs(plan: TilePlan, ref: dict[str, np.ndarray], dtype: np.dtype = np.float32) -> dict[str, np.ndarray]:
@@ -166,12 +175,8 @@ class Inspector:
         timings: dict[str, float] = {}
         with _timed(timings, "registration"):
             image = conform(image, self.geometry, source)
-            coarse_f, fine_f = self._registration.factors
-            coarse = reg.downscale(image, coarse_f)
-            fine = reg.downscale(image, fine_f) if fine_f != coarse_f else coarse
-            pose = self._registration.register(coarse, fine)
-            coef = self._registration.photometric(coarse, pose)
-            registered = reg.warp_to_reference(image, pose)
+            aligned = reg.align(image, self._registration)
+            pose, coef, registered = aligned.pose, aligned.coef, aligned.registered
             if self._float_input:
                 registered = registered.astype(np.float32) * np.float32(1 / 257)
             padded = self.plan.pad(registered)

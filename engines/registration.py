@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 import cv2
 import numpy as np
@@ -24,6 +25,9 @@ import numpy as np
 from engines.errors import InspectError
 
 MIN_LEVEL_SIDE = 64  # px: the short side of a registration level is never brought below this
+
+if TYPE_CHECKING:
+    from engines.nonrigid import Field, FieldReference
 
 
 def level_factors(height: int, width: int) -> tuple[int, int]:
@@ -65,10 +69,12 @@ def _scale_matrix(m: np.ndarray, shape_full: tuple[int, int], shape_small: tuple
 
 @dataclass(frozen=True)
 class Pose:
-    """Reference-to-frame transform (2x3, full-resolution pixels) and the ECC correlation reached."""
+    """Reference-to-frame transform (2x3, full-resolution pixels), the ECC correlation reached, and
+    the smooth displacement field (frame px) added to it where the bundle aligns non-rigidly."""
 
     matrix: np.ndarray
     correlation: float
+    field: Field | None = None
 
     @property
     def shift(self) -> tuple[float, float]:
@@ -80,12 +86,15 @@ class Pose:
 
     def to_dict(self) -> dict[str, float]:
         dx, dy = self.shift
-        return {
+        out = {
             "dx": round(dx, 3),
             "dy": round(dy, 3),
             "angle_deg": round(self.angle_deg, 4),
             "ecc": round(self.correlation, 4),
         }
+        if self.field is not None:
+            out["bend_px"] = round(self.field.magnitude, 3)
+        return out
 
 
 SEARCH_SIDE = 160  # px: long side of the level the coarse pose search runs on
@@ -217,6 +226,7 @@ class RegistrationReference:
     max_rotation_deg: float
     min_correlation: float
     search: PoseSearch | None = None  # None (bundles from before the search): ECC starts at the identity
+    field: FieldReference | None = None  # None: rigid alignment only (bundles fitted without --alignment nonrigid)
 
     def with_search(self) -> RegistrationReference:
         """This reference with a coarse pose search built from its coarse level and mask."""
@@ -401,8 +411,37 @@ def tile_photometric(
     return out
 
 
+@dataclass(frozen=True)
+class Aligned:
+    """A frame brought onto the reference: its pose (with the field, if any), lighting model and resampled pixels."""
+
+    pose: Pose
+    coef: np.ndarray
+    registered: np.ndarray
+
+
+def align(image: np.ndarray, ref: RegistrationReference) -> Aligned:
+    """Register a (conformed) frame, fit its lighting, find its bend if the reference has a field, and resample.
+
+    The one preparation both the fit and run time use, so the statistics are computed from images
+    prepared exactly as frames on the line will be. Raises InspectError("registration").
+    """
+    coarse_f, fine_f = ref.factors
+    coarse = downscale(image, coarse_f)
+    fine = downscale(image, fine_f) if fine_f != coarse_f else coarse
+    pose = ref.register(coarse, fine)
+    coef = ref.photometric(coarse, pose)
+    if ref.field is not None:
+        levels = {coarse_f: coarse, fine_f: fine}
+        level = levels[ref.field.factor] if ref.field.factor in levels else downscale(image, ref.field.factor)
+        pose = replace(pose, field=ref.field.estimate(level, pose.matrix))
+    return Aligned(pose, coef, warp_to_reference(image, pose))
+
+
 def warp_to_reference(image: np.ndarray, pose: Pose) -> np.ndarray:
-    """Resample the frame on the reference grid (bilinear, sub-pixel)."""
+    """Resample the frame on the reference grid (bilinear, sub-pixel), through the pose's field if it has one."""
+    if pose.field is not None:
+        return pose.field.resample(image, pose.matrix)
     h, w = image.shape[:2]
     return cv2.warpAffine(
         image, pose.matrix, (w, h), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP, borderMode=cv2.BORDER_REPLICATE

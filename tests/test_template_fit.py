@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -332,3 +333,47 @@ def test_fit_registers_every_good_image_of_a_line_with_large_poses_bends_and_a_m
     for i in range(1, len(images)):
         found, want = relative(training.poses[i], training.poses[0]), relative(truth[i], truth[0])
         assert np.abs(corners @ found.T - corners @ want.T).max() < 1.5, images[i].name
+
+
+@pytest.fixture(scope="module")
+def nonrigid_dir(dataset: Dataset, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A bundle fitted with the smooth displacement field after the pose."""
+    out = tmp_path_factory.mktemp("models") / "nonrigid"
+    return fit_template(dataset.train_good, out, config=FitConfig(alignment="nonrigid"), progress=False)
+
+
+def test_nonrigid_bundle_records_the_field_and_still_finds_every_defect(nonrigid_dir, bundle_dir, dataset):
+    """--alignment nonrigid: the manifest records the field's parameters, the reference its level image;
+    every defect is still rejected, scoring at least half what it scores aligned rigidly (the field
+    does not explain defects away)."""
+    from engines import nonrigid
+
+    bundle = Bundle.load(nonrigid_dir)
+    field = bundle.manifest["registration"]["field"]
+    assert {k: v for k, v in field.items() if k != "factor"} == nonrigid.parameters()
+    assert bundle.manifest["fit_config"]["alignment"] == "nonrigid"
+    assert "reg_field" in bundle.reference()
+    with Inspector.load(nonrigid_dir, "onnxruntime") as bent, Inspector.load(bundle_dir, "onnxruntime") as rigid:
+        for sample in (s for s in dataset.test if not s.is_good):
+            result, baseline = bent.inspect_path(sample.path), rigid.inspect_path(sample.path)
+            assert result.verdict == "reject" and result.score >= 0.5 * baseline.score, sample.path
+            assert "bend_px" in bent.prepare(read_image(sample.path)).pose.to_dict()
+
+
+def test_rigid_bundles_have_no_field(bundle_dir):
+    """The default fit (and every bundle from before the option) aligns rigidly: no field in the manifest."""
+    assert "field" not in Bundle.load(bundle_dir).manifest["registration"]
+
+
+def test_a_bundle_with_other_field_parameters_is_refused(nonrigid_dir):
+    """A bundle whose field was estimated with other constants is refused with a message to refit."""
+    from dataclasses import replace
+
+    from engines.errors import BundleError
+    from engines.inspector import registration_reference
+
+    bundle = Bundle.load(nonrigid_dir)
+    manifest = json.loads(json.dumps(bundle.manifest))
+    manifest["registration"]["field"]["nodes"] += 1
+    with pytest.raises(BundleError, match="refit"):
+        registration_reference(replace(bundle, manifest=manifest), bundle.reference())

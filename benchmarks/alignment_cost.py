@@ -1,0 +1,144 @@
+"""What the alignment costs and buys: rigid ECC as before, with the pose search, and with the non-rigid field.
+
+    python benchmarks/alignment_cost.py                    # 5120 px, 6 frames, 3 runs
+    python benchmarks/alignment_cost.py --size 2048 --frames 10
+
+Frames are made like ``inspectd synth`` makes a hard line (±1.5 deg, ±24 px, a bend of 0.8 px
+on a 9x9 grid, light drift, one dark fixture bar on a random side, border vignetting, noise),
+so the true position of every reference pixel in every frame is known. Three preparations run
+on the same frames in the same process, in turn:
+
+- ``affine``: ECC from the identity with the whole region as mask, then ``cv2.warpAffine``
+  (how bundles fitted before the pose search register);
+- ``search``: the pose search and ECC on the region without the border zone (rigid bundles now);
+- ``field``: the same plus the smooth displacement field, folded into one remap (``--alignment nonrigid``).
+
+Per preparation: median milliseconds of the whole preparation (registration, lighting fit,
+field, resampling; what ``inspectd predict`` reports as "registration"), its ratio to
+``affine``, and the residual misalignment of the part's edges along their normals (median and
+95th percentile over edge pixels, median over frames; the outer 3 % of the side, where the bar
+may hide the part, left out). The references are built from the synthetic part's design, as a
+fit builds them from the mean good part. Timings on a shared machine are only indicative.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import sys
+import time
+from dataclasses import replace
+
+import cv2
+import numpy as np
+
+from calibration import synth
+from calibration.fit_pipeline import _level_mask, registration_mask
+from engines import nonrigid as nr
+from engines import registration as reg
+
+
+def references(design: np.ndarray) -> dict[str, reg.RegistrationReference]:
+    size = design.shape[0]
+    weight = np.ones(design.shape, np.uint8)
+    margin = max(4, math.ceil(size / 512) + 2)
+    weight[:margin] = weight[-margin:] = 0
+    weight[:, :margin] = weight[:, -margin:] = 0
+    coarse_f, fine_f = reg.level_factors(size, size)
+    coarse, fine = reg.downscale(design, coarse_f), reg.downscale(design, fine_f)
+
+    def build(masks) -> reg.RegistrationReference:
+        return reg.RegistrationReference(
+            coarse=coarse,
+            fine=fine,
+            coarse_mask=masks(weight, coarse.shape),
+            fine_mask=masks(weight, fine.shape),
+            factors=(coarse_f, fine_f),
+            full_shape=(size, size),
+            max_shift_px=0.04 * size,
+            max_rotation_deg=3.0,
+            min_correlation=0.5,
+        )
+
+    searched = build(registration_mask).with_search()
+    field = nr.FieldReference.from_full(design, weight, (size, size))
+    return {"affine": build(_level_mask), "search": searched, "field": replace(searched, field=field)}
+
+
+def frame(design: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray, tuple]:
+    size = design.shape[0]
+    config = synth.SynthConfig(size=size, seed=seed, bend_px=0.8, max_rotation_deg=1.5, max_shift_px=24, light=2.5)
+    rng = np.random.default_rng(seed)
+    matrix = synth._pose_matrix(synth._sample_pose(config, rng))
+    image, disp = synth._warp(design, matrix, config, rng)
+    band = round(config.border_band * size)
+    gain = synth._gain_field(config, rng)
+    synth._band_vignette(gain, band, (0.12, 0.3), rng)
+    image *= gain
+    bar = synth._edge_view(image, int(rng.integers(4)))
+    bar[: int(band * rng.uniform(0.25, 0.55))] = synth.FIXTURE
+    image += rng.normal(0, 2, image.shape).astype(np.float32)
+    return np.clip(np.rint(image), 0, 255).astype(np.uint8), matrix, disp
+
+
+def edge_pixels(design: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    size = design.shape[0]
+    gx = cv2.Sobel(design, cv2.CV_32F, 1, 0, ksize=3, scale=1 / 8)
+    gy = cv2.Sobel(design, cv2.CV_32F, 0, 1, ksize=3, scale=1 / 8)
+    strength = np.hypot(gx, gy)
+    ys, xs = np.nonzero(strength > 10)
+    keep = np.minimum(np.minimum(xs, size - 1 - xs), np.minimum(ys, size - 1 - ys)) >= 0.03 * size
+    ys, xs = ys[keep], xs[keep]
+    return xs, ys, gx[ys, xs] / strength[ys, xs], gy[ys, xs] / strength[ys, xs]
+
+
+def misalignment(pose: reg.Pose, matrix: np.ndarray, disp: tuple, edges: tuple, size: int) -> np.ndarray:
+    xs, ys, nx, ny = edges
+    q = matrix[:, :2] @ np.stack([xs, ys]) + matrix[:, 2:]
+    qi = np.clip(np.rint(q).astype(int), 0, size - 1)
+    true = q - matrix[:, :2] @ np.stack([disp[0][qi[1], qi[0]], disp[1][qi[1], qi[0]]])
+    found = pose.matrix[:, :2] @ np.stack([xs, ys]) + pose.matrix[:, 2:]
+    if pose.field is not None:
+        bx, by = nr._basis(xs, size), nr._basis(ys, size)
+        found = found + np.stack([np.einsum("nk,kl,nl->n", by, pose.field.coef[c], bx) for c in range(2)])
+    error = found - true
+    return np.abs(error[0] * nx + error[1] * ny)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", type=int, default=5120)
+    parser.add_argument("--frames", type=int, default=6)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--seed", type=int, default=11, help="design and frames derive from it")
+    args = parser.parse_args()
+    design = synth.render_design(synth.SynthConfig(size=args.size, seed=args.seed)).image
+    refs = references(design)
+    edges = edge_pixels(design)
+    frames = [frame(design, 1000 * args.seed + i) for i in range(args.frames)]
+    times: dict[str, list[float]] = {name: [] for name in refs}
+    errors: dict[str, list[tuple[float, float]]] = {name: [] for name in refs}
+    for run in range(args.runs):
+        for image, matrix, disp in frames:
+            for name, ref in refs.items():  # in turn on each frame, so load changes hit all alike
+                start = time.perf_counter()
+                aligned = reg.align(image, ref)
+                times[name].append((time.perf_counter() - start) * 1000)
+                if run == 0:
+                    error = misalignment(aligned.pose, matrix, disp, edges, args.size)
+                    errors[name].append((float(np.median(error)), float(np.percentile(error, 95))))
+    base = statistics.median(times["affine"])
+    print(f"{args.size} px, {args.frames} frames x {args.runs} runs (medians; shared machine: indicative)\n")
+    print("| preparation | ms | ratio to affine | edge misalignment median px | 95 % px |")
+    print("|---|---|---|---|---|")
+    for name in refs:
+        ms = statistics.median(times[name])
+        med = statistics.median(e[0] for e in errors[name])
+        p95 = statistics.median(e[1] for e in errors[name])
+        print(f"| {name} | {ms:.0f} | {ms / base:.2f} | {med:.3f} | {p95:.3f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

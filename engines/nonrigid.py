@@ -1,0 +1,382 @@
+"""Non-rigid alignment: a smooth displacement field after the global pose, folded into one resampling.
+
+A part that bends by a pixel or two moves its structure edges against the reference by that
+much after the best rigid pose, and the per-pixel tolerance band has to widen with it. After
+the global pose (``engines.registration``), ``FieldReference.estimate`` finds a smooth field of
+displacements on a level of about ``FIELD_SIDE`` px:
+
+1. per block of ``BLOCK`` px at that level, one Lucas-Kanade step with a local gain and offset
+   (``r = -gx dx - gy dy + a R + b``), reduced to the block's 2x2 information about (dx, dy):
+   a block of horizontal lines says much about dy and nothing about dx;
+2. all blocks together fit a cubic B-spline of ``NODES`` x ``NODES`` control points over the
+   image, regularised by its bending energy, so the field is smooth at the scale of the part
+   (hundreds of pixels) and cannot follow anything local; blocks whose residual stays far above
+   the typical one (a defect, a missing structure) are down-weighted (reweighted each step);
+3. a few Gauss-Newton steps, each resampling the level with the field found so far.
+
+The field is then folded into the full-resolution resampling: the reference-to-frame map
+(affine pose + field) is evaluated on a 16 px grid, interpolated per strip of rows and applied
+with one ``cv2.remap`` (float maps: converting them to fixed point first cost more than it saved).
+With a zero field the result equals ``cv2.warpAffine``'s.
+
+The estimation sees the registration mask only (the inspection region without the border
+zone), so a fixture bar and vignetting that stay with the camera do not pull the field; near
+the image edges the spline continues what the interior shows.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+ALIGNMENTS = ("rigid", "nonrigid")  # what a fit may choose: the pose only, or the pose and a field
+DEFAULT_ALIGNMENT = "rigid"
+FIELD_SIDE = 1280  # px: long side of the level the field is estimated on
+BLOCK = 32  # px at that level: one local shift measurement per block
+NODES = 17  # control points per axis of the cubic B-spline (over the whole image)
+STEPS = 3  # Gauss-Newton steps
+SMOOTHNESS = 3e-4  # bending-energy weight, relative to the typical block's information per control point
+MAX_PX = 6.0  # px (full resolution): no control point moves further; a larger "bend" is not one
+MAP_STEP = 16  # px: the full-resolution map is evaluated on this grid and interpolated bilinearly
+LEVEL_STEP = 8  # px at the field's level: the grid the field is evaluated on while estimating
+STRIP = 256  # rows resampled per remap call (keeps the maps in cache)
+RIDGE = 1e-3  # weight of the field's own size, relative like SMOOTHNESS
+SMOOTH_SIGMA = 1.5  # px at the field's level
+GAIN_LIMIT = 0.35  # a block's own gain this far from the typical one is not lighting
+NOISE_FLOOR = 0.25  # grey levels² per pixel (after smoothing): below this a residual is noise, whatever the median
+ROBUST = 4.0  # blocks whose residual exceeds this many times the median are down-weighted
+
+
+def parameters() -> dict[str, float]:
+    """What a bundle records of the field's estimation, so a bundle is never run with other constants."""
+    return {
+        "block": BLOCK,
+        "nodes": NODES,
+        "steps": STEPS,
+        "smoothness": SMOOTHNESS,
+        "ridge": RIDGE,
+        "smooth_sigma": SMOOTH_SIGMA,
+        "robust": ROBUST,
+        "noise_floor": NOISE_FLOOR,
+        "gain_limit": GAIN_LIMIT,
+        "max_px": MAX_PX,
+    }
+
+
+def field_factor(height: int, width: int) -> int:
+    """Downscale factor (a power of two) giving about FIELD_SIDE px on the long side."""
+    side = max(height, width)
+    return max(1, 2 ** round(math.log2(max(side / FIELD_SIDE, 1))))
+
+
+def _bspline(t: np.ndarray) -> np.ndarray:
+    """The uniform cubic B-spline kernel (support -2..2, partition of unity)."""
+    a = np.abs(t)
+    inner = 2 / 3 - a * a + a**3 / 2
+    outer = (2 - a) ** 3 / 6
+    return np.where(a < 1, inner, np.where(a < 2, outer, 0.0))
+
+
+def _basis(coords: np.ndarray, length: int) -> np.ndarray:
+    """[len(coords), NODES]: the spline basis at full-resolution coordinates along an axis of ``length`` px.
+
+    Control point k sits at (k - 1) * h with h = (length - 1) / (NODES - 3): every pixel of the
+    axis lies where the basis sums to one.
+    """
+    h = max(length - 1, 1) / (NODES - 3)
+    nodes = (np.arange(NODES) - 1) * h
+    return _bspline((np.asarray(coords, np.float64)[:, None] - nodes[None, :]) / h)
+
+
+def _level_coords(n: int, factor: int) -> np.ndarray:
+    """Full-resolution coordinates of the centres of a level's ``n`` pixels."""
+    return (np.arange(n) + 0.5) * factor - 0.5
+
+
+@dataclass(frozen=True)
+class Field:
+    """A smooth displacement field (frame px) added to the reference-to-frame pose: p -> A p + d(p)."""
+
+    coef: np.ndarray  # [2, NODES, NODES] control points (x, y displacement), full-resolution px
+    shape: tuple[int, int]  # full-resolution (height, width) the basis spans
+
+    def at(self, xs: np.ndarray, ys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The field on the grid of full-resolution coordinates ``ys`` x ``xs``: (dx, dy), each [len(ys), len(xs)]."""
+        bx, by = _basis(xs, self.shape[1]), _basis(ys, self.shape[0])
+        return tuple(_product(by, c, bx).astype(np.float32) for c in self.coef)
+
+    @property
+    def magnitude(self) -> float:
+        """The largest displacement on a coarse grid over the image (px), for reports."""
+        xs = np.linspace(0, self.shape[1] - 1, 33)
+        ys = np.linspace(0, self.shape[0] - 1, 33)
+        dx, dy = self.at(xs, ys)
+        return float(np.hypot(dx, dy).max())
+
+    def resample(self, image: np.ndarray, matrix: np.ndarray) -> np.ndarray:
+        """``image`` (the frame) resampled on the reference grid through the pose ``matrix`` and this field."""
+        h, w = image.shape[:2]
+        step = MAP_STEP
+        nodes_y, nodes_x = -(-h // step) + 2, -(-w // step) + 2
+        # node j sits at full-resolution coordinate (j - 1) * step + (step - 1) / 2: one node beyond each edge,
+        # so the bilinear interpolation of cv2.resize below is exact for the affine part up to the border
+        ys = (np.arange(nodes_y) - 1) * step + (step - 1) / 2
+        xs = (np.arange(nodes_x) - 1) * step + (step - 1) / 2
+        dx, dy = self.at(xs, ys)
+        m = np.asarray(matrix, np.float64)
+        map_x = (m[0, 0] * xs[None, :] + m[0, 1] * ys[:, None] + m[0, 2] + dx).astype(np.float32)
+        map_y = (m[1, 0] * xs[None, :] + m[1, 1] * ys[:, None] + m[1, 2] + dy).astype(np.float32)
+        out = np.empty_like(image)
+        for y0 in range(0, h, STRIP):
+            y1 = min(h, y0 + STRIP)
+            # rows y0..y1 lie between nodes r0 and r1 (inclusive); resize them so node r0 lands on row r0*step
+            r0 = y0 // step
+            r1 = min(nodes_y - 1, (y1 - 1) // step + 2)
+            size = (nodes_x * step, (r1 - r0 + 1) * step)
+            strip_x = cv2.resize(map_x[r0 : r1 + 1], size, interpolation=cv2.INTER_LINEAR)
+            strip_y = cv2.resize(map_y[r0 : r1 + 1], size, interpolation=cv2.INTER_LINEAR)
+            top = y0 + step - r0 * step
+            rows = slice(top, top + (y1 - y0))
+            cols = slice(step, step + w)
+            out[y0:y1] = cv2.remap(
+                image, strip_x[rows, cols], strip_y[rows, cols], cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE
+            )
+        return out
+
+
+@dataclass(frozen=True)
+class FieldReference:
+    """What the field estimation needs of the reference: its level image, mask and per-block constants."""
+
+    factor: int
+    level: np.ndarray  # float32 [h, w] the reference mean at the field's level (8-bit grey units)
+    mask: np.ndarray  # uint8 [h, w] non-zero = measure here
+    full_shape: tuple[int, int]
+
+    def __post_init__(self) -> None:
+        h, w = self.level.shape
+        hb, wb = -(-h // BLOCK), -(-w // BLOCK)
+        pad = ((0, hb * BLOCK - h), (0, wb * BLOCK - w))
+        ref = np.pad(_smooth(self.level), pad, mode="edge")
+        weight = np.pad((self.mask > 0).astype(np.float32), pad)
+        gx = cv2.Sobel(ref, cv2.CV_32F, 1, 0, ksize=3, scale=1 / 8)
+        gy = cv2.Sobel(ref, cv2.CV_32F, 0, 1, ksize=3, scale=1 / 8)
+        jac = np.stack([-gx, -gy, ref, np.ones_like(ref)]) * weight  # r ~ -gx dx - gy dy + a R + b
+        normal = np.stack([_block_sums(jac[i] * jac[j], (hb, wb)) for i in range(4) for j in range(4)], axis=-1)
+        normal = normal.reshape(-1, 4, 4).astype(np.float64)
+        info, gain_part = _schur(normal)
+        # per block, the pseudo-inverse of the 4x4 normal matrix: what the block's own shift, gain and
+        # offset explain of its residual is misalignment; what they cannot explain is something else
+        scale = np.sqrt(np.maximum(np.einsum("bii->bi", normal), 1e-12))
+        inverse = np.linalg.pinv(normal / (scale[:, :, None] * scale[:, None, :]), rcond=1e-6)
+        inverse = inverse / (scale[:, :, None] * scale[:, None, :])
+        consts = {
+            "_blocks": (hb, wb),
+            "_pad": pad,
+            "_jac": jac,
+            "_weight": weight,
+            "_pixels": _block_sums(weight, (hb, wb)).reshape(-1).astype(np.float64),
+            "_info": info,
+            "_smooth_level": _smooth(self.level),
+            "_inverse": inverse,
+            "_gain_part": gain_part,
+            "_block_bx": _basis(_level_coords(wb, self.factor * BLOCK), self.full_shape[1]),
+            "_block_by": _basis(_level_coords(hb, self.factor * BLOCK), self.full_shape[0]),
+            "_bending": _bending(),
+            # what a block with structure tells (the upper quartile: many blocks of a part are flat)
+            "_scale": float(np.percentile(np.trace(info, axis1=1, axis2=2), 75)) if info.any() else 1.0,
+            # grid node j of the level's field sits at level pixel (j + 0.5) * LEVEL_STEP - 0.5: cv2.resize's centres
+            "_grid_bx": _basis(_level_coords(w // LEVEL_STEP, self.factor * LEVEL_STEP), self.full_shape[1]),
+            "_grid_by": _basis(_level_coords(h // LEVEL_STEP, self.factor * LEVEL_STEP), self.full_shape[0]),
+        }
+        consts.update(_block_systems(consts["_block_by"], consts["_block_bx"], info, consts["_scale"]))
+        for name, value in consts.items():
+            object.__setattr__(self, name, value)
+
+    @classmethod
+    def from_full(cls, mean: np.ndarray, region: np.ndarray, full_shape: tuple[int, int]) -> FieldReference:
+        """Build from the full-resolution reference mean [H, W] (or [H, W, 3]) and the inspection region.
+
+        The whole region is measured, border band included: the local gain and offset absorb
+        vignetting, and blocks that a fixture bar or clutter leaves unexplained are weighted down.
+        """
+        factor = field_factor(*full_shape)
+        level = to_level(mean, factor)
+        small = cv2.resize(region.astype(np.float32), level.shape[::-1], interpolation=cv2.INTER_AREA)
+        return cls(factor, level, ((small > 0.5) * 255).astype(np.uint8), full_shape)
+
+    def estimate(self, frame_level: np.ndarray, matrix: np.ndarray) -> Field:
+        """The smooth field that, added to the pose ``matrix``, best aligns ``frame_level`` (this level)."""
+        from engines.registration import _scale_matrix
+
+        h, w = self.level.shape
+        hb, wb = self._blocks
+        a = _scale_matrix(np.asarray(matrix, np.float64), (h, w), self.full_shape)
+        xs, ys = np.arange(w, dtype=np.float32)[None, :], np.arange(h, dtype=np.float32)[:, None]
+        base_x = (a[0, 0] * xs + a[0, 1] * ys + a[0, 2]).astype(np.float32)
+        base_y = (a[1, 0] * xs + a[1, 1] * ys + a[1, 2]).astype(np.float32)
+        coef = np.zeros((2, NODES * NODES))  # level px
+        frame = frame_level.astype(np.float32)
+        # per control point, relative to what a typical block tells: bending energy, and a ridge that keeps
+        # the field at zero where no block says anything (the pose already holds the rigid part)
+        per_node = self._scale * (hb * wb) / NODES**2
+        bending = per_node * (SMOOTHNESS * self._bending + RIDGE * np.eye(NODES * NODES))
+        for _ in range(STEPS):
+            dx, dy = (self._on_level(c.reshape(NODES, NODES), (w, h)) for c in coef)
+            warped = cv2.remap(frame, base_x + dx, base_y + dy, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+            resid = np.pad(_smooth(warped) - self._smooth_level, self._pad) * self._weight
+            rhs = np.stack([_block_sums(j * resid, (hb, wb)).reshape(-1) for j in self._jac], axis=1).astype(np.float64)
+            energy = _block_sums(resid * resid, (hb, wb)).reshape(-1).astype(np.float64)
+            theta = np.einsum("bij,bj->bi", self._inverse, rhs)  # each block's own shift, gain and offset
+            explained = np.einsum("bi,bi->b", rhs, theta)
+            weights = self._robust_weights(np.maximum(energy - explained, 0), theta[:, 2])
+            g = rhs[:, :2] - np.einsum("bij,bj->bi", self._gain_part, rhs[:, 2:])
+            coef += self._solve(weights, g, coef, bending)
+            np.clip(coef, -MAX_PX / self.factor, MAX_PX / self.factor, out=coef)
+        return Field((coef * self.factor).reshape(2, NODES, NODES), self.full_shape)
+
+    def _on_level(self, coef: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+        """One component of the field at every pixel of the level: on a LEVEL_STEP grid, then bilinear."""
+        return cv2.resize(
+            _product(self._grid_by, coef, self._grid_bx).astype(np.float32), size, interpolation=cv2.INTER_LINEAR
+        )
+
+    def _robust_weights(self, energy: np.ndarray, gain: np.ndarray) -> np.ndarray:
+        """Blocks that are not just a bent piece of the part lose weight.
+
+        1 for blocks whose unexplained residual per pixel is typical, falling as 1/excess beyond
+        ROBUST x the median: what no local shift, gain and offset explain is not a bend (clutter,
+        a foreign particle). And 0 where the block's own gain strays more than GAIN_LIMIT from
+        the typical one: light changes the gain by some ten percent, vignetting by a few tens; a
+        missing structure or a fixture bar over the part "explains" itself as a gain near -1.
+        """
+        used = self._pixels > 0
+        per_pixel = np.where(used, energy / np.maximum(self._pixels, 1), 0)
+        typical = max(float(np.median(per_pixel[used])) if used.any() else 1.0, NOISE_FLOOR)
+        weight = np.minimum(1.0, ROBUST * typical / np.maximum(per_pixel, 1e-12))
+        informative = used & (self._info[:, 0, 0] + self._info[:, 1, 1] > 0)
+        stray = np.abs(gain - (float(np.median(gain[informative])) if informative.any() else 0.0))
+        weight = np.where(stray > GAIN_LIMIT, 0.0, weight)
+        return np.where(used, weight, 0.0)
+
+    def _solve(self, weights: np.ndarray, g: np.ndarray, coef: np.ndarray, bending: np.ndarray) -> np.ndarray:
+        """The control-point step of each component, with its block information (its diagonal: a Gauss-Newton
+        step with the x-y coupling of the Hessian left out, which changes the path, not the solution).
+
+        The system with every block at full weight is the reference's (built once); blocks weighted
+        down change it only where their 4 x 4 control points reach.
+        """
+        hb, wb = self._blocks
+        step = np.zeros_like(coef)
+        changed = np.flatnonzero(weights != 1)
+        for c in range(2):
+            system = self._systems[c].copy()
+            delta = (weights[changed] - 1) * self._info[changed, c, c]
+            np.add.at(
+                system.reshape(-1),
+                self._touch[changed].reshape(-1),
+                (delta[:, None] * self._outer[changed]).reshape(-1),
+            )
+            target = _product(self._block_by.T, (weights * g[:, c]).reshape(hb, wb), self._block_bx.T).reshape(-1)
+            step[c] = _conjugate_gradient(system + bending, target - bending @ coef[c])
+        return step
+
+
+def _block_systems(by: np.ndarray, bx: np.ndarray, info: np.ndarray, scale: float) -> dict[str, np.ndarray]:
+    """The normal matrices of the spline fit with every block at full weight, and per block the 16 control
+    points its basis reaches (flat indices into the system) with their outer products, for reweighting."""
+    hb, wb = len(by), len(bx)
+    k2 = NODES * NODES
+    systems = []
+    for c in range(2):
+        w = info[:, c, c].reshape(hb, wb)
+        rows = np.einsum("ij,jl,jm->ilm", w, bx, bx)
+        system = np.einsum("ik,im,ilp->klmp", by, by, rows).reshape(k2, k2)
+        systems.append(system + 1e-9 * scale * np.eye(k2))
+    ky = np.argsort(-by, axis=1)[:, :4]  # the (at most) 4 nodes whose basis reaches each block row / column
+    kx = np.argsort(-bx, axis=1)[:, :4]
+    iy, ix = np.meshgrid(np.arange(hb), np.arange(wb), indexing="ij")
+    nodes = (ky[iy.ravel()][:, :, None] * NODES + kx[ix.ravel()][:, None, :]).reshape(-1, 16)  # [blocks, 16]
+    values = by[iy.ravel()[:, None], ky[iy.ravel()]][:, :, None] * bx[ix.ravel()[:, None], kx[ix.ravel()]][:, None, :]
+    values = values.reshape(-1, 16)
+    touch = (nodes[:, :, None] * k2 + nodes[:, None, :]).reshape(-1, 256)
+    outer = (values[:, :, None] * values[:, None, :]).reshape(-1, 256)
+    return {"_systems": systems, "_touch": touch, "_outer": outer}
+
+
+def _conjugate_gradient(system: np.ndarray, target: np.ndarray, tol: float = 1e-8) -> np.ndarray:
+    """Solve an SPD system by Jacobi-preconditioned conjugate gradients.
+
+    Matrix-vector products of a few hundred unknowns stay below the sizes at which BLAS starts
+    its thread pool; a LAPACK solve of the same system did not, and under a busy inference thread
+    pool its spinning threads cost a hundred times the arithmetic.
+    """
+    inv_diag = 1.0 / np.maximum(np.diag(system), 1e-30)
+    x = np.zeros_like(target)
+    r = target.copy()
+    z = inv_diag * r
+    p = z.copy()
+    rz = float(r @ z)
+    stop = tol * tol * float(target @ (inv_diag * target))
+    for _ in range(4 * len(target)):
+        if rz <= stop:
+            break
+        q = system @ p
+        alpha = rz / float(p @ q)
+        x += alpha * p
+        r -= alpha * q
+        z = inv_diag * r
+        rz, previous = float(r @ z), rz
+        p = z + (rz / previous) * p
+    return x
+
+
+def _product(left: np.ndarray, middle: np.ndarray, right: np.ndarray) -> np.ndarray:
+    """left @ middle @ right.T by einsum, not BLAS: products this small cost well under a millisecond,
+    and BLAS's thread pool, when busy inference threads hold the cores, tens of milliseconds (measured)."""
+    return np.einsum("il,jl->ij", np.einsum("ik,kl->il", left, middle), right)
+
+
+def _block_sums(values: np.ndarray, blocks: tuple[int, int]) -> np.ndarray:
+    """Sums over BLOCK x BLOCK blocks of a float32 array whose sides are whole blocks (area resize: fast)."""
+    hb, wb = blocks
+    return cv2.resize(values, (wb, hb), interpolation=cv2.INTER_AREA) * np.float32(BLOCK * BLOCK)
+
+
+def _smooth(level: np.ndarray) -> np.ndarray:
+    """Both sides are low-passed before they are compared: a linear model of a sharp edge holds over a
+    fraction of a pixel, of a smoothed one over a pixel or two (the size of the bends to be found)."""
+    return cv2.GaussianBlur(level.astype(np.float32), (0, 0), SMOOTH_SIGMA)
+
+
+def _schur(normal: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per block: the 2x2 information about (dx, dy) once the local gain and offset are solved for, and the
+    2x2 map from the gain/offset part of the right-hand side to the displacement part."""
+    ndd, ndg, ngg = normal[:, :2, :2], normal[:, :2, 2:], normal[:, 2:, 2:]
+    det = ngg[:, 0, 0] * ngg[:, 1, 1] - ngg[:, 0, 1] * ngg[:, 1, 0]
+    ok = det > 1e-6 * np.maximum(ngg[:, 0, 0] * ngg[:, 1, 1], 1e-12)
+    inv = np.zeros_like(ngg)
+    inv[ok] = np.linalg.inv(ngg[ok])
+    gain_part = ndg @ inv
+    info = ndd - gain_part @ np.transpose(ndg, (0, 2, 1))
+    info[~ok] = 0
+    return info, gain_part
+
+
+def _bending() -> np.ndarray:
+    """[NODES², NODES²]: the bending energy (second differences along x, y and across) of a control grid."""
+    eye = np.eye(NODES)
+    d2 = np.diff(eye, 2, axis=0)
+    d1 = np.diff(eye, 1, axis=0)
+    ops = [np.kron(d2, eye), np.kron(eye, d2), math.sqrt(2) * np.kron(d1, d1)]
+    return sum(op.T @ op for op in ops)
+
+
+def to_level(image: np.ndarray, factor: int) -> np.ndarray:
+    """The field's level of a frame: area-averaged, luminance for colour, float32 in 8-bit grey units."""
+    from engines.registration import downscale
+
+    return downscale(image, factor)
