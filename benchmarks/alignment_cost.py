@@ -11,7 +11,10 @@ on the same frames in the same process, in turn:
 - ``affine``: ECC from the identity with the whole region as mask, then ``cv2.warpAffine``
   (how bundles fitted before the pose search register);
 - ``search``: the pose search and ECC on the region without the border zone (rigid bundles now);
-- ``field``: the same plus the smooth displacement field, folded into one remap (``--alignment nonrigid``).
+- ``occluders``: the search plus the sensor frame's occluders found and left out (a fit whose good
+  images show a fixture bar; the frames here have one);
+- ``field``: the same plus the smooth displacement field, folded into one remap (``--alignment
+  nonrigid``, or ``auto`` on a line that bends).
 
 Per preparation: median milliseconds of the whole preparation (registration, lighting fit,
 field, resampling; what ``inspectd predict`` reports as "registration"), its ratio to
@@ -37,6 +40,7 @@ from calibration import synth
 from calibration.fit_pipeline import _level_mask, registration_mask
 from engines import nonrigid as nr
 from engines import registration as reg
+from engines.sensor import SensorModel
 
 
 def references(design: np.ndarray) -> dict[str, reg.RegistrationReference]:
@@ -62,8 +66,14 @@ def references(design: np.ndarray) -> dict[str, reg.RegistrationReference]:
         )
 
     searched = build(registration_mask).with_search()
+    occluders = replace(searched, sensor=SensorModel(0.06 * size, design[None].astype(np.float16)))
     field = nr.FieldReference.from_full(design, weight, (size, size))
-    return {"affine": build(_level_mask), "search": searched, "field": replace(searched, field=field)}
+    return {
+        "affine": build(_level_mask),
+        "search": searched,
+        "occluders": occluders,
+        "field": replace(occluders, field=field),
+    }
 
 
 def frame(design: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray, tuple]:

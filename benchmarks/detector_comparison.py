@@ -99,7 +99,7 @@ def _row(line: str, seed: int, detector: str, summary: dict, manifest: dict) -> 
 def table(rows: list[dict]) -> str:
     sizes_head = " | ".join(f"R {s}" for s in SIZES)
     head = f"| line | seed | detector | F1 | P | R | FRR | AUROC | {sizes_head} | fit s | predict ms | ratio |"
-    lines = [head, "|" + "---|" * (12 + len(SIZES))]
+    lines = [head, "|" + "---|" * (11 + len(SIZES))]
     for r in rows:
         sizes = " | ".join("-" if r["recall_by_size"][s] is None else f"{r['recall_by_size'][s]:.2f}" for s in SIZES)
         ratio = "-" if r.get("predict_ratio") is None else f"{r['predict_ratio']:.2f}"

@@ -43,6 +43,17 @@ def fit_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--roi", type=Path, help="inspection-region mask (PNG, non-zero = inspect, image size)")
     parser.add_argument("--margin", type=int, help="px along the border left out of the region (default: automatic)")
+    parser.add_argument(
+        "--sensor-mask",
+        type=Path,
+        help="sensor-frame ignore mask (PNG, image size, non-zero = what the camera shows of itself: left out of "
+        "every frame wherever the part sits)",
+    )
+    parser.add_argument(
+        "--no-occluders",
+        action="store_true",
+        help="do not learn occluders (a fixture reaching in from an image edge) from the good images",
+    )
     parser.add_argument("--target-frr", type=float, default=0.005, help="false-reject rate to calibrate for")
     parser.add_argument("--folds", type=int, default=5, help="k for the k-fold calibration on good images")
     parser.add_argument("--core", type=int, default=1024, help="tile core side in px (multiple of 32)")
@@ -63,8 +74,8 @@ def fit_arguments(parser: argparse.ArgumentParser) -> None:
         "--alignment",
         choices=ALIGNMENTS,
         default=DEFAULT_ALIGNMENT,
-        help="rigid: the part's pose only; nonrigid: plus a smooth displacement field, for parts that bend "
-        f"(default {DEFAULT_ALIGNMENT})",
+        help="rigid: the part's pose only; nonrigid: plus a smooth displacement field, for parts that bend; "
+        f"auto: nonrigid where the good images bend (default {DEFAULT_ALIGNMENT})",
     )
     learned = parser.add_argument_group("learned and ensemble detectors (need the 'learned' extra: torch)")
     learned.add_argument("--steps", type=int, default=2000, help="training steps per network (default 2000)")
@@ -90,6 +101,8 @@ def fit_main(args: argparse.Namespace) -> int:
         max_shift_px=getattr(args, "max_shift", None),
         max_rotation_deg=getattr(args, "max_rotation", FitConfig.max_rotation_deg),
         alignment=getattr(args, "alignment", DEFAULT_ALIGNMENT),
+        occluders=not getattr(args, "no_occluders", False),
+        sensor_mask=str(args.sensor_mask) if getattr(args, "sensor_mask", None) else None,
     )
     if getattr(args, "detector", "template") in ("learned", "ensemble"):
         out = _fit_learned(args, dataset, config)

@@ -33,6 +33,7 @@ from tqdm import tqdm
 
 from calibration import tolerance_fit as tol
 from engines import registration as reg
+from engines import sensor
 from engines.bundle import CALIBRATION, REFERENCE, sha256_file, write_bundle
 from engines.decode import read_image
 from engines.errors import InspectError, UserError
@@ -40,12 +41,18 @@ from engines.graphs import ALIGN, HALO, LEVELS
 from engines.inspector import resident_inputs
 from engines.nonrigid import ALIGNMENTS, DEFAULT_ALIGNMENT, FieldReference, parameters
 from engines.onnxruntime_backend import OnnxRuntimeBackend
+from engines.sensor import SensorModel, learn_max_depth
 from engines.tiling import TilePlan, cell_grid
 from engines.tolerance import BLOCK
 from engines.types import MIN_SIDE, Geometry
 
 MIN_GOOD = 8
 STRIP = 64  # rows of the image the statistics take at a time: a strip's arrays stay in the CPU's cache
+# --alignment auto: a line gets the field where it removes more than this fraction of the residual of the
+# median good image's interior (each block's own gain and offset taken out). Measured on development lines:
+# parts that do not bend 0.001 or less (the field there only fits noise), parts bent by a 9x9 grid of
+# 0.8 px 0.09 (2048 px, with fixture, stronger light) to 0.66 (768 px).
+FIELD_GAIN_MIN = 0.02
 COARSE_FLOOR = 0.3  # grey levels (8-bit units)
 TRIM_FROM = 16  # images: below this the second-highest value is too poor an estimate of the range
 
@@ -67,6 +74,10 @@ class FitConfig:
     max_rotation_deg: float = 3.0  # registration limit, fit and run time
     min_correlation: float = 0.5
     alignment: str = DEFAULT_ALIGNMENT  # "rigid": the pose only; "nonrigid": plus a smooth field (parts that bend)
+    measured_bend_px: float | None = None  # "auto": the median good image's bend (px, set by the fit)
+    measured_field_gain: float | None = None  # "auto": the fraction of its residual the field removes (decides)
+    occluders: bool = True  # learn whether good images show the sensor frame's occluders (engines.sensor)
+    sensor_mask: str | None = None  # PNG, sensor frame, non-zero = leave out of every frame (--sensor-mask)
 
 
 @dataclass
@@ -109,12 +120,15 @@ def prepare_training(
         raise UserError(f"{images[0]}: images are {geometry.describe()}, expected at least {MIN_SIDE} px on each side")
     config = resolve_config(config, geometry)
     weight = inspection_region(geometry, roi, config.margin_px or 0)
-    reference = bootstrap_reference(images, geometry, weight, config, progress)
+    reference, levels = bootstrap_reference(images, geometry, weight, config, progress)
     training = register_all(images, geometry, weight, reference, tmp, progress, "registering (1/2)")
     # Register again against exactly the reference the bundle will carry, so the images the
     # statistics and thresholds are computed from were prepared as run time will prepare frames.
     mu = statistics(training, range(len(images)), config)["mu"]
-    reference = _final_reference(mu, weight, reference, config.alignment == "nonrigid")
+    reference = _final_reference(mu, weight, reference, config.alignment != "rigid")
+    if config.alignment == "auto":
+        config, reference = _choose_alignment(images, geometry, training, reference, config, progress)
+    reference = replace(reference, sensor=learn_sensor(levels, training, reference, mu, config))
     training = register_all(images, geometry, weight, reference, tmp, progress, "registering (2/2)")
     return training, reference, config
 
@@ -179,8 +193,11 @@ def _read_checked(path: Path, geometry: Geometry) -> np.ndarray:
 
 def bootstrap_reference(
     images: list[Path], geometry: Geometry, weight: np.ndarray, config: FitConfig, progress: bool
-) -> reg.RegistrationReference:
-    """A registration reference made from the images themselves (register to #0, average, repeat)."""
+) -> tuple[reg.RegistrationReference, list[tuple[np.ndarray, np.ndarray]]]:
+    """A registration reference made from the images themselves (register to #0, average, repeat).
+
+    Returns it with every image's (coarse, fine) registration levels, read once.
+    """
     coarse_f, fine_f = reg.level_factors(geometry.height, geometry.width)
     levels = []
     for path in tqdm(images, desc="reading", disable=not progress, unit="img"):
@@ -211,7 +228,75 @@ def bootstrap_reference(
         mean_fine = (fine_sum / len(images)).astype(np.float32)
         mean_coarse = cv2.resize(mean_fine, coarse0.shape[::-1], interpolation=cv2.INTER_AREA)
         ref = replace(ref, coarse=mean_coarse, fine=mean_fine, **limits).with_search()
-    return ref
+    return ref, levels
+
+
+def _choose_alignment(
+    images: list[Path],
+    geometry: Geometry,
+    training: Training,
+    reference: reg.RegistrationReference,
+    config: FitConfig,
+    progress: bool,
+) -> tuple[FitConfig, reg.RegistrationReference]:
+    """``--alignment auto``: non-rigid where the good images bend, rigid where they do not.
+
+    Each good image's field is estimated after its first-pass pose, and what it buys measured:
+    the fraction of the interior's residual against the reference it removes. Above
+    FIELD_GAIN_MIN for the median image the line bends and the field pays for itself; below, it
+    would only fit noise (it still "finds" a bend of some tenths of a pixel). Both are recorded.
+    """
+    assert reference.field is not None
+    field = reference.field
+    bends, gains = [], []
+    for i, path in enumerate(tqdm(images, desc="measuring bends", disable=not progress, unit="img")):
+        level = reg.downscale(_read_checked(path, geometry), field.factor)
+        found = field.estimate(level, training.poses[i])
+        before = field.residual_energy(level, training.poses[i], None)
+        after = field.residual_energy(level, training.poses[i], found)
+        bends.append(found.interior_bend())
+        gains.append(1 - after / before if before > 0 else 0.0)
+    gain = float(np.median(gains))
+    chosen = "nonrigid" if gain > FIELD_GAIN_MIN else "rigid"
+    config = replace(
+        config, alignment=chosen, measured_bend_px=round(float(np.median(bends)), 3), measured_field_gain=round(gain, 4)
+    )
+    return config, reference if chosen == "nonrigid" else replace(reference, field=None)
+
+
+def learn_sensor(
+    levels: list[tuple[np.ndarray, np.ndarray]],
+    training: Training,
+    reference: reg.RegistrationReference,
+    mu: np.ndarray,
+    config: FitConfig,
+) -> SensorModel | None:
+    """What to leave out of every frame: occluders as deep as the good images show them, and the user's mask.
+
+    The good images' occluders are found against the reference the bundle carries, with each
+    image's pose and lighting from the first registration pass. None when there is nothing to leave out.
+    """
+    user = read_sensor_mask(Path(config.sensor_mask), training.geometry) if config.sensor_mask else None
+    depth = 0.0
+    if config.occluders:
+        frames = [
+            (fine, reg.expected_on_level(reference, reg.Pose(matrix, 1.0), coef))
+            for (_, fine), matrix, coef in zip(levels, training.poses, training.coefs, strict=True)
+        ]
+        depth = learn_max_depth(frames, reference.factors[1], reference.full_shape)
+    model = SensorModel(depth, mu, user)
+    return model if model.active else None
+
+
+def read_sensor_mask(path: Path, geometry: Geometry) -> np.ndarray:
+    """A sensor-frame ignore mask (PNG, non-zero = leave out) of the images' size, as a bool array."""
+    mask = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
+    if mask is None:
+        raise UserError(f"{path}: not a readable mask image (expected a PNG, non-zero = leave out)")
+    if mask.shape != (geometry.height, geometry.width):
+        h, w = mask.shape
+        raise UserError(f"{path}: mask is {w}x{h}, expected {geometry.width}x{geometry.height} like the images")
+    return mask > 0
 
 
 def _final_reference(
@@ -634,6 +719,8 @@ def write_fitted_bundle(
     }
     if registration.field is not None:
         reference.update(reg_field=registration.field.level, reg_field_mask=registration.field.mask)
+    if registration.sensor is not None and registration.sensor.user_mask is not None:
+        reference["sensor_mask"] = np.packbits(registration.sensor.user_mask, axis=None)
     manifest = {
         "detector": detector,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -648,6 +735,8 @@ def write_fitted_bundle(
             "search": registration.search is not None,  # coarse pose search before ECC (absent: none)
             # the smooth field after the pose (absent: rigid), with what its estimation depended on
             **({"field": {"factor": registration.field.factor, **parameters()}} if registration.field else {}),
+            # what of the sensor frame is left out of every frame (absent: nothing)
+            **({"sensor": _sensor_manifest(registration.sensor)} if registration.sensor else {}),
         },
         "fit_config": asdict(config),
         "training": fingerprint(images),
@@ -659,6 +748,14 @@ def write_fitted_bundle(
         CALIBRATION: lambda p: p.write_text(json.dumps(calibration, indent=2) + "\n", encoding="utf-8"),
     }
     return write_bundle(out, manifest, writers)
+
+
+def _sensor_manifest(model: SensorModel) -> dict:
+    return {
+        "max_depth_px": round(model.max_depth, 2),
+        "user_mask": model.user_mask is not None,
+        **sensor.parameters(),
+    }
 
 
 def _save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:

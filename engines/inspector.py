@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from engines import nonrigid
+from engines import nonrigid, sensor
 from engines import registration as reg
 from engines.backend import Backend
 from engines.bundle import GRAPH_FP16, GRAPH_FP32, Bundle
@@ -68,9 +68,25 @@ def registration_reference(bundle: Bundle, ref: dict[str, np.ndarray]) -> reg.Re
         max_rotation_deg=float(cfg["max_rotation_deg"]),
         min_correlation=float(cfg["min_correlation"]),
         field=field,
+        sensor=_sensor_model(bundle, cfg, ref, full_shape),
     )
     # bundles from before the coarse pose search start ECC at the identity, as they were calibrated
     return registration.with_search() if cfg.get("search", False) else registration
+
+
+def _sensor_model(
+    bundle: Bundle, cfg: dict, ref: dict[str, np.ndarray], full_shape: tuple[int, int]
+) -> sensor.SensorModel | None:
+    """What of the sensor frame the bundle leaves out of every frame (None for bundles from before it)."""
+    if "sensor" not in cfg:
+        return None
+    recorded = {k: v for k, v in cfg["sensor"].items() if k not in ("max_depth_px", "user_mask")}
+    if recorded != sensor.parameters():
+        raise BundleError(f"{bundle.path}: fitted with other occluder parameters; refit the model")
+    user = None
+    if cfg["sensor"]["user_mask"]:
+        user = np.unpackbits(ref["sensor_mask"], count=full_shape[0] * full_shape[1]).reshape(full_shape) > 0
+    return sensor.SensorModel(float(cfg["sensor"]["max_depth_px"]), ref["mu"], user)
 
 
 def resident_inputs(plan: TilePlan, ref: dict[str, np.ndarray], dtype: np.dtype = np.float32) -> dict[str, np.ndarray]:

@@ -32,8 +32,9 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-ALIGNMENTS = ("rigid", "nonrigid")  # what a fit may choose: the pose only, or the pose and a field
-DEFAULT_ALIGNMENT = "rigid"
+# what a fit may choose: the pose only, the pose and a field, or let the good images decide (do they bend?)
+ALIGNMENTS = ("auto", "rigid", "nonrigid")
+DEFAULT_ALIGNMENT = "auto"
 FIELD_SIDE = 1280  # px: long side of the level the field is estimated on
 BLOCK = 32  # px at that level: one local shift measurement per block
 NODES = 17  # control points per axis of the cubic B-spline (over the whole image)
@@ -116,6 +117,13 @@ class Field:
         dx, dy = self.at(xs, ys)
         return float(np.hypot(dx, dy).max())
 
+    def interior_bend(self) -> float:
+        """The 95th percentile of the field's length over the image without its outer 6 % (px)."""
+        xs = np.linspace(0.06, 0.94, 17) * (self.shape[1] - 1)
+        ys = np.linspace(0.06, 0.94, 17) * (self.shape[0] - 1)
+        dx, dy = self.at(xs, ys)
+        return float(np.percentile(np.hypot(dx, dy), 95))
+
     def resample(self, image: np.ndarray, matrix: np.ndarray) -> np.ndarray:
         """``image`` (the frame) resampled on the reference grid through the pose ``matrix`` and this field."""
         h, w = image.shape[:2]
@@ -167,7 +175,7 @@ class FieldReference:
         jac = np.stack([-gx, -gy, ref, np.ones_like(ref)]) * weight  # r ~ -gx dx - gy dy + a R + b
         normal = np.stack([_block_sums(jac[i] * jac[j], (hb, wb)) for i in range(4) for j in range(4)], axis=-1)
         normal = normal.reshape(-1, 4, 4).astype(np.float64)
-        info, gain_part = _schur(normal)
+        info, gain_part, gain_inverse = _schur(normal)
         # per block, the pseudo-inverse of the 4x4 normal matrix: what the block's own shift, gain and
         # offset explain of its residual is misalignment; what they cannot explain is something else
         scale = np.sqrt(np.maximum(np.einsum("bii->bi", normal), 1e-12))
@@ -183,6 +191,8 @@ class FieldReference:
             "_smooth_level": _smooth(self.level),
             "_inverse": inverse,
             "_gain_part": gain_part,
+            "_gain_inverse": gain_inverse,
+            "_interior": _interior_blocks((hb, wb)),
             "_block_bx": _basis(_level_coords(wb, self.factor * BLOCK), self.full_shape[1]),
             "_block_by": _basis(_level_coords(hb, self.factor * BLOCK), self.full_shape[0]),
             "_bending": _bending(),
@@ -208,8 +218,12 @@ class FieldReference:
         small = cv2.resize(region.astype(np.float32), level.shape[::-1], interpolation=cv2.INTER_AREA)
         return cls(factor, level, ((small > 0.5) * 255).astype(np.uint8), full_shape)
 
-    def estimate(self, frame_level: np.ndarray, matrix: np.ndarray) -> Field:
-        """The smooth field that, added to the pose ``matrix``, best aligns ``frame_level`` (this level)."""
+    def estimate(self, frame_level: np.ndarray, matrix: np.ndarray, hidden: np.ndarray | None = None) -> Field:
+        """The smooth field that, added to the pose ``matrix``, best aligns ``frame_level`` (this level).
+
+        ``hidden``: bool [h, w] on this level in the reference frame, what the frame does not show of
+        the part (an occluder, see engines.sensor); blocks that it touches do not count.
+        """
         from engines.registration import _scale_matrix
 
         h, w = self.level.shape
@@ -224,6 +238,9 @@ class FieldReference:
         # the field at zero where no block says anything (the pose already holds the rigid part)
         per_node = self._scale * (hb * wb) / NODES**2
         bending = per_node * (SMOOTHNESS * self._bending + RIDGE * np.eye(NODES * NODES))
+        shown = np.ones(hb * wb, bool)
+        if hidden is not None:
+            shown = _block_sums(np.pad(hidden.astype(np.float32), self._pad), (hb, wb)).reshape(-1) == 0
         for _ in range(STEPS):
             dx, dy = (self._on_level(c.reshape(NODES, NODES), (w, h)) for c in coef)
             warped = cv2.remap(frame, base_x + dx, base_y + dy, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
@@ -232,11 +249,36 @@ class FieldReference:
             energy = _block_sums(resid * resid, (hb, wb)).reshape(-1).astype(np.float64)
             theta = np.einsum("bij,bj->bi", self._inverse, rhs)  # each block's own shift, gain and offset
             explained = np.einsum("bi,bi->b", rhs, theta)
-            weights = self._robust_weights(np.maximum(energy - explained, 0), theta[:, 2])
+            weights = self._robust_weights(np.maximum(energy - explained, 0), theta[:, 2]) * shown
             g = rhs[:, :2] - np.einsum("bij,bj->bi", self._gain_part, rhs[:, 2:])
             coef += self._solve(weights, g, coef, bending)
             np.clip(coef, -MAX_PX / self.factor, MAX_PX / self.factor, out=coef)
         return Field((coef * self.factor).reshape(2, NODES, NODES), self.full_shape)
+
+    def residual_energy(self, frame_level: np.ndarray, matrix: np.ndarray, field: Field | None) -> float:
+        """What is left of the smoothed residual against the reference (sum of squares over the measured pixels of
+        the interior, each block's own gain and offset taken out) after the pose ``matrix`` and, if given,
+        ``field``: how much a field buys shows as the drop."""
+        from engines.registration import _scale_matrix
+
+        h, w = self.level.shape
+        a = _scale_matrix(np.asarray(matrix, np.float64), (h, w), self.full_shape)
+        xs, ys = np.arange(w, dtype=np.float32)[None, :], np.arange(h, dtype=np.float32)[:, None]
+        map_x = (a[0, 0] * xs + a[0, 1] * ys + a[0, 2]).astype(np.float32)
+        map_y = (a[1, 0] * xs + a[1, 1] * ys + a[1, 2]).astype(np.float32)
+        if field is not None:
+            coef = field.coef.reshape(2, -1) / self.factor
+            map_x += self._on_level(coef[0].reshape(NODES, NODES), (w, h))
+            map_y += self._on_level(coef[1].reshape(NODES, NODES), (w, h))
+        warped = cv2.remap(
+            frame_level.astype(np.float32), map_x, map_y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE
+        )
+        resid = np.pad(_smooth(warped) - self._smooth_level, self._pad) * self._weight
+        # each block's own gain and offset taken out first: lighting is not what a field could buy
+        rhs = np.stack([_block_sums(j * resid, self._blocks).reshape(-1) for j in self._jac[2:]], axis=1)
+        energy = _block_sums(resid * resid, self._blocks).reshape(-1).astype(np.float64)
+        explained = np.einsum("bi,bij,bj->b", rhs, self._gain_inverse, rhs)
+        return float(np.maximum(energy - explained, 0)[self._interior].sum())
 
     def _on_level(self, coef: np.ndarray, size: tuple[int, int]) -> np.ndarray:
         """One component of the field at every pixel of the level: on a LEVEL_STEP grid, then bilinear."""
@@ -247,15 +289,21 @@ class FieldReference:
     def _robust_weights(self, energy: np.ndarray, gain: np.ndarray) -> np.ndarray:
         """Blocks that are not just a bent piece of the part lose weight.
 
-        1 for blocks whose unexplained residual per pixel is typical, falling as 1/excess beyond
-        ROBUST x the median: what no local shift, gain and offset explain is not a bend (clutter,
+        1 for blocks whose unexplained residual per pixel is typical (of the interior, or of the border
+        band), falling as 1/excess beyond ROBUST x the median: what no local shift, gain and offset
+        explain is not a bend (clutter,
         a foreign particle). And 0 where the block's own gain strays more than GAIN_LIMIT from
         the typical one: light changes the gain by some ten percent, vignetting by a few tens; a
         missing structure or a fixture bar over the part "explains" itself as a gain near -1.
         """
         used = self._pixels > 0
         per_pixel = np.where(used, energy / np.maximum(self._pixels, 1), 0)
-        typical = max(float(np.median(per_pixel[used])) if used.any() else 1.0, NOISE_FLOOR)
+        # typical per zone: the border band's residual (blur, glow, clutter) is larger everywhere along it,
+        # and judged by the interior's its blocks would all be left out and the field guessed there
+        typical = np.full(per_pixel.shape, NOISE_FLOOR)
+        for zone in (self._interior, ~self._interior):
+            if (used & zone).any():
+                typical[zone] = max(float(np.median(per_pixel[used & zone])), NOISE_FLOOR)
         weight = np.minimum(1.0, ROBUST * typical / np.maximum(per_pixel, 1e-12))
         informative = used & (self._info[:, 0, 0] + self._info[:, 1, 1] > 0)
         stray = np.abs(gain - (float(np.median(gain[informative])) if informative.any() else 0.0))
@@ -340,6 +388,16 @@ def _product(left: np.ndarray, middle: np.ndarray, right: np.ndarray) -> np.ndar
     return np.einsum("il,jl->ij", np.einsum("ik,kl->il", left, middle), right)
 
 
+def _interior_blocks(blocks: tuple[int, int]) -> np.ndarray:
+    """Blocks whose centre lies in the image without its outer 6 % (where the sensor frame's clutter lives)."""
+    hb, wb = blocks
+    cy = (np.arange(hb) + 0.5) / hb
+    cx = (np.arange(wb) + 0.5) / wb
+    inside_y = (cy > 0.06) & (cy < 0.94)
+    inside_x = (cx > 0.06) & (cx < 0.94)
+    return (inside_y[:, None] & inside_x[None, :]).reshape(-1)
+
+
 def _block_sums(values: np.ndarray, blocks: tuple[int, int]) -> np.ndarray:
     """Sums over BLOCK x BLOCK blocks of a float32 array whose sides are whole blocks (area resize: fast)."""
     hb, wb = blocks
@@ -352,9 +410,10 @@ def _smooth(level: np.ndarray) -> np.ndarray:
     return cv2.GaussianBlur(level.astype(np.float32), (0, 0), SMOOTH_SIGMA)
 
 
-def _schur(normal: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per block: the 2x2 information about (dx, dy) once the local gain and offset are solved for, and the
-    2x2 map from the gain/offset part of the right-hand side to the displacement part."""
+def _schur(normal: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per block: the 2x2 information about (dx, dy) once the local gain and offset are solved for, the
+    2x2 map from the gain/offset part of the right-hand side to the displacement part, and the inverse
+    of the gain/offset part of the normal matrix (zero where singular)."""
     ndd, ndg, ngg = normal[:, :2, :2], normal[:, :2, 2:], normal[:, 2:, 2:]
     det = ngg[:, 0, 0] * ngg[:, 1, 1] - ngg[:, 0, 1] * ngg[:, 1, 0]
     ok = det > 1e-6 * np.maximum(ngg[:, 0, 0] * ngg[:, 1, 1], 1e-12)
@@ -363,7 +422,7 @@ def _schur(normal: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     gain_part = ndg @ inv
     info = ndd - gain_part @ np.transpose(ndg, (0, 2, 1))
     info[~ok] = 0
-    return info, gain_part
+    return info, gain_part, inv
 
 
 def _bending() -> np.ndarray:

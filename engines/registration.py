@@ -28,6 +28,7 @@ MIN_LEVEL_SIDE = 64  # px: the short side of a registration level is never broug
 
 if TYPE_CHECKING:
     from engines.nonrigid import Field, FieldReference
+    from engines.sensor import SensorModel
 
 
 def level_factors(height: int, width: int) -> tuple[int, int]:
@@ -227,6 +228,7 @@ class RegistrationReference:
     min_correlation: float
     search: PoseSearch | None = None  # None (bundles from before the search): ECC starts at the identity
     field: FieldReference | None = None  # None: rigid alignment only (bundles fitted without --alignment nonrigid)
+    sensor: SensorModel | None = None  # None: nothing of the sensor frame is left out (bundles from before it)
 
     def with_search(self) -> RegistrationReference:
         """This reference with a coarse pose search built from its coarse level and mask."""
@@ -413,11 +415,13 @@ def tile_photometric(
 
 @dataclass(frozen=True)
 class Aligned:
-    """A frame brought onto the reference: its pose (with the field, if any), lighting model and resampled pixels."""
+    """A frame brought onto the reference: its pose (with the field, if any), lighting model and resampled pixels,
+    and how many of them showed the sensor frame's clutter (replaced by the reference, see engines.sensor)."""
 
     pose: Pose
     coef: np.ndarray
     registered: np.ndarray
+    left_out: int = 0
 
 
 def align(image: np.ndarray, ref: RegistrationReference) -> Aligned:
@@ -431,11 +435,40 @@ def align(image: np.ndarray, ref: RegistrationReference) -> Aligned:
     fine = downscale(image, fine_f) if fine_f != coarse_f else coarse
     pose = ref.register(coarse, fine)
     coef = ref.photometric(coarse, pose)
+    clutter = None
+    if ref.sensor is not None and ref.sensor.active:
+        clutter = ref.sensor.frame_clutter(fine, expected_on_level(ref, pose, coef), fine_f) or None
     if ref.field is not None:
         levels = {coarse_f: coarse, fine_f: fine}
         level = levels[ref.field.factor] if ref.field.factor in levels else downscale(image, ref.field.factor)
-        pose = replace(pose, field=ref.field.estimate(level, pose.matrix))
-    return Aligned(pose, coef, warp_to_reference(image, pose))
+        hidden = None
+        if clutter is not None:
+            hidden = np.zeros(level.shape, bool)
+            for rows, cols, mask in clutter.in_reference(pose.matrix, ref.full_shape, step=ref.field.factor):
+                hidden[rows, cols] |= mask
+        pose = replace(pose, field=ref.field.estimate(level, pose.matrix, hidden))
+    registered = warp_to_reference(image, pose)
+    left_out = 0
+    if clutter is not None:
+        from engines.sensor import leave_out
+
+        grow = 0.0 if pose.field is None else pose.field.magnitude  # the field moves the part a little further
+        pieces = clutter.in_reference(pose.matrix, ref.full_shape, grow=grow)
+        unit = 1 / 257 if image.dtype == np.uint16 else 1.0
+        left_out = leave_out(registered, pieces, ref.sensor.mean, coef, unit)
+    return Aligned(pose, coef, registered, left_out)
+
+
+def expected_on_level(ref: RegistrationReference, pose: Pose, coef: np.ndarray) -> np.ndarray:
+    """The reference part as the frame should show it on the fine level: lit like the frame, posed (sensor frame)."""
+    h, w = ref.fine.shape
+    sy, sx = ref.full_shape[0] / h, ref.full_shape[1] / w
+    xs = (np.arange(w) * sx + (sx - 1) / 2)[None, :]
+    ys = (np.arange(h) * sy + (sy - 1) / 2)[:, None]
+    gain, offset = lighting_fields(coef, xs, ys, ref.full_shape)
+    lit = gain * ref.fine + offset
+    matrix = _scale_matrix(pose.matrix, (h, w), ref.full_shape)
+    return cv2.warpAffine(lit, matrix, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
 
 
 def warp_to_reference(image: np.ndarray, pose: Pose) -> np.ndarray:

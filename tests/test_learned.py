@@ -174,7 +174,7 @@ def training(dataset: Dataset) -> tuple:
     weight = fp.inspection_region(geometry, None, config.margin_px or 0)
     tmp = Path(tempfile.mkdtemp())
     try:
-        reference = fp.bootstrap_reference(images, geometry, weight, config, False)
+        reference, _ = fp.bootstrap_reference(images, geometry, weight, config, False)
         data = fp.register_all(images, geometry, weight, reference, tmp, False, "registering")
         data.registered = np.array(data.registered)  # off the temporary memmap
         stats = [fp.statistics(data, [i for i in range(len(images)) if i % 2 != f], config) for f in range(2)]

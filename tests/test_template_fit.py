@@ -377,3 +377,81 @@ def test_a_bundle_with_other_field_parameters_is_refused(nonrigid_dir):
     manifest["registration"]["field"]["nodes"] += 1
     with pytest.raises(BundleError, match="refit"):
         registration_reference(replace(bundle, manifest=manifest), bundle.reference())
+
+
+def test_a_sensor_mask_leaves_what_it_covers_out_of_every_frame(dataset, bundle_dir, tmp_path):
+    """--sensor-mask: a dot under the (sensor-frame) mask no longer rejects its frame; elsewhere it still would.
+
+    The control: the same dot is rejected by the bundle fitted without the mask.
+    """
+    dot = next(s for s in dataset.test if s.kind == "dot")
+    covered = cv2.dilate((read_image(dot.mask) > 0).astype(np.uint8) * 255, np.ones((15, 15), np.uint8))
+    mask_path = write_png(tmp_path / "sensor.png", covered)
+    out = fit_template(
+        dataset.train_good, tmp_path / "masked", config=FitConfig(sensor_mask=str(mask_path)), progress=False
+    )
+    assert Bundle.load(out).manifest["registration"]["sensor"]["user_mask"] is True
+    with Inspector.load(out, "onnxruntime") as masked, Inspector.load(bundle_dir, "onnxruntime") as plain:
+        assert plain.inspect_path(dot.path).verdict == "reject"
+        assert masked.inspect_path(dot.path).verdict == "pass"
+        other = next(s for s in dataset.test if s.kind == "dot" and s.path != dot.path)
+        assert masked.inspect_path(other.path).verdict == "reject"
+
+
+def test_a_sensor_mask_of_the_wrong_size_is_a_one_line_error(dataset, tmp_path):
+    mask_path = write_png(tmp_path / "small.png", np.full((10, 12), 255, np.uint8))
+    with pytest.raises(UserError) as info:
+        fit_template(dataset.train_good, tmp_path / "m", config=FitConfig(sensor_mask=str(mask_path)), progress=False)
+    assert "12x10" in str(info.value) and "\n" not in str(info.value)
+    assert not (tmp_path / "m").exists()
+
+
+@pytest.mark.parametrize("fixture", [True, False])
+def test_occluders_are_learned_only_where_good_images_show_them(tmp_path, fixture):
+    """A line with a fixture bar on a random side learns an occluder depth between the deepest bar and the band;
+    a line without a border band (no bar) learns none, and its bundle leaves nothing out."""
+    from calibration.synth import SynthConfig, write_dataset
+
+    band = 0.04 if fixture else 0.0
+    config = SynthConfig(
+        size=512, seed=9, train=8, test_good=0, per_kind=0, fixture="random", fixture_depth=(0.25, 0.55),
+        border_band=band, workers=1,
+    )  # fmt: skip
+    meta = write_dataset(tmp_path / "line", config, progress=False)
+    images = sorted((tmp_path / "line" / "train" / "good").iterdir())
+    _, reference, _ = fp.prepare_training(images, None, FitConfig(), tmp_path, False, "template")
+    if not fixture:
+        assert reference.sensor is None
+        return
+    deepest = max(bar["depth_px"] + abs(bar["tilt_px"]) for image in meta["images"] for bar in image["fixture"])
+    assert deepest <= reference.sensor.max_depth <= meta["band_px"] * 1.25
+
+
+@pytest.mark.parametrize(("bend", "chosen"), [(0.8, "nonrigid"), (0.0, "rigid")])
+def test_auto_alignment_follows_whether_the_good_images_bend(tmp_path, bend, chosen):
+    """--alignment auto (the default) measures the good images' bends: bent parts get the field, rigid ones not."""
+    from calibration.synth import SynthConfig, write_dataset
+
+    config = SynthConfig(size=512, seed=4, train=8, test_good=0, per_kind=0, bend_px=bend, workers=1)
+    write_dataset(tmp_path / "line", config, progress=False)
+    images = sorted((tmp_path / "line" / "train" / "good").iterdir())
+    _, reference, resolved = fp.prepare_training(images, None, FitConfig(), tmp_path, False, "template")
+    print(f"bend {bend}: {resolved.measured_bend_px} px, gain {resolved.measured_field_gain}: {resolved.alignment}")
+    assert resolved.alignment == chosen and (reference.field is not None) == (chosen == "nonrigid")
+    assert (resolved.measured_field_gain > fp.FIELD_GAIN_MIN) == (chosen == "nonrigid")
+
+
+def test_bundles_from_before_keep_their_registration(bundle_dir):
+    """A manifest without the pose search, the field and the sensor model (older bundles) registers as before:
+    ECC from the identity, rigid, nothing left out."""
+    from dataclasses import replace
+
+    from engines.inspector import registration_reference
+
+    bundle = Bundle.load(bundle_dir)
+    manifest = json.loads(json.dumps(bundle.manifest))
+    for key in ("search", "field", "sensor"):
+        manifest["registration"].pop(key, None)
+    old = registration_reference(replace(bundle, manifest=manifest), bundle.reference())
+    assert old.search is None and old.field is None and old.sensor is None
+    assert registration_reference(bundle, bundle.reference()).search is not None

@@ -1,0 +1,236 @@
+"""The sensor frame's clutter: what the camera shows of itself at the image edges, found per frame and left out.
+
+A fixture bar, a clamp or a cable that reaches into the field of view stays with the camera
+while the part moves under it. Where it covers the part there is nothing to inspect, and its
+edge, sharp and dark against the part, is the largest "anomaly" a good image can show. Good
+parts differ in how deep it reaches and on which side, so no fixed statistic of good images
+covers the next part; the frame itself shows where it is.
+
+Per frame (``SensorModel.occluders``), on the fine registration level, in the sensor frame:
+the part as the reference expects it there (its mean, posed and lit like the frame) is
+compared with the frame. An *occluder* is where the frame is much darker than the part would
+be (``DARK`` of the expected grey, at least ``MIN_DARK`` levels), attached to an image edge,
+and long along it (``MIN_RUN`` of the edge): no defect is that. Its depth from the edge is
+capped by what the good images showed (``max_depth``, learned by ``learn_max_depth``, with
+``DEPTH_SLACK``); a fit whose good images show none learns 0 and nothing is ever left out.
+The occluded pixels, grown by the edge's blur and a fine-level pixel, and those of a user's
+sensor-frame ignore mask (``inspectd fit --sensor-mask``), are replaced in the registered
+frame by the reference mean under the frame's lighting: they score nothing, fine or coarse,
+in any detector, and the fit's statistics never see the fixture.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+DARK = 0.4  # an occluder is darker than the part would be there by this fraction of the expected grey...
+MIN_DARK = 12.0  # ...and by at least this many grey levels (8-bit units)
+MIN_RUN = 0.35  # fraction of an edge's length an occluder covers at least
+FILL = 0.6  # of the rows between the edge and an occluder's depth, at least this fraction are dark
+MARGIN_PX = 2  # full-resolution px grown around an occluder (its blurred edge) besides one fine-level pixel
+DEPTH_SLACK = 0.25  # an occluder may reach this fraction deeper than the deepest one the good images showed
+ZONE = 0.06  # fraction of the shorter side within which occluders are looked for while learning
+
+
+def parameters() -> dict[str, float]:
+    """What a bundle records of the occluder detection, so a bundle is never run with other constants."""
+    return {"dark": DARK, "min_dark": MIN_DARK, "min_run": MIN_RUN, "fill": FILL, "margin_px": MARGIN_PX}
+
+
+def _edge_view(img: np.ndarray, edge: int) -> np.ndarray:
+    """A view whose row index is the distance from ``edge`` (0 top, 1 bottom, 2 left, 3 right)."""
+    if edge == 0:
+        return img
+    if edge == 1:
+        return img[::-1]
+    if edge == 2:
+        return img.swapaxes(0, 1)
+    return img[:, ::-1].swapaxes(0, 1)
+
+
+def occluder_depths(frame: np.ndarray, expected: np.ndarray, limit: int) -> list[np.ndarray]:
+    """Per edge, for each position along it, how many rows (this level's px) an occluder covers (0: none).
+
+    ``frame`` and ``expected`` are the frame and the posed, lit reference on one level, in the
+    sensor frame; ``limit`` caps the depth (rows).
+    """
+    dark = (expected - frame) > np.maximum(MIN_DARK, DARK * expected)
+    depths = []
+    for edge in range(4):
+        rows = _edge_view(dark, edge)[: max(limit, 0)]
+        if rows.size == 0:
+            depths.append(np.zeros(_edge_view(dark, edge).shape[1], np.int32))
+            continue
+        # deepest dark row whose rows from the edge are mostly dark (clutter on the bar leaves gaps)
+        filled = np.cumsum(rows, axis=0) >= FILL * np.arange(1, len(rows) + 1)[:, None]
+        candidate = rows & filled
+        depth = np.where(candidate.any(axis=0), len(rows) - np.argmax(candidate[::-1], axis=0), 0)
+        depths.append(_long_runs(depth.astype(np.int32)))
+    return depths
+
+
+def _long_runs(depth: np.ndarray) -> np.ndarray:
+    """Keep the positions of runs (gaps of a few percent closed) that cover MIN_RUN of the edge."""
+    n = len(depth)
+    covered = (depth > 0).astype(np.uint8)[None, :]
+    gap = max(3, int(0.03 * n)) | 1
+    closed = cv2.morphologyEx(covered, cv2.MORPH_CLOSE, np.ones((1, gap), np.uint8))[0] > 0
+    keep = np.zeros(n, bool)
+    start = None
+    for i, on in enumerate([*closed, False]):
+        if on and start is None:
+            start = i
+        elif not on and start is not None:
+            if i - start >= MIN_RUN * n:
+                keep[start:i] = True
+            start = None
+    # a conservative depth inside a kept run: the deepest over a small neighbourhood (bridges the gaps)
+    spread = cv2.dilate(depth.astype(np.float32)[None, :], np.ones((1, gap), np.uint8))[0]
+    return np.where(keep, spread, 0).astype(np.int32)
+
+
+@dataclass(frozen=True)
+class SensorModel:
+    """Occluders learned from the good images (a depth limit), and the user's sensor-frame ignore mask."""
+
+    max_depth: float  # full-resolution px an occluder may reach from the edge; 0: the good images showed none
+    mean: np.ndarray  # [C, H, W] the reference mean (8-bit grey units) that replaces what is left out
+    user_mask: np.ndarray | None = None  # bool [H, W], sensor frame, True = ignore (``--sensor-mask``)
+
+    @property
+    def active(self) -> bool:
+        return self.max_depth > 0 or self.user_mask is not None
+
+    def frame_clutter(self, frame: np.ndarray, expected: np.ndarray, factor: int) -> FrameClutter:
+        """What to leave out of this frame: its occluders (``frame``/``expected`` on a level ``factor`` times
+        smaller) and the user's mask, in the sensor frame."""
+        depths: dict[int, np.ndarray] = {}
+        if self.max_depth > 0:
+            h, w = self.mean.shape[1:]
+            cap = math.ceil(self.max_depth) + MARGIN_PX
+            for edge, depth in enumerate(occluder_depths(frame, expected, math.ceil(self.max_depth / factor))):
+                if depth.any():
+                    length = w if edge < 2 else h
+                    full = np.repeat(np.minimum((depth + 1) * factor + MARGIN_PX, cap), factor)[:length]
+                    depths[edge] = np.pad(full, (0, length - len(full)), mode="edge").astype(np.int32)
+        return FrameClutter(depths, self.user_mask)
+
+
+@dataclass(frozen=True)
+class FrameClutter:
+    """What one frame shows of the sensor frame's clutter, in the sensor frame (full-resolution pixels)."""
+
+    depths: dict[int, np.ndarray]  # edge (0 top, 1 bottom, 2 left, 3 right) -> occluder depth at each place along it
+    user_mask: np.ndarray | None = None  # bool [H, W]
+
+    def __bool__(self) -> bool:
+        return bool(self.depths) or (self.user_mask is not None and bool(self.user_mask.any()))
+
+    def boxes(self, shape: tuple[int, int]) -> list[tuple[int, int, int, int]]:
+        """Sensor-frame boxes (y0, y1, x0, x1) that hold everything to leave out."""
+        h, w = shape
+        out = []
+        for edge, depth in self.depths.items():
+            # beyond the image too: a part moved away from that edge shows the camera's border there (replicated)
+            d = int(depth.max())
+            boxes = [(-h, d, -w, 2 * w), (h - d, 2 * h, -w, 2 * w), (-h, 2 * h, -w, d), (-h, 2 * h, w - d, 2 * w)]
+            out.append(boxes[edge])
+        if self.user_mask is not None and self.user_mask.any():
+            ys, xs = np.nonzero(self.user_mask.any(axis=1))[0], np.nonzero(self.user_mask.any(axis=0))[0]
+            out.append((int(ys[0]), int(ys[-1]) + 1, int(xs[0]), int(xs[-1]) + 1))
+        return out
+
+    def covers(self, qy: np.ndarray, qx: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+        """Whether sensor-frame points (full-resolution coordinates) are left out."""
+        h, w = shape
+        ry, rx = np.rint(qy).astype(np.int64), np.rint(qx).astype(np.int64)
+        hit = np.zeros(qy.shape, bool)
+        for edge, depth in self.depths.items():
+            along = np.clip(rx if edge < 2 else ry, 0, len(depth) - 1)
+            into = (ry, h - 1 - ry, rx, w - 1 - rx)[edge]
+            hit |= into < depth[along]
+        if self.user_mask is not None:
+            inside = (ry >= 0) & (ry < h) & (rx >= 0) & (rx < w)
+            hit[inside] |= self.user_mask[ry[inside], rx[inside]]
+        return hit
+
+    def in_reference(
+        self, matrix: np.ndarray, shape: tuple[int, int], step: int = 1, grow: float = 0.0
+    ) -> list[tuple[slice, slice, np.ndarray]]:
+        """Where the reference frame of a frame with pose ``matrix`` (reference -> frame) shows what is left out.
+
+        Returns (rows, cols, mask) pieces on a grid of every ``step``-th full-resolution pixel (a
+        level ``step`` times smaller, pixel centres as ``cv2.resize`` has them), each covering one
+        box of ``boxes`` seen from the reference; ``grow`` px are added all round (a field's shift).
+        """
+        h, w = shape
+        inverse = cv2.invertAffineTransform(np.asarray(matrix, np.float64))
+        pieces = []
+        for y0, y1, x0, x1 in self.boxes(shape):
+            corners = np.array([[x0, y0, 1], [x1, y0, 1], [x0, y1, 1], [x1, y1, 1]], np.float64) @ inverse.T
+            lo = np.floor(corners.min(axis=0) - grow - 1)
+            hi = np.ceil(corners.max(axis=0) + grow + 1)
+            rows = slice(max(0, int(lo[1]) // step), min(-(-h // step), int(hi[1]) // step + 1))
+            cols = slice(max(0, int(lo[0]) // step), min(-(-w // step), int(hi[0]) // step + 1))
+            if rows.start >= rows.stop or cols.start >= cols.stop:
+                continue
+            py = (np.arange(rows.start, rows.stop) + 0.5) * step - 0.5
+            px = (np.arange(cols.start, cols.stop) + 0.5) * step - 0.5
+            qx = matrix[0, 0] * px[None, :] + matrix[0, 1] * py[:, None] + matrix[0, 2]
+            qy = matrix[1, 0] * px[None, :] + matrix[1, 1] * py[:, None] + matrix[1, 2]
+            mask = self.covers(qy, qx, shape)
+            if grow > 0 and mask.any():
+                k = 2 * math.ceil(grow / step) + 1
+                mask = cv2.dilate(mask.view(np.uint8), np.ones((k, k), np.uint8)) > 0
+            pieces.append((rows, cols, mask))
+        return pieces
+
+
+def learn_max_depth(frames: list[tuple[np.ndarray, np.ndarray]], factor: int, shape: tuple[int, int]) -> float:
+    """The depth limit (full-resolution px) from the good images: the deepest occluder any showed, plus slack.
+
+    ``frames``: (fine level, expected part on it) of each good image. 0 when none showed one.
+    Each occluder counts with its 90th-percentile depth along the edge, not its deepest place: at a
+    corner it runs into the neighbouring edge's occluder, as deep as the search goes.
+    """
+    limit = math.ceil(ZONE * min(shape) / factor)
+    deepest = 0.0
+    for frame, expected in frames:
+        for depth in occluder_depths(frame, expected, limit):
+            if depth.any():  # its typical depth along the edge: at a corner it meets the other edge's occluder
+                deepest = max(deepest, float(np.percentile(depth[depth > 0], 90)))
+    return 0.0 if deepest == 0 else float((deepest + 1) * factor * (1 + DEPTH_SLACK))
+
+
+Pieces = list[tuple[slice, slice, np.ndarray]]
+
+
+def leave_out(registered: np.ndarray, pieces: Pieces, mean: np.ndarray, coef: np.ndarray, unit: float) -> int:
+    """Replace the registered frame's pixels under the pieces' masks (reference frame, full resolution) by
+    ``mean`` lit like the frame; returns how many were replaced."""
+    count = 0
+    for rows, cols, mask in pieces:
+        ys, xs = np.nonzero(mask)
+        ys, xs = ys + rows.start, xs + cols.start
+        _replace(registered, ys, xs, mean, coef, unit)
+        count += len(ys)
+    return count
+
+
+def _replace(registered: np.ndarray, ys: np.ndarray, xs: np.ndarray, mean: np.ndarray, coef: np.ndarray, unit: float):
+    from engines.registration import lighting_fields
+
+    if len(ys) == 0:
+        return
+    gain, offset = lighting_fields(coef, xs.astype(np.float64), ys.astype(np.float64), registered.shape[:2])
+    values = gain[None] * mean[:, ys, xs].astype(np.float32) + offset[None]  # [C, n], 8-bit grey units
+    top = np.iinfo(registered.dtype).max
+    values = np.clip(np.rint(values / np.float32(unit)), 0, top).astype(registered.dtype)
+    if registered.ndim == 2:
+        registered[ys, xs] = values[0]
+    else:
+        registered[ys, xs] = values.T
