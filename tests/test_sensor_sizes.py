@@ -167,10 +167,8 @@ def test_tiled_map_equals_untiled_map(line: Line, tmp_path: Path) -> None:
         prepared = inspector.prepare(image)
         tiled = inspector.infer(prepared)
         registration, ref = inspector._registration, inspector._ref
-        coarse_f, fine_f = registration.factors
-        pose = registration.register(reg.downscale(image, coarse_f), reg.downscale(image, fine_f))
-        coef = registration.photometric(reg.downscale(image, coarse_f), pose)
-    frame = reg.warp_to_reference(image, pose)
+        aligned = reg.align(image, registration)  # the one preparation (pose, lighting, field, occluders)
+        pose, coef, frame = aligned.pose, aligned.coef, aligned.registered
     if bundle.geometry.dtype == "uint16":
         frame = frame.astype(np.float32) * np.float32(1 / 257)
     gain = frame_fine_gain(ref["fine_gain"], ref["fine_ring_gain"], pose.matrix)
