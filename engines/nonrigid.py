@@ -47,6 +47,8 @@ STRIP = 256  # rows resampled per remap call (keeps the maps in cache)
 RIDGE = 1e-3  # weight of the field's own size, relative like SMOOTHNESS
 SMOOTH_SIGMA = 1.5  # px at the field's level
 GAIN_LIMIT = 0.35  # a block's own gain this far from the typical one is not lighting
+HIDDEN_GROW = 3  # px at the field's level around an occluder: the smoothing (SMOOTH_SIGMA) spreads its edge
+VISIBLE_MIN = 0.25  # a block an occluder covers in part counts if it shows at least this fraction of its pixels
 NOISE_FLOOR = 0.25  # grey levels² per pixel (after smoothing): below this a residual is noise, whatever the median
 ROBUST = 4.0  # blocks whose residual exceeds this many times the median are down-weighted
 
@@ -64,6 +66,8 @@ def parameters() -> dict[str, float]:
         "noise_floor": NOISE_FLOOR,
         "gain_limit": GAIN_LIMIT,
         "max_px": MAX_PX,
+        "hidden_grow": HIDDEN_GROW,
+        "visible_min": VISIBLE_MIN,
     }
 
 
@@ -173,36 +177,29 @@ class FieldReference:
         gx = cv2.Sobel(ref, cv2.CV_32F, 1, 0, ksize=3, scale=1 / 8)
         gy = cv2.Sobel(ref, cv2.CV_32F, 0, 1, ksize=3, scale=1 / 8)
         jac = np.stack([-gx, -gy, ref, np.ones_like(ref)]) * weight  # r ~ -gx dx - gy dy + a R + b
-        normal = np.stack([_block_sums(jac[i] * jac[j], (hb, wb)) for i in range(4) for j in range(4)], axis=-1)
-        normal = normal.reshape(-1, 4, 4).astype(np.float64)
-        info, gain_part, gain_inverse = _schur(normal)
-        # per block, the pseudo-inverse of the 4x4 normal matrix: what the block's own shift, gain and
-        # offset explain of its residual is misalignment; what they cannot explain is something else
-        scale = np.sqrt(np.maximum(np.einsum("bii->bi", normal), 1e-12))
-        inverse = np.linalg.pinv(normal / (scale[:, :, None] * scale[:, None, :]), rcond=1e-6)
-        inverse = inverse / (scale[:, :, None] * scale[:, None, :])
+        blocks = _BlockSystems.measure(jac, weight, (hb, wb))
         consts = {
             "_blocks": (hb, wb),
             "_pad": pad,
             "_jac": jac,
             "_weight": weight,
-            "_pixels": _block_sums(weight, (hb, wb)).reshape(-1).astype(np.float64),
-            "_info": info,
+            "_pixels": blocks.pixels,
+            "_info": blocks.info,
             "_smooth_level": _smooth(self.level),
-            "_inverse": inverse,
-            "_gain_part": gain_part,
-            "_gain_inverse": gain_inverse,
+            "_inverse": blocks.inverse,
+            "_gain_part": blocks.gain_part,
+            "_gain_inverse": blocks.gain_inverse,
             "_interior": _interior_blocks((hb, wb)),
             "_block_bx": _basis(_level_coords(wb, self.factor * BLOCK), self.full_shape[1]),
             "_block_by": _basis(_level_coords(hb, self.factor * BLOCK), self.full_shape[0]),
             "_bending": _bending(),
             # what a block with structure tells (the upper quartile: many blocks of a part are flat)
-            "_scale": float(np.percentile(np.trace(info, axis1=1, axis2=2), 75)) if info.any() else 1.0,
+            "_scale": float(np.percentile(np.trace(blocks.info, axis1=1, axis2=2), 75)) if blocks.info.any() else 1.0,
             # grid node j of the level's field sits at level pixel (j + 0.5) * LEVEL_STEP - 0.5: cv2.resize's centres
             "_grid_bx": _basis(_level_coords(w // LEVEL_STEP, self.factor * LEVEL_STEP), self.full_shape[1]),
             "_grid_by": _basis(_level_coords(h // LEVEL_STEP, self.factor * LEVEL_STEP), self.full_shape[0]),
         }
-        consts.update(_block_systems(consts["_block_by"], consts["_block_bx"], info, consts["_scale"]))
+        consts.update(_block_systems(consts["_block_by"], consts["_block_bx"], blocks.info, consts["_scale"]))
         for name, value in consts.items():
             object.__setattr__(self, name, value)
 
@@ -222,7 +219,11 @@ class FieldReference:
         """The smooth field that, added to the pose ``matrix``, best aligns ``frame_level`` (this level).
 
         ``hidden``: bool [h, w] on this level in the reference frame, what the frame does not show of
-        the part (an occluder, see engines.sensor); blocks that it touches do not count.
+        the part (an occluder, see engines.sensor). Its pixels, grown by the smoothing's reach, do not
+        count: a block it covers in part is measured on the rest (``_visible``), one it
+        leaves less than VISIBLE_MIN of does not count at all. Dropping every block an occluder
+        touches left the part's outer 64-128 px beside a fixture bar to the spline's extrapolation
+        from the interior: markers there were 4-5 px off on bent parts, and scored as defects.
         """
         from engines.registration import _scale_matrix
 
@@ -238,20 +239,20 @@ class FieldReference:
         # the field at zero where no block says anything (the pose already holds the rigid part)
         per_node = self._scale * (hb * wb) / NODES**2
         bending = per_node * (SMOOTHNESS * self._bending + RIDGE * np.eye(NODES * NODES))
-        shown = np.ones(hb * wb, bool)
-        if hidden is not None:
-            shown = _block_sums(np.pad(hidden.astype(np.float32), self._pad), (hb, wb)).reshape(-1) == 0
+        jac, weight, blocks = self._jac, self._weight, self._reference_blocks
+        if hidden is not None and hidden.any():
+            jac, weight, blocks = self._visible(hidden)
         for _ in range(STEPS):
             dx, dy = (self._on_level(c.reshape(NODES, NODES), (w, h)) for c in coef)
             warped = cv2.remap(frame, base_x + dx, base_y + dy, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
-            resid = np.pad(_smooth(warped) - self._smooth_level, self._pad) * self._weight
-            rhs = np.stack([_block_sums(j * resid, (hb, wb)).reshape(-1) for j in self._jac], axis=1).astype(np.float64)
+            resid = np.pad(_smooth(warped) - self._smooth_level, self._pad) * weight
+            rhs = np.stack([_block_sums(j * resid, (hb, wb)).reshape(-1) for j in jac], axis=1).astype(np.float64)
             energy = _block_sums(resid * resid, (hb, wb)).reshape(-1).astype(np.float64)
-            theta = np.einsum("bij,bj->bi", self._inverse, rhs)  # each block's own shift, gain and offset
+            theta = np.einsum("bij,bj->bi", blocks.inverse, rhs)  # each block's own shift, gain and offset
             explained = np.einsum("bi,bi->b", rhs, theta)
-            weights = self._robust_weights(np.maximum(energy - explained, 0), theta[:, 2]) * shown
-            g = rhs[:, :2] - np.einsum("bij,bj->bi", self._gain_part, rhs[:, 2:])
-            coef += self._solve(weights, g, coef, bending)
+            weights = self._robust_weights(np.maximum(energy - explained, 0), theta[:, 2], blocks) * blocks.shown
+            g = rhs[:, :2] - np.einsum("bij,bj->bi", blocks.gain_part, rhs[:, 2:])
+            coef += self._solve(weights, g, coef, bending, blocks.info)
             np.clip(coef, -MAX_PX / self.factor, MAX_PX / self.factor, out=coef)
         return Field((coef * self.factor).reshape(2, NODES, NODES), self.full_shape)
 
@@ -286,7 +287,31 @@ class FieldReference:
             _product(self._grid_by, coef, self._grid_bx).astype(np.float32), size, interpolation=cv2.INTER_LINEAR
         )
 
-    def _robust_weights(self, energy: np.ndarray, gain: np.ndarray) -> np.ndarray:
+    @property
+    def _reference_blocks(self) -> _BlockSystems:
+        """The blocks as the reference has them: every one measured on all its pixels."""
+        shown = np.ones(len(self._pixels), bool)
+        return _BlockSystems(self._pixels, self._info, self._inverse, self._gain_part, self._gain_inverse, shown)
+
+    def _visible(self, hidden: np.ndarray) -> tuple[np.ndarray, np.ndarray, _BlockSystems]:
+        """Jacobian, weight and block systems with the ``hidden`` pixels (grown by HIDDEN_GROW) left out."""
+        hb, wb = self._blocks
+        grown = cv2.dilate(hidden.astype(np.uint8), np.ones((2 * HIDDEN_GROW + 1,) * 2, np.uint8))
+        seen = np.pad(1 - grown.astype(np.float32), self._pad, constant_values=1)
+        jac, weight = self._jac * seen, self._weight * seen
+        touched = _block_sums(self._weight - weight, (hb, wb)).reshape(-1) > 0
+        blocks = self._reference_blocks
+        if not touched.any():
+            return jac, weight, blocks
+        blocks = _BlockSystems(**{k: np.copy(v) for k, v in vars(blocks).items()})
+        # only the blocks the occluder touches change: measure those again on what they still show
+        part = _BlockSystems.measure(jac, weight, (hb, wb), touched)
+        for name in ("pixels", "info", "inverse", "gain_part", "gain_inverse"):
+            getattr(blocks, name)[touched] = getattr(part, name)
+        blocks.shown[touched] = part.pixels >= VISIBLE_MIN * np.maximum(self._pixels[touched], 1)
+        return jac, weight, blocks
+
+    def _robust_weights(self, energy: np.ndarray, gain: np.ndarray, blocks: _BlockSystems) -> np.ndarray:
         """Blocks that are not just a bent piece of the part lose weight.
 
         1 for blocks whose unexplained residual per pixel is typical (of the interior, or of the border
@@ -296,8 +321,8 @@ class FieldReference:
         the typical one: light changes the gain by some ten percent, vignetting by a few tens; a
         missing structure or a fixture bar over the part "explains" itself as a gain near -1.
         """
-        used = self._pixels > 0
-        per_pixel = np.where(used, energy / np.maximum(self._pixels, 1), 0)
+        used = blocks.pixels > 0
+        per_pixel = np.where(used, energy / np.maximum(blocks.pixels, 1), 0)
         # typical per zone: the border band's residual (blur, glow, clutter) is larger everywhere along it,
         # and judged by the interior's its blocks would all be left out and the field guessed there
         typical = np.full(per_pixel.shape, NOISE_FLOOR)
@@ -305,24 +330,27 @@ class FieldReference:
             if (used & zone).any():
                 typical[zone] = max(float(np.median(per_pixel[used & zone])), NOISE_FLOOR)
         weight = np.minimum(1.0, ROBUST * typical / np.maximum(per_pixel, 1e-12))
-        informative = used & (self._info[:, 0, 0] + self._info[:, 1, 1] > 0)
+        informative = used & (blocks.info[:, 0, 0] + blocks.info[:, 1, 1] > 0)
         stray = np.abs(gain - (float(np.median(gain[informative])) if informative.any() else 0.0))
         weight = np.where(stray > GAIN_LIMIT, 0.0, weight)
         return np.where(used, weight, 0.0)
 
-    def _solve(self, weights: np.ndarray, g: np.ndarray, coef: np.ndarray, bending: np.ndarray) -> np.ndarray:
-        """The control-point step of each component, with its block information (its diagonal: a Gauss-Newton
-        step with the x-y coupling of the Hessian left out, which changes the path, not the solution).
+    def _solve(
+        self, weights: np.ndarray, g: np.ndarray, coef: np.ndarray, bending: np.ndarray, info: np.ndarray
+    ) -> np.ndarray:
+        """The control-point step of each component, with its block information ``info`` (its diagonal: a
+        Gauss-Newton step with the x-y coupling of the Hessian left out, which changes the path, not the solution).
 
-        The system with every block at full weight is the reference's (built once); blocks weighted
-        down change it only where their 4 x 4 control points reach.
+        The system with every block at full weight and information is the reference's (built once);
+        blocks weighted down, or measured on part of their pixels, change it only where their 4 x 4
+        control points reach.
         """
         hb, wb = self._blocks
         step = np.zeros_like(coef)
-        changed = np.flatnonzero(weights != 1)
+        changed = np.flatnonzero((weights != 1) | np.any(info != self._info, axis=(1, 2)))
         for c in range(2):
             system = self._systems[c].copy()
-            delta = (weights[changed] - 1) * self._info[changed, c, c]
+            delta = weights[changed] * info[changed, c, c] - self._info[changed, c, c]
             np.add.at(
                 system.reshape(-1),
                 self._touch[changed].reshape(-1),
@@ -331,6 +359,39 @@ class FieldReference:
             target = _product(self._block_by.T, (weights * g[:, c]).reshape(hb, wb), self._block_bx.T).reshape(-1)
             step[c] = _conjugate_gradient(system + bending, target - bending @ coef[c])
         return step
+
+
+@dataclass
+class _BlockSystems:
+    """Per block of the field's level: what it measures of its own shift, gain and offset."""
+
+    pixels: np.ndarray  # [b] pixels measured
+    info: np.ndarray  # [b, 2, 2] information about (dx, dy), gain and offset solved for
+    inverse: np.ndarray  # [b, 4, 4] pseudo-inverse of the 4x4 normal matrix
+    gain_part: np.ndarray  # [b, 2, 2] (see _schur)
+    gain_inverse: np.ndarray  # [b, 2, 2]
+    shown: np.ndarray  # [b] bool: the block counts
+
+    @classmethod
+    def measure(
+        cls, jac: np.ndarray, weight: np.ndarray, blocks: tuple[int, int], only: np.ndarray | None = None
+    ) -> _BlockSystems:
+        """From the Jacobian [4, H, W] (zero where not measured) and the measured pixels ``weight``;
+        with ``only`` (bool per block), of those blocks only."""
+        pairs = [(i, j) for i in range(4) for j in range(i, 4)]  # the normal matrix is symmetric
+        sums = {(i, j): _block_sums(jac[i] * jac[j], blocks).reshape(-1) for i, j in pairs}
+        pixels = _block_sums(weight, blocks).reshape(-1).astype(np.float64)
+        keep = slice(None) if only is None else only
+        normal = np.empty((len(pixels[keep]), 4, 4))
+        for i, j in pairs:
+            normal[:, i, j] = normal[:, j, i] = sums[i, j][keep]
+        info, gain_part, gain_inverse = _schur(normal)
+        # per block, the pseudo-inverse of the 4x4 normal matrix: what the block's own shift, gain and
+        # offset explain of its residual is misalignment; what they cannot explain is something else
+        scale = np.sqrt(np.maximum(np.einsum("bii->bi", normal), 1e-12))
+        inverse = np.linalg.pinv(normal / (scale[:, :, None] * scale[:, None, :]), rcond=1e-6)
+        inverse = inverse / (scale[:, :, None] * scale[:, None, :])
+        return cls(pixels[keep], info, inverse, gain_part, gain_inverse, np.ones(len(normal), bool))
 
 
 def _block_systems(by: np.ndarray, bx: np.ndarray, info: np.ndarray, scale: float) -> dict[str, np.ndarray]:
