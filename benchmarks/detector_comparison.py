@@ -6,6 +6,7 @@
     python benchmarks/detector_comparison.py --workdir DIR --lines fixture fixture-hard --seeds 11 12
     python benchmarks/detector_comparison.py --workdir DIR --lines fixture-hard --size 5120 --seeds 11
     python benchmarks/detector_comparison.py --workdir DIR --fit-args=--alignment=nonrigid --tag nonrigid
+    python benchmarks/detector_comparison.py --workdir DIR --lines fixture fixture-hard --seeds S --test-good 200
 
 Lines: ``easy`` (synth's defaults), ``hard`` (±1.5 deg, ±24 px, a 6x6-grid warp of 1.5 px,
 stronger light), ``fixture`` (one dark fixture bar per image on a random side, 25-55 % of the
@@ -17,10 +18,12 @@ Per (line, seed) it runs the real commands: ``inspectd synth``, ``inspectd fit``
 detector (the ensemble resumes the learned fit's finished checkpoints, so both use the same
 networks), and ``inspectd evaluate``. Existing datasets, bundles and reports in ``--workdir``
 are reused, so an interrupted run continues (``--tag`` keeps the bundles of fits with other
-``--fit-args`` apart). Prints two tables: image F1, precision, recall, false-reject rate, AUROC,
-recall per defect size, fit time and the median predict time per image (registration, anomaly
-map, regions; not the decode) with its ratio to the template's on the same line in the same
-run; and recall per defect kind. The learned and ensemble detectors need the 'learned' extra
+``--fit-args`` apart; another ``--test-good`` count makes its own test set, ``LINE_SEED_goodN``,
+and report, and shares the bundles: the training images are the same). Prints two tables:
+image F1, precision, recall, false-reject rate (with the good parts rejected of those tested),
+AUROC, recall per defect size, fit time and the median predict time per image (registration,
+anomaly map, regions; not the decode) with its ratio to the template's on the same line in the
+same run; and recall per defect kind. The learned and ensemble detectors need the 'learned' extra
 (torch). Timings on a shared machine are only indicative.
 """
 
@@ -42,6 +45,7 @@ LINES = {
     "fixture-hard": [*FIXTURE, "--max-rotation", "1.5", "--max-shift", "24", "--bend", "0.8", "--light", "2.5"],
 }
 DETECTORS = ("template", "learned", "ensemble")
+DEFAULT_TEST_GOOD = 40
 SIZES = ("<10", "10-50", "50-200", ">200")
 
 
@@ -51,15 +55,20 @@ def inspectd(*args: str) -> None:
 
 def run_line(workdir: Path, line: str, seed: int, args: argparse.Namespace) -> list[dict]:
     size_tag = "" if args.size == 2048 else f"_{args.size}"
-    data = workdir / f"{line}_{seed}{size_tag}"
+    # another number of good test images is another test set (same training images: the bundles are shared)
+    good_tag = "" if args.test_good == DEFAULT_TEST_GOOD else f"_good{args.test_good}"
+    data = workdir / f"{line}_{seed}{size_tag}{good_tag}"
     if not (data / "meta.json").exists():
         counts = ["--test-good", str(args.test_good)]
         inspectd("synth", str(data), "--size", str(args.size), "--seed", str(seed), *counts, *LINES[line])
+    made = json.loads((data / "meta.json").read_text())["config"]["test_good"]
+    if made != args.test_good:
+        raise SystemExit(f"{data}: has {made} good test images, expected {args.test_good} (--test-good); move it away")
     rows = []
     tag = f"{size_tag}{'_' + args.tag if args.tag else ''}"
     for detector in args.detectors:
         model = workdir / f"model_{line}_{seed}{tag}_{detector}"
-        report = workdir / f"report_{line}_{seed}{tag}_{detector}"
+        report = workdir / f"report_{line}_{seed}{tag}{good_tag}_{detector}"
         if not (model / "manifest.json").exists():
             argv = ["fit", str(data), "--out", str(model), "--detector", detector, "--steps", str(args.steps)]
             if detector == "ensemble":  # the learned fit's finished networks
@@ -82,6 +91,7 @@ def _row(line: str, seed: int, detector: str, summary: dict, manifest: dict) -> 
         "line": line,
         "seed": seed,
         "detector": detector,
+        "n_good": summary["n_good"],
         "f1": image["f1"],
         "precision": image["precision"],
         "recall": image["recall"],
@@ -105,7 +115,8 @@ def table(rows: list[dict]) -> str:
         ratio = "-" if r.get("predict_ratio") is None else f"{r['predict_ratio']:.2f}"
         lines.append(
             f"| {r['line']} | {r['seed']} | {r['detector']} | {r['f1']:.3f} | {r['precision']:.3f} | "
-            f"{r['recall']:.3f} | {r['frr']:.3f} | {r['auroc']:.3f} | {sizes} | {r['fit_s']:.0f} | "
+            f"{r['recall']:.3f} | {r['frr']:.3f} ({round(r['frr'] * r['n_good'])}/{r['n_good']}) | "
+            f"{r['auroc']:.3f} | {sizes} | {r['fit_s']:.0f} | "
             f"{r['predict_ms']:.0f} | {ratio} |"
         )
     return "\n".join(lines)
@@ -128,14 +139,17 @@ def main() -> int:
     parser.add_argument("--lines", nargs="+", choices=sorted(LINES), default=["easy", "hard"])
     parser.add_argument("--steps", type=int, default=2000, help="training steps per network")
     parser.add_argument("--detectors", nargs="+", choices=DETECTORS, default=list(DETECTORS))
-    parser.add_argument("--test-good", type=int, default=40, help="good test images per line (synth --test-good)")
+    parser.add_argument(
+        "--test-good", type=int, default=DEFAULT_TEST_GOOD, help="good test images per line (synth --test-good)"
+    )
     parser.add_argument("--fit-args", default="", help="extra arguments for every fit, e.g. --fit-args=--roi=M.png")
     parser.add_argument("--tag", default="", help="names the bundles and reports of fits with other --fit-args")
     args = parser.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
     started = time.time()
     rows = [row for seed in args.seeds for line in args.lines for row in run_line(args.workdir, line, seed, args)]
-    name = f"comparison{'_' + args.tag if args.tag else ''}.json"
+    good_tag = "" if args.test_good == DEFAULT_TEST_GOOD else f"_good{args.test_good}"
+    name = f"comparison{'_' + args.tag if args.tag else ''}{good_tag}.json"
     (args.workdir / name).write_text(json.dumps(rows, indent=2) + "\n")
     print(table(rows))
     print()
