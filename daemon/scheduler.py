@@ -205,6 +205,7 @@ class Scheduler:
         max_defects: int = 20,
         margin_ns: int = DEADLINE_MARGIN_NS,
         clock: Callable[[], int] = time.time_ns,
+        stage_clock: Callable[[], int] = time.perf_counter_ns,
         supervisor: Supervisor | None = None,
     ) -> None:
         self.engine = engine
@@ -214,7 +215,8 @@ class Scheduler:
         self._queue_depth = queue_depth
         self._max_defects = max_defects
         self._margin_ns = margin_ns
-        self._clock = clock
+        self._clock = clock  # wall time (ns) of deadlines and decisions
+        self._stage_clock = stage_clock  # monotonic ns for stage durations (the cost estimates admission uses)
         self._lock = threading.Lock()
         self._chains: dict[str | None, deque[Ticket]] = {}
         self._working: set[Ticket] = set()  # admitted tickets whose stages have not finished
@@ -238,6 +240,11 @@ class Scheduler:
     def start(self) -> None:
         self._engine_watch.start()
         self._timer_watch.start()
+
+    def wake(self) -> None:
+        """Make the deadline thread read the clock now (for an injected clock that jumps, as in tests)."""
+        with self._timer_cv:
+            self._timer_cv.notify_all()
 
     @property
     def alive(self) -> bool:
@@ -402,7 +409,7 @@ class Scheduler:
             return
         assert isinstance(ticket.item, Frame) and ticket.engine is not None
         ticket.stage = "prepare"
-        start = time.perf_counter_ns()
+        start = self._stage_clock()
         try:
             image = decode_frame(ticket.item, ticket.engine.geometry)
             ticket.image = image
@@ -410,7 +417,7 @@ class Scheduler:
         except Exception as exc:
             self._fail(ticket, exc)
             return
-        elapsed = time.perf_counter_ns() - start
+        elapsed = self._stage_clock() - start
         ticket.timings_ms["prepare"] = elapsed / 1e6
         self._cost.prepare = self._cost.update(self._cost.prepare, elapsed)
         ticket.stage = "infer-queue"
@@ -434,13 +441,13 @@ class Scheduler:
             return
         assert ticket.engine is not None
         ticket.stage = "infer"
-        start = time.perf_counter_ns()
+        start = self._stage_clock()
         try:
             anomaly = ticket.engine.infer(ticket.prepared)
         except Exception as exc:
             self._fail(ticket, exc)
             return
-        elapsed = time.perf_counter_ns() - start
+        elapsed = self._stage_clock() - start
         ticket.timings_ms["infer"] = elapsed / 1e6
         self._cost.infer = self._cost.update(self._cost.infer, elapsed)
         ticket.stage = "decide"
@@ -451,13 +458,13 @@ class Scheduler:
 
     def _decide(self, ticket: Ticket, anomaly: np.ndarray) -> None:
         assert ticket.engine is not None
-        start = time.perf_counter_ns()
+        start = self._stage_clock()
         try:
             result = ticket.engine.decide(ticket.prepared, anomaly)
         except Exception as exc:
             self._fail(ticket, exc)
             return
-        elapsed = time.perf_counter_ns() - start
+        elapsed = self._stage_clock() - start
         ticket.timings_ms["decide"] = elapsed / 1e6
         self._cost.decide = self._cost.update(self._cost.decide, elapsed)
         ticket.evidence = Evidence(ticket.image, result.anomaly_map, result.pose_matrix)

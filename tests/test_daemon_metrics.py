@@ -23,17 +23,19 @@ def scrape(url: str) -> dict:
 
 def test_metrics_follow_the_decisions() -> None:
     """After three frames /metrics counts them by reason and exposes latency, stages, queue depth and model."""
-    with running(FakeInspector(), queue_depth=8) as (server, _), Client(server) as client:
+    # A cycle of a minute: no frame meets a deadline reject, however loaded the machine is.
+    with running(FakeInspector(), queue_depth=8, cycle_ms=60_000) as (server, _), Client(server) as client:
         for i in range(3):
             client.send(i, image(defect=i == 1))
-        assert len(client.decisions(3)) == 3
-        # the metrics sink has its own queue: it follows the published decisions within moments
+        assert len(client.decisions(3, timeout_s=30)) == 3
+        # the metrics sink has its own queue: it follows the published decisions; wait for it (bounded)
         url = f"http://{server.endpoints['http']}/metrics"
-        deadline = time.monotonic() + 5
+        deadline = time.monotonic() + 30
         while True:
             samples = scrape(url)
             counted = sum(v for (name, _), v in samples.items() if name == "inspectd_decisions_total")
-            if counted >= 3 or time.monotonic() > deadline:
+            published = samples.get(("inspectd_sink_sent_total", (("sink", "zmq-pub"),)), 0)  # counted after the send
+            if (counted >= 3 and published >= 3) or time.monotonic() > deadline:
                 break
             time.sleep(0.05)
     assert samples[("inspectd_decisions_total", (("reason", "ok"), ("verdict", "pass")))] == 2

@@ -1,4 +1,9 @@
-"""Scheduler: exactly one decision per frame, deadlines, overload, ordering, errors, drain, swap."""
+"""Scheduler: exactly one decision per frame, deadlines, overload, ordering, errors, drain, swap.
+
+The scheduler runs its real threads; time is a ``ManualClock`` that only the tests and the fake
+inspector's stages move, and ``FakeInspector.hold`` stops a stage until a test releases it, so each
+test sets up the order of events it is about and none depends on how fast the machine is.
+"""
 
 from __future__ import annotations
 
@@ -7,14 +12,15 @@ import time
 
 from daemon.protocol import BadFrame, Decision, Frame
 from daemon.scheduler import Scheduler
-from tests.test_daemon_support import FakeInspector, image
+from tests.test_daemon_support import FakeInspector, ManualClock, image
 
 MS = 1_000_000
 MARGIN = 20 * MS
+GREY = 100  # the first pixel of an ordinary frame (image()'s default)
 
 
 class Sink:
-    """Collects published decisions with the wall time they were published."""
+    """Collects published decisions."""
 
     def __init__(self) -> None:
         self.items: list[Decision] = []
@@ -25,21 +31,25 @@ class Sink:
             self.items.append(decision)
             self.cv.notify_all()
 
-    def wait(self, count: int, timeout_s: float = 5.0) -> list[Decision]:
+    def wait(self, count: int, timeout_s: float = 10.0) -> list[Decision]:
+        """The first ``count`` decisions; a bounded wait for progress, never a speed expectation."""
         with self.cv:
-            self.cv.wait_for(lambda: len(self.items) >= count, timeout_s)
+            assert self.cv.wait_for(lambda: len(self.items) >= count, timeout_s), f"{len(self.items)} of {count}"
             return list(self.items)
 
 
-def frame(frame_id: int, value: int = 100, deadline_ns: int | None = None, camera: str = "cam1") -> Frame:
+def frame(clock: ManualClock, frame_id: int, value: int = GREY, deadline_ns: int | None = None, camera: str = "cam1"):
     img = image(value)
-    return Frame(camera, frame_id, "raw", memoryview(img.tobytes()), time.time_ns(), deadline_ns=deadline_ns)
+    return Frame(camera, frame_id, "raw", memoryview(img.tobytes()), clock(), deadline_ns=deadline_ns)
 
 
 def scheduler(fake: FakeInspector, sink: Sink, **kwargs: object) -> Scheduler:
-    # A generous margin: these tests assert deadline semantics, not the wake-up jitter of a busy CI box.
+    """A started scheduler on the fake's clock (created when the fake has none)."""
+    if fake.clock is None:
+        fake.clock = ManualClock()
     options: dict = {"cycle_ns": 2000 * MS, "queue_depth": 8, "workers": 2, "margin_ns": MARGIN} | kwargs
-    sched = Scheduler(fake, sink, **options)
+    sched = Scheduler(fake, sink, clock=fake.clock, stage_clock=fake.clock, **options)
+    fake.clock.listeners.append(sched.wake)
     sched.start()
     return sched
 
@@ -49,95 +59,112 @@ def test_each_frame_gets_one_decision_in_order() -> None:
     sink, fake = Sink(), FakeInspector(infer_s=0.002)
     sched = scheduler(fake, sink, queue_depth=32)
     for i in range(20):
-        sched.submit(frame(i, value=255 if i == 5 else 100))
+        sched.submit(frame(fake.clock, i, value=255 if i == 5 else GREY))
     got = sink.wait(20)
-    time.sleep(0.05)
     sched.stop()
-    assert [d.frame_id for d in sink.items] == list(range(20))
+    assert sink.items == got  # nothing after the twentieth
+    assert [d.frame_id for d in got] == list(range(20))
     assert [d.reason for d in got].count("defect") == 1 and got[5].verdict == "reject"
     assert all(d.deadline_met and d.model == "fake-1" for d in got)
 
 
 def test_deadline_reject_goes_out_at_the_deadline_not_after() -> None:
-    """A frame that cannot be inferred in time is rejected at its deadline; the late result is dropped."""
-    sink, fake = Sink(), FakeInspector(infer_s=0.4)
+    """A frame not inferred by its deadline is rejected at the deadline less the margin; the late result is dropped."""
+    sink, fake = Sink(), FakeInspector()
+    release = fake.hold("infer", GREY)
     sched = scheduler(fake, sink, cycle_ns=60 * MS)
-    start = time.monotonic()
-    sched.submit(frame(1))
+    sched.submit(frame(fake.clock, 1))
+    fake.wait_until(lambda: ("infer", GREY) in fake.started)
+    fake.clock.advance((60 * MS - MARGIN - 1) / 1e9)  # one ns before the reject is due
+    assert not sink.items
+    fake.clock.advance(1e-9)
     (decision,) = sink.wait(1)
-    waited = time.monotonic() - start
-    assert decision.reason == "deadline" and decision.verdict == "reject"
-    assert decision.deadline_met
-    assert decision.deadline_ns - decision.t_decided_ns < MARGIN + 30 * MS
-    assert waited < 0.3  # long before the 0.4 s inference finished
-    time.sleep(0.5)
-    assert len(sink.items) == 1
-    assert sched.summary()["late_results"] == 1  # the late "ok" was logged and counted, not published
+    assert decision.reason == "deadline" and decision.verdict == "reject" and "at infer" in decision.detail
+    assert decision.deadline_met and decision.deadline_ns - decision.t_decided_ns == MARGIN
+    release.set()  # the result comes after the decision: counted as late, never published
+    fake.wait_until(lambda: fake.inferred == [GREY])
+    deadline = time.monotonic() + 10
+    while sched.totals().get("late_results", 0) < 1 and time.monotonic() < deadline:
+        time.sleep(0.005)
     sched.stop()
+    assert sched.totals()["late_results"] == 1
+    assert sink.items == [decision]
 
 
 def test_overload_rejects_the_excess_and_keeps_the_queue_bounded() -> None:
     """With two frames in flight allowed, a burst of ten gives two results and eight overload rejects."""
     sink, fake = Sink(), FakeInspector(infer_s=0.05)
+    release = fake.hold("infer", GREY)  # the burst is over before any inference ends
     sched = scheduler(fake, sink, queue_depth=2)
     for i in range(10):
-        sched.submit(frame(i))
+        sched.submit(frame(fake.clock, i))
+    release.set()
     got = sink.wait(10)
     sched.stop()
     assert [d.frame_id for d in got] == list(range(10))
     assert [d.reason for d in got] == ["ok", "ok"] + ["overload"] * 8
-    assert len(fake.inferred) == 2
+    assert fake.inferred == [GREY, GREY]
     assert all(d.deadline_met for d in got)
 
 
 def test_decisions_wait_for_slower_predecessors() -> None:
-    """A frame that finishes before its slow predecessor is published after it."""
-    sink, fake = Sink(), FakeInspector(prepare_s=0.03)
+    """Frames inferred before their slow predecessor are published after it."""
+    sink, fake = Sink(), FakeInspector()
+    release = fake.hold("prepare", 21)
     sched = scheduler(fake, sink, workers=3)
-    sched.submit(frame(0, value=21))  # prepare takes 5x longer
-    sched.submit(frame(1))
-    sched.submit(frame(2))
+    sched.submit(frame(fake.clock, 0, value=21))
+    sched.submit(frame(fake.clock, 1))
+    sched.submit(frame(fake.clock, 2))
+    fake.wait_until(lambda: fake.inferred == [GREY, GREY])  # frames 1 and 2 are done ...
+    assert not sink.items  # ... and wait for frame 0
+    release.set()
     got = sink.wait(3)
     sched.stop()
     assert [d.frame_id for d in got] == [0, 1, 2]
-    assert fake.inferred[0] != 21  # frame 1 really was inferred first
+    assert fake.inferred == [GREY, GREY, 21]
 
 
 def test_cameras_are_ordered_independently() -> None:
     """A slow frame of one camera does not hold up another camera's decisions."""
-    sink, fake = Sink(), FakeInspector(prepare_s=0.04)
+    sink, fake = Sink(), FakeInspector()
+    release = fake.hold("prepare", 21)
     sched = scheduler(fake, sink, workers=2)
-    sched.submit(frame(0, value=21, camera="slow"))
-    sched.submit(frame(0, camera="fast"))
+    sched.submit(frame(fake.clock, 0, value=21, camera="slow"))
+    sched.submit(frame(fake.clock, 0, camera="fast"))
+    (first,) = sink.wait(1)
+    release.set()
     got = sink.wait(2)
     sched.stop()
-    assert [d.camera_id for d in got] == ["fast", "slow"]
+    assert first.camera_id == "fast" and [d.camera_id for d in got] == ["fast", "slow"]
 
 
 def test_backwards_deadline_pulls_the_predecessor_deadline_down() -> None:
     """When a later frame's deadline is earlier, order holds and no decision misses its deadline."""
-    sink, fake = Sink(), FakeInspector(infer_s=0.3)
+    sink, fake = Sink(), FakeInspector()
+    release = fake.hold("infer", GREY)
     sched = scheduler(fake, sink)
-    now = time.time_ns()
-    sched.submit(frame(0, deadline_ns=now + 1000 * MS))
-    sched.submit(frame(1, deadline_ns=now + 80 * MS))
+    now = fake.clock()
+    sched.submit(frame(fake.clock, 0, deadline_ns=now + 1000 * MS))
+    sched.submit(frame(fake.clock, 1, deadline_ns=now + 80 * MS))
+    fake.clock.advance((80 * MS - MARGIN) / 1e9)
     got = sink.wait(2)
+    release.set()
     sched.stop()
     assert [d.frame_id for d in got] == [0, 1]
     assert [d.reason for d in got] == ["deadline", "deadline"]
     assert all(d.deadline_met for d in got)
-    assert got[0].deadline_ns == got[1].deadline_ns
+    assert got[0].deadline_ns == got[1].deadline_ns == now + 80 * MS
 
 
 def test_stage_failures_become_rejects_and_the_next_frame_is_served() -> None:
     """Registration failure, backend crash and wrong geometry each give a reject; serving goes on."""
     sink, fake = Sink(), FakeInspector()
     sched = scheduler(fake, sink)
-    sched.submit(frame(0, value=7))
-    sched.submit(frame(1, value=13))
-    wrong = Frame("cam1", 2, "raw", memoryview(bytes(10)), time.time_ns())
+    sched.submit(frame(fake.clock, 0, value=7))
+    sched.submit(frame(fake.clock, 1, value=13))
+    wrong = Frame("cam1", 2, "raw", memoryview(bytes(10)), fake.clock())
     sched.submit(wrong)
-    sched.submit(frame(3))
+    sched.submit(frame(fake.clock, 3))
     got = sink.wait(4)
     sched.stop()
     assert [(d.frame_id, d.reason) for d in got] == [(0, "registration"), (1, "error"), (2, "error"), (3, "ok")]
@@ -148,8 +175,8 @@ def test_bad_frames_are_answered_or_counted() -> None:
     """A bad frame with an id gets a bad_frame reject; one without an id is only counted."""
     sink, fake = Sink(), FakeInspector()
     sched = scheduler(fake, sink)
-    sched.submit(BadFrame("header is not UTF-8 JSON", time.time_ns()))
-    sched.submit(BadFrame("unknown dtype", time.time_ns(), camera_id="cam1", frame_id=9))
+    sched.submit(BadFrame("header is not UTF-8 JSON", fake.clock()))
+    sched.submit(BadFrame("unknown dtype", fake.clock(), camera_id="cam1", frame_id=9))
     got = sink.wait(1)
     summary = sched.summary()
     sched.stop()
@@ -158,51 +185,65 @@ def test_bad_frames_are_answered_or_counted() -> None:
 
 
 def test_inference_runs_on_one_thread_overlapped_with_prepare() -> None:
-    """Infer is always called from the same thread while other frames are prepared meanwhile."""
+    """Infer is always called from the same thread, and other frames are prepared while one is inferred."""
     sink, fake = Sink(), FakeInspector(infer_s=0.02, prepare_s=0.01)
+    release = fake.hold("infer", 50)
     sched = scheduler(fake, sink, workers=4)
-    for i in range(8):
-        sched.submit(frame(i))
+    sched.submit(frame(fake.clock, 0, value=50))
+    for i in range(1, 8):
+        sched.submit(frame(fake.clock, i))
+    fake.wait_until(lambda: fake.overlapped >= 1)  # a frame was prepared while frame 0 is inferred
+    release.set()
     sink.wait(8)
     sched.stop()
     assert len(fake.infer_threads) == 1
-    assert fake.overlapped > 0
+    assert fake.inferred[0] == 50 and len(fake.inferred) == 8
 
 
 def test_drain_rejects_what_cannot_finish() -> None:
     """At shutdown, frames still in flight after the drain time get an error reject."""
-    sink, fake = Sink(), FakeInspector(infer_s=0.5)
+    sink, fake = Sink(), FakeInspector()
+    release = fake.hold("infer", GREY)
     sched = scheduler(fake, sink)
-    sched.submit(frame(0))
-    time.sleep(0.05)
+    sched.submit(frame(fake.clock, 0))
+    fake.wait_until(lambda: ("infer", GREY) in fake.started)
     assert sched.drain(0.05) == 1
+    release.set()
     sched.stop()
     (decision,) = sink.items
     assert decision.reason == "error" and "stopping" in decision.detail
 
 
 def test_swap_engine_serves_new_frames_with_the_new_model() -> None:
-    """After a swap, new frames use the new model and the old one is reported unused."""
-    sink, old, new = Sink(), FakeInspector(infer_s=0.05), FakeInspector(bundle_id="fake-2")
+    """After a swap, new frames use the new model; the old one is in use until its last frame is done."""
+    sink, old, new = Sink(), FakeInspector(), FakeInspector(bundle_id="fake-2")
+    release = old.hold("infer", GREY)
     sched = scheduler(old, sink)
-    sched.submit(frame(0))
+    sched.submit(frame(old.clock, 0))
     assert sched.swap_engine(new) is old
-    sched.submit(frame(1))
+    sched.submit(frame(old.clock, 1))
+    old.wait_until(lambda: ("infer", GREY) in old.started)
+    assert not sched.wait_unused(old, 0.0)
+    release.set()
     got = sink.wait(2)
-    assert sched.wait_unused(old, 2.0)
+    assert sched.wait_unused(old, 10.0)
     sched.stop()
     assert [d.model for d in got] == ["fake-1", "fake-2"]
+    assert old.inferred == new.inferred == [GREY]
 
 
 def test_frames_that_would_miss_their_deadline_are_refused_on_arrival() -> None:
     """Once stage times are known, a frame whose expected finish is past its deadline is an overload reject."""
     sink, fake = Sink(), FakeInspector(infer_s=0.1)
     sched = scheduler(fake, sink, cycle_ns=250 * MS, queue_depth=8)
-    sched.submit(frame(0))  # teaches the scheduler what inference costs
+    sched.submit(frame(fake.clock, 0))  # teaches the scheduler that inference takes 100 ms (prepare and decide: 0)
     sink.wait(1)
+    release = fake.hold("infer", 101)  # nothing finishes while the next four arrive
     for i in range(1, 5):
-        sched.submit(frame(i))
+        sched.submit(frame(fake.clock, i, value=101))
+    release.set()
     got = sink.wait(5)
     sched.stop()
+    # frame 1: nothing ahead; frame 2: 100 + 100 ms <= 250; frames 3 and 4: 2 x 100 + 100 ms > 250
     assert [d.reason for d in got] == ["ok", "ok", "ok", "overload", "overload"]
-    assert "expected to finish" in got[3].detail
+    assert "expected to finish in 300 ms, 250 ms left" in got[3].detail

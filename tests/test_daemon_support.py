@@ -2,7 +2,10 @@
 
 ``FakeInspector`` has the Inspector's interface: its anomaly map is the image divided
 by 128, so a pixel of 255 scores about 2 (a defect at threshold 1) and mid grey passes;
-``infer`` sleeps ``infer_s`` to model a slow backend and records which threads call it.
+``infer`` takes ``infer_s`` to model a slow backend and records which threads call it.
+Given a ``ManualClock`` its stages spend their time on that clock instead of sleeping, and
+``hold`` stops a stage until the test releases it: tests then assert what happens in which
+order, never how fast the machine is (the brief: inject clocks, assert ordering).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from typing import Any
 
 import numpy as np
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from daemon.config import Config
 from daemon.server import Server
@@ -28,8 +32,27 @@ GEOMETRY = Geometry(32, 48, 1, "uint8")
 LOOPBACK = "tcp://127.0.0.1:*"
 
 
+class ManualClock:
+    """An injected clock (integer ns) that moves only when told; ``listeners`` are called after each move."""
+
+    def __init__(self, start_ns: int = 1_700_000_000 * 10**9) -> None:
+        self._now = start_ns
+        self._lock = threading.Lock()
+        self.listeners: list[Callable[[], None]] = []
+
+    def __call__(self) -> int:
+        with self._lock:
+            return self._now
+
+    def advance(self, seconds: float) -> None:
+        with self._lock:
+            self._now += round(seconds * 1e9)
+        for wake in list(self.listeners):
+            wake()
+
+
 class FakeInspector:
-    """Inspector stand-in: configurable inference time, deterministic verdicts."""
+    """Inspector stand-in: configurable stage times (slept, or spent on a ``ManualClock``), deterministic verdicts."""
 
     def __init__(
         self,
@@ -38,17 +61,50 @@ class FakeInspector:
         prepare_s: float = 0.0,
         bundle_id: str = "fake-1",
         threshold: float = 1.0,
+        clock: ManualClock | None = None,
     ) -> None:
         self.geometry = geometry
         self.infer_s = infer_s
         self.prepare_s = prepare_s
+        self.clock = clock
         self.inferring = False
         self.overlapped = 0  # prepare calls that ran while infer was running
         self.bundle_id = bundle_id
         self.threshold = threshold
         self.infer_threads: set[int] = set()
         self.inferred: list[int] = []
+        self.started: list[tuple[str, int]] = []  # (stage, first pixel) as each prepare/infer call began
         self.active = False
+        self._held: dict[tuple[str, int], threading.Event] = {}
+        self._cv = threading.Condition()
+
+    def hold(self, stage: str, value: int) -> threading.Event:
+        """Make ``stage`` ("prepare" | "infer") of frames whose first pixel is ``value`` wait until the event is set."""
+        gate = self._held[(stage, value)] = threading.Event()
+        return gate
+
+    def wait_until(self, predicate: Callable[[], bool], timeout_s: float = 10.0) -> None:
+        """Block until ``predicate()`` (checked whenever a stage call begins or ends) holds."""
+        with self._cv:
+            assert self._cv.wait_for(predicate, timeout_s), "the fake inspector never reached the awaited state"
+
+    def _enter(self, stage: str, image: np.ndarray) -> None:
+        value = int(image.flat[0]) if image.size else -1
+        self._changed(lambda: self.started.append((stage, value)))
+        gate = self._held.get((stage, value))
+        if gate is not None:
+            assert gate.wait(10), f"{stage} of a frame {value} was never released"
+
+    def _changed(self, change: Callable[[], object]) -> None:
+        with self._cv:
+            change()
+            self._cv.notify_all()
+
+    def _spend(self, seconds: float) -> None:
+        if self.clock is not None:
+            self.clock.advance(seconds)
+        else:
+            time.sleep(seconds)
 
     def activate(self) -> None:
         self.active = True
@@ -62,9 +118,10 @@ class FakeInspector:
             raise ImageError(f"frame: {why}")
         if image.size and image.flat[0] == 7:  # a magic first pixel simulates a registration failure
             raise InspectError("registration", "part not found")
-        time.sleep(self.prepare_s * (5 if image.flat[0] == 21 else 1))  # 21: a slow frame
+        self._enter("prepare", image)
+        self._spend(self.prepare_s * (5 if image.flat[0] == 21 else 1))  # 21: a slow frame
         if self.inferring:
-            self.overlapped += 1
+            self._changed(lambda: setattr(self, "overlapped", self.overlapped + 1))
         return image
 
     def infer(self, prepared: np.ndarray) -> np.ndarray:
@@ -72,9 +129,10 @@ class FakeInspector:
         if prepared.size and prepared.flat[0] == 13:  # a magic first pixel simulates a backend crash
             raise RuntimeError("backend exploded")
         self.inferring = True
-        time.sleep(self.infer_s)
+        self._enter("infer", prepared)
+        self._spend(self.infer_s)
         self.inferring = False
-        self.inferred.append(int(prepared.flat[0]))
+        self._changed(lambda: self.inferred.append(int(prepared.flat[0])))
         return prepared.astype(np.float32) / 128.0
 
     def decide(self, prepared: np.ndarray, amap: np.ndarray) -> Result:
@@ -160,8 +218,24 @@ class Client:
         self.sub.setsockopt(zmq.LINGER, 0)
         if subscribe:
             self.sub.setsockopt(zmq.SUBSCRIBE, b"")
-        self.sub.connect(endpoints["decisions"])
-        time.sleep(0.3)  # let the subscription reach the PUB (ZeroMQ's slow-joiner)
+        self._await_handshake(endpoints["decisions"])
+
+    def _await_handshake(self, endpoint: str) -> None:
+        """Connect the subscriber and return once its ZeroMQ handshake with the PUB is done.
+
+        A SUB's subscription is queued at connect and is the first message it sends after the
+        handshake, ahead of any frame this client sends next; a decision for such a frame is
+        published after several hand-offs inside the daemon. Waiting for the event, not for a
+        fixed time, is what keeps the slow-joiner race out of the tests on a loaded machine.
+        """
+        monitor = self.sub.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED)
+        try:
+            self.sub.connect(endpoint)
+            assert monitor.poll(30_000), f"no ZeroMQ handshake with {endpoint}"
+            recv_monitor_message(monitor)
+        finally:
+            self.sub.disable_monitor()
+            monitor.close(linger=0)
 
     def send(self, frame_id: Any, img: np.ndarray | None = None, **extra: Any) -> None:
         img = image() if img is None else img
