@@ -190,9 +190,10 @@ def test_inference_runs_on_one_thread_overlapped_with_prepare() -> None:
     release = fake.hold("infer", 50)
     sched = scheduler(fake, sink, workers=4)
     sched.submit(frame(fake.clock, 0, value=50))
+    fake.wait_until(lambda: ("infer", 50) in fake.started)
     for i in range(1, 8):
         sched.submit(frame(fake.clock, i))
-    fake.wait_until(lambda: fake.overlapped >= 1)  # a frame was prepared while frame 0 is inferred
+    fake.wait_until(lambda: fake.overlapped == 7)  # prepared while frame 0 is inferred
     release.set()
     sink.wait(8)
     sched.stop()

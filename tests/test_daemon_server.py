@@ -63,22 +63,28 @@ def test_readyz_is_503_until_the_model_is_loaded_and_sockets_bound() -> None:
 
 def test_stop_finishes_in_flight_frames_and_publishes_their_decisions() -> None:
     """Frames in flight when the stop comes are still decided and published before exit."""
-    with running(FakeInspector(infer_s=0.2)) as (server, _), Client(server) as client:
+    fake = FakeInspector()
+    release = fake.hold("infer", 100)
+    with running(fake, drain_s=30) as (server, _), Client(server) as client:
         client.send(1)
         client.send(2)
-        time.sleep(0.05)
+        fake.wait_until(lambda: [stage for stage, _ in fake.started].count("prepare") == 2)  # both admitted
         server.request_stop()
-        got = client.decisions(2)
+        release.set()
+        got = client.decisions(2, timeout_s=30)
     assert [(d["frame_id"], d["reason"]) for d in got] == [(1, "ok"), (2, "ok")]
 
 
 def test_drain_timeout_rejects_what_is_left() -> None:
     """Frames that cannot finish within drain_s are rejected (reason error) rather than lost."""
-    with running(FakeInspector(infer_s=1.5), drain_s=0.1) as (server, _), Client(server) as client:
+    fake = FakeInspector()
+    release = fake.hold("infer", 100)  # never finishes before the stop has given up on it
+    with running(fake, drain_s=0.1) as (server, _), Client(server) as client:
         client.send(1)
-        time.sleep(0.05)
+        fake.wait_until(lambda: ("infer", 100) in fake.started)
         server.request_stop()
-        got = client.decisions(1)
+        got = client.decisions(1, timeout_s=30)
+        release.set()
     assert got[0]["reason"] == "error" and "stopping" in got[0]["detail"]
 
 
