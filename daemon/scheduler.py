@@ -4,8 +4,18 @@ Each frame becomes a ``Ticket``. A ticket is resolved exactly once, by whichever
 first of: the inspection result, its deadline timer, an overload at admission, a bad
 frame, or an error in any stage; a later outcome is only logged. Stages overlap:
 
-    intake thread --submit--> [pool: decode + prepare] --> (EDF queue) --> [ONE engine thread: infer]
-                                                                       --> [pool: decide] --> resolve
+    intake thread --submit--> [prepare pool: decode + prepare] --> (EDF queue) --> [ONE engine thread: infer]
+                                                                                --> [decide pool: decide] --> resolve
+
+Priorities. Frame k+1 is prepared while frame k is inferred and frame k-1 decided, and all
+of them want the cores. Inference (the engine thread and the backend's tile workers, which
+occupy every core while a frame's tiles run) and decide run at ``COMPUTE_NICE``; preparing
+runs ``PREPARE_NICE`` steps nicer still. The kernel then gives a newer frame's preparation
+the cores the older frames' work leaves (the tail of an inference, the gaps between tiles
+and stages) instead of stretching the inference of the frame ahead of it: an older frame's
+latency no longer depends on whether a newer one happened to arrive during its inference.
+Nothing starves: a nicer thread still gets its (smaller) share of a busy core, so the work
+done per second is the same; only who goes first changes.
 
 Ordering and deadlines. Decisions leave in admission order per camera (a line's reject
 gate sees parts in order), so a resolved ticket waits for its unresolved predecessors.
@@ -24,7 +34,7 @@ rejected (``deadline``) at once, the same way; it pulls no predecessor's deadlin
 Threads: the engine owner and the deadline thread are supervised and fatal
 (supervision.py); each marks the work it holds, so a hung inference is a stall. A stage
 task (decode + prepare, decide) whose exception escapes its own handling is logged,
-counted as a death of ``stages`` and its frame rejected (``error``); the pool carries on.
+counted as a death of ``stages`` and its frame rejected (``error``); its pool carries on.
 """
 
 from __future__ import annotations
@@ -58,6 +68,10 @@ log = structlog.get_logger("inspectd.scheduler")
 # nicer than the intake, deadline and output threads, so that on a saturated CPU the
 # deadline rejects still go out on time and the sockets are still drained.
 COMPUTE_NICE = 5
+# Preparing (decode, registration) runs this much nicer than inference and decide: the next frame's
+# preparation yields the cores to the inference of the frame ahead (see the module docstring). Still
+# less nice than the observers (outputs.OBSERVER_NICE), which never compete with frames.
+PREPARE_NICE = 4
 # Deadline rejects are published this long before the deadline, so thread wake-up and
 # socket hand-off never make a "deadline" decision itself late.
 DEADLINE_MARGIN_NS = 2_000_000
@@ -70,6 +84,21 @@ def lower_priority(nice: int = COMPUTE_NICE) -> None:
     try:
         tid = threading.get_native_id()
         os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + nice))
+    except (AttributeError, OSError):  # not Linux, or not permitted
+        pass
+
+
+def nice_at_least(level: int) -> None:
+    """Make the calling thread (and the threads it creates later) at least ``level`` nice; never less nice.
+
+    Threads inherit the nice value of the thread that creates them, and a pool's threads are
+    created by whichever thread first submits to it, so pools set a level rather than an increment.
+    """
+    try:
+        tid = threading.get_native_id()
+        current = os.getpriority(os.PRIO_PROCESS, tid)
+        if level > current:
+            os.setpriority(os.PRIO_PROCESS, tid, min(19, level))
     except (AttributeError, OSError):  # not Linux, or not permitted
         pass
 
@@ -91,6 +120,13 @@ def run_niced(fn: Callable[[], Any]) -> Any:
     if "error" in box:
         raise box["error"]
     return box["result"]
+
+
+def _own_nice() -> int:
+    try:
+        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    except (AttributeError, OSError):
+        return 0
 
 
 class Engine(Protocol):
@@ -225,7 +261,13 @@ class Scheduler:
         self._users: Counter[int] = Counter()  # id(engine) -> tickets still using it
         self._seq = itertools.count()
         self._stats = Stats()
-        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="inspectd-stage", initializer=lower_priority)
+        base = _own_nice()  # the levels below are relative to the nice of the thread creating the scheduler
+        self._prepare_pool = ThreadPoolExecutor(
+            workers, "inspectd-prepare", initializer=nice_at_least, initargs=(base + COMPUTE_NICE + PREPARE_NICE,)
+        )
+        self._decide_pool = ThreadPoolExecutor(
+            workers, "inspectd-decide", initializer=nice_at_least, initargs=(base + COMPUTE_NICE,)
+        )
         self._engine_q: PriorityQueue[tuple[float, float, Ticket | None]] = PriorityQueue()
         self._timer_cv = threading.Condition()
         self._timers: list[tuple[int, int, Ticket]] = []
@@ -234,7 +276,7 @@ class Scheduler:
         self._supervisor = sup
         self._engine_watch = sup.watch("engine", self._engine_loop, fatal=True)
         self._timer_watch = sup.watch("deadlines", self._timer_loop, fatal=True)
-        self._stages = sup.watch("stages", None, fatal=False)  # the pool's tasks (never started as a thread)
+        self._stages = sup.watch("stages", None, fatal=False)  # the pools' tasks (never started as a thread)
 
     # -- lifecycle ------------------------------------------------------------------------
     def start(self) -> None:
@@ -280,7 +322,8 @@ class Scheduler:
             self._timer_cv.notify_all()
         for watch in (self._engine_watch, self._timer_watch):
             watch.join(timeout=2.0)  # a no-op when never started (a failed startup)
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        for pool in (self._prepare_pool, self._decide_pool):
+            pool.shutdown(wait=False, cancel_futures=True)
 
     def totals(self) -> dict[str, int]:
         """Counts since start: decisions, per reason, unidentified bad messages, late results."""
@@ -340,7 +383,7 @@ class Scheduler:
             self._resolve(ticket, "reject", "overload", detail=overload)
         else:
             self._arm(ticket)
-            self._run_task(self._prepare, ticket)
+            self._run_task(self._prepare_pool, self._prepare, ticket)
 
     def _unidentified(self, item: BadFrame) -> None:
         """A message that cannot be answered: counted, logged, and (a part may have passed) told to the actuators."""
@@ -391,9 +434,9 @@ class Scheduler:
             heapq.heappush(self._timers, (ticket.deadline_ns, ticket.seq, ticket))
             self._timer_cv.notify()
 
-    def _run_task(self, task: Callable[..., None], ticket: Ticket, *args: Any) -> None:
-        """Queue a stage task on the pool, supervised: an exception escaping it rejects its frame."""
-        self._pool.submit(
+    def _run_task(self, pool: ThreadPoolExecutor, task: Callable[..., None], ticket: Ticket, *args: Any) -> None:
+        """Queue a stage task on ``pool``, supervised: an exception escaping it rejects its frame."""
+        pool.submit(
             self._supervisor.run_task, self._stages, task, ticket, *args, on_failure=lambda: self._abandon(ticket)
         )
 
@@ -452,7 +495,7 @@ class Scheduler:
         self._cost.infer = self._cost.update(self._cost.infer, elapsed)
         ticket.stage = "decide"
         try:
-            self._run_task(self._decide, ticket, anomaly)
+            self._run_task(self._decide_pool, self._decide, ticket, anomaly)
         except RuntimeError:  # pool shut down while stopping
             self._finish(ticket)
 

@@ -7,11 +7,14 @@ test sets up the order of events it is about and none depends on how fast the ma
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 
+import pytest
+
 from daemon.protocol import BadFrame, Decision, Frame
-from daemon.scheduler import Scheduler
+from daemon.scheduler import COMPUTE_NICE, PREPARE_NICE, Scheduler
 from tests.test_daemon_support import FakeInspector, ManualClock, image
 
 MS = 1_000_000
@@ -248,3 +251,26 @@ def test_frames_that_would_miss_their_deadline_are_refused_on_arrival() -> None:
     # frame 1: nothing ahead; frame 2: 100 + 100 ms <= 250; frames 3 and 4: 2 x 100 + 100 ms > 250
     assert [d.reason for d in got] == ["ok", "ok", "ok", "overload", "overload"]
     assert "expected to finish in 300 ms, 250 ms left" in got[3].detail
+
+
+@pytest.mark.skipif(not hasattr(os, "setpriority"), reason="thread priorities are Linux's")
+def test_the_next_frame_is_prepared_nicer_than_the_frame_ahead_is_inferred_and_decided() -> None:
+    """Preparing yields the cores to inference and decide: its threads are PREPARE_NICE steps nicer.
+
+    Checked on the threads the stages really ran on (a newer frame's preparation stretching the
+    inference of the frame ahead is what made the daemon's overhead over bare predict unstable).
+    """
+    base = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    if base + COMPUTE_NICE + PREPARE_NICE > 19:
+        pytest.skip(f"this process already runs at nice {base}: no room for the levels")
+    sink, fake = Sink(), FakeInspector()
+    sched = scheduler(fake, sink, workers=2)
+    for i in range(4):
+        sched.submit(frame(fake.clock, i))
+    sink.wait(4)
+    sched.stop()
+    assert fake.nice == {
+        "prepare": {base + COMPUTE_NICE + PREPARE_NICE},
+        "infer": {base + COMPUTE_NICE},
+        "decide": {base + COMPUTE_NICE},
+    }

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -74,6 +75,7 @@ class FakeInspector:
         self.infer_threads: set[int] = set()
         self.inferred: list[int] = []
         self.started: list[tuple[str, int]] = []  # (stage, first pixel) as each prepare/infer call began
+        self.nice: dict[str, set[int]] = {"prepare": set(), "infer": set(), "decide": set()}  # of the calling threads
         self.active = False
         self._held: dict[tuple[str, int], threading.Event] = {}
         self._cv = threading.Condition()
@@ -89,11 +91,16 @@ class FakeInspector:
             assert self._cv.wait_for(predicate, timeout_s), "the fake inspector never reached the awaited state"
 
     def _enter(self, stage: str, image: np.ndarray) -> None:
+        self._note_nice(stage)
         value = int(image.flat[0]) if image.size else -1
         self._changed(lambda: self.started.append((stage, value)))
         gate = self._held.get((stage, value))
         if gate is not None:
             assert gate.wait(10), f"{stage} of a frame {value} was never released"
+
+    def _note_nice(self, stage: str) -> None:
+        if hasattr(os, "getpriority"):
+            self.nice[stage].add(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
 
     def _changed(self, change: Callable[[], object]) -> None:
         with self._cv:
@@ -136,6 +143,7 @@ class FakeInspector:
         return prepared.astype(np.float32) / 128.0
 
     def decide(self, prepared: np.ndarray, amap: np.ndarray) -> Result:
+        self._note_nice("decide")
         score = float(amap.max())
         pose = np.eye(2, 3)
         if score <= self.threshold:
