@@ -41,7 +41,16 @@ from hypothesis import strategies as st
 
 from daemon.server import Server
 from tests.test_daemon_hostile import http_get
-from tests.test_daemon_support import GEOMETRY, LOOPBACK, FakeInspector, ModbusPeer, header, image, make_config
+from tests.test_daemon_support import (
+    GEOMETRY,
+    LOOPBACK,
+    FakeInspector,
+    ModbusPeer,
+    connect_after_handshake,
+    header,
+    image,
+    make_config,
+)
 
 MS = 1_000_000
 GOOD = image().tobytes()
@@ -245,9 +254,10 @@ class Line:
         self.ctx = zmq.Context()
         self.push = self._socket(zmq.PUSH, "frames")
         self.dealer = self._socket(zmq.DEALER, "imagezmq")
-        self.sub = self._socket(zmq.SUB, "decisions")
+        self.sub = self.ctx.socket(zmq.SUB)
+        self.sub.setsockopt(zmq.LINGER, 0)
         self.sub.setsockopt(zmq.SUBSCRIBE, b"")
-        time.sleep(0.3)  # the subscription reaches the PUB
+        connect_after_handshake(self.sub, self.server.endpoints["decisions"])
         self.ledger = Ledger()
 
     def _socket(self, kind: int, endpoint: str) -> zmq.Socket[Any]:

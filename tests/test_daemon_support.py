@@ -212,6 +212,24 @@ def running(
         assert codes == [0]
 
 
+def connect_after_handshake(sock: zmq.Socket[Any], endpoint: str) -> None:
+    """Connect ``sock`` (a SUB) and return once its ZeroMQ handshake with the peer is done.
+
+    A SUB's subscription is queued at connect and is the first message it sends after the
+    handshake, ahead of anything this test sends next; a decision is published only after
+    several hand-offs inside the daemon (or the sink's thread). Waiting for the handshake, not
+    for a fixed time, keeps ZeroMQ's slow-joiner race out of the tests on a loaded machine.
+    """
+    monitor = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED)
+    try:
+        sock.connect(endpoint)
+        assert monitor.poll(30_000), f"no ZeroMQ handshake with {endpoint}"
+        recv_monitor_message(monitor)
+    finally:
+        sock.disable_monitor()
+        monitor.close(linger=0)
+
+
 class Client:
     """A camera (PUSH, native protocol) plus a decision subscriber, on one context."""
 
@@ -226,24 +244,7 @@ class Client:
         self.sub.setsockopt(zmq.LINGER, 0)
         if subscribe:
             self.sub.setsockopt(zmq.SUBSCRIBE, b"")
-        self._await_handshake(endpoints["decisions"])
-
-    def _await_handshake(self, endpoint: str) -> None:
-        """Connect the subscriber and return once its ZeroMQ handshake with the PUB is done.
-
-        A SUB's subscription is queued at connect and is the first message it sends after the
-        handshake, ahead of any frame this client sends next; a decision for such a frame is
-        published after several hand-offs inside the daemon. Waiting for the event, not for a
-        fixed time, is what keeps the slow-joiner race out of the tests on a loaded machine.
-        """
-        monitor = self.sub.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED)
-        try:
-            self.sub.connect(endpoint)
-            assert monitor.poll(30_000), f"no ZeroMQ handshake with {endpoint}"
-            recv_monitor_message(monitor)
-        finally:
-            self.sub.disable_monitor()
-            monitor.close(linger=0)
+        connect_after_handshake(self.sub, endpoints["decisions"])
 
     def send(self, frame_id: Any, img: np.ndarray | None = None, **extra: Any) -> None:
         img = image() if img is None else img
