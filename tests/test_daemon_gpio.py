@@ -36,7 +36,9 @@ def test_gpio_sink_pulses_the_line_and_leaves_it_off_when_closed() -> None:
     sink = GpioSink(line, mode="pulse", pulse_ms=20)
     sink.start()
     sink.offer(reject(1))
-    time.sleep(0.1)
+    end = time.monotonic() + 30  # the pulse is the sink thread's: wait (bounded) until it has ended
+    while line.values[:2] != [True, False] and time.monotonic() < end:
+        time.sleep(0.005)
     sink.close()
     assert line.values[:2] == [True, False] and line.values[-1] is False and line.released
 

@@ -19,7 +19,7 @@ from daemon.actuator import VERDICT_CODES, Record
 from daemon.protocol import BadFrame, Frame
 from daemon.scheduler import Scheduler
 from tests.test_daemon_modbus import coverage
-from tests.test_daemon_support import LOOPBACK, Client, FakeInspector, ModbusPeer, image, running
+from tests.test_daemon_support import LOOPBACK, Client, FakeInspector, ManualClock, ModbusPeer, image, running
 
 MS = 1_000_000
 
@@ -190,9 +190,11 @@ def test_row6_a_deadline_already_past_is_rejected_at_once_and_is_no_timer_lag() 
 
 def test_a_past_deadline_does_not_pull_its_predecessors_down() -> None:
     """A frame due in the past behind one due later: the earlier frame keeps its deadline and is inspected."""
-    now = time.time_ns()
+    clock = ManualClock()  # time moves only by the fake's 50 ms of inference: no deadline but the past one
+    now = clock()
     published: list[Any] = []
-    sched = Scheduler(FakeInspector(infer_s=0.05), published.append, cycle_ns=2000 * MS, margin_ns=20 * MS)
+    fake = FakeInspector(infer_s=0.05, clock=clock)
+    sched = Scheduler(fake, published.append, cycle_ns=2000 * MS, margin_ns=20 * MS, clock=clock, stage_clock=clock)
     sched.start()
     try:
         sched.submit(Frame("cam1", 1, "raw", memoryview(image().tobytes()), now))
