@@ -7,6 +7,7 @@ import socket
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -58,33 +59,61 @@ def test_notifier_speaks_the_protocol_including_abstract_sockets(tmp_path: Path)
     assert Notifier({"NOTIFY_SOCKET": "/x", "WATCHDOG_USEC": "4000000"}).watchdog_s == 2.0
 
 
+class SupervisionClock:
+    """The server's supervision clock (monotonic seconds), moved only by the test: stalls without waiting."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
 def test_lifecycle_status_and_a_stalled_pipeline_stops_the_watchdog(tmp_path: Path) -> None:
-    """READY=1 and a STATUS line at start, WATCHDOG=1 while healthy, none while an inference hangs, STOPPING=1."""
+    """READY=1 and a STATUS line at start, WATCHDOG=1 while healthy, none while an inference hangs, STOPPING=1.
+
+    The inference is held and the stall timed on an injected clock; the checks are on the order of the
+    datagrams (one socket keeps it), so none depends on how fast the machine is.
+    """
     systemd = FakeSystemd(tmp_path / "notify")
     notifier = Notifier({"NOTIFY_SOCKET": str(tmp_path / "notify"), "WATCHDOG_USEC": "100000"})
-    fake = FakeInspector()
-    server = Server(make_config(stall_s=0.3, cycle_ms=5000, drain_s=0.1), loader=lambda m, b: fake, notifier=notifier)
+    clock, fake = SupervisionClock(), FakeInspector()
+    hang = fake.hold("infer", 100)  # the backend hangs
+    config = make_config(stall_s=0.3, cycle_ms=60_000, drain_s=0.1)
+    server = Server(config, loader=lambda m, b: fake, notifier=notifier, clock=clock)
     thread = threading.Thread(target=lambda: server.run(install_signals=False), daemon=True)
     thread.start()
-    assert server.ready.wait(10)
-    time.sleep(0.3)
-    with Client(server) as client:
-        fake.infer_s = 2.0  # the backend hangs
-        client.send(1)
-        time.sleep(1.2)
-        systemd.drain()  # what came before the stall was certain
-        stalled_at = time.monotonic()
-        time.sleep(0.5)
-        assert server.health_summary()["summary"] == "engine stalled (no progress for over 0.3 s)"
+    try:
+        assert server.ready.wait(10)
+        assert received(systemd, lambda messages: messages.count("WATCHDOG=1") >= 3)
+        with Client(server) as client:
+            client.send(1)
+            fake.wait_until(lambda: ("infer", 100) in fake.started)
+            clock.now += 0.5  # the frame has been held past stall_s
+            assert received(systemd, lambda messages: any(m.startswith("STATUS=unhealthy") for m in messages))
+            assert server.health_summary()["summary"] == "engine stalled (no progress for over 0.3 s)"
+            time.sleep(0.3)  # main-loop ticks: chances for a wrong ping (none may come)
+            server.request_stop()
+            thread.join(10)
+    finally:
+        hang.set()
         server.request_stop()
         thread.join(10)
     messages = systemd.drain()
     systemd.close()
     assert messages[0].startswith("READY=1\nSTATUS=serving fake-1: 0 decisions")
-    assert messages.count("WATCHDOG=1") >= 3
-    assert any(m.startswith("STATUS=unhealthy: engine stalled") for m in messages)
-    late_pings = [t for t, m in systemd.messages if m == "WATCHDOG=1" and t > stalled_at]
-    assert not late_pings and messages[-1] == "STOPPING=1"
+    stalled = next(i for i, m in enumerate(messages) if m.startswith("STATUS=unhealthy: engine stalled"))
+    assert messages[:stalled].count("WATCHDOG=1") >= 3
+    assert "WATCHDOG=1" not in messages[stalled:] and messages[-1] == "STOPPING=1"
+
+
+def received(systemd: FakeSystemd, condition: Callable[[list[str]], bool], timeout_s: float = 30.0) -> bool:
+    """True once the messages received so far satisfy ``condition`` (a bounded wait)."""
+    end = time.monotonic() + timeout_s
+    while not condition(systemd.drain()):
+        if time.monotonic() > end:
+            return False
+    return True
 
 
 def test_example_configuration_loads() -> None:
