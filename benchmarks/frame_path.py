@@ -17,7 +17,8 @@
    memory patterns, IO binding) on this checkout's graph and one frame's tiles; ``--nodes``: ONNX
    Runtime's own profiler on each checkout's graph, one tile on one thread, time per op type.
 5. ``--daemon``: each checkout's ``inspectd serve`` fed raw frames over loopback at ``--load`` of
-   the rate its own bare predict sustains (measured just before), ``--runs`` runs each, interleaved:
+   the rate its own bare predict sustains (measured just before), or both at ``--daemon-rate`` Hz
+   (the same offered load whatever each bare figure was), ``--runs`` runs each, interleaved:
    end-to-end p50 / p99 and the overhead over bare predict per run.
 6. ``--fit DATASET``: ``inspectd fit`` under each checkout (wall time, peak resident memory, the
    two bundles compared); the frame path then runs each checkout on its own bundle.
@@ -653,7 +654,7 @@ def run_daemons(args: argparse.Namespace, workers: dict[str, Worker], checkouts:
         for r in range(args.runs):
             for name in checkouts if r % 2 == 0 else list(checkouts)[::-1]:
                 bare = percentiles(workers[name].ask(op="bare", count=args.frames)["ms"])
-                rate = args.load * 1000 / bare["p50"]
+                rate = args.daemon_rate or args.load * 1000 / bare["p50"]
                 report = run(daemons[name], images, args.daemon_frames, rate, None)
                 lat = percentiles(latencies(report))
                 lat["decided"], lat["sent"], lat["rate"] = len(report.decisions), report.sent, rate
@@ -661,7 +662,10 @@ def run_daemons(args: argparse.Namespace, workers: dict[str, Worker], checkouts:
     finally:
         for daemon in daemons.values():
             daemon.stop()
-    print(f"\ndaemon: raw frames over loopback at {args.load:.0%} of each checkout's bare rate", end="")
+    offered = f"{args.load:.0%} of each checkout's bare rate"
+    if args.daemon_rate:
+        offered = f"{args.daemon_rate:.2f} Hz (both)"
+    print(f"\ndaemon: raw frames over loopback at {offered}", end="")
     print(f", {args.daemon_frames} frames per run")
     print(f"{'checkout':<10}{'run':>4}{'rate Hz':>9}{'bare p50':>10}{'e2e p50':>9}{'e2e p99':>9}", end="")
     print(f"{'overhead':>10}{'decided':>9}")
@@ -733,6 +737,7 @@ def main() -> int:
     parser.add_argument("--daemon", action="store_true", help="both daemons at --load of their bare rate")
     parser.add_argument("--daemon-frames", type=int, default=30)
     parser.add_argument("--load", type=float, default=0.7)
+    parser.add_argument("--daemon-rate", type=float, help="one frame rate (Hz) for both daemons instead of --load")
     parser.add_argument("--fit", type=Path, help="a dataset to fit under each checkout (time, memory)")
     parser.add_argument("--workdir", type=Path, help="where bundles, logs and the baseline go (default: temporary)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
