@@ -129,7 +129,8 @@ def test_imagezmq_pub_sub_sender_is_subscribed_to() -> None:
     try:
         with running(imagezmq_endpoint=endpoint, imagezmq_mode="pubsub") as (server, _), Client(server) as client:
             got: list[dict] = []
-            for _ in range(40):  # PUB drops until the subscription has arrived
+            end = time.monotonic() + 30  # PUB drops until the subscription has arrived: resend, bounded
+            while time.monotonic() < end:
                 sender.send_image("pub-cam", image())
                 got += client.decisions(1, timeout_s=0.1)
                 if len(got) >= 3:
@@ -151,8 +152,10 @@ def test_sub_mode_receives_native_frames_from_a_publishing_camera() -> None:
         endpoint = pub.getsockopt_string(zmq.LAST_ENDPOINT)
         with running(frames_endpoint=endpoint, frames_mode="sub") as (server, _), Client(server) as client:
             got: list[dict] = []
-            for i in range(40):
-                pub.send_multipart([json.dumps(header(i)).encode(), image().tobytes()])
+            end, frame_id = time.monotonic() + 30, 0  # PUB drops until the subscription has arrived: resend, bounded
+            while time.monotonic() < end:
+                pub.send_multipart([json.dumps(header(frame_id)).encode(), image().tobytes()])
+                frame_id += 1
                 got += client.decisions(1, timeout_s=0.1)
                 if got:
                     break
