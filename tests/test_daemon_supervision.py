@@ -236,9 +236,9 @@ def daemon(
         peer.stop()
 
 
-def poke(server: Server, client: Client, frame_id: int, wait_s: float = 1.0) -> list[dict[str, Any]]:
+def poke(server: Server, client: Client, frame_id: int, wait_s: float = 30.0) -> list[dict[str, Any]]:
     """Give every thread something to do: a rejected native frame (its decision returned, if one comes within
-    ``wait_s``), then an imagezmq frame (its reply not awaited)."""
+    ``wait_s``: a bound, returned from as soon as it is there), then an imagezmq frame (its reply not awaited)."""
     client.send(frame_id, image(defect=True))
     got: list[dict[str, Any]] = []
     end = time.monotonic() + wait_s
