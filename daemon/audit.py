@@ -147,7 +147,6 @@ class AuditSink(Sink):
                     continue
                 self._failed(exc)
                 return
-        self.sent += 1
         self.written += 1
         self._index.append((name, sum(len(d) for d in files.values())))
         self._bytes += self._index[-1][1]
@@ -155,6 +154,7 @@ class AuditSink(Sink):
             log.info("audit_write_recovered", directory=str(self.directory), after=self.cause)
             self.cause = None
         self._enforce()
+        self.sent += 1  # last: whoever sees the count (metrics, tests) sees the trail and its health as they now are
 
     def _files(self, decision: Decision) -> dict[str, bytes]:
         """The record's files, encoded once (a write retried after making room does not encode again)."""
@@ -193,8 +193,14 @@ class AuditSink(Sink):
             fh.write(data)
 
     def _failed(self, exc: OSError) -> None:
-        """Count a failed write; log it when the cause is new or every ``LOG_EVERY_S`` while it lasts."""
-        self.failed += 1
+        """Count a failed write (after its cause is recorded: whoever sees the count sees ``problem()`` too)."""
+        try:
+            self._note_failure(exc)
+        finally:
+            self.failed += 1
+
+    def _note_failure(self, exc: OSError) -> None:
+        """Record the failure's cause; log it when the cause is new or every ``LOG_EVERY_S`` while it lasts."""
         self._cause_failures += 1
         cause = failure_cause(exc)
         now = self._clock()

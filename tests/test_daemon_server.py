@@ -231,7 +231,8 @@ def test_real_bundle_decisions_match_offline_inspection(bundle: tuple[Path, Path
     images = [read_image(p) for p in paths]
     with Inspector.load(model, backend="onnxruntime") as offline:
         expected = [offline.inspect(img) for img in images]
-    cfg = replace(make_config(), model=str(model), backend="onnxruntime", queue_depth=8)
+    # Every frame admitted and none near its deadline, however loaded the machine: the check is the verdicts.
+    cfg = replace(make_config(), model=str(model), backend="onnxruntime", queue_depth=64, cycle_ms=600_000)
     server = Server(cfg, loader=load_engine)
     thread = threading.Thread(target=lambda: server.run(install_signals=False), daemon=True)
     thread.start()
@@ -241,7 +242,7 @@ def test_real_bundle_decisions_match_offline_inspection(bundle: tuple[Path, Path
             for i, img in enumerate(images):
                 client.send(i, img, width=img.shape[1], height=img.shape[0])
                 time.sleep(0.02)
-            got = client.decisions(len(images), timeout_s=20)
+            got = client.decisions(len(images), timeout_s=120)
     finally:
         server.request_stop()
         thread.join(20)
