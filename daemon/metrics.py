@@ -226,6 +226,11 @@ def _line_outputs(sinks: dict[str, dict[str, Any]]) -> Iterator[Any]:
             "Times a decision subscriber's queue was found full; it misses decisions until it reads again (seq gaps)",
             pub.get("subscriber_stalls", 0),
         )
+        yield GaugeMetricFamily(
+            "inspectd_decision_subscriptions",
+            "Subscriptions live on the decisions socket (topic filters; 0: nobody hears the decisions)",
+            pub.get("subscriptions", 0),
+        )
     actuators = {name: stats for name, stats in sinks.items() if "default_rejects" in stats}
     for key, (metric, text) in ACTUATOR_COUNTS.items():
         family = CounterMetricFamily(metric, text, labels=["sink"])

@@ -190,10 +190,16 @@ class ZmqPubSink(Sink):
     **subscriber stall**. From then on libzmq skips that subscriber without a word until it has
     read again (its queue is no longer eligible), so the count is of stalls, not of decisions
     missed: those the subscriber counts itself, from ``seq``.
+
+    The socket is an XPUB (to subscribers the same as a PUB) told to pass every subscribe and
+    unsubscribe (``ZMQ_XPUB_VERBOSER``): the sink reads them after each send and every ``idle_s``
+    and keeps ``subscriptions``, the number of subscriptions (topic filters) live now, for
+    ``inspectd_decision_subscriptions``: 0 means nobody on the line hears the decisions.
     """
 
     name = "zmq-pub"
     fatal = True
+    idle_s = 0.02  # how often an idle sink reads (un)subscriptions
 
     def __init__(
         self,
@@ -204,16 +210,18 @@ class ZmqPubSink(Sink):
         maxsize: int = DECISION_QUEUE,
     ) -> None:
         super().__init__(maxsize)
-        self._socket = ctx.socket(zmq.PUB)
+        self._socket = ctx.socket(zmq.XPUB)
         self._socket.setsockopt(zmq.LINGER, 0)
         self._socket.setsockopt(zmq.SNDHWM, hwm)  # per subscriber; decisions are small
         self._socket.setsockopt(zmq.XPUB_NODROP, 1)
+        self._socket.setsockopt(zmq.XPUB_VERBOSER, 1)  # every subscribe and unsubscribe, duplicates included
         if secure is not None:  # CurveZMQ: only authenticated subscribers get decisions
             secure(self._socket)
         self._socket.bind(endpoint)
         self.endpoint = self._socket.getsockopt_string(zmq.LAST_ENDPOINT)
         self.seq = 0  # decisions published
         self.subscriber_stalls = 0  # times a subscriber's queue was found full
+        self.subscriptions = 0  # live subscriptions (a subscriber has one per topic it filters on)
 
     def send(self, decision: Decision) -> None:
         self.seq += 1
@@ -224,6 +232,17 @@ class ZmqPubSink(Sink):
         except zmq.Again:  # a subscriber's queue is full: the others still get it, the stall is counted
             self._send_past_a_stalled_subscriber(parts, decision)
         self.sent += 1
+        self.idle()
+
+    def idle(self) -> None:
+        """Read the (un)subscriptions that arrived: first byte 1 subscribe, 0 unsubscribe, then the topic."""
+        while True:
+            try:
+                message = self._socket.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            if message[:1] in (b"\x00", b"\x01"):
+                self.subscriptions = max(0, self.subscriptions + (1 if message[:1] == b"\x01" else -1))
 
     def _send_past_a_stalled_subscriber(self, parts: list[bytes], decision: Decision) -> None:
         self.subscriber_stalls += 1
@@ -241,7 +260,7 @@ class ZmqPubSink(Sink):
             self._socket.setsockopt(zmq.XPUB_NODROP, 1)
 
     def stats(self) -> dict[str, int]:
-        return {**super().stats(), "subscriber_stalls": self.subscriber_stalls}
+        return {**super().stats(), "subscriber_stalls": self.subscriber_stalls, "subscriptions": self.subscriptions}
 
     def close_resources(self) -> None:
         self._socket.close(linger=0)

@@ -47,6 +47,7 @@ from tests.test_daemon_support import (
     FakeInspector,
     ModbusPeer,
     connect_after_handshake,
+    decision_sink,
     header,
     image,
     make_config,
@@ -257,7 +258,7 @@ class Line:
         self.sub = self.ctx.socket(zmq.SUB)
         self.sub.setsockopt(zmq.LINGER, 0)
         self.sub.setsockopt(zmq.SUBSCRIBE, b"")
-        connect_after_handshake(self.sub, self.server.endpoints["decisions"])
+        connect_after_handshake(self.sub, self.server.endpoints["decisions"], decision_sink(self.server))
         self.ledger = Ledger()
 
     def _socket(self, kind: int, endpoint: str) -> zmq.Socket[Any]:

@@ -48,5 +48,6 @@ def test_metrics_follow_the_decisions() -> None:
     assert any(name == "inspectd_model_info" and ("bundle_id", "fake-1") in labels for name, labels in samples)
     assert samples[("inspectd_sink_sent_total", (("sink", "zmq-pub"),))] == 3
     assert samples[("inspectd_decision_subscriber_stalls_total", ())] == 0
+    assert samples[("inspectd_decision_subscriptions", ())] == 1  # the client's subscriber
     assert samples[("inspectd_http_connections", ())] >= 1  # the scrape itself
     assert samples[("inspectd_http_refused_total", ())] == 0 and samples[("inspectd_http_timeouts_total", ())] == 0

@@ -50,6 +50,31 @@ class Broken(Sink):
         raise OSError("device unplugged")
 
 
+def test_the_pub_sink_counts_live_subscriptions() -> None:
+    """Each subscription on the decisions socket is counted when it arrives and uncounted when its subscriber leaves."""
+    ctx = zmq.Context()
+    pub = ZmqPubSink(ctx, LOOPBACK)
+    pub.start()
+    try:
+        subs = [ctx.socket(zmq.SUB) for _ in range(2)]
+        subs[0].setsockopt(zmq.SUBSCRIBE, b"")
+        subs[1].setsockopt(zmq.SUBSCRIBE, b"cam1")
+        subs[1].setsockopt(zmq.SUBSCRIBE, b"cam2")
+        for sub in subs:
+            connect_after_handshake(sub, pub.endpoint)
+        end = time.monotonic() + 30
+        while pub.subscriptions < 3 and time.monotonic() < end:
+            time.sleep(0.005)
+        counted = pub.stats()["subscriptions"]
+        subs[1].close(linger=0)  # its two subscriptions end with it
+        while pub.subscriptions > 1 and time.monotonic() < end:
+            time.sleep(0.005)
+        assert (counted, pub.stats()["subscriptions"]) == (3, 1)
+    finally:
+        pub.close()
+        ctx.destroy(linger=0)
+
+
 def test_a_stuck_sink_drops_instead_of_blocking_the_publisher() -> None:
     """publish() returns while a sink is stuck; what its queue cannot take is counted as dropped."""
     stuck = Stuck(maxsize=4)
@@ -84,7 +109,7 @@ def test_pub_sink_sends_topic_and_json() -> None:
     pub.start()
     sub = ctx.socket(zmq.SUB)
     sub.setsockopt(zmq.SUBSCRIBE, b"cam2")
-    connect_after_handshake(sub, pub.endpoint)
+    connect_after_handshake(sub, pub.endpoint, pub)
     pub.offer(decision(1, "cam1"))
     pub.offer(decision(2, "cam2"))
     assert sub.poll(2000)
@@ -147,7 +172,7 @@ def test_row1_a_blocked_decision_socket_thread_loses_nothing() -> None:
     pub.start()
     sub = ctx.socket(zmq.SUB)
     sub.setsockopt(zmq.SUBSCRIBE, b"")
-    connect_after_handshake(sub, pub.endpoint)
+    connect_after_handshake(sub, pub.endpoint, pub)
     try:
         pub.offer(decision(0))
         assert pub.entered.wait(5)  # type: ignore[attr-defined]
@@ -217,7 +242,7 @@ def test_a_stalled_subscriber_is_detected_counted_and_sees_its_gap_while_the_oth
     stalled.setsockopt(zmq.RCVBUF, 4096)
     for sub in (stalled, reader):
         sub.setsockopt(zmq.SUBSCRIBE, b"")
-        connect_after_handshake(sub, pub.endpoint)
+        connect_after_handshake(sub, pub.endpoint, pub)
     got: list[int] = []
 
     def offer_and_read(frame_id: int) -> None:  # paced: the reader is never behind

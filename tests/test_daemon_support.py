@@ -212,14 +212,15 @@ def running(
         assert codes == [0]
 
 
-def connect_after_handshake(sock: zmq.Socket[Any], endpoint: str) -> None:
-    """Connect ``sock`` (a SUB) and return once its ZeroMQ handshake with the peer is done.
+def connect_after_handshake(sock: zmq.Socket[Any], endpoint: str, pub: Any = None) -> None:
+    """Connect ``sock`` (a SUB) and return once the publisher has its subscription.
 
-    A SUB's subscription is queued at connect and is the first message it sends after the
-    handshake, ahead of anything this test sends next; a decision is published only after
-    several hand-offs inside the daemon (or the sink's thread). Waiting for the handshake, not
-    for a fixed time, keeps ZeroMQ's slow-joiner race out of the tests on a loaded machine.
+    With ``pub`` (the daemon's ``ZmqPubSink``, in this process) that is exact: the sink counts the
+    subscriptions its XPUB has taken. Otherwise (a daemon in another process) this waits for the
+    ZeroMQ handshake, after which the subscription is the first message the SUB sends. Either way
+    it waits for an event, not for a fixed time, which a loaded machine can outlast.
     """
+    before = None if pub is None else pub.subscriptions
     monitor = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED)
     try:
         sock.connect(endpoint)
@@ -228,6 +229,15 @@ def connect_after_handshake(sock: zmq.Socket[Any], endpoint: str) -> None:
     finally:
         sock.disable_monitor()
         monitor.close(linger=0)
+    end = time.monotonic() + 30
+    while before is not None and pub.subscriptions <= before:
+        assert time.monotonic() < end, f"the publisher at {endpoint} never took the subscription"
+        time.sleep(0.002)
+
+
+def decision_sink(server: Server) -> Any:
+    """The server's decision PUB sink."""
+    return next(s for s in server.outputs.sinks if s.name == "zmq-pub")
 
 
 class Client:
@@ -244,7 +254,8 @@ class Client:
         self.sub.setsockopt(zmq.LINGER, 0)
         if subscribe:
             self.sub.setsockopt(zmq.SUBSCRIBE, b"")
-        connect_after_handshake(self.sub, endpoints["decisions"])
+        pub = decision_sink(server) if isinstance(server, Server) and subscribe else None
+        connect_after_handshake(self.sub, endpoints["decisions"], pub)
 
     def send(self, frame_id: Any, img: np.ndarray | None = None, **extra: Any) -> None:
         img = image() if img is None else img
