@@ -82,8 +82,12 @@ def test_routes_serve_page_snapshot_events_and_thumbnail_read_only() -> None:
         client.send(1)
         client.send(2, image(defect=True))
         assert len(client.decisions(2)) == 2
-        end = time.monotonic() + 30  # the board renders on its own thread: wait (bounded) until it has both
-        while (snap := json.loads(get(address, "/status.json")[1]))["total"]["total"] < 2 and time.monotonic() < end:
+        end = time.monotonic() + 30  # the board renders on its own thread: wait (bounded) for both and the thumbnail
+
+        def rendered(snap: dict) -> bool:
+            return snap["total"]["total"] == 2 and snap["reject_image"] is not None
+
+        while not rendered(snap := json.loads(get(address, "/status.json")[1])) and time.monotonic() < end:
             time.sleep(0.02)
         assert snap["total"]["pass"] == 1 and snap["total"]["reject"] == 1 and snap["reject_image"]["frame_id"] == 2
         status, jpeg, kind = get(address, "/reject.jpg")
