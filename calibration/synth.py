@@ -26,7 +26,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -34,6 +34,8 @@ from typing import Any
 import cv2
 import numpy as np
 
+from calibration import synth_variation as variation
+from calibration.synth_variation import Variation
 from engines.errors import UserError
 from engines.types import MIN_SIDE
 
@@ -96,6 +98,11 @@ class SynthConfig:
     band_vignette: tuple[float, float] = (0.1, 0.8)  # vignetting strength at the image edge, per image and edge
     band_blur_px: tuple[float, float] | None = None  # band blur sigma in px (None: 0.3..1.0 x max(1, band/20))
     bend_px: float = 0.0  # std (px) of a 9x9 grid of displacements, cubic-interpolated: a smooth bend
+    # Benign variation of good parts (``calibration.synth_variation``): None draws the original
+    # identical parts; a Variation draws marks and grain on every image, from their own rng stream.
+    benign: Variation | None = None
+    plant: int = 0  # training images that get a real defect (for auditing the good images), drawn from KINDS
+    plant_kinds: tuple[str, ...] = KINDS
     workers: int = 0
     width: int | None = None  # None: ``size``
     height: int | None = None  # None: ``size``
@@ -147,6 +154,15 @@ def validate(config: SynthConfig) -> None:
             "--kinds chip: the border band is too narrow for chips (make --size or --border-band larger)",
         ),
         (config.workers >= 0, f"--workers: expected >= 0, got {config.workers}"),
+        (
+            0 <= config.plant <= config.train,
+            f"--plant: expected 0..{config.train} (the training images), got {config.plant}",
+        ),
+        (
+            bool(config.plant_kinds) and set(config.plant_kinds) <= set(KINDS),
+            f"--plant-kinds: expected some of {','.join(KINDS)}",
+        ),
+        *((False, problem) for problem in (variation.problems(config.benign) if config.benign else [])),
     ]
     for ok, message in checks:
         if not ok:
@@ -681,13 +697,24 @@ def _quantise(img: np.ndarray, bit_depth: int) -> np.ndarray:
     return img.astype(np.uint8)
 
 
-def render_frame(config: SynthConfig, design: Design, split_id: int, index: int, kind: str) -> tuple:
-    """Render one image; returns (pixels, mask or None, defects, pose, fixture bars drawn)."""
+def render_frame(
+    config: SynthConfig, design: Design, split_id: int, index: int, kind: str, plant: str | None = None
+) -> tuple:
+    """Render one image; returns (pixels, mask or None, defects, pose, fixture bars drawn, benign variation or None).
+
+    ``plant``: a good (training) image that nevertheless carries one defect of this kind, drawn
+    from its own rng stream.
+    """
     rng = np.random.default_rng([config.seed, split_id, index])
     band = round(config.border_band * config.side)
     pose = _sample_pose(config, rng)
     matrix = _pose_matrix(pose)
     img, disp = _warp(design.image, matrix, config, rng)
+    benign = None
+    if config.benign is not None:  # on the part's surface, before the lighting: its own stream
+        body = cv2.warpAffine(design.body, matrix, img.shape[1::-1], flags=cv2.INTER_NEAREST)
+        benign_rng = np.random.default_rng([config.seed, split_id, index, variation.BENIGN_STREAM])
+        benign = variation.apply(img, body.astype(np.float32), config.benign, benign_rng)
     gain = _gain_field(config, rng)
     cgain = (1 + rng.uniform(-0.01, 0.01, config.channels) * config.light).astype(np.float32)
     offset = float(rng.uniform(-4, 4) * config.light)
@@ -705,9 +732,13 @@ def render_frame(config: SynthConfig, design: Design, split_id: int, index: int,
     keepout = math.ceil(KEEPOUT * band) + 2
     frame = Frame(config, design, img, gain, cgain, offset, matrix, disp, band, keepout, glow, bars=bars)
     defects = [] if kind == "good" else [_add_defect(frame, kind, rng)]
+    if plant is not None:
+        defects.append(
+            _add_defect(frame, plant, np.random.default_rng([config.seed, split_id, index, variation.PLANT_STREAM]))
+        )
     del gain, disp
     _add_noise(img, config.noise, rng)
-    return _quantise(img, config.bit_depth), frame.mask, defects, pose, bars
+    return _quantise(img, config.bit_depth), frame.mask, defects, pose, bars, benign
 
 
 # --------------------------------------------------------------------------- defects
@@ -1162,6 +1193,7 @@ class _Job:
     kind: str  # "good" or a defect kind
     split_id: int  # rng stream: 0 train, 1 test/good, 2+ index in ALL_KINDS
     index: int
+    plant: str | None = None  # a training image that carries a defect of this kind (``--plant``)
 
     @property
     def path(self) -> str:
@@ -1169,11 +1201,14 @@ class _Job:
 
     @property
     def mask_path(self) -> str:
+        if self.plant is not None:  # not a test kind's folder: nothing reads these as test ground truth
+            return f"ground_truth/planted/{self.split}_{self.index:03d}_mask.png"
         return f"ground_truth/{self.kind}/{self.index:03d}_mask.png"
 
 
 def _jobs(root: Path, config: SynthConfig) -> list[_Job]:
-    jobs = [_Job(str(root), "train", "good", 0, i) for i in range(config.train)]
+    plants = variation.planted(config.seed, config.train, config.plant, config.plant_kinds)
+    jobs = [_Job(str(root), "train", "good", 0, i, plants.get(i)) for i in range(config.train)]
     jobs += [_Job(str(root), "test", "good", 1, i) for i in range(config.test_good)]
     for kind in config.kinds:
         # Stream ids follow ALL_KINDS, so a kind's images do not depend on which other kinds were asked for.
@@ -1183,7 +1218,9 @@ def _jobs(root: Path, config: SynthConfig) -> list[_Job]:
 
 def _render_job(job: _Job, config: SynthConfig) -> dict[str, Any]:
     assert _DESIGN is not None
-    pixels, mask, defects, pose, bars = render_frame(config, _DESIGN, job.split_id, job.index, job.kind)
+    pixels, mask, defects, pose, bars, benign = render_frame(
+        config, _DESIGN, job.split_id, job.index, job.kind, job.plant
+    )
     root = Path(job.root)
     _imwrite(root / job.path, pixels)
     entry: dict[str, Any] = {"path": job.path, "split": job.split, "kind": job.kind}
@@ -1191,9 +1228,13 @@ def _render_job(job: _Job, config: SynthConfig) -> dict[str, Any]:
         _imwrite(root / job.mask_path, mask)
         entry["mask"] = job.mask_path
     entry["defects"] = defects
+    if job.plant is not None:
+        entry["planted"] = job.plant
     entry["pose"] = {k: round(v, 4) for k, v in pose.items()}
     if config.fixture != "design":  # design bars are a property of the line; random ones of each image
         entry["fixture"] = bars
+    if benign is not None:
+        entry["benign"] = benign
     return entry
 
 
@@ -1240,7 +1281,7 @@ def _config_dict(config: SynthConfig) -> dict[str, Any]:
     out = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(config).items() if k != "workers"}
     out["max_shift_px"] = config.shift_px
     out["height"], out["width"] = config.shape
-    return out
+    return json.loads(json.dumps(out))  # nested tuples (the benign variation) as the lists meta.json will hold
 
 
 def _check_out(out: Path) -> None:
@@ -1265,7 +1306,7 @@ def write_dataset(out: Path, config: SynthConfig, progress: bool = True) -> dict
         jobs = _jobs(tmp, config)
         for job in jobs:
             (tmp / job.path).parent.mkdir(parents=True, exist_ok=True)
-            if job.kind != "good":
+            if job.kind != "good" or job.plant is not None:
                 (tmp / job.mask_path).parent.mkdir(parents=True, exist_ok=True)
         _DESIGN = render_design(config)
         images = _render_all(jobs, config, progress)
@@ -1353,6 +1394,62 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     band.add_argument("--band-blur", type=_range_arg, default=None, help="LO,HI: band blur sigma in px")
     band.add_argument("--bend", type=float, default=d.bend_px, help="std of a 9x9 grid of displacements, px")
     parser.add_argument("--workers", type=int, default=d.workers, help="processes (0: one per CPU)")
+    v = Variation()
+    benign = parser.add_argument_group("benign variation of good parts (calibration.synth_variation)")
+    benign.add_argument(
+        "--benign", action="store_true", help="draw short thin marks and a per-part grain on every part (all splits)"
+    )
+    benign.add_argument("--mark-rate", type=float, help=f"with --benign: fraction of parts with marks ({v.mark_rate})")
+    benign.add_argument("--marks-per-part", type=_pair_arg(int), help=f"with --benign: LO,HI {_pair(v.marks_per_part)}")
+    benign.add_argument(
+        "--mark-length",
+        type=_pair_arg(float),
+        help=f"with --benign: LO,HI fraction of the part side {_pair(v.mark_length)}",
+    )
+    benign.add_argument(
+        "--mark-contrast", type=_pair_arg(float), help=f"with --benign: LO,HI grey levels {_pair(v.mark_contrast)}"
+    )
+    benign.add_argument(
+        "--grain", type=_pair_arg(float), help=f"with --benign: LO,HI grain std per part {_pair(v.grain)}"
+    )
+    parser.add_argument(
+        "--plant", type=int, default=d.plant, help="training images that carry a real defect (to test fit's audit)"
+    )
+    parser.add_argument("--plant-kinds", type=_kinds_arg, default=d.plant_kinds, help="kinds planted (default all)")
+
+
+_VARIATION_OPTIONS = {
+    "mark_rate": "--mark-rate",
+    "marks_per_part": "--marks-per-part",
+    "mark_length": "--mark-length",
+    "mark_contrast": "--mark-contrast",
+    "grain": "--grain",
+}
+
+
+def _pair(values: tuple) -> str:
+    return "(default " + ",".join(str(x) for x in values) + ")"
+
+
+def _pair_arg(kind: type) -> Callable[[str], tuple]:
+    def parse(text: str) -> tuple:
+        try:
+            lo, hi = (kind(part) for part in text.split(","))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected LO,HI, got {text!r}") from None
+        return lo, hi
+
+    return parse
+
+
+def _variation(args: argparse.Namespace) -> Variation | None:
+    given = {field: getattr(args, field, None) for field in _VARIATION_OPTIONS}
+    given = {k: v for k, v in given.items() if v is not None}
+    if not getattr(args, "benign", False):
+        if given:
+            raise UserError(f"{_VARIATION_OPTIONS[next(iter(given))]}: only with --benign")
+        return None
+    return replace(Variation(), **given)
 
 
 def main(args: argparse.Namespace) -> int:
@@ -1379,11 +1476,14 @@ def main(args: argparse.Namespace) -> int:
         band_vignette=args.band_vignette,
         band_blur_px=args.band_blur,
         bend_px=args.bend,
+        benign=_variation(args),
+        plant=getattr(args, "plant", 0),
+        plant_kinds=tuple(getattr(args, "plant_kinds", KINDS)),
         workers=args.workers,
     )
     start = time.perf_counter()
     meta = write_dataset(args.out, config, progress=True)
-    n_defect = sum(1 for image in meta["images"] if image["defects"])
+    n_defect = sum(1 for image in meta["images"] if image["defects"] and image["split"] == "test")
     print(
         f"wrote {len(meta['images'])} images ({config.train} train, {config.test_good} test good, "
         f"{n_defect} defective) of {config.describe()} to {args.out} in {time.perf_counter() - start:.1f} s"

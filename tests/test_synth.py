@@ -403,3 +403,75 @@ def test_cli_band_options_parse_into_the_config() -> None:
     for bad in (["--band-blur", "2"], ["--fixture-depth", "0.5,0.2"], ["--fixture", "left"]):
         with pytest.raises(SystemExit):
             parser.parse_args(["x", *bad])
+
+
+# -- benign variation and planted defects (issue: good parts that vary) ---------------------------
+BENIGN = SynthConfig(size=512, train=6, test_good=2, per_kind=1, kinds=("scratch", "dot"), workers=1)
+
+
+@pytest.fixture(scope="module")
+def benign_pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict, Path, dict]:
+    """The same small line without and with the benign variation."""
+    root = tmp_path_factory.mktemp("benign")
+    plain = write_dataset(root / "plain", BENIGN, progress=False)
+    varied = write_dataset(root / "varied", replace(BENIGN, benign=synth.Variation(mark_rate=1.0)), progress=False)
+    return root / "plain", plain, root / "varied", varied
+
+
+def test_benign_variation_adds_marks_and_grain_and_nothing_else(benign_pair) -> None:
+    """With --benign every image differs only on the part body; poses and defects are those of the plain line."""
+    plain_root, plain, root, meta = benign_pair
+    assert meta["config"]["benign"]["mark_contrast"] == [4.0, 12.0] and plain["config"]["benign"] is None
+    side = (1 - 2 * synth.BODY_INSET) * BENIGN.size
+    grains = []
+    for a, b in zip(plain["images"], meta["images"], strict=True):
+        assert (a["pose"], a["defects"]) == (b["pose"], b["defects"]), b["path"]
+        assert "benign" not in a
+        grains.append(b["benign"]["grain"])
+        marks = b["benign"]["marks"]
+        assert 1 <= len(marks) <= 4, b["path"]
+        for mark in marks:
+            assert mark["length"] <= 0.02 * side + 1e-6 and 4 <= abs(mark["contrast"]) <= 12
+        diff = _read(root / b["path"]).astype(int) - _read(plain_root / a["path"]).astype(int)
+        assert (diff[:4] == 0).all() and (diff[:, :4] == 0).all(), "outside the part nothing changes"
+        for mark in marks:  # a dark mark lowers the grey under its centre (grain and noise are far smaller)
+            x, y = (round(c) for c in mark["centre"])
+            if mark["contrast"] < -8:
+                assert diff[y - 1 : y + 2, x - 1 : x + 2].min() < -3, (b["path"], mark)
+    assert max(grains) - min(grains) > 0.5, "the grain differs from part to part"
+
+
+def test_planted_defects_are_recorded_with_masks(tmp_path: Path) -> None:
+    """--plant N puts one real defect in N training images, named in meta.json with a mask outside test/."""
+    config = SynthConfig(size=256, train=5, test_good=1, per_kind=0, plant=2, plant_kinds=("dot",), workers=1)
+    meta = write_dataset(tmp_path / "ds", config, progress=False)
+    planted = [i for i in meta["images"] if i.get("planted")]
+    assert len(planted) == 2 and all(i["split"] == "train" and i["kind"] == "good" for i in planted)
+    for image in planted:
+        (defect,) = image["defects"]
+        assert defect["kind"] == "dot" and image["mask"].startswith("ground_truth/planted/train_")
+        assert _read(tmp_path / "ds" / image["mask"]).max() == 255
+    assert all(not i["defects"] for i in meta["images"] if not i.get("planted"))
+    again = write_dataset(tmp_path / "again", replace(config, plant=0), progress=False)
+    unplanted = {i["path"] for i in meta["images"]} - {i["path"] for i in planted}
+    for path in unplanted:
+        assert (tmp_path / "ds" / path).read_bytes() == (tmp_path / "again" / path).read_bytes()
+    assert len(again["images"]) == len(meta["images"])
+
+
+def test_benign_cli_options(tmp_path: Path) -> None:
+    """--benign and its knobs reach meta.json; a knob without --benign, or out of range, is a one-line error."""
+    parser = argparse.ArgumentParser()
+    synth.add_arguments(parser)
+    base = ["--size", "160", "--train", "2", "--test-good", "0", "--per-kind", "0", "--workers", "1"]
+    args = parser.parse_args([str(tmp_path / "a"), *base, "--benign", "--mark-contrast", "3,6", "--grain", "0,1"])
+    assert synth.main(args) == 0
+    config = json.loads((tmp_path / "a" / "meta.json").read_text())["config"]
+    assert config["benign"]["mark_contrast"] == [3.0, 6.0] and config["benign"]["grain"] == [0.0, 1.0]
+    with pytest.raises(UserError, match="--mark-contrast: only with --benign"):
+        synth.main(parser.parse_args([str(tmp_path / "b"), *base, "--mark-contrast", "3,6"]))
+    with pytest.raises(UserError, match="--mark-length"):
+        synth.main(parser.parse_args([str(tmp_path / "c"), *base, "--benign", "--mark-length", "0.1,0.5"]))
+    with pytest.raises(UserError, match="--plant"):
+        synth.main(parser.parse_args([str(tmp_path / "d"), *base, "--plant", "3"]))
+    assert not (tmp_path / "b").exists() and not (tmp_path / "c").exists()
