@@ -41,7 +41,7 @@ class Variation:
     marks_per_part: tuple[int, int] = (1, 4)  # inclusive range of marks on a marked part
     mark_length: tuple[float, float] = (0.005, 0.02)  # fraction of the part's (shorter) side
     mark_width: tuple[float, float] = (0.8, 2.0)  # px
-    mark_contrast: tuple[float, float] = (4.0, 12.0)  # grey levels (8-bit), at most half of a scratch's
+    mark_contrast: tuple[float, float] = (6.0, 30.0)  # grey levels (8-bit), at most half of a scratch's (25..60)
     dark_rate: float = 0.8  # fraction of marks darker than the surface
     grain: tuple[float, float] = (0.5, 2.5)  # grain standard deviation per part, grey levels
     grain_px: tuple[float, float] = (0.6, 1.2)  # grain smoothing sigma per part, px

@@ -421,7 +421,7 @@ def benign_pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict, P
 def test_benign_variation_adds_marks_and_grain_and_nothing_else(benign_pair) -> None:
     """With --benign every image differs only on the part body; poses and defects are those of the plain line."""
     plain_root, plain, root, meta = benign_pair
-    assert meta["config"]["benign"]["mark_contrast"] == [4.0, 12.0] and plain["config"]["benign"] is None
+    assert meta["config"]["benign"]["mark_contrast"] == [6.0, 30.0] and plain["config"]["benign"] is None
     side = (1 - 2 * synth.BODY_INSET) * BENIGN.size
     grains = []
     for a, b in zip(plain["images"], meta["images"], strict=True):
@@ -431,7 +431,7 @@ def test_benign_variation_adds_marks_and_grain_and_nothing_else(benign_pair) -> 
         marks = b["benign"]["marks"]
         assert 1 <= len(marks) <= 4, b["path"]
         for mark in marks:
-            assert mark["length"] <= 0.02 * side + 1e-6 and 4 <= abs(mark["contrast"]) <= 12
+            assert mark["length"] <= 0.02 * side + 1e-6 and 6 <= abs(mark["contrast"]) <= 30
         diff = _read(root / b["path"]).astype(int) - _read(plain_root / a["path"]).astype(int)
         assert (diff[:4] == 0).all() and (diff[:, :4] == 0).all(), "outside the part nothing changes"
         for mark in marks:  # a dark mark lowers the grey under its centre (grain and noise are far smaller)
