@@ -77,6 +77,19 @@ def fit_arguments(parser: argparse.ArgumentParser) -> None:
         help="rigid: the part's pose only; nonrigid: plus a smooth displacement field, for parts that bend; "
         f"auto: nonrigid where the good images bend (default {DEFAULT_ALIGNMENT})",
     )
+    parser.add_argument(
+        "--exclude",
+        action="append",
+        default=[],
+        metavar="IMAGE[,IMAGE...]",
+        help="good images to leave out of the fit (file names or paths; repeatable); recorded in the manifest",
+    )
+    parser.add_argument(
+        "--exclude-from",
+        type=Path,
+        metavar="FILE",
+        help="a file listing good images to leave out, one per line (e.g. MODEL.fit-report/flagged.txt)",
+    )
     learned = parser.add_argument_group("learned and ensemble detectors (need the 'learned' extra: torch)")
     learned.add_argument("--steps", type=int, default=2000, help="training steps per network (default 2000)")
     learned.add_argument("--seed", type=int, default=0, help="seed of the initialisation and the training crops")
@@ -103,6 +116,7 @@ def fit_main(args: argparse.Namespace) -> int:
         alignment=getattr(args, "alignment", DEFAULT_ALIGNMENT),
         occluders=not getattr(args, "no_occluders", False),
         sensor_mask=str(args.sensor_mask) if getattr(args, "sensor_mask", None) else None,
+        exclude=_excluded_names(getattr(args, "exclude", []), getattr(args, "exclude_from", None)),
     )
     if getattr(args, "detector", "template") in ("learned", "ensemble"):
         out = _fit_learned(args, dataset, config)
@@ -115,7 +129,27 @@ def fit_main(args: argparse.Namespace) -> int:
         f"threshold {cal['threshold']:.3f} ({cal['margin'] * 100:.0f} % above the worst of "
         f"{len(cal['good_scores'])} held-out good scores)"
     )
+    excluded = bundle.manifest["training"].get("excluded", [])
+    if excluded:
+        print(f"excluded from the fit ({len(excluded)}): {', '.join(e['name'] for e in excluded)}")
+    if "audit" in cal:
+        from calibration.audit import audit_lines
+
+        print("\n".join(audit_lines(cal["audit"])))
+        print(f"fit report: {cal['audit']['report']}")
     return 0
+
+
+def _excluded_names(given: list[str], listing: Path | None) -> tuple[str, ...]:
+    """--exclude values (comma lists) and --exclude-from lines (blank lines and # comments skipped), in order."""
+    names = [n.strip() for value in given for n in value.split(",") if n.strip()]
+    if listing is not None:
+        try:
+            text = listing.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise UserError(f"{listing}: not a readable list of images ({exc})") from None
+        names += [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    return tuple(dict.fromkeys(names))
 
 
 def _fit_learned(args: argparse.Namespace, dataset, config) -> Path:

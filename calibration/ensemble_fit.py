@@ -42,7 +42,7 @@ def fit_ensemble(
     """Fit both detectors, calibrate their combination and write an ensemble bundle to ``out``; returns ``out``."""
     config = config or fp.FitConfig()
     learn = learn or lf.LearnConfig()
-    images = [Path(p) for p in images]
+    images, excluded = fp.select_training(images, config.exclude)
     out = Path(out)
     started = time.time()
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
@@ -51,20 +51,23 @@ def fit_ensemble(
         template = tf.calibrate_folds(training, config, progress, fold_stats)
         learned = lf.learn_and_calibrate(training, images, config, learn, out, Path(tmp), progress, fold_stats)
         template_cal = template.calibration
-        calibration = combined_calibration(
+        calibration, held_out_map = combined_calibration(
             template_cal, template.held_out_map, learned.calibration, learned.held_out_map, config
         )
         stats = fp.apply_local_tolerance(fp.statistics(training, range(len(images)), config), template.tolerance)
-        tolerances = (template.tolerance, learned.tolerance)
-        stats["fine_gain"] = np.stack([t.part_gain for t in tolerances]).astype(np.float16)
-        stats["fine_ring_gain"] = np.stack([t.ring_gain for t in tolerances]).astype(np.float16)
+        part, ring = template.gains()
+        stats["fine_gain"] = np.concatenate([part, learned.tolerance.part_gain[None]]).astype(np.float16)
+        stats["fine_ring_gain"] = np.concatenate([ring, learned.tolerance.ring_gain[None]]).astype(np.float16)
         geo = training.geometry
         spec = EnsembleGraphSpec(
             geo.channels,
             config.core,
+            gains=len(part) + 1,
             input_dtype=fp.graph_input_dtype(geo),
             fine_scale=template_cal["fine_scale"],
             coarse_scale=template_cal["coarse_scale"],
+            blob_scale=template_cal["blob_scale"],
+            line_scale=template_cal["line_scale"],
             template_threshold=template_cal["threshold"],
             learned_threshold=learned.calibration["threshold"],
         )
@@ -74,15 +77,30 @@ def fit_ensemble(
         }
         extra = {"learned": learned.manifest(learn)}
         return fp.write_fitted_bundle(
-            out, "ensemble", training, stats, reference, calibration, config, images, started, graphs, extra
+            out,
+            "ensemble",
+            training,
+            stats,
+            reference,
+            calibration,
+            config,
+            images,
+            started,
+            graphs,
+            extra,
+            held_out_map=held_out_map,
+            excluded=excluded,
         )
 
 
 def combined_calibration(
     template: dict, template_map: np.ndarray, learned: dict, learned_map: np.ndarray, config: fp.FitConfig
-) -> dict:
-    """The ensemble's threshold from held-out block maps [n, Hb, Wb] of both detectors, as the graph combines them."""
+) -> tuple[dict, np.ndarray]:
+    """The ensemble's threshold from held-out block maps [n, Hb, Wb] of both detectors, as the graph combines them.
+
+    Returns the calibration and the combined held-out map it was set on.
+    """
     combined = (template_map / template["threshold"] + learned_map / learned["threshold"]) / 2
     calibration = good_threshold(combined.max(axis=(1, 2)), config.target_frr, config.threshold_margin)
     calibration.update(combination="mean", template=template, learned=learned)
-    return calibration
+    return calibration, combined

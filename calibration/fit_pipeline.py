@@ -10,7 +10,12 @@
    ``graph_blocks`` (a graph's held-out map of each image, max-pooled to blocks), from which each
    detector calibrates on good images the statistics did not see.
 4. ``apply_local_tolerance`` bakes a learned local normalisation into the statistics;
-   ``write_fitted_bundle`` writes any detector's bundle atomically.
+   ``write_fitted_bundle`` audits the held-out good scores (``calibration.audit``: which good
+   images score far above the others, where, and what they cost), writes the fit report next
+   to the bundle and any detector's bundle atomically.
+
+``select_training`` applies the user's ``--exclude``: named images are left out of the fit and
+recorded in the manifest, never dropped silently.
 
 The template (``calibration.template_fit``), learned (``calibration.learned_fit``) and ensemble
 (``calibration.ensemble_fit``) fits are built from these pieces.
@@ -22,6 +27,7 @@ import hashlib
 import itertools
 import json
 import mmap
+import shutil
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, replace
@@ -31,12 +37,13 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
+from calibration import audit as aud
 from calibration import tolerance_fit as tol
 from engines import registration as reg
 from engines import sensor
 from engines.bundle import CALIBRATION, REFERENCE, sha256_file, write_bundle
 from engines.decode import read_image
-from engines.errors import InspectError, UserError
+from engines.errors import BundleError, InspectError, UserError
 from engines.graphs import ALIGN, HALO, LEVELS
 from engines.inspector import resident_inputs
 from engines.nonrigid import ALIGNMENTS, DEFAULT_ALIGNMENT, FieldReference, parameters
@@ -78,6 +85,7 @@ class FitConfig:
     measured_field_gain: float | None = None  # "auto": the fraction of its residual the field removes (decides)
     occluders: bool = True  # learn whether good images show the sensor frame's occluders (engines.sensor)
     sensor_mask: str | None = None  # PNG, sensor frame, non-zero = leave out of every frame (--sensor-mask)
+    exclude: tuple[str, ...] = ()  # good images the user left out of the fit (names as given; ``select_training``)
 
 
 @dataclass
@@ -91,6 +99,38 @@ class Training:
     coefs: np.ndarray  # [n, PHOTO_TERMS] lighting model per image
     poses: np.ndarray  # [n, 2, 3] reference -> frame transform per image
     pyramids: list[dict[int, np.ndarray]]  # per image: level -> [C, H_l, W_l] 3x3 block means of xn * w
+
+
+def select_training(images: Sequence[Path], exclude: Sequence[str]) -> tuple[list[Path], list[Path]]:
+    """(images to fit on, images excluded): each name in ``exclude`` must match exactly one good image.
+
+    A name matches an image by its path as listed, its absolute path, a trailing part of its path
+    (``train/good/007.png``) or its file name (``007.png``). Unknown or ambiguous names are user
+    errors: an exclusion is never guessed and never silent.
+    """
+    images = [Path(p) for p in images]
+    excluded: list[Path] = []
+    for name in exclude:
+        matches = [p for p in images if _names(p, name)]
+        if len(matches) != 1:
+            folder = images[0].parent if images else "dataset"
+            why = "matches no" if not matches else f"matches {len(matches)}"
+            raise UserError(
+                f"--exclude {name}: {why} good image of the {len(images)} in {folder} "
+                f"(expected a file name such as {images[0].name if images else '000.png'}, or its path)"
+            )
+        if matches[0] not in excluded:
+            excluded.append(matches[0])
+    return [p for p in images if p not in excluded], excluded
+
+
+def _names(path: Path, name: str) -> bool:
+    given = Path(name)
+    if str(path) == name or path.name == name:
+        return True
+    if given.is_absolute():
+        return path.resolve() == given.resolve()
+    return len(given.parts) > 1 and path.parts[-len(given.parts) :] == given.parts
 
 
 def prepare_training(
@@ -707,8 +747,70 @@ def write_fitted_bundle(
     started: float,
     graphs: dict[str, Callable[[Path], None]],
     extra_manifest: dict | None = None,
+    held_out_map: np.ndarray | None = None,
+    excluded: Sequence[Path] = (),
 ) -> Path:
-    """Write a bundle of any detector fitted on registered good images: graphs, reference, calibration."""
+    """Write a bundle of any detector fitted on registered good images: graphs, reference, calibration.
+
+    With ``held_out_map`` ([n, Hb, Wb], each good image's map as its held-out score was taken),
+    the good images are audited first: the audit goes into the calibration and, with overlays,
+    into the fit report beside the bundle (``calibration.audit.report_path``). ``excluded``: the
+    images the user left out (``select_training``), recorded in the manifest with their hashes.
+    """
+    report = None
+    if Path(out).exists():  # as write_bundle would say, before the report of that bundle is touched
+        raise BundleError(f"{out}: already exists; choose another --out or remove it")
+    if held_out_map is not None:
+        shape = (training.geometry.height, training.geometry.width)
+        audit = aud.audit_goods([str(p) for p in images], held_out_map, training.poses, calibration, shape)
+        report = aud.report_path(out)
+        calibration = {
+            **calibration,
+            "good_images": [str(p) for p in images],
+            "audit": {**audit.summary(), "report": str(report)},
+        }
+        extra = {
+            "bundle": str(out),
+            "detector": detector,
+            "excluded": [str(p) for p in excluded],
+            "report": str(report),
+        }
+        aud.write_fit_report(report, audit, images, held_out_map, training.poses, extra)
+    try:
+        return _write_bundle(
+            out,
+            detector,
+            training,
+            stats,
+            registration,
+            calibration,
+            config,
+            images,
+            started,
+            graphs,
+            extra_manifest,
+            excluded,
+        )
+    except BaseException:
+        if report is not None:
+            shutil.rmtree(report, ignore_errors=True)
+        raise
+
+
+def _write_bundle(
+    out: Path,
+    detector: str,
+    training: Training,
+    stats: dict[str, np.ndarray],
+    registration: reg.RegistrationReference,
+    calibration: dict,
+    config: FitConfig,
+    images: list[Path],
+    started: float,
+    graphs: dict[str, Callable[[Path], None]],
+    extra_manifest: dict | None,
+    excluded: Sequence[Path],
+) -> Path:
     coarse_f, fine_f = registration.factors
     reference = {
         **stats,
@@ -739,7 +841,10 @@ def write_fitted_bundle(
             **({"sensor": _sensor_manifest(registration.sensor)} if registration.sensor else {}),
         },
         "fit_config": asdict(config),
-        "training": fingerprint(images),
+        "training": {
+            **fingerprint(images),
+            "excluded": [{"name": str(p), "sha256": sha256_file(p)} for p in excluded],
+        },
         **(extra_manifest or {}),
     }
     writers = {

@@ -98,7 +98,7 @@ def fit_learned(
     """Fit, train, calibrate and write a learned bundle to ``out``; returns ``out``."""
     config = config or fp.FitConfig()
     learn = learn or LearnConfig()
-    images = [Path(p) for p in images]
+    images, excluded = fp.select_training(images, config.exclude)
     out = Path(out)
     started = time.time()
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
@@ -116,7 +116,19 @@ def fit_learned(
         }
         extra = {"learned": learned.manifest(learn)}
         return fp.write_fitted_bundle(
-            out, "learned", training, stats, reference, learned.calibration, config, images, started, graphs, extra
+            out,
+            "learned",
+            training,
+            stats,
+            reference,
+            learned.calibration,
+            config,
+            images,
+            started,
+            graphs,
+            extra,
+            held_out_map=learned.held_out_map,
+            excluded=excluded,
         )
 
 

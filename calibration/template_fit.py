@@ -26,7 +26,7 @@ from calibration.fit_pipeline import FitConfig, Training
 from calibration.thresholds import good_threshold
 from engines import registration as reg
 from engines.bundle import GRAPH_FP16, GRAPH_FP32
-from engines.graphs import TemplateGraphSpec, build_template_graph
+from engines.graphs import COMPONENTS, TemplateGraphSpec, build_template_graph
 
 
 def fit_template(
@@ -39,25 +39,26 @@ def fit_template(
 ) -> Path:
     """Fit, calibrate and write a template bundle to ``out``; returns ``out``."""
     config = config or FitConfig()
-    images = [Path(p) for p in images]
+    images, excluded = fp.select_training(images, config.exclude)
     started = time.time()
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
         training, reference, config = fp.prepare_training(images, roi, config, Path(tmp), progress, "template")
         folds = calibrate_folds(training, config, progress)
         stats = fp.apply_local_tolerance(fp.statistics(training, range(len(images)), config), folds.tolerance)
+        stats["fine_gain"], stats["fine_ring_gain"] = (g.astype(np.float16) for g in folds.gains())
         stats["held_out_blocks"] = folds.blocks.astype(np.float16)  # for diagnostics and reports
-        return _write(out, training, stats, reference, folds.calibration, config, images, started)
+        return _write(out, training, stats, reference, folds, config, images, excluded, started)
 
 
 def _component_blocks(
     training: Training, stats: dict[str, np.ndarray], indices: Sequence[int], core: int, tmp: Path
 ) -> np.ndarray:
-    """Per held-out image, the fine and coarse scores from the real graph, max-pooled to BLOCK px blocks."""
+    """Per held-out image, every score of the real graph (``COMPONENTS``), max-pooled to BLOCK px blocks."""
     geo = training.geometry
     spec = TemplateGraphSpec(geo.channels, core, input_dtype=fp.graph_input_dtype(geo), components=True)
     path = tmp / "components.onnx"
     onnx.save(build_template_graph(spec), path)
-    return fp.graph_blocks(training, path, stats, indices, core, 2)
+    return fp.graph_blocks(training, path, stats, indices, core, len(COMPONENTS))
 
 
 @dataclass
@@ -65,9 +66,15 @@ class FoldCalibration:
     """What the k-fold calibration learns: threshold and scales, the local tolerance, the held-out evidence."""
 
     calibration: dict
-    tolerance: tol.LocalTolerance
-    blocks: np.ndarray  # [n, 2, Hb, Wb] raw fine and coarse block maxima of each held-out image
+    tolerance: tol.LocalTolerance  # of the fine and coarse scores
+    shape_tolerances: list[tol.LocalTolerance]  # of each shape score (blob, line): gains only
+    blocks: np.ndarray  # [n, C, Hb, Wb] raw block maxima of each COMPONENTS score of each held-out image
     held_out_map: np.ndarray  # [n, Hb, Wb] each image's anomaly map (block maxima) as scored, cross-fitted
+
+    def gains(self) -> tuple[np.ndarray, np.ndarray]:
+        """The graph's gain maps [G, Hb, Wb] (fine, then each shape score): part frame and sensor ring."""
+        tolerances = [self.tolerance, *self.shape_tolerances]
+        return np.stack([t.part_gain for t in tolerances]), np.stack([t.ring_gain for t in tolerances])
 
 
 def calibrate_folds(
@@ -82,7 +89,7 @@ def calibrate_folds(
     """
     n = len(training.coefs)
     folds = len(fold_stats) if fold_stats is not None else fp.fold_count(config, n)
-    blocks = np.zeros((n, 2, *tol.block_shape(training.geometry)), np.float32)
+    blocks = np.zeros((n, len(COMPONENTS), *tol.block_shape(training.geometry)), np.float32)
     with tempfile.TemporaryDirectory() as tmp:
         for fold in tqdm(range(folds), desc="calibrating (k-fold)", disable=not progress, unit="fold"):
             held, kept = fp.fold_members(n, folds, fold)
@@ -90,21 +97,37 @@ def calibrate_folds(
             blocks[held] = _component_blocks(training, stats, held, config.core, Path(tmp))
     inside = tol.block_inside(training.weight)
     border = tol.border_blocks(training.geometry)
-    normalised = tol.cross_fitted_maps(blocks, training.poses, inside, border, folds)
-    raw = normalised.max(axis=(2, 3))
-    fine_scale = max(float(np.quantile(raw[:, 0], 0.9)), 0.5)
-    coarse_scale = max(float(np.quantile(raw[:, 1], 0.9)), 2.0)
-    held_out_map = np.maximum(normalised[:, 0] / fine_scale, normalised[:, 1] / coarse_scale)
-    calibration = good_threshold(held_out_map.max(axis=(1, 2)), config.target_frr, config.threshold_margin)
-    tolerance = tol.fit_local_tolerance(blocks, training.poses, inside, border)
-    calibration.update(
-        fine_scale=fine_scale,
-        coarse_scale=coarse_scale,
-        folds=folds,
-        held_out_components=[[round(float(a), 4), round(float(b), 4)] for a, b in raw],
-        local_tolerance=tolerance.summary(inside, border),
+    # Fine and coarse share one tolerance (as before); each shape score learns its own gains.
+    groups = [[0, 1], *([k] for k in range(2, len(COMPONENTS)))]
+    poses = training.poses
+    normalised = np.concatenate(
+        [tol.cross_fitted_maps(blocks[:, g], poses, inside, border, folds) for g in groups], axis=1
     )
-    return FoldCalibration(calibration, tolerance, blocks, held_out_map)
+    raw = normalised.max(axis=(2, 3))
+    scales = component_scales(raw)
+    held_out_map = (normalised / np.array(scales, np.float32)[None, :, None, None]).max(axis=1)
+    calibration = good_threshold(held_out_map.max(axis=(1, 2)), config.target_frr, config.threshold_margin)
+    tolerance, *shapes = (tol.fit_local_tolerance(blocks[:, g], poses, inside, border) for g in groups)
+    calibration.update(
+        **{f"{name}_scale": scale for name, scale in zip(COMPONENTS, scales, strict=True)},
+        folds=folds,
+        held_out_components=[[round(float(v), 4) for v in row] for row in raw],
+        local_tolerance=tolerance.summary(inside, border),
+        shape_tolerance={name: t.summary(inside, border) for name, t in zip(COMPONENTS[2:], shapes, strict=True)},
+    )
+    return FoldCalibration(calibration, tolerance, shapes, blocks, held_out_map)
+
+
+SCALE_FLOORS = {"fine": 0.5, "coarse": 2.0, "blob": 0.5, "line": 0.5}  # grey levels / spreads: never a smaller scale
+
+
+def component_scales(raw: np.ndarray) -> list[float]:
+    """Each component's scale: the 90th percentile of its held-out maxima [n, C], never below its floor.
+
+    Every component is measured in units of what good parts typically reach in it, so the map's
+    maximum over components is "how far beyond normal, in the most telling component".
+    """
+    return [max(float(np.quantile(raw[:, k], 0.9)), SCALE_FLOORS[name]) for k, name in enumerate(COMPONENTS)]
 
 
 def _write(
@@ -112,23 +135,39 @@ def _write(
     training: Training,
     stats: dict[str, np.ndarray],
     registration: reg.RegistrationReference,
-    calibration: dict,
+    folds: FoldCalibration,
     config: FitConfig,
     images: list[Path],
+    excluded: list[Path],
     started: float,
 ) -> Path:
     geo = training.geometry
+    calibration = folds.calibration
     base = dict(
+        gains=len(COMPONENTS) - 1,
         channels=geo.channels,
         core=config.core,
         input_dtype=fp.graph_input_dtype(geo),
         fine_scale=calibration["fine_scale"],
         coarse_scale=calibration["coarse_scale"],
+        blob_scale=calibration["blob_scale"],
+        line_scale=calibration["line_scale"],
     )
     graphs = {
         GRAPH_FP32: lambda p: onnx.save(build_template_graph(TemplateGraphSpec(**base, precision="fp32")), p),
         GRAPH_FP16: lambda p: onnx.save(build_template_graph(TemplateGraphSpec(**base, precision="fp16")), p),
     }
     return fp.write_fitted_bundle(
-        out, "template", training, stats, registration, calibration, config, images, started, graphs
+        out,
+        "template",
+        training,
+        stats,
+        registration,
+        calibration,
+        config,
+        images,
+        started,
+        graphs,
+        held_out_map=folds.held_out_map,
+        excluded=excluded,
     )

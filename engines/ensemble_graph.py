@@ -32,8 +32,11 @@ class EnsembleGraphSpec(TemplateGraphSpec):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.gains != 2 or self.components:
-            raise ValueError("the ensemble graph reads two gain channels and outputs one combined map")
+        if self.gains != self.template_gains + 1 or self.components:
+            raise ValueError(
+                f"the ensemble graph reads {self.template_gains + 1} gain channels (the template's and the learned "
+                "map's) and outputs one combined map"
+            )
         if min(self.template_threshold, self.learned_threshold) <= 0:
             raise ValueError("detector thresholds must be positive")
 
@@ -43,7 +46,7 @@ def build_ensemble_graph(spec: EnsembleGraphSpec, weights: Mapping[str, np.ndarr
     g = _Builder()
     np_half = spec.np_half
     template_anomaly(g, spec, "template_map", gain_channel=0)
-    learned_anomaly(g, spec, weights, "learned_map", gain_channel=1)
+    learned_anomaly(g, spec, weights, "learned_map", gain_channel=spec.template_gains)
     scaled = [
         g.op("Mul", ["template_map", g.const(np_half(0.5 / spec.template_threshold))]),
         g.op("Mul", ["learned_map", g.const(np_half(0.5 / spec.learned_threshold))]),

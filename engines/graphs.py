@@ -14,7 +14,19 @@ Per tile (core + halo) the graph:
    2^l-pixel blocks (l in ``LEVELS``) with a 3x3 neighbourhood, divided by the spread good
    parts show at that place and scale; this finds low-contrast stains and smears that are
    inside the noise per pixel;
-4. returns max(fine / fine_scale, coarse / coarse_scale) on the core only.
+4. *shape* scores (when the spec has their scales), from the fine score, so that good parts
+   that carry thin short marks do not blind the detector to compact and to long defects:
+   - *blob*: the fine score eroded by 3x3 pixels, the level a whole 3x3 neighbourhood exceeds
+     the band by. Thin things (marks one or two pixels wide, a structure edge that moved, single
+     noisy pixels) do not survive it; a dot, a missing marker, a particle does;
+   - *line*: the fine score max-pooled to 4 px cells, then averaged along straight lines of
+     ``LINE_TAPS`` cells (60 px) in ``LINE_ANGLES`` directions, the best direction kept: the
+     evidence a scratch piles up along its length, which a mark shorter than the line cannot;
+   each from the fine score before its gain, with its own learned local gain (``fine_gain``
+   channels 1, 2: what good parts show in that score, where; clutter along the image border is
+   line-like, so the line score needs its own tolerance there) and in units of what good parts
+   reach in it (its scale), like the fine and coarse scores;
+5. returns the maximum of the scaled scores on the core only.
 
 Full-resolution arithmetic stays in FP32 in both variants (differences of two ~150-grey
 values need more than FP16's 11 bits to keep the map within 1e-2 of FP32); the FP16 variant
@@ -41,6 +53,12 @@ FINE_GAIN_LEVEL = 4
 RESIDENT = ("mean", "low", "high", "weight", *(f"coarse{level}" for level in LEVELS))
 PER_FRAME = ("image", "photo", "fine_gain")  # fine_gain depends on the frame's pose (engines.tolerance)
 OPSET = 17
+COMPONENTS = ("fine", "coarse", "blob", "line")  # the channels of a components graph (fitting), in order
+LINE_CELL = 4  # px: the line score's cells (max-pooled fine score), tolerant of a scratch's curvature
+LINE_TAPS = 25  # cells along a line: 100 px, over twice the benign marks of a 2048 px part (2 % of its side)
+LINE_ANGLES = 16  # directions, 11.25 degrees apart: a line's end stays within its cell's 3x3 neighbourhood
+BLOB_RADIUS = 2  # px: the blob score's disc (5 px across); marks up to 2 px wide, blurred, do not hold it
+SHAPE_MARGIN = 64  # px around the core that the shape scores read (the line's reach), so tiles stitch exactly
 
 
 @dataclass(frozen=True)
@@ -79,7 +97,26 @@ class TemplateGraphSpec(TiledGraphSpec):
 
     fine_scale: float = 1.0
     coarse_scale: float = 1.0
-    components: bool = False  # fitting only: output fine and coarse separately, unscaled
+    blob_scale: float | None = None  # None: no blob score (graphs of bundles fitted before it)
+    line_scale: float | None = None  # None: no line score
+    components: bool = False  # fitting only: output every score (COMPONENTS) separately, unscaled
+
+    @property
+    def shapes(self) -> tuple[str, ...]:
+        """The shape scores this graph computes: all in a components graph, else those with a scale."""
+        scales = {"blob": self.blob_scale, "line": self.line_scale}
+        return tuple(name for name, scale in scales.items() if self.components or scale is not None)
+
+    @property
+    def template_gains(self) -> int:
+        """Gain maps the template's scores read: the fine score's and one per shape score (a components graph
+        scores raw, with the first only)."""
+        return 1 if self.components else 1 + len(self.shapes)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.gains < self.template_gains:
+            raise ValueError(f"the template's scores read {self.template_gains} gain maps, the spec has {self.gains}")
 
 
 class _Builder:
@@ -176,21 +213,26 @@ def tile_inputs(spec: TiledGraphSpec) -> list[onnx.ValueInfoProto]:
     return inputs
 
 
-def fine_gain(g: _Builder, spec: TiledGraphSpec, channel: int = 0, scale: float = 1.0) -> str:
-    """Channel ``channel`` of the per-block gain (learned local normalisation) times ``scale``, over the core in FP32.
+def fine_gain(g: _Builder, spec: TiledGraphSpec, channel: int = 0, scale: float = 1.0, margin: int = 0) -> str:
+    """Channel ``channel`` of the per-block gain (learned local normalisation) times ``scale``, expanded in FP32
+    over the core and ``margin`` px (within the halo) around it.
 
     ``scale`` is applied on the blocks, before the gain is expanded to pixels: one multiplication
     per 16x16 block instead of one per pixel.
     """
     step = 2**FINE_GAIN_LEVEL
+    assert 0 <= margin <= spec.halo
     low, size = spec.halo // step, spec.core // step
+    pad = -(-margin // step)  # whole blocks
     gain = g.op("Cast", ["fine_gain"], to=TensorProto.FLOAT)
-    gain = _slice(g, gain, low, low + size, (2, 3))
+    gain = _slice(g, gain, low - pad, low + size + pad, (2, 3))
     if spec.gains > 1:
         gain = _slice(g, gain, channel, channel + 1, (1,))
     if scale != 1.0:
         gain = g.op("Mul", [gain, g.const(np.float32(scale))])
-    return g.op("Resize", [gain, "", g.const(np.array([1, 1, step, step], np.float32))], mode="nearest")
+    gain = g.op("Resize", [gain, "", g.const(np.array([1, 1, step, step], np.float32))], mode="nearest")
+    skip = pad * step - margin
+    return gain if not skip else _slice(g, gain, skip, skip + spec.core + 2 * margin, (2, 3))
 
 
 def _channel_max(g: _Builder, x: str, channels: int) -> str:
@@ -231,10 +273,12 @@ def template_anomaly(g: _Builder, spec: TemplateGraphSpec, out: str, gain_channe
 
     Every full-size step is one pass over the tile; the band excess is taken over the whole tile
     and cut to the core once (cutting the frame, the band and the region to the core first would
-    copy four tiles to save work on one); the fine scale rides on the per-block gain. The excess is
-    not clamped at zero: the anomaly is its maximum with the coarse score, which is never negative,
-    so a negative excess (inside the band) can never be the output. The fitting graph
-    (``components``) outputs the excess itself and clamps it.
+    copy four tiles to save work on one); each score's scale rides on its per-block gain. The excess
+    is not clamped at zero: the anomaly is its maximum with the coarse score, which is never
+    negative, so a negative excess (inside the band) can never be the output; the shape scores are
+    minima and maxima of the excess (erosion, pooling, order statistics along lines), so clamping
+    before them or after the final maximum gives the same map. The fitting graph (``components``)
+    outputs every score separately and clamps the excess before the shapes.
     """
     c, half = spec.channels, spec.half
     stats = {
@@ -251,11 +295,19 @@ def template_anomaly(g: _Builder, spec: TemplateGraphSpec, out: str, gain_channe
     resid = g.op("Mul", [g.op("Sub", [xn, mu]), w], "resid")
     excess = g.op("Max", [g.op("Sub", [xn, hi]), g.op("Sub", [lo, xn])])  # > 0 outside the band
     excess = g.op("Mul", [_channel_max(g, excess, c), w])
-    excess = _slice(g, excess, spec.halo, spec.halo + spec.core, (2, 3))
-    scale = 1.0 if spec.components else 1.0 / spec.fine_scale
-    fine = g.op("Mul", [excess, fine_gain(g, spec, gain_channel, scale)])
-    if spec.components:
-        fine = g.op("Relu", [fine])
+    m = SHAPE_MARGIN if spec.shapes else 0
+    raw = _slice(g, excess, spec.halo - m, spec.halo + spec.core + m, (2, 3))
+    if spec.components:  # fitting: every score from the fine score as gained (by ones), clamped, unscaled
+        raw = g.op("Relu", [g.op("Mul", [raw, fine_gain(g, spec, gain_channel, margin=m)])])
+    shapes = {"blob": _blob_score, "line": _line_score}
+    maps = [shapes[name](g, raw, spec, m) for name in spec.shapes]
+    fine = _slice(g, raw, m, m + spec.core, (2, 3)) if m else raw
+    if not spec.components:
+        fine = g.op("Mul", [fine, fine_gain(g, spec, gain_channel, 1.0 / spec.fine_scale)])
+        for k, name in enumerate(spec.shapes):
+            scale = spec.blob_scale if name == "blob" else spec.line_scale
+            gain = fine_gain(g, spec, gain_channel + 1 + k, 1.0 / scale)
+            maps[k] = g.op("Mul", [maps[k], gain if half == TensorProto.FLOAT else g.op("Cast", [gain], to=half)])
 
     # Stage 2, FP16 in the FP16 variant: pyramid and neighbourhoods.
     if half == TensorProto.FLOAT16:
@@ -263,14 +315,63 @@ def template_anomaly(g: _Builder, spec: TemplateGraphSpec, out: str, gain_channe
         fine = g.op("Cast", [fine], to=half)
     coarse = _coarse_score(g, resid, inv_sigmas, spec)
     np_half = spec.np_half
-    if spec.components:
-        coarse_full = g.op("Resize", [coarse, "", g.const(np.array([1, 1, 4, 4], np.float32))], mode="nearest")
-        g.nodes.append(helper.make_node("Concat", [fine, coarse_full], [out], axis=1))
-        return 2
-    coarse = g.op("Mul", [coarse, g.const(np_half(1.0 / spec.coarse_scale))])
+    if not spec.components:
+        coarse = g.op("Mul", [coarse, g.const(np_half(1.0 / spec.coarse_scale))])
     coarse_full = g.op("Resize", [coarse, "", g.const(np.array([1, 1, 4, 4], np.float32))], mode="nearest")
-    g.nodes.append(helper.make_node("Max", [fine, coarse_full], [out]))
+    if spec.components:
+        g.nodes.append(helper.make_node("Concat", [fine, coarse_full, *maps], [out], axis=1))
+        return len(COMPONENTS)
+    g.nodes.append(helper.make_node("Max", [fine, coarse_full, *maps], [out]))
     return 1
+
+
+def _blob_score(g: _Builder, fine: str, spec: TemplateGraphSpec, margin: int) -> str:
+    """The fine score (FP32, core + ``margin`` px) eroded by a 5 px disc: on the core, in the working precision.
+
+    The disc is the union of a 5x3 and a 3x5 box (a 5x5 square without its corners), so the
+    erosion is the smaller of the two box erosions (-MaxPool(-x)).
+    """
+    neg = g.op("Neg", [fine])
+    r = BLOB_RADIUS
+    boxes = [
+        g.op("MaxPool", [neg], kernel_shape=[2 * a + 1, 2 * b + 1], strides=[1, 1], pads=[a, b, a, b])
+        for a, b in ((r, r - 1), (r - 1, r))
+    ]
+    eroded = g.op("Neg", [g.op("Max", boxes)])
+    eroded = _slice(g, eroded, margin, margin + spec.core, (2, 3))
+    return eroded if spec.half == TensorProto.FLOAT else g.op("Cast", [eroded], to=spec.half)
+
+
+def line_offsets() -> list[list[tuple[int, int]]]:
+    """Per direction, the (dy, dx) cell offsets of the line's taps, centred on the cell scored."""
+    out = []
+    for k in range(LINE_ANGLES):
+        t = np.pi * k / LINE_ANGLES
+        taps = [j - (LINE_TAPS - 1) / 2 for j in range(LINE_TAPS)]
+        out.append([(round(u * np.sin(t)), round(u * np.cos(t))) for u in taps])
+    return out
+
+
+def _line_score(g: _Builder, fine: str, spec: TemplateGraphSpec, margin: int) -> str:
+    """Mean of the cell-pooled fine score along the best of LINE_ANGLES lines, on the core, in the working precision."""
+    cells = g.op("MaxPool", [fine], kernel_shape=[LINE_CELL, LINE_CELL], strides=[LINE_CELL, LINE_CELL])
+    # 3x3 cells: a curved scratch, or a line between two directions, stays on the line within a cell
+    cells = g.op("MaxPool", [cells], kernel_shape=[3, 3], strides=[1, 1], pads=[1, 1, 1, 1])
+    if spec.half == TensorProto.FLOAT16:
+        cells = g.op("Cast", [cells], to=spec.half)
+    mc, n = margin // LINE_CELL, spec.core // LINE_CELL
+    sums = []
+    for taps in line_offsets():
+        shifted = [_slice2(g, cells, (mc + dy, mc + dy + n), (mc + dx, mc + dx + n)) for dy, dx in taps]
+        sums.append(g.op("Sum", shifted))
+    best = g.op("Mul", [g.op("Max", sums), g.const(spec.np_half(1.0 / LINE_TAPS))])
+    return g.op("Resize", [best, "", g.const(np.array([1, 1, LINE_CELL, LINE_CELL], np.float32))], mode="nearest")
+
+
+def _slice2(g: _Builder, x: str, rows: tuple[int, int], cols: tuple[int, int]) -> str:
+    """x[:, :, rows[0]:rows[1], cols[0]:cols[1]]."""
+    starts, ends = np.array([rows[0], cols[0]], np.int64), np.array([rows[1], cols[1]], np.int64)
+    return g.op("Slice", [x, g.const(starts), g.const(ends), g.const(np.array([2, 3], np.int64))])
 
 
 def finish_model(

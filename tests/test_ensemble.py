@@ -64,7 +64,8 @@ def test_combined_calibration_scores_the_mean_of_the_block_maps():
     learned = {"threshold": 10.0}
     t_map = np.array([[[1.8, 0.2], [0.0, 0.0]], [[0.4, 0.4], [0.4, 0.4]]], np.float32)
     l_map = np.array([[[0.0, 9.0], [0.0, 0.0]], [[4.0, 4.0], [4.0, 8.0]]], np.float32)
-    cal = combined_calibration(template, t_map, learned, l_map, FitConfig())
+    cal, combined = combined_calibration(template, t_map, learned, l_map, FitConfig())
+    np.testing.assert_allclose(combined.max(axis=(1, 2)), cal["good_scores"], atol=1e-5)
     # image 0: peaks of the two detectors in different blocks: (0.9 + 0) / 2 and (0.1 + 0.9) / 2
     np.testing.assert_allclose(cal["good_scores"], [0.5, 0.5], atol=1e-5)
     assert cal["threshold"] >= 0.5 * 1.1 - 1e-9
