@@ -19,9 +19,11 @@ Per tile (core + halo) the graph:
    - *blob*: the fine score eroded by 3x3 pixels, the level a whole 3x3 neighbourhood exceeds
      the band by. Thin things (marks one or two pixels wide, a structure edge that moved, single
      noisy pixels) do not survive it; a dot, a missing marker, a particle does;
-   - *line*: the fine score max-pooled to 4 px cells, then averaged along straight lines of
-     ``LINE_TAPS`` cells (60 px) in ``LINE_ANGLES`` directions, the best direction kept: the
-     evidence a scratch piles up along its length, which a mark shorter than the line cannot;
+   - *line*: the fine score max-pooled to 4 px cells (and over 3x3 cells); along straight lines
+     of ``LINE_TAPS`` cells (100 px) in ``LINE_ANGLES`` directions, the level that ``LINE_FILL``
+     of them (over 50 px) all reach, the best direction kept, and never above the cell's own
+     level: evidence that persists along a scratch, which a mark shorter than that cannot hold
+     however strong it is, scored where the scratch is;
    each from the fine score before its gain, with its own learned local gain (``fine_gain``
    channels 1, 2: what good parts show in that score, where; clutter along the image border is
    line-like, so the line score needs its own tolerance there) and in units of what good parts
@@ -57,6 +59,7 @@ COMPONENTS = ("fine", "coarse", "blob", "line")  # the channels of a components 
 LINE_CELL = 4  # px: the line score's cells (max-pooled fine score), tolerant of a scratch's curvature
 LINE_TAPS = 25  # cells along a line: 100 px, over twice the benign marks of a 2048 px part (2 % of its side)
 LINE_ANGLES = 16  # directions, 11.25 degrees apart: a line's end stays within its cell's 3x3 neighbourhood
+LINE_FILL = 13  # of LINE_TAPS cells that must all hold the evidence: over 50 px, longer than a mark (and its 3x3)
 BLOB_RADIUS = 2  # px: the blob score's disc (5 px across); marks up to 2 px wide, blurred, do not hold it
 SHAPE_MARGIN = 64  # px around the core that the shape scores read (the line's reach), so tiles stitch exactly
 
@@ -353,18 +356,28 @@ def line_offsets() -> list[list[tuple[int, int]]]:
 
 
 def _line_score(g: _Builder, fine: str, spec: TemplateGraphSpec, margin: int) -> str:
-    """Mean of the cell-pooled fine score along the best of LINE_ANGLES lines, on the core, in the working precision."""
+    """The level LINE_FILL cells of the best of LINE_ANGLES lines all reach (cell-pooled fine score), on the core.
+
+    Computed in FP32 (TopK), returned in the working precision.
+    """
     cells = g.op("MaxPool", [fine], kernel_shape=[LINE_CELL, LINE_CELL], strides=[LINE_CELL, LINE_CELL])
     # 3x3 cells: a curved scratch, or a line between two directions, stays on the line within a cell
     cells = g.op("MaxPool", [cells], kernel_shape=[3, 3], strides=[1, 1], pads=[1, 1, 1, 1])
-    if spec.half == TensorProto.FLOAT16:
-        cells = g.op("Cast", [cells], to=spec.half)
     mc, n = margin // LINE_CELL, spec.core // LINE_CELL
-    sums = []
+    k = g.const(np.array([LINE_FILL], np.int64))
+    levels = []
     for taps in line_offsets():
-        shifted = [_slice2(g, cells, (mc + dy, mc + dy + n), (mc + dx, mc + dx + n)) for dy, dx in taps]
-        sums.append(g.op("Sum", shifted))
-    best = g.op("Mul", [g.op("Max", sums), g.const(spec.np_half(1.0 / LINE_TAPS))])
+        stacked = g.op(
+            "Concat", [_slice2(g, cells, (mc + dy, mc + dy + n), (mc + dx, mc + dx + n)) for dy, dx in taps], axis=1
+        )
+        top = g.ops("TopK", [stacked, k], 2, axis=1)[0]
+        levels.append(g.op("ReduceMin", [top], axes=[1], keepdims=1))
+    best = g.op("Max", levels)
+    # A cell is scored only as far as it holds that evidence itself: the line score stays on the scratch
+    # instead of lighting up every line that passes through a dot.
+    best = g.op("Min", [best, _slice2(g, cells, (mc, mc + n), (mc, mc + n))])
+    if spec.half == TensorProto.FLOAT16:
+        best = g.op("Cast", [best], to=spec.half)
     return g.op("Resize", [best, "", g.const(np.array([1, 1, LINE_CELL, LINE_CELL], np.float32))], mode="nearest")
 
 

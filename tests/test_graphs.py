@@ -9,7 +9,18 @@ import numpy as np
 import onnx
 import pytest
 
-from engines.graphs import FINE_GAIN_LEVEL, HALO, LEVELS, TemplateGraphSpec, build_template_graph
+from engines.graphs import (
+    BLOB_RADIUS,
+    FINE_GAIN_LEVEL,
+    HALO,
+    LEVELS,
+    LINE_CELL,
+    LINE_FILL,
+    LINE_TAPS,
+    TemplateGraphSpec,
+    build_template_graph,
+    line_offsets,
+)
 from engines.onnxruntime_backend import OnnxRuntimeBackend
 from engines.registration import PHOTO_TERMS
 from tests.helpers import render_part
@@ -20,7 +31,9 @@ TILE = CORE + 2 * HALO
 
 def run_graph(tmp: Path, spec: TemplateGraphSpec, feeds: dict[str, np.ndarray]) -> np.ndarray:
     """Build ``spec``, run it on ONNX Runtime with every input fed (resident ones as a resident range)."""
-    path = tmp / f"g_{spec.precision}_{spec.components}_{spec.channels}_{spec.input_dtype}.onnx"
+    path = (
+        tmp / f"g_{spec.precision}_{spec.components}_{spec.channels}_{spec.input_dtype}_{spec.gains}_{spec.core}.onnx"
+    )
     onnx.save(build_template_graph(spec), path)
     resident = {k: v for k, v in feeds.items() if k not in ("image", "photo")}
     with OnnxRuntimeBackend(path, threads=2) as backend:
@@ -36,17 +49,18 @@ def tile_inputs(
     inv: float | np.ndarray,
     image: np.ndarray,
     photo: np.ndarray,
+    gains: int = 1,
 ) -> dict[str, np.ndarray]:
     """Graph feeds for tiles: mu/half_band [N, C, T, T], weight [N, 1, T, T], image [N, C, T, T], photo [N, 9]."""
-    n, c = mu.shape[:2]
+    n, c, tile = *mu.shape[:2], mu.shape[-1]
     feeds = {"image": image, "photo": photo.astype(np.float32)}
     stats = {"mean": mu, "low": mu - half_band, "high": mu + half_band, "weight": weight}
     feeds.update({k: v.astype(np.float16) for k, v in stats.items()})
     for level in LEVELS:
-        side = TILE >> level
+        side = tile >> level
         value = inv if np.isscalar(inv) else inv[level]
         feeds[f"coarse{level}"] = np.broadcast_to(np.asarray(value, np.float16), (n, c, side, side)).copy()
-    feeds["fine_gain"] = np.ones((n, 1, TILE >> FINE_GAIN_LEVEL, TILE >> FINE_GAIN_LEVEL), np.float16)
+    feeds["fine_gain"] = np.ones((n, gains, tile >> FINE_GAIN_LEVEL, tile >> FINE_GAIN_LEVEL), np.float16)
     return feeds
 
 
@@ -60,13 +74,37 @@ def numpy_fields(photo: np.ndarray, tile: int) -> tuple[np.ndarray, np.ndarray]:
     return a[:, None], b[:, None]
 
 
-def numpy_fine(feeds: dict[str, np.ndarray], channels: int) -> np.ndarray:
+def numpy_fine(feeds: dict[str, np.ndarray], channels: int, core: int = CORE) -> np.ndarray:
     """Band excess of the lighting-corrected tile, max over channels, times the weight, on the core."""
-    a, b = numpy_fields(feeds["photo"], TILE)
+    return numpy_fine_tile(feeds)[:, :, HALO : HALO + core, HALO : HALO + core]
+
+
+def numpy_fine_tile(feeds: dict[str, np.ndarray]) -> np.ndarray:
+    """The fine score (band excess times the weight) over the whole tile."""
+    a, b = numpy_fields(feeds["photo"], feeds["image"].shape[-1])
     xn = (feeds["image"].astype(np.float32) - b) / a
     lo, hi, w = (feeds[k].astype(np.float32) for k in ("low", "high", "weight"))
-    excess = np.maximum(np.maximum(xn - hi, lo - xn), 0).max(axis=1, keepdims=True) * w
-    return excess[:, :, HALO : HALO + CORE, HALO : HALO + CORE]
+    return np.maximum(np.maximum(xn - hi, lo - xn), 0).max(axis=1, keepdims=True) * w
+
+
+def numpy_shapes(feeds: dict[str, np.ndarray], core: int = CORE) -> tuple[np.ndarray, np.ndarray]:
+    """Blob and line scores [N, 1, core, core] in numpy: disc erosion; mean along the best line of dilated cells."""
+    fine = numpy_fine_tile(feeds)[:, 0]
+    r = BLOB_RADIUS
+    disc = np.ones((2 * r + 1, 2 * r + 1), np.uint8)
+    disc[0, 0] = disc[0, -1] = disc[-1, 0] = disc[-1, -1] = 0
+    blob = np.stack([cv2.erode(f, disc) for f in fine])[:, None, HALO : HALO + core, HALO : HALO + core]
+    n, t = fine.shape[0], fine.shape[-1]
+    cells = fine.reshape(n, t // LINE_CELL, LINE_CELL, t // LINE_CELL, LINE_CELL).max(axis=(2, 4))
+    cells = np.stack([cv2.dilate(c, np.ones((3, 3), np.uint8)) for c in cells])
+    mc, m = HALO // LINE_CELL, core // LINE_CELL
+    best = np.zeros((n, m, m), np.float32)
+    for taps in line_offsets():
+        stacked = np.stack([cells[:, mc + dy : mc + dy + m, mc + dx : mc + dx + m] for dy, dx in taps], axis=1)
+        best = np.maximum(best, np.sort(stacked, axis=1)[:, LINE_TAPS - LINE_FILL])
+    best = np.minimum(best, cells[:, mc : mc + m, mc : mc + m])
+    line = np.repeat(np.repeat(best, LINE_CELL, axis=1), LINE_CELL, axis=2)[:, None]
+    return blob, line
 
 
 def numpy_coarse(feeds: dict[str, np.ndarray], channels: int) -> np.ndarray:
@@ -134,16 +172,68 @@ def test_fine_score_matches_numpy(tmp_path, channels):
 
 @pytest.mark.parametrize("channels", [1, 3])
 def test_components_match_numpy(tmp_path, channels):
-    """The fitting graph's two channels equal numpy's fine excess and coarse pyramid score."""
+    """The fitting graph's channels equal numpy's fine excess, coarse pyramid, blob and line scores."""
     rng = np.random.default_rng(10 + channels)
     feeds = realistic_tiles(rng, 2, channels)
     spec = TemplateGraphSpec(channels, CORE, components=True)
     got = run_graph(tmp_path, spec, feeds)
-    assert got.shape == (2, 2, CORE, CORE)
+    assert got.shape == (2, 4, CORE, CORE)
     np.testing.assert_allclose(got[:, :1], numpy_fine(feeds, channels), rtol=1e-5, atol=1e-4)
     coarse = numpy_coarse(feeds, channels)
     assert coarse.max() > 5
-    np.testing.assert_allclose(got[:, 1:], coarse, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(got[:, 1:2], coarse, rtol=1e-4, atol=1e-4)
+    blob, line = numpy_shapes(feeds)
+    assert blob.max() > 5 and line.max() > 1, "the dot must reach the shape scores, or the comparison proves little"
+    np.testing.assert_allclose(got[:, 2:3], blob, rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(got[:, 3:4], line, rtol=1e-5, atol=1e-4)
+
+
+def test_the_map_is_the_largest_scaled_score_each_with_its_own_gain(tmp_path):
+    """With shape scales the map is max(fine g0 / fs, coarse / cs, blob g1 / bs, line g2 / ls), per-score gains."""
+    rng = np.random.default_rng(5)
+    feeds = realistic_tiles(rng, 2, 1)
+    blob, line = numpy_shapes(feeds)
+    fine, coarse = numpy_fine(feeds, 1), numpy_coarse(feeds, 1)
+    feeds["fine_gain"] = np.stack([np.full(feeds["fine_gain"].shape[2:], g, np.float16) for g in (0.5, 0.75, 0.25)])[
+        None
+    ]
+    feeds["fine_gain"] = np.repeat(feeds["fine_gain"], 2, axis=0)
+    scales = dict(fine_scale=2.0, coarse_scale=3.0, blob_scale=1.5, line_scale=0.7)
+    got = run_graph(tmp_path, TemplateGraphSpec(1, CORE, gains=3, **scales), feeds)
+    want = np.maximum.reduce([fine * 0.5 / 2.0, coarse / 3.0, blob * 0.75 / 1.5, line * 0.25 / 0.7])
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="3 gain maps"):
+        TemplateGraphSpec(1, CORE, **scales)
+
+
+def test_shape_scores_tell_long_faint_scratches_and_compact_dots_from_short_strong_marks(tmp_path):
+    """A 2 px x 36 px mark 23 grey beyond the band scores far less on the line score than a 1 px x 200 px scratch
+    15 grey beyond it, and neither holds the blob score's disc, which a 7 px dot does."""
+    core = 256
+    tile = core + 2 * HALO
+    mu = np.full((1, 1, tile, tile), 120.0, np.float32)
+    image = mu.copy()
+    image[0, 0, HALO + 40 : HALO + 42, HALO + 30 : HALO + 66] += 28  # the mark: 5 + 23
+    image[0, 0, HALO + 120, HALO + 20 : HALO + 220] += 20  # the scratch: 5 + 15
+    yy, xx = np.mgrid[:tile, :tile]
+    image[0, 0][(yy - HALO - 200) ** 2 + (xx - HALO - 200) ** 2 <= 3.5**2] += 30  # the dot: 5 + 25
+    photo = np.eye(1, PHOTO_TERMS, dtype=np.float32)
+    feeds = tile_inputs(mu, np.full_like(mu, 5.0), np.ones_like(mu), 1.0, image.astype(np.uint8), photo)
+    got = run_graph(tmp_path, TemplateGraphSpec(1, core, components=True), feeds)[0]
+    fine, blob, line = got[0], got[2], got[3]
+    mark, scratch, dot = (
+        (slice(HALO - HALO + 30, 50), slice(20, 66)),
+        (slice(110, 130), slice(20, 220)),
+        (
+            slice(190, 211),
+            slice(190, 211),
+        ),
+    )
+    assert fine[mark].max() == pytest.approx(23) and fine[scratch].max() == pytest.approx(15)
+    assert line[scratch].max() == pytest.approx(15) and line[mark].max() == 0
+    elsewhere = np.r_[0:32, 52:112, 132:180]  # rows away from the mark (40-41) and the scratch (120), above the dot
+    assert not (line[elsewhere] > 1).any(), "the line score stays on what holds the evidence (4 px cells, 3x3)"
+    assert blob[mark].max() == 0 and blob[scratch].max() == 0 and blob[dot].max() == pytest.approx(25)
 
 
 def test_coarse_score_finds_a_faint_blob_but_not_noise_of_equal_energy(tmp_path):
@@ -173,14 +263,18 @@ def test_coarse_score_finds_a_faint_blob_but_not_noise_of_equal_energy(tmp_path)
     assert abs(ys.mean() - 32) < 6 and abs(xs.mean() - 32) < 6, "the response sits on the blob"
 
 
+@pytest.mark.parametrize("shapes", [False, True])
 @pytest.mark.parametrize("channels", [1, 3])
-def test_fp16_graph_stays_within_1e_2_of_fp32(tmp_path, channels):
+def test_fp16_graph_stays_within_1e_2_of_fp32(tmp_path, channels, shapes):
     """The FP16 graph's map differs from the FP32 graph's by at most 1e-2 relative to max(|map|, 1)."""
     rng = np.random.default_rng(20 + channels)
     feeds = realistic_tiles(rng, 4, channels)
+    extra = dict(gains=3, blob_scale=1.7, line_scale=0.9) if shapes else {}
+    if shapes:
+        feeds["fine_gain"] = np.repeat(feeds["fine_gain"], 3, axis=1)
     maps = {}
     for precision in ("fp32", "fp16"):
-        spec = TemplateGraphSpec(channels, CORE, fine_scale=2.4, coarse_scale=3.4, precision=precision)
+        spec = TemplateGraphSpec(channels, CORE, fine_scale=2.4, coarse_scale=3.4, precision=precision, **extra)
         maps[precision] = run_graph(tmp_path, spec, feeds)
     ref32, got16 = maps["fp32"], maps["fp16"].astype(np.float32)
     abs_err = np.abs(got16 - ref32)

@@ -295,7 +295,7 @@ def test_gpu_benchmark_runs_a_fitted_bundle_on_emulated_tensorrt(bundle_dir, mon
 
 
 def test_graph_reading_other_gain_maps_than_the_bundle_has_is_refused(bundle_dir, tmp_path):
-    """An Inspector refuses a graph that reads two gain maps (an ensemble's) with a one-detector bundle."""
+    """An Inspector refuses a graph that reads two gain maps with a template bundle (which has three)."""
     import onnx
 
     from engines.bundle import Bundle
@@ -306,7 +306,7 @@ def test_graph_reading_other_gain_maps_than_the_bundle_has_is_refused(bundle_dir
     bundle = Bundle.load(bundle_dir)
     graph = tmp_path / "two_gains.onnx"
     onnx.save(build_template_graph(TemplateGraphSpec(1, bundle.manifest["tiling"]["core"], gains=2)), graph)
-    with pytest.raises(BundleError, match="reads 2 gain maps, the bundle has 1"):
+    with pytest.raises(BundleError, match="reads 2 gain maps, the bundle has 3"):
         Inspector(bundle, OnnxRuntimeBackend(graph))
 
 

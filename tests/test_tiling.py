@@ -21,17 +21,26 @@ from tests.helpers import lighting_truth, random_photo, random_reference
 
 # Tiled and untiled maps run the same FP32 arithmetic on the same pixels; the only difference is
 # where the per-tile lighting field is anchored (float32 rounding of a0 + ax * x0), so they agree
-# to float32 round-off of scores of a few units.
+# to float32 round-off: 1e-4 of scores of a few units (relative to the score where it is larger).
 ATOL = 1e-4
-SCALES = (1.7, 2.3)  # fine_scale, coarse_scale: not 1, so the scaling is part of what is compared
+SCALES = (1.7, 2.3, 0.9, 0.6)  # fine, coarse, blob, line scales: not 1, so the scaling is part of what is compared
 
 
-def graph_backend(tmp: Path, plan: TilePlan, channels: int, input_dtype: str) -> OnnxRuntimeBackend:
-    """An ONNX Runtime backend on the FP32 template graph sized for ``plan``."""
+def graph_backend(
+    tmp: Path, plan: TilePlan, channels: int, input_dtype: str, shapes: bool = False
+) -> OnnxRuntimeBackend:
+    """An ONNX Runtime backend on the FP32 template graph sized for ``plan`` (with the shape scores if asked)."""
+    extra = dict(gains=3, blob_scale=SCALES[2], line_scale=SCALES[3]) if shapes else {}
     spec = TemplateGraphSpec(
-        channels, plan.core, halo=plan.halo, input_dtype=input_dtype, fine_scale=SCALES[0], coarse_scale=SCALES[1]
+        channels,
+        plan.core,
+        halo=plan.halo,
+        input_dtype=input_dtype,
+        fine_scale=SCALES[0],
+        coarse_scale=SCALES[1],
+        **extra,
     )
-    path = tmp / f"graph_c{channels}_{input_dtype}_{plan.core}.onnx"
+    path = tmp / f"graph_c{channels}_{input_dtype}_{plan.core}_{shapes}.onnx"
     if not path.exists():
         onnx.save(build_template_graph(spec), path)
     return OnnxRuntimeBackend(path, threads=2)
@@ -86,13 +95,19 @@ def run_map(
 
 
 def untiled_map(
-    tmp: Path, ref: dict[str, np.ndarray], image: np.ndarray, coef: np.ndarray, channels: int, input_dtype: str
+    tmp: Path,
+    ref: dict[str, np.ndarray],
+    image: np.ndarray,
+    coef: np.ndarray,
+    channels: int,
+    input_dtype: str,
+    shapes: bool = False,
 ) -> np.ndarray:
     """The reference answer: one tile covering the whole image."""
     h, w = image.shape[:2]
     plan = TilePlan.covering(h, w, HALO, ALIGN)
     assert plan.n_tiles == 1
-    backend = graph_backend(tmp, plan, channels, input_dtype)
+    backend = graph_backend(tmp, plan, channels, input_dtype, shapes)
     with backend:
         backend.activate(resident_inputs(plan, ref))
         return run_map(backend, plan, image, coef, ref["fine_gain"], 1)
@@ -100,26 +115,32 @@ def untiled_map(
 
 @pytest.mark.parametrize("input_dtype", ["uint8", "float32"])
 @pytest.mark.parametrize("channels", [1, 3])
-@pytest.mark.parametrize(("height", "width", "core"), [(97, 203, 64), (250, 130, 96)])
-def test_tiled_map_equals_untiled_map(tmp_path, height, width, core, channels, input_dtype):
-    """The anomaly map computed tile by tile equals the single-tile map on awkward image sizes."""
+@pytest.mark.parametrize(
+    ("height", "width", "core", "shapes"),
+    [(97, 203, 64, False), (250, 130, 96, False), (250, 230, 64, True), (97, 203, 64, True)],
+)
+def test_tiled_map_equals_untiled_map(tmp_path, height, width, core, shapes, channels, input_dtype):
+    """The anomaly map computed tile by tile equals the single-tile map on awkward image sizes (with the shape
+    scores too, which read beyond the core)."""
     rng = np.random.default_rng(height * 7 + width + channels)
     ref = random_reference(rng, height, width, channels)
+    if shapes:  # one gain map per score, different ones
+        ref["fine_gain"] = np.stack([ref["fine_gain"], ref["fine_gain"][::-1], ref["fine_gain"][:, ::-1]])
     coef = random_photo(rng, height, width)
     image = synthetic_frame(rng, ref, coef, input_dtype)
 
     plan = TilePlan(height, width, core, HALO, ALIGN)
     assert plan.n_tiles > 2, "the tiled plan must really cut the image"
-    backend = graph_backend(tmp_path, plan, channels, input_dtype)
+    backend = graph_backend(tmp_path, plan, channels, input_dtype, shapes)
     with backend:
         backend.activate(resident_inputs(plan, ref))
         tiled = run_map(backend, plan, image, coef, ref["fine_gain"], batch=3)
-    whole = untiled_map(tmp_path, ref, image, coef, channels, input_dtype)
+    whole = untiled_map(tmp_path, ref, image, coef, channels, input_dtype, shapes)
 
     assert np.isfinite(tiled).all(), "every pixel must be written by exactly one tile core"
     assert tiled.max() > 1.0, "the frame's blobs must light the map up, or the comparison proves little"
-    err = np.abs(tiled - whole)
-    print(f"{height}x{width} C={channels} {input_dtype}: max |tiled - untiled| = {err.max():.2e}")
+    err = np.abs(tiled - whole) / np.maximum(np.abs(whole), 1)
+    print(f"{height}x{width} C={channels} {input_dtype}: max |tiled - untiled| / max(|untiled|, 1) = {err.max():.2e}")
     assert err.max() <= ATOL
 
 
