@@ -1,12 +1,13 @@
 """The ensemble graph: the template and the learned detector on the same tile, their calibrated maps combined.
 
-Both detectors read the same inputs (``engines.graphs.tile_inputs``); ``fine_gain`` has two
-channels, the template's local gain (0) and the learned map's (1), each carried with the frame's
-pose by the Inspector. Each map is divided by its own detector's calibrated threshold, so 1.0
-means "at that detector's threshold" in both; the output is their mean. Where good parts make
-one detector fire, the other rarely agrees, so the mean of good parts stays low, while a defect
-that one detector sees clearly, or both see faintly, stands out; the ensemble's own threshold is
-set on held-out good parts (``calibration.ensemble_fit``).
+Both detectors read the same inputs (``engines.graphs.tile_inputs``); ``fine_gain`` has one
+channel per score, the template's (its fine score, then its shape scores) and the learned map's
+(last), each carried with the frame's pose by the Inspector. Each map is divided by its own
+detector's calibrated threshold, so 1.0 means "at that detector's threshold" in both; the
+output is their mean. Where good parts make one detector fire, the other rarely agrees, so the
+mean of good parts stays low, while a defect that one detector sees clearly, or both see
+faintly, stands out; the ensemble's own threshold is set on held-out good parts
+(``calibration.ensemble_fit``).
 """
 
 from __future__ import annotations

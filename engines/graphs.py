@@ -1,10 +1,11 @@
 """The template detector's anomaly graph, built as ONNX so ONNX Runtime and TensorRT run the same model.
 
 Inputs per tile batch: per frame ``image`` (the registered frame), ``photo`` (lighting model) and
-``fine_gain`` [N, G, T/16, T/16] (learned local normalisation of the fine score for this frame's
-pose, see engines.tolerance; one channel per detector, G = 2 in the ensemble graph); resident
-statistics ``mean``, ``low``, ``high`` [N, C, T, T], ``weight`` [N, 1, T, T] (inspection region)
-and ``coarse{l}`` [N, C, T/2^l, T/2^l] (1/spread of the block means at level l).
+``fine_gain`` [N, G, T/16, T/16] (learned local normalisation for this frame's pose, see
+engines.tolerance; one channel per score: 3 for the template's fine, blob and line scores, 4 in
+the ensemble graph); resident statistics ``mean``, ``low``, ``high`` [N, C, T, T], ``weight``
+[N, 1, T, T] (inspection region) and ``coarse{l}`` [N, C, T/2^l, T/2^l] (1/spread of the block
+means at level l).
 
 Per tile (core + halo) the graph:
 1. corrects illumination with a per-tile gain (quadratic) and offset (linear) field (``photo``), in FP32;
