@@ -22,7 +22,7 @@ Per tile (core + halo) the graph:
      noisy pixels) do not survive it; a dot, a missing marker, a particle does;
    - *line*: the fine score max-pooled to 4 px cells (and over 3x3 cells); along straight lines
      of ``LINE_TAPS`` cells (100 px) in ``LINE_ANGLES`` directions, the level that ``LINE_FILL``
-     of them (over 50 px) all reach, the best direction kept, and never above the cell's own
+     of them (60 px) all reach, the best direction kept, and never above the cell's own
      level: evidence that persists along a scratch, which a mark shorter than that cannot hold
      however strong it is, scored where the scratch is;
    each from the fine score before its gain, with its own learned local gain (``fine_gain``
@@ -60,7 +60,7 @@ COMPONENTS = ("fine", "coarse", "blob", "line")  # the channels of a components 
 LINE_CELL = 4  # px: the line score's cells (max-pooled fine score), tolerant of a scratch's curvature
 LINE_TAPS = 25  # cells along a line: 100 px, over twice the benign marks of a 2048 px part (2 % of its side)
 LINE_ANGLES = 16  # directions, 11.25 degrees apart: a line's end stays within its cell's 3x3 neighbourhood
-LINE_FILL = 13  # of LINE_TAPS cells that must all hold the evidence: over 50 px, longer than a mark (and its 3x3)
+LINE_FILL = 15  # of LINE_TAPS cells that must all hold the evidence: 60 px, more than a 2048 px mark and its 3x3 cells
 BLOB_RADIUS = 2  # px: the blob score's disc (5 px across); marks up to 2 px wide, blurred, do not hold it
 SHAPE_MARGIN = 64  # px around the core that the shape scores read (the line's reach), so tiles stitch exactly
 
