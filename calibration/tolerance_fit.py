@@ -31,6 +31,7 @@ FINE_REF_FLOOR = 1.0  # grey levels: below this, a block's fine level is noise a
 BORDER_ZONE = 0.06  # fraction of the image side where tolerance also spreads along the edge
 RING_QUANTILE = 0.9  # what one in ten places along an edge line shows, every place on it may show
 NEIGHBOURHOOD_PX = 32  # a block's level is the maximum over this radius of neighbouring blocks
+PART_TRIM_FROM = 16  # images: from here on a place's level leaves its highest observation out (fit_pipeline.TRIM_FROM)
 _HOOD = np.ones((2 * -(-NEIGHBOURHOOD_PX // BLOCK) + 1,) * 2, np.uint8)
 
 
@@ -93,7 +94,10 @@ def fine_tolerance(
     over images. Where that level is above the typical one, the line is noisy: observations that
     fell on a noisy line (in their own image's pose) do not count for the part's level, or
     clutter that a tilted part carried across would make that place of the part tolerant for
-    every frame.
+    every frame. From ``PART_TRIM_FROM`` images on, a place's level is its second-highest
+    observation: what one good part happened to carry there (a benign mark, debris) must not make
+    that place tolerant for every future part, as the statistics leave each pixel's extremes out;
+    what good parts do there systematically shows in more than one.
     """
     part_all = cv2.dilate(fine.max(axis=0), _HOOD)
     ref = max(float(np.median(part_all[inside])) if inside.any() else 1.0, FINE_REF_FLOOR)
@@ -101,10 +105,17 @@ def fine_tolerance(
     ring = _line_level(sensor, border)
     noisy = (ring > ref).astype(np.float32)
     clean = [np.where(sensor_to_reference(noisy, m, np.max) > 0, 0, f) for f, m in zip(fine, poses, strict=True)]
-    part = cv2.dilate(np.max(clean, axis=0), _HOOD)
+    part = cv2.dilate(_high(np.stack(clean)), _HOOD)
     part_gain = np.where(inside, ref / np.maximum(part, ref), 1).astype(np.float32)
     ring_gain = (ref / np.maximum(ring, ref)).astype(np.float32)
     return part_gain, ring_gain
+
+
+def _high(levels: np.ndarray) -> np.ndarray:
+    """Per block, the highest of the images' levels [n, Hb, Wb], or the second-highest from PART_TRIM_FROM images on."""
+    if len(levels) < PART_TRIM_FROM:
+        return levels.max(axis=0)
+    return np.partition(levels, len(levels) - 2, axis=0)[-2]
 
 
 def _line_level(level: np.ndarray, border: int) -> np.ndarray:
