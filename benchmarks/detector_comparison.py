@@ -32,6 +32,7 @@ same run; and recall per defect kind. The learned and ensemble detectors need th
 ``--test-good N`` / ``--per-kind N`` size the test set (e.g. 200 good test images to measure a
 false-reject rate near 1 %). ``--train N...`` fits on each number of good images (the test set
 is the same: the training images are the first N of one line of the largest count).
+``--augment K`` fits with ``--augment K`` (K pose and lighting variants of each good image).
 ``--audit K`` also fits each detector on a companion line whose K training images carry a real
 defect (``synth --plant K``) and reports which good images the fit's audit names.
 """
@@ -241,7 +242,11 @@ def main() -> int:
     parser.add_argument("--audit", type=int, default=0, metavar="K", help="also audit a line with K planted defects")
     parser.add_argument("--fit-args", default="", help="extra arguments for every fit, e.g. --fit-args=--roi=M.png")
     parser.add_argument("--tag", default="", help="names the bundles and reports of fits with other --fit-args")
+    parser.add_argument("--augment", type=int, default=0, metavar="K", help="fit with --augment K (tagged augK)")
     args = parser.parse_args()
+    if args.augment:  # shorthand for --fit-args=--augment=K --tag augK
+        args.fit_args = f"{args.fit_args} --augment {args.augment}".strip()
+        args.tag = "_".join(t for t in (args.tag, f"aug{args.augment}") if t)
     args.workdir.mkdir(parents=True, exist_ok=True)
     started = time.time()
     rows, audits = [], []

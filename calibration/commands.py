@@ -78,6 +78,13 @@ def fit_arguments(parser: argparse.ArgumentParser) -> None:
         f"auto: nonrigid where the good images bend (default {DEFAULT_ALIGNMENT})",
     )
     parser.add_argument(
+        "--augment",
+        type=int,
+        default=0,
+        metavar="K",
+        help="K variants of each good image (sub-pixel pose, another good image's lighting) in the statistics",
+    )
+    parser.add_argument(
         "--exclude",
         action="append",
         default=[],
@@ -117,6 +124,7 @@ def fit_main(args: argparse.Namespace) -> int:
         occluders=not getattr(args, "no_occluders", False),
         sensor_mask=str(args.sensor_mask) if getattr(args, "sensor_mask", None) else None,
         exclude=_excluded_names(getattr(args, "exclude", []), getattr(args, "exclude_from", None)),
+        augment=getattr(args, "augment", 0),
     )
     if getattr(args, "detector", "template") in ("learned", "ensemble"):
         out = _fit_learned(args, dataset, config)

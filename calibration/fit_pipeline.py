@@ -28,6 +28,7 @@ import itertools
 import json
 import mmap
 import shutil
+import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, replace
@@ -86,6 +87,7 @@ class FitConfig:
     occluders: bool = True  # learn whether good images show the sensor frame's occluders (engines.sensor)
     sensor_mask: str | None = None  # PNG, sensor frame, non-zero = leave out of every frame (--sensor-mask)
     exclude: tuple[str, ...] = ()  # good images the user left out of the fit (names as given; ``select_training``)
+    augment: int = 0  # variants of each good image in the statistics (``augmented_frames``): pose and lighting
 
 
 @dataclass
@@ -146,6 +148,8 @@ def prepare_training(
             f"{images[0].parent if images else 'dataset'}: {len(images)} good images, "
             f"the {detector} detector needs at least {MIN_GOOD}"
         )
+    if not 0 <= config.augment <= 16:
+        raise UserError(f"--augment {config.augment}: expected 0 to 16 variants per good image")
     if config.folds < 2:
         raise UserError(f"--folds {config.folds}: expected at least 2 (each fold is scored by the others)")
     if config.max_shift_px is not None and not config.max_shift_px > 0:
@@ -503,13 +507,25 @@ def statistics(training: Training, indices: Sequence[int], config: FitConfig) ->
     Everything per pixel is computed ``STRIP`` rows at a time (``_strip_statistics``), so no
     full-size float copy of any image and no full-size float64 sum is ever made; the results
     equal those of whole frames, bit for bit.
+
+    With ``augment`` = K, the statistics are those of the images at ``indices`` and K variants
+    of each (``augmented_frames``), written beside the registered frames for the call; an
+    image's variants carry what it carries (a mark, debris), so they are trimmed with it.
     """
-    geo = training.geometry
-    full = (geo.height, geo.width)
     n = len(indices)
     trim = config.band_trim if config.band_trim is not None else int(n >= TRIM_FROM)
     if n - 2 * trim < 2:
         raise UserError(f"{n} images leave fewer than 2 per pixel after trimming {trim} at each end")
+    if not config.augment:
+        return _statistics(training, indices, trim, config)
+    with tempfile.TemporaryDirectory(dir=_stack_dir(training)) as tmp:
+        augmented = augmented_training(training, indices, config.augment, Path(tmp))
+        return _statistics(augmented, range(len(augmented.coefs)), trim * (1 + config.augment), config)
+
+
+def _statistics(training: Training, indices: Sequence[int], trim: int, config: FitConfig) -> dict[str, np.ndarray]:
+    geo = training.geometry
+    full = (geo.height, geo.width)
     mu, sigma, lo, hi = (np.empty((geo.channels, *full), np.float32) for _ in range(4))
     for start in range(0, geo.height, STRIP):
         rows = slice(start, min(start + STRIP, geo.height))
@@ -569,6 +585,102 @@ def _strip_statistics(
     mu = (total / n).astype(np.float32)
     sigma = np.sqrt(np.maximum(total_sq / n - np.square(mu, dtype=np.float64), 0) * n / (n - 1)).astype(np.float32)
     return mu, sigma, lows[trim], highs[trim]
+
+
+AUGMENT_SHIFT_PX = 0.5  # a variant's pose: up to half a pixel of shift and of rotation at the image's corners
+LIGHTING_CELL = 32  # px: the scale of the lighting residual a variant takes from another good image
+LIGHTING_CLIP = 8.0  # grey levels: residuals clipped before averaging, so marks and debris stay where they are
+
+
+def augmented_frames(
+    training: Training, indices: Sequence[int], variants: int
+) -> Iterator[tuple[np.ndarray, dict[int, np.ndarray]]]:
+    """Each registered image at ``indices`` (lighting-normalised planes [C, H, W] and its pyramid), then its variants.
+
+    With few good images the statistics see few poses and lightings. A variant of image i is i
+    resampled at another sub-pixel pose (up to ``AUGMENT_SHIFT_PX``: what registration leaves)
+    and lit like another image j of ``indices``: i's smooth lighting residual (what the lighting
+    model leaves, at ``LIGHTING_CELL`` px) replaced by j's. Variants are drawn from the images
+    at ``indices`` only, so a fold's statistics never see a held-out image, and from seeds that
+    depend only on (i, k), so every fold sees the same variants of an image.
+    """
+    geo = training.geometry
+    full = (geo.height, geo.width)
+
+    def frame(i: int) -> np.ndarray:
+        return normalise(planes(training.registered[i], training.unit), training.coefs[i], full, full)
+
+    residuals = _lighting_residuals(training, indices, frame) if variants else {}
+    for i in indices:
+        xn = frame(i)
+        yield xn, training.pyramids[i]
+        for k in range(variants):
+            rng = np.random.default_rng([AUGMENT_SEED, i, k])
+            others = [j for j in indices if j != i]
+            j = others[int(rng.integers(len(others)))] if others else i
+            shifted = _repose(xn, rng)
+            relit = shifted + _upsample(residuals[j] - residuals[i], full)[None]
+            yield relit, block_means(relit * training.weight)
+
+
+AUGMENT_SEED = 1601
+
+
+def _lighting_residuals(training: Training, indices: Sequence[int], frame) -> dict[int, np.ndarray]:
+    """Per image, its smooth residual against the images' mean (first plane, clipped, in LIGHTING_CELL px cells)."""
+    h, w = training.geometry.height, training.geometry.width
+    cells = (max(1, w // LIGHTING_CELL), max(1, h // LIGHTING_CELL))
+    mean = np.zeros((h, w), np.float64)
+    for i in indices:
+        mean += frame(i)[0]
+    mean = (mean / len(indices)).astype(np.float32)
+    out = {}
+    for i in indices:
+        clipped = np.clip(frame(i)[0] - mean, -LIGHTING_CLIP, LIGHTING_CLIP)
+        out[i] = cv2.resize(clipped, cells, interpolation=cv2.INTER_AREA)
+    return out
+
+
+def _upsample(cells: np.ndarray, full: tuple[int, int]) -> np.ndarray:
+    return cv2.resize(cells, (full[1], full[0]), interpolation=cv2.INTER_LINEAR)
+
+
+def _repose(planes_: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """``planes_`` [C, H, W] resampled (bicubic) at a random pose within AUGMENT_SHIFT_PX of the identity."""
+    _, h, w = planes_.shape
+    angle = np.degrees(rng.uniform(-1, 1) * AUGMENT_SHIFT_PX / max(np.hypot(h, w) / 2, 1))
+    matrix = cv2.getRotationMatrix2D(((w - 1) / 2, (h - 1) / 2), angle, 1.0)
+    matrix[:, 2] += rng.uniform(-AUGMENT_SHIFT_PX, AUGMENT_SHIFT_PX, 2)
+    return np.stack(
+        [cv2.warpAffine(p, matrix, (w, h), flags=cv2.INTER_CUBIC, borderMode=cv2.BORDER_REPLICATE) for p in planes_]
+    )
+
+
+def augmented_training(training: Training, indices: Sequence[int], variants: int, tmp: Path) -> Training:
+    """The images at ``indices`` and their variants (``augmented_frames``) as a Training of their own.
+
+    Its frames are the lighting-normalised planes in a float32 stack in ``tmp`` (disk-backed, as
+    the registered frames are), with the identity lighting model, so ``statistics`` reads them
+    a strip at a time like any registered frame.
+    """
+    geo = training.geometry
+    count = len(indices) * (1 + variants)
+    stack = np.lib.format.open_memmap(tmp / "augmented.npy", "w+", np.float32, (count, *geo.shape))
+    pyramids = []
+    for k, (xn, pyramid) in enumerate(augmented_frames(training, indices, variants)):
+        stack[k] = xn[0] if geo.channels == 1 else xn.transpose(1, 2, 0)
+        pyramids.append(pyramid)
+        release_pages(stack)
+    identity = np.eye(1, reg.PHOTO_TERMS, dtype=np.float32)[0]
+    coefs = np.tile(identity, (count, 1))
+    poses = np.repeat(training.poses[list(indices)], 1 + variants, axis=0)
+    return Training(geo, 1.0, training.weight, stack, coefs, poses, pyramids)
+
+
+def _stack_dir(training: Training) -> str | None:
+    """The folder of the registered frames' file (the fit's scratch space), or None for the system's."""
+    name = getattr(training.registered, "filename", None)
+    return str(Path(name).parent) if name else None
 
 
 def _keep_extremes(ranked: list[np.ndarray], x: np.ndarray, better, worse) -> None:
