@@ -49,10 +49,13 @@ def test_ensemble_graph_is_the_mean_of_each_detectors_calibrated_map(tmp_path):
 
 
 def test_ensemble_spec_refuses_what_it_cannot_build():
-    """A single gain channel, component output or a non-positive threshold is a construction error."""
-    with pytest.raises(ValueError, match="two gain channels"):
+    """Gain channels other than the template's and the learned map's, component output or a non-positive threshold
+    is a construction error."""
+    with pytest.raises(ValueError, match="reads 2 gain channels"):
         EnsembleGraphSpec(1, CORE, gains=1)
-    with pytest.raises(ValueError, match="two gain channels"):
+    with pytest.raises(ValueError, match="read 3 gain maps, the spec has 2"):
+        EnsembleGraphSpec(1, CORE, gains=2, blob_scale=1.0, line_scale=1.0)
+    with pytest.raises(ValueError, match="gain channels"):
         EnsembleGraphSpec(1, CORE, components=True)
     with pytest.raises(ValueError, match="positive"):
         EnsembleGraphSpec(1, CORE, learned_threshold=0.0)
@@ -90,13 +93,14 @@ def fitted(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
 
 def test_ensemble_bundle_carries_both_calibrations_and_gains(fitted):
-    """The bundle holds one gain map per detector and each detector's calibration beside the ensemble's."""
+    """The bundle holds one gain map per score (the template's fine, blob and line, the learned map) and each
+    detector's calibration beside the ensemble's."""
     from engines.bundle import Bundle
 
     bundle = Bundle.load(fitted[0])
     assert bundle.detector == "ensemble"
     ref = bundle.reference()
-    assert ref["fine_gain"].shape == ref["fine_ring_gain"].shape == (2, 384 // 16, 384 // 16)
+    assert ref["fine_gain"].shape == ref["fine_ring_gain"].shape == (4, 384 // 16, 384 // 16)
     cal = bundle.calibration
     assert len(cal["good_scores"]) == len(cal["template"]["good_scores"]) == len(cal["learned"]["good_scores"])
     assert cal["threshold"] >= max(cal["good_scores"]) * 1.1 - 1e-6
