@@ -156,9 +156,13 @@ def planted(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _fit(dataset: Path, out: Path, *extra: str) -> int:
+    """``inspectd fit`` with rigid alignment: these parts do not bend (at 256 px, ``--alignment auto`` picks the field
+    on 12 images, which removes 3-5 % of their residual; the refit's two highest clean scores then stand 2.0-2.2 x
+    the median, against 1.6 x rigid)."""
     parser = argparse.ArgumentParser()
     commands.fit_arguments(parser)
-    return commands.fit_main(parser.parse_args([str(dataset), "--out", str(out), *extra]))
+    args = [str(dataset), "--out", str(out), "--alignment", "rigid", *extra]
+    return commands.fit_main(parser.parse_args(args))
 
 
 def test_fit_names_the_defective_good_image_and_refits_without_it(planted, tmp_path, capsys):
