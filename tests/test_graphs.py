@@ -19,7 +19,7 @@ from engines.graphs import (
     LINE_TAPS,
     TemplateGraphSpec,
     build_template_graph,
-    line_offsets,
+    line_segments,
 )
 from engines.onnxruntime_backend import OnnxRuntimeBackend
 from engines.registration import PHOTO_TERMS
@@ -88,7 +88,7 @@ def numpy_fine_tile(feeds: dict[str, np.ndarray]) -> np.ndarray:
 
 
 def numpy_shapes(feeds: dict[str, np.ndarray], core: int = CORE) -> tuple[np.ndarray, np.ndarray]:
-    """Blob and line scores [N, 1, core, core] in numpy: disc erosion; mean along the best line of dilated cells."""
+    """Blob and line scores [N, 1, core, core] in numpy: disc erosion; the best run of LINE_FILL cells along a line."""
     fine = numpy_fine_tile(feeds)[:, 0]
     r = BLOB_RADIUS
     disc = np.ones((2 * r + 1, 2 * r + 1), np.uint8)
@@ -99,9 +99,11 @@ def numpy_shapes(feeds: dict[str, np.ndarray], core: int = CORE) -> tuple[np.nda
     cells = np.stack([cv2.dilate(c, np.ones((3, 3), np.uint8)) for c in cells])
     mc, m = HALO // LINE_CELL, core // LINE_CELL
     best = np.zeros((n, m, m), np.float32)
-    for taps in line_offsets():
-        stacked = np.stack([cells[:, mc + dy : mc + dy + m, mc + dx : mc + dx + m] for dy, dx in taps], axis=1)
-        best = np.maximum(best, np.sort(stacked, axis=1)[:, LINE_TAPS - LINE_FILL])
+    for starts, taps in line_segments():
+        assert len(starts) == LINE_TAPS - LINE_FILL + 1 and len(taps) == LINE_FILL
+        for ay, ax in starts:  # the run of LINE_FILL cells from (c + start): its minimum, the best run kept
+            run = [cells[:, mc + ay + dy : mc + ay + dy + m, mc + ax + dx : mc + ax + dx + m] for dy, dx in taps]
+            best = np.maximum(best, np.min(run, axis=0))
     best = np.minimum(best, cells[:, mc : mc + m, mc : mc + m])
     line = np.repeat(np.repeat(best, LINE_CELL, axis=1), LINE_CELL, axis=2)[:, None]
     return blob, line
