@@ -114,7 +114,8 @@ def test_bundle_geometry_grids_and_roi(line: Line) -> None:
     ref = bundle.reference()
     for level in LEVELS:
         assert ref[f"inv_sigma{level}"].shape[1:] == cell_grid(line.height, line.width, 2**level)
-    assert ref["fine_gain"].shape == ref["fine_ring_gain"].shape == cell_grid(line.height, line.width, 16)
+    gains = (3, *cell_grid(line.height, line.width, 16))  # the template's fine, blob and line scores
+    assert ref["fine_gain"].shape == ref["fine_ring_gain"].shape == gains
     margin = bundle.manifest["fit_config"]["margin_px"]
     inner = np.zeros_like(line.roi, bool)
     inner[margin:-margin, margin:-margin] = True
@@ -171,7 +172,8 @@ def test_tiled_map_equals_untiled_map(line: Line, tmp_path: Path) -> None:
         pose, coef, frame = aligned.pose, aligned.coef, aligned.registered
     if bundle.geometry.dtype == "uint16":
         frame = frame.astype(np.float32) * np.float32(1 / 257)
-    gain = frame_fine_gain(ref["fine_gain"], ref["fine_ring_gain"], pose.matrix)
+    pairs = zip(ref["fine_gain"], ref["fine_ring_gain"], strict=True)  # one gain map per score
+    gain = np.stack([frame_fine_gain(part, ring, pose.matrix) for part, ring in pairs])
     cal = bundle.calibration
     maps = {}
     for name, plan in (
@@ -184,6 +186,9 @@ def test_tiled_map_equals_untiled_map(line: Line, tmp_path: Path) -> None:
             input_dtype="float32" if bundle.geometry.dtype == "uint16" else "uint8",
             fine_scale=cal["fine_scale"],
             coarse_scale=cal["coarse_scale"],
+            gains=len(gain),
+            blob_scale=cal["blob_scale"],
+            line_scale=cal["line_scale"],
         )
         onnx.save(build_template_graph(spec), tmp_path / f"{name}.onnx")
         with OnnxRuntimeBackend(tmp_path / f"{name}.onnx", threads=2) as backend:
@@ -280,7 +285,7 @@ def test_ensemble_fit_at_an_odd_size(tmp_path: Path) -> None:
     fit_ensemble(train, tmp_path / "model", config=FitConfig(core=256, folds=4), learn=learn, progress=False)
     bundle = Bundle.load(tmp_path / "model")
     assert bundle.detector == "ensemble" and bundle.geometry.describe() == "477x333 colour uint16"
-    assert bundle.reference()["fine_gain"].shape == (2, *cell_grid(333, 477, 16))
+    assert bundle.reference()["fine_gain"].shape == (4, *cell_grid(333, 477, 16))  # fine, blob, line; learned
     with Inspector.load(tmp_path / "model", "onnxruntime") as inspector:
         for path in sorted((tmp_path / "data" / "test").rglob("*.png")):
             result = inspector.inspect_path(path)
