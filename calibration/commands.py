@@ -85,6 +85,12 @@ def fit_arguments(parser: argparse.ArgumentParser) -> None:
         help="K variants of each good image (sub-pixel pose, another good image's lighting) in the statistics",
     )
     parser.add_argument(
+        "--shape-scores",
+        action="store_true",
+        help="add the blob and line scores (benign thin marks pass, compact and long defects still count); "
+        "for parts that carry benign marks; about 3x the template graph's time per tile",
+    )
+    parser.add_argument(
         "--exclude",
         action="append",
         default=[],
@@ -125,6 +131,7 @@ def fit_main(args: argparse.Namespace) -> int:
         sensor_mask=str(args.sensor_mask) if getattr(args, "sensor_mask", None) else None,
         exclude=_excluded_names(getattr(args, "exclude", []), getattr(args, "exclude_from", None)),
         augment=getattr(args, "augment", 0),
+        shape_scores=getattr(args, "shape_scores", False),
     )
     if getattr(args, "detector", "template") in ("learned", "ensemble"):
         out = _fit_learned(args, dataset, config)

@@ -66,8 +66,8 @@ def fit_ensemble(
             input_dtype=fp.graph_input_dtype(geo),
             fine_scale=template_cal["fine_scale"],
             coarse_scale=template_cal["coarse_scale"],
-            blob_scale=template_cal["blob_scale"],
-            line_scale=template_cal["line_scale"],
+            blob_scale=template_cal.get("blob_scale"),
+            line_scale=template_cal.get("line_scale"),
             template_threshold=template_cal["threshold"],
             learned_threshold=learned.calibration["threshold"],
         )

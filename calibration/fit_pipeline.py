@@ -88,6 +88,7 @@ class FitConfig:
     sensor_mask: str | None = None  # PNG, sensor frame, non-zero = leave out of every frame (--sensor-mask)
     exclude: tuple[str, ...] = ()  # good images the user left out of the fit (names as given; ``select_training``)
     augment: int = 0  # variants of each good image in the statistics (``augmented_frames``): pose and lighting
+    shape_scores: bool = False  # the template's blob and line scores beside the fine and coarse (--shape-scores)
 
 
 @dataclass

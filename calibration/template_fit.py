@@ -50,15 +50,27 @@ def fit_template(
         return _write(out, training, stats, reference, folds, config, images, excluded, started)
 
 
+def components(config: FitConfig) -> tuple[str, ...]:
+    """The scores a fit calibrates: fine and coarse, and the shape scores with ``--shape-scores``."""
+    return COMPONENTS if config.shape_scores else COMPONENTS[:2]
+
+
 def _component_blocks(
-    training: Training, stats: dict[str, np.ndarray], indices: Sequence[int], core: int, tmp: Path
+    training: Training,
+    stats: dict[str, np.ndarray],
+    indices: Sequence[int],
+    config: FitConfig,
+    tmp: Path,
 ) -> np.ndarray:
-    """Per held-out image, every score of the real graph (``COMPONENTS``), max-pooled to BLOCK px blocks."""
+    """Per held-out image, each score of ``components(config)`` from the real graph, max-pooled to BLOCK px blocks."""
     geo = training.geometry
-    spec = TemplateGraphSpec(geo.channels, core, input_dtype=fp.graph_input_dtype(geo), components=True)
+    shapes = {f"{name}_scale": 1.0 for name in components(config)[2:]}  # unscaled in a components graph
+    spec = TemplateGraphSpec(
+        geo.channels, config.core, input_dtype=fp.graph_input_dtype(geo), components=True, **shapes
+    )
     path = tmp / "components.onnx"
     onnx.save(build_template_graph(spec), path)
-    return fp.graph_blocks(training, path, stats, indices, core, len(COMPONENTS))
+    return fp.graph_blocks(training, path, stats, indices, config.core, len(components(config)))
 
 
 @dataclass
@@ -68,7 +80,7 @@ class FoldCalibration:
     calibration: dict
     tolerance: tol.LocalTolerance  # of the fine and coarse scores
     shape_tolerances: list[tol.LocalTolerance]  # of each shape score (blob, line): gains only
-    blocks: np.ndarray  # [n, C, Hb, Wb] raw block maxima of each COMPONENTS score of each held-out image
+    blocks: np.ndarray  # [n, C, Hb, Wb] raw block maxima of each calibrated score of each held-out image
     held_out_map: np.ndarray  # [n, Hb, Wb] each image's anomaly map (block maxima) as scored, cross-fitted
 
     def gains(self) -> tuple[np.ndarray, np.ndarray]:
@@ -89,31 +101,32 @@ def calibrate_folds(
     """
     n = len(training.coefs)
     folds = len(fold_stats) if fold_stats is not None else fp.fold_count(config, n)
-    blocks = np.zeros((n, len(COMPONENTS), *tol.block_shape(training.geometry)), np.float32)
+    names = components(config)
+    blocks = np.zeros((n, len(names), *tol.block_shape(training.geometry)), np.float32)
     with tempfile.TemporaryDirectory() as tmp:
         for fold in tqdm(range(folds), desc="calibrating (k-fold)", disable=not progress, unit="fold"):
             held, kept = fp.fold_members(n, folds, fold)
             stats = fold_stats[fold] if fold_stats is not None else fp.statistics(training, kept, config)
-            blocks[held] = _component_blocks(training, stats, held, config.core, Path(tmp))
+            blocks[held] = _component_blocks(training, stats, held, config, Path(tmp))
     inside = tol.block_inside(training.weight)
     border = tol.border_blocks(training.geometry)
     # Fine and coarse share one tolerance (as before); each shape score learns its own gains.
-    groups = [[0, 1], *([k] for k in range(2, len(COMPONENTS)))]
+    groups = [[0, 1], *([k] for k in range(2, len(names)))]
     poses = training.poses
     normalised = np.concatenate(
         [tol.cross_fitted_maps(blocks[:, g], poses, inside, border, folds) for g in groups], axis=1
     )
     raw = normalised.max(axis=(2, 3))
-    scales = component_scales(raw)
+    scales = component_scales(raw, names)
     held_out_map = (normalised / np.array(scales, np.float32)[None, :, None, None]).max(axis=1)
     calibration = good_threshold(held_out_map.max(axis=(1, 2)), config.target_frr, config.threshold_margin)
     tolerance, *shapes = (tol.fit_local_tolerance(blocks[:, g], poses, inside, border) for g in groups)
     calibration.update(
-        **{f"{name}_scale": scale for name, scale in zip(COMPONENTS, scales, strict=True)},
+        **{f"{name}_scale": scale for name, scale in zip(names, scales, strict=True)},
         folds=folds,
         held_out_components=[[round(float(v), 4) for v in row] for row in raw],
         local_tolerance=tolerance.summary(inside, border),
-        shape_tolerance={name: t.summary(inside, border) for name, t in zip(COMPONENTS[2:], shapes, strict=True)},
+        shape_tolerance={name: t.summary(inside, border) for name, t in zip(names[2:], shapes, strict=True)},
     )
     return FoldCalibration(calibration, tolerance, shapes, blocks, held_out_map)
 
@@ -121,13 +134,13 @@ def calibrate_folds(
 SCALE_FLOORS = {"fine": 0.5, "coarse": 2.0, "blob": 0.5, "line": 0.5}  # grey levels / spreads: never a smaller scale
 
 
-def component_scales(raw: np.ndarray) -> list[float]:
+def component_scales(raw: np.ndarray, names: Sequence[str] = COMPONENTS) -> list[float]:
     """Each component's scale: the 90th percentile of its held-out maxima [n, C], never below its floor.
 
     Every component is measured in units of what good parts typically reach in it, so the map's
     maximum over components is "how far beyond normal, in the most telling component".
     """
-    return [max(float(np.quantile(raw[:, k], 0.9)), SCALE_FLOORS[name]) for k, name in enumerate(COMPONENTS)]
+    return [max(float(np.quantile(raw[:, k], 0.9)), SCALE_FLOORS[name]) for k, name in enumerate(names)]
 
 
 def _write(
@@ -144,14 +157,14 @@ def _write(
     geo = training.geometry
     calibration = folds.calibration
     base = dict(
-        gains=len(COMPONENTS) - 1,
+        gains=len(components(config)) - 1,
         channels=geo.channels,
         core=config.core,
         input_dtype=fp.graph_input_dtype(geo),
         fine_scale=calibration["fine_scale"],
         coarse_scale=calibration["coarse_scale"],
-        blob_scale=calibration["blob_scale"],
-        line_scale=calibration["line_scale"],
+        blob_scale=calibration.get("blob_scale"),
+        line_scale=calibration.get("line_scale"),
     )
     graphs = {
         GRAPH_FP32: lambda p: onnx.save(build_template_graph(TemplateGraphSpec(**base, precision="fp32")), p),

@@ -107,9 +107,10 @@ class TemplateGraphSpec(TiledGraphSpec):
 
     @property
     def shapes(self) -> tuple[str, ...]:
-        """The shape scores this graph computes: all in a components graph, else those with a scale."""
+        """The shape scores this graph computes: those with a scale (in a components graph the scale is not
+        applied: any value asks for the score)."""
         scales = {"blob": self.blob_scale, "line": self.line_scale}
-        return tuple(name for name, scale in scales.items() if self.components or scale is not None)
+        return tuple(name for name, scale in scales.items() if scale is not None)
 
     @property
     def template_gains(self) -> int:
@@ -324,7 +325,7 @@ def template_anomaly(g: _Builder, spec: TemplateGraphSpec, out: str, gain_channe
     coarse_full = g.op("Resize", [coarse, "", g.const(np.array([1, 1, 4, 4], np.float32))], mode="nearest")
     if spec.components:
         g.nodes.append(helper.make_node("Concat", [fine, coarse_full, *maps], [out], axis=1))
-        return len(COMPONENTS)
+        return 2 + len(maps)
     g.nodes.append(helper.make_node("Max", [fine, coarse_full, *maps], [out]))
     return 1
 

@@ -93,14 +93,14 @@ def fitted(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
 
 def test_ensemble_bundle_carries_both_calibrations_and_gains(fitted):
-    """The bundle holds one gain map per score (the template's fine, blob and line, the learned map) and each
-    detector's calibration beside the ensemble's."""
+    """The bundle holds one gain map per score (the template's fine score without --shape-scores, the learned map)
+    and each detector's calibration beside the ensemble's."""
     from engines.bundle import Bundle
 
     bundle = Bundle.load(fitted[0])
     assert bundle.detector == "ensemble"
     ref = bundle.reference()
-    assert ref["fine_gain"].shape == ref["fine_ring_gain"].shape == (4, 384 // 16, 384 // 16)
+    assert ref["fine_gain"].shape == ref["fine_ring_gain"].shape == (2, 384 // 16, 384 // 16)
     cal = bundle.calibration
     assert len(cal["good_scores"]) == len(cal["template"]["good_scores"]) == len(cal["learned"]["good_scores"])
     assert cal["threshold"] >= max(cal["good_scores"]) * 1.1 - 1e-6

@@ -177,9 +177,11 @@ def test_components_match_numpy(tmp_path, channels):
     """The fitting graph's channels equal numpy's fine excess, coarse pyramid, blob and line scores."""
     rng = np.random.default_rng(10 + channels)
     feeds = realistic_tiles(rng, 2, channels)
-    spec = TemplateGraphSpec(channels, CORE, components=True)
+    spec = TemplateGraphSpec(channels, CORE, components=True, blob_scale=1.0, line_scale=1.0)
     got = run_graph(tmp_path, spec, feeds)
     assert got.shape == (2, 4, CORE, CORE)
+    without = run_graph(tmp_path, TemplateGraphSpec(channels, CORE, components=True), feeds)
+    np.testing.assert_array_equal(without, got[:, :2])  # fit without --shape-scores: fine and coarse only
     np.testing.assert_allclose(got[:, :1], numpy_fine(feeds, channels), rtol=1e-5, atol=1e-4)
     coarse = numpy_coarse(feeds, channels)
     assert coarse.max() > 5
@@ -221,7 +223,7 @@ def test_shape_scores_tell_long_faint_scratches_and_compact_dots_from_short_stro
     image[0, 0][(yy - HALO - 200) ** 2 + (xx - HALO - 200) ** 2 <= 3.5**2] += 30  # the dot: 5 + 25
     photo = np.eye(1, PHOTO_TERMS, dtype=np.float32)
     feeds = tile_inputs(mu, np.full_like(mu, 5.0), np.ones_like(mu), 1.0, image.astype(np.uint8), photo)
-    got = run_graph(tmp_path, TemplateGraphSpec(1, core, components=True), feeds)[0]
+    got = run_graph(tmp_path, TemplateGraphSpec(1, core, components=True, blob_scale=1.0, line_scale=1.0), feeds)[0]
     fine, blob, line = got[0], got[2], got[3]
     mark, scratch, dot = (
         (slice(HALO - HALO + 30, 50), slice(20, 66)),

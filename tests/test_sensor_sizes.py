@@ -95,7 +95,9 @@ def make_line(root: Path, width: int, height: int, dtype: str, channels: int) ->
     roi = roi_mask(width, height, dot["defects"][0]["bbox"])
     cv2.imwrite(str(root / "roi.png"), roi)
     train = load_dataset(root / "data").train_good
-    fit_template(train, root / "bundle", root / "roi.png", FitConfig(core=CORE, folds=4), progress=False)
+    # colour lines also fit the shape scores (--shape-scores), so both graphs meet every odd size's grids
+    config = FitConfig(core=CORE, folds=4, shape_scores=channels == 3)
+    fit_template(train, root / "bundle", root / "roi.png", config, progress=False)
     return Line(width, height, root / "data", roi, root / "bundle", meta)
 
 
@@ -114,7 +116,8 @@ def test_bundle_geometry_grids_and_roi(line: Line) -> None:
     ref = bundle.reference()
     for level in LEVELS:
         assert ref[f"inv_sigma{level}"].shape[1:] == cell_grid(line.height, line.width, 2**level)
-    gains = (3, *cell_grid(line.height, line.width, 16))  # the template's fine, blob and line scores
+    scores = 3 if bundle.manifest["fit_config"]["shape_scores"] else 1  # fine (and blob and line)
+    gains = (scores, *cell_grid(line.height, line.width, 16))
     assert ref["fine_gain"].shape == ref["fine_ring_gain"].shape == gains
     margin = bundle.manifest["fit_config"]["margin_px"]
     inner = np.zeros_like(line.roi, bool)
@@ -187,8 +190,8 @@ def test_tiled_map_equals_untiled_map(line: Line, tmp_path: Path) -> None:
             fine_scale=cal["fine_scale"],
             coarse_scale=cal["coarse_scale"],
             gains=len(gain),
-            blob_scale=cal["blob_scale"],
-            line_scale=cal["line_scale"],
+            blob_scale=cal.get("blob_scale"),
+            line_scale=cal.get("line_scale"),
         )
         onnx.save(build_template_graph(spec), tmp_path / f"{name}.onnx")
         with OnnxRuntimeBackend(tmp_path / f"{name}.onnx", threads=2) as backend:
@@ -282,7 +285,8 @@ def test_ensemble_fit_at_an_odd_size(tmp_path: Path) -> None:
     # a few steps on small crops: the sizes are under test, not the network's skill
     learn = LearnConfig(steps=4, batch=2, patch=96, checkpoint_every=4, checkpoint=tmp_path / "nets.ckpt")
     train = load_dataset(tmp_path / "data").train_good
-    fit_ensemble(train, tmp_path / "model", config=FitConfig(core=256, folds=4), learn=learn, progress=False)
+    config = FitConfig(core=256, folds=4, shape_scores=True)
+    fit_ensemble(train, tmp_path / "model", config=config, learn=learn, progress=False)
     bundle = Bundle.load(tmp_path / "model")
     assert bundle.detector == "ensemble" and bundle.geometry.describe() == "477x333 colour uint16"
     assert bundle.reference()["fine_gain"].shape == (4, *cell_grid(333, 477, 16))  # fine, blob, line; learned

@@ -295,7 +295,7 @@ def test_gpu_benchmark_runs_a_fitted_bundle_on_emulated_tensorrt(bundle_dir, mon
 
 
 def test_graph_reading_other_gain_maps_than_the_bundle_has_is_refused(bundle_dir, tmp_path):
-    """An Inspector refuses a graph that reads two gain maps with a template bundle (which has three)."""
+    """An Inspector refuses a graph that reads two gain maps (an ensemble's) with a one-detector bundle."""
     import onnx
 
     from engines.bundle import Bundle
@@ -306,7 +306,7 @@ def test_graph_reading_other_gain_maps_than_the_bundle_has_is_refused(bundle_dir
     bundle = Bundle.load(bundle_dir)
     graph = tmp_path / "two_gains.onnx"
     onnx.save(build_template_graph(TemplateGraphSpec(1, bundle.manifest["tiling"]["core"], gains=2)), graph)
-    with pytest.raises(BundleError, match="reads 2 gain maps, the bundle has 3"):
+    with pytest.raises(BundleError, match="reads 2 gain maps, the bundle has 1"):
         Inspector(bundle, OnnxRuntimeBackend(graph))
 
 
@@ -455,3 +455,25 @@ def test_bundles_from_before_keep_their_registration(bundle_dir):
     old = registration_reference(replace(bundle, manifest=manifest), bundle.reference())
     assert old.search is None and old.field is None and old.sensor is None
     assert registration_reference(bundle, bundle.reference()).search is not None
+
+
+def test_shape_scores_are_fitted_only_when_asked(dataset, bundle_dir, tmp_path):
+    """`fit` without --shape-scores keeps the fine and coarse scores only (one gain map, no shape scales: the graph
+    of bundles before them, at its speed); `inspectd fit --shape-scores` adds the blob and line scores, each with
+    its gain map and scale, and still passes the goods and rejects the defects."""
+    from daemon.cli import main
+
+    default = Bundle.load(bundle_dir)
+    assert "blob_scale" not in default.calibration and "line_scale" not in default.calibration
+    assert default.reference()["fine_gain"].shape[0] == 1
+    assert default.manifest["fit_config"]["shape_scores"] is False
+
+    data = dataset.train_good[0].parents[2]
+    assert main(["fit", str(data), "--out", str(tmp_path / "shapes"), "--shape-scores"]) == 0
+    shapes = Bundle.load(tmp_path / "shapes")
+    assert shapes.manifest["fit_config"]["shape_scores"] is True
+    assert shapes.calibration["blob_scale"] > 0 and shapes.calibration["line_scale"] > 0
+    assert shapes.reference()["fine_gain"].shape[0] == 3
+    with Inspector.load(tmp_path / "shapes", "onnxruntime") as inspector:
+        verdicts = {s.path: inspector.inspect_path(s.path).verdict for s in dataset.test}
+    assert [verdicts[s.path] for s in dataset.test] == ["pass" if s.is_good else "reject" for s in dataset.test]
