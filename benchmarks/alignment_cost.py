@@ -40,7 +40,7 @@ from calibration import synth
 from calibration.fit_pipeline import _level_mask, registration_mask
 from engines import nonrigid as nr
 from engines import registration as reg
-from engines.sensor import SensorModel
+from engines.sensor import SensorModel, edge_view
 
 
 def references(design: np.ndarray) -> dict[str, reg.RegistrationReference]:
@@ -86,7 +86,7 @@ def frame(design: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray, tuple]
     gain = synth._gain_field(config, rng)
     synth._band_vignette(gain, band, (0.12, 0.3), rng)
     image *= gain
-    bar = synth._edge_view(image, int(rng.integers(4)))
+    bar = edge_view(image, int(rng.integers(4)))
     bar[: int(band * rng.uniform(0.25, 0.55))] = synth.FIXTURE
     image += rng.normal(0, 2, image.shape).astype(np.float32)
     return np.clip(np.rint(image), 0, 255).astype(np.uint8), matrix, disp

@@ -35,6 +35,7 @@ import cv2
 import numpy as np
 
 from calibration.thresholds import good_threshold
+from engines.bundle import swap_into_place
 from engines.decode import read_image
 from engines.tolerance import BLOCK
 
@@ -186,23 +187,12 @@ def write_fit_report(
             overlay = draw_overlay(image, held_out_map[i], poses[i], f, audit.threshold)
             if not cv2.imwrite(str(tmp / f"flagged_{rank:02d}.png"), overlay):
                 raise OSError(f"{tmp}: could not write an overlay PNG")
-        _swap_in(tmp, out)
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private; the report is for the line's people
+        swap_into_place(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
-
-
-def _swap_in(tmp: Path, out: Path) -> None:
-    os.chmod(tmp, 0o755)
-    if out.exists():
-        old = out.with_name(f".{out.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.rename(out, old)
-        os.rename(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(tmp, out)
 
 
 def _markdown(audit: Audit, summary: dict) -> str:

@@ -26,6 +26,7 @@ from calibration.figures import (
     plot_pr,
     plot_roc,
 )
+from engines.bundle import swap_into_place
 
 PLOTS = (("roc.png", "ROC curve"), ("pr.png", "Precision-recall curve"), ("histogram.png", "Score distribution"))
 
@@ -54,7 +55,7 @@ def write_report(
     tmp = Path(tempfile.mkdtemp(prefix=f".{report_dir.name}.tmp-", dir=report_dir.parent))
     try:
         _write_all(tmp, summary, labels, scores, threshold, overlays, baseline, per_image, predictions)
-        _swap_in(tmp, report_dir)
+        swap_into_place(tmp, report_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -92,27 +93,6 @@ def _write_all(
         captions.append((f"worst_{i:02d}.png", overlay_title(ov, threshold).replace("\n", " · ")))
     files = sorted(p.name for p in out.iterdir())
     (out / "summary.md").write_text(summary_markdown(summary, baseline, captions, files), encoding="utf-8")
-
-
-def _swap_in(tmp: Path, report_dir: Path) -> None:
-    """Rename ``tmp`` to ``report_dir``; an existing report is moved aside first and removed after.
-
-    POSIX rename cannot replace a non-empty directory, hence the detour. Between the two renames
-    ``report_dir`` briefly does not exist, but it is never half-written.
-    """
-    old = None
-    if report_dir.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{report_dir.name}.old-", dir=report_dir.parent))
-        old.rmdir()
-        report_dir.rename(old)
-    try:
-        tmp.rename(report_dir)
-    except BaseException:
-        if old is not None:
-            old.rename(report_dir)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def _write_json(path: Path, data: Mapping[str, Any]) -> None:

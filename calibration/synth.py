@@ -37,6 +37,7 @@ import numpy as np
 from calibration import synth_variation as variation
 from calibration.synth_variation import Variation
 from engines.errors import UserError
+from engines.sensor import edge_view
 from engines.types import MIN_SIDE
 
 KINDS = ("dot", "scratch", "stain", "missing", "extra", "smear")
@@ -548,17 +549,6 @@ def _gain_field(config: SynthConfig, rng: np.random.Generator) -> np.ndarray:
     return cv2.resize(gain.astype(np.float32), (w, h), interpolation=cv2.INTER_LINEAR)
 
 
-def _edge_view(img: np.ndarray, edge: int) -> np.ndarray:
-    """A view of ``img`` whose row index is the distance from ``edge`` (0 top, 1 bottom, 2 left, 3 right)."""
-    if edge == 0:
-        return img
-    if edge == 1:
-        return img[::-1]
-    if edge == 2:
-        return img.swapaxes(0, 1)
-    return img[:, ::-1].swapaxes(0, 1)
-
-
 def _column(values: np.ndarray, like: np.ndarray) -> np.ndarray:
     """Broadcast a per-row vector against a (rows, cols[, C]) slab."""
     return values.reshape((-1,) + (1,) * (like.ndim - 1)).astype(np.float32)
@@ -571,7 +561,7 @@ def _band_blur(img: np.ndarray, band: int, sigma_px: tuple[float, float] | None,
     """
     for edge in range(4):
         sigma = rng.uniform(0.3, 1.0) * max(1.0, band / 20) if sigma_px is None else rng.uniform(*sigma_px)
-        view = _edge_view(img, edge)
+        view = edge_view(img, edge)
         slab = np.ascontiguousarray(view[: band + math.ceil(3 * sigma) + 1])
         blurred = cv2.GaussianBlur(slab, (0, 0), sigma)[:band]
         w = _column(1 - np.arange(band) / band, blurred)
@@ -587,14 +577,14 @@ def _band_vignette(gain: np.ndarray, band: int, strength_range: tuple[float, flo
     """Vignetting near each edge (``strength_range``: darkening at the edge); redrawn for every image and edge."""
     for edge in range(4):
         strength = rng.uniform(*strength_range)
-        view = _edge_view(gain, edge)
+        view = edge_view(gain, edge)
         view[:band] *= _column(1 - strength * _band_profile(np.arange(band), band), view[:band])
 
 
 def _band_glow(img: np.ndarray, band: int, glow: np.ndarray) -> None:
     """Stray light off the fixture: an additive lift towards each edge, with a per-image amplitude."""
     for edge, amplitude in enumerate(glow):
-        view = _edge_view(img, edge)
+        view = edge_view(img, edge)
         view[:band] += _column(amplitude * _band_profile(np.arange(band), band), view[:band])
 
 
@@ -620,7 +610,7 @@ def _fixture(
     edges = design.bar_edges if config.fixture == "design" else (int(rng.integers(4)),)
     bars = []
     for edge in edges:
-        view = _edge_view(img, edge)
+        view = edge_view(img, edge)
         length = view.shape[1]  # pixels along the edge
         depth = band * rng.uniform(*config.fixture_depth)
         tilt = band * rng.uniform(-0.05, 0.05)
@@ -638,7 +628,7 @@ def _clutter(img: np.ndarray, band: int, rng: np.random.Generator) -> None:
     """Structured clutter (debris, reflections, cable edges) in the outer part of the band, new per image."""
     limit = KEEPOUT * band
     for edge in range(4):
-        view = _edge_view(img, edge)
+        view = edge_view(img, edge)
         length = view.shape[1]  # pixels along the edge
         layers = [np.zeros((band, length), np.uint8) for _ in range(2)]  # bright, dark
         for _ in range(int(rng.poisson(5 + length / 300))):

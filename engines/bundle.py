@@ -173,15 +173,20 @@ def write_bundle(
             "bundle_id": hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()[:12],
         }
         (tmp / MANIFEST).write_text(json.dumps(full, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-        _swap_into_place(tmp, out)
+        swap_into_place(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
 
 
-def _swap_into_place(tmp: Path, out: Path) -> None:
-    """Rename ``tmp`` to ``out``; an existing ``out`` is moved aside first and removed after."""
+def swap_into_place(tmp: Path, out: Path) -> None:
+    """Rename ``tmp`` to ``out``; an existing ``out`` is moved aside first and removed after.
+
+    POSIX rename cannot replace a non-empty directory, hence the detour: between the two renames
+    ``out`` briefly does not exist, but it is never half-written, and a failed rename puts the old
+    one back. Bundles, evaluation reports and fit reports are all written this way.
+    """
     if not out.exists():
         os.rename(tmp, out)
         return

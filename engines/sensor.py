@@ -41,7 +41,7 @@ def parameters() -> dict[str, float]:
     return {"dark": DARK, "min_dark": MIN_DARK, "min_run": MIN_RUN, "fill": FILL, "margin_px": MARGIN_PX}
 
 
-def _edge_view(img: np.ndarray, edge: int) -> np.ndarray:
+def edge_view(img: np.ndarray, edge: int) -> np.ndarray:
     """A view whose row index is the distance from ``edge`` (0 top, 1 bottom, 2 left, 3 right)."""
     if edge == 0:
         return img
@@ -61,9 +61,9 @@ def occluder_depths(frame: np.ndarray, expected: np.ndarray, limit: int) -> list
     dark = (expected - frame) > np.maximum(MIN_DARK, DARK * expected)
     depths = []
     for edge in range(4):
-        rows = _edge_view(dark, edge)[: max(limit, 0)]
+        rows = edge_view(dark, edge)[: max(limit, 0)]
         if rows.size == 0:
-            depths.append(np.zeros(_edge_view(dark, edge).shape[1], np.int32))
+            depths.append(np.zeros(edge_view(dark, edge).shape[1], np.int32))
             continue
         # deepest dark row whose rows from the edge are mostly dark (clutter on the bar leaves gaps)
         filled = np.cumsum(rows, axis=0) >= FILL * np.arange(1, len(rows) + 1)[:, None]

@@ -31,7 +31,7 @@ def scene(part: np.ndarray, seed: int, bar: tuple[int, float] | None) -> tuple[n
     frame *= gain
     synth._band_glow(frame, band, rng.uniform(0, 60, 4).astype(np.float32))
     if bar is not None:
-        view = synth._edge_view(frame, bar[0])
+        view = sn.edge_view(frame, bar[0])
         view[: int(bar[1])] = synth.FIXTURE
     synth._clutter(frame, band, rng)
     frame += rng.normal(0, 2, frame.shape).astype(np.float32)

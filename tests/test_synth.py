@@ -14,6 +14,7 @@ import pytest
 from calibration import synth
 from calibration.synth import KINDS, SynthConfig, write_dataset
 from engines.errors import UserError
+from engines.sensor import edge_view
 
 SMALL = SynthConfig(size=256, train=3, test_good=2, per_kind=3, workers=2)
 
@@ -321,7 +322,7 @@ def test_random_fixture_is_one_dark_bar_on_a_side_per_image_in_the_sensor_frame(
         (bar,) = image["fixture"]
         sides.add(bar["edge"])
         assert 0.25 * band <= bar["depth_px"] <= 0.55 * band
-        view = synth._edge_view(_read(root / image["path"]).astype(np.float32), bar["edge"])
+        view = edge_view(_read(root / image["path"]).astype(np.float32), bar["edge"])
         inside = view[: int(bar["depth_px"] - abs(bar["tilt_px"])) - 1]
         assert np.median(inside) < synth.FIXTURE + 20, image["path"]  # the bar, whatever the part's pose
     assert len(sides) > 1, "the side is drawn per image"
