@@ -23,6 +23,7 @@ The template (``calibration.template_fit``), learned (``calibration.learned_fit`
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
 import json
@@ -870,102 +871,86 @@ def write_fitted_bundle(
     into the fit report beside the bundle (``calibration.audit.report_path``). ``excluded``: the
     images the user left out (``select_training``), recorded in the manifest with their hashes.
     """
-    report = None
     if Path(out).exists():  # as write_bundle would say, before the report of that bundle is touched
         raise BundleError(f"{out}: already exists; choose another --out or remove it")
-    if held_out_map is not None:
-        shape = (training.geometry.height, training.geometry.width)
-        audit = aud.audit_goods([str(p) for p in images], held_out_map, training.poses, calibration, shape)
-        report = aud.report_path(out)
-        calibration = {
-            **calibration,
-            "good_images": [str(p) for p in images],
-            "audit": {**audit.summary(), "report": str(report)},
+    with _fit_report(out, detector, training, calibration, images, held_out_map, excluded) as calibration:
+        coarse_f, fine_f = registration.factors
+        reference = {
+            **stats,
+            "reg_coarse": registration.coarse,
+            "reg_fine": registration.fine,
+            "reg_coarse_mask": registration.coarse_mask,
+            "reg_fine_mask": registration.fine_mask,
         }
-        extra = {
-            "bundle": str(out),
+        if registration.field is not None:
+            reference.update(reg_field=registration.field.level, reg_field_mask=registration.field.mask)
+        if registration.sensor is not None and registration.sensor.user_mask is not None:
+            reference["sensor_mask"] = np.packbits(registration.sensor.user_mask, axis=None)
+        manifest = {
             "detector": detector,
-            "excluded": [str(p) for p in excluded],
-            "report": str(report),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "fit_seconds": round(time.time() - started, 1),
+            "geometry": training.geometry.to_dict(),
+            "tiling": {"core": config.core, "halo": HALO, "align": ALIGN, "levels": list(LEVELS)},
+            "registration": {
+                "factors": [coarse_f, fine_f],
+                "max_shift_px": config.max_shift_px,
+                "max_rotation_deg": config.max_rotation_deg,
+                "min_correlation": config.min_correlation,
+                "search": registration.search is not None,  # coarse pose search before ECC (absent: none)
+                # the smooth field after the pose (absent: rigid), with what its estimation depended on
+                **({"field": {"factor": registration.field.factor, **parameters()}} if registration.field else {}),
+                # what of the sensor frame is left out of every frame (absent: nothing)
+                **({"sensor": _sensor_manifest(registration.sensor)} if registration.sensor else {}),
+            },
+            "fit_config": asdict(config),
+            "training": {
+                **fingerprint(images),
+                "excluded": [{"name": str(p), "sha256": sha256_file(p)} for p in excluded],
+            },
+            **(extra_manifest or {}),
         }
-        aud.write_fit_report(report, audit, images, held_out_map, training.poses, extra)
-    try:
-        return _write_bundle(
-            out,
-            detector,
-            training,
-            stats,
-            registration,
-            calibration,
-            config,
-            images,
-            started,
-            graphs,
-            extra_manifest,
-            excluded,
-        )
-    except BaseException:
-        if report is not None:
-            shutil.rmtree(report, ignore_errors=True)
-        raise
+        writers = {
+            **graphs,
+            REFERENCE: lambda p: _save_npz(p, reference),
+            CALIBRATION: lambda p: p.write_text(json.dumps(calibration, indent=2) + "\n", encoding="utf-8"),
+        }
+        return write_bundle(out, manifest, writers)
 
 
-def _write_bundle(
+@contextlib.contextmanager
+def _fit_report(
     out: Path,
     detector: str,
     training: Training,
-    stats: dict[str, np.ndarray],
-    registration: reg.RegistrationReference,
     calibration: dict,
-    config: FitConfig,
     images: list[Path],
-    started: float,
-    graphs: dict[str, Callable[[Path], None]],
-    extra_manifest: dict | None,
+    held_out_map: np.ndarray | None,
     excluded: Sequence[Path],
-) -> Path:
-    coarse_f, fine_f = registration.factors
-    reference = {
-        **stats,
-        "reg_coarse": registration.coarse,
-        "reg_fine": registration.fine,
-        "reg_coarse_mask": registration.coarse_mask,
-        "reg_fine_mask": registration.fine_mask,
+) -> Iterator[dict]:
+    """Audit the good images and write the fit report beside ``out``; yields the calibration with the audit.
+
+    Without ``held_out_map`` nothing is audited and the calibration is yielded as given. If the
+    bundle is not written after all, the report of it is removed too.
+    """
+    if held_out_map is None:
+        yield calibration
+        return
+    shape = (training.geometry.height, training.geometry.width)
+    audit = aud.audit_goods([str(p) for p in images], held_out_map, training.poses, calibration, shape)
+    report = aud.report_path(out)
+    audited = {
+        **calibration,
+        "good_images": [str(p) for p in images],
+        "audit": {**audit.summary(), "report": str(report)},
     }
-    if registration.field is not None:
-        reference.update(reg_field=registration.field.level, reg_field_mask=registration.field.mask)
-    if registration.sensor is not None and registration.sensor.user_mask is not None:
-        reference["sensor_mask"] = np.packbits(registration.sensor.user_mask, axis=None)
-    manifest = {
-        "detector": detector,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "fit_seconds": round(time.time() - started, 1),
-        "geometry": training.geometry.to_dict(),
-        "tiling": {"core": config.core, "halo": HALO, "align": ALIGN, "levels": list(LEVELS)},
-        "registration": {
-            "factors": [coarse_f, fine_f],
-            "max_shift_px": config.max_shift_px,
-            "max_rotation_deg": config.max_rotation_deg,
-            "min_correlation": config.min_correlation,
-            "search": registration.search is not None,  # coarse pose search before ECC (absent: none)
-            # the smooth field after the pose (absent: rigid), with what its estimation depended on
-            **({"field": {"factor": registration.field.factor, **parameters()}} if registration.field else {}),
-            # what of the sensor frame is left out of every frame (absent: nothing)
-            **({"sensor": _sensor_manifest(registration.sensor)} if registration.sensor else {}),
-        },
-        "fit_config": asdict(config),
-        "training": {
-            **fingerprint(images),
-            "excluded": [{"name": str(p), "sha256": sha256_file(p)} for p in excluded],
-        },
-        **(extra_manifest or {}),
-    }
-    writers = {
-        **graphs,
-        REFERENCE: lambda p: _save_npz(p, reference),
-        CALIBRATION: lambda p: p.write_text(json.dumps(calibration, indent=2) + "\n", encoding="utf-8"),
-    }
-    return write_bundle(out, manifest, writers)
+    extra = {"bundle": str(out), "detector": detector, "excluded": [str(p) for p in excluded], "report": str(report)}
+    aud.write_fit_report(report, audit, images, held_out_map, training.poses, extra)
+    try:
+        yield audited
+    except BaseException:
+        shutil.rmtree(report, ignore_errors=True)
+        raise
 
 
 def _sensor_manifest(model: SensorModel) -> dict:
