@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import math
+from dataclasses import replace
 
 import cv2
 import numpy as np
@@ -12,6 +12,7 @@ from calibration import synth
 from engines import nonrigid as nr
 from engines import registration as reg
 from tests.helpers import pose_matrix, sensor_clutter
+from tests.test_registration import fit_weight, fitted_reference
 
 SIZE = 2048
 
@@ -46,28 +47,9 @@ def design() -> np.ndarray:
 @pytest.fixture(scope="module")
 def references(design) -> tuple[reg.RegistrationReference, reg.RegistrationReference]:
     """Rigid and non-rigid references built from the golden part as the fit builds them."""
-    from calibration.fit_pipeline import registration_mask
-
-    weight = np.ones((SIZE, SIZE), np.uint8)
-    margin = max(4, math.ceil(SIZE / 512) + 2)
-    weight[:margin] = weight[-margin:] = 0
-    weight[:, :margin] = weight[:, -margin:] = 0
-    coarse_f, fine_f = reg.level_factors(SIZE, SIZE)
-    coarse, fine = reg.downscale(design, coarse_f), reg.downscale(design, fine_f)
-    rigid = reg.RegistrationReference(
-        coarse=coarse,
-        fine=fine,
-        coarse_mask=registration_mask(weight, coarse.shape),
-        fine_mask=registration_mask(weight, fine.shape),
-        factors=(coarse_f, fine_f),
-        full_shape=(SIZE, SIZE),
-        max_shift_px=0.04 * SIZE,
-        max_rotation_deg=3.0,
-        min_correlation=0.5,
-    ).with_search()
+    weight = fit_weight((SIZE, SIZE))
+    rigid = fitted_reference(design)
     field = nr.FieldReference.from_full(design, weight, (SIZE, SIZE))
-    from dataclasses import replace
-
     return rigid, replace(rigid, field=field)
 
 
@@ -194,29 +176,12 @@ def test_the_field_follows_a_bend_beside_an_occluder(design):
 @pytest.mark.slow
 def test_the_field_removes_a_bend_at_full_size():
     """At 5120 px the same bends land within 0.25 px (95 % of edge pixels)."""
-    from calibration.fit_pipeline import registration_mask
-
     global SIZE
     size, SIZE = SIZE, 5120
     try:
         design = synth.render_design(synth.SynthConfig(size=SIZE, seed=11)).image
-        weight = np.ones((SIZE, SIZE), np.uint8)
-        weight[:12] = weight[-12:] = 0
-        weight[:, :12] = weight[:, -12:] = 0
-        coarse_f, fine_f = reg.level_factors(SIZE, SIZE)
-        coarse, fine = reg.downscale(design, coarse_f), reg.downscale(design, fine_f)
-        ref = reg.RegistrationReference(
-            coarse=coarse,
-            fine=fine,
-            coarse_mask=registration_mask(weight, coarse.shape),
-            fine_mask=registration_mask(weight, fine.shape),
-            factors=(coarse_f, fine_f),
-            full_shape=(SIZE, SIZE),
-            max_shift_px=0.04 * SIZE,
-            max_rotation_deg=3.0,
-            min_correlation=0.5,
-            field=nr.FieldReference.from_full(design, weight, (SIZE, SIZE)),
-        ).with_search()
+        field = nr.FieldReference.from_full(design, fit_weight((SIZE, SIZE)), (SIZE, SIZE))
+        ref = replace(fitted_reference(design), field=field)
         image, matrix, disp = bent_frame(design, 1)
         error = normal_misalignment(design, reg.align(image, ref).pose, matrix, disp)
         print(f"5120 px: 95 % of edge misalignment {np.percentile(error, 95):.3f} px")

@@ -345,16 +345,22 @@ def test_lighting_is_fitted_away_from_the_border_band(part):
         assert_fields_close(everywhere, TRUE_COEF, ref.full_shape, 0.2)
 
 
+def fit_weight(shape: tuple[int, int]) -> np.ndarray:
+    """The inspection region ``inspectd fit`` uses without an ROI: all but its default margin."""
+    weight = np.ones(shape, np.uint8)
+    margin = max(4, math.ceil(shape[0] / 512) + 2)
+    weight[:margin] = weight[-margin:] = 0
+    weight[:, :margin] = weight[:, -margin:] = 0
+    return weight
+
+
 def fitted_reference(part: np.ndarray, search: bool = True) -> reg.RegistrationReference:
     """A reference as ``inspectd fit`` builds one (margin, masks without the border zone, the pose search);
     ``search=False``: as fits before the search did (whole region as mask, ECC from the identity)."""
     from calibration.fit_pipeline import _level_mask, registration_mask
 
     size = part.shape[0]
-    weight = np.ones(part.shape, np.uint8)
-    margin = max(4, math.ceil(size / 512) + 2)
-    weight[:margin] = weight[-margin:] = 0
-    weight[:, :margin] = weight[:, -margin:] = 0
+    weight = fit_weight(part.shape)
     coarse_f, fine_f = reg.level_factors(*part.shape)
     coarse, fine = reg.downscale(part, coarse_f), reg.downscale(part, fine_f)
     masks = registration_mask if search else _level_mask
