@@ -210,6 +210,8 @@ def _markdown(audit: Audit, summary: dict) -> str:
                 f"| flagged_{rank:02d}.png |"
             )
         lines.append("")
+    if summary.get("self_test"):
+        lines += ["## What this fit finds", "", *(f"    {line}" for line in summary["self_test"]), ""]
     scores = sorted(summary["good_scores"].items(), key=lambda kv: -kv[1])
     lines += ["Held-out good scores, highest first:", ""]
     lines += [f"- {name}: {score:.3g}" for name, score in scores]

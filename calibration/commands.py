@@ -86,9 +86,13 @@ def fit_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--shape-scores",
-        action="store_true",
-        help="add the blob and line scores (benign thin marks pass, compact and long defects still count); "
-        "for parts that carry benign marks; about 3x the template graph's time per tile",
+        nargs="?",
+        choices=("auto", "on", "off"),
+        const="on",
+        default="auto",
+        help="the blob and line scores beside the fine and coarse (benign thin marks pass, compact and long "
+        "defects still count; about 3x the template graph's time per tile); auto (default): kept where the "
+        "fit's self-test finds clearly more planted defects with them; a bare --shape-scores means on",
     )
     parser.add_argument(
         "--exclude",
@@ -131,7 +135,7 @@ def fit_main(args: argparse.Namespace) -> int:
         sensor_mask=str(args.sensor_mask) if getattr(args, "sensor_mask", None) else None,
         exclude=_excluded_names(getattr(args, "exclude", []), getattr(args, "exclude_from", None)),
         augment=getattr(args, "augment", 0),
-        shape_scores=getattr(args, "shape_scores", False),
+        shape_scores={"on": True, "off": False}.get(getattr(args, "shape_scores", "auto")),
     )
     if getattr(args, "detector", "template") in ("learned", "ensemble"):
         out = _fit_learned(args, dataset, config)
@@ -147,6 +151,10 @@ def fit_main(args: argparse.Namespace) -> int:
     excluded = bundle.manifest["training"].get("excluded", [])
     if excluded:
         print(f"excluded from the fit ({len(excluded)}): {', '.join(e['name'] for e in excluded)}")
+    from calibration.probes import describe
+
+    for line in describe(cal):
+        print(line)
     if "audit" in cal:
         from calibration.audit import audit_lines
 

@@ -49,6 +49,7 @@ def fit_ensemble(
         training, reference, config = fp.prepare_training(images, roi, config, Path(tmp), progress, "ensemble")
         fold_stats = fp.fold_statistics(training, config, progress)  # both detectors' held-out references
         template = tf.calibrate_folds(training, config, progress, fold_stats)
+        config = replace(config, shape_scores=template.shape_scores)  # auto resolved
         learned = lf.learn_and_calibrate(training, images, config, learn, out, Path(tmp), progress, fold_stats)
         template_cal = template.calibration
         calibration, held_out_map = combined_calibration(

@@ -40,6 +40,7 @@ import numpy as np
 from tqdm import tqdm
 
 from calibration import audit as aud
+from calibration import probes
 from calibration import tolerance_fit as tol
 from engines import registration as reg
 from engines import sensor
@@ -89,7 +90,7 @@ class FitConfig:
     sensor_mask: str | None = None  # PNG, sensor frame, non-zero = leave out of every frame (--sensor-mask)
     exclude: tuple[str, ...] = ()  # good images the user left out of the fit (names as given; ``select_training``)
     augment: int = 0  # variants of each good image in the statistics (``augmented_frames``): pose and lighting
-    shape_scores: bool = False  # the template's blob and line scores beside the fine and coarse (--shape-scores)
+    shape_scores: bool | None = None  # blob and line scores too; None (auto): where the self-test finds they pay
 
 
 @dataclass
@@ -945,6 +946,7 @@ def _fit_report(
         "audit": {**audit.summary(), "report": str(report)},
     }
     extra = {"bundle": str(out), "detector": detector, "excluded": [str(p) for p in excluded], "report": str(report)}
+    extra["self_test"] = probes.describe(calibration)
     aud.write_fit_report(report, audit, images, held_out_map, training.poses, extra)
     try:
         yield audited

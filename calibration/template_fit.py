@@ -13,7 +13,7 @@ from __future__ import annotations
 import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -21,12 +21,14 @@ import onnx
 from tqdm import tqdm
 
 from calibration import fit_pipeline as fp
+from calibration import probes
 from calibration import tolerance_fit as tol
 from calibration.fit_pipeline import FitConfig, Training
 from calibration.thresholds import good_threshold
 from engines import registration as reg
 from engines.bundle import GRAPH_FP16, GRAPH_FP32
 from engines.graphs import COMPONENTS, TemplateGraphSpec, build_template_graph
+from engines.tolerance import BLOCK
 
 
 def fit_template(
@@ -44,6 +46,7 @@ def fit_template(
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
         training, reference, config = fp.prepare_training(images, roi, config, Path(tmp), progress, "template")
         folds = calibrate_folds(training, config, progress)
+        config = replace(config, shape_scores=folds.shape_scores)  # auto resolved: the bundle's graph and manifest
         stats = fp.apply_local_tolerance(fp.statistics(training, range(len(images)), config), folds.tolerance)
         stats["fine_gain"], stats["fine_ring_gain"] = (g.astype(np.float16) for g in folds.gains())
         stats["held_out_blocks"] = folds.blocks.astype(np.float16)  # for diagnostics and reports
@@ -51,26 +54,27 @@ def fit_template(
 
 
 def components(config: FitConfig) -> tuple[str, ...]:
-    """The scores a fit calibrates: fine and coarse, and the shape scores with ``--shape-scores``."""
-    return COMPONENTS if config.shape_scores else COMPONENTS[:2]
+    """The scores a fit calibrates: fine and coarse, and the shape scores unless they are off.
+
+    ``config.shape_scores`` None (auto) scores all four on the held-out goods, and the
+    calibration keeps the shape scores only where the self-test finds that they pay.
+    """
+    return COMPONENTS[:2] if config.shape_scores is False else COMPONENTS
 
 
-def _component_blocks(
-    training: Training,
-    stats: dict[str, np.ndarray],
-    indices: Sequence[int],
-    config: FitConfig,
-    tmp: Path,
-) -> np.ndarray:
-    """Per held-out image, each score of ``components(config)`` from the real graph, max-pooled to BLOCK px blocks."""
-    geo = training.geometry
-    shapes = {f"{name}_scale": 1.0 for name in components(config)[2:]}  # unscaled in a components graph
+def _components_graph(config: FitConfig, training: Training, tmp: Path) -> Path:
+    """The real graph with every score of ``components(config)`` as its own output channel, unscaled."""
+    shapes = {f"{name}_scale": 1.0 for name in components(config)[2:]}
     spec = TemplateGraphSpec(
-        geo.channels, config.core, input_dtype=fp.graph_input_dtype(geo), components=True, **shapes
+        training.geometry.channels,
+        config.core,
+        input_dtype=fp.graph_input_dtype(training.geometry),
+        components=True,
+        **shapes,
     )
     path = tmp / "components.onnx"
     onnx.save(build_template_graph(spec), path)
-    return fp.graph_blocks(training, path, stats, indices, config.core, len(components(config)))
+    return path
 
 
 @dataclass
@@ -82,11 +86,27 @@ class FoldCalibration:
     shape_tolerances: list[tol.LocalTolerance]  # of each shape score (blob, line): gains only
     blocks: np.ndarray  # [n, C, Hb, Wb] raw block maxima of each calibrated score of each held-out image
     held_out_map: np.ndarray  # [n, Hb, Wb] each image's anomaly map (block maxima) as scored, cross-fitted
+    shape_scores: bool = False  # whether the calibrated scores include the blob and line scores
 
     def gains(self) -> tuple[np.ndarray, np.ndarray]:
         """The graph's gain maps [G, Hb, Wb] (fine, then each shape score): part frame and sensor ring."""
         tolerances = [self.tolerance, *self.shape_tolerances]
         return np.stack([t.part_gain for t in tolerances]), np.stack([t.ring_gain for t in tolerances])
+
+
+@dataclass
+class HeldOut:
+    """Raw block maxima [n, C, Hb, Wb] of the held-out goods and of their probed copies, each by its fold's graph."""
+
+    goods: np.ndarray
+    probed: np.ndarray
+    plans: list[list[probes.Probe]]
+    folds: int
+
+
+# --shape-scores auto keeps the blob and line scores when they raise the self-test's mean recall
+# by at least this much: they cost about 3x the graph's time per tile, so a tie is not enough.
+SHAPE_GAIN_MIN = 0.05
 
 
 def calibrate_folds(
@@ -98,37 +118,87 @@ def calibrate_folds(
     only (cross-fitting), so the threshold is set on scores the tolerance was not tuned on.
     ``fold_stats`` (``fit_pipeline.fold_statistics``), when another detector of the same fit already holds
     them; otherwise each fold's statistics are computed and dropped in turn, to keep memory low.
+    The self-test (``calibration.probes``) scores a probed copy of each held-out image with the
+    same fold's statistics; with ``shape_scores`` None its recall decides whether the shape
+    scores are kept.
     """
+    held = _held_out(training, config, progress, fold_stats)
+    names = components(config)
+    if config.shape_scores is None:
+        without = _calibrated(training, held, names[:2], config)
+        with_shapes = _calibrated(training, held, names, config)
+        chosen, test = with_shapes if keeps_shape_scores(without[1], with_shapes[1]) else without
+        chosen.calibration["shape_scores_auto"] = {
+            "chose": "on" if chosen.shape_scores else "off",
+            "mean_recall_without": without[1].get("mean_recall"),
+            "mean_recall_with": with_shapes[1].get("mean_recall"),
+            "gain_min": SHAPE_GAIN_MIN,
+        }
+        test = {"without_shape_scores": without[1], "with_shape_scores": with_shapes[1], "kept": test}
+    else:
+        chosen, kept = _calibrated(training, held, names, config)
+        test = {"kept": kept}
+    chosen.calibration["self_test"] = test
+    return chosen
+
+
+def keeps_shape_scores(without: dict, with_shapes: dict) -> bool:
+    """--shape-scores auto: keep them when the self-test's mean recall gains SHAPE_GAIN_MIN with them.
+
+    Without a self-test (an image too small for probes) they are not kept: they are never
+    chosen without evidence.
+    """
+    if not without.get("probes") or not with_shapes.get("probes"):
+        return False
+    return with_shapes["mean_recall"] - without["mean_recall"] >= SHAPE_GAIN_MIN
+
+
+def _held_out(training: Training, config: FitConfig, progress: bool, fold_stats: list[dict] | None) -> HeldOut:
     n = len(training.coefs)
     folds = len(fold_stats) if fold_stats is not None else fp.fold_count(config, n)
-    names = components(config)
-    blocks = np.zeros((n, len(names), *tol.block_shape(training.geometry)), np.float32)
+    channels = len(components(config))
+    border_px = tol.border_blocks(training.geometry) * BLOCK
+    plans = probes.plan_probes(training.weight, border_px, n)
+    goods = np.zeros((n, channels, *tol.block_shape(training.geometry)), np.float32)
+    probed = np.zeros_like(goods)
     with tempfile.TemporaryDirectory() as tmp:
+        graph = _components_graph(config, training, Path(tmp))
         for fold in tqdm(range(folds), desc="calibrating (k-fold)", disable=not progress, unit="fold"):
-            held, kept = fp.fold_members(n, folds, fold)
+            rows, kept = fp.fold_members(n, folds, fold)
             stats = fold_stats[fold] if fold_stats is not None else fp.statistics(training, kept, config)
-            blocks[held] = _component_blocks(training, stats, held, config, Path(tmp))
+            goods[rows] = fp.graph_blocks(training, graph, stats, rows, config.core, channels)
+            copies = probes.probed_training(training, rows, plans)
+            probed[rows] = fp.graph_blocks(copies, graph, stats, range(len(rows)), config.core, channels)
+    return HeldOut(goods, probed, plans, folds)
+
+
+def _calibrated(
+    training: Training, held: HeldOut, names: Sequence[str], config: FitConfig
+) -> tuple[FoldCalibration, dict]:
+    """Calibrate the scores ``names`` (the first len(names) channels of ``held``); with the self-test's recall."""
     inside = tol.block_inside(training.weight)
     border = tol.border_blocks(training.geometry)
+    blocks, probed = held.goods[:, : len(names)], held.probed[:, : len(names)]
     # Fine and coarse share one tolerance (as before); each shape score learns its own gains.
     groups = [[0, 1], *([k] for k in range(2, len(names)))]
     poses = training.poses
-    normalised = np.concatenate(
-        [tol.cross_fitted_maps(blocks[:, g], poses, inside, border, folds) for g in groups], axis=1
-    )
+    pairs = [tol.cross_fitted(blocks[:, g], poses, inside, border, held.folds, probed[:, g]) for g in groups]
+    normalised = np.concatenate([good for good, _ in pairs], axis=1)
     raw = normalised.max(axis=(2, 3))
-    scales = component_scales(raw, names)
-    held_out_map = (normalised / np.array(scales, np.float32)[None, :, None, None]).max(axis=1)
+    scales = np.array(component_scales(raw, names), np.float32)[None, :, None, None]
+    held_out_map = (normalised / scales).max(axis=1)
+    probed_map = (np.concatenate([p for _, p in pairs], axis=1) / scales).max(axis=1)
     calibration = good_threshold(held_out_map.max(axis=(1, 2)), config.target_frr, config.threshold_margin)
     tolerance, *shapes = (tol.fit_local_tolerance(blocks[:, g], poses, inside, border) for g in groups)
     calibration.update(
-        **{f"{name}_scale": scale for name, scale in zip(names, scales, strict=True)},
-        folds=folds,
+        **{f"{name}_scale": float(scale) for name, scale in zip(names, scales.ravel(), strict=True)},
+        folds=held.folds,
         held_out_components=[[round(float(v), 4) for v in row] for row in raw],
         local_tolerance=tolerance.summary(inside, border),
         shape_tolerance={name: t.summary(inside, border) for name, t in zip(names[2:], shapes, strict=True)},
     )
-    return FoldCalibration(calibration, tolerance, shapes, blocks, held_out_map)
+    fold = FoldCalibration(calibration, tolerance, shapes, blocks, held_out_map, len(names) > 2)
+    return fold, probes.recall(probed_map, held.plans, calibration["threshold"])
 
 
 SCALE_FLOORS = {"fine": 0.5, "coarse": 2.0, "blob": 0.5, "line": 0.5}  # grey levels / spreads: never a smaller scale

@@ -75,13 +75,24 @@ def fit_local_tolerance(blocks: np.ndarray, poses: np.ndarray, inside: np.ndarra
 
 def cross_fitted_maps(blocks: np.ndarray, poses: np.ndarray, inside: np.ndarray, border: int, folds: int) -> np.ndarray:
     """``blocks`` [n, C, Hb, Wb] normalised, each image (fold ``i % folds``) by the other folds' tolerance only."""
+    return cross_fitted(blocks, poses, inside, border, folds)[0]
+
+
+def cross_fitted(
+    blocks: np.ndarray, poses: np.ndarray, inside: np.ndarray, border: int, folds: int, *more: np.ndarray
+) -> list[np.ndarray]:
+    """``blocks`` and each of ``more`` (maps of the same images, e.g. probed copies) normalised by the fold's tolerance.
+
+    The tolerance of fold ``i % folds`` is learned from ``blocks`` of the other folds only.
+    """
     n = len(blocks)
-    maps = np.zeros_like(blocks, dtype=np.float32)
+    maps = [np.zeros_like(b, dtype=np.float32) for b in (blocks, *more)]
     for fold in range(folds):
         held = np.arange(fold, n, folds)
         others = np.setdiff1d(np.arange(n), held)
         tolerance = fit_local_tolerance(blocks[others], poses[others], inside, border)
-        maps[held] = tolerance.normalised(blocks[held], poses[held])
+        for source, target in zip((blocks, *more), maps, strict=True):
+            target[held] = tolerance.normalised(source[held], poses[held])
     return maps
 
 

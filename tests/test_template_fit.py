@@ -457,16 +457,19 @@ def test_bundles_from_before_keep_their_registration(bundle_dir):
     assert registration_reference(bundle, bundle.reference()).search is not None
 
 
-def test_shape_scores_are_fitted_only_when_asked(dataset, bundle_dir, tmp_path):
-    """`fit` without --shape-scores keeps the fine and coarse scores only (one gain map, no shape scales: the graph
-    of bundles before them, at its speed); `inspectd fit --shape-scores` adds the blob and line scores, each with
-    its gain map and scale, and still passes the goods and rejects the defects."""
+def test_shape_scores_are_fitted_when_asked_or_when_the_self_test_finds_they_pay(dataset, bundle_dir, tmp_path):
+    """`fit` (--shape-scores auto) on a line without benign marks keeps the fine and coarse scores only (one gain
+    map, no shape scales: the graph of bundles before them, at its speed), and says why; `inspectd fit
+    --shape-scores` adds the blob and line scores, each with its gain map and scale, and still passes the goods and
+    rejects the defects; `--shape-scores off` leaves them out without a self-test of them."""
     from daemon.cli import main
 
     default = Bundle.load(bundle_dir)
     assert "blob_scale" not in default.calibration and "line_scale" not in default.calibration
     assert default.reference()["fine_gain"].shape[0] == 1
     assert default.manifest["fit_config"]["shape_scores"] is False
+    auto = default.calibration["shape_scores_auto"]
+    assert auto["chose"] == "off" and auto["mean_recall_with"] < auto["mean_recall_without"] + auto["gain_min"]
 
     data = dataset.train_good[0].parents[2]
     assert main(["fit", str(data), "--out", str(tmp_path / "shapes"), "--shape-scores"]) == 0
@@ -474,6 +477,7 @@ def test_shape_scores_are_fitted_only_when_asked(dataset, bundle_dir, tmp_path):
     assert shapes.manifest["fit_config"]["shape_scores"] is True
     assert shapes.calibration["blob_scale"] > 0 and shapes.calibration["line_scale"] > 0
     assert shapes.reference()["fine_gain"].shape[0] == 3
+    assert "shape_scores_auto" not in shapes.calibration and "with_shape_scores" not in shapes.calibration["self_test"]
     with Inspector.load(tmp_path / "shapes", "onnxruntime") as inspector:
         verdicts = {s.path: inspector.inspect_path(s.path).verdict for s in dataset.test}
     assert [verdicts[s.path] for s in dataset.test] == ["pass" if s.is_good else "reject" for s in dataset.test]
