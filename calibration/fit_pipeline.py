@@ -875,48 +875,66 @@ def write_fitted_bundle(
     if Path(out).exists():  # as write_bundle would say, before the report of that bundle is touched
         raise BundleError(f"{out}: already exists; choose another --out or remove it")
     with _fit_report(out, detector, training, calibration, images, held_out_map, excluded) as calibration:
-        coarse_f, fine_f = registration.factors
-        reference = {
-            **stats,
-            "reg_coarse": registration.coarse,
-            "reg_fine": registration.fine,
-            "reg_coarse_mask": registration.coarse_mask,
-            "reg_fine_mask": registration.fine_mask,
-        }
-        if registration.field is not None:
-            reference.update(reg_field=registration.field.level, reg_field_mask=registration.field.mask)
-        if registration.sensor is not None and registration.sensor.user_mask is not None:
-            reference["sensor_mask"] = np.packbits(registration.sensor.user_mask, axis=None)
-        manifest = {
-            "detector": detector,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "fit_seconds": round(time.time() - started, 1),
-            "geometry": training.geometry.to_dict(),
-            "tiling": {"core": config.core, "halo": HALO, "align": ALIGN, "levels": list(LEVELS)},
-            "registration": {
-                "factors": [coarse_f, fine_f],
-                "max_shift_px": config.max_shift_px,
-                "max_rotation_deg": config.max_rotation_deg,
-                "min_correlation": config.min_correlation,
-                "search": registration.search is not None,  # coarse pose search before ECC (absent: none)
-                # the smooth field after the pose (absent: rigid), with what its estimation depended on
-                **({"field": {"factor": registration.field.factor, **parameters()}} if registration.field else {}),
-                # what of the sensor frame is left out of every frame (absent: nothing)
-                **({"sensor": _sensor_manifest(registration.sensor)} if registration.sensor else {}),
-            },
-            "fit_config": asdict(config),
-            "training": {
-                **fingerprint(images),
-                "excluded": [{"name": str(p), "sha256": sha256_file(p)} for p in excluded],
-            },
-            **(extra_manifest or {}),
-        }
+        reference = _reference_arrays(stats, registration)
+        manifest = _manifest(detector, training, registration, config, images, started, excluded)
         writers = {
             **graphs,
             REFERENCE: lambda p: _save_npz(p, reference),
             CALIBRATION: lambda p: p.write_text(json.dumps(calibration, indent=2) + "\n", encoding="utf-8"),
         }
-        return write_bundle(out, manifest, writers)
+        return write_bundle(out, {**manifest, **(extra_manifest or {})}, writers)
+
+
+def _reference_arrays(stats: dict[str, np.ndarray], registration: reg.RegistrationReference) -> dict[str, np.ndarray]:
+    """reference.npz: the statistics and what registration needs at run time."""
+    reference = {
+        **stats,
+        "reg_coarse": registration.coarse,
+        "reg_fine": registration.fine,
+        "reg_coarse_mask": registration.coarse_mask,
+        "reg_fine_mask": registration.fine_mask,
+    }
+    if registration.field is not None:
+        reference.update(reg_field=registration.field.level, reg_field_mask=registration.field.mask)
+    if registration.sensor is not None and registration.sensor.user_mask is not None:
+        reference["sensor_mask"] = np.packbits(registration.sensor.user_mask, axis=None)
+    return reference
+
+
+def _manifest(
+    detector: str,
+    training: Training,
+    registration: reg.RegistrationReference,
+    config: FitConfig,
+    images: list[Path],
+    started: float,
+    excluded: Sequence[Path],
+) -> dict:
+    """The manifest's fitted part: what was fitted on what, how registration runs, with which configuration."""
+    coarse_f, fine_f = registration.factors
+    return {
+        "detector": detector,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "fit_seconds": round(time.time() - started, 1),
+        "geometry": training.geometry.to_dict(),
+        "tiling": {"core": config.core, "halo": HALO, "align": ALIGN, "levels": list(LEVELS)},
+        "registration": {
+            "factors": [coarse_f, fine_f],
+            "max_shift_px": config.max_shift_px,
+            "max_rotation_deg": config.max_rotation_deg,
+            "min_correlation": config.min_correlation,
+            "search": registration.search is not None,  # coarse pose search before ECC (absent: none)
+            # the smooth field after the pose (absent: rigid), with what its estimation depended on
+            **({"field": {"factor": registration.field.factor, **parameters()}} if registration.field else {}),
+            # what of the sensor frame is left out of every frame (absent: nothing)
+            **({"sensor": _sensor_manifest(registration.sensor)} if registration.sensor else {}),
+        },
+        "fit_config": asdict(config),
+        "training": {
+            **fingerprint(images),
+            "excluded": [{"name": str(p), "sha256": sha256_file(p)} for p in excluded],
+        },
+    }
 
 
 @contextlib.contextmanager
