@@ -37,7 +37,7 @@ import cv2
 import numpy as np
 
 from calibration import synth
-from calibration.fit_pipeline import _level_mask, registration_mask
+from calibration.fit_pipeline import FitConfig, level_reference
 from engines import nonrigid as nr
 from engines import registration as reg
 from engines.sensor import SensorModel, edge_view
@@ -50,26 +50,13 @@ def references(design: np.ndarray) -> dict[str, reg.RegistrationReference]:
     weight[:margin] = weight[-margin:] = 0
     weight[:, :margin] = weight[:, -margin:] = 0
     coarse_f, fine_f = reg.level_factors(size, size)
-    coarse, fine = reg.downscale(design, coarse_f), reg.downscale(design, fine_f)
-
-    def build(masks) -> reg.RegistrationReference:
-        return reg.RegistrationReference(
-            coarse=coarse,
-            fine=fine,
-            coarse_mask=masks(weight, coarse.shape),
-            fine_mask=masks(weight, fine.shape),
-            factors=(coarse_f, fine_f),
-            full_shape=(size, size),
-            max_shift_px=0.04 * size,
-            max_rotation_deg=3.0,
-            min_correlation=0.5,
-        )
-
-    searched = build(registration_mask).with_search()
+    levels = reg.downscale(design, coarse_f), reg.downscale(design, fine_f)
+    limits = FitConfig(max_shift_px=0.04 * size, max_rotation_deg=3.0)
+    searched = level_reference(*levels, weight, limits)
     occluders = replace(searched, sensor=SensorModel(0.06 * size, design[None].astype(np.float16)))
     field = nr.FieldReference.from_full(design, weight, (size, size))
     return {
-        "affine": build(_level_mask),
+        "affine": level_reference(*levels, weight, limits, search=False),
         "search": searched,
         "occluders": occluders,
         "field": replace(occluders, field=field),

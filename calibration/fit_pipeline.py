@@ -252,18 +252,9 @@ def bootstrap_reference(
         levels.append((reg.downscale(image, coarse_f), reg.downscale(image, fine_f)))
     coarse0, fine0 = levels[0]
     limits = {"max_shift_px": float(config.max_shift_px or 0), "max_rotation_deg": config.max_rotation_deg}
-    ref = reg.RegistrationReference(
-        coarse=coarse0,
-        fine=fine0,
-        coarse_mask=registration_mask(weight, coarse0.shape),
-        fine_mask=registration_mask(weight, fine0.shape),
-        factors=(coarse_f, fine_f),
-        full_shape=(geometry.height, geometry.width),
-        # first pass against image 0: another image's pose relative to it can be up to twice the limits
-        max_shift_px=2 * limits["max_shift_px"],
-        max_rotation_deg=2 * limits["max_rotation_deg"],
-        min_correlation=config.min_correlation,
-    ).with_search()
+    # first pass against image 0: another image's pose relative to it can be up to twice the limits
+    doubled = replace(config, max_shift_px=2 * limits["max_shift_px"], max_rotation_deg=2 * config.max_rotation_deg)
+    ref = level_reference(coarse0, fine0, weight, doubled)
     for _ in range(2):
         fine_sum = np.zeros_like(fine0, np.float64)
         for path, (coarse, fine) in zip(images, levels, strict=True):
@@ -276,6 +267,31 @@ def bootstrap_reference(
         mean_coarse = cv2.resize(mean_fine, coarse0.shape[::-1], interpolation=cv2.INTER_AREA)
         ref = replace(ref, coarse=mean_coarse, fine=mean_fine, **limits).with_search()
     return ref, levels
+
+
+def level_reference(
+    coarse: np.ndarray, fine: np.ndarray, weight: np.ndarray, config: FitConfig, search: bool = True
+) -> reg.RegistrationReference:
+    """A registration reference from one image's (coarse, fine) levels, the inspection region and the pose limits.
+
+    ``search``: the coarse pose search before ECC, which looks at the region without its border
+    zone; without it ECC starts at the identity on the whole region (bundles before the search,
+    kept for the alignment benchmark's baseline).
+    """
+    full_shape = weight.shape
+    masks = registration_mask if search else _level_mask
+    ref = reg.RegistrationReference(
+        coarse=coarse,
+        fine=fine,
+        coarse_mask=masks(weight, coarse.shape),
+        fine_mask=masks(weight, fine.shape),
+        factors=reg.level_factors(*full_shape),  # the factors the levels were made with
+        full_shape=full_shape,
+        max_shift_px=float(config.max_shift_px or 0),
+        max_rotation_deg=config.max_rotation_deg,
+        min_correlation=config.min_correlation,
+    )
+    return ref.with_search() if search else ref
 
 
 def _choose_alignment(

@@ -357,25 +357,12 @@ def fit_weight(shape: tuple[int, int]) -> np.ndarray:
 def fitted_reference(part: np.ndarray, search: bool = True) -> reg.RegistrationReference:
     """A reference as ``inspectd fit`` builds one (margin, masks without the border zone, the pose search);
     ``search=False``: as fits before the search did (whole region as mask, ECC from the identity)."""
-    from calibration.fit_pipeline import _level_mask, registration_mask
+    from calibration.fit_pipeline import FitConfig, level_reference
 
-    size = part.shape[0]
-    weight = fit_weight(part.shape)
     coarse_f, fine_f = reg.level_factors(*part.shape)
-    coarse, fine = reg.downscale(part, coarse_f), reg.downscale(part, fine_f)
-    masks = registration_mask if search else _level_mask
-    ref = reg.RegistrationReference(
-        coarse=coarse,
-        fine=fine,
-        coarse_mask=masks(weight, coarse.shape),
-        fine_mask=masks(weight, fine.shape),
-        factors=(coarse_f, fine_f),
-        full_shape=part.shape,
-        max_shift_px=0.04 * size,
-        max_rotation_deg=3.0,
-        min_correlation=0.5,
-    )
-    return ref.with_search() if search else ref
+    levels = reg.downscale(part, coarse_f), reg.downscale(part, fine_f)
+    limits = FitConfig(max_shift_px=0.04 * part.shape[0], max_rotation_deg=3.0)
+    return level_reference(*levels, fit_weight(part.shape), limits, search=search)
 
 
 def cluttered_frame(part: np.ndarray, truth: np.ndarray, seed: int) -> np.ndarray:
