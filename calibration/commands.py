@@ -18,6 +18,7 @@ from engines.bundle import Bundle, rewrite_calibration
 from engines.decode import IMAGE_SUFFIXES
 from engines.errors import UserError
 from engines.inspector import Inspector
+from engines.learned_graph import ARCHITECTURES, DEFAULT_ARCHITECTURE
 from engines.nonrigid import ALIGNMENTS, DEFAULT_ALIGNMENT
 from engines.types import MIN_SIDE, Result
 
@@ -117,6 +118,12 @@ def fit_arguments(parser: argparse.ArgumentParser) -> None:
         type=Path,
         help="start the network from weights on disk (.pt/.pth state dict, a learned .onnx graph or bundle)",
     )
+    learned.add_argument(
+        "--network",
+        choices=tuple(ARCHITECTURES),
+        default=DEFAULT_ARCHITECTURE,
+        help=f"the network's architecture (default {DEFAULT_ARCHITECTURE}; see README, the learned detector)",
+    )
 
 
 def fit_main(args: argparse.Namespace) -> int:
@@ -186,11 +193,16 @@ def _fit_learned(args: argparse.Namespace, dataset, config) -> Path:
     from calibration.learned_fit import LearnConfig, fit_learned, network_cost
 
     learn = LearnConfig(
-        steps=args.steps, seed=args.seed, checkpoint=args.checkpoint, device=args.device, init=args.init_weights
+        steps=args.steps,
+        seed=args.seed,
+        checkpoint=args.checkpoint,
+        device=args.device,
+        init=args.init_weights,
+        network=args.network,
     )
     fit = fit_ensemble if args.detector == "ensemble" else fit_learned
     out = fit(dataset.train_good, args.out, args.roi, config, learn, progress=_progress())
-    params, flops = network_cost(Bundle.load(out).geometry.channels)
+    params, flops = network_cost(Bundle.load(out).geometry.channels, args.network)
     print(f"{out}: network of {params} parameters, {flops / 1e9:.2f} GFLOP per megapixel")
     return out
 

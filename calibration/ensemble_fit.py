@@ -72,9 +72,10 @@ def fit_ensemble(
             template_threshold=template_cal["threshold"],
             learned_threshold=learned.calibration["threshold"],
         )
+        weights, network = learned.weights, learn.network
         graphs = {
-            GRAPH_FP32: lambda p: onnx.save(build_ensemble_graph(replace(spec, precision="fp32"), learned.weights), p),
-            GRAPH_FP16: lambda p: onnx.save(build_ensemble_graph(replace(spec, precision="fp16"), learned.weights), p),
+            GRAPH_FP32: lambda p: onnx.save(build_ensemble_graph(replace(spec, precision="fp32"), weights, network), p),
+            GRAPH_FP16: lambda p: onnx.save(build_ensemble_graph(replace(spec, precision="fp16"), weights, network), p),
         }
         extra = {"learned": learned.manifest(learn)}
         return fp.write_fitted_bundle(

@@ -37,7 +37,7 @@ from calibration.thresholds import good_threshold
 from engines import registration as reg
 from engines.bundle import GRAPH_FP16, GRAPH_FP32
 from engines.errors import UserError
-from engines.learned_graph import RADIUS, LearnedGraphSpec, build_learned_graph, macs_per_pixel
+from engines.learned_graph import DEFAULT_ARCHITECTURE, RADIUS, LearnedGraphSpec, build_learned_graph, macs_per_pixel
 
 
 @dataclass(frozen=True)
@@ -56,6 +56,7 @@ class LearnConfig:
     init: Path | None = None  # start from these weights (state dict, learned graph or bundle) instead of random
     checkpoint_every: int = 200
     device: str = "auto"  # "auto", "cpu", "cuda"
+    network: str = DEFAULT_ARCHITECTURE  # engines.learned_graph.ARCHITECTURES
 
 
 @dataclass
@@ -78,12 +79,12 @@ class TrainReport:
         )
 
 
-def network_cost(channels: int) -> tuple[int, float]:
+def network_cost(channels: int, network: str = DEFAULT_ARCHITECTURE) -> tuple[int, float]:
     """(parameters, FLOPs per megapixel of output) of the network."""
     from engines.learned_graph import weight_shapes
 
-    params = sum(int(np.prod(s)) for s in weight_shapes(channels).values())
-    return params, 2.0 * macs_per_pixel(channels) * 1e6
+    params = sum(int(np.prod(s)) for s in weight_shapes(channels, network).values())
+    return params, 2.0 * macs_per_pixel(channels, network) * 1e6
 
 
 def fit_learned(
@@ -110,9 +111,10 @@ def fit_learned(
         stats["held_out_blocks"] = learned.blocks[:, None].astype(np.float16)
         geo = training.geometry
         spec = LearnedGraphSpec(geo.channels, config.core, input_dtype=fp.graph_input_dtype(geo))
+        weights, network = learned.weights, learn.network
         graphs = {
-            GRAPH_FP32: lambda p: onnx.save(build_learned_graph(replace(spec, precision="fp32"), learned.weights), p),
-            GRAPH_FP16: lambda p: onnx.save(build_learned_graph(replace(spec, precision="fp16"), learned.weights), p),
+            GRAPH_FP32: lambda p: onnx.save(build_learned_graph(replace(spec, precision="fp32"), weights, network), p),
+            GRAPH_FP16: lambda p: onnx.save(build_learned_graph(replace(spec, precision="fp16"), weights, network), p),
         }
         extra = {"learned": learned.manifest(learn)}
         return fp.write_fitted_bundle(
@@ -196,7 +198,7 @@ def learn_and_calibrate(
             print(report.describe(), file=sys.stderr)
         nets.append((weights, report))
         graph = tmp / f"learned_net{net}.onnx"
-        onnx.save(build_learned_graph(spec, weights), graph)
+        onnx.save(build_learned_graph(spec, weights, learn.network), graph)
         for fold in tqdm(range(folds), desc=f"scoring held-out ({net + 1}/{NETWORKS})", disable=not progress):
             rows = [i for i in held if i % folds == fold]
             if rows:
@@ -295,8 +297,11 @@ def _signature(channels: int, learn: LearnConfig, data_id: str) -> dict:
 
 
 def _settled(signature: dict) -> dict:
-    """A signature without its unset options, so adding an option (default None) keeps older checkpoints valid."""
-    return {k: v for k, v in signature.items() if v is not None}
+    """A signature without its unset options, so adding an option (default None) keeps older checkpoints valid.
+
+    Checkpoints from before the architecture was an option are all of the dilated network.
+    """
+    return {"network": "dilated", **{k: v for k, v in signature.items() if v is not None}}
 
 
 def train(
@@ -319,7 +324,7 @@ def train(
     device = learn.device if learn.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     channels = training.geometry.channels
     torch.manual_seed(learn.seed)
-    model = LearnedNet(channels)
+    model = LearnedNet(channels, learn.network)
     if learn.init is not None:
         copied = load_initial_weights(model, learn.init)
         if progress:
@@ -383,7 +388,7 @@ def train(
                 losses.append(round(float(np.mean(window)), 5))
                 window = []
                 save()
-    params, flops = network_cost(channels)
+    params, flops = network_cost(channels, learn.network)
     model.eval()
     report = TrainReport(params, flops, step, resumed, loss_value, device, round(time.time() - started, 1), losses)
     return model.numpy_weights(), report

@@ -25,14 +25,14 @@ from torch import nn
 from engines.errors import UserError
 from engines.learned_graph import (
     BAND_SCALE,
+    DEFAULT_ARCHITECTURE,
     DIFF_SCALE,
-    DILATIONS,
     EXCESS_SCALE,
-    FEATURES,
     MEAN_SCALE,
+    NETWORK_KEY,
     RADIUS,
-    WIDTH,
     Z_FLOOR,
+    architecture,
 )
 
 LABEL_MIN = 2.0  # grey levels, of the change smoothed over ~1 px
@@ -40,23 +40,27 @@ DEFECT_KINDS = ("dot", "scratch", "stain", "missing", "foreign", "smear")
 
 
 class LearnedNet(nn.Module):
-    """Valid dilated 3x3 convolutions with ReLU, then a 1x1 head to one logit; output side = input side - 2*RADIUS."""
+    """The network of ``engines.learned_graph.Architecture`` ``network``: valid convolutions, ReLU where the
+    architecture says, the last a 1x1 head to one logit; output side = input side - 2*RADIUS."""
 
-    def __init__(self, channels: int) -> None:
+    def __init__(self, channels: int, network: str = DEFAULT_ARCHITECTURE) -> None:
         super().__init__()
-        layers: list[nn.Module] = []
-        cin = FEATURES * channels
-        for dilation in DILATIONS:
-            layers.append(nn.Conv2d(cin, WIDTH, 3, dilation=dilation))
-            cin = WIDTH
-        layers.append(nn.Conv2d(WIDTH, 1, 1))
-        self.convs = nn.ModuleList(layers)
+        self.network = network
+        self.layers = architecture(network).layers(channels)
+        self.convs = nn.ModuleList(
+            nn.Conv2d(
+                layer.cin, layer.cout, layer.kernel, dilation=layer.dilation, groups=layer.groups, bias=layer.bias
+            )
+            for layer in self.layers
+        )
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         h = features
-        for conv in self.convs[:-1]:
-            h = torch.relu(conv(h))
-        return self.convs[-1](h)
+        for layer, conv in zip(self.layers, self.convs, strict=True):
+            h = conv(h)
+            if layer.relu:
+                h = torch.relu(h)
+        return h
 
     def numpy_weights(self) -> dict[str, np.ndarray]:
         """Weights named as ``engines.learned_graph.weight_shapes`` expects."""
@@ -64,6 +68,7 @@ class LearnedNet(nn.Module):
             f"conv{i}.{kind}": getattr(conv, kind).detach().cpu().numpy().astype(np.float32)
             for i, conv in enumerate(self.convs)
             for kind in ("weight", "bias")
+            if getattr(conv, kind) is not None
         }
 
 
@@ -182,7 +187,7 @@ def load_initial_weights(model: LearnedNet, path: Path) -> list[str]:
     inspectd training checkpoint), an inspectd learned graph (``.onnx``) or a learned bundle
     directory. Layers whose shape differs (another colour layout) keep their initialisation.
     """
-    source = _read_weights(Path(path))
+    source = _read_weights(Path(path), model)
     own = model.state_dict()
     copied = [k for k, v in source.items() if k in own and tuple(own[k].shape) == tuple(v.shape)]
     if not copied:
@@ -192,7 +197,7 @@ def load_initial_weights(model: LearnedNet, path: Path) -> list[str]:
     return copied
 
 
-def _read_weights(path: Path) -> dict[str, np.ndarray]:
+def _read_weights(path: Path, model: LearnedNet) -> dict[str, np.ndarray]:
     if path.is_dir():
         path = path / "graph_fp32.onnx"
     if not path.is_file():
@@ -202,12 +207,18 @@ def _read_weights(path: Path) -> dict[str, np.ndarray]:
         from onnx import numpy_helper
 
         try:
-            inits = onnx.load(str(path)).graph.initializer
+            graph = onnx.load(str(path))
         except Exception as exc:  # onnx raises several types for damaged files
             raise UserError(f"{path}: not a readable ONNX graph ({exc})") from None
-        head = len(DILATIONS)
+        # Graphs written before the architecture was recorded are all of the dilated network.
+        network = {p.key: p.value for p in graph.metadata_props}.get(NETWORK_KEY, "dilated")
+        if network != model.network:
+            raise UserError(
+                f"{path}: a {network} network; this fit trains a {model.network} one (fit --network {network})"
+            )
+        head = len(model.convs) - 1
         out = {}
-        for init in inits:
+        for init in graph.graph.initializer:
             match = _ONNX_WEIGHT.match(init.name)
             if match:
                 layer = head if match.group(1) == "head" else int(match.group(2))

@@ -20,7 +20,7 @@ import onnx
 from onnx import helper
 
 from engines.graphs import TemplateGraphSpec, _Builder, finish_model, template_anomaly, tile_inputs
-from engines.learned_graph import RADIUS, learned_anomaly
+from engines.learned_graph import DEFAULT_ARCHITECTURE, NETWORK_KEY, RADIUS, learned_anomaly
 
 
 @dataclass(frozen=True)
@@ -42,17 +42,19 @@ class EnsembleGraphSpec(TemplateGraphSpec):
             raise ValueError("detector thresholds must be positive")
 
 
-def build_ensemble_graph(spec: EnsembleGraphSpec, weights: Mapping[str, np.ndarray]) -> onnx.ModelProto:
+def build_ensemble_graph(
+    spec: EnsembleGraphSpec, weights: Mapping[str, np.ndarray], network: str = DEFAULT_ARCHITECTURE
+) -> onnx.ModelProto:
     """(template / template_threshold + learned / learned_threshold) / 2 per pixel of the core."""
     g = _Builder()
     np_half = spec.np_half
     template_anomaly(g, spec, "template_map", gain_channel=0)
-    learned_anomaly(g, spec, weights, "learned_map", gain_channel=spec.template_gains)
+    learned_anomaly(g, spec, weights, "learned_map", gain_channel=spec.template_gains, network=network)
     scaled = [
         g.op("Mul", ["template_map", g.const(np_half(0.5 / spec.template_threshold))]),
         g.op("Mul", ["learned_map", g.const(np_half(0.5 / spec.learned_threshold))]),
     ]
     g.nodes.append(helper.make_node("Add", scaled, ["anomaly"]))
     outputs = [helper.make_tensor_value_info("anomaly", spec.half, ["N", 1, spec.core, spec.core])]
-    extra = {"inspectd.receptive_radius": str(RADIUS)}
+    extra = {"inspectd.receptive_radius": str(RADIUS), NETWORK_KEY: network}
     return finish_model(g, "ensemble", tile_inputs(spec), outputs, spec.precision, spec.core, spec.halo, extra)

@@ -53,10 +53,70 @@ from engines.graphs import (
 FEATURES = 5  # per colour channel
 DILATIONS = (1, 2, 4, 8, 16)
 WIDTH = 16  # hidden channels
-RADIUS = sum(DILATIONS)  # receptive-field radius of the valid 3x3 stack (px)
+RADIUS = sum(DILATIONS)  # receptive-field radius of the valid 3x3 stack (px), the same for every architecture
 DIFF_SCALE, EXCESS_SCALE, MEAN_SCALE, BAND_SCALE = 32.0, 16.0, 64.0, 64.0
 Z_FLOOR = 4.0  # grey levels added to the band width in the normalised difference
 assert RADIUS <= HALO
+
+
+@dataclass(frozen=True)
+class Layer:
+    """One valid convolution of the network (the torch module and the ONNX node are built from it)."""
+
+    cin: int
+    cout: int
+    kernel: int
+    dilation: int = 1
+    groups: int = 1  # cin: depthwise
+    bias: bool = True
+    relu: bool = True  # ReLU after this layer
+
+    @property
+    def weight_shape(self) -> tuple[int, int, int, int]:
+        return (self.cout, self.cin // self.groups, self.kernel, self.kernel)
+
+    @property
+    def macs(self) -> int:
+        """Multiply-accumulates per output pixel."""
+        return int(np.prod(self.weight_shape))
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """The learned network: 3x3 convolutions with ``DILATIONS`` and ReLU, then a 1x1 head to one logit.
+
+    ``separable``: every 3x3 layer after the first is a depthwise dilated 3x3 (no bias, no ReLU:
+    it is linear up to the pointwise layer) followed by a pointwise 1x1 with ReLU. The first
+    layer stays a full 3x3: it mixes the features at the finest scale, where 5x5 px dots live.
+    Same receptive field (``RADIUS``) either way.
+    """
+
+    name: str
+    width: int = WIDTH
+    separable: bool = False
+
+    def layers(self, channels: int) -> list[Layer]:
+        """Every convolution in order; the last is the head."""
+        w = self.width
+        layers = [Layer(FEATURES * channels, w, 3, DILATIONS[0])]
+        for dilation in DILATIONS[1:]:
+            if self.separable:
+                layers += [Layer(w, w, 3, dilation, groups=w, bias=False, relu=False), Layer(w, w, 1)]
+            else:
+                layers.append(Layer(w, w, 3, dilation))
+        return [*layers, Layer(w, 1, 1, relu=False)]
+
+
+# "dilated" is the network of every bundle before the architecture was recorded.
+ARCHITECTURES = {a.name: a for a in (Architecture("dilated"), Architecture("separable", separable=True))}
+DEFAULT_ARCHITECTURE = "dilated"
+NETWORK_KEY = "inspectd.network"  # the graph's metadata entry naming its architecture
+
+
+def architecture(name: str) -> Architecture:
+    if name not in ARCHITECTURES:
+        raise ValueError(f"unknown learned network {name!r} (known: {', '.join(ARCHITECTURES)})")
+    return ARCHITECTURES[name]
 
 
 @dataclass(frozen=True)
@@ -64,35 +124,29 @@ class LearnedGraphSpec(TiledGraphSpec):
     """The learned graph's shape depends on nothing beyond the common tile spec (weights come separately)."""
 
 
-def layer_names() -> list[str]:
-    """Names of the weight arrays, in order: conv{i}.weight / conv{i}.bias, the last is the 1x1 head."""
-    return [f"conv{i}.{kind}" for i in range(len(DILATIONS) + 1) for kind in ("weight", "bias")]
-
-
-def weight_shapes(channels: int) -> dict[str, tuple[int, ...]]:
+def weight_shapes(channels: int, network: str = DEFAULT_ARCHITECTURE) -> dict[str, tuple[int, ...]]:
+    """Names and shapes of the weight arrays: conv{i}.weight / conv{i}.bias per layer in order, the last is the head."""
     shapes: dict[str, tuple[int, ...]] = {}
-    cin = FEATURES * channels
-    for i in range(len(DILATIONS)):
-        shapes[f"conv{i}.weight"] = (WIDTH, cin, 3, 3)
-        shapes[f"conv{i}.bias"] = (WIDTH,)
-        cin = WIDTH
-    head = len(DILATIONS)
-    shapes[f"conv{head}.weight"] = (1, WIDTH, 1, 1)
-    shapes[f"conv{head}.bias"] = (1,)
+    for i, layer in enumerate(architecture(network).layers(channels)):
+        shapes[f"conv{i}.weight"] = layer.weight_shape
+        if layer.bias:
+            shapes[f"conv{i}.bias"] = (layer.cout,)
     return shapes
 
 
-def macs_per_pixel(channels: int) -> int:
+def macs_per_pixel(channels: int, network: str = DEFAULT_ARCHITECTURE) -> int:
     """Multiply-accumulates of the network per output pixel."""
-    return sum(int(np.prod(s)) for k, s in weight_shapes(channels).items() if k.endswith("weight"))
+    return sum(layer.macs for layer in architecture(network).layers(channels))
 
 
-def build_learned_graph(spec: LearnedGraphSpec, weights: Mapping[str, np.ndarray]) -> onnx.ModelProto:
-    """Build the tiled graph described in the module docstring with the trained ``weights``."""
+def build_learned_graph(
+    spec: LearnedGraphSpec, weights: Mapping[str, np.ndarray], network: str = DEFAULT_ARCHITECTURE
+) -> onnx.ModelProto:
+    """Build the tiled graph described in the module docstring with the trained ``weights`` of ``network``."""
     g = _Builder()
-    learned_anomaly(g, spec, weights, "anomaly", bind_unused=True)
+    learned_anomaly(g, spec, weights, "anomaly", bind_unused=True, network=network)
     outputs = [helper.make_tensor_value_info("anomaly", spec.half, ["N", 1, spec.core, spec.core])]
-    extra = {"inspectd.receptive_radius": str(RADIUS)}
+    extra = {"inspectd.receptive_radius": str(RADIUS), NETWORK_KEY: network}
     return finish_model(g, "learned", tile_inputs(spec), outputs, spec.precision, spec.core, spec.halo, extra)
 
 
@@ -103,16 +157,17 @@ def learned_anomaly(
     out: str,
     gain_channel: int = 0,
     bind_unused: bool = False,
+    network: str = DEFAULT_ARCHITECTURE,
 ) -> None:
     """Add the learned detector's nodes, reading the tile inputs, writing tensor ``out`` [N, 1, core, core].
 
     ``bind_unused``: consume one element of each input the network does not read (times zero),
     so a graph of the learned detector alone binds the same inputs as every other.
     """
-    shapes = weight_shapes(spec.channels)
-    for name, shape in shapes.items():
-        if tuple(np.shape(weights[name])) != shape:
-            raise ValueError(f"weight {name}: shape {np.shape(weights[name])}, expected {shape}")
+    for name, shape in weight_shapes(spec.channels, network).items():
+        if name not in weights or tuple(np.shape(weights[name])) != shape:
+            found = np.shape(weights[name]) if name in weights else "missing"
+            raise ValueError(f"{network} network, weight {name}: {found}, expected {shape}")
     half = spec.half
     np_half = spec.np_half
 
@@ -142,15 +197,7 @@ def learned_anomaly(
         h = g.op("Cast", [h], to=half)
 
     # Stage 3: the network, valid convolutions.
-    for i, dilation in enumerate(DILATIONS):
-        wt = g.const(np.asarray(weights[f"conv{i}.weight"], np_half), f"conv{i}_w")
-        bs = g.const(np.asarray(weights[f"conv{i}.bias"], np_half), f"conv{i}_b")
-        h = g.op("Conv", [h, wt, bs], kernel_shape=[3, 3], dilations=[dilation, dilation])
-        h = g.op("Relu", [h])
-    head = len(DILATIONS)
-    wt = g.const(np.asarray(weights[f"conv{head}.weight"], np_half), "head_w")
-    bs = g.const(np.asarray(weights[f"conv{head}.bias"], np_half), "head_b")
-    logit = g.op("Conv", [h, wt, bs], kernel_shape=[1, 1])
+    logit = _network(g, h, architecture(network).layers(spec.channels), weights, np_half)
     if bind_unused:
         corner = [_slice(g, _slice(g, f"coarse{level}", 0, 1, (1,)), 0, 1, (2, 3)) for level in LEVELS]
         logit = g.op("Add", [logit, g.op("Mul", [g.op("Sum", corner), g.const(np_half(0))])])
@@ -160,4 +207,31 @@ def learned_anomaly(
     gain = fine_gain(g, spec, gain_channel)
     if half == TensorProto.FLOAT16:
         gain = g.op("Cast", [gain], to=half)
-    g.nodes.append(helper.make_node("Mul", [g.op("Mul", [g.op("Softplus", [logit]), w_core]), gain], [out]))
+    score = _softplus(g, logit, np_half)
+    g.nodes.append(helper.make_node("Mul", [g.op("Mul", [score, w_core]), gain], [out]))
+
+
+def _softplus(g: _Builder, x: str, np_half: type) -> str:
+    """softplus(x) as relu(x) + log(1 + exp(-|x|)): exact and stable, and ONNX Runtime's CPU Softplus kernel
+    took ~9x longer on a tile (20 against 2.3 ms per megapixel, ``benchmarks/learned_cost.py``)."""
+    tail = g.op("Exp", [g.op("Neg", [g.op("Abs", [x])])])
+    return g.op("Add", [g.op("Relu", [x]), g.op("Log", [g.op("Add", [tail, g.const(np_half(1))])])])
+
+
+def _network(g: _Builder, h: str, layers: list[Layer], weights: Mapping[str, np.ndarray], np_half: type) -> str:
+    """The convolutions of ``layers`` on ``h``; initializers named conv{i}_w / conv{i}_b, the last head_w / head_b."""
+    for i, layer in enumerate(layers):
+        prefix = "head" if i == len(layers) - 1 else f"conv{i}"
+        inputs = [h, g.const(np.asarray(weights[f"conv{i}.weight"], np_half), f"{prefix}_w")]
+        if layer.bias:
+            inputs.append(g.const(np.asarray(weights[f"conv{i}.bias"], np_half), f"{prefix}_b"))
+        # Attributes only where they differ from ONNX's defaults: the dilated network's graph stays as it was.
+        attrs: dict[str, object] = {"kernel_shape": [layer.kernel] * 2}
+        if layer.kernel > 1:
+            attrs["dilations"] = [layer.dilation] * 2
+        if layer.groups > 1:
+            attrs["group"] = layer.groups
+        h = g.op("Conv", inputs, **attrs)
+        if layer.relu:
+            h = g.op("Relu", [h])
+    return h
