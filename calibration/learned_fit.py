@@ -304,6 +304,18 @@ def _settled(signature: dict) -> dict:
     return {"network": "dilated", **{k: v for k, v in signature.items() if v is not None}}
 
 
+def _check_resumable(checkpoint: Path, saved: dict, wanted: dict) -> None:
+    if saved["network"] != wanted["network"]:
+        raise UserError(
+            f"{checkpoint}: checkpoint of the {saved['network']} network, this fit trains the {wanted['network']} one; "
+            f"pass --network {saved['network']}, another --checkpoint, or delete it"
+        )
+    if saved != wanted:
+        raise UserError(
+            f"{checkpoint}: checkpoint of other training images or settings; delete it or pass another --checkpoint"
+        )
+
+
 def train(
     training: fp.Training,
     fold_stats: list[dict],
@@ -330,17 +342,14 @@ def train(
         if progress:
             total = len(model.state_dict())
             print(f"{learn.init}: started from {len(copied)} of {total} weight arrays", file=sys.stderr)
-    model = model.to(device)
+    model = model.to(device, memory_format=model.memory_format)
     optimiser = torch.optim.Adam(model.parameters(), lr=learn.lr)
     rng = np.random.default_rng(learn.seed)
     step, losses, loss_value = 0, [], float("nan")
     signature = _signature(channels, learn, data_id)
     if checkpoint is not None and Path(checkpoint).exists():
         state = torch.load(checkpoint, map_location=device, weights_only=False)
-        if _settled(state["signature"]) != _settled(signature):
-            raise UserError(
-                f"{checkpoint}: checkpoint of other training images or settings; delete it or pass another --checkpoint"
-            )
+        _check_resumable(Path(checkpoint), _settled(state["signature"]), _settled(signature))
         model.load_state_dict(state["model"])
         optimiser.load_state_dict(state["optimiser"])
         rng.bit_generator.state = state["rng"]
@@ -370,7 +379,7 @@ def train(
     with tqdm(total=learn.steps, initial=step, desc=desc, disable=not progress, unit="step") as bar:
         while step < learn.steps:
             xn, mu, lo, hi, w, label = (torch.from_numpy(a).to(device) for a in sampler.batch(rng))
-            logit = model(features(xn, mu, lo, hi, w))
+            logit = model(features(xn, mu, lo, hi, w).contiguous(memory_format=model.memory_format))
             target, mask = output_crop(label), output_crop(w)
             per_pixel = torch.nn.functional.binary_cross_entropy_with_logits(
                 logit, target, pos_weight=pos_weight, reduction="none"

@@ -14,7 +14,13 @@ from calibration.ensemble_fit import combined_calibration
 from calibration.fit_pipeline import FitConfig
 from engines.ensemble_graph import EnsembleGraphSpec, build_ensemble_graph
 from engines.graphs import TemplateGraphSpec, build_template_graph
-from engines.learned_graph import LearnedGraphSpec, build_learned_graph, weight_shapes
+from engines.learned_graph import (
+    ARCHITECTURES,
+    DEFAULT_ARCHITECTURE,
+    LearnedGraphSpec,
+    build_learned_graph,
+    weight_shapes,
+)
 from tests.helpers import tile_feeds
 
 CORE = 64
@@ -26,21 +32,22 @@ def _run(model: onnx.ModelProto, path: Path, feeds: dict[str, np.ndarray]) -> np
     return session.run(["anomaly"], feeds)[0]
 
 
-def _random_weights(rng: np.random.Generator) -> dict[str, np.ndarray]:
-    return {k: rng.normal(0, 0.4, s).astype(np.float32) for k, s in weight_shapes(1).items()}
+def _random_weights(rng: np.random.Generator, network: str = DEFAULT_ARCHITECTURE) -> dict[str, np.ndarray]:
+    return {k: rng.normal(0, 0.4, s).astype(np.float32) for k, s in weight_shapes(1, network).items()}
 
 
-def test_ensemble_graph_is_the_mean_of_each_detectors_calibrated_map(tmp_path):
+@pytest.mark.parametrize("network", ARCHITECTURES)
+def test_ensemble_graph_is_the_mean_of_each_detectors_calibrated_map(tmp_path, network):
     """Per pixel, the ensemble is the mean of template / its threshold and learned / its threshold (own gains)."""
     rng = np.random.default_rng(4)
     feeds = tile_feeds(rng, CORE, gains=2)
-    weights = _random_weights(rng)
+    weights = _random_weights(rng, network)
     template = TemplateGraphSpec(1, CORE, fine_scale=2.0, coarse_scale=3.0)
     spec = EnsembleGraphSpec(1, CORE, fine_scale=2.0, coarse_scale=3.0, template_threshold=1.7, learned_threshold=4.5)
     one_gain = [{**feeds, "fine_gain": feeds["fine_gain"][:, c : c + 1]} for c in (0, 1)]
     t_map = _run(build_template_graph(template), tmp_path / "t.onnx", one_gain[0])
-    l_map = _run(build_learned_graph(LearnedGraphSpec(1, CORE), weights), tmp_path / "l.onnx", one_gain[1])
-    both = _run(build_ensemble_graph(spec, weights), tmp_path / "e.onnx", feeds)
+    l_map = _run(build_learned_graph(LearnedGraphSpec(1, CORE), weights, network), tmp_path / "l.onnx", one_gain[1])
+    both = _run(build_ensemble_graph(spec, weights, network), tmp_path / "e.onnx", feeds)
     expected = (t_map / 1.7 + l_map / 4.5) / 2
     assert both.shape == (1, 1, CORE, CORE)
     assert (t_map / 1.7 > l_map / 4.5).mean() not in (0.0, 1.0), "both detectors lead somewhere on this tile"

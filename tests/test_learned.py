@@ -22,7 +22,16 @@ from daemon.cli import main  # noqa: E402
 from engines.bundle import Bundle  # noqa: E402
 from engines.decode import read_image  # noqa: E402
 from engines.graphs import FINE_GAIN_LEVEL  # noqa: E402
-from engines.learned_graph import FEATURES, RADIUS, LearnedGraphSpec, build_learned_graph  # noqa: E402
+from engines.learned_graph import (  # noqa: E402
+    ARCHITECTURES,
+    DEFAULT_ARCHITECTURE,
+    FEATURES,
+    NETWORK_KEY,
+    RADIUS,
+    LearnedGraphSpec,
+    build_learned_graph,
+    weight_shapes,
+)
 from engines.types import Geometry  # noqa: E402
 from tests.helpers import fp16_vs_fp32, lighting_truth, make_dataset, tile_feeds  # noqa: E402
 
@@ -52,6 +61,7 @@ def test_bundle_manifest_and_calibration(bundle_dir, dataset):
     learned = bundle.manifest["learned"]
     assert [net["steps"] for net in learned["networks"]] == [STEPS] * NETWORKS
     assert learned["receptive_radius"] == RADIUS <= bundle.manifest["tiling"]["halo"]
+    assert learned["network"] == DEFAULT_ARCHITECTURE
     assert learned["params"] < 20_000 and learned["flops_per_mpx"] > 0
     cal = bundle.calibration
     assert len(cal["good_scores"]) == len(dataset.train_good) and cal["networks"] == NETWORKS
@@ -89,10 +99,12 @@ def _torch_reference(net: LearnedNet, feeds: dict[str, np.ndarray], core: int, h
     return out.numpy() * gain
 
 
-def test_onnx_graph_equals_pytorch(tmp_path):
-    """The hand-built ONNX graph reproduces the torch network on a tile within 1e-4 (relative to max(|y|, 1))."""
+@pytest.mark.parametrize("network", ARCHITECTURES)
+def test_onnx_graph_equals_pytorch(tmp_path, network):
+    """The hand-built ONNX graph reproduces the torch network on a tile within 1e-4 (relative to max(|y|, 1)),
+    for every architecture."""
     torch.manual_seed(3)
-    net = LearnedNet(1).eval()
+    net = LearnedNet(1, network).eval()
     with torch.no_grad():
         for conv in net.convs:  # larger weights than the initialisation, so the output is far from constant
             conv.weight.mul_(3)
@@ -102,7 +114,7 @@ def test_onnx_graph_equals_pytorch(tmp_path):
     path = tmp_path / "g.onnx"
     import onnx
 
-    onnx.save(build_learned_graph(spec, net.numpy_weights()), path)
+    onnx.save(build_learned_graph(spec, net.numpy_weights(), network), path)
     expected = _torch_reference(net, feeds, core)
     import onnxruntime as ort
 
@@ -111,8 +123,38 @@ def test_onnx_graph_equals_pytorch(tmp_path):
     assert got.shape == (1, 1, core, core)
     assert expected.std() > 1e-3, "the test map is not trivial"
     error = float((np.abs(got - expected) / np.maximum(np.abs(expected), 1)).max())
-    print(f"ONNX vs PyTorch: max relative error {error:.2e}")
+    print(f"ONNX vs PyTorch ({network}): max relative error {error:.2e}")
     assert error <= 1e-4
+    assert {p.key: p.value for p in onnx.load(str(path)).metadata_props}[NETWORK_KEY] == network
+
+
+def test_graph_softplus_is_exact_where_the_logit_is_large(tmp_path):
+    """The graph's softplus (relu + log1p(exp(-|x|))) neither overflows at large logits nor rounds to 0 at very
+    negative ones (ONNX has no log1p: log(1 + exp(-30)) is 0 in float32)."""
+    import onnx
+    import onnxruntime as ort
+
+    weights = {k: np.zeros(s, np.float32) for k, s in weight_shapes(1).items()}
+    feeds = tile_feeds(np.random.default_rng(0), 64)
+    feeds["fine_gain"][:] = 1
+    path = tmp_path / "g.onnx"
+    for logit in (-80.0, -30.0, -17.0, -3.0, 0.0, 3.0, 100.0):
+        weights["conv5.bias"][:] = logit  # the head's bias: the logit everywhere
+        onnx.save(build_learned_graph(LearnedGraphSpec(1, 64), weights), path)
+        got = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(["anomaly"], feeds)[0]
+        inside = got[feeds["weight"][..., 64:-64, 64:-64] > 0]
+        np.testing.assert_allclose(inside, np.logaddexp(0, logit), rtol=1e-6)
+
+
+def test_each_network_trains_and_counts_its_parameters(training):
+    """Training any architecture gives the weights its graph expects; the report counts exactly those."""
+    data, stats = training
+    for network in ARCHITECTURES:
+        learn = LearnConfig(steps=2, batch=1, patch=96, network=network)
+        weights, report = train(data, stats, [1, 2], 2, learn, None, progress=False)
+        shapes = weight_shapes(1, network)
+        assert {k: v.shape for k, v in weights.items()} == shapes
+        assert report.params == sum(int(np.prod(s)) for s in shapes.values())
 
 
 def test_fp16_graph_agrees_with_fp32(bundle_dir, dataset):
@@ -266,6 +308,23 @@ def test_checkpoint_of_other_images_is_refused(training, tmp_path):
         train(data, stats, [1], 2, LearnConfig(**{**learn.__dict__, "lr": 1e-3}), ckpt, progress=False, data_id="a")
 
 
+def test_checkpoint_from_before_the_network_option_is_of_the_dilated_network(training, tmp_path):
+    """A checkpoint whose signature predates --network resumes as the dilated network and no other."""
+    from engines.errors import UserError
+
+    data, stats = training
+    learn = LearnConfig(steps=2, batch=1, patch=96, checkpoint_every=2, network="dilated")
+    ckpt = tmp_path / "old.ckpt"
+    train(data, stats, [1], 2, learn, ckpt, progress=False, data_id="a")
+    state = torch.load(ckpt, weights_only=False)
+    del state["signature"]["network"]
+    torch.save(state, ckpt)
+    _, report = train(data, stats, [1], 2, learn, ckpt, progress=False, data_id="a")
+    assert report.resumed_from == 2
+    with pytest.raises(UserError, match="checkpoint of the dilated network, this fit trains the separable one"):
+        train(data, stats, [1], 2, LearnConfig(**{**learn.__dict__, "network": "separable"}), ckpt, False, "a")
+
+
 def test_initial_weights_come_from_a_bundle_or_a_state_dict(bundle_dir, tmp_path):
     """A learned bundle's network loads into a fresh one exactly; a colour net takes every layer but the first."""
     import onnx
@@ -291,3 +350,22 @@ def test_initial_weights_come_from_a_bundle_or_a_state_dict(bundle_dir, tmp_path
         load_initial_weights(LearnedNet(1), tmp_path / "junk.pt")
     with pytest.raises(UserError, match="no such weights file"):
         load_initial_weights(LearnedNet(1), tmp_path / "missing.onnx")
+
+
+def test_initial_weights_from_a_graph_of_another_network_are_refused(bundle_dir, tmp_path):
+    """A graph names its architecture; one from before that record is the dilated network's and loads as such."""
+    import onnx
+
+    from calibration.learned_model import load_initial_weights
+    from engines.errors import UserError
+
+    other = next(n for n in ARCHITECTURES if n != DEFAULT_ARCHITECTURE)
+    with pytest.raises(UserError, match=f"a {DEFAULT_ARCHITECTURE} network; this fit trains a {other} one"):
+        load_initial_weights(LearnedNet(1, other), bundle_dir)
+    old = LearnedNet(1, "dilated")
+    graph = build_learned_graph(LearnedGraphSpec(1, 64), old.numpy_weights(), "dilated")
+    del graph.metadata_props[:]  # as written before the record
+    onnx.save(graph, tmp_path / "before.onnx")
+    assert len(load_initial_weights(LearnedNet(1, "dilated"), tmp_path / "before.onnx")) == len(old.state_dict())
+    with pytest.raises(UserError, match="a dilated network; this fit trains a separable one"):
+        load_initial_weights(LearnedNet(1, "separable"), tmp_path / "before.onnx")
