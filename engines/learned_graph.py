@@ -85,30 +85,36 @@ class Layer:
 class Architecture:
     """The learned network: 3x3 convolutions with ``DILATIONS`` and ReLU, then a 1x1 head to one logit.
 
-    ``separable``: every 3x3 layer after the first is a depthwise dilated 3x3 (no bias, no ReLU:
-    it is linear up to the pointwise layer) followed by a pointwise 1x1 with ReLU. The first
-    layer stays a full 3x3: it mixes the features at the finest scale, where 5x5 px dots live.
-    Same receptive field (``RADIUS``) either way.
+    The first ``full`` 3x3 layers are full convolutions; each later one is depthwise-separable: a
+    depthwise dilated 3x3 (no bias, no ReLU: it is linear up to the next layer) and a pointwise 1x1
+    with ReLU. The first layer is always full: it mixes the features at the finest scale, where
+    5x5 px dots live. Same receptive field (``RADIUS``) for every architecture.
     """
 
     name: str
+    full: int = len(DILATIONS)
     width: int = WIDTH
-    separable: bool = False
+
+    @property
+    def separable(self) -> bool:
+        return self.full < len(DILATIONS)
 
     def layers(self, channels: int) -> list[Layer]:
         """Every convolution in order; the last is the head."""
         w = self.width
         layers = [Layer(FEATURES * channels, w, 3, DILATIONS[0])]
-        for dilation in DILATIONS[1:]:
-            if self.separable:
-                layers += [Layer(w, w, 3, dilation, groups=w, bias=False, relu=False), Layer(w, w, 1)]
-            else:
+        for i, dilation in enumerate(DILATIONS[1:], start=1):
+            if i < self.full:
                 layers.append(Layer(w, w, 3, dilation))
+            else:
+                layers += [Layer(w, w, 3, dilation, groups=w, bias=False, relu=False), Layer(w, w, 1)]
         return [*layers, Layer(w, 1, 1, relu=False)]
 
 
 # "dilated" is the network of every bundle before the architecture was recorded.
-ARCHITECTURES = {a.name: a for a in (Architecture("dilated"), Architecture("separable", separable=True))}
+ARCHITECTURES = {
+    a.name: a for a in (Architecture("dilated"), Architecture("separable", full=1), Architecture("hybrid", full=2))
+}
 DEFAULT_ARCHITECTURE = "dilated"
 NETWORK_KEY = "inspectd.network"  # the graph's metadata entry naming its architecture
 
