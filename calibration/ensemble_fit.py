@@ -2,7 +2,7 @@
 
 Both detectors are fitted and calibrated exactly as on their own (``calibration.template_fit``,
 ``calibration.learned_fit``) on the same registered good images, so every image has a held-out
-map from each, cross-fitted, as 16 px block maxima. The ensemble graph
+map from each, cross-fitted, as 8 px block maxima. The ensemble graph
 (``engines.ensemble_graph``) outputs the mean of (template / its threshold) and (learned / its
 threshold). Its held-out score per image is taken from the mean of the two *block-maximum*
 maps, which is never below the block maximum of the pixel-wise mean: the ensemble's threshold

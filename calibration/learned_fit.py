@@ -8,7 +8,7 @@
    crops, half of them (``defect_rate``) with a synthetic defect (``calibration.learned_model``),
    supervised to segment it. Seeded, resumable from checkpoints, on the GPU when there is one.
 4. Every good image is scored through the real FP32 graph by the network that did not train on
-   it (with its fold's statistics), max-pooled to 16 px blocks. From these held-out maps comes
+   it (with its fold's statistics), max-pooled to 8 px blocks. From these held-out maps comes
    the learned map's local normalisation (``calibration.tolerance_fit.fit_local_tolerance``: where
    good parts make the network fire, structure edges under pose and the border band, the same
    output counts less) and, cross-fitted over the folds, the threshold (``good_threshold``),

@@ -35,7 +35,7 @@ from engines.types import Geometry
 
 # 2: separate resident statistics inputs; 3: learned fine gain; 4: quadratic lighting gain;
 # 5: one local gain map per detector ([G, Hb, Wb] in the ensemble), the learned map normalised too
-FORMAT_VERSION = 5
+FORMAT_VERSION = 6  # 6: the fine gain maps on 8 px blocks (16 px before)
 MANIFEST = "manifest.json"
 GRAPH_FP32 = "graph_fp32.onnx"
 GRAPH_FP16 = "graph_fp16.onnx"

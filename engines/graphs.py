@@ -1,7 +1,7 @@
 """The template detector's anomaly graph, built as ONNX so ONNX Runtime and TensorRT run the same model.
 
 Inputs per tile batch: per frame ``image`` (the registered frame), ``photo`` (lighting model) and
-``fine_gain`` [N, G, T/16, T/16] (learned local normalisation for this frame's pose, see
+``fine_gain`` [N, G, T/8, T/8] (learned local normalisation for this frame's pose, see
 engines.tolerance; one channel per score: 3 for the template's fine, blob and line scores, 4 in
 the ensemble graph); resident statistics ``mean``, ``low``, ``high`` [N, C, T, T], ``weight``
 [N, 1, T, T] (inspection region) and ``coarse{l}`` [N, C, T/2^l, T/2^l] (1/spread of the block
@@ -50,9 +50,11 @@ from engines.registration import PHOTO_TERMS
 LEVELS = (2, 3, 4, 5)
 ALIGN = 2 ** max(LEVELS)  # core origins and halo must be multiples of the coarsest block
 HALO = 2 * ALIGN  # the 3x3 neighbourhood at the coarsest level reaches 2 blocks out
-# The fine score's learned local gain lives on 16 px blocks: fine enough that the border band of a
-# 2048 px image (about 80 px) spans several lines of blocks, so clutter and defects there part.
-FINE_GAIN_LEVEL = 4
+# The fine score's learned local gain lives on 8 px blocks: fine enough that the border band of a
+# 2048 px image (about 80 px) spans ten lines of blocks, so clutter and defects there part. On 16 px
+# blocks a block the pose laid across the clutter's reach (48-52 px from the edge on the fixture lines)
+# took that line's tolerance over its whole 16 px, and chips 52-64 px from the edge inside it went unseen.
+FINE_GAIN_LEVEL = 3
 RESIDENT = ("mean", "low", "high", "weight", *(f"coarse{level}" for level in LEVELS))
 PER_FRAME = ("image", "photo", "fine_gain")  # fine_gain depends on the frame's pose (engines.tolerance)
 OPSET = 17

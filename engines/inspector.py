@@ -35,7 +35,7 @@ class Prepared:
 
     padded: np.ndarray
     photo: np.ndarray
-    fine_gain: np.ndarray  # [tiles, G, T/16, T/16] float32: one local gain per detector in the graph
+    fine_gain: np.ndarray  # [tiles, G, T/8, T/8] float32: one local gain per detector in the graph
     pose: reg.Pose
     timings_ms: dict[str, float] = field(default_factory=dict)
 
@@ -101,7 +101,7 @@ def resident_inputs(plan: TilePlan, ref: dict[str, np.ndarray], dtype: np.dtype 
 
 
 def gain_tiles(plan: TilePlan, gain: np.ndarray) -> np.ndarray:
-    """A frame's fine gains per 16 px block [G, Hb, Wb] (or [Hb, Wb]) in the graph's layout [tiles, G, T/16, T/16]."""
+    """A frame's fine gains per gain block [G, Hb, Wb] (or [Hb, Wb]) in the graph's layout [tiles, G, T/b, T/b]."""
     step = 2**FINE_GAIN_LEVEL
     planes = gain.reshape(-1, *gain.shape[-2:])
     sub = TilePlan(planes.shape[1], planes.shape[2], plan.core // step, plan.halo // step, 1)

@@ -8,7 +8,7 @@ blending and no seams. Images are padded by edge replication; with core origins
 aligned to the graph's coarsest stride, the tiled output equals the output of one
 big tile covering the image.
 
-Every coarser map of an image (the graph's pyramid levels, the 16 px gain blocks) lives on a
+Every coarser map of an image (the graph's pyramid levels, the 8 px gain blocks) lives on a
 grid of cells laid from the image's top-left corner; ``cell_grid`` is the one rule for its
 shape, so maps of different cell sizes always line up with each other and with the tiles.
 """

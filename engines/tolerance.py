@@ -3,7 +3,7 @@
 Good parts vary in two frames of reference. Structure edges and markers move with the part
 (the reference frame, after registration); vignetting, stray light, a fixture bar and clutter
 along the image border stay with the camera (the sensor frame). The fit therefore learns two
-gain maps on the 16 px block grid (``BLOCK``) of the reference:
+gain maps on the 8 px block grid (``BLOCK``) of the reference:
 
 - ``part_gain``: where held-out good parts scored high at a place of the part;
 - ``ring_gain``: in the *sensor* frame, how tolerant each line parallel to an image edge must be.
@@ -15,6 +15,7 @@ edge, wherever the fixture put the part. The frame's gain is the smaller of the 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import cv2
@@ -23,7 +24,7 @@ import numpy as np
 from engines.graphs import FINE_GAIN_LEVEL
 
 BLOCK = 2**FINE_GAIN_LEVEL  # px: the block grid of the gain maps (the graph's fine gain input)
-STEP = 8  # px: the grid a block map is carried on between frames; a block counts every cell it touches
+STEP = BLOCK // 2  # px: the grid a block map is carried on between frames; a block counts every cell it touches
 SUB = BLOCK // STEP
 
 
@@ -37,7 +38,7 @@ def _grid_matrix(matrix: np.ndarray, step: int) -> np.ndarray:
 def _carry(blocks: np.ndarray, matrix: np.ndarray, inverse: bool, pool: Callable | None) -> np.ndarray:
     """Carry a block map between frames.
 
-    With ``pool`` (np.min or np.max) the map travels on the 8 px grid and each block takes the
+    With ``pool`` (np.min or np.max) the map travels on the STEP px grid and each block takes the
     pool of every cell its footprint overlaps, for conservative decisions: a cell centre that
     lands between two cells takes both (floor and ceiling of its place, per axis), so a pixel
     at a block's edge is never judged by a stricter gain than that of the place it lands on.
@@ -51,9 +52,11 @@ def _carry(blocks: np.ndarray, matrix: np.ndarray, inverse: bool, pool: Callable
         return _warp(source, _source_matrix(matrix, BLOCK, inverse), (wb, hb))
     fine = np.repeat(np.repeat(source, SUB, axis=0), SUB, axis=1)
     grid = _source_matrix(matrix, STEP, inverse)
-    moved = [_warp(fine, grid + corner, (wb * SUB, hb * SUB)) for corner in _CORNERS]
-    # every cell of every block, stacked: numpy pools a leading axis many times faster than inner ones
-    return pool([m[i::SUB, j::SUB] for m in moved for i in range(SUB) for j in range(SUB)], axis=0)
+    both = np.minimum if pool is np.min else np.maximum
+    # pairwise over the corners, then over every cell of each block: the pool of all 4 x SUB^2 samples, without
+    # stacking them (a stack of full-size copies cost more than the warps at 5120 px)
+    moved = functools.reduce(both, (_warp(fine, grid + corner, (wb * SUB, hb * SUB)) for corner in _CORNERS))
+    return functools.reduce(both, (moved[i::SUB, j::SUB] for i in range(SUB) for j in range(SUB)))
 
 
 # Offsets (in cells) to a sampled place that reach the floor and the ceiling of its cell

@@ -21,6 +21,7 @@ from engines.learned_graph import (
     build_learned_graph,
     weight_shapes,
 )
+from engines.tolerance import BLOCK
 from tests.helpers import tile_feeds
 
 CORE = 64
@@ -40,8 +41,8 @@ def _random_weights(rng: np.random.Generator, network: str = DEFAULT_ARCHITECTUR
 def test_ensemble_graph_is_the_mean_of_each_detectors_calibrated_map(tmp_path, network):
     """Per pixel, the ensemble is the mean of template / its threshold and learned / its threshold (own gains)."""
     rng = np.random.default_rng(4)
+    weights = _random_weights(np.random.default_rng(40), network)  # its own stream: the feeds' size does not change it
     feeds = tile_feeds(rng, CORE, gains=2)
-    weights = _random_weights(rng, network)
     template = TemplateGraphSpec(1, CORE, fine_scale=2.0, coarse_scale=3.0)
     spec = EnsembleGraphSpec(1, CORE, fine_scale=2.0, coarse_scale=3.0, template_threshold=1.7, learned_threshold=4.5)
     one_gain = [{**feeds, "fine_gain": feeds["fine_gain"][:, c : c + 1]} for c in (0, 1)]
@@ -107,7 +108,7 @@ def test_ensemble_bundle_carries_both_calibrations_and_gains(fitted):
     bundle = Bundle.load(fitted[0])
     assert bundle.detector == "ensemble"
     ref = bundle.reference()
-    assert ref["fine_gain"].shape == ref["fine_ring_gain"].shape == (2, 384 // 16, 384 // 16)
+    assert ref["fine_gain"].shape == ref["fine_ring_gain"].shape == (2, 384 // BLOCK, 384 // BLOCK)
     cal = bundle.calibration
     assert len(cal["good_scores"]) == len(cal["template"]["good_scores"]) == len(cal["learned"]["good_scores"])
     assert cal["threshold"] >= max(cal["good_scores"]) * 1.1 - 1e-6

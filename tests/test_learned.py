@@ -32,6 +32,7 @@ from engines.learned_graph import (  # noqa: E402
     build_learned_graph,
     weight_shapes,
 )
+from engines.tolerance import BLOCK  # noqa: E402
 from engines.types import Geometry  # noqa: E402
 from tests.helpers import fp16_vs_fp32, lighting_truth, make_dataset, tile_feeds  # noqa: E402
 
@@ -67,7 +68,7 @@ def test_bundle_manifest_and_calibration(bundle_dir, dataset):
     assert len(cal["good_scores"]) == len(dataset.train_good) and cal["networks"] == NETWORKS
     assert cal["threshold"] >= max(cal["good_scores"]) * 1.1 - 1e-4
     gains = bundle.reference()["fine_gain"]
-    assert gains.shape == (SIZE // 16, SIZE // 16) and gains.min() > 0 and gains.max() <= 1
+    assert gains.shape == (SIZE // BLOCK, SIZE // BLOCK) and gains.min() > 0 and gains.max() <= 1
 
 
 def test_loss_falls(bundle_dir):

@@ -11,15 +11,16 @@ from engines.types import Geometry
 
 SIDE = 64  # blocks: a 2048 px image
 BORDER = tol.border_blocks(Geometry(SIDE * BLOCK, SIDE * BLOCK, 1, "uint8"))
+MARKER_REACH = (tol._HOOD.shape[0] // 2 + 1) * tol._PART_POOL  # blocks: a place's tolerance spreads this far
 MARKER = (4, 30)  # a place of the part (reference block) whose look varies in every good image
 
 
 def posed(rng: np.random.Generator) -> np.ndarray:
-    """A pose of the part: up to 1 deg about the centre and 15 px of shift (reference -> frame)."""
+    """A pose of the part: up to 1 deg about the centre and 15/16 of a block of shift (reference -> frame)."""
     angle = np.radians(rng.uniform(-1.0, 1.0))
     c = (SIDE * BLOCK - 1) / 2
     rot = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
-    move = np.array([c, c]) - rot @ np.array([c, c]) + rng.uniform(-15, 15, 2)
+    move = np.array([c, c]) - rot @ np.array([c, c]) + rng.uniform(-15, 15, 2) * BLOCK / 16
     return np.hstack([rot, move[:, None]])
 
 
@@ -61,7 +62,8 @@ def test_clutter_a_tilted_part_carried_inwards_does_not_make_the_part_tolerant(l
     tolerance, blocks, _ = learned
     naive = blocks[:, 0, 2, BORDER : SIDE - BORDER].max(axis=0)
     assert naive.max() > 15, "some pose must have carried clutter onto reference row 2, or the test proves nothing"
-    far_from_marker = np.r_[BORDER : MARKER[1] - 2, MARKER[1] + 3 : SIDE - BORDER]
+    reach = MARKER_REACH
+    far_from_marker = np.r_[BORDER : MARKER[1] - reach, MARKER[1] + reach + 1 : SIDE - BORDER]
     assert tolerance.part_gain[2, far_from_marker].min() > 0.95
     assert tolerance.part_gain[MARKER] < 0.2, "the marker varies in every image: its place is tolerant"
 
@@ -74,7 +76,7 @@ def test_a_defect_just_inside_the_clutter_zone_is_still_seen(learned):
     inner = sensor_to_reference(np.pad(np.ones((1, SIDE)), ((3, SIDE - 4), (0, 0))), pose, np.max) > 0
     outer = sensor_to_reference(np.pad(np.ones((1, SIDE)), ((0, SIDE - 1), (0, 0))), pose, None) > 0  # centres
     cols = np.zeros((SIDE, SIDE), bool)
-    cols[:, BORDER : MARKER[1] - 3] = True
+    cols[:, BORDER : MARKER[1] - MARKER_REACH] = True  # clear of the marker's neighbourhood
     assert gain[inner & cols].min() > 0.95
     assert gain[outer & cols].max() < 0.2
 
@@ -122,3 +124,33 @@ def test_what_one_good_part_carried_at_a_place_does_not_make_it_tolerant(n, tole
     tolerance = tol.fit_local_tolerance(blocks, poses, np.ones((SIDE, SIDE), bool), BORDER)
     assert tolerance.part_gain[MARKER] < 0.3
     assert (tolerance.part_gain[mark] < 0.3) == tolerant
+
+
+def test_a_small_defect_just_beyond_the_clutters_reach_keeps_its_gain():
+    """Clutter reaching 50 px into the frame from the top edge; a chip 62 px from that edge, in a part shifted
+    by 5 px, keeps its full gain, while one 30 px in is damped.
+
+    The ring is resolved to 8 px blocks: on 16 px blocks the chip's block (reference rows 48-63, sensor
+    rows 53-68) lay on the line that holds the clutter's tips and took its tolerance, as chips 52-64 px
+    from the edge did on the fixture lines.
+    """
+    side, reach, n = 1024, 50, 24
+    blocks_side = side // BLOCK
+    rng = np.random.default_rng(5)
+    shifts = rng.uniform(-6, 6, (n, 2))
+    poses = np.stack([np.array([[1.0, 0.0, dx], [0.0, 1.0, dy]]) for dx, dy in shifts])
+    blocks = np.zeros((n, 1, blocks_side, blocks_side), np.float32)
+    top_px = np.arange(blocks_side) * BLOCK  # each reference block's first row
+    for i, (_, dy) in enumerate(shifts):
+        fine = rng.uniform(0.5, 2.0, (blocks_side, blocks_side)).astype(np.float32)
+        hits = rng.random(blocks_side) < 0.3  # columns where this image shows clutter
+        rows = top_px + dy < reach  # blocks whose pixels reach into the clutter (sensor rows < reach)
+        fine[np.ix_(rows, hits)] = rng.uniform(20, 40, (rows.sum(), hits.sum()))
+        blocks[i, 0] = fine
+    inside = np.ones((blocks_side, blocks_side), bool)
+    border = tol.border_blocks(Geometry(side, side, 1, "uint8"))
+    tolerance = tol.fit_local_tolerance(blocks, poses, inside, border)
+    gain = frame_fine_gain(tolerance.part_gain, tolerance.ring_gain, np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 5.0]]))
+    mid = slice(border, blocks_side - border)
+    assert gain[(62 - 5) // BLOCK, mid].min() > 0.95, "the chip beyond the clutter's reach is judged in full"
+    assert gain[(30 - 5) // BLOCK, mid].max() < 0.2, "the clutter's own rows are tolerant"
