@@ -32,16 +32,17 @@ BORDER_ZONE = 0.06  # fraction of the image side where tolerance also spreads al
 RING_QUANTILE = 0.9  # what one in ten places along an edge line shows, every place on it may show
 NEIGHBOURHOOD_PX = 32  # a block's level is the maximum over this radius of neighbouring blocks
 PART_TRIM_FROM = 16  # images: from here on a place's level leaves its highest observation out (fit_pipeline.TRIM_FROM)
-# The part's level is learned on 16 px cells even though the gain map has BLOCK px blocks: the maximum over a
-# smaller cell is a noisier estimate of where the next part's peak lands (at 5120 px, 8 px part cells took
-# held-out goods from 1.46 to 2.30). Only the sensor ring, pooled along whole lines, needs the finer grid.
+# The part's level is learned on 16 px cells, as before the gain map went to BLOCK px blocks: only the sensor ring
+# needs the finer grid (chips just beyond the clutter's reach), and the ring pools whole lines, while a part's
+# cell is one place seen by 30 images. Everything on 8 px (part, ring, coarse) took a 5120 px line's held-out goods
+# from 1.46 to 2.30; which map did it was not separated, so the part keeps the cells it was measured on.
 PART_CELL = 16
 _PART_POOL = PART_CELL // BLOCK
 _HOOD = np.ones((2 * -(-NEIGHBOURHOOD_PX // PART_CELL) + 1,) * 2, np.uint8)  # on PART_CELL cells
 _BLOCK_HOOD = np.ones((2 * -(-NEIGHBOURHOOD_PX // BLOCK) + 1,) * 2, np.uint8)  # on BLOCK px blocks (coarse factor)
-# The ring's lines are BLOCK px apart while the border zone holds at least this many of them, else twice that:
-# the clutter's reach scales with the image, and finer lines than it needs only add noise (about 16 lines of
-# 8 px at 2048 px, 20 of 16 px at 5120 px).
+# The ring's lines are BLOCK px apart while the border zone (BORDER_ZONE of the side) holds fewer than twice this
+# many of them, else 16 px apart: the band and the clutter's reach scale with the image, the chips' size does not
+# need more (16 lines of 8 px at 2048 px, 20 of 16 px at 5120 px, where 8 px lines were not measured alone).
 RING_LINES = 16
 
 
