@@ -53,7 +53,8 @@ HALO = 2 * ALIGN  # the 3x3 neighbourhood at the coarsest level reaches 2 blocks
 # The fine score's learned local gain lives on 8 px blocks: fine enough that the border band of a
 # 2048 px image (about 80 px) spans ten lines of blocks, so clutter and defects there part. On 16 px
 # blocks a block the pose laid across the clutter's reach (48-52 px from the edge on the fixture lines)
-# took that line's tolerance over its whole 16 px, and chips 52-64 px from the edge inside it went unseen.
+# took that line's tolerance over its whole 16 px, and chips 53-71 px from the edge got gains of 0.04-0.28 and
+# went unseen. What the fit learns on this grid, and what on coarser cells: calibration.tolerance_fit.
 FINE_GAIN_LEVEL = 3
 RESIDENT = ("mean", "low", "high", "weight", *(f"coarse{level}" for level in LEVELS))
 PER_FRAME = ("image", "photo", "fine_gain")  # fine_gain depends on the frame's pose (engines.tolerance)
