@@ -24,7 +24,7 @@ import cv2
 import numpy as np
 
 from engines.tiling import cell_grid
-from engines.tolerance import BLOCK, frame_fine_gain, reference_to_sensor, sensor_to_reference
+from engines.tolerance import BLOCK, frame_fine_gain, reference_to_sensor, sensor_to_reference, spread_cells
 from engines.types import Geometry
 
 FINE_REF_FLOOR = 1.0  # grey levels: below this, a block's fine level is noise and needs no normalising
@@ -144,20 +144,15 @@ def _pool(blocks: np.ndarray, k: int) -> np.ndarray:
     return padded.reshape(shape).max(axis=(-3, -1))
 
 
-def _spread(cells: np.ndarray, k: int, shape: tuple[int, ...]) -> np.ndarray:
-    """A map of k x k-block cells back on the block grid ``shape``."""
-    return np.repeat(np.repeat(cells, k, axis=0), k, axis=1)[: shape[0], : shape[1]]
-
-
 def _part_level(cells: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     """A level on PART_CELL cells: the neighbourhood's maximum, back on the block grid ``shape``."""
-    return _spread(cv2.dilate(cells.astype(np.float32), _HOOD), _PART_POOL, shape)
+    return spread_cells(cv2.dilate(cells.astype(np.float32), _HOOD), _PART_POOL, shape)
 
 
 def _ring_level(sensor: np.ndarray, border: int) -> np.ndarray:
     """The lines' level (``_line_level``) on lines as fine as RING_LINES across the border zone allows."""
     k = 1 if border < 2 * RING_LINES else 2
-    return _spread(_line_level(_pool(sensor, k), -(-border // k)), k, sensor.shape)
+    return spread_cells(_line_level(_pool(sensor, k), -(-border // k)), k, sensor.shape)
 
 
 def _high(levels: np.ndarray) -> np.ndarray:

@@ -35,8 +35,8 @@ def _grid_matrix(matrix: np.ndarray, step: int) -> np.ndarray:
     return (np.linalg.inv(to_px) @ m3 @ to_px)[:2]
 
 
-def _carry(blocks: np.ndarray, matrix: np.ndarray, inverse: bool, pool: Callable | None) -> np.ndarray:
-    """Carry a block map between frames.
+def _carry(blocks: np.ndarray, matrix: np.ndarray, inverse: bool, pool: Callable | None, k: int = 1) -> np.ndarray:
+    """Carry a block map between frames (a map of ``k`` x ``k``-block cells: BLOCK * k px).
 
     With ``pool`` (np.min or np.max) the map travels on the STEP px grid and each block takes the
     pool of every cell its footprint overlaps, for conservative decisions: a cell centre that
@@ -49,9 +49,9 @@ def _carry(blocks: np.ndarray, matrix: np.ndarray, inverse: bool, pool: Callable
     hb, wb = blocks.shape
     source = blocks.astype(np.float32)
     if pool is None:
-        return _warp(source, _source_matrix(matrix, BLOCK, inverse), (wb, hb))
-    fine = np.repeat(np.repeat(source, SUB, axis=0), SUB, axis=1)
-    grid = _source_matrix(matrix, STEP, inverse)
+        return _warp(source, _source_matrix(matrix, BLOCK * k, inverse), (wb, hb))
+    fine = spread_cells(source, SUB, (hb * SUB, wb * SUB))
+    grid = _source_matrix(matrix, STEP * k, inverse)
     both = np.minimum if pool is np.min else np.maximum
     # pairwise over the corners, then over every cell of each block: the pool of all 4 x SUB^2 samples, without
     # stacking them (a stack of full-size copies cost more than the warps at 5120 px)
@@ -86,6 +86,21 @@ def reference_to_sensor(blocks: np.ndarray, matrix: np.ndarray, pool: Callable |
     return _carry(blocks, matrix, False, pool)
 
 
+def spread_cells(cells: np.ndarray, k: int, shape: tuple[int, ...]) -> np.ndarray:
+    """A map of ``k`` x ``k``-block cells on the block grid ``shape`` (the last cells may be partial)."""
+    return np.repeat(np.repeat(cells, k, axis=0), k, axis=1)[: shape[0], : shape[1]]
+
+
 def frame_fine_gain(part_gain: np.ndarray, ring_gain: np.ndarray, matrix: np.ndarray) -> np.ndarray:
-    """The fine gain per reference block for one frame: the smaller of the part's and the (posed) ring's."""
-    return np.minimum(part_gain.astype(np.float32), sensor_to_reference(ring_gain, matrix, np.min))
+    """The fine gain per reference block for one frame: the smaller of the part's and the (posed) ring's.
+
+    A ring learned on lines two blocks wide (large images, ``calibration.tolerance_fit.RING_LINES``) is
+    carried on its own cells: the same gains as before blocks were halved, at the cost they had then (a
+    quarter of the cells; carrying is most of this function's time, 30 ms a 5120 px frame on 8 px blocks).
+    """
+    pairs = ring_gain[::2, ::2]
+    if np.array_equal(spread_cells(pairs, 2, ring_gain.shape), ring_gain):
+        ring = spread_cells(_carry(pairs, matrix, True, np.min, k=2), 2, ring_gain.shape)
+    else:
+        ring = sensor_to_reference(ring_gain, matrix, np.min)
+    return np.minimum(part_gain.astype(np.float32), ring)
