@@ -39,7 +39,7 @@ from engines.graphs import ALIGN, LEVELS, TemplateGraphSpec, build_template_grap
 from engines.inspector import Inspector, resident_inputs
 from engines.onnxruntime_backend import OnnxRuntimeBackend
 from engines.tiling import TilePlan, cell_grid
-from engines.tolerance import frame_fine_gain
+from engines.tolerance import BLOCK, frame_fine_gain
 from engines.types import MIN_SIDE
 from tests.test_tiling import run_map
 
@@ -117,7 +117,7 @@ def test_bundle_geometry_grids_and_roi(line: Line) -> None:
     for level in LEVELS:
         assert ref[f"inv_sigma{level}"].shape[1:] == cell_grid(line.height, line.width, 2**level)
     scores = 3 if bundle.manifest["fit_config"]["shape_scores"] else 1  # fine (and blob and line)
-    gains = (scores, *cell_grid(line.height, line.width, 16))
+    gains = (scores, *cell_grid(line.height, line.width, BLOCK))
     assert ref["fine_gain"].shape == ref["fine_ring_gain"].shape == gains
     margin = bundle.manifest["fit_config"]["margin_px"]
     inner = np.zeros_like(line.roi, bool)
