@@ -89,7 +89,7 @@ def test_recall_counts_a_probe_when_its_blocks_reach_the_threshold() -> None:
 
 
 def test_an_image_too_small_for_probes_has_no_self_test_and_keeps_no_shape_scores() -> None:
-    plans = probes.plan_probes(_region(128, 128, 4), 16, 3)
+    plans = probes.plan_probes(_region(128, 128, 24), 16, 3)  # an 80 px region: room for 4 probes of the 8
     assert plans == [[], [], []]
     assert probes.recall(np.zeros((3, 8, 8)), plans, 1.0) == {"probes": 0}
     assert not keeps_shape_scores({"probes": 0}, {"probes": 0})
