@@ -182,14 +182,21 @@ def _calibrated(
     # Fine and coarse share one tolerance (as before); each shape score learns its own gains.
     groups = [[0, 1], *([k] for k in range(2, len(names)))]
     poses = training.poses
-    pairs = [tol.cross_fitted(blocks[:, g], poses, inside, border, held.folds, probed[:, g]) for g in groups]
+    # the shape scores keep 16 px ring lines (tolerance_fit.fit_local_tolerance): only the fine score needs 8 px
+    fine_ring = [True, *(False for _ in groups[1:])]
+    pairs = [
+        tol.cross_fitted(blocks[:, g], poses, inside, border, held.folds, probed[:, g], fine_ring=f)
+        for g, f in zip(groups, fine_ring, strict=True)
+    ]
     normalised = np.concatenate([good for good, _ in pairs], axis=1)
     raw = normalised.max(axis=(2, 3))
     scales = np.array(component_scales(raw, names), np.float32)[None, :, None, None]
     held_out_map = (normalised / scales).max(axis=1)
     probed_map = (np.concatenate([p for _, p in pairs], axis=1) / scales).max(axis=1)
     calibration = good_threshold(held_out_map.max(axis=(1, 2)), config.target_frr, config.threshold_margin)
-    tolerance, *shapes = (tol.fit_local_tolerance(blocks[:, g], poses, inside, border) for g in groups)
+    tolerance, *shapes = (
+        tol.fit_local_tolerance(blocks[:, g], poses, inside, border, f) for g, f in zip(groups, fine_ring, strict=True)
+    )
     calibration.update(
         **{f"{name}_scale": float(scale) for name, scale in zip(names, scales.ravel(), strict=True)},
         folds=held.folds,

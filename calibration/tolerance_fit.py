@@ -73,13 +73,18 @@ class LocalTolerance:
         }
 
 
-def fit_local_tolerance(blocks: np.ndarray, poses: np.ndarray, inside: np.ndarray, border: int) -> LocalTolerance:
+def fit_local_tolerance(
+    blocks: np.ndarray, poses: np.ndarray, inside: np.ndarray, border: int, fine_ring: bool = True
+) -> LocalTolerance:
     """Learn the normalisation from held-out block maxima ``blocks`` [n, C, Hb, Wb] of images with ``poses``.
+
+    ``fine_ring``: the ring's lines as fine as the image allows (``_ring_level``); False keeps them 16 px wide,
+    for the shape scores: their self-test found far fewer probes with 8 px lines on the benign lines.
 
     Channel 0 is a fine score (gains), channel 1, where there is one, a coarse score (factor;
     without it the factor is 1): the template has both, the learned map only the first.
     """
-    part_gain, ring_gain = fine_tolerance(blocks[:, 0], poses, inside, border)
+    part_gain, ring_gain = fine_tolerance(blocks[:, 0], poses, inside, border, fine_ring)
     factor = coarse_factor(blocks[:, 1], inside, border) if blocks.shape[1] > 1 else np.ones_like(part_gain)
     return LocalTolerance(part_gain, ring_gain, factor)
 
@@ -90,7 +95,13 @@ def cross_fitted_maps(blocks: np.ndarray, poses: np.ndarray, inside: np.ndarray,
 
 
 def cross_fitted(
-    blocks: np.ndarray, poses: np.ndarray, inside: np.ndarray, border: int, folds: int, *more: np.ndarray
+    blocks: np.ndarray,
+    poses: np.ndarray,
+    inside: np.ndarray,
+    border: int,
+    folds: int,
+    *more: np.ndarray,
+    fine_ring: bool = True,
 ) -> list[np.ndarray]:
     """``blocks`` and each of ``more`` (maps of the same images, e.g. probed copies) normalised by the fold's tolerance.
 
@@ -101,14 +112,14 @@ def cross_fitted(
     for fold in range(folds):
         held = np.arange(fold, n, folds)
         others = np.setdiff1d(np.arange(n), held)
-        tolerance = fit_local_tolerance(blocks[others], poses[others], inside, border)
+        tolerance = fit_local_tolerance(blocks[others], poses[others], inside, border, fine_ring)
         for source, target in zip((blocks, *more), maps, strict=True):
             target[held] = tolerance.normalised(source[held], poses[held])
     return maps
 
 
 def fine_tolerance(
-    fine: np.ndarray, poses: np.ndarray, inside: np.ndarray, border: int
+    fine: np.ndarray, poses: np.ndarray, inside: np.ndarray, border: int, fine_ring: bool = True
 ) -> tuple[np.ndarray, np.ndarray]:
     """Part and ring gains of the fine score.
 
@@ -124,7 +135,7 @@ def fine_tolerance(
     part_all = _part_level(_pool(fine.max(axis=0), _PART_POOL), fine.shape[1:])
     ref = max(float(np.median(part_all[inside])) if inside.any() else 1.0, FINE_REF_FLOOR)
     sensor = np.max([reference_to_sensor(f, m) for f, m in zip(fine, poses, strict=True)], axis=0)
-    ring = _ring_level(sensor, border)
+    ring = _ring_level(sensor, border, fine_ring)
     noisy = (ring > ref).astype(np.float32)
     clean = [np.where(sensor_to_reference(noisy, m, np.max) > 0, 0, f) for f, m in zip(fine, poses, strict=True)]
     part = _part_level(_high(np.stack([_pool(c, _PART_POOL) for c in clean])), fine.shape[1:])
@@ -149,9 +160,9 @@ def _part_level(cells: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     return spread_cells(cv2.dilate(cells.astype(np.float32), _HOOD), _PART_POOL, shape)
 
 
-def _ring_level(sensor: np.ndarray, border: int) -> np.ndarray:
-    """The lines' level (``_line_level``) on lines as fine as RING_LINES across the border zone allows."""
-    k = 1 if border < 2 * RING_LINES else 2
+def _ring_level(sensor: np.ndarray, border: int, fine: bool = True) -> np.ndarray:
+    """The lines' level (``_line_level``) on lines as fine as RING_LINES across the border zone allows (``fine``)."""
+    k = 1 if fine and border < 2 * RING_LINES else 2
     return spread_cells(_line_level(_pool(sensor, k), -(-border // k)), k, sensor.shape)
 
 

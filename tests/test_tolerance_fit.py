@@ -156,10 +156,11 @@ def test_a_small_defect_just_beyond_the_clutters_reach_keeps_its_gain():
     assert gain[(30 - 5) // BLOCK, mid].max() < 0.2, "the clutter's own rows are tolerant"
 
 
-@pytest.mark.parametrize(("side", "line_px"), [(2048, 8), (5120, 16)])
-def test_the_rings_lines_follow_the_image_size(side, line_px):
+@pytest.mark.parametrize(("side", "fine_ring", "line_px"), [(2048, True, 8), (5120, True, 16), (2048, False, 16)])
+def test_the_rings_lines_follow_the_image_size(side, fine_ring, line_px):
     """Clutter on the sensor's 6th 8 px line from the top: at 2048 px the ring damps that line only, at 5120 px
-    (a border zone of 39 blocks) its 16 px line, both of its 8 px lines, as the gain was learned before."""
+    (a border zone of 39 blocks) its 16 px line, both of its 8 px lines, as the gain was learned before; so does
+    a ring asked for 16 px lines (the shape scores')."""
     blocks_side, n = side // BLOCK, 8
     rng = np.random.default_rng(3)
     blocks = rng.uniform(0.5, 2.0, (n, 1, blocks_side, blocks_side)).astype(np.float32)
@@ -167,6 +168,6 @@ def test_the_rings_lines_follow_the_image_size(side, line_px):
     poses = np.stack([np.eye(2, 3)] * n)
     inside = np.ones((blocks_side, blocks_side), bool)
     border = tol.border_blocks(Geometry(side, side, 1, "uint8"))
-    ring = tol.fit_local_tolerance(blocks, poses, inside, border).ring_gain[:, blocks_side // 2]
+    ring = tol.fit_local_tolerance(blocks, poses, inside, border, fine_ring).ring_gain[:, blocks_side // 2]
     assert ring[5] < 0.2 and ring[6] > 0.95 and ring[3] > 0.95
     assert (ring[4] < 0.2) == (line_px == 16), "the cluttered line's 16 px partner shares its gain only at 5120 px"
