@@ -289,7 +289,7 @@ def test_ensemble_fit_at_an_odd_size(tmp_path: Path) -> None:
     fit_ensemble(train, tmp_path / "model", config=config, learn=learn, progress=False)
     bundle = Bundle.load(tmp_path / "model")
     assert bundle.detector == "ensemble" and bundle.geometry.describe() == "477x333 colour uint16"
-    assert bundle.reference()["fine_gain"].shape == (4, *cell_grid(333, 477, 16))  # fine, blob, line; learned
+    assert bundle.reference()["fine_gain"].shape == (4, *cell_grid(333, 477, BLOCK))  # fine, blob, line; learned
     with Inspector.load(tmp_path / "model", "onnxruntime") as inspector:
         for path in sorted((tmp_path / "data" / "test").rglob("*.png")):
             result = inspector.inspect_path(path)
