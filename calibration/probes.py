@@ -143,13 +143,15 @@ def probed_training(training: Training, indices: Sequence[int], plans: list[list
     )
 
 
-def recall(maps: np.ndarray, plans: list[list[Probe]], threshold: float) -> dict:
-    """Per kind and contrast, the fraction of probes whose blocks in ``maps`` [n, Hb, Wb] reach ``threshold``."""
+def recall(scores: np.ndarray, plans: list[list[Probe]], threshold: float) -> dict:
+    """Per kind and contrast, the fraction of probes whose ``scores`` [n, probes per image] reach ``threshold``.
+
+    A probe's score is the map's maximum over the blocks it touches in its image's probed copy.
+    """
     found: dict[tuple[str, float], list[bool]] = {(k, c): [] for k in KINDS for c in CONTRASTS}
-    for image, probes in zip(maps, plans, strict=True):
-        for probe in probes:
-            r0, r1, c0, c1 = probe.blocks
-            found[probe.kind, probe.contrast].append(bool(image[r0:r1, c0:c1].max() >= threshold))
+    for image, plan in zip(scores, plans, strict=True):
+        for score, probe in zip(image, plan, strict=True):
+            found[probe.kind, probe.contrast].append(bool(score >= threshold))
     counts = [len(v) for v in found.values()]
     if not min(counts):
         return {"probes": 0}

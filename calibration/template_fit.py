@@ -96,10 +96,10 @@ class FoldCalibration:
 
 @dataclass
 class HeldOut:
-    """Raw block maxima [n, C, Hb, Wb] of the held-out goods and of their probed copies, each by its fold's graph."""
+    """Raw block maxima of the held-out goods [n, C, Hb, Wb] and of their probed copies, each by its fold's graph."""
 
     goods: np.ndarray
-    probed: np.ndarray
+    probed: list[list[np.ndarray]]  # per image, per probe: its raw blocks [C, h, w] in the probed copy (only those)
     plans: list[list[probes.Probe]]
     folds: int
 
@@ -160,7 +160,7 @@ def _held_out(training: Training, config: FitConfig, progress: bool, fold_stats:
     border_px = tol.border_blocks(training.geometry) * BLOCK
     plans = probes.plan_probes(training.weight, border_px, n)
     goods = np.zeros((n, channels, *tol.block_shape(training.geometry)), np.float32)
-    probed = np.zeros_like(goods)
+    probed: list[list[np.ndarray]] = [[] for _ in range(n)]
     with tempfile.TemporaryDirectory() as tmp:
         graph = _components_graph(config, training, Path(tmp))
         for fold in tqdm(range(folds), desc="calibrating (k-fold)", disable=not progress, unit="fold"):
@@ -168,7 +168,9 @@ def _held_out(training: Training, config: FitConfig, progress: bool, fold_stats:
             stats = fold_stats[fold] if fold_stats is not None else fp.statistics(training, kept, config)
             goods[rows] = fp.graph_blocks(training, graph, stats, rows, config.core, channels)
             copies = probes.probed_training(training, rows, plans)
-            probed[rows] = fp.graph_blocks(copies, graph, stats, range(len(rows)), config.core, channels)
+            maps = fp.graph_blocks(copies, graph, stats, range(len(rows)), config.core, channels)
+            for i, image in zip(rows, maps, strict=True):  # keep the probes' blocks only: maps are large at 5120 px
+                probed[i] = [image[:, r0:r1, c0:c1].copy() for r0, r1, c0, c1 in (q.blocks for q in plans[i])]
     return HeldOut(goods, probed, plans, folds)
 
 
@@ -178,34 +180,42 @@ def _calibrated(
     """Calibrate the scores ``names`` (the first len(names) channels of ``held``); with the self-test's recall."""
     inside = tol.block_inside(training.weight)
     border = tol.border_blocks(training.geometry)
-    blocks, probed = held.goods[:, : len(names)], held.probed[:, : len(names)]
+    blocks = held.goods[:, : len(names)]
     # Fine and coarse share one tolerance (as before); each shape score learns its own gains.
     groups = [[0, 1], *([k] for k in range(2, len(names)))]
     poses = training.poses
     # the shape scores keep 16 px ring lines (tolerance_fit.fit_local_tolerance): only the fine score needs 8 px
     fine_ring = [True, *(False for _ in groups[1:])]
-    pairs = [
-        tol.cross_fitted(blocks[:, g], poses, inside, border, held.folds, probed[:, g], fine_ring=f)
-        for g, f in zip(groups, fine_ring, strict=True)
-    ]
-    normalised = np.concatenate([good for good, _ in pairs], axis=1)
-    raw = normalised.max(axis=(2, 3))
-    scales = np.array(component_scales(raw, names), np.float32)[None, :, None, None]
-    held_out_map = (normalised / scales).max(axis=1)
-    probed_map = (np.concatenate([p for _, p in pairs], axis=1) / scales).max(axis=1)
+    normalised, probe_max = [], np.zeros((len(blocks), len(held.plans[0]), len(names)), np.float32)
+    for g, f in zip(groups, fine_ring, strict=True):
+        maps, tolerances = tol.cross_fitted(blocks[:, g], poses, inside, border, held.folds, fine_ring=f)
+        normalised.append(maps)
+        for i, (windows, plan) in enumerate(zip(held.probed, held.plans, strict=True)):
+            if not plan:
+                continue  # an image too small for probes: no self-test
+            mine = [w[g] for w in windows]
+            at = tolerances[i % held.folds].normalise_at(mine, [q.blocks for q in plan], poses[i])
+            probe_max[i][:, g] = [w.max(axis=(1, 2)) for w in at]
+    raw = np.concatenate([m.max(axis=(2, 3)) for m in normalised], axis=1)
+    scales = np.array(component_scales(raw, names), np.float32)
+    held_out_map = np.zeros((len(blocks), *blocks.shape[2:]), np.float32)
+    for maps, g in zip(normalised, groups, strict=True):  # one group at a time: at 5120 px each is ~100 MB
+        np.maximum(held_out_map, (maps / scales[g, None, None]).max(axis=1), out=held_out_map)
+    del normalised
+    probe_scores = (probe_max / scales).max(axis=2)
     calibration = good_threshold(held_out_map.max(axis=(1, 2)), config.target_frr, config.threshold_margin)
     tolerance, *shapes = (
         tol.fit_local_tolerance(blocks[:, g], poses, inside, border, f) for g, f in zip(groups, fine_ring, strict=True)
     )
     calibration.update(
-        **{f"{name}_scale": float(scale) for name, scale in zip(names, scales.ravel(), strict=True)},
+        **{f"{name}_scale": float(scale) for name, scale in zip(names, scales, strict=True)},
         folds=held.folds,
         held_out_components=[[round(float(v), 4) for v in row] for row in raw],
         local_tolerance=tolerance.summary(inside, border),
         shape_tolerance={name: t.summary(inside, border) for name, t in zip(names[2:], shapes, strict=True)},
     )
     fold = FoldCalibration(calibration, tolerance, shapes, blocks, held_out_map, len(names) > 2)
-    return fold, probes.recall(probed_map, held.plans, calibration["threshold"])
+    return fold, probes.recall(probe_scores, held.plans, calibration["threshold"])
 
 
 SCALE_FLOORS = {"fine": 0.5, "coarse": 2.0, "blob": 0.5, "line": 0.5}  # grey levels / spreads: never a smaller scale

@@ -61,6 +61,17 @@ class LocalTolerance:
         channels = [fine] if blocks.shape[1] == 1 else [fine, blocks[:, 1] / self.factor]
         return np.stack(channels, axis=1).astype(np.float32)
 
+    def normalise_at(self, windows: list[np.ndarray], where: list[tuple[int, int, int, int]], pose: np.ndarray) -> list:
+        """Windows [C, h, w] of one image's block map (rows r0:r1, columns c0:c1 each), normalised as ``normalised``."""
+        fine_gain = frame_fine_gain(self.part_gain, self.ring_gain, pose)
+        out = []
+        for window, (r0, r1, c0, c1) in zip(windows, where, strict=True):
+            channels = [window[0] * fine_gain[r0:r1, c0:c1]]
+            if len(window) > 1:
+                channels.append(window[1] / self.factor[r0:r1, c0:c1])
+            out.append(np.stack(channels))
+        return out
+
     def summary(self, inside: np.ndarray, border: int) -> dict:
         return {
             "block_px": BLOCK,
@@ -100,22 +111,22 @@ def cross_fitted(
     inside: np.ndarray,
     border: int,
     folds: int,
-    *more: np.ndarray,
     fine_ring: bool = True,
-) -> list[np.ndarray]:
-    """``blocks`` and each of ``more`` (maps of the same images, e.g. probed copies) normalised by the fold's tolerance.
+) -> tuple[np.ndarray, list[LocalTolerance]]:
+    """``blocks`` normalised, each image (fold ``i % folds``) by the other folds' tolerance only; and those tolerances.
 
-    The tolerance of fold ``i % folds`` is learned from ``blocks`` of the other folds only.
+    The tolerances (one per fold) let the caller normalise other maps of the same images alike
+    (the fit's self-test: its probes' blocks, ``LocalTolerance.normalise_at``).
     """
     n = len(blocks)
-    maps = [np.zeros_like(b, dtype=np.float32) for b in (blocks, *more)]
+    maps = np.zeros_like(blocks, dtype=np.float32)
+    tolerances = []
     for fold in range(folds):
         held = np.arange(fold, n, folds)
         others = np.setdiff1d(np.arange(n), held)
-        tolerance = fit_local_tolerance(blocks[others], poses[others], inside, border, fine_ring)
-        for source, target in zip((blocks, *more), maps, strict=True):
-            target[held] = tolerance.normalised(source[held], poses[held])
-    return maps
+        tolerances.append(fit_local_tolerance(blocks[others], poses[others], inside, border, fine_ring))
+        maps[held] = tolerances[-1].normalised(blocks[held], poses[held])
+    return maps, tolerances
 
 
 def fine_tolerance(

@@ -73,16 +73,11 @@ def test_planted_probes_have_their_contrast_in_grey_levels_and_never_wrap(dtype,
     assert probes.planted(np.zeros((400, 400), dtype), dark, unit).max() == 0
 
 
-def test_recall_counts_a_probe_when_its_blocks_reach_the_threshold() -> None:
+def test_recall_counts_a_probe_when_its_score_reaches_the_threshold() -> None:
     weight = _region(400, 400, 10)
     plans = probes.plan_probes(weight, 32, 2)
-    maps = np.zeros((2, 400 // BLOCK, 400 // BLOCK), np.float32)
-    for plan in plans:
-        for probe in plan:
-            if probe.contrast >= 24:
-                _, r1, c0, _ = probe.blocks
-                maps[plans.index(plan), r1 - 1, c0] = 2.0
-    result = probes.recall(maps, plans, 2.0)
+    scores = np.array([[2.0 if probe.contrast >= 24 else 1.99 for probe in plan] for plan in plans])
+    result = probes.recall(scores, plans, 2.0)
     assert result["probes"] == 16
     assert result["recall"]["dot"] == {"6": 0.0, "12": 0.0, "24": 1.0, "48": 1.0} == result["recall"]["line"]
     assert result["mean_recall"] == 0.5
@@ -91,7 +86,7 @@ def test_recall_counts_a_probe_when_its_blocks_reach_the_threshold() -> None:
 def test_an_image_too_small_for_probes_has_no_self_test_and_keeps_no_shape_scores() -> None:
     plans = probes.plan_probes(_region(128, 128, 24), 16, 3)  # an 80 px region: room for 4 probes of the 8
     assert plans == [[], [], []]
-    assert probes.recall(np.zeros((3, 8, 8)), plans, 1.0) == {"probes": 0}
+    assert probes.recall(np.zeros((3, 0)), plans, 1.0) == {"probes": 0}
     assert not keeps_shape_scores({"probes": 0}, {"probes": 0})
 
 
