@@ -124,9 +124,10 @@ def calibrate_folds(
     """
     held = _held_out(training, config, progress, fold_stats)
     names = components(config)
-    if config.shape_scores is None:
-        without = _calibrated(training, held, names[:2], config)
-        with_shapes = _calibrated(training, held, names, config)
+    groups = _score_groups(training, held, len(names))
+    if config.shape_scores is None:  # fine and coarse alone, then with the shape scores: one evidence, two readings
+        without = _calibrated(training, held, groups[:1], names[:2], config)
+        with_shapes = _calibrated(training, held, groups, names, config)
         chosen, test = with_shapes if keeps_shape_scores(without[1], with_shapes[1]) else without
         chosen.calibration["shape_scores_auto"] = {
             "chose": "on" if chosen.shape_scores else "off",
@@ -136,7 +137,7 @@ def calibrate_folds(
         }
         test = {"without_shape_scores": without[1], "with_shape_scores": with_shapes[1], "kept": test}
     else:
-        chosen, kept = _calibrated(training, held, names, config)
+        chosen, kept = _calibrated(training, held, groups, names, config)
         test = {"kept": kept}
     chosen.calibration["self_test"] = test
     return chosen
@@ -174,39 +175,56 @@ def _held_out(training: Training, config: FitConfig, progress: bool, fold_stats:
     return HeldOut(goods, probed, plans, folds)
 
 
-def _calibrated(
-    training: Training, held: HeldOut, names: Sequence[str], config: FitConfig
-) -> tuple[FoldCalibration, dict]:
-    """Calibrate the scores ``names`` (the first len(names) channels of ``held``); with the self-test's recall."""
+@dataclass
+class _ScoreGroup:
+    """One group of scores sharing a tolerance (fine and coarse together, or one shape score), cross-fitted."""
+
+    channels: list[int]  # its channels of ``HeldOut.goods``
+    normalised: np.ndarray  # [n, len(channels), Hb, Wb] each held-out map by its fold's tolerance
+    probe_max: np.ndarray  # [n, probes, len(channels)] each probe's maximum, normalised alike
+    tolerance: tol.LocalTolerance  # learned from every image: the bundle's
+
+
+def _score_groups(training: Training, held: HeldOut, channels: int) -> list[_ScoreGroup]:
+    """The first ``channels`` scores of ``held`` in their tolerance groups, each cross-fitted once.
+
+    Fine and coarse share one tolerance (as before); each shape score learns its own gains, on 16 px
+    ring lines (``tolerance_fit.fit_local_tolerance``): only the fine score needs 8 px.
+    """
     inside = tol.block_inside(training.weight)
     border = tol.border_blocks(training.geometry)
-    blocks = held.goods[:, : len(names)]
-    # Fine and coarse share one tolerance (as before); each shape score learns its own gains.
-    groups = [[0, 1], *([k] for k in range(2, len(names)))]
     poses = training.poses
-    # the shape scores keep 16 px ring lines (tolerance_fit.fit_local_tolerance): only the fine score needs 8 px
-    fine_ring = [True, *(False for _ in groups[1:])]
-    normalised, probe_max = [], np.zeros((len(blocks), len(held.plans[0]), len(names)), np.float32)
-    for g, f in zip(groups, fine_ring, strict=True):
-        maps, tolerances = tol.cross_fitted(blocks[:, g], poses, inside, border, held.folds, fine_ring=f)
-        normalised.append(maps)
+    groups = []
+    for g in [[0, 1], *([k] for k in range(2, channels))]:
+        blocks, fine_ring = held.goods[:, g], g == [0, 1]
+        maps, tolerances = tol.cross_fitted(blocks, poses, inside, border, held.folds, fine_ring=fine_ring)
+        probe_max = np.zeros((len(blocks), len(held.plans[0]), len(g)), np.float32)
         for i, (windows, plan) in enumerate(zip(held.probed, held.plans, strict=True)):
             if not plan:
                 continue  # an image too small for probes: no self-test
             mine = [w[g] for w in windows]
             at = tolerances[i % held.folds].normalise_at(mine, [q.blocks for q in plan], poses[i])
-            probe_max[i][:, g] = [w.max(axis=(1, 2)) for w in at]
-    raw = np.concatenate([m.max(axis=(2, 3)) for m in normalised], axis=1)
+            probe_max[i] = [w.max(axis=(1, 2)) for w in at]
+        tolerance = tol.fit_local_tolerance(blocks, poses, inside, border, fine_ring)
+        groups.append(_ScoreGroup(g, maps, probe_max, tolerance))
+    return groups
+
+
+def _calibrated(
+    training: Training, held: HeldOut, groups: list[_ScoreGroup], names: Sequence[str], config: FitConfig
+) -> tuple[FoldCalibration, dict]:
+    """Calibrate the scores ``names`` (the channels of ``groups``); with the self-test's recall."""
+    inside = tol.block_inside(training.weight)
+    border = tol.border_blocks(training.geometry)
+    raw = np.concatenate([group.normalised.max(axis=(2, 3)) for group in groups], axis=1)
     scales = np.array(component_scales(raw, names), np.float32)
-    held_out_map = np.zeros((len(blocks), *blocks.shape[2:]), np.float32)
-    for maps, g in zip(normalised, groups, strict=True):  # one group at a time: at 5120 px each is ~100 MB
-        np.maximum(held_out_map, (maps / scales[g, None, None]).max(axis=1), out=held_out_map)
-    del normalised
-    probe_scores = (probe_max / scales).max(axis=2)
+    held_out_map = np.zeros((len(raw), *held.goods.shape[2:]), np.float32)
+    for group in groups:  # one group at a time: at 5120 px each is ~100 MB
+        ratio = group.normalised / scales[group.channels, None, None]
+        np.maximum(held_out_map, ratio.max(axis=1), out=held_out_map)
+    probe_scores = (np.concatenate([group.probe_max for group in groups], axis=2) / scales).max(axis=2)
     calibration = good_threshold(held_out_map.max(axis=(1, 2)), config.target_frr, config.threshold_margin)
-    tolerance, *shapes = (
-        tol.fit_local_tolerance(blocks[:, g], poses, inside, border, f) for g, f in zip(groups, fine_ring, strict=True)
-    )
+    tolerance, *shapes = (group.tolerance for group in groups)
     calibration.update(
         **{f"{name}_scale": float(scale) for name, scale in zip(names, scales, strict=True)},
         folds=held.folds,
@@ -214,6 +232,7 @@ def _calibrated(
         local_tolerance=tolerance.summary(inside, border),
         shape_tolerance={name: t.summary(inside, border) for name, t in zip(names[2:], shapes, strict=True)},
     )
+    blocks = held.goods[:, : len(names)]
     fold = FoldCalibration(calibration, tolerance, shapes, blocks, held_out_map, len(names) > 2)
     return fold, probes.recall(probe_scores, held.plans, calibration["threshold"])
 
