@@ -25,9 +25,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -35,7 +32,7 @@ import cv2
 import numpy as np
 
 from calibration.thresholds import good_threshold
-from engines.bundle import swap_into_place
+from engines.bundle import staged_directory
 from engines.decode import read_image
 from engines.tolerance import BLOCK
 
@@ -170,9 +167,7 @@ def write_fit_report(
 ) -> Path:
     """Write the report directory ``out`` atomically (a temporary sibling renamed into place, replacing any old one)."""
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with staged_directory(out, mode=0o755) as tmp:  # readable by the line's people, not only the fit's user
         summary = {**audit.summary(), **(extra or {})}
         summary["good_scores"] = {
             str(p): round(float(s), 4) for p, s in zip(images, held_out_map.max(axis=(1, 2)), strict=True)
@@ -187,11 +182,6 @@ def write_fit_report(
             overlay = draw_overlay(image, held_out_map[i], poses[i], f, audit.threshold)
             if not cv2.imwrite(str(tmp / f"flagged_{rank:02d}.png"), overlay):
                 raise OSError(f"{tmp}: could not write an overlay PNG")
-        os.chmod(tmp, 0o755)  # mkdtemp makes it private; the report is for the line's people
-        swap_into_place(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

@@ -9,8 +9,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-import shutil
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -26,7 +24,7 @@ from calibration.figures import (
     plot_pr,
     plot_roc,
 )
-from engines.bundle import swap_into_place
+from engines.bundle import staged_directory
 
 PLOTS = (("roc.png", "ROC curve"), ("pr.png", "Precision-recall curve"), ("histogram.png", "Score distribution"))
 
@@ -51,14 +49,8 @@ def write_report(
     ``overlays`` items may be plain tuples in ``Overlay`` field order.
     """
     report_dir = Path(report_dir)
-    report_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{report_dir.name}.tmp-", dir=report_dir.parent))
-    try:
+    with staged_directory(report_dir) as tmp:
         _write_all(tmp, summary, labels, scores, threshold, overlays, baseline, per_image, predictions)
-        swap_into_place(tmp, report_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def _write_all(

@@ -23,7 +23,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -157,9 +157,7 @@ def write_bundle(
     out = Path(out)
     if out.exists() and not replace:
         raise BundleError(f"{out}: already exists; choose another --out or remove it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with staged_directory(out) as tmp:
         for name, write in writers.items():
             write(tmp / name)
         files = {name: sha256_file(tmp / name) for name in sorted(writers)}
@@ -173,11 +171,27 @@ def write_bundle(
             "bundle_id": hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()[:12],
         }
         (tmp / MANIFEST).write_text(json.dumps(full, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    return out
+
+
+@contextlib.contextmanager
+def staged_directory(out: Path, mode: int | None = None) -> Iterator[Path]:
+    """A temporary sibling of ``out`` to fill; when the block ends it replaces ``out`` (``swap_into_place``).
+
+    If the block raises, the temporary directory is removed and ``out`` is left as it was: a
+    bundle or report is there whole or not at all. ``mode``: the directory's permissions before
+    the swap (``mkdtemp`` makes it private to its owner).
+    """
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        yield tmp
+        if mode is not None:
+            os.chmod(tmp, mode)
         swap_into_place(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return out
 
 
 def swap_into_place(tmp: Path, out: Path) -> None:
