@@ -60,14 +60,13 @@ def plan_probes(weight: np.ndarray, border_px: int, n_images: int) -> list[list[
     """
     cells = _free_cells(weight, border_px)
     rng = np.random.default_rng(SEED)
-    cells_needed = len(KINDS) * len(CONTRASTS)
     plans: list[list[Probe]] = []
+    cases = [(k, c) for k in KINDS for c in CONTRASTS]
     for image in range(n_images):
-        if len(cells) < cells_needed:
+        if len(cells) < len(cases):
             plans.append([])
             continue
-        chosen = rng.choice(len(cells), cells_needed, replace=False)
-        cases = [(k, c) for k in KINDS for c in CONTRASTS]
+        chosen = rng.choice(len(cells), len(cases), replace=False)
         plans.append(
             [
                 _probe(weight.shape, cells[i], kind, c, (-1) ** (image + j), rng)
@@ -97,12 +96,12 @@ def _probe(
     shape: tuple[int, int], cell: tuple[int, int, int], kind: str, contrast: float, sign: int, rng: np.random.Generator
 ) -> Probe:
     top, left, side = cell
-    inner = side - 2 * BLOCK  # a block's gap to the cell's edge: neighbouring probes never share a block
-    cy, cx = top + BLOCK + inner / 2, left + BLOCK + inner / 2
     half = _line_length(shape) / 2 if kind == "line" else DOT_PX / 2
     canvas = np.zeros((side, side), np.uint8)
     one = 1 << SHIFT
-    centre = np.array([cx - left, cy - top])
+    # the cell's middle: the cell holds the probe plus a block on each side (``_free_cells``), so
+    # probes of neighbouring cells never share a block
+    centre = np.full(2, side / 2)
     if kind == "dot":
         point = tuple(round(v * one) for v in centre - 0.5)
         cv2.circle(canvas, point, round(half * one), 255, -1, cv2.LINE_AA, SHIFT)
