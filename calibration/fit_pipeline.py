@@ -24,6 +24,7 @@ The template (``calibration.template_fit``), learned (``calibration.learned_fit`
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import itertools
 import json
@@ -553,8 +554,9 @@ def _statistics(training: Training, indices: Sequence[int], trim: int, config: F
     noise = _region_median(sigma, training.weight) if training.weight.any() else 1.0
     k = 2 * config.band_dilate + 1
     kernel = np.ones((k, k), np.uint8)
-    lo = np.stack([cv2.erode(p, kernel) for p in lo])
-    hi = np.stack([cv2.dilate(p, kernel) for p in hi])
+    for low, high in zip(lo, hi, strict=True):  # in place (OpenCV supports it): no second full-size copy
+        cv2.erode(low, kernel, dst=low)
+        cv2.dilate(high, kernel, dst=high)
     # lo = min(lo, mu - band_sigma * sigma) - band_tol and its mirror for hi, in place (the same float32 steps)
     spread = np.multiply(sigma, config.band_sigma, out=sigma)
     np.minimum(lo, np.subtract(mu, spread), out=lo)
@@ -754,24 +756,40 @@ def graph_blocks(
     channels: int,
 ) -> np.ndarray:
     """[len(indices), channels, Hb, Wb]: the FP32 ``graph``'s map of each image, unnormalised, max-pooled to blocks."""
-    geo = training.geometry
-    plan = TilePlan(geo.height, geo.width, core, HALO, ALIGN)
-    blocks = np.zeros((len(indices), channels, *tol.block_shape(geo)), np.float32)
+    with block_scorer(graph, stats, training.geometry, core, channels) as score:
+        return score(training, indices)
+
+
+@contextlib.contextmanager
+def block_scorer(
+    graph: Path, stats: dict[str, np.ndarray], geometry: Geometry, core: int, channels: int
+) -> Iterator[Callable[[Training, Sequence[int]], np.ndarray]]:
+    """``graph_blocks`` for several image sets with the same statistics: the backend opened and its resident
+    statistics tiled once (in the precision the graph declares for them)."""
+    plan = TilePlan(geometry.height, geometry.width, core, HALO, ALIGN)
+    with OnnxRuntimeBackend(graph) as backend:
+        backend.activate(resident_inputs(plan, stats, backend.inputs["mean"].dtype))
+        yield functools.partial(_graph_blocks, backend, plan, channels)
+
+
+def _graph_blocks(
+    backend: OnnxRuntimeBackend, plan: TilePlan, channels: int, training: Training, indices: Sequence[int]
+) -> np.ndarray:
+    core = plan.core
+    blocks = np.zeros((len(indices), channels, *tol.block_shape(training.geometry)), np.float32)
     origins = [plan.origin(t) for t in range(plan.n_tiles)]
     per_core = core // BLOCK
-    with OnnxRuntimeBackend(graph) as backend:
-        backend.activate(resident_inputs(plan, stats, np.float32))
-        for row, i in enumerate(indices):
-            for tiles, out in _scored(backend, registered_tiles(training, plan, origins, i)):
-                y, x = plan.origin(tiles.start)
-                h, w = _valid_core(plan, tiles.start)
-                maps = np.zeros((channels, core, core), np.float32)
-                maps[:, :h, :w] = out["anomaly"][0][:, :h, :w]
-                pooled = maps.reshape(channels, per_core, BLOCK, per_core, BLOCK).max(axis=(2, 4))
-                by, bx = y // BLOCK, x // BLOCK
-                target = blocks[row, :, by : by + per_core, bx : bx + per_core]
-                target[...] = pooled[:, : target.shape[1], : target.shape[2]]
-            release_pages(training.registered)
+    for row, i in enumerate(indices):
+        for tiles, out in _scored(backend, registered_tiles(training, plan, origins, i)):
+            y, x = plan.origin(tiles.start)
+            h, w = _valid_core(plan, tiles.start)
+            maps = np.zeros((channels, core, core), np.float32)
+            maps[:, :h, :w] = out["anomaly"][0][:, :h, :w]
+            pooled = maps.reshape(channels, per_core, BLOCK, per_core, BLOCK).max(axis=(2, 4))
+            by, bx = y // BLOCK, x // BLOCK
+            target = blocks[row, :, by : by + per_core, bx : bx + per_core]
+            target[...] = pooled[:, : target.shape[1], : target.shape[2]]
+        release_pages(training.registered)
     return blocks
 
 

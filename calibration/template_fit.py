@@ -70,6 +70,7 @@ def _components_graph(config: FitConfig, training: Training, tmp: Path) -> Path:
         config.core,
         input_dtype=fp.graph_input_dtype(training.geometry),
         components=True,
+        resident_precision="fp16",  # the fit's statistics are FP16: the same values at half the memory
         **shapes,
     )
     path = tmp / "components.onnx"
@@ -167,11 +168,12 @@ def _held_out(training: Training, config: FitConfig, progress: bool, fold_stats:
         for fold in tqdm(range(folds), desc="calibrating (k-fold)", disable=not progress, unit="fold"):
             rows, kept = fp.fold_members(n, folds, fold)
             stats = fold_stats[fold] if fold_stats is not None else fp.statistics(training, kept, config)
-            goods[rows] = fp.graph_blocks(training, graph, stats, rows, config.core, channels)
-            copies = probes.probed_training(training, rows, plans)
-            maps = fp.graph_blocks(copies, graph, stats, range(len(rows)), config.core, channels)
-            for i, image in zip(rows, maps, strict=True):  # keep the probes' blocks only: maps are large at 5120 px
-                probed[i] = [image[:, r0:r1, c0:c1].copy() for r0, r1, c0, c1 in (q.blocks for q in plans[i])]
+            with fp.block_scorer(graph, stats, training.geometry, config.core, channels) as score:
+                goods[rows] = score(training, rows)
+                for i in rows:  # one probed copy at a time, only the probes' blocks kept: frames are large at 5120 px
+                    image = score(probes.probed_training(training, [i], plans), [0])[0]
+                    probed[i] = [image[:, r0:r1, c0:c1].copy() for r0, r1, c0, c1 in (q.blocks for q in plans[i])]
+            del stats  # the next fold's statistics are computed without this fold's alive
     return HeldOut(goods, probed, plans, folds)
 
 

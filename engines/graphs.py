@@ -89,6 +89,11 @@ class TiledGraphSpec:
         """The numpy type of the working precision, for constants in that part of the graph."""
         return np.float16 if self.precision == "fp16" else np.float32
 
+    @property
+    def resident_type(self) -> int:
+        """The ONNX type of the resident statistics: the working precision's (see ``tile_inputs``)."""
+        return self.half
+
     def __post_init__(self) -> None:
         if self.core % ALIGN or self.halo % ALIGN or self.halo < HALO:
             raise ValueError(f"core and halo must be multiples of {ALIGN}, halo >= {HALO}")
@@ -107,6 +112,15 @@ class TemplateGraphSpec(TiledGraphSpec):
     blob_scale: float | None = None  # None: no blob score (graphs of bundles fitted before it)
     line_scale: float | None = None  # None: no line score
     components: bool = False  # fitting only: output every score (COMPONENTS) separately, unscaled
+    # Resident statistics' precision when it differs from the working precision: the fit's FP32 graph reads the
+    # statistics in FP16, which is how the fit holds them (exact), at half the memory of 25 float32 tiles of each.
+    resident_precision: str | None = None
+
+    @property
+    def resident_type(self) -> int:
+        if self.resident_precision is None:
+            return self.half
+        return TensorProto.FLOAT16 if self.resident_precision == "fp16" else TensorProto.FLOAT
 
     @property
     def shapes(self) -> tuple[str, ...]:
@@ -123,6 +137,8 @@ class TemplateGraphSpec(TiledGraphSpec):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.resident_precision not in (None, "fp16", "fp32"):
+            raise ValueError(f"resident precision {self.resident_precision!r}: expected fp16 or fp32")
         if self.gains < self.template_gains:
             raise ValueError(f"the template's scores read {self.template_gains} gain maps, the spec has {self.gains}")
 
@@ -204,20 +220,21 @@ def tile_inputs(spec: TiledGraphSpec) -> list[onnx.ValueInfoProto]:
     """The inputs every inspectd tile graph declares (module docstring); resident ones in the working precision.
 
     Resident statistics travel in the graph's working precision: FP32 graphs get FP32 (no
-    per-tile conversion on the CPU), FP16 graphs get FP16 (half the device memory and traffic).
+    per-tile conversion on the CPU), FP16 graphs get FP16 (half the device memory and traffic);
+    a template spec may ask for another (``resident_precision``).
     """
-    c, t, half = spec.channels, spec.tile, spec.half
+    c, t, half, resident = spec.channels, spec.tile, spec.half, spec.resident_type
     in_type = TensorProto.UINT8 if spec.input_dtype == "uint8" else TensorProto.FLOAT
     inputs = [
         helper.make_tensor_value_info("image", in_type, ["N", c, t, t]),
         helper.make_tensor_value_info("photo", TensorProto.FLOAT, ["N", PHOTO_TERMS]),
     ]
     for name, channels in (("mean", c), ("low", c), ("high", c), ("weight", 1)):
-        inputs.append(helper.make_tensor_value_info(name, half, ["N", channels, t, t]))
+        inputs.append(helper.make_tensor_value_info(name, resident, ["N", channels, t, t]))
     side = t >> FINE_GAIN_LEVEL
     inputs.append(helper.make_tensor_value_info("fine_gain", half, ["N", spec.gains, side, side]))
     for level in LEVELS:
-        inputs.append(helper.make_tensor_value_info(f"coarse{level}", half, ["N", c, t >> level, t >> level]))
+        inputs.append(helper.make_tensor_value_info(f"coarse{level}", resident, ["N", c, t >> level, t >> level]))
     return inputs
 
 
@@ -288,12 +305,14 @@ def template_anomaly(g: _Builder, spec: TemplateGraphSpec, out: str, gain_channe
     before them or after the final maximum gives the same map. The fitting graph (``components``)
     outputs every score separately and clamps the excess before the shapes.
     """
-    c, half = spec.channels, spec.half
+    c, half, resident = spec.channels, spec.half, spec.resident_type
     stats = {
-        name: name if half == TensorProto.FLOAT else g.op("Cast", [name], to=TensorProto.FLOAT)
+        name: name if resident == TensorProto.FLOAT else g.op("Cast", [name], to=TensorProto.FLOAT)
         for name in ("mean", "low", "high", "weight")
     }
-    inv_sigmas = {level: f"coarse{level}" for level in LEVELS}
+    inv_sigmas = {
+        level: f"coarse{level}" if resident == half else g.op("Cast", [f"coarse{level}"], to=half) for level in LEVELS
+    }
 
     # Stage 1, FP32: illumination correction, band excess and residual at full resolution.
     x = g.op("Cast", ["image"], to=TensorProto.FLOAT)

@@ -116,8 +116,9 @@ def detector_gains(ref: dict[str, np.ndarray], name: str) -> np.ndarray:
 
 def _tile_planes(plan: TilePlan, planes: np.ndarray, dtype: np.dtype) -> np.ndarray:
     out = np.empty((plan.n_tiles, len(planes), plan.tile, plan.tile), dtype)
-    for c, plane in enumerate(planes):
-        out[:, c : c + 1] = plan.tile_all(plane.astype(np.float32))
+    for c, plane in enumerate(planes):  # floats are tiled as they are (no full-size copy); the store converts
+        tiled = plane if plane.dtype in (np.float16, np.float32) else plane.astype(np.float32)
+        out[:, c : c + 1] = plan.tile_all(tiled)
     return out
 
 

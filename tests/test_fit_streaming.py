@@ -12,13 +12,16 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import onnx
 import pytest
 
 from calibration import fit_pipeline as fp
 from calibration import tolerance_fit as tol
 from calibration.fit_pipeline import FitConfig
 from engines import registration as reg
-from engines.graphs import LEVELS
+from engines.graphs import ALIGN, HALO, LEVELS, TemplateGraphSpec, build_template_graph
+from engines.inspector import resident_inputs
+from engines.tiling import TilePlan
 from engines.types import Geometry
 
 
@@ -187,3 +190,24 @@ def test_released_pages_leave_the_resident_set_and_keep_their_data(tmp_path):
     assert touched - released >= 24, (touched, released)  # 32 MB written, at most a little still mapped
     assert [int(frames[i, 512:520, 100:900].min()) for i in range(4)] == [1, 2, 3, 4]
     fp.release_pages(np.zeros(3))  # plain arrays: nothing to do
+
+
+def test_the_fit_graph_reads_fp16_statistics_and_scores_as_with_fp32(tmp_path):
+    """The fit's components graph takes the statistics in FP16 (as the fit holds them): the same held-out maps as
+    the graph that takes them in FP32, from half the resident memory."""
+    training = training_set(fp.TRIM_FROM, 300, 260)
+    stats = fp.statistics(training, range(fp.TRIM_FROM), FitConfig())
+    blocks, resident = {}, {}
+    for precision in ("fp32", "fp16"):
+        spec = TemplateGraphSpec(1, 128, components=True, blob_scale=1.0, line_scale=1.0, resident_precision=precision)
+        path = tmp_path / f"{precision}.onnx"
+        onnx.save(build_template_graph(spec), path)
+        with fp.block_scorer(path, stats, training.geometry, 128, 4) as score:
+            blocks[precision] = np.concatenate([score(training, [i]) for i in range(3)])
+        plan = TilePlan(300, 260, 128, HALO, ALIGN)
+        resident[precision] = sum(
+            a.nbytes for a in resident_inputs(plan, stats, np.dtype(precision.replace("fp", "float"))).values()
+        )
+    np.testing.assert_array_equal(blocks["fp16"], blocks["fp32"])
+    assert blocks["fp32"].max() > 0  # the maps are not all zero: the comparison means something
+    assert resident["fp16"] * 2 == resident["fp32"]
