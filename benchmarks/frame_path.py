@@ -658,7 +658,7 @@ def run_daemons(args: argparse.Namespace, workers: dict[str, Worker], checkouts:
                 report = run(daemons[name], images, args.daemon_frames, rate, None)
                 lat = percentiles(latencies(report))
                 lat["decided"], lat["sent"], lat["rate"] = len(report.decisions), report.sent, rate
-                lat["stages"] = _stages_p50(report.decisions.values())
+                lat["inside"] = _inside_p50(report.decisions.values())
                 results[name].append((bare["p50"], lat))
     finally:
         for daemon in daemons.values():
@@ -669,26 +669,22 @@ def run_daemons(args: argparse.Namespace, workers: dict[str, Worker], checkouts:
     print(f"\ndaemon: raw frames over loopback at {offered}", end="")
     print(f", {args.daemon_frames} frames per run")
     print(f"{'checkout':<10}{'run':>4}{'rate Hz':>9}{'bare p50':>10}{'e2e p50':>9}{'e2e p99':>9}", end="")
-    print(f"{'overhead':>10}{'stages p50':>11}{'decided':>9}")
+    print(f"{'overhead':>10}{'inside p50':>11}{'decided':>9}")
     for name, rows in results.items():
         for i, (bare_p50, lat) in enumerate(rows, 1):
             overhead = 100 * (lat["p50"] / bare_p50 - 1)
             print(
                 f"{name:<10}{i:>4}{lat['rate']:>9.2f}{bare_p50:>10.1f}{lat['p50']:>9.1f}{lat['p99']:>9.1f}"
-                f"{overhead:>+9.1f}%{_fmt(lat['stages'], 11)}{lat['decided']:>5}/{lat['sent']}"
+                f"{overhead:>+9.1f}%{_fmt(lat['inside'], 11)}{lat['decided']:>5}/{lat['sent']}"
             )
-    print("(stages p50: the daemon's own prepare + infer + decide per frame, from its decisions; the rest of e2e is")
-    print(" the hop both ways, queueing and publishing)")
+    print("(inside p50: from the frame's arrival to its decision, as the daemon measured it (its decisions'")
+    print(" latency_ms); the rest of e2e is the hop both ways and the publishing)")
 
 
-def _stages_p50(decisions: Iterable[dict]) -> float | None:
-    """Median over frames of the daemon's prepare + infer + decide wall time (its decisions' ``timings_ms``)."""
-    sums = []
-    for decision in decisions:
-        timings = decision.get("timings_ms") or {}
-        if all(stage in timings for stage in ("prepare", "infer", "decide")):
-            sums.append(timings["prepare"] + timings["infer"] + timings["decide"])
-    return statistics.median(sums) if sums else None
+def _inside_p50(decisions: Iterable[dict]) -> float | None:
+    """Median over frames of the daemon's own latency: frame received to decision made (``latency_ms``)."""
+    inside = [d["latency_ms"] for d in decisions if isinstance(d.get("latency_ms"), int | float)]
+    return statistics.median(inside) if inside else None
 
 
 def run_fits(args: argparse.Namespace, checkouts: dict[str, Path]) -> dict[str, Path]:
