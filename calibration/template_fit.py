@@ -174,6 +174,7 @@ def _held_out(training: Training, config: FitConfig, progress: bool, fold_stats:
                     image = score(probes.probed_training(training, [i], plans), [0])[0]
                     probed[i] = [image[:, r0:r1, c0:c1].copy() for r0, r1, c0, c1 in (q.blocks for q in plans[i])]
             del stats  # the next fold's statistics are computed without this fold's alive
+            fp.release_free_heap()
     return HeldOut(goods, probed, plans, folds)
 
 
