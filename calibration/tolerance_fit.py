@@ -96,8 +96,9 @@ def fit_local_tolerance(
     without it the factor is 1): the template has both, the learned map only the first.
     """
     part_gain, ring_gain = fine_tolerance(blocks[:, 0], poses, inside, border, fine_ring)
-    factor = coarse_factor(blocks[:, 1], inside, border) if blocks.shape[1] > 1 else np.ones_like(part_gain)
-    return LocalTolerance(part_gain, ring_gain, factor)
+    if blocks.shape[1] == 1:
+        return LocalTolerance(part_gain, ring_gain, np.ones_like(part_gain))
+    return LocalTolerance(part_gain, ring_gain, coarse_factor(blocks[:, 1], inside, border, poses))
 
 
 def cross_fitted_maps(blocks: np.ndarray, poses: np.ndarray, inside: np.ndarray, border: int, folds: int) -> np.ndarray:
@@ -209,11 +210,39 @@ def _edge_lines(level: np.ndarray, border: int, reduce: Callable) -> tuple[np.nd
     return np.broadcast_to(edge, level.shape), near_tb | near_lr
 
 
-def coarse_factor(coarse: np.ndarray, inside: np.ndarray, border: int) -> np.ndarray:
-    """Factor (>= 1) on the block spread: each block's neighbourhood level down to the median level."""
+def coarse_factor(coarse: np.ndarray, inside: np.ndarray, border: int, poses: np.ndarray | None = None) -> np.ndarray:
+    """Factor (>= 1) on the block spread: each block's neighbourhood level down to the median level.
+
+    With ``poses``, a block of the border zone also takes the level of every sensor ring line
+    (``posed_coarse_ring``) that one of these poses lays over it.
+    """
     level = _neighbourhood_max(coarse.max(axis=0), border)
     ref = max(float(np.median(level[inside])) if inside.any() else 1.0, 1e-3)
+    if poses is not None:
+        level = np.maximum(level, posed_coarse_ring(coarse, poses, border))
     return np.where(inside, np.maximum(level / ref, 1), 1).astype(np.float32)
+
+
+def posed_coarse_ring(coarse: np.ndarray, poses: np.ndarray, border: int) -> np.ndarray:
+    """The coarse score's sensor ring, seen from the reference under every one of ``poses`` (the most tolerant).
+
+    The ring's lines are BLOCK px apart and take the maximum along the line, as the reference
+    frame's lines of ``_neighbourhood_max`` do.
+
+    Clutter, a fixture edge and vignetting stay with the camera, so what the coarse score does
+    near an image edge belongs to lines of the *sensor* (as the fine score's ring). The coarse
+    spread is baked into the graph's statistics, not carried per frame, so a place of the part
+    takes the highest ring level that any good part's pose lays over it. Without this, the
+    reference frame's lines see the clutter only where each image's own pose put it: at 5120 px
+    a rotation of 1.5 deg moves a corner by 65 px, some 8 lines of the ring, and a held-out part
+    at the largest pose meets clutter where no other part did.
+    """
+    sensor = np.max([reference_to_sensor(c, m) for c, m in zip(coarse, poses, strict=True)], axis=0)
+    lines = _edge_lines(sensor, border, np.max)  # the maximum along the line, as the reference's lines take
+    if lines is None:
+        return np.zeros_like(sensor)
+    ring = np.where(lines[1], lines[0], 0).astype(np.float32)
+    return np.max([sensor_to_reference(ring, m, np.max) for m in poses], axis=0)
 
 
 def _neighbourhood_max(level: np.ndarray, border: int) -> np.ndarray:

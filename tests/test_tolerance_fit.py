@@ -171,3 +171,30 @@ def test_the_rings_lines_follow_the_image_size(side, fine_ring, line_px):
     ring = tol.fit_local_tolerance(blocks, poses, inside, border, fine_ring).ring_gain[:, blocks_side // 2]
     assert ring[5] < 0.2 and ring[6] > 0.95 and ring[3] > 0.95
     assert (ring[4] < 0.2) == (line_px == 16), "the cluttered line's 16 px partner shares its gain only at 5120 px"
+
+
+def test_coarse_clutter_of_the_sensor_ring_is_tolerated_under_every_pose_good_parts_take():
+    """Clutter on the sensor's 7th line from the top, seen by the coarse score in two of ten good parts.
+
+    The held-out part's pose lays its clutter on reference row 4, where no other part's clutter
+    fell (the other cluttered part's pose put it on row 8), but where an uncluttered part's pose
+    lays that sensor line: its coarse score there is the typical level, not ten times it. A row no
+    pose lays the line on keeps factor 1 (found in full). Before, the coarse factor's border lines
+    were the reference's only, and the held-out clutter kept its raw 30 (issue 15: 5120 px, 1.5 deg).
+    """
+    side, n, clutter_row = 256, 10, 6  # blocks: a 2048 px image, its border zone 16 blocks deep
+    border = tol.border_blocks(Geometry(side * BLOCK, side * BLOCK, 1, "uint8"))
+    shifts = np.arange(n) % 5 - 2  # blocks, down: reference row r lies on sensor row r + shift
+    poses = np.stack([np.array([[1.0, 0.0, 0.0], [0.0, 1.0, s * BLOCK]]) for s in shifts])
+    rng = np.random.default_rng(4)
+    blocks = np.stack([rng.uniform(0.5, 2.0, (n, side, side)), rng.uniform(2, 3, (n, side, side))], axis=1)
+    blocks = blocks.astype(np.float32)
+    for i in (0, 9):  # shifts -2 and +2: reference rows 8 and 4
+        blocks[i, 1, clutter_row - shifts[i], 100:110] = 30.0
+    inside = np.ones((side, side), bool)
+    others = np.arange(n - 1)
+    tolerance = tol.fit_local_tolerance(blocks[others], poses[others], inside, border)
+    held = tolerance.normalised(blocks[n - 1 :], poses[n - 1 :])[0, 1]
+    assert held.max() < 4, "the held-out part's clutter is judged by the ring line it lies on"
+    assert tolerance.factor[clutter_row + 2 + 1 : border, border : side - border].max() < 1.01
+    assert tolerance.factor[side // 2, side // 2] < 1.01, "the interior is untouched"
