@@ -234,7 +234,7 @@ def posed_coarse_ring(coarse: np.ndarray, poses: np.ndarray, border: int) -> np.
     spread is baked into the graph's statistics, not carried per frame, so a place of the part
     takes the highest ring level that any good part's pose lays over it. Without this, the
     reference frame's lines see the clutter only where each image's own pose put it: at 5120 px
-    a rotation of 1.5 deg moves a corner by 65 px, some 8 lines of the ring, and a held-out part
+    a rotation of 1.5 deg moves the part near a corner about 65 px across the edge, 8 ring lines, and a held-out part
     at the largest pose meets clutter where no other part did.
     """
     sensor = np.max([reference_to_sensor(c, m) for c, m in zip(coarse, poses, strict=True)], axis=0)
