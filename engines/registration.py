@@ -15,7 +15,9 @@ with the gain quadratic and the offset linear in x and y, fitted robustly on the
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
@@ -110,6 +112,23 @@ def _rotation(angle_deg: float, shape: tuple[int, int]) -> np.ndarray:
     return np.hstack([rot, (centre - rot @ centre)[:, None]])
 
 
+@contextlib.contextmanager
+def _without_ipp() -> Iterator[None]:
+    """OpenCV's Intel IPP paths off for the calling thread (``cv2.ipp.setUseIPP`` is per thread), then as before.
+
+    With IPP the search's gradient spectrum of the same level differed slightly from call to call
+    (found at 5120 px: the same good images registered twice in one process moved by up to 2e-6
+    px, and two fits of the same images gave thresholds 1.8248 and 1.8243); without it the same
+    frame always gets the same pose. The spectrum costs the same either way (0.14 ms).
+    """
+    was = cv2.ipp.useIPP()
+    cv2.ipp.setUseIPP(False)
+    try:
+        yield
+    finally:
+        cv2.ipp.setUseIPP(was)
+
+
 def _gradient(image: np.ndarray) -> np.ndarray:
     """Gradient magnitude: edges of the part, not its grey levels (lighting gain and offset drop out)."""
     gx = cv2.Sobel(image, cv2.CV_32F, 1, 0, ksize=3)
@@ -156,7 +175,8 @@ class PoseSearch:
 
     @staticmethod
     def _spectrum(level: np.ndarray, window: np.ndarray) -> np.ndarray:
-        return cv2.dft(_gradient(level) * window, flags=cv2.DFT_COMPLEX_OUTPUT)
+        with _without_ipp():
+            return cv2.dft(_gradient(level) * window, flags=cv2.DFT_COMPLEX_OUTPUT)
 
     def find(self, coarse_img: np.ndarray) -> np.ndarray:
         """The best (rotation, shift) for a frame's coarse level, as a 2x3 reference-to-frame warp at that level."""
