@@ -42,7 +42,9 @@ _HOOD = np.ones((2 * -(-NEIGHBOURHOOD_PX // PART_CELL) + 1,) * 2, np.uint8)  # o
 _BLOCK_HOOD = np.ones((2 * -(-NEIGHBOURHOOD_PX // BLOCK) + 1,) * 2, np.uint8)  # on BLOCK px blocks (coarse factor)
 # The ring's lines are BLOCK px apart while the border zone (BORDER_ZONE of the side) holds fewer than twice this
 # many of them, else 16 px apart: the band and the clutter's reach scale with the image, the chips' size does not
-# need more (16 lines of 8 px at 2048 px, 20 of 16 px at 5120 px, where 8 px lines were not measured alone).
+# need more (16 lines of 8 px at 2048 px, 20 of 16 px at 5120 px). 8 px lines at 5120 px, measured alone: the band's
+# chips there lie beyond the clutter's reach at full gain anyway, and the outermost 8 px line, quieter than the
+# 16 px line that held it, let one good part's frame-edge peak raise the fine scale (README, 5120 px chips).
 RING_LINES = 16
 
 
