@@ -37,7 +37,14 @@ from calibration.thresholds import good_threshold
 from engines import registration as reg
 from engines.bundle import GRAPH_FP16, GRAPH_FP32
 from engines.errors import UserError
-from engines.learned_graph import DEFAULT_ARCHITECTURE, RADIUS, LearnedGraphSpec, build_learned_graph, macs_per_pixel
+from engines.learned_graph import (
+    DEFAULT_ARCHITECTURE,
+    RADIUS,
+    LearnedGraphSpec,
+    architecture,
+    build_learned_graph,
+    macs_per_pixel,
+)
 
 
 @dataclass(frozen=True)
@@ -176,6 +183,8 @@ def learn_and_calibrate(
     geo = training.geometry
     if learn.patch <= 2 * RADIUS + 8:
         raise UserError(f"patch {learn.patch}: must exceed {2 * RADIUS + 8} px (the network's receptive field)")
+    if architecture(learn.network).two_scale and learn.patch % 2:
+        raise UserError(f"patch {learn.patch}: the {learn.network} network works on 2x2 blocks, give an even size")
     if min(geo.height, geo.width) < learn.patch:
         raise UserError(f"images are {geo.describe()}: smaller than the {learn.patch} px training patch")
     n = len(images)

@@ -31,6 +31,8 @@ from engines.learned_graph import (
     MEAN_SCALE,
     NETWORK_KEY,
     RADIUS,
+    TWO_SCALE_CROP,
+    TWO_SCALE_FINE_CROP,
     Z_FLOOR,
     architecture,
 )
@@ -58,12 +60,31 @@ class LearnedNet(nn.Module):
         )
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
+        if architecture(self.network).two_scale:
+            return self._two_scale(features)
         h = features
-        for layer, conv in zip(self.layers, self.convs, strict=True):
-            h = conv(h)
-            if layer.relu:
-                h = torch.relu(h)
+        for i in range(len(self.layers)):
+            h = self._conv(i, h)
         return h
+
+    def _conv(self, i: int, h: torch.Tensor) -> torch.Tensor:
+        h = self.convs[i](h)
+        return torch.relu(h) if self.layers[i].relu else h
+
+    def _two_scale(self, features: torch.Tensor) -> torch.Tensor:
+        """``engines.learned_graph.two_scale_layers``, as the graph's ``_two_scale_network`` runs them."""
+        if features.shape[-1] % 2 or features.shape[-2] % 2:
+            raise ValueError(f"the two-scale network needs an even input side, got {tuple(features.shape[-2:])}")
+        j, k = TWO_SCALE_CROP, TWO_SCALE_FINE_CROP
+        h = features[..., j:-j, j:-j]
+        # ONNX SpaceToDepth's channel order, (dy * 2 + dx) * C + c (torch's pixel_unshuffle interleaves c first).
+        blocks = torch.cat([h[..., dy::2, dx::2] for dy in (0, 1) for dx in (0, 1)], dim=1)
+        fine = self._conv(0, blocks[..., k:-k, k:-k])
+        context = nn.functional.avg_pool2d(h, 2)
+        for i in range(1, 5):
+            context = self._conv(i, context)
+        fused = self._conv(5, torch.cat([fine, context], dim=1))
+        return nn.functional.pixel_shuffle(self._conv(6, fused), 2)
 
     def numpy_weights(self) -> dict[str, np.ndarray]:
         """Weights named as ``engines.learned_graph.weight_shapes`` expects."""

@@ -15,7 +15,8 @@ Per tile the graph
 3. runs the network: 3x3 convolutions with dilations ``DILATIONS`` and ReLU, then a 1x1
    convolution to one logit; all convolutions are *valid* (no padding), so the output is
    exactly the core and equals the network applied to the whole image (the halo, 64 px, is
-   larger than the receptive-field radius, ``RADIUS``);
+   larger than the receptive-field radius, ``RADIUS``); the two-scale network (``--network
+   twoscale``) runs on 2x2 pixel blocks that sit on the same frame grid in every tile;
 4. returns softplus(logit) * w * fine_gain on the core: non-negative, ~0 where the network is
    sure the pixel is good and ~logit where it sees a defect, so "threshold = (1 + margin) *
    worst held-out good score" keeps its meaning. ``fine_gain`` is the learned local
@@ -70,6 +71,7 @@ class Layer:
     groups: int = 1  # cin: depthwise
     bias: bool = True
     relu: bool = True  # ReLU after this layer
+    block: int = 1  # its map has one value per block x block pixels: 2 for the two-scale network's layers
 
     @property
     def weight_shape(self) -> tuple[int, int, int, int]:
@@ -77,8 +79,8 @@ class Layer:
 
     @property
     def macs(self) -> int:
-        """Multiply-accumulates per output pixel."""
-        return int(np.prod(self.weight_shape))
+        """Multiply-accumulates per full-resolution output pixel."""
+        return int(np.prod(self.weight_shape)) // self.block**2
 
 
 @dataclass(frozen=True)
@@ -89,11 +91,16 @@ class Architecture:
     depthwise dilated 3x3 (no bias, no ReLU: it is linear up to the next layer) and a pointwise 1x1
     with ReLU. The first layer is always full: it mixes the features at the finest scale, where
     5x5 px dots live. Same receptive field (``RADIUS``) for every architecture.
+
+    ``two_scale``: every layer on 2x2 blocks of pixels, a quarter of the positions; a fine branch that
+    still sees and scores each pixel, and a context branch with the wide receptive field, fused by a
+    1x1 before the head (see ``two_scale_layers``).
     """
 
     name: str
     full: int = len(DILATIONS)
     width: int = WIDTH
+    two_scale: bool = False
 
     @property
     def separable(self) -> bool:
@@ -102,6 +109,8 @@ class Architecture:
     def layers(self, channels: int) -> list[Layer]:
         """Every convolution in order; the last is the head."""
         w = self.width
+        if self.two_scale:
+            return two_scale_layers(FEATURES * channels, w)
         layers = [Layer(FEATURES * channels, w, 3, DILATIONS[0])]
         for i, dilation in enumerate(DILATIONS[1:], start=1):
             if i < self.full:
@@ -111,9 +120,46 @@ class Architecture:
         return [*layers, Layer(w, 1, 1, relu=False)]
 
 
+def two_scale_layers(cin: int, w: int) -> list[Layer]:
+    """The two-scale network's convolutions, in the order ``_two_scale_network`` (graph and torch) runs them.
+
+    Every layer runs at half resolution, on 2x2 blocks of pixels; only the features and the logit are
+    at full resolution. The fine branch keeps every pixel: its input is the features of each block's
+    four pixels side by side (space-to-depth, 4 x ``cin`` channels), its output one logit per pixel
+    (depth-to-space of 4 channels), so a 5x5 px dot is still seen pixel by pixel.
+    0: fine: 3x3 over the blocks (a 6x6 px window around each pixel), ``w`` channels, ReLU;
+    1-4: context: 3x3 on the features 2x2-averaged, dilations ``DILATIONS[:-1]`` (2, 4, 8, 16 px at
+       full resolution for the 16-channel layers, as in the dilated network), ReLU;
+    5: 1x1 across both branches (concatenated), ``w`` channels, ReLU: each block fused with its context;
+    6: the head: 1x1 to four logits, one per pixel of the block.
+    Receptive field: 1 + 2 * (1 + 2 + 4 + 8) = 31 px = ``RADIUS``, as for the other networks. Why so:
+    the dense convolutions run near ONNX Runtime's arithmetic peak, but the elementwise work between
+    full-resolution layers (a 16-channel upsample, concatenation or add per pixel) cost as much as
+    the convolutions it saved; on blocks, only the 5 feature channels and the logit are full size.
+    """
+    fine = Layer(4 * cin, w, 3, block=2)
+    context = [Layer(cin if i == 0 else w, w, 3, d, block=2) for i, d in enumerate(DILATIONS[:-1])]
+    return [fine, *context, Layer(2 * w, w, 1, block=2), Layer(w, 4, 1, relu=False, block=2)]
+
+
+# Crops of the two-scale network's input, px per side (input core + 2 * RADIUS): both branches read it
+# less 1 px, so every 2x2 block and averaging window starts on an even frame coordinate in every tile
+# (core origins are multiples of ALIGN; the input starts at core origin - RADIUS): tiling stays exact.
+# The context stack then ends exactly on the core (2 * 15 px); the fine branch reads the core's blocks
+# plus its 1-block radius.
+TWO_SCALE_CROP = RADIUS - 2 * sum(DILATIONS[:-1])
+TWO_SCALE_FINE_CROP = (RADIUS - TWO_SCALE_CROP) // 2 - 1  # blocks, after the first crop
+assert TWO_SCALE_CROP == 1 and TWO_SCALE_FINE_CROP == 14
+
 # "dilated" is the network of every bundle before the architecture was recorded.
 ARCHITECTURES = {
-    a.name: a for a in (Architecture("dilated"), Architecture("separable", full=1), Architecture("hybrid", full=2))
+    a.name: a
+    for a in (
+        Architecture("dilated"),
+        Architecture("separable", full=1),
+        Architecture("hybrid", full=2),
+        Architecture("twoscale", two_scale=True),
+    )
 }
 DEFAULT_ARCHITECTURE = "dilated"
 NETWORK_KEY = "inspectd.network"  # the graph's metadata entry naming its architecture
@@ -203,7 +249,9 @@ def learned_anomaly(
         h = g.op("Cast", [h], to=half)
 
     # Stage 3: the network, valid convolutions.
-    logit = _network(g, h, architecture(network).layers(spec.channels), weights, np_half)
+    arch = architecture(network)
+    run = _two_scale_network if arch.two_scale else _network
+    logit = run(g, h, arch.layers(spec.channels), weights, np_half)
     if bind_unused:
         corner = [_slice(g, _slice(g, f"coarse{level}", 0, 1, (1,)), 0, 1, (2, 3)) for level in LEVELS]
         logit = g.op("Add", [logit, g.op("Mul", [g.op("Sum", corner), g.const(np_half(0))])])
@@ -233,18 +281,39 @@ def _softplus(g: _Builder, x: str, np_half: type) -> str:
 
 def _network(g: _Builder, h: str, layers: list[Layer], weights: Mapping[str, np.ndarray], np_half: type) -> str:
     """The convolutions of ``layers`` on ``h``; initializers named conv{i}_w / conv{i}_b, the last head_w / head_b."""
-    for i, layer in enumerate(layers):
-        prefix = "head" if i == len(layers) - 1 else f"conv{i}"
-        inputs = [h, g.const(np.asarray(weights[f"conv{i}.weight"], np_half), f"{prefix}_w")]
-        if layer.bias:
-            inputs.append(g.const(np.asarray(weights[f"conv{i}.bias"], np_half), f"{prefix}_b"))
-        # Attributes only where they differ from ONNX's defaults: the dilated network's graph stays as it was.
-        attrs: dict[str, object] = {"kernel_shape": [layer.kernel] * 2}
-        if layer.kernel > 1:
-            attrs["dilations"] = [layer.dilation] * 2
-        if layer.groups > 1:
-            attrs["group"] = layer.groups
-        h = g.op("Conv", inputs, **attrs)
-        if layer.relu:
-            h = g.op("Relu", [h])
+    for i in range(len(layers)):
+        h = _conv(g, h, i, layers, weights, np_half)
     return h
+
+
+def _conv(g: _Builder, h: str, i: int, layers: list[Layer], weights: Mapping[str, np.ndarray], np_half: type) -> str:
+    """Layer ``i`` of ``layers`` on ``h``, and its ReLU where it has one."""
+    layer = layers[i]
+    prefix = "head" if i == len(layers) - 1 else f"conv{i}"
+    inputs = [h, g.const(np.asarray(weights[f"conv{i}.weight"], np_half), f"{prefix}_w")]
+    if layer.bias:
+        inputs.append(g.const(np.asarray(weights[f"conv{i}.bias"], np_half), f"{prefix}_b"))
+    # Attributes only where they differ from ONNX's defaults: the dilated network's graph stays as it was.
+    attrs: dict[str, object] = {"kernel_shape": [layer.kernel] * 2}
+    if layer.kernel > 1:
+        attrs["dilations"] = [layer.dilation] * 2
+    if layer.groups > 1:
+        attrs["group"] = layer.groups
+    h = g.op("Conv", inputs, **attrs)
+    return g.op("Relu", [h]) if layer.relu else h
+
+
+def _two_scale_network(
+    g: _Builder, h: str, layers: list[Layer], weights: Mapping[str, np.ndarray], np_half: type
+) -> str:
+    """The two-scale network (``two_scale_layers``) on ``h``: features of the core plus ``RADIUS`` per side."""
+    h = _slice(g, h, TWO_SCALE_CROP, -TWO_SCALE_CROP, (2, 3))
+    # SpaceToDepth: channel (dy * 2 + dx) * C + c holds pixel (2y + dy, 2x + dx) of channel c.
+    blocks = _slice(g, g.op("SpaceToDepth", [h], blocksize=2), TWO_SCALE_FINE_CROP, -TWO_SCALE_FINE_CROP, (2, 3))
+    fine = _conv(g, blocks, 0, layers, weights, np_half)
+    context = g.op("AveragePool", [h], kernel_shape=[2, 2], strides=[2, 2])
+    for i in range(1, 5):
+        context = _conv(g, context, i, layers, weights, np_half)
+    fused = _conv(g, g.op("Concat", [fine, context], axis=1), 5, layers, weights, np_half)
+    # DepthToSpace of the four logits: channel dy * 2 + dx is pixel (2y + dy, 2x + dx).
+    return g.op("DepthToSpace", [_conv(g, fused, 6, layers, weights, np_half)], blocksize=2, mode="DCR")

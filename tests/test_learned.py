@@ -245,11 +245,32 @@ def test_training_is_reproducible_and_resumes_exactly(training, tmp_path):
     assert not np.array_equal(other["conv0.weight"], whole["conv0.weight"])
 
 
-def test_output_crop_matches_the_valid_network():
-    """The network's output is its input minus the receptive-field radius on every side."""
-    net = LearnedNet(3)
+@pytest.mark.parametrize("network", ARCHITECTURES)
+def test_output_crop_matches_the_valid_network(network):
+    """Every network's output is its input minus the receptive-field radius on every side."""
+    net = LearnedNet(3, network)
     x = torch.zeros(1, 3 * FEATURES, 2 * RADIUS + 10, 2 * RADIUS + 10)
     assert net(x).shape[-2:] == output_crop(np.zeros((2 * RADIUS + 10, 2 * RADIUS + 10))).shape
+
+
+def test_two_scale_network_scores_each_pixel_and_sees_its_receptive_field():
+    """The two-scale network works on 2x2 blocks, but its logit is per pixel (not one value per block), and what
+    an output pixel depends on spans 2 * RADIUS px (30 px to one side, 31 to the other, by its place in the block),
+    never more than RADIUS from it; an odd input side is refused."""
+    torch.manual_seed(0)
+    net = LearnedNet(1, "twoscale").eval()
+    side = 2 * RADIUS + 8
+    x = torch.rand(1, FEATURES, side, side, requires_grad=True)
+    out = net(x)[0, 0]
+    assert (out[0::2, 0::2] - out[0::2, 1::2]).abs().min() > 0 and (out[0::2] - out[1::2]).abs().min() > 0
+    for y in (4, 5):  # the first and the second row of a block
+        (grad,) = torch.autograd.grad(out[y].sum(), x, retain_graph=True)
+        rows = np.flatnonzero(grad[0].abs().sum(dim=(0, 2)).numpy())
+        centre = y + RADIUS
+        assert rows.min() >= centre - RADIUS and rows.max() <= centre + RADIUS
+        assert rows.max() - rows.min() == 2 * RADIUS - 1, (y, rows.min() - centre, rows.max() - centre)
+    with pytest.raises(ValueError, match="even input side"):
+        net(torch.zeros(1, FEATURES, side + 1, side + 1))
 
 
 def test_fit_cli_resumes_from_finished_checkpoints(bundle_dir, dataset, tmp_path):

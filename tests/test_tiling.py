@@ -14,6 +14,7 @@ import pytest
 
 from engines.graphs import ALIGN, HALO, TemplateGraphSpec, build_template_graph
 from engines.inspector import Inspector, Prepared, gain_tiles, resident_inputs
+from engines.learned_graph import ARCHITECTURES, LearnedGraphSpec, build_learned_graph, weight_shapes
 from engines.onnxruntime_backend import OnnxRuntimeBackend
 from engines.registration import Pose, tile_photometric
 from engines.tiling import TilePlan
@@ -43,6 +44,20 @@ def graph_backend(
     path = tmp / f"graph_c{channels}_{input_dtype}_{plan.core}_{shapes}.onnx"
     if not path.exists():
         onnx.save(build_template_graph(spec), path)
+    return OnnxRuntimeBackend(path, threads=2)
+
+
+def learned_backend(tmp: Path, plan: TilePlan, network: str) -> OnnxRuntimeBackend:
+    """An ONNX Runtime backend on the FP32 learned graph of ``network`` sized for ``plan``, fixed random weights
+    (He-scaled, biases too, so every layer's activations stay in range and the map varies)."""
+    rng = np.random.default_rng(5)
+    weights = {
+        k: rng.normal(0, np.sqrt(2 / np.prod(shape[1:] or (16,))), shape).astype(np.float32)
+        for k, shape in weight_shapes(1, network).items()
+    }
+    path = tmp / f"learned_{network}_{plan.core}.onnx"
+    if not path.exists():
+        onnx.save(build_learned_graph(LearnedGraphSpec(1, plan.core, halo=plan.halo), weights, network), path)
     return OnnxRuntimeBackend(path, threads=2)
 
 
@@ -141,6 +156,28 @@ def test_tiled_map_equals_untiled_map(tmp_path, height, width, core, shapes, cha
     assert tiled.max() > 1.0, "the frame's blobs must light the map up, or the comparison proves little"
     err = np.abs(tiled - whole) / np.maximum(np.abs(whole), 1)
     print(f"{height}x{width} C={channels} {input_dtype}: max |tiled - untiled| / max(|untiled|, 1) = {err.max():.2e}")
+    assert err.max() <= ATOL
+
+
+@pytest.mark.parametrize("network", ARCHITECTURES)
+@pytest.mark.parametrize(("height", "width", "core"), [(97, 203, 64), (250, 130, 96)])
+def test_learned_tiled_map_equals_untiled_map(tmp_path, height, width, core, network):
+    """Every learned network's map, tile by tile, equals its single-tile map: valid convolutions on the core plus
+    the receptive radius, and for the two-scale network 2x2 blocks that sit on the same frame grid in every tile."""
+    rng = np.random.default_rng(height + width)
+    ref = random_reference(rng, height, width, 1)
+    coef = random_photo(rng, height, width)
+    image = synthetic_frame(rng, ref, coef, "uint8")
+    maps = []
+    for plan in (TilePlan(height, width, core, HALO, ALIGN), TilePlan.covering(height, width, HALO, ALIGN)):
+        with learned_backend(tmp_path, plan, network) as backend:
+            backend.activate(resident_inputs(plan, ref))
+            maps.append(run_map(backend, plan, image, coef, ref["fine_gain"], batch=3))
+    tiled, whole = maps
+    assert np.isfinite(tiled).all(), "every pixel must be written by exactly one tile core"
+    assert whole.std() > 0.1, "the map must vary, or the comparison proves little"
+    err = np.abs(tiled - whole) / np.maximum(np.abs(whole), 1)
+    print(f"{network} {height}x{width}: max |tiled - untiled| / max(|untiled|, 1) = {err.max():.2e}")
     assert err.max() <= ATOL
 
 
