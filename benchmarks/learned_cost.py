@@ -2,6 +2,7 @@
 
     python benchmarks/learned_cost.py --model L --images syn5120/test --runs 3 --limit 6
     python benchmarks/learned_cost.py --model L --images syn5120/test --profile    # plus ORT's per-op split
+    python benchmarks/learned_cost.py --model L --images syn5120/test --tile-cpu 9  # plus CPU time per tile
 
 ``L`` is any learned bundle; its reference statistics, tiling and gains are used. For
 each architecture of ``engines.learned_graph.ARCHITECTURES`` the learned graph is built for the
@@ -14,6 +15,11 @@ architecture and its ratio to the dilated network's median in the same run.
 
 ``--profile``: one tile of the first frame through each graph on one thread with ONNX Runtime's
 profiler, warm-up runs left out, the operators that take the most time.
+
+``--tile-cpu N``: one tile of the first frame through each graph on one thread, N runs taken in
+turn (first left out), the median of this process's CPU time per run and its ratio to the dilated
+network's: on a shared machine CPU time moves less with other jobs than wall time (not at all with
+their share of the cores, still with their share of the caches and memory bandwidth).
 """
 
 from __future__ import annotations
@@ -119,6 +125,22 @@ def profile_tile(graph: Path, feeds: dict[str, np.ndarray], runs: int = 5, warmu
         print(f"    {name:<40}{ms:>8.2f} ms {100 * ms / total:>6.1f} %")
 
 
+def time_tile_cpu(graphs: dict[str, Path], feeds: dict[str, np.ndarray], runs: int) -> dict[str, list[float]]:
+    """CPU milliseconds of one tile per graph on one thread, the graphs taken in turn, the first run left out."""
+    sessions = {
+        name: ort.InferenceSession(str(path), session_options(1), providers=["CPUExecutionProvider"])
+        for name, path in graphs.items()
+    }
+    times: dict[str, list[float]] = {name: [] for name in graphs}
+    for run in range(runs + 1):
+        for name, session in sessions.items():
+            start = time.process_time()
+            session.run(None, feeds)
+            if run:
+                times[name].append((time.process_time() - start) * 1000)
+    return times
+
+
 def first_tile_feeds(bundle: Bundle, graph: Path, image: Path) -> dict[str, np.ndarray]:
     """The first tile's inputs of ``image``, as the Inspector feeds them."""
     inspector = Inspector(bundle, OnnxRuntimeBackend(graph))
@@ -139,6 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--limit", type=int, default=6, help="images measured (spread over the sorted list)")
     parser.add_argument("--profile", action="store_true", help="also ORT's per-operator split of one tile")
+    parser.add_argument("--tile-cpu", type=int, default=0, metavar="N", help="also CPU time of one tile, N runs")
     args = parser.parse_args(argv)
     images = sorted(p for p in args.images.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
     images = images[:: max(1, len(images) // args.limit)][: args.limit]
@@ -147,9 +170,12 @@ def main(argv: list[str] | None = None) -> int:
         graphs = build_graphs(bundle, Path(tmp))
         print(f"anomaly map of {bundle.geometry.describe()}, {len(images)} images x {args.runs} runs, ONNX Runtime")
         print_times(time_maps(bundle, graphs, images, args.runs), bundle.geometry.channels)
+        feeds = first_tile_feeds(bundle, graphs["bundle"], images[0])
+        if args.tile_cpu:
+            print(f"\none tile, one thread, CPU time of this process, {args.tile_cpu} runs:")
+            print_times(time_tile_cpu(graphs, feeds, args.tile_cpu), bundle.geometry.channels)
         if args.profile:
             print("\none tile, one thread (ONNX Runtime profiler):")
-            feeds = first_tile_feeds(bundle, graphs["bundle"], images[0])
             for graph in graphs.values():
                 profile_tile(graph, feeds)
     return 0
