@@ -169,6 +169,7 @@ class FrameClutter:
         """
         h, w = shape
         inverse = cv2.invertAffineTransform(np.asarray(matrix, np.float64))
+        regions = self._regions(matrix, shape)
         pieces = []
         for y0, y1, x0, x1 in self.boxes(shape):
             corners = np.array([[x0, y0, 1], [x1, y0, 1], [x0, y1, 1], [x1, y1, 1]], np.float64) @ inverse.T
@@ -178,16 +179,105 @@ class FrameClutter:
             cols = slice(max(0, int(lo[0]) // step), min(-(-w // step), int(hi[0]) // step + 1))
             if rows.start >= rows.stop or cols.start >= cols.stop:
                 continue
-            py = (np.arange(rows.start, rows.stop) + 0.5) * step - 0.5
-            px = (np.arange(cols.start, cols.stop) + 0.5) * step - 0.5
-            qx = matrix[0, 0] * px[None, :] + matrix[0, 1] * py[:, None] + matrix[0, 2]
-            qy = matrix[1, 0] * px[None, :] + matrix[1, 1] * py[:, None] + matrix[1, 2]
-            mask = self.covers(qy, qx, shape)
+            mask = self._box_mask(matrix, shape, step, (rows, cols), regions)
             if grow > 0 and mask.any():
                 k = 2 * math.ceil(grow / step) + 1
                 mask = cv2.dilate(mask.view(np.uint8), np.ones((k, k), np.uint8)) > 0
             pieces.append((rows, cols, mask))
         return pieces
+
+    def _box_mask(
+        self,
+        matrix: np.ndarray,
+        shape: tuple[int, int],
+        step: int,
+        box: tuple[slice, slice],
+        regions: list[list[HalfPlane]],
+    ) -> np.ndarray:
+        """``covers`` on the level pixels of ``box``, evaluated only where a region can reach: a box around a
+        rotated edge band is mostly empty, and the pixels are the same, so the mask is too."""
+        rows, cols = box
+        mask = np.zeros((rows.stop - rows.start, cols.stop - cols.start), bool)
+        for r, c in _spans(regions, rows, cols, step):
+            py = (np.arange(r.start, r.stop) + 0.5) * step - 0.5
+            px = (np.arange(c.start, c.stop) + 0.5) * step - 0.5
+            qx = matrix[0, 0] * px[None, :] + matrix[0, 1] * py[:, None] + matrix[0, 2]
+            qy = matrix[1, 0] * px[None, :] + matrix[1, 1] * py[:, None] + matrix[1, 2]
+            mask[r.start - rows.start : r.stop - rows.start, c.start - cols.start : c.stop - cols.start] = self.covers(
+                qy, qx, shape
+            )
+        return mask
+
+    def _regions(self, matrix: np.ndarray, shape: tuple[int, int]) -> list[list[HalfPlane]]:
+        """Per thing left out (an edge's occluder, the user's mask), half-planes of the reference frame outside
+        which ``covers`` is False; ``SLACK`` px wider than the rounding to sensor pixels needs."""
+        h, w = shape
+        qx, qy = tuple(float(v) for v in matrix[0]), tuple(float(v) for v in matrix[1])
+
+        def below(q: tuple[float, float, float], limit: float) -> HalfPlane:  # q(x, y) < limit
+            return q[0], q[1], q[2] - limit - SLACK
+
+        def above(q: tuple[float, float, float], limit: float) -> HalfPlane:  # q(x, y) > limit
+            return -q[0], -q[1], limit - SLACK - q[2]
+
+        regions = []
+        for edge, depth in self.depths.items():
+            d = float(depth.max())
+            regions.append([(below(qy, d), above(qy, h - 1 - d), below(qx, d), above(qx, w - 1 - d))[edge]])
+        if self.user_mask is not None and self.user_mask.any():
+            ys, xs = np.nonzero(self.user_mask.any(axis=1))[0], np.nonzero(self.user_mask.any(axis=0))[0]
+            y0, y1, x0, x1 = float(ys[0]), float(ys[-1]), float(xs[0]), float(xs[-1])
+            regions.append([above(qy, y0), below(qy, y1), above(qx, x0), below(qx, x1)])
+        return regions
+
+
+HalfPlane = tuple[float, float, float]  # (a, b, c): the points (x, y) with a * x + b * y + c < 0
+SLACK = 2.0  # px a half-plane is widened by: rounding to the nearest sensor pixel moves a point by half a pixel
+BLOCK = 64  # level pixels per strip along a box's long side: short enough that a 1.5 deg pose adds ~2 rows
+
+
+def _spans(regions: list[list[HalfPlane]], rows: slice, cols: slice, step: int) -> list[tuple[slice, slice]]:
+    """Sub-rectangles of the box (rows, cols) of level pixels outside which no region reaches: strips of
+    ``BLOCK`` along its long side, each cut across to where some region's half-planes can hold in it."""
+    by_cols = cols.stop - cols.start >= rows.stop - rows.start
+    run, across = (cols, rows) if by_cols else (rows, cols)
+    spans = []
+    for start in range(run.start, run.stop, BLOCK):
+        stop = min(start + BLOCK, run.stop)
+        ends = ((start + 0.5) * step - 0.5, (stop - 0.5) * step - 0.5)  # the strip's first and last pixel centres
+        first = (across.start + 0.5) * step - 0.5
+        last = (across.stop - 0.5) * step - 0.5
+        lo, hi = _reach(regions, ends, by_cols, first, last)
+        if lo > hi:
+            continue
+        i0 = max(across.start, math.floor((lo + 0.5) / step - 0.5) - 1)
+        i1 = min(across.stop, math.ceil((hi + 0.5) / step - 0.5) + 2)
+        if i0 < i1:
+            strip, cut = slice(start, stop), slice(i0, i1)
+            spans.append((cut, strip) if by_cols else (strip, cut))
+    return spans
+
+
+def _reach(
+    regions: list[list[HalfPlane]], ends: tuple[float, float], by_cols: bool, first: float, last: float
+) -> tuple[float, float]:
+    """The coordinates across a strip (within [first, last]) where some region can hold for a point whose
+    coordinate along the strip lies between ``ends``; (inf, -inf) where none can."""
+    lo, hi = math.inf, -math.inf
+    for planes in regions:
+        r_lo, r_hi = first, last
+        for a, b, c in planes:
+            along, cross = (a, b) if by_cols else (b, a)
+            bound = -(c + min(along * ends[0], along * ends[1]))  # cross * t < bound for some point of the strip
+            if cross > 0:
+                r_hi = min(r_hi, bound / cross)
+            elif cross < 0:
+                r_lo = max(r_lo, bound / cross)
+            elif bound <= 0:
+                r_lo, r_hi = math.inf, -math.inf
+        if r_lo <= r_hi:
+            lo, hi = min(lo, r_lo), max(hi, r_hi)
+    return lo, hi
 
 
 def learn_max_depth(frames: list[tuple[np.ndarray, np.ndarray]], factor: int, shape: tuple[int, int]) -> float:
@@ -214,23 +304,42 @@ def leave_out(registered: np.ndarray, pieces: Pieces, mean: np.ndarray, coef: np
     ``mean`` lit like the frame; returns how many were replaced."""
     count = 0
     for rows, cols, mask in pieces:
-        ys, xs = np.nonzero(mask)
-        ys, xs = ys + rows.start, xs + cols.start
-        _replace(registered, ys, xs, mean, coef, unit)
-        count += len(ys)
+        # rectangles rather than gathered pixel lists: slices and broadcast lighting, no full-size index arrays
+        for r, c in _occupied(mask):
+            _replace(registered, rows.start + r.start, cols.start + c.start, mask[r, c], mean, coef, unit)
+        count += int(np.count_nonzero(mask))
     return count
 
 
-def _replace(registered: np.ndarray, ys: np.ndarray, xs: np.ndarray, mean: np.ndarray, coef: np.ndarray, unit: float):
+def _occupied(mask: np.ndarray) -> list[tuple[slice, slice]]:
+    """Rectangles of ``mask`` that hold all its True pixels: strips of ``BLOCK`` along its long side, each cut
+    across to its True pixels' extent."""
+    by_cols = mask.shape[1] >= mask.shape[0]
+    out = []
+    for start in range(0, mask.shape[1 if by_cols else 0], BLOCK):
+        strip = slice(start, start + BLOCK)
+        hit = np.flatnonzero(mask[:, strip].any(axis=1) if by_cols else mask[strip].any(axis=0))
+        if len(hit):
+            cut = slice(int(hit[0]), int(hit[-1]) + 1)
+            out.append((cut, strip) if by_cols else (strip, cut))
+    return out
+
+
+def _replace(
+    registered: np.ndarray, y0: int, x0: int, mask: np.ndarray, mean: np.ndarray, coef: np.ndarray, unit: float
+) -> None:
+    """Replace the pixels under ``mask`` (its corner at full-resolution pixel (y0, x0)) by ``mean`` lit like
+    the frame: elementwise the same arithmetic as on gathered pixels, so the same values."""
     from engines.registration import lighting_fields
 
-    if len(ys) == 0:
-        return
-    gain, offset = lighting_fields(coef, xs.astype(np.float64), ys.astype(np.float64), registered.shape[:2])
-    values = gain[None] * mean[:, ys, xs].astype(np.float32) + offset[None]  # [C, n], 8-bit grey units
+    h, w = mask.shape
+    ys, xs = np.arange(y0, y0 + h, dtype=np.float64)[:, None], np.arange(x0, x0 + w, dtype=np.float64)[None, :]
+    gain, offset = lighting_fields(coef, xs, ys, registered.shape[:2])
+    values = gain[None] * mean[:, y0 : y0 + h, x0 : x0 + w].astype(np.float32) + offset[None]  # [C, h, w], 8-bit units
     top = np.iinfo(registered.dtype).max
     values = np.clip(np.rint(values / np.float32(unit)), 0, top).astype(registered.dtype)
+    window = registered[y0 : y0 + h, x0 : x0 + w]
     if registered.ndim == 2:
-        registered[ys, xs] = values[0]
+        np.copyto(window, values[0], where=mask)
     else:
-        registered[ys, xs] = values.T
+        np.copyto(window, np.moveaxis(values, 0, -1), where=mask[..., None])
