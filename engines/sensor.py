@@ -250,6 +250,7 @@ def _spans(regions: list[list[HalfPlane]], rows: slice, cols: slice, step: int) 
         lo, hi = _reach(regions, ends, by_cols, first, last)
         if lo > hi:
             continue
+        # a level pixel more on each side than the centres need: float rounding must never cut a pixel off
         i0 = max(across.start, math.floor((lo + 0.5) / step - 0.5) - 1)
         i1 = min(across.stop, math.ceil((hi + 0.5) / step - 0.5) + 2)
         if i0 < i1:
