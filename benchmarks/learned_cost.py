@@ -170,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
         graphs = build_graphs(bundle, Path(tmp))
         print(f"anomaly map of {bundle.geometry.describe()}, {len(images)} images x {args.runs} runs, ONNX Runtime")
         print_times(time_maps(bundle, graphs, images, args.runs), bundle.geometry.channels)
-        feeds = first_tile_feeds(bundle, graphs["bundle"], images[0])
+        feeds = first_tile_feeds(bundle, graphs["bundle"], images[0]) if args.tile_cpu or args.profile else {}
         if args.tile_cpu:
             print(f"\none tile, one thread, CPU time of this process, {args.tile_cpu} runs:")
             print_times(time_tile_cpu(graphs, feeds, args.tile_cpu), bundle.geometry.channels)

@@ -79,12 +79,13 @@ class LearnedNet(nn.Module):
         h = features[..., j:-j, j:-j]
         # ONNX SpaceToDepth's channel order, (dy * 2 + dx) * C + c (torch's pixel_unshuffle interleaves c first).
         blocks = torch.cat([h[..., dy::2, dx::2] for dy in (0, 1) for dx in (0, 1)], dim=1)
+        fuse, head = len(self.layers) - 2, len(self.layers) - 1  # the layers' order: fine, context..., fuse, head
         fine = self._conv(0, blocks[..., k:-k, k:-k])
         context = nn.functional.avg_pool2d(h, 2)
-        for i in range(1, 5):
+        for i in range(1, fuse):
             context = self._conv(i, context)
-        fused = self._conv(5, torch.cat([fine, context], dim=1))
-        return nn.functional.pixel_shuffle(self._conv(6, fused), 2)
+        fused = self._conv(fuse, torch.cat([fine, context], dim=1))
+        return nn.functional.pixel_shuffle(self._conv(head, fused), 2)
 
     def numpy_weights(self) -> dict[str, np.ndarray]:
         """Weights named as ``engines.learned_graph.weight_shapes`` expects."""

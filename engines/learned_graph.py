@@ -310,10 +310,11 @@ def _two_scale_network(
     h = _slice(g, h, TWO_SCALE_CROP, -TWO_SCALE_CROP, (2, 3))
     # SpaceToDepth: channel (dy * 2 + dx) * C + c holds pixel (2y + dy, 2x + dx) of channel c.
     blocks = _slice(g, g.op("SpaceToDepth", [h], blocksize=2), TWO_SCALE_FINE_CROP, -TWO_SCALE_FINE_CROP, (2, 3))
+    fuse, head = len(layers) - 2, len(layers) - 1  # the layers' order: fine, context..., fuse, head
     fine = _conv(g, blocks, 0, layers, weights, np_half)
     context = g.op("AveragePool", [h], kernel_shape=[2, 2], strides=[2, 2])
-    for i in range(1, 5):
+    for i in range(1, fuse):
         context = _conv(g, context, i, layers, weights, np_half)
-    fused = _conv(g, g.op("Concat", [fine, context], axis=1), 5, layers, weights, np_half)
+    fused = _conv(g, g.op("Concat", [fine, context], axis=1), fuse, layers, weights, np_half)
     # DepthToSpace of the four logits: channel dy * 2 + dx is pixel (2y + dy, 2x + dx).
-    return g.op("DepthToSpace", [_conv(g, fused, 6, layers, weights, np_half)], blocksize=2, mode="DCR")
+    return g.op("DepthToSpace", [_conv(g, fused, head, layers, weights, np_half)], blocksize=2, mode="DCR")
