@@ -199,9 +199,23 @@ class FieldReference:
             "_grid_bx": _basis(_level_coords(w // LEVEL_STEP, self.factor * LEVEL_STEP), self.full_shape[1]),
             "_grid_by": _basis(_level_coords(h // LEVEL_STEP, self.factor * LEVEL_STEP), self.full_shape[0]),
         }
+        consts.update(self._map_grid())
         consts.update(_block_systems(consts["_block_by"], consts["_block_bx"], blocks.info, consts["_scale"]))
         for name, value in consts.items():
             object.__setattr__(self, name, value)
+
+    def _map_grid(self) -> dict[str, np.ndarray]:
+        """The grid ``_level_maps`` evaluates on: node j at level pixel (j - 1) * LEVEL_STEP + (LEVEL_STEP - 1) / 2,
+        one beyond each edge, so that cv2.resize's bilinear interpolation is exact for the pose up to the border."""
+        h, w = self.level.shape
+        ys = (np.arange(-(-h // LEVEL_STEP) + 2) - 1) * LEVEL_STEP + (LEVEL_STEP - 1) / 2
+        xs = (np.arange(-(-w // LEVEL_STEP) + 2) - 1) * LEVEL_STEP + (LEVEL_STEP - 1) / 2
+        return {
+            "_map_nodes": (ys, xs),
+            # the field's basis at those nodes' full-resolution coordinates, in level px per unit of coef
+            "_map_by": _basis((ys + 0.5) * self.factor - 0.5, self.full_shape[0]),
+            "_map_bx": _basis((xs + 0.5) * self.factor - 0.5, self.full_shape[1]),
+        }
 
     @classmethod
     def from_full(cls, mean: np.ndarray, region: np.ndarray, full_shape: tuple[int, int]) -> FieldReference:
@@ -228,26 +242,20 @@ class FieldReference:
         from engines.registration import _scale_matrix
 
         h, w = self.level.shape
-        hb, wb = self._blocks
         a = _scale_matrix(np.asarray(matrix, np.float64), (h, w), self.full_shape)
-        xs, ys = np.arange(w, dtype=np.float32)[None, :], np.arange(h, dtype=np.float32)[:, None]
-        base_x = (a[0, 0] * xs + a[0, 1] * ys + a[0, 2]).astype(np.float32)
-        base_y = (a[1, 0] * xs + a[1, 1] * ys + a[1, 2]).astype(np.float32)
         coef = np.zeros((2, NODES * NODES))  # level px
-        frame = frame_level.astype(np.float32)
+        frame = np.asarray(frame_level, np.float32)
         # per control point, relative to what a typical block tells: bending energy, and a ridge that keeps
         # the field at zero where no block says anything (the pose already holds the rigid part)
-        per_node = self._scale * (hb * wb) / NODES**2
+        per_node = self._scale * (self._blocks[0] * self._blocks[1]) / NODES**2
         bending = per_node * (SMOOTHNESS * self._bending + RIDGE * np.eye(NODES * NODES))
         jac, weight, blocks = self._jac, self._weight, self._reference_blocks
         if hidden is not None and hidden.any():
             jac, weight, blocks = self._visible(hidden)
         for _ in range(STEPS):
-            dx, dy = (self._on_level(c.reshape(NODES, NODES), (w, h)) for c in coef)
-            warped = cv2.remap(frame, base_x + dx, base_y + dy, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
-            resid = np.pad(_smooth(warped) - self._smooth_level, self._pad) * weight
-            rhs = np.stack([_block_sums(j * resid, (hb, wb)).reshape(-1) for j in jac], axis=1).astype(np.float64)
-            energy = _block_sums(resid * resid, (hb, wb)).reshape(-1).astype(np.float64)
+            map_x, map_y = self._level_maps(a, coef)
+            warped = cv2.remap(frame, map_x, map_y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+            rhs, energy = self._block_moments(_smooth(warped), jac, weight)
             theta = np.einsum("bij,bj->bi", blocks.inverse, rhs)  # each block's own shift, gain and offset
             explained = np.einsum("bi,bi->b", rhs, theta)
             weights = self._robust_weights(np.maximum(energy - explained, 0), theta[:, 2], blocks) * blocks.shown
@@ -255,6 +263,37 @@ class FieldReference:
             coef += self._solve(weights, g, coef, bending, blocks.info)
             np.clip(coef, -MAX_PX / self.factor, MAX_PX / self.factor, out=coef)
         return Field((coef * self.factor).reshape(2, NODES, NODES), self.full_shape)
+
+    def _level_maps(self, a: np.ndarray, coef: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Where each pixel of the level lies in the frame's level under the pose ``a`` (level px) and the field.
+
+        Pose and field are evaluated on a LEVEL_STEP grid with one node beyond each edge and interpolated
+        bilinearly (exact for the pose): no full-size coordinate grids are built and added to per step.
+        """
+        h, w = self.level.shape
+        ys, xs = self._map_nodes
+        maps = []
+        for c, row in enumerate(a):
+            node = row[0] * xs[None, :] + row[1] * ys[:, None] + row[2]
+            node = node + _product(self._map_by, coef[c].reshape(NODES, NODES), self._map_bx)
+            size = (len(xs) * LEVEL_STEP, len(ys) * LEVEL_STEP)
+            full = cv2.resize(node.astype(np.float32), size, interpolation=cv2.INTER_LINEAR)
+            maps.append(full[LEVEL_STEP : LEVEL_STEP + h, LEVEL_STEP : LEVEL_STEP + w])
+        return maps[0], maps[1]
+
+    def _block_moments(
+        self, smoothed: np.ndarray, jac: np.ndarray, weight: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Per block: the Jacobian's products with the smoothed residual [b, 4], and the residual's energy [b]."""
+        resid = smoothed - self._smooth_level
+        if any(any(p) for p in self._pad):
+            resid = np.pad(resid, self._pad)
+        resid *= weight
+        blocks = self._blocks
+        # the fourth column of the Jacobian is the (0/1) weight the residual already carries
+        sums = [_block_sums(j * resid, blocks).reshape(-1) for j in jac[:3]] + [_block_sums(resid, blocks).reshape(-1)]
+        energy = _block_sums(resid * resid, blocks).reshape(-1).astype(np.float64)
+        return np.stack(sums, axis=1).astype(np.float64), energy
 
     def residual_energy(self, frame_level: np.ndarray, matrix: np.ndarray, field: Field | None) -> float:
         """What is left of the smoothed residual against the reference (sum of squares over the measured pixels of

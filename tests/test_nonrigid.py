@@ -106,6 +106,92 @@ def test_the_field_removes_a_bend_to_a_quarter_pixel(design, references):
         assert np.percentile(before, 95) >= 0.6
 
 
+def estimate_with_full_grids(ref: nr.FieldReference, frame_level: np.ndarray, matrix: np.ndarray) -> np.ndarray:
+    """The field's estimation as it was before its maps were interpolated from a grid (kept to compare with):
+    full-size coordinate grids of the pose, the field added on its own LEVEL_STEP grid each step. Returns coef."""
+    h, w = ref.level.shape
+    hb, wb = ref._blocks
+    a = reg._scale_matrix(np.asarray(matrix, np.float64), (h, w), ref.full_shape)
+    xs, ys = np.arange(w, dtype=np.float32)[None, :], np.arange(h, dtype=np.float32)[:, None]
+    base_x = (a[0, 0] * xs + a[0, 1] * ys + a[0, 2]).astype(np.float32)
+    base_y = (a[1, 0] * xs + a[1, 1] * ys + a[1, 2]).astype(np.float32)
+    coef = np.zeros((2, nr.NODES * nr.NODES))
+    frame = frame_level.astype(np.float32)
+    per_node = ref._scale * (hb * wb) / nr.NODES**2
+    bending = per_node * (nr.SMOOTHNESS * ref._bending + nr.RIDGE * np.eye(nr.NODES * nr.NODES))
+    jac, weight, blocks = ref._jac, ref._weight, ref._reference_blocks
+    for _ in range(nr.STEPS):
+        dx, dy = (ref._on_level(c.reshape(nr.NODES, nr.NODES), (w, h)) for c in coef)
+        warped = cv2.remap(frame, base_x + dx, base_y + dy, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+        resid = np.pad(nr._smooth(warped) - ref._smooth_level, ref._pad) * weight
+        rhs = np.stack([nr._block_sums(j * resid, (hb, wb)).reshape(-1) for j in jac], axis=1).astype(np.float64)
+        energy = nr._block_sums(resid * resid, (hb, wb)).reshape(-1).astype(np.float64)
+        theta = np.einsum("bij,bj->bi", blocks.inverse, rhs)
+        explained = np.einsum("bi,bi->b", rhs, theta)
+        weights = ref._robust_weights(np.maximum(energy - explained, 0), theta[:, 2], blocks) * blocks.shown
+        g = rhs[:, :2] - np.einsum("bij,bj->bi", blocks.gain_part, rhs[:, 2:])
+        coef += ref._solve(weights, g, coef, bending, blocks.info)
+        np.clip(coef, -nr.MAX_PX / ref.factor, nr.MAX_PX / ref.factor, out=coef)
+    return (coef * ref.factor).reshape(2, nr.NODES, nr.NODES)
+
+
+def test_the_estimate_matches_the_full_grid_implementation(design, references):
+    """Maps interpolated from a grid (pose included) find the field the full-size grids found, to 0.01 px.
+
+    Not bit for bit: the pose's coordinates come out of a float32 interpolation, and the field's
+    outer LEVEL_STEP / 2 level pixels are extrapolated, not clamped.
+    """
+    _, nonrigid = references
+    for seed in (1, 2):
+        image, _, _ = bent_frame(design, seed)
+        pose = reg.align(image, replace(nonrigid, field=None)).pose
+        level = nr.to_level(image, nonrigid.field.factor)
+        got = nonrigid.field.estimate(level, pose.matrix).coef
+        want = estimate_with_full_grids(nonrigid.field, level, pose.matrix)
+        assert np.abs(want).max() > 0.5, "there is a bend to find"
+        assert np.abs(got - want).max() < 0.01
+
+
+def test_the_level_maps_are_the_pose_where_the_field_is_zero(references):
+    """With a zero field the grid-interpolated maps are the pose at every level pixel, borders included."""
+    _, nonrigid = references
+    ref = nonrigid.field
+    h, w = ref.level.shape
+    a = reg._scale_matrix(pose_matrix(1.2, 17.5, -9.25, *ref.full_shape), (h, w), ref.full_shape)
+    map_x, map_y = ref._level_maps(a, np.zeros((2, nr.NODES * nr.NODES)))
+    ys, xs = np.mgrid[0:h, 0:w].astype(np.float64)
+    assert map_x.shape == map_y.shape == (h, w)
+    assert np.abs(map_x - (a[0, 0] * xs + a[0, 1] * ys + a[0, 2])).max() < 2e-3
+    assert np.abs(map_y - (a[1, 0] * xs + a[1, 1] * ys + a[1, 2])).max() < 2e-3
+
+
+def test_field_bundles_read_the_frame_once(design, references, monkeypatch):
+    """With a field, the registration levels are area-averaged from the field's level, not from the frame again.
+
+    Rigid references read the frame once per level, as before (their registered frames stay the same);
+    the field's poses move by under 0.01 px against levels made from the frame.
+    """
+    rigid, nonrigid = references
+    image, _, _ = bent_frame(design, 1)
+    direct = {f: reg.downscale(image, f) for f in (*nonrigid.factors, nonrigid.field.factor)}
+    calls = []
+    downscale = reg.downscale
+    monkeypatch.setattr(reg, "downscale", lambda img, f: calls.append(f) or downscale(img, f))
+    levels = reg.frame_levels(image, rigid)
+    assert all(np.array_equal(levels[f], direct[f]) for f in rigid.factors)
+    assert sorted(calls) == sorted(set(rigid.factors))
+    calls.clear()
+    levels = reg.frame_levels(image, nonrigid)
+    assert calls == [nonrigid.field.factor]
+    for f in nonrigid.factors:
+        assert levels[f].shape == direct[f].shape and np.abs(levels[f] - direct[f]).max() <= 1  # two roundings of 0.5
+    monkeypatch.setattr(reg, "downscale", downscale)
+    corners = np.array([[0, 0, 1], [SIZE, 0, 1], [0, SIZE, 1], [SIZE, SIZE, 1]], np.float64)
+    got = reg.align(image, nonrigid).pose.matrix
+    want = nonrigid.register(direct[nonrigid.factors[0]], direct[nonrigid.factors[1]]).matrix
+    assert np.abs(corners @ (got - want).T).max() < 0.01
+
+
 def paint_missing_pad(image: np.ndarray, design: np.ndarray, matrix: np.ndarray) -> tuple[slice, slice]:
     """Paint one pad of the part over with the part's body grey, in the frame; returns the frame window."""
     s = SIZE
