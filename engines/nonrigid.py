@@ -21,8 +21,8 @@ with one ``cv2.remap`` (float maps: converting them to fixed point first cost mo
 With a zero field the result equals ``cv2.warpAffine``'s.
 
 What it costs per 5120 px frame (CPU of one thread, measured on the alignment benchmark's frames,
-``benchmarks/alignment_cost.py``): the estimation about 33 ms (three steps of remap, smoothing
-and block sums on the 1280 px level, 11 ms each, and the spline solves), the resampling about 16
+``benchmarks/alignment_cost.py``): the estimation about 35 ms (three steps of remap, smoothing
+and block sums on the 1280 px level, some 10 ms each, and the spline solves), the resampling 10-20
 ms more than ``cv2.warpAffine`` (building the float maps per strip; the remap itself costs what
 warpAffine's does). The field's level is the only one read from the frame (``frame_levels``).
 
