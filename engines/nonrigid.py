@@ -24,7 +24,7 @@ What it costs per 5120 px frame (CPU of one thread, measured on the alignment be
 ``benchmarks/alignment_cost.py``): the estimation about 35 ms (three steps of remap, smoothing
 and block sums on the 1280 px level, some 10 ms each, and the spline solves), the resampling 10-20
 ms more than ``cv2.warpAffine`` (building the float maps per strip; the remap itself costs what
-warpAffine's does). The field's level is the only one read from the frame (``frame_levels``).
+warpAffine's does), and the field's level another read of the frame (about 9 ms).
 
 The estimation sees the registration mask only (the inspection region without the border
 zone), so a fixture bar and vignetting that stay with the camera do not pull the field; near

@@ -451,15 +451,16 @@ def align(image: np.ndarray, ref: RegistrationReference) -> Aligned:
     prepared exactly as frames on the line will be. Raises InspectError("registration").
     """
     coarse_f, fine_f = ref.factors
-    levels = frame_levels(image, ref)
-    coarse, fine = levels[coarse_f], levels[fine_f]
+    coarse = downscale(image, coarse_f)
+    fine = downscale(image, fine_f) if fine_f != coarse_f else coarse
     pose = ref.register(coarse, fine)
     coef = ref.photometric(coarse, pose)
     clutter = None
     if ref.sensor is not None and ref.sensor.active:
         clutter = ref.sensor.frame_clutter(fine, expected_on_level(ref, pose, coef), fine_f) or None
     if ref.field is not None:
-        level = levels[ref.field.factor]
+        levels = {coarse_f: coarse, fine_f: fine}
+        level = levels[ref.field.factor] if ref.field.factor in levels else downscale(image, ref.field.factor)
         hidden = None
         if clutter is not None:
             hidden = np.zeros(level.shape, bool)
@@ -476,23 +477,6 @@ def align(image: np.ndarray, ref: RegistrationReference) -> Aligned:
         unit = 1 / 257 if image.dtype == np.uint16 else 1.0
         left_out = leave_out(registered, pieces, ref.sensor.mean, coef, unit)
     return Aligned(pose, coef, registered, left_out)
-
-
-def frame_levels(image: np.ndarray, ref: RegistrationReference) -> dict[int, np.ndarray]:
-    """The frame's levels that ``align`` needs, by downscale factor.
-
-    Without a field: the coarse and fine levels, each area-averaged from the frame (as bundles
-    have always been registered). With one: the field's level (the finest) from the frame, and
-    the registration levels area-averaged from it: a 5120 px frame is read once instead of three
-    times (12 ms of CPU less per frame; poses move by under 0.005 px: the levels are no longer
-    rounded to whole grey levels on the way).
-    """
-    factors = {*ref.factors} | ({ref.field.factor} if ref.field is not None else set())
-    finest = min(factors)
-    if ref.field is None or any(f % finest for f in factors):
-        return {f: downscale(image, f) for f in factors}
-    base = downscale(image, finest)
-    return {f: base if f == finest else _area(base, f // finest) for f in factors}
 
 
 def expected_on_level(ref: RegistrationReference, pose: Pose, coef: np.ndarray) -> np.ndarray:

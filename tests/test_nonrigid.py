@@ -165,33 +165,6 @@ def test_the_level_maps_are_the_pose_where_the_field_is_zero(references):
     assert np.abs(map_y - (a[1, 0] * xs + a[1, 1] * ys + a[1, 2])).max() < 2e-3
 
 
-def test_field_bundles_read_the_frame_once(design, references, monkeypatch):
-    """With a field, the registration levels are area-averaged from the field's level, not from the frame again.
-
-    Rigid references read the frame once per level, as before (their registered frames stay the same);
-    the field's poses move by under 0.01 px against levels made from the frame.
-    """
-    rigid, nonrigid = references
-    image, _, _ = bent_frame(design, 1)
-    direct = {f: reg.downscale(image, f) for f in (*nonrigid.factors, nonrigid.field.factor)}
-    calls = []
-    downscale = reg.downscale
-    monkeypatch.setattr(reg, "downscale", lambda img, f: calls.append(f) or downscale(img, f))
-    levels = reg.frame_levels(image, rigid)
-    assert all(np.array_equal(levels[f], direct[f]) for f in rigid.factors)
-    assert sorted(calls) == sorted(set(rigid.factors))
-    calls.clear()
-    levels = reg.frame_levels(image, nonrigid)
-    assert calls == [nonrigid.field.factor]
-    for f in nonrigid.factors:
-        assert levels[f].shape == direct[f].shape and np.abs(levels[f] - direct[f]).max() <= 1  # two roundings of 0.5
-    monkeypatch.setattr(reg, "downscale", downscale)
-    corners = np.array([[0, 0, 1], [SIZE, 0, 1], [0, SIZE, 1], [SIZE, SIZE, 1]], np.float64)
-    got = reg.align(image, nonrigid).pose.matrix
-    want = nonrigid.register(direct[nonrigid.factors[0]], direct[nonrigid.factors[1]]).matrix
-    assert np.abs(corners @ (got - want).T).max() < 0.01
-
-
 def paint_missing_pad(image: np.ndarray, design: np.ndarray, matrix: np.ndarray) -> tuple[slice, slice]:
     """Paint one pad of the part over with the part's body grey, in the frame; returns the frame window."""
     s = SIZE
