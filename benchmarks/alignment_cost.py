@@ -16,6 +16,12 @@ on the same frames in the same process, in turn:
 - ``field``: the same plus the smooth displacement field, folded into one remap (``--alignment
   nonrigid``, or ``auto`` on a line that bends).
 
+``--before CHECKOUT`` adds a row: the field with another checkout's ``engines/registration.py`` and
+``engines/nonrigid.py`` (loaded as modules of their own), on the same frames in turn, and prints the
+field's addition (over ``occluders``) per frame against it: a before/after that load hits alike.
+``--cpu`` times the CPU of one thread (``cv2.setNumThreads(1)``, process time) instead of the wall
+clock: on a shared machine it moves far less with the other jobs than the wall clock does.
+
 Per preparation: median milliseconds of the whole preparation (registration, lighting fit,
 field, resampling; what ``inspectd predict`` reports as "registration"), its ratio to
 ``affine``, and the residual misalignment of the part's edges along their normals (median and
@@ -27,11 +33,15 @@ fit builds them from the mean good part. Timings on a shared machine are only in
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import math
+import os
 import statistics
 import sys
 import time
-from dataclasses import replace
+from dataclasses import fields, replace
+from pathlib import Path
+from types import ModuleType
 
 import cv2
 import numpy as np
@@ -43,12 +53,18 @@ from engines import registration as reg
 from engines.sensor import SensorModel, edge_view
 
 
-def references(design: np.ndarray) -> dict[str, reg.RegistrationReference]:
-    size = design.shape[0]
-    weight = np.ones(design.shape, np.uint8)
+def region(size: int) -> np.ndarray:
+    """The inspection region ``fit`` uses without an ROI: all but its default margin."""
+    weight = np.ones((size, size), np.uint8)
     margin = max(4, math.ceil(size / 512) + 2)
     weight[:margin] = weight[-margin:] = 0
     weight[:, :margin] = weight[:, -margin:] = 0
+    return weight
+
+
+def references(design: np.ndarray) -> dict[str, reg.RegistrationReference]:
+    size = design.shape[0]
+    weight = region(size)
     coarse_f, fine_f = reg.level_factors(size, size)
     levels = reg.downscale(design, coarse_f), reg.downscale(design, fine_f)
     limits = FitConfig(max_shift_px=0.04 * size, max_rotation_deg=3.0)
@@ -61,6 +77,24 @@ def references(design: np.ndarray) -> dict[str, reg.RegistrationReference]:
         "occluders": occluders,
         "field": replace(occluders, field=field),
     }
+
+
+def _load(name: str, path: Path) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up while the class is made
+    spec.loader.exec_module(module)
+    return module
+
+
+def before(checkout: Path, refs: dict, design: np.ndarray) -> tuple:
+    """(align, reference) of the field preparation with ``checkout``'s registration and field modules."""
+    old_nr = _load("before_nonrigid", checkout / "engines" / "nonrigid.py")
+    old_reg = _load("before_registration", checkout / "engines" / "registration.py")
+    occ = refs["occluders"]
+    ref = old_reg.RegistrationReference(**{f.name: getattr(occ, f.name) for f in fields(occ)})
+    field = old_nr.FieldReference.from_full(design, region(design.shape[0]), design.shape)
+    return old_reg.align, replace(ref, field=field)
 
 
 def frame(design: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray, tuple]:
@@ -109,32 +143,52 @@ def main() -> int:
     parser.add_argument("--frames", type=int, default=6)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--seed", type=int, default=11, help="design and frames derive from it")
+    parser.add_argument("--before", type=Path, metavar="CHECKOUT", help="also the field with this checkout's code")
+    parser.add_argument("--cpu", action="store_true", help="CPU time of one thread instead of the wall clock")
     args = parser.parse_args()
+    if args.cpu:
+        cv2.setNumThreads(1)
     design = synth.render_design(synth.SynthConfig(size=args.size, seed=args.seed)).image
     refs = references(design)
+    preps = {name: (reg.align, ref) for name, ref in refs.items()}
+    if args.before:
+        preps["field before"] = before(args.before, refs, design)
     edges = edge_pixels(design)
     frames = [frame(design, 1000 * args.seed + i) for i in range(args.frames)]
-    times: dict[str, list[float]] = {name: [] for name in refs}
-    errors: dict[str, list[tuple[float, float]]] = {name: [] for name in refs}
+    clock = time.process_time if args.cpu else time.perf_counter
+    times: dict[str, list[float]] = {name: [] for name in preps}
+    errors: dict[str, list[tuple[float, float]]] = {name: [] for name in preps}
     for run in range(args.runs):
         for image, matrix, disp in frames:
-            for name, ref in refs.items():  # in turn on each frame, so load changes hit all alike
-                start = time.perf_counter()
-                aligned = reg.align(image, ref)
-                times[name].append((time.perf_counter() - start) * 1000)
+            for name, (align, ref) in preps.items():  # in turn on each frame, so load changes hit all alike
+                start = clock()
+                aligned = align(image, ref)
+                times[name].append((clock() - start) * 1000)
                 if run == 0:
                     error = misalignment(aligned.pose, matrix, disp, edges, args.size)
                     errors[name].append((float(np.median(error)), float(np.percentile(error, 95))))
+    report(args, times, errors)
+    return 0
+
+
+def report(args: argparse.Namespace, times: dict[str, list[float]], errors: dict[str, list]) -> None:
     base = statistics.median(times["affine"])
-    print(f"{args.size} px, {args.frames} frames x {args.runs} runs (medians; shared machine: indicative)\n")
-    print("| preparation | ms | ratio to affine | edge misalignment median px | 95 % px |")
+    unit = "CPU ms of one thread" if args.cpu else "ms"
+    load = ", ".join(f"{v:.1f}" for v in os.getloadavg())
+    print(f"{args.size} px, {args.frames} frames x {args.runs} runs, medians of {unit}; load average {load}\n")
+    print(f"| preparation | {unit} | ratio to affine | edge misalignment median px | 95 % px |")
     print("|---|---|---|---|---|")
-    for name in refs:
+    for name in times:
         ms = statistics.median(times[name])
         med = statistics.median(e[0] for e in errors[name])
         p95 = statistics.median(e[1] for e in errors[name])
         print(f"| {name} | {ms:.0f} | {ms / base:.2f} | {med:.3f} | {p95:.3f} |")
-    return 0
+    if "field before" in times:
+        # per frame, so that load that comes and goes hits both alike
+        occ = times["occluders"]
+        ratio = [(n - o) / (b - o) for n, b, o in zip(times["field"], times["field before"], occ, strict=True)]
+        median = statistics.median(ratio)
+        print(f"\nthe field's addition over occluders, this code / before, per frame: median {median:.2f}")
 
 
 if __name__ == "__main__":
