@@ -566,18 +566,28 @@ def statistics(training: Training, indices: Sequence[int], config: FitConfig) ->
         raise UserError(f"{n} images leave fewer than 2 per pixel after trimming {trim} at each end")
     if not config.augment:
         return _statistics(training, indices, trim, config)
-    with tempfile.TemporaryDirectory(dir=_stack_dir(training)) as tmp:
+    with tempfile.TemporaryDirectory(dir=stack_dir(training)) as tmp:
         augmented = augmented_training(training, indices, config.augment, Path(tmp))
         return _statistics(augmented, range(len(augmented.coefs)), trim * (1 + config.augment), config)
 
 
 def _statistics(training: Training, indices: Sequence[int], trim: int, config: FitConfig) -> dict[str, np.ndarray]:
+    return _assembled(training, indices, config, functools.partial(_strip_statistics, training, indices, trim))
+
+
+StripStatistics = Callable[[slice], tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]
+
+
+def _assembled(
+    training: Training, indices: Sequence[int], config: FitConfig, strips: StripStatistics
+) -> dict[str, np.ndarray]:
+    """The reference statistics of the images at ``indices`` from their per-strip moments and extremes (``strips``)."""
     geo = training.geometry
     full = (geo.height, geo.width)
     mu, sigma, lo, hi = (np.empty((geo.channels, *full), np.float32) for _ in range(4))
     for start in range(0, geo.height, STRIP):
         rows = slice(start, min(start + STRIP, geo.height))
-        mu[:, rows], sigma[:, rows], lo[:, rows], hi[:, rows] = _strip_statistics(training, indices, trim, rows)
+        mu[:, rows], sigma[:, rows], lo[:, rows], hi[:, rows] = strips(rows)
         release_pages(training.registered)
     noise = _region_median(sigma, training.weight) if training.weight.any() else 1.0
     k = 2 * config.band_dilate + 1
@@ -632,10 +642,104 @@ def _strip_statistics(
     for extreme in (*lows[:trim], *highs[:trim]):
         total -= extreme
         total_sq -= np.square(extreme, dtype=np.float64)
-    n = len(indices) - 2 * trim
+    mu, sigma = _moments(total, total_sq, len(indices) - 2 * trim)
+    return mu, sigma, lows[trim], highs[trim]
+
+
+def _moments(total: np.ndarray, total_sq: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and spread (float32) of ``n`` values per pixel from their float64 sum and sum of squares."""
     mu = (total / n).astype(np.float32)
     sigma = np.sqrt(np.maximum(total_sq / n - np.square(mu, dtype=np.float64), 0) * n / (n - 1)).astype(np.float32)
-    return mu, sigma, lows[trim], highs[trim]
+    return mu, sigma
+
+
+class LeaveOneOut:
+    """The statistics without any one image, from one pass over all of them (exact, up to the sums' rounding).
+
+    k-fold calibration holds out a fifth of the good images at once: images that share a rare
+    nuisance (stray light over one corner, an edge moved by the same pose) land in one fold, so
+    each is scored without the others' evidence, and a held-out good scores far above what a
+    part scores against the statistics of all of them (README, 5120 px). Leaving out one image
+    at a time needs, per pixel, the sums and the ``trim + 2`` highest and lowest values: without
+    image j the trimmed sums lose j and the extremes that are not j, and the band's extreme moves
+    one place where j was among them (j's own value, compared with them, says where). Those
+    arrays live in a file beside the registered frames (``dir``) and are read a strip at a time,
+    so a 5120 px fit keeps its memory.
+    """
+
+    def __init__(self, training: Training, config: FitConfig, dir: str | None) -> None:
+        n = len(training.coefs)
+        self.training, self.config, self.n = training, config, n
+        self.trim = config.band_trim if config.band_trim is not None else int(n - 1 >= TRIM_FROM)
+        if n - 1 - 2 * self.trim < 2:
+            raise UserError(f"{n - 1} images leave fewer than 2 per pixel after trimming {self.trim} at each end")
+        geo = training.geometry
+        self._tmp = tempfile.TemporaryDirectory(dir=dir)
+        shape = (geo.channels, geo.height, geo.width)
+
+        def stack(name: str, dtype, count: int = 0) -> np.ndarray:
+            path = Path(self._tmp.name) / f"{name}.npy"
+            return np.lib.format.open_memmap(path, "w+", dtype, (count, *shape) if count else shape)
+
+        self.sums = [stack("total", np.float64), stack("total_sq", np.float64)]
+        self.highs, self.lows = (stack(name, np.float32, 2) for name in ("highs", "lows"))
+        for start in range(0, geo.height, STRIP):
+            self._accumulate(slice(start, min(start + STRIP, geo.height)))
+
+    def close(self) -> None:
+        self._tmp.cleanup()
+
+    def _stacks(self) -> list[np.ndarray]:
+        return [*self.sums, self.highs, self.lows]
+
+    def _frame(self, i: int, rows: slice) -> np.ndarray:
+        training, full = self.training, (self.training.geometry.height, self.training.geometry.width)
+        return normalise(planes(training.registered[i, rows], training.unit), training.coefs[i], full, full, rows)
+
+    def _accumulate(self, rows: slice) -> None:
+        shape = self.sums[0][:, rows].shape
+        total, total_sq = np.zeros(shape), np.zeros(shape)
+        ranks = self.trim + 2
+        highs = [np.full(shape, -np.inf, np.float32) for _ in range(ranks)]
+        lows = [np.full(shape, np.inf, np.float32) for _ in range(ranks)]
+        for i in range(self.n):
+            xn = self._frame(i, rows)
+            total += xn
+            total_sq += np.square(xn, dtype=np.float64)
+            _keep_extremes(lows, xn, np.minimum, np.maximum)
+            _keep_extremes(highs, xn, np.maximum, np.minimum)
+        for extreme in (*lows[: self.trim], *highs[: self.trim]):  # trimmed as if every image were kept
+            total -= extreme
+            total_sq -= np.square(extreme, dtype=np.float64)
+        self.sums[0][:, rows], self.sums[1][:, rows] = total, total_sq
+        # only the (trim + 1)-th and (trim + 2)-th extremes are read again: the ones that can move
+        self.highs[:, :, rows], self.lows[:, :, rows] = np.stack(highs[self.trim :]), np.stack(lows[self.trim :])
+        for stack in self._stacks():
+            release_pages(stack)
+        release_pages(self.training.registered)
+
+    def statistics(self, held: int) -> dict[str, np.ndarray]:
+        """``statistics(training, every image but held, config)``: the reference statistics without image ``held``."""
+        kept = [i for i in range(self.n) if i != held]
+        return _assembled(self.training, kept, self.config, functools.partial(self._strip, held))
+
+    def _strip(self, held: int, rows: slice) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Without image ``held``: the sums lose its value; where it was among the trim + 1 most extreme (or tied
+        with the (trim + 1)-th: the same values), the (trim + 1)-th is trimmed instead of it and the next is the
+        band's extreme."""
+        x = self._frame(held, rows)
+        total, total_sq = self.sums[0][:, rows] - x, self.sums[1][:, rows] - np.square(x, dtype=np.float64)
+        band = []
+        for extremes, outer in ((self.highs, np.greater_equal), (self.lows, np.less_equal)):
+            last, after = extremes[:, :, rows]
+            moved = outer(x, last)
+            total -= np.where(moved, last - x, 0)
+            total_sq -= np.where(moved, np.square(last, dtype=np.float64) - np.square(x, dtype=np.float64), 0)
+            band.append(np.where(moved, after, last))
+        for stack in self._stacks():
+            release_pages(stack)
+        mu, sigma = _moments(total, total_sq, self.n - 1 - 2 * self.trim)
+        return mu, sigma, band[1], band[0]
 
 
 AUGMENT_SHIFT_PX = 0.5  # a variant's pose: up to half a pixel of shift and of rotation at the image's corners
@@ -728,7 +832,7 @@ def augmented_training(training: Training, indices: Sequence[int], variants: int
     return Training(geo, 1.0, training.weight, stack, coefs, poses, pyramids)
 
 
-def _stack_dir(training: Training) -> str | None:
+def stack_dir(training: Training) -> str | None:
     """The folder of the registered frames' file (the fit's scratch space), or None for the system's."""
     name = getattr(training.registered, "filename", None)
     return str(Path(name).parent) if name else None

@@ -10,9 +10,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -103,6 +105,7 @@ class HeldOut:
     probed: list[list[np.ndarray]]  # per image, per probe: its raw blocks [C, h, w] in the probed copy (only those)
     plans: list[list[probes.Probe]]
     folds: int
+    leave_one_out: bool = False  # each image's statistics are the others' (else its fold's are the other folds')
 
 
 # --shape-scores auto keeps the blob and line scores when they raise the self-test's mean recall
@@ -163,19 +166,45 @@ def _held_out(training: Training, config: FitConfig, progress: bool, fold_stats:
     plans = probes.plan_probes(training.weight, border_px, n)
     goods = np.zeros((n, channels, *tol.block_shape(training.geometry)), np.float32)
     probed: list[list[np.ndarray]] = [[] for _ in range(n)]
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, _held_out_statistics(training, config, fold_stats, folds) as sets:
         graph = _components_graph(config, training, Path(tmp))
-        for fold in tqdm(range(folds), desc="calibrating (k-fold)", disable=not progress, unit="fold"):
-            rows, kept = fp.fold_members(n, folds, fold)
-            stats = fold_stats[fold] if fold_stats is not None else fp.statistics(training, kept, config)
+        for rows, statistics in tqdm(sets, desc="calibrating", disable=not progress, unit="set"):
+            stats = statistics()
             with fp.block_scorer(graph, stats, training.geometry, config.core, channels) as score:
                 goods[rows] = score(training, rows)
                 for i in rows:  # one probed copy at a time, only the probes' blocks kept: frames are large at 5120 px
                     image = score(probes.probed_training(training, [i], plans), [0])[0]
                     probed[i] = [image[:, r0:r1, c0:c1].copy() for r0, r1, c0, c1 in (q.blocks for q in plans[i])]
-            del stats  # the next fold's statistics are computed without this fold's alive
+            del stats  # the next set's statistics are computed without this one's alive
             fp.release_free_heap()
-    return HeldOut(goods, probed, plans, folds)
+    return HeldOut(goods, probed, plans, folds, fold_stats is None and not config.augment)
+
+
+@contextlib.contextmanager
+def _held_out_statistics(
+    training: Training, config: FitConfig, fold_stats: list[dict] | None, folds: int
+) -> Iterator[list[tuple[list[int], Callable[[], dict]]]]:
+    """(held-out images, their statistics when called) per set: each image alone, or each fold.
+
+    Each good image is scored with the statistics of all the others (``fit_pipeline.LeaveOneOut``):
+    with k folds, images that share a rare nuisance are held out together and each scores as if
+    nothing like it had been seen, far above what the statistics of all the images give a part
+    like it (README, 5120 px). With ``fold_stats`` (another detector's, held already) or
+    ``--augment`` (variants are drawn per fold) the folds stay.
+    """
+    n = len(training.coefs)
+    if fold_stats is not None:
+        yield [(fp.fold_members(n, folds, f)[0], functools.partial(dict, fold_stats[f])) for f in range(folds)]
+        return
+    if config.augment:
+        kept = [fp.fold_members(n, folds, f) for f in range(folds)]
+        yield [(rows, functools.partial(fp.statistics, training, others, config)) for rows, others in kept]
+        return
+    loo = fp.LeaveOneOut(training, config, fp.stack_dir(training))
+    try:
+        yield [([i], functools.partial(loo.statistics, i)) for i in range(n)]
+    finally:
+        loo.close()
 
 
 @dataclass
@@ -231,6 +260,7 @@ def _calibrated(
     calibration.update(
         **{f"{name}_scale": float(scale) for name, scale in zip(names, scales, strict=True)},
         folds=held.folds,
+        held_out_statistics="leave-one-out" if held.leave_one_out else "k-fold",
         held_out_components=[[round(float(v), 4) for v in row] for row in raw],
         local_tolerance=tolerance.summary(inside, border),
         shape_tolerance={name: t.summary(inside, border) for name, t in zip(names[2:], shapes, strict=True)},

@@ -1,0 +1,61 @@
+"""Leave-one-out held-out statistics (issue 15, 5120 px): exact, and what they change in the calibration."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from calibration import fit_pipeline as fp
+from calibration.fit_pipeline import FitConfig
+from tests.test_fit_streaming import training_set
+
+
+def assert_close(got: np.ndarray, want: np.ndarray, key: str) -> None:
+    """Equal but where float32 sums in another order round to the next FP16 step (0.125 at 128-256 grey levels)."""
+    assert got.dtype == want.dtype, key
+    a, b = got.astype(np.float32), want.astype(np.float32)
+    np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-3, err_msg=key)
+    assert (a == b).mean() > 0.99, key
+
+
+@pytest.mark.parametrize(
+    ("n", "height", "width", "channels", "dtype", "trim"),
+    [
+        (fp.TRIM_FROM + 1, 2 * fp.STRIP + 9, 40, 1, "uint8", None),  # trimmed (n - 1 from TRIM_FROM on)
+        (fp.TRIM_FROM, fp.STRIP + 3, 33, 1, "uint8", None),  # n - 1 below TRIM_FROM: untrimmed, as statistics()
+        (10, fp.STRIP - 5, 30, 3, "uint8", 2),  # colour, two trimmed at each end
+        (9, fp.STRIP + 1, 25, 1, "uint16", 1),  # 16 bit
+    ],
+)
+def test_leave_one_out_statistics_equal_those_of_the_other_images(tmp_path, n, height, width, channels, dtype, trim):
+    """Without each image, every reference array is statistics() of the others (float32 sums aside: to 1e-4)."""
+    training = training_set(n, height, width, channels, dtype)
+    config = FitConfig(band_trim=trim)
+    loo = fp.LeaveOneOut(training, config, str(tmp_path))
+    try:
+        for held in (0, n // 2, n - 1):
+            got = loo.statistics(held)
+            want = fp.statistics(training, [i for i in range(n) if i != held], config)
+            assert set(got) == set(want)
+            for key in want:
+                assert_close(got[key], want[key], key)
+    finally:
+        loo.close()
+    assert not list(tmp_path.iterdir())  # its arrays go with it
+
+
+def test_leave_one_out_moves_the_band_where_the_held_image_was_extreme(tmp_path):
+    """An image brighter than the rest at a pixel, held out, leaves the band there to the others."""
+    training = training_set(fp.TRIM_FROM + 1, 40, 40)
+    frames = np.array(training.registered)
+    frames[3, 20, 20] = 255  # the highest at (20, 20); 0's second highest...
+    frames[5, 20, 20] = 250  # ...and image 5 the second
+    training = fp.Training(**{**training.__dict__, "registered": frames})
+    loo = fp.LeaveOneOut(training, FitConfig(), str(tmp_path))
+    try:
+        for held in (3, 5, 0):
+            want = fp.statistics(training, [i for i in range(len(frames)) if i != held], FitConfig())["hi"]
+            assert_close(loo.statistics(held)["hi"], want, "hi")
+            assert loo.statistics(held)["hi"][0, 20, 20] == want[0, 20, 20]
+    finally:
+        loo.close()
