@@ -56,7 +56,13 @@ def fit_arguments(parser: argparse.ArgumentParser) -> None:
         help="do not learn occluders (a fixture reaching in from an image edge) from the good images",
     )
     parser.add_argument("--target-frr", type=float, default=0.005, help="false-reject rate to calibrate for")
-    parser.add_argument("--folds", type=int, default=5, help="k for the k-fold calibration on good images")
+    parser.add_argument(
+        "--folds",
+        type=int,
+        default=5,
+        help="k for the k-fold cross-fitting of the local normalisation (and the held-out statistics of "
+        "--augment and ensemble fits; otherwise each good image is held out alone)",
+    )
     parser.add_argument("--core", type=int, default=1024, help="tile core side in px (multiple of 32)")
     parser.add_argument(
         "--max-shift",

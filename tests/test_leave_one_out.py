@@ -6,8 +6,10 @@ import numpy as np
 import pytest
 
 from calibration import fit_pipeline as fp
+from calibration import template_fit as tf
 from calibration.fit_pipeline import FitConfig
 from tests.test_fit_streaming import training_set
+from tests.test_template_fit import _training_of
 
 
 def assert_close(got: np.ndarray, want: np.ndarray, key: str) -> None:
@@ -59,3 +61,22 @@ def test_leave_one_out_moves_the_band_where_the_held_image_was_extreme(tmp_path)
             assert loo.statistics(held)["hi"][0, 20, 20] == want[0, 20, 20]
     finally:
         loo.close()
+
+
+def test_a_nuisance_two_good_images_share_is_no_surprise_to_either_held_out(tmp_path):
+    """Images 0 and 5 (one fold of 5 among 10) carry the same bright patch, image 3 one of its own elsewhere.
+
+    Held out with its fold, image 0 was scored as if no good part had ever shown the patch (the
+    k-fold calibration: 40 grey levels beyond the band); scored with the statistics of all the
+    others, image 5's patch is in its band. What no other good image shows still scores.
+    """
+    rng = np.random.default_rng(3)
+    frames = np.clip(100 + rng.normal(0, 2, (10, 256, 256)), 0, 255).astype(np.uint8)
+    frames[[0, 5], 100:116, 100:116] += 40
+    frames[3, 40:56, 180:196] += 40
+    training = _training_of(frames)
+    held = tf._held_out(training, FitConfig(shape_scores=False), False, None)
+    fine = held.goods[:, 0]  # raw fine excess beyond the band, 8 px blocks
+    assert held.leave_one_out
+    assert fine[0, 12:15, 12:15].max() < 5 and fine[5, 12:15, 12:15].max() < 5
+    assert fine[3, 5:7, 22:25].max() > 25
