@@ -60,8 +60,13 @@ def fit_arguments(parser: argparse.ArgumentParser) -> None:
         "--folds",
         type=int,
         default=5,
-        help="k for the k-fold cross-fitting of the local normalisation (and the held-out statistics of "
-        "--augment and ensemble fits; otherwise each good image is held out alone)",
+        help="k for the k-fold calibration on good images",
+    )
+    parser.add_argument(
+        "--leave-one-out",
+        action="store_true",
+        help="template: score each held-out good with the statistics of all the others (the folds stay for the "
+        "local normalisation; see README, held-back seed 9003)",
     )
     parser.add_argument("--core", type=int, default=1024, help="tile core side in px (multiple of 32)")
     parser.add_argument(
@@ -139,6 +144,7 @@ def fit_main(args: argparse.Namespace) -> int:
     config = FitConfig(
         core=args.core,
         folds=args.folds,
+        leave_one_out=getattr(args, "leave_one_out", False),
         target_frr=args.target_frr,
         margin_px=args.margin,
         max_shift_px=getattr(args, "max_shift", None),

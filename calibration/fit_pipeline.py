@@ -75,7 +75,8 @@ class FitConfig:
     """Knobs of the template fit; the defaults suit aligned parts with geometric structure."""
 
     core: int = 1024  # tile core side (px); a multiple of 32
-    folds: int = 5  # k-fold cross-fitting of the local tolerance (template: the statistics are leave-one-out)
+    folds: int = 5  # k-fold calibration on the good images
+    leave_one_out: bool = False  # template: each held-out good scored with the statistics of all the others
     target_frr: float = 0.005  # false-reject rate the threshold is set for
     threshold_margin: float = 0.1  # threshold >= (1 + margin) * worst held-out good score
     band_sigma: float = 3.0  # the band is at least mean +- band_sigma * per-pixel spread

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
@@ -75,7 +77,10 @@ def test_a_nuisance_two_good_images_share_is_no_surprise_to_either_held_out(tmp_
     frames[[0, 5], 100:116, 100:116] += 40
     frames[3, 40:56, 180:196] += 40
     training = _training_of(frames)
-    held = tf._held_out(training, FitConfig(shape_scores=False), False, None)
+    config = FitConfig(shape_scores=False)
+    folds = tf._held_out(training, config, False, None).goods[:, 0]
+    assert folds[0, 12:15, 12:15].max() > 25  # the default, k folds: image 0 scored without image 5
+    held = tf._held_out(training, replace(config, leave_one_out=True), False, None)
     fine = held.goods[:, 0]  # raw fine excess beyond the band, 8 px blocks
     assert held.leave_one_out
     assert fine[0, 12:15, 12:15].max() < 5 and fine[5, 12:15, 12:15].max() < 5
