@@ -39,6 +39,7 @@ from engines.bundle import GRAPH_FP16, GRAPH_FP32
 from engines.errors import UserError
 from engines.learned_graph import (
     DEFAULT_ARCHITECTURE,
+    LEGACY_ARCHITECTURE,
     RADIUS,
     LearnedGraphSpec,
     architecture,
@@ -308,9 +309,9 @@ def _signature(channels: int, learn: LearnConfig, data_id: str) -> dict:
 def _settled(signature: dict) -> dict:
     """A signature without its unset options, so adding an option (default None) keeps older checkpoints valid.
 
-    Checkpoints from before the architecture was an option are all of the dilated network.
+    Checkpoints from before the architecture was an option are all of the legacy (dilated) network.
     """
-    return {"network": "dilated", **{k: v for k, v in signature.items() if v is not None}}
+    return {"network": LEGACY_ARCHITECTURE, **{k: v for k, v in signature.items() if v is not None}}
 
 
 def _check_resumable(checkpoint: Path, saved: dict, wanted: dict) -> None:

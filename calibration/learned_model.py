@@ -28,6 +28,7 @@ from engines.learned_graph import (
     DEFAULT_ARCHITECTURE,
     DIFF_SCALE,
     EXCESS_SCALE,
+    LEGACY_ARCHITECTURE,
     MEAN_SCALE,
     NETWORK_KEY,
     RADIUS,
@@ -235,8 +236,7 @@ def _read_weights(path: Path, model: LearnedNet) -> dict[str, np.ndarray]:
             graph = onnx.load(str(path))
         except Exception as exc:  # onnx raises several types for damaged files
             raise UserError(f"{path}: not a readable ONNX graph ({exc})") from None
-        # Graphs written before the architecture was recorded are all of the dilated network.
-        network = {p.key: p.value for p in graph.metadata_props}.get(NETWORK_KEY, "dilated")
+        network = {p.key: p.value for p in graph.metadata_props}.get(NETWORK_KEY, LEGACY_ARCHITECTURE)
         if network != model.network:
             raise UserError(
                 f"{path}: a {network} network; this fit trains a {model.network} one (fit --network {network})"

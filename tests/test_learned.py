@@ -135,13 +135,14 @@ def test_graph_softplus_is_exact_where_the_logit_is_large(tmp_path):
     import onnx
     import onnxruntime as ort
 
-    weights = {k: np.zeros(s, np.float32) for k, s in weight_shapes(1).items()}
+    # the softplus is the same in every architecture; the dilated network's head is conv5
+    weights = {k: np.zeros(s, np.float32) for k, s in weight_shapes(1, "dilated").items()}
     feeds = tile_feeds(np.random.default_rng(0), 64)
     feeds["fine_gain"][:] = 1
     path = tmp_path / "g.onnx"
     for logit in (-80.0, -30.0, -17.0, -3.0, 0.0, 3.0, 100.0):
         weights["conv5.bias"][:] = logit  # the head's bias: the logit everywhere
-        onnx.save(build_learned_graph(LearnedGraphSpec(1, 64), weights), path)
+        onnx.save(build_learned_graph(LearnedGraphSpec(1, 64), weights, "dilated"), path)
         got = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(["anomaly"], feeds)[0]
         inside = got[feeds["weight"][..., 64:-64, 64:-64] > 0]
         np.testing.assert_allclose(inside, np.logaddexp(0, logit), rtol=1e-6)
@@ -364,9 +365,16 @@ def test_initial_weights_come_from_a_bundle_or_a_state_dict(bundle_dir, tmp_path
     again = LearnedNet(1)
     load_initial_weights(again, tmp_path / "w.pt")
     assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), mono.state_dict().values(), strict=True))
-    colour = LearnedNet(3)
-    copied = load_initial_weights(colour, tmp_path / "w.pt")
+    # what a colour net can take is every layer whose shape the channels do not set: in the dilated
+    # network all but the first; in the two-scale one also its fine branch, which reads the features
+    torch.save(LearnedNet(1, "dilated").state_dict(), tmp_path / "dilated.pt")
+    colour = LearnedNet(3, "dilated")
+    copied = load_initial_weights(colour, tmp_path / "dilated.pt")
     assert "convs.0.weight" not in copied and len(copied) == len(colour.state_dict()) - 1
+    torch.save(LearnedNet(1, "twoscale").state_dict(), tmp_path / "twoscale.pt")
+    colour = LearnedNet(3, "twoscale")
+    copied = load_initial_weights(colour, tmp_path / "twoscale.pt")
+    assert {"convs.0.weight", "convs.1.weight"}.isdisjoint(copied) and len(copied) == len(colour.state_dict()) - 2
     (tmp_path / "junk.pt").write_bytes(b"not weights")
     with pytest.raises(UserError, match=r"junk\.pt: not a readable PyTorch weights file"):
         load_initial_weights(LearnedNet(1), tmp_path / "junk.pt")
