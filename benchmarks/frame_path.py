@@ -264,7 +264,7 @@ def worker(model: Path, images: list[Path], maps: Path) -> None:
         if cmd["op"] == "frame":
             _reply(_frame(inspector, probes, frames[cmd["index"]], maps if cmd.get("save") else None, cmd["index"]))
         elif cmd["op"] == "bare":
-            _reply({"ms": _bare(inspector, frames, cmd["count"])})
+            _reply(_bare(inspector, frames, cmd["count"]))
         elif cmd["op"] == "sessions":
             _reply({"rows": session_options_table(inspector, frames[0], cmd["repeats"])})
         elif cmd["op"] == "nodes":
@@ -321,14 +321,16 @@ def _frame(inspector: Any, probes: Probes, frame: np.ndarray, maps: Path | None,
     return out
 
 
-def _bare(inspector: Any, frames: list[np.ndarray], count: int) -> list[float]:
-    """Inspector.inspect wall time per frame, as daemon_latency.py measures bare predict."""
+def _bare(inspector: Any, frames: list[np.ndarray], count: int) -> dict[str, Any]:
+    """Inspector.inspect wall time per frame, as daemon_latency.py measures bare predict, and the process's CPU
+    time per frame over them (every thread)."""
     times = []
+    cpu = time.process_time()
     for i in range(count):
         start = time.perf_counter()
         inspector.inspect(frames[i % len(frames)])
         times.append((time.perf_counter() - start) * 1000)
-    return times
+    return {"ms": times, "cpu_ms": (time.process_time() - cpu) * 1000 / count}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -653,10 +655,14 @@ def run_daemons(args: argparse.Namespace, workers: dict[str, Worker], checkouts:
         results: dict[str, list[tuple[float, dict]]] = {name: [] for name in checkouts}
         for r in range(args.runs):
             for name in checkouts if r % 2 == 0 else list(checkouts)[::-1]:
-                bare = percentiles(workers[name].ask(op="bare", count=args.frames)["ms"])
+                answer = workers[name].ask(op="bare", count=args.frames)
+                bare = percentiles(answer["ms"])
                 rate = args.daemon_rate or args.load * 1000 / bare["p50"]
+                cpu = _process_cpu_s(daemons[name].proc.pid)
                 report = run(daemons[name], images, args.daemon_frames, rate, None)
                 lat = percentiles(latencies(report))
+                lat["cpu"] = (_process_cpu_s(daemons[name].proc.pid) - cpu) * 1000 / max(len(report.decisions), 1)
+                lat["bare_cpu"] = answer["cpu_ms"]
                 lat["decided"], lat["sent"], lat["rate"] = len(report.decisions), report.sent, rate
                 lat["inside"] = _inside_p50(report.decisions.values())
                 results[name].append((bare["p50"], lat))
@@ -669,16 +675,25 @@ def run_daemons(args: argparse.Namespace, workers: dict[str, Worker], checkouts:
     print(f"\ndaemon: raw frames over loopback at {offered}", end="")
     print(f", {args.daemon_frames} frames per run")
     print(f"{'checkout':<10}{'run':>4}{'rate Hz':>9}{'bare p50':>10}{'e2e p50':>9}{'e2e p99':>9}", end="")
-    print(f"{'overhead':>10}{'inside p50':>11}{'decided':>9}")
+    print(f"{'overhead':>10}{'inside p50':>11}{'decided':>9}{'cpu/frame bare':>16}{'daemon':>8}")
     for name, rows in results.items():
         for i, (bare_p50, lat) in enumerate(rows, 1):
             overhead = 100 * (lat["p50"] / bare_p50 - 1)
             print(
                 f"{name:<10}{i:>4}{lat['rate']:>9.2f}{bare_p50:>10.1f}{lat['p50']:>9.1f}{lat['p99']:>9.1f}"
                 f"{overhead:>+9.1f}%{_fmt(lat['inside'], 11)}{lat['decided']:>5}/{lat['sent']}"
+                f"{lat['bare_cpu']:>12.0f}{lat['cpu']:>12.0f}"
             )
     print("(inside p50: from the frame's arrival to its decision, as the daemon measured it (its decisions'")
     print(" latency_ms); the rest of e2e is the hop both ways and the publishing)")
+    print("(cpu/frame: CPU time of every thread per frame, of the bare worker over its frames and of the daemon")
+    print(" process over the run, its idle threads included: what the daemon spends beyond inspecting)")
+
+
+def _process_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of process ``pid`` so far, every thread (/proc/PID/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _inside_p50(decisions: Iterable[dict]) -> float | None:
