@@ -308,6 +308,11 @@ class Server:
         """Ask the supervisor about every thread; turn what it found into health, STATUS= and the exit timer."""
         state = self._state = self.supervisor.check()
         problem = state.problem
+        # the exit timer starts before the problem is published: whoever sees the daemon unhealthy
+        # (the status page, /healthz, a test's clock) sees a timer that is already running
+        if state.fatal and self._fatal_at is None:
+            self._fatal_at = self.supervisor.clock()
+            log.error("fatal", problem=problem, exit_in_s=self.config.fatal_exit_s)
         if problem != self.health.problem:
             self.health.problem = problem
             if problem:
@@ -315,9 +320,6 @@ class Server:
                 self._notifier.notify(f"STATUS=unhealthy: {problem}")
             else:
                 log.info("healthy_again")
-        if state.fatal and self._fatal_at is None:
-            self._fatal_at = self.supervisor.clock()
-            log.error("fatal", problem=problem, exit_in_s=self.config.fatal_exit_s)
         return state
 
     def _fatal_exit_due(self) -> bool:

@@ -334,9 +334,29 @@ def test_the_daemon_exits_1_once_fatal_exit_s_has_passed(tmp_path: Path) -> None
         time.sleep(0.3)
         assert codes == []  # still up, still unhealthy
         clock.advance(0.2)
-        # a bound, not a timing: the exit runs the whole capped shutdown (drain, flush, joins), which on
-        # a loaded machine took longer than wait_for's default 5 s
+        # a bound, not a timing: the exit runs the whole capped shutdown (drain, flush, joins)
         assert wait_for(lambda: codes == [1], timeout_s=30.0)
+
+
+def test_the_exit_timer_runs_before_the_daemon_shows_unhealthy(tmp_path: Path) -> None:
+    """Whoever sees the fatal problem (health, the page, a clock advanced on seeing it) sees the exit timer running:
+    before, the problem was published first, and a clock moved in between started the timer late."""
+    clock = FakeClock()
+    with daemon(tmp_path, clock, fatal_exit_s=5.0) as (server, _, _codes), Client(server) as client:
+        timer_when_shown: list[float | None] = []
+        health = server.health
+
+        class Watched(type(health)):  # type: ignore[misc]
+            def __setattr__(self, name: str, value: Any) -> None:
+                if name == "problem" and value:
+                    timer_when_shown.append(server._fatal_at)
+                super().__setattr__(name, value)
+
+        health.__class__ = Watched
+        server.supervisor.inject("engine", Fault("injected"))
+        poke(server, client, 1, wait_s=0)
+        assert wait_for(lambda: timer_when_shown)
+        assert timer_when_shown[0] is not None
 
 
 def test_a_hung_inference_is_a_stall_and_an_idle_daemon_is_not(tmp_path: Path) -> None:
