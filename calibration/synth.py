@@ -1230,7 +1230,7 @@ def _render_job(job: _Job, config: SynthConfig) -> dict[str, Any]:
 
 def _imwrite(path: Path, img: np.ndarray) -> None:
     if not cv2.imwrite(str(path), img, PNG):
-        raise OSError(f"{path}: could not write PNG")
+        raise OSError(f"{path}: could not write PNG (is the disk full or the folder not writable?)")
 
 
 def _worker(args: tuple[_Job, SynthConfig]) -> dict[str, Any]:

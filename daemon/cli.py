@@ -62,6 +62,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         print(f"inspectd {name}: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # the machine's, not a bug: a full disk, a path that is a file, a port in use
+        print(f"inspectd {name}: error: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
 

@@ -360,3 +360,14 @@ def test_fit_refuses_impossible_registration_limits(flag, value, data, tmp_path,
     rc, _, err = cli(capsys, "fit", tmp_path / "ds", "--out", tmp_path / "model", flag, value)
     assert_user_error(rc, err, "fit", flag, "expected")
     assert not (tmp_path / "model").exists()
+
+
+def test_an_error_of_the_machine_is_one_line_and_leaves_nothing(tmp_path, capsys):
+    """An OSError (here: the output's parent is a file; on a line, a full disk) is one line naming the path, exit 1,
+    and no half-written dataset; before, it was a traceback."""
+    (tmp_path / "afile").write_text("not a folder")
+    out = tmp_path / "afile" / "line"
+    assert main(["synth", str(out), "--size", "128", "--train", "4", "--test-good", "1", "--per-kind", "0"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("inspectd synth: error:") and "afile" in err[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
