@@ -627,15 +627,24 @@ def _strip_statistics(
     training: Training, indices: Sequence[int], trim: int, rows: slice
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Mean, spread and the trimmed low and high extremes of ``rows`` of the images at ``indices``."""
+    total, total_sq, lows, highs = _trimmed_sums(training, indices, trim, rows, trim + 1)
+    mu, sigma = _moments(total, total_sq, len(indices) - 2 * trim)
+    return mu, sigma, lows[trim], highs[trim]
+
+
+def _trimmed_sums(
+    training: Training, indices: Sequence[int], trim: int, rows: slice, ranks: int
+) -> tuple[np.ndarray, np.ndarray, list[np.ndarray], list[np.ndarray]]:
+    """Over ``rows`` of the images at ``indices``: the float64 sum and sum of squares per pixel without the
+    ``trim`` most extreme values at each end, and the ``ranks`` lowest and highest values, most extreme first."""
     geo = training.geometry
-    full = (geo.height, geo.width)
     shape = (geo.channels, len(range(*rows.indices(geo.height))), geo.width)
     total = np.zeros(shape, np.float64)
     total_sq = np.zeros_like(total)
-    lows = [np.full(shape, np.inf, np.float32) for _ in range(trim + 1)]
-    highs = [np.full(shape, -np.inf, np.float32) for _ in range(trim + 1)]
+    lows = [np.full(shape, np.inf, np.float32) for _ in range(ranks)]
+    highs = [np.full(shape, -np.inf, np.float32) for _ in range(ranks)]
     for i in indices:
-        xn = normalise(planes(training.registered[i, rows], training.unit), training.coefs[i], full, full, rows)
+        xn = _normalised(training, i, rows)
         total += xn
         total_sq += np.square(xn, dtype=np.float64)
         _keep_extremes(lows, xn, np.minimum, np.maximum)
@@ -643,8 +652,13 @@ def _strip_statistics(
     for extreme in (*lows[:trim], *highs[:trim]):
         total -= extreme
         total_sq -= np.square(extreme, dtype=np.float64)
-    mu, sigma = _moments(total, total_sq, len(indices) - 2 * trim)
-    return mu, sigma, lows[trim], highs[trim]
+    return total, total_sq, lows, highs
+
+
+def _normalised(training: Training, i: int, rows: slice) -> np.ndarray:
+    """``rows`` of registered image ``i`` in the reference's lighting (float32 planes)."""
+    full = (training.geometry.height, training.geometry.width)
+    return normalise(planes(training.registered[i, rows], training.unit), training.coefs[i], full, full, rows)
 
 
 def _moments(total: np.ndarray, total_sq: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -693,25 +707,9 @@ class LeaveOneOut:
     def _stacks(self) -> list[np.ndarray]:
         return [*self.sums, self.highs, self.lows]
 
-    def _frame(self, i: int, rows: slice) -> np.ndarray:
-        training, full = self.training, (self.training.geometry.height, self.training.geometry.width)
-        return normalise(planes(training.registered[i, rows], training.unit), training.coefs[i], full, full, rows)
-
     def _accumulate(self, rows: slice) -> None:
-        shape = self.sums[0][:, rows].shape
-        total, total_sq = np.zeros(shape), np.zeros(shape)
-        ranks = self.trim + 2
-        highs = [np.full(shape, -np.inf, np.float32) for _ in range(ranks)]
-        lows = [np.full(shape, np.inf, np.float32) for _ in range(ranks)]
-        for i in range(self.n):
-            xn = self._frame(i, rows)
-            total += xn
-            total_sq += np.square(xn, dtype=np.float64)
-            _keep_extremes(lows, xn, np.minimum, np.maximum)
-            _keep_extremes(highs, xn, np.maximum, np.minimum)
-        for extreme in (*lows[: self.trim], *highs[: self.trim]):  # trimmed as if every image were kept
-            total -= extreme
-            total_sq -= np.square(extreme, dtype=np.float64)
+        # trimmed as if every image were kept; two extremes past the trim kept at each end
+        total, total_sq, lows, highs = _trimmed_sums(self.training, range(self.n), self.trim, rows, self.trim + 2)
         self.sums[0][:, rows], self.sums[1][:, rows] = total, total_sq
         # only the (trim + 1)-th and (trim + 2)-th extremes are read again: the ones that can move
         self.highs[:, :, rows], self.lows[:, :, rows] = np.stack(highs[self.trim :]), np.stack(lows[self.trim :])
@@ -728,7 +726,7 @@ class LeaveOneOut:
         """Without image ``held``: the sums lose its value; where it was among the trim + 1 most extreme (or tied
         with the (trim + 1)-th: the same values), the (trim + 1)-th is trimmed instead of it and the next is the
         band's extreme."""
-        x = self._frame(held, rows)
+        x = _normalised(self.training, held, rows)
         total, total_sq = self.sums[0][:, rows] - x, self.sums[1][:, rows] - np.square(x, dtype=np.float64)
         band = []
         for extremes, outer in ((self.highs, np.greater_equal), (self.lows, np.less_equal)):
