@@ -264,7 +264,7 @@ def worker(model: Path, images: list[Path], maps: Path) -> None:
         if cmd["op"] == "frame":
             _reply(_frame(inspector, probes, frames[cmd["index"]], maps if cmd.get("save") else None, cmd["index"]))
         elif cmd["op"] == "bare":
-            _reply(_bare(inspector, frames, cmd["count"]))
+            _reply(bare_inspect(inspector, frames, cmd["count"]))
         elif cmd["op"] == "sessions":
             _reply({"rows": session_options_table(inspector, frames[0], cmd["repeats"])})
         elif cmd["op"] == "nodes":
@@ -321,7 +321,7 @@ def _frame(inspector: Any, probes: Probes, frame: np.ndarray, maps: Path | None,
     return out
 
 
-def _bare(inspector: Any, frames: list[np.ndarray], count: int) -> dict[str, Any]:
+def bare_inspect(inspector: Any, frames: list[np.ndarray], count: int) -> dict[str, Any]:
     """Inspector.inspect wall time per frame, as daemon_latency.py measures bare predict, and the process's CPU
     time per frame over them (every thread)."""
     times = []

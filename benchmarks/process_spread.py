@@ -17,7 +17,6 @@ import json
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -25,20 +24,16 @@ REPO = Path(__file__).resolve().parent.parent
 
 def one_process(model: Path, images: list[Path], frames: int) -> dict[str, float]:
     """Run in the child: bare predict over ``frames`` frames; wall p50 and CPU per frame in ms."""
+    from frame_path import bare_inspect  # this script's folder: the same timing loop as frame_path's bare worker
+
     from engines.decode import read_image
     from engines.inspector import Inspector
 
     raw = [read_image(p) for p in images]
     with Inspector.load(model, backend="onnxruntime") as inspector:
         inspector.inspect(raw[0])
-        walls = []
-        cpu = time.process_time()
-        for i in range(frames):
-            start = time.perf_counter()
-            inspector.inspect(raw[i % len(raw)])
-            walls.append((time.perf_counter() - start) * 1000)
-        cpu_ms = (time.process_time() - cpu) * 1000 / frames
-    return {"wall_p50": statistics.median(walls), "cpu_per_frame": cpu_ms}
+        timed = bare_inspect(inspector, raw, frames)
+    return {"wall_p50": statistics.median(timed["ms"]), "cpu_per_frame": timed["cpu_ms"]}
 
 
 def main() -> int:
