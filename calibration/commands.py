@@ -56,12 +56,7 @@ def fit_arguments(parser: argparse.ArgumentParser) -> None:
         help="do not learn occluders (a fixture reaching in from an image edge) from the good images",
     )
     parser.add_argument("--target-frr", type=float, default=0.005, help="false-reject rate to calibrate for")
-    parser.add_argument(
-        "--folds",
-        type=int,
-        default=5,
-        help="k for the k-fold calibration on good images",
-    )
+    parser.add_argument("--folds", type=int, default=5, help="k for the k-fold calibration on good images")
     parser.add_argument(
         "--leave-one-out",
         action="store_true",
