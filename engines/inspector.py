@@ -53,10 +53,11 @@ def registration_reference(bundle: Bundle, ref: dict[str, np.ndarray]) -> reg.Re
     full_shape = (geo.height, geo.width)
     field = None
     if "field" in cfg:
-        if {k: v for k, v in cfg["field"].items() if k != "factor"} != nonrigid.parameters():
+        recorded = {k: v for k, v in cfg["field"].items() if k not in ("factor", "ridge")}
+        if recorded != {k: v for k, v in nonrigid.parameters().items() if k != "ridge"}:
             raise BundleError(f"{bundle.path}: fitted with other non-rigid alignment parameters; refit the model")
-        factor = int(cfg["field"]["factor"])
-        field = nonrigid.FieldReference(factor, ref["reg_field"], ref["reg_field_mask"], full_shape)
+        factor, ridge = int(cfg["field"]["factor"]), float(cfg["field"]["ridge"])
+        field = nonrigid.FieldReference(factor, ref["reg_field"], ref["reg_field_mask"], full_shape, ridge)
     registration = reg.RegistrationReference(
         coarse=ref["reg_coarse"],
         fine=ref["reg_fine"],

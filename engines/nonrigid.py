@@ -51,7 +51,11 @@ MAX_PX = 6.0  # px (full resolution): no control point moves further; a larger "
 MAP_STEP = 16  # px: the full-resolution map is evaluated on this grid and interpolated bilinearly
 LEVEL_STEP = 8  # px at the field's level: the grid the field is evaluated on while estimating
 STRIP = 256  # rows resampled per remap call (keeps the maps in cache)
-RIDGE = 1e-3  # weight of the field's own size, relative like SMOOTHNESS
+# Weight of the field's own size, relative like SMOOTHNESS: where blocks say little (flat part, or the border
+# band's blocks weighted down for clutter) the field stays at the pose. At 1e-3 (bundles before it was raised
+# keep it, see ``FieldReference.ridge``) a clutter block weighted down to a few percent still set the
+# field around it: the band's marker dots of the fixture lines landed 4-6 px off and set the threshold.
+RIDGE = 1e-2
 SMOOTH_SIGMA = 1.5  # px at the field's level
 GAIN_LIMIT = 0.35  # a block's own gain this far from the typical one is not lighting
 HIDDEN_GROW = 3  # px at the field's level around an occluder: the smoothing (SMOOTH_SIGMA) spreads its edge
@@ -180,6 +184,7 @@ class FieldReference:
     level: np.ndarray  # float32 [h, w] the reference mean at the field's level (8-bit grey units)
     mask: np.ndarray  # uint8 [h, w] non-zero = measure here
     full_shape: tuple[int, int]
+    ridge: float = RIDGE  # a bundle's own (recorded by ``parameters``): a bundle keeps the ridge it was fitted with
 
     def __post_init__(self) -> None:
         h, w = self.level.shape
@@ -262,7 +267,7 @@ class FieldReference:
         # per control point, relative to what a typical block tells: bending energy, and a ridge that keeps
         # the field at zero where no block says anything (the pose already holds the rigid part)
         per_node = self._scale * (self._blocks[0] * self._blocks[1]) / NODES**2
-        bending = per_node * (SMOOTHNESS * self._bending + RIDGE * np.eye(NODES * NODES))
+        bending = per_node * (SMOOTHNESS * self._bending + self.ridge * np.eye(NODES * NODES))
         jac, weight, blocks = self._jac, self._weight, self._reference_blocks
         if hidden is not None and hidden.any():
             jac, weight, blocks = self._visible(hidden)

@@ -229,7 +229,11 @@ def paint_missing_pad(image: np.ndarray, design: np.ndarray, matrix: np.ndarray)
 
 
 def test_the_field_does_not_explain_a_missing_structure_away(design, references):
-    """A pad painted over moves the field there by less than 0.15 px, and its residual stays (a defect still scores)."""
+    """A pad painted over moves the field there by less than 0.2 px, and its residual stays (a defect still scores).
+
+    (0.17 px with the ridge of 1e-2, under 0.15 px with the weaker one before: the pad's block, weighted
+    down, leaves its neighbourhood to the ridge, which now pulls harder towards the pose.)
+    """
     _, nonrigid = references
     image, matrix, _ = bent_frame(design, 3, clutter=False)
     clean = reg.align(image, nonrigid)
@@ -239,7 +243,7 @@ def test_the_field_does_not_explain_a_missing_structure_away(design, references)
     ys = np.arange(rows.start, rows.stop, 4, dtype=float)
     xs = np.arange(cols.start, cols.stop, 4, dtype=float)
     moved = np.hypot(*(np.subtract(with_defect.pose.field.at(xs, ys), clean.pose.field.at(xs, ys))))
-    assert moved.max() < 0.15
+    assert moved.max() < 0.2
     residual = np.abs(with_defect.registered.astype(np.float32) - clean.registered.astype(np.float32))
     assert residual.max() > 40, "the missing pad is as visible after alignment as before"
 
@@ -299,3 +303,78 @@ def test_the_field_removes_a_bend_at_full_size():
         assert np.percentile(error, 95) <= 0.25
     finally:
         SIZE = size
+
+
+FIXTURE_HARD = {  # synth's fixture-hard line (benchmarks/detector_comparison.py)
+    "fixture": "random",
+    "fixture_depth": (0.25, 0.55),
+    "band_vignette": (0.12, 0.30),
+    "band_blur_px": (1.2, 2.2),
+    "max_rotation_deg": 1.5,
+    "max_shift_px": 24,
+    "bend_px": 0.8,
+    "light": 2.5,
+}
+
+
+def line_frame(config: synth.SynthConfig, design: synth.Design, index: int) -> tuple[np.ndarray, np.ndarray, list]:
+    """Training image ``index`` of a synth line, with where each reference pixel truly lies in it (x and y maps)
+    and its fixture bars. synth: image(q) = design(A^-1 q + d(q)), so reference p lies at q - A_lin d(q), q = A p."""
+    rng = np.random.default_rng([config.seed, 0, index])  # the stream render_frame draws the pose and bend from
+    matrix = synth._pose_matrix(synth._sample_pose(config, rng))
+    _, disp = synth._warp(design.image, matrix, config, rng)
+    pixels, _, _, _, bars, _ = synth.render_frame(config, design, 0, index, "good")
+    ys, xs = np.mgrid[0 : config.size, 0 : config.size].astype(np.float32)
+    q = [(row[0] * xs + row[1] * ys + row[2]).astype(np.float32) for row in matrix]
+    d = [cv2.remap(c.astype(np.float32), *q, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE) for c in disp]
+    where = np.stack([q[c] - (matrix[c, 0] * d[0] + matrix[c, 1] * d[1]) for c in range(2)]).astype(np.float32)
+    return pixels, where, bars
+
+
+def back_to_reference(image: np.ndarray, where: np.ndarray) -> np.ndarray:
+    return cv2.remap(image.astype(np.float32), where[0], where[1], cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+
+
+def bar_mask(bars: list, size: int) -> np.ndarray:
+    """The frame's fixture bars (with their tilt and blurred edge), as the sensor model would hide them."""
+    mask = np.zeros((size, size), np.float32)
+    for bar in bars:
+        depth = int(np.ceil(bar["depth_px"] + abs(bar["tilt_px"]) + 3))
+        edge = {0: mask[:depth], 1: mask[size - depth :], 2: mask[:, :depth], 3: mask[:, size - depth :]}
+        edge[bar["edge"]][...] = 1
+    return mask
+
+
+@pytest.mark.parametrize(("seed", "index"), [(12, 23), (9004, 16)])
+def test_the_band_beside_a_fixture_bar_stays_where_it_is(seed, index):
+    """On the fixture lines the markers and edges of the part's outer 40-100 px land within 2.5 px of their place.
+
+    The reference is the mean of the line's first 12 good images brought back with their true pose
+    and bend (as the fit's mean, without its registration errors); the frame's bar is hidden as the
+    sensor model hides it. With a ridge too weak for the band's blocks weighted down for clutter,
+    the field beside the bar went 3.0 px (seed 12) and 4.6 px (seed 9004, the spent held-back
+    seed, whose marker dots then set the threshold: README) off.
+    """
+    config = synth.SynthConfig(size=SIZE, seed=seed, **FIXTURE_HARD)
+    design = synth.render_design(config)
+    mean = np.mean([back_to_reference(*line_frame(config, design, i)[:2]) for i in range(12)], axis=0)
+    ref = nr.FieldReference.from_full(mean, fit_weight((SIZE, SIZE)), (SIZE, SIZE))
+    image, where, bars = line_frame(config, design, index)
+    hidden = cv2.resize(back_to_reference(bar_mask(bars, SIZE), where), ref.level.shape[::-1], cv2.INTER_AREA) > 0
+    matrix = synth._pose_matrix(synth._sample_pose(config, np.random.default_rng([seed, 0, index])))
+    field = ref.estimate(nr.to_level(image, ref.factor), matrix, hidden)
+    gx = cv2.Sobel(design.image, cv2.CV_32F, 1, 0, ksize=3, scale=1 / 8)
+    gy = cv2.Sobel(design.image, cv2.CV_32F, 0, 1, ksize=3, scale=1 / 8)
+    strength = np.hypot(gx, gy)
+    ys, xs = np.nonzero(strength > 10)
+    inside = np.minimum(np.minimum(xs, SIZE - 1 - xs), np.minimum(ys, SIZE - 1 - ys))
+    ys, xs = ys[(inside >= 40) & (inside <= 100)], xs[(inside >= 40) & (inside <= 100)]
+    by, bx = nr._basis(ys, SIZE), nr._basis(xs, SIZE)
+    found = [
+        matrix[c, 0] * xs + matrix[c, 1] * ys + matrix[c, 2] + np.einsum("nk,kl,nl->n", by, field.coef[c], bx)
+        for c in range(2)
+    ]
+    ex, ey = found[0] - where[0][ys, xs], found[1] - where[1][ys, xs]
+    error = np.abs(ex * gx[ys, xs] + ey * gy[ys, xs]) / strength[ys, xs]
+    print(f"seed {seed} image {index}: the band's structure at most {error.max():.2f} px off")
+    assert error.max() <= 2.5

@@ -379,6 +379,20 @@ def test_a_bundle_with_other_field_parameters_is_refused(nonrigid_dir):
         registration_reference(replace(bundle, manifest=manifest), bundle.reference())
 
 
+def test_a_bundle_keeps_the_ridge_it_was_fitted_with(nonrigid_dir):
+    """New fits record the field's ridge; a bundle fitted before it was raised (1e-3) loads and runs with its own."""
+    from dataclasses import replace
+
+    from engines import nonrigid
+    from engines.inspector import registration_reference
+
+    bundle = Bundle.load(nonrigid_dir)
+    assert registration_reference(bundle, bundle.reference()).field.ridge == nonrigid.RIDGE
+    manifest = json.loads(json.dumps(bundle.manifest))
+    manifest["registration"]["field"]["ridge"] = 1e-3
+    assert registration_reference(replace(bundle, manifest=manifest), bundle.reference()).field.ridge == 1e-3
+
+
 def test_a_sensor_mask_leaves_what_it_covers_out_of_every_frame(dataset, bundle_dir, tmp_path):
     """--sensor-mask: a dot under the (sensor-frame) mask no longer rejects its frame; elsewhere it still would.
 
