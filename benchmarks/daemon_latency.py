@@ -20,6 +20,7 @@ The bundle is synthesised and fitted in ``--workdir`` (reused on later runs) unl
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import socket
@@ -95,17 +96,31 @@ class Daemon:
     """`inspectd serve` of checkout ``repo`` as a subprocess on loopback ports."""
 
     def __init__(
-        self, bundle: Path, backend: str, cycle_ms: float, queue_depth: int, log: Path, repo: Path = REPO
+        self,
+        bundle: Path,
+        backend: str,
+        cycle_ms: float,
+        queue_depth: int,
+        log: Path,
+        repo: Path = REPO,
+        launcher: list[str] | None = None,
     ) -> None:
+        """``launcher``: what runs ``serve`` with the arguments after it (default ``python -m daemon.cli serve``);
+        given, the daemon's stdin and stdout are pipes (``served.py`` answers commands on them)."""
         self.frames = f"tcp://127.0.0.1:{free_port()}"
         self.decisions = f"tcp://127.0.0.1:{free_port()}"
         self.http = f"127.0.0.1:{free_port()}"
-        argv = [sys.executable, "-m", "daemon.cli", "serve", "--model", str(bundle), "--backend", backend]
+        argv = launcher or [sys.executable, "-m", "daemon.cli", "serve"]
+        argv += ["--model", str(bundle), "--backend", backend]
         argv += ["--frames", self.frames, "--decisions", self.decisions, "--http", self.http]
         argv += ["--cycle-ms", f"{cycle_ms:.0f}", "--queue-depth", str(queue_depth), "--log-format", "json"]
         self._log = log.open("w")
         env = {**os.environ, "PYTHONPATH": str(repo)}  # another checkout (frame_path.py's baseline) runs its own code
-        self.proc = subprocess.Popen(argv, cwd=repo, env=env, stdout=self._log, stderr=subprocess.STDOUT)
+        if launcher:  # served.py: commands on stdin, answers on stdout, the daemon's log on stderr
+            pipe = subprocess.PIPE
+            self.proc = subprocess.Popen(argv, cwd=repo, env=env, stdin=pipe, stdout=pipe, stderr=self._log, text=True)
+        else:
+            self.proc = subprocess.Popen(argv, cwd=repo, env=env, stdout=self._log, stderr=subprocess.STDOUT)
         self._wait_ready()
 
     def _wait_ready(self, timeout_s: float = 600) -> None:
@@ -121,6 +136,16 @@ class Daemon:
                 pass
             time.sleep(0.2)
         raise SystemExit("daemon did not become ready")
+
+    def ask(self, **cmd: object) -> dict:
+        """One command to a ``served.py`` daemon, its one-line JSON answer."""
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write(json.dumps(cmd) + "\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        if not line:
+            raise SystemExit(f"daemon exited with {self.proc.wait()}; see {self._log.name}")
+        return json.loads(line)
 
     def stop(self) -> int:
         self.proc.send_signal(signal.SIGTERM)

@@ -324,13 +324,15 @@ def _frame(inspector: Any, probes: Probes, frame: np.ndarray, maps: Path | None,
 def bare_inspect(inspector: Any, frames: list[np.ndarray], count: int) -> dict[str, Any]:
     """Inspector.inspect wall time per frame, as daemon_latency.py measures bare predict, and the process's CPU
     time per frame over them (every thread)."""
-    times = []
+    times, stages = [], []
     cpu = time.process_time()
     for i in range(count):
         start = time.perf_counter()
-        inspector.inspect(frames[i % len(frames)])
+        result = inspector.inspect(frames[i % len(frames)])
         times.append((time.perf_counter() - start) * 1000)
-    return {"ms": times, "cpu_ms": (time.process_time() - cpu) * 1000 / count}
+        stages.append(result.timings_ms)
+    medians = {k: statistics.median(t.get(k, 0.0) for t in stages) for k in stages[0]} if stages else {}
+    return {"ms": times, "cpu_ms": (time.process_time() - cpu) * 1000 / count, "stages": medians}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -641,53 +643,183 @@ def print_sessions(rows: list[dict]) -> None:
 # daemon and fit
 # ---------------------------------------------------------------------------------------------
 def run_daemons(args: argparse.Namespace, workers: dict[str, Worker], checkouts: dict[str, Path], models: dict) -> None:
+    """Per run and checkout: bare predict in the worker, then a fresh daemon that times bare predict in its own
+    process before and after serving the frames (``served.py``); the overhead is against that in-process bare."""
     sys.path.insert(0, str(REPO / "benchmarks"))
-    from daemon_latency import Daemon, latencies, percentiles, run
-
     from engines.decode import read_image
 
-    images = [(p.name, read_image(p)) for p in pick_images(args.images, args.frames)]
-    daemons = {}
+    paths = pick_images(args.images, args.frames)
+    images = [(p.name, read_image(p)) for p in paths]
+    variants = dict(args.daemon_env) or {"": {}}
+    cases = [(name, label) for name in checkouts for label in variants]
+    results: dict[str, list[dict]] = {_case(*case): [] for case in cases}
+    for r in range(args.runs):
+        for name, label in cases if r % 2 == 0 else cases[::-1]:
+            worker_bare = workers[name].ask(op="bare", count=args.frames)
+            log = args.workdir / f"daemon-{name}{label}-{r}.log"
+            with _environment(variants[label]):
+                row = daemon_run(args, checkouts[name], models[name], paths, images, log)
+            row["worker_p50"] = statistics.median(worker_bare["ms"])
+            row["worker_cpu"] = worker_bare["cpu_ms"]
+            results[_case(name, label)].append(row)
+    (args.workdir / "daemon.json").write_text(json.dumps(results))
+    print_daemon_table(args, results)
+    print_threads(results)
+    print_slowest(results)
+
+
+def _variant(text: str) -> tuple[str, dict[str, str]]:
+    """``LABEL:NAME=VALUE,NAME=VALUE`` -> (label, environment); ``LABEL:`` is the daemon as it is."""
+    label, _, pairs = text.partition(":")
     try:
-        for name, checkout in checkouts.items():
-            log = args.workdir / f"daemon-{name}.log"
-            daemons[name] = Daemon(models[name], "onnxruntime", 5000.0, 4, log, repo=checkout)
-        results: dict[str, list[tuple[float, dict]]] = {name: [] for name in checkouts}
-        for r in range(args.runs):
-            for name in checkouts if r % 2 == 0 else list(checkouts)[::-1]:
-                answer = workers[name].ask(op="bare", count=args.frames)
-                bare = percentiles(answer["ms"])
-                rate = args.daemon_rate or args.load * 1000 / bare["p50"]
-                cpu = _process_cpu_s(daemons[name].proc.pid)
-                report = run(daemons[name], images, args.daemon_frames, rate, None)
-                lat = percentiles(latencies(report))
-                lat["cpu"] = (_process_cpu_s(daemons[name].proc.pid) - cpu) * 1000 / max(len(report.decisions), 1)
-                lat["bare_cpu"] = answer["cpu_ms"]
-                lat["decided"], lat["sent"], lat["rate"] = len(report.decisions), report.sent, rate
-                lat["inside"] = _inside_p50(report.decisions.values())
-                results[name].append((bare["p50"], lat))
+        return label, dict(pair.split("=", 1) for pair in pairs.split(",") if pair)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected LABEL:NAME=VALUE,NAME=VALUE") from None
+
+
+def _case(name: str, label: str) -> str:
+    return f"{name}/{label}" if label else name
+
+
+@contextlib.contextmanager
+def _environment(extra: dict[str, str]) -> Iterator[None]:
+    """``extra`` in os.environ while a daemon starts (it inherits them), then as before."""
+    saved = {k: os.environ.get(k) for k in extra}
+    os.environ.update(extra)
+    try:
+        yield
     finally:
-        for daemon in daemons.values():
-            daemon.stop()
-    offered = f"{args.load:.0%} of each checkout's bare rate"
-    if args.daemon_rate:
-        offered = f"{args.daemon_rate:.2f} Hz (both)"
-    print(f"\ndaemon: raw frames over loopback at {offered}", end="")
-    print(f", {args.daemon_frames} frames per run")
-    print(f"{'checkout':<10}{'run':>4}{'rate Hz':>9}{'bare p50':>10}{'e2e p50':>9}{'e2e p99':>9}", end="")
-    print(f"{'overhead':>10}{'inside p50':>11}{'decided':>9}{'cpu/frame bare':>16}{'daemon':>8}")
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def daemon_run(
+    args: argparse.Namespace, checkout: Path, model: Path, paths: list[Path], images: list, log: Path
+) -> dict[str, Any]:
+    """One fresh daemon: bare predict in its process, the frames at the offered rate, bare predict again."""
+    from daemon_latency import Daemon, latencies, percentiles, run
+
+    launcher = [sys.executable, str(REPO / "benchmarks" / "served.py"), "--image-list", *map(str, paths), "--"]
+    daemon = Daemon(model, "onnxruntime", 5000.0, 4, log, repo=checkout, launcher=launcher)
+    try:
+        threads = [daemon.ask(op="threads")["threads"]]
+        before = daemon.ask(op="bare", count=args.frames)
+        threads.append(daemon.ask(op="threads")["threads"])
+        rate = args.daemon_rate or args.load * 1000 / statistics.median(before["ms"])
+        cpu = _process_cpu_s(daemon.proc.pid)
+        report = run(daemon, images, args.daemon_frames, rate, None)
+        cpu = _process_cpu_s(daemon.proc.pid) - cpu
+        threads.append(daemon.ask(op="threads")["threads"])
+        stages = {str(f["frame_id"]): f for f in daemon.ask(op="frames")["frames"]}
+        after = daemon.ask(op="bare", count=args.frames)
+        threads.append(daemon.ask(op="threads")["threads"])
+    finally:
+        daemon.stop()
+    decided = max(len(report.decisions), 1)
+    row = percentiles(latencies(report))
+    row.update(rate=rate, decided=len(report.decisions), sent=report.sent, cpu=cpu * 1000 / decided)
+    row["inside"] = _inside_p50(report.decisions.values())
+    row["bare"] = (statistics.median(before["ms"]), statistics.median(after["ms"]))
+    row["bare_cpu"] = (before["cpu_ms"] + after["cpu_ms"]) / 2
+    row["bare_stages"] = {k: statistics.median([before["stages"][k], after["stages"][k]]) for k in before["stages"]}
+    row["threads_bare"] = _thread_delta([(threads[0], threads[1]), (threads[2], threads[3])], 2 * args.frames)
+    row["threads_daemon"] = _thread_delta([(threads[1], threads[2])], decided)
+    row["frames"] = _frame_rows(report, stages)
+    return row
+
+
+def _thread_group(name: str) -> str:
+    """A thread's name without its native id and pool index: inspectd-tile_1#123 -> inspectd-tile."""
+    base = name.split("#")[0]
+    return base.rsplit("_", 1)[0] if base.rsplit("_", 1)[-1].isdigit() else base
+
+
+def _thread_delta(spans: list[tuple[dict, dict]], frames: int) -> dict[str, tuple[float, ...]]:
+    """CPU ms, minor faults and system CPU ms per frame by thread group over the (before, after) snapshots."""
+    out: dict[str, list[float]] = {}
+    for first, last in spans:
+        for name, now in last.items():
+            was = first.get(name, {"cpu_s": 0.0, "sys_s": 0.0, "minflt": 0})
+            acc = out.setdefault(_thread_group(name), [0.0, 0.0, 0.0])
+            acc[0] += (now["cpu_s"] - was["cpu_s"]) * 1000
+            acc[1] += now["minflt"] - was["minflt"]
+            acc[2] += (now["sys_s"] - was["sys_s"]) * 1000
+    return {k: tuple(x / frames for x in v) for k, v in out.items()}
+
+
+def _frame_rows(report: Any, stages: dict[str, dict]) -> list[dict[str, float]]:
+    """Per decided frame: end-to-end ms, the daemon's own latency and its stage times (kept by served.py)."""
+    rows = []
+    for key in report.decisions:
+        if key not in report.sent_ns:
+            continue
+        row = {"e2e": (report.received_ns[key] - report.sent_ns[key]) / 1e6}
+        own = stages.get(str(key), {})
+        row.update({k: own[k] for k in ("latency_ms", "prepare", "infer", "decide") if k in own})
+        rows.append(row)
+    return rows
+
+
+def print_daemon_table(args: argparse.Namespace, results: dict[str, list[dict]]) -> None:
+    offered = f"{args.load:.0%} of each daemon's own bare rate" if not args.daemon_rate else f"{args.daemon_rate} Hz"
+    print(f"\ndaemon: raw frames over loopback at {offered}, {args.daemon_frames} frames per run, ", end="")
+    print("a fresh daemon per run")
+    print(f"{'checkout':<16}{'run':>4}{'rate Hz':>8}{'bare in-proc':>14}{'e2e p50':>8}{'e2e p99':>8}", end="")
+    print(f"{'overhead':>9}", end="")
+    print(f"{'inside p50':>11}{'decided':>8}{'worker p50':>11}{'vs worker':>10}{'cpu/frame bare':>15}{'daemon':>7}")
     for name, rows in results.items():
-        for i, (bare_p50, lat) in enumerate(rows, 1):
-            overhead = 100 * (lat["p50"] / bare_p50 - 1)
+        for i, row in enumerate(rows, 1):
+            bare = statistics.mean(row["bare"])
             print(
-                f"{name:<10}{i:>4}{lat['rate']:>9.2f}{bare_p50:>10.1f}{lat['p50']:>9.1f}{lat['p99']:>9.1f}"
-                f"{overhead:>+9.1f}%{_fmt(lat['inside'], 11)}{lat['decided']:>5}/{lat['sent']}"
-                f"{lat['bare_cpu']:>12.0f}{lat['cpu']:>12.0f}"
+                f"{name:<16}{i:>4}{row['rate']:>8.2f}{row['bare'][0]:>7.1f}/{row['bare'][1]:<6.1f}{row['p50']:>8.1f}"
+                f"{row['p99']:>8.1f}{100 * (row['p50'] / bare - 1):>+8.1f}%{_fmt(row['inside'], 11)}"
+                f"{row['decided']:>5}/{row['sent']:<2}{row['worker_p50']:>11.1f}"
+                f"{100 * (row['p50'] / row['worker_p50'] - 1):>+9.1f}%{row['bare_cpu']:>15.0f}{row['cpu']:>7.0f}"
             )
-    print("(inside p50: from the frame's arrival to its decision, as the daemon measured it (its decisions'")
-    print(" latency_ms); the rest of e2e is the hop both ways and the publishing)")
-    print("(cpu/frame: CPU time of every thread per frame, of the bare worker over its frames and of the daemon")
-    print(" process over the run, its idle threads included: what the daemon spends beyond inspecting)")
+    print("(bare in-proc: bare predict's p50 in the daemon's own process, before / after the frames; overhead:")
+    print(" e2e p50 over their mean. worker p50 / vs worker: bare predict in the separate worker process just")
+    print(" before, the earlier comparison. inside p50: frame arrival to decision as the daemon measured it.")
+    print(" cpu/frame: CPU ms of every thread of the daemon's process per frame, bare predict and serving)")
+
+
+def print_threads(results: dict[str, list[dict]]) -> None:
+    """CPU ms and minor faults per frame by thread group: bare predict and serving, in the same process."""
+    for name, rows in results.items():
+        groups = sorted({g for row in rows for g in (*row["threads_bare"], *row["threads_daemon"])})
+        print(f"\n{name}: per frame by thread, median over runs, bare predict -> serving (same process)")
+        print(f"  {'thread':<24}{'CPU ms':>18}{'of it system ms':>20}{'minor faults':>18}")
+        for group in groups:
+            b = [statistics.median(row["threads_bare"].get(group, (0.0,) * 3)[i] for row in rows) for i in range(3)]
+            d = [statistics.median(row["threads_daemon"].get(group, (0.0,) * 3)[i] for row in rows) for i in range(3)]
+            if max(b[0], d[0]) >= 0.5:
+                cells = f"{b[0]:>9.1f} ->{d[0]:>6.1f}{b[2]:>12.1f} ->{d[2]:>6.1f}{b[1]:>10.0f} ->{d[1]:>6.0f}"
+                print(f"  {group:<24}{cells}")
+        stages = {k: statistics.median(r["bare_stages"][k] for r in rows) for k in rows[0]["bare_stages"]}
+        served = {k: _median_or_nan([f[k] for r in rows for f in r["frames"] if k in f]) for k in STAGES[:3]}
+        print("  stage p50 ms, bare predict: " + ", ".join(f"{k} {v:.1f}" for k, v in stages.items()))
+        print("  stage p50 ms, serving:      " + ", ".join(f"{k} {v:.1f}" for k, v in served.items()))
+
+
+def _median_or_nan(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def print_slowest(results: dict[str, list[dict]], count: int = 3) -> None:
+    """The slowest frames of each run and where their time went (the p99 frames)."""
+    for name, rows in results.items():
+        print(f"\n{name}: slowest {count} frames per run, e2e (inside: prepare + infer + decide, rest = waits)")
+        for i, row in enumerate(rows, 1):
+            worst = sorted(row["frames"], key=lambda f: -f["e2e"])[:count]
+            cells = []
+            for f in worst:
+                parts = [f.get(k, 0.0) for k in ("prepare", "infer", "decide")]
+                rest = f.get("latency_ms", 0.0) - sum(parts)
+                stages = "+".join(f"{p:.0f}" for p in parts)
+                cells.append(f"{f['e2e']:.0f} ({f.get('latency_ms', 0.0):.0f}: {stages}, {rest:+.0f})")
+            print(f"  run {i}: " + "; ".join(cells))
 
 
 def _process_cpu_s(pid: int) -> float:
@@ -762,6 +894,15 @@ def main() -> int:
     parser.add_argument("--daemon-frames", type=int, default=30)
     parser.add_argument("--load", type=float, default=0.7)
     parser.add_argument("--daemon-rate", type=float, help="one frame rate (Hz) for both daemons instead of --load")
+    parser.add_argument(
+        "--daemon-env",
+        action="append",
+        default=[],
+        type=_variant,
+        metavar="LABEL:NAME=VALUE,...",
+        help="a daemon variant: these environment variables (repeatable; 'LABEL:' alone is the daemon as it is); "
+        "every variant of every checkout runs in each run, interleaved",
+    )
     parser.add_argument("--fit", type=Path, help="a dataset to fit under each checkout (time, memory)")
     parser.add_argument("--workdir", type=Path, help="where bundles, logs and the baseline go (default: temporary)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)

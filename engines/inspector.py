@@ -18,6 +18,7 @@ import numpy as np
 from engines import nonrigid, sensor
 from engines import registration as reg
 from engines.backend import Backend
+from engines.buffers import BufferPool
 from engines.bundle import GRAPH_FP16, GRAPH_FP32, Bundle
 from engines.decode import conform, read_image
 from engines.errors import BundleError, ImageError, InspectError
@@ -143,6 +144,8 @@ class Inspector:
         self._ref = bundle.reference()
         self._registration = registration_reference(bundle, self._ref)
         self._float_input = self.geometry.dtype == "uint16"
+        # Maps are reused once the previous frames' results are dropped (engines/buffers.py: no page faults).
+        self._maps = BufferPool((self.geometry.height, self.geometry.width), np.float32)
         self._origins = [self.plan.origin(i) for i in range(self.plan.n_tiles)]
         self._part_gains = detector_gains(self._ref, "fine_gain")
         self._ring_gains = detector_gains(self._ref, "fine_ring_gain")
@@ -167,6 +170,7 @@ class Inspector:
 
     def deactivate(self) -> None:
         self.backend.deactivate()
+        self._maps.clear()
 
     def __enter__(self) -> Inspector:
         self.activate()
@@ -205,7 +209,7 @@ class Inspector:
 
     def infer(self, prepared: Prepared) -> np.ndarray:
         """Run the anomaly graph over every tile; returns the float32 [H, W] map (reference frame)."""
-        amap = np.empty((self.geometry.height, self.geometry.width), np.float32)
+        amap = self._maps.take()  # every pixel is written below (the tiles' cores cover the map)
         jobs = []
         gain = prepared.fine_gain.astype(self.backend.inputs["fine_gain"].dtype, copy=False)
         for tiles in self.plan.batches(self.batch):
