@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import importlib
 import json
 import os
 import sys
@@ -29,7 +30,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from frame_path import _raw, bare_inspect  # this script's folder: the bare worker's own loop
+# As `inspectd serve` does before numpy loads (a checkout without it has nothing to prepare).
+getattr(importlib.import_module("daemon.cli"), "prepare_environment", lambda command: None)("serve")
+
+from frame_path import _raw, bare_inspect  # noqa: E402 (this script's folder: the bare worker's own loop)
 
 
 def thread_table() -> dict[str, dict[str, float]]:

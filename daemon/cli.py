@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from engines.errors import UserError
@@ -33,6 +34,21 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
 }
 
 
+# Commands that inspect frames. Their process runs numpy's OpenBLAS on one thread: the only BLAS work on
+# the frame path is the photometric fit's 9-column normal equations, too small to gain from a second
+# thread, and an OpenBLAS worker spins for tens of milliseconds after every call, on the core the
+# anomaly map's tile threads (and, in the daemon, the other frames' stages) need: 45-70 ms of CPU per
+# 5120 px frame (benchmarks/frame_path.py --daemon, the unnamed "python" threads). A value the user
+# sets is kept.
+ONE_BLAS_THREAD = ("serve", "predict", "evaluate")
+
+
+def prepare_environment(command: str) -> None:
+    """Settings that must be in the environment before numpy loads (so before the command's module)."""
+    if command in ONE_BLAS_THREAD:
+        os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="inspectd", description="Full-resolution visual inspection of aligned parts.")
     parser.add_argument("--version", action="version", version=f"inspectd {VERSION}")
@@ -53,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     name = argv[0]
     module_name, args_fn, main_fn, help_text = COMMANDS[name]
+    prepare_environment(name)
     module = importlib.import_module(module_name)
     command = argparse.ArgumentParser(prog=f"inspectd {name}", description=help_text)
     getattr(module, args_fn)(command)

@@ -145,7 +145,9 @@ class Inspector:
         self._registration = registration_reference(bundle, self._ref)
         self._float_input = self.geometry.dtype == "uint16"
         # Maps are reused once the previous frames' results are dropped (engines/buffers.py: no page faults).
-        self._maps = BufferPool((self.geometry.height, self.geometry.width), np.float32)
+        # Three: the frame being inferred, the one before it (still being decided or published) and the
+        # latest reject the status page holds until it renders it; more in use are allocated afresh.
+        self._maps = BufferPool((self.geometry.height, self.geometry.width), np.float32, keep=3)
         self._origins = [self.plan.origin(i) for i in range(self.plan.n_tiles)]
         self._part_gains = detector_gains(self._ref, "fine_gain")
         self._ring_gains = detector_gains(self._ref, "fine_ring_gain")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -371,3 +372,24 @@ def test_an_error_of_the_machine_is_one_line_and_leaves_nothing(tmp_path, capsys
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("inspectd synth: error:") and "afile" in err[0]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
+
+
+@pytest.mark.parametrize("command", ["serve", "predict", "evaluate"])
+def test_frame_commands_run_openblas_on_one_thread(command, monkeypatch, capsys):
+    """Before the command's module (and numpy) loads, OPENBLAS_NUM_THREADS=1 is set: an OpenBLAS worker spins
+    on the core the frame path needs (daemon/cli.py)."""
+    monkeypatch.delenv("OPENBLAS_NUM_THREADS", raising=False)
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    assert os.environ["OPENBLAS_NUM_THREADS"] == "1"
+
+
+def test_a_users_openblas_setting_is_kept_and_fit_is_left_alone(monkeypatch, capsys):
+    monkeypatch.setenv("OPENBLAS_NUM_THREADS", "2")
+    with pytest.raises(SystemExit):
+        main(["serve", "--help"])
+    assert os.environ["OPENBLAS_NUM_THREADS"] == "2"
+    monkeypatch.delenv("OPENBLAS_NUM_THREADS")
+    with pytest.raises(SystemExit):
+        main(["fit", "--help"])
+    assert "OPENBLAS_NUM_THREADS" not in os.environ
