@@ -16,10 +16,17 @@
 4. ``--sessions``: ONNX Runtime session options (threads, spinning, optimisation level, arena,
    memory patterns, IO binding) on this checkout's graph and one frame's tiles; ``--nodes``: ONNX
    Runtime's own profiler on each checkout's graph, one tile on one thread, time per op type.
-5. ``--daemon``: each checkout's ``inspectd serve`` fed raw frames over loopback at ``--load`` of
-   the rate its own bare predict sustains (measured just before), or both at ``--daemon-rate`` Hz
-   (the same offered load whatever each bare figure was), ``--runs`` runs each, interleaved:
-   end-to-end p50 / p99 and the overhead over bare predict per run.
+5. ``--daemon``: per run and checkout a fresh daemon (``served.py``: ``inspectd serve`` that also
+   times bare predict in its own process, on its own engine, while no frame is in flight), fed
+   raw frames over loopback at ``--load`` of the rate that in-process bare predict sustains, or
+   at ``--daemon-rate`` Hz; ``--runs`` runs, checkouts interleaved. Per run: end-to-end p50 / p99
+   and the overhead over the mean of the daemon's own bare p50 before and after the frames (like
+   with like: the same process, memory and threads; bare predict in another process moves by
+   ~6 % from one process to the next, ``process_spread.py``), and, as before, over the separate
+   worker's bare p50. Then CPU ms, system ms and minor page faults per frame by thread (bare
+   predict -> serving, same process), stage medians, and the slowest frames' stage times.
+   ``--daemon-env LABEL:NAME=VALUE,...`` adds daemon variants (environment variables; served.py
+   also reads a few experiment knobs) run interleaved with the rest.
 6. ``--fit DATASET``: ``inspectd fit`` under each checkout (wall time, peak resident memory, the
    two bundles compared); the frame path then runs each checkout on its own bundle.
 
@@ -700,7 +707,7 @@ def daemon_run(
     args: argparse.Namespace, checkout: Path, model: Path, paths: list[Path], images: list, log: Path
 ) -> dict[str, Any]:
     """One fresh daemon: bare predict in its process, the frames at the offered rate, bare predict again."""
-    from daemon_latency import Daemon, latencies, percentiles, run
+    from daemon_latency import Daemon, latencies, percentiles, rss_mb, run
 
     launcher = [sys.executable, str(REPO / "benchmarks" / "served.py"), "--image-list", *map(str, paths), "--"]
     daemon = Daemon(model, "onnxruntime", 5000.0, 4, log, repo=checkout, launcher=launcher)
@@ -716,6 +723,7 @@ def daemon_run(
         stages = {str(f["frame_id"]): f for f in daemon.ask(op="frames")["frames"]}
         after = daemon.ask(op="bare", count=args.frames)
         threads.append(daemon.ask(op="threads")["threads"])
+        rss = rss_mb(daemon.proc.pid)
     finally:
         daemon.stop()
     decided = max(len(report.decisions), 1)
@@ -728,6 +736,7 @@ def daemon_run(
     row["threads_bare"] = _thread_delta([(threads[0], threads[1]), (threads[2], threads[3])], 2 * args.frames)
     row["threads_daemon"] = _thread_delta([(threads[1], threads[2])], decided)
     row["frames"] = _frame_rows(report, stages)
+    row["rss_mb"] = rss
     return row
 
 
@@ -768,8 +777,8 @@ def print_daemon_table(args: argparse.Namespace, results: dict[str, list[dict]])
     print(f"\ndaemon: raw frames over loopback at {offered}, {args.daemon_frames} frames per run, ", end="")
     print("a fresh daemon per run")
     print(f"{'checkout':<16}{'run':>4}{'rate Hz':>8}{'bare in-proc':>14}{'e2e p50':>8}{'e2e p99':>8}", end="")
-    print(f"{'overhead':>9}", end="")
-    print(f"{'inside p50':>11}{'decided':>8}{'worker p50':>11}{'vs worker':>10}{'cpu/frame bare':>15}{'daemon':>7}")
+    print(f"{'overhead':>9}{'inside p50':>11}{'decided':>8}{'worker p50':>11}{'vs worker':>10}", end="")
+    print(f"{'cpu/frame bare':>15}{'daemon':>7}{'RSS MB':>7}")
     for name, rows in results.items():
         for i, row in enumerate(rows, 1):
             bare = statistics.mean(row["bare"])
@@ -778,11 +787,13 @@ def print_daemon_table(args: argparse.Namespace, results: dict[str, list[dict]])
                 f"{row['p99']:>8.1f}{100 * (row['p50'] / bare - 1):>+8.1f}%{_fmt(row['inside'], 11)}"
                 f"{row['decided']:>5}/{row['sent']:<2}{row['worker_p50']:>11.1f}"
                 f"{100 * (row['p50'] / row['worker_p50'] - 1):>+9.1f}%{row['bare_cpu']:>15.0f}{row['cpu']:>7.0f}"
+                f"{row['rss_mb']:>7.0f}"
             )
     print("(bare in-proc: bare predict's p50 in the daemon's own process, before / after the frames; overhead:")
     print(" e2e p50 over their mean. worker p50 / vs worker: bare predict in the separate worker process just")
     print(" before, the earlier comparison. inside p50: frame arrival to decision as the daemon measured it.")
-    print(" cpu/frame: CPU ms of every thread of the daemon's process per frame, bare predict and serving)")
+    print(" cpu/frame: CPU ms of every thread of the daemon's process per frame, bare predict and serving;")
+    print(" RSS: the daemon's resident memory at the end)")
 
 
 def print_threads(results: dict[str, list[dict]]) -> None:

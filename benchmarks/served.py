@@ -20,6 +20,7 @@ process-to-process spread (``process_spread.py``) that a bare figure from anothe
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import importlib
 import json
@@ -131,6 +132,8 @@ def main() -> int:
     server_mod.add_arguments(serve)
     cfg = server_mod.config_from_args(serve.parse_args(sys.argv[split + 1 :]))
     daemon_logging.configure(cfg.log_format, cfg.log_level)
+    with contextlib.suppress(ImportError):  # as server.main does (a checkout without it: nothing to set)
+        importlib.import_module("daemon.heap").keep_frame_blocks()
     apply_knobs(scheduler_mod, status_mod)
     decisions = record_decisions(outputs_mod.Outputs)
     server = server_mod.Server(cfg)

@@ -32,6 +32,7 @@ import structlog
 import zmq
 
 from daemon import config as config_mod
+from daemon import heap
 from daemon import logging as daemon_logging
 from daemon import metrics as metrics_mod
 from daemon.config import Config
@@ -532,4 +533,5 @@ def main(args: argparse.Namespace) -> int:
     """Run the daemon until SIGTERM/SIGINT; UserError (bad config or bundle) propagates to the CLI."""
     cfg = config_from_args(args)
     daemon_logging.configure(cfg.log_format, cfg.log_level)
+    heap.keep_frame_blocks()  # before the first frame-sized block (daemon/heap.py)
     return Server(cfg).run()
