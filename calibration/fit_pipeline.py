@@ -24,8 +24,6 @@ The template (``calibration.template_fit``), learned (``calibration.learned_fit`
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
 import functools
 import hashlib
 import itertools
@@ -52,6 +50,7 @@ from engines.decode import read_image
 from engines.errors import BundleError, InspectError, UserError
 from engines.graphs import ALIGN, HALO, LEVELS
 from engines.inspector import resident_inputs
+from engines.libc import glibc
 from engines.nonrigid import ALIGNMENTS, DEFAULT_ALIGNMENT, FieldReference, parameters
 from engines.onnxruntime_backend import OnnxRuntimeBackend
 from engines.sensor import SensorModel, learn_max_depth
@@ -479,16 +478,7 @@ def release_free_heap() -> None:
         _LIBC.malloc_trim(0)
 
 
-def _glibc() -> ctypes.CDLL | None:
-    name = ctypes.util.find_library("c")
-    try:
-        libc = ctypes.CDLL(name) if name else None
-    except OSError:
-        return None
-    return libc if libc is not None and hasattr(libc, "malloc_trim") else None
-
-
-_LIBC = _glibc()
+_LIBC = glibc("malloc_trim")
 
 
 def block_means(planes: np.ndarray) -> dict[int, np.ndarray]:

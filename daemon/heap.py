@@ -15,9 +15,9 @@ the freed ones for the next frame (700 faults, 4 ms). The fit does the opposite 
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 from typing import Any
+
+from engines.libc import glibc
 
 M_TRIM_THRESHOLD = -1  # glibc's mallopt parameters (malloc.h)
 M_MMAP_THRESHOLD = -3
@@ -25,18 +25,9 @@ MMAP_THRESHOLD = 32 * 1024 * 1024  # glibc's largest (DEFAULT_MMAP_THRESHOLD_MAX
 TRIM_THRESHOLD = 256 * 1024 * 1024  # free heap kept for reuse: a few frames' temporaries
 
 
-def _glibc() -> Any:
-    name = ctypes.util.find_library("c")
-    try:
-        libc = ctypes.CDLL(name) if name else None
-    except OSError:
-        return None
-    return libc if libc is not None and hasattr(libc, "mallopt") else None
-
-
 def keep_frame_blocks(libc: Any = None) -> bool:
     """Set the thresholds above (glibc only; True when both were accepted, False elsewhere)."""
-    libc = libc if libc is not None else _glibc()
+    libc = libc if libc is not None else glibc("mallopt")
     if libc is None:
         return False
     accepted = libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
