@@ -1082,6 +1082,7 @@ def _manifest(
             "max_rotation_deg": config.max_rotation_deg,
             "min_correlation": config.min_correlation,
             "search": registration.search is not None,  # coarse pose search before ECC (absent: none)
+            "light_fit": registration.light_fit,  # how each frame's lighting is fitted (absent: "trim")
             # the smooth field after the pose (absent: rigid), with what its estimation depended on
             **({"field": {"factor": registration.field.factor, **parameters()}} if registration.field else {}),
             # what of the sensor frame is left out of every frame (absent: nothing)

@@ -71,9 +71,18 @@ def registration_reference(bundle: Bundle, ref: dict[str, np.ndarray]) -> reg.Re
         min_correlation=float(cfg["min_correlation"]),
         field=field,
         sensor=_sensor_model(bundle, cfg, ref, full_shape),
+        light_fit=_light_fit(bundle, cfg),
     )
     # bundles from before the coarse pose search start ECC at the identity, as they were calibrated
     return registration.with_search() if cfg.get("search", False) else registration
+
+
+def _light_fit(bundle: Bundle, cfg: dict) -> str:
+    """The lighting fit the bundle was fitted with (bundles from before it was recorded: "trim")."""
+    method = str(cfg.get("light_fit", "trim"))
+    if method not in reg.LIGHT_FITS:
+        raise BundleError(f"{bundle.path}: fitted with an unknown lighting fit {method!r}; refit the model")
+    return method
 
 
 def _sensor_model(

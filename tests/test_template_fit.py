@@ -495,3 +495,22 @@ def test_shape_scores_are_fitted_when_asked_or_when_the_self_test_finds_they_pay
     with Inspector.load(tmp_path / "shapes", "onnxruntime") as inspector:
         verdicts = {s.path: inspector.inspect_path(s.path).verdict for s in dataset.test}
     assert [verdicts[s.path] for s in dataset.test] == ["pass" if s.is_good else "reject" for s in dataset.test]
+
+
+def test_a_bundle_keeps_the_lighting_fit_it_was_fitted_with(bundle_dir):
+    """New fits record the lighting fit ("flat-tukey"); a bundle from before it was recorded runs with "trim"."""
+    from dataclasses import replace
+
+    from engines import registration as reg
+    from engines.errors import BundleError
+    from engines.inspector import registration_reference
+
+    bundle = Bundle.load(bundle_dir)
+    assert bundle.manifest["registration"]["light_fit"] == reg.LIGHT_FIT == "flat-tukey"
+    assert registration_reference(bundle, bundle.reference()).light_fit == "flat-tukey"
+    older = json.loads(json.dumps(bundle.manifest))
+    del older["registration"]["light_fit"]
+    assert registration_reference(replace(bundle, manifest=older), bundle.reference()).light_fit == "trim"
+    older["registration"]["light_fit"] = "magic"
+    with pytest.raises(BundleError, match="refit"):
+        registration_reference(replace(bundle, manifest=older), bundle.reference())
