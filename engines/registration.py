@@ -243,6 +243,7 @@ def _parabola_offset(values, i: int) -> float:
 LIGHT_FITS = ("trim", "flat-tukey")
 LIGHT_FIT = "flat-tukey"
 FLAT_SHARE = 0.6  # the flattest share of the light mask's pixels (by the reference's gradient) that fit the lighting
+MIN_FLAT_SPREAD = 0.5  # the flat pixels' grey-level spread, relative to the whole mask's, below which all pixels fit
 TUKEY_C = 4.685  # biweight cut-off in robust standard deviations (95 % efficiency under Gaussian noise)
 TUKEY_ITERATIONS = 10
 
@@ -400,7 +401,8 @@ def flat_mask(reference: np.ndarray, mask: np.ndarray) -> np.ndarray:
     """The mask's pixels where the reference is flat: below its FLAT_SHARE gradient quantile, then eroded.
 
     The erosion takes off the foot of each edge as well (the gradient at a coarse level spreads
-    over a pixel or so each side). Where too few flat pixels are left, the whole mask.
+    over a pixel or so each side). Where too few flat pixels are left, or they show too few grey
+    levels to tell gain from offset, the whole mask.
     """
     ref = reference.astype(np.float32)
     grad = np.hypot(cv2.Sobel(ref, cv2.CV_32F, 1, 0), cv2.Sobel(ref, cv2.CV_32F, 0, 1))
@@ -412,7 +414,12 @@ def flat_mask(reference: np.ndarray, mask: np.ndarray) -> np.ndarray:
     flat = cv2.erode(flat, np.ones((3, 3), np.uint8)) > 0
     out = np.where(inside & flat, mask, 0).astype(mask.dtype)
     # a part that is all structure: better the edges than a fit on a handful of pixels
-    return out if np.count_nonzero(out) >= 20 * PHOTO_TERMS else mask
+    if np.count_nonzero(out) < 20 * PHOTO_TERMS:
+        return mask
+    # gain and offset are told apart only by pixels of different grey levels: where the flat pixels are
+    # mostly one level (a small part on a wide, flat background), the gain would be guessed, not fitted
+    spread = reference[out > 0].std() / (reference[inside].std() + 1e-6)
+    return out if spread >= MIN_FLAT_SPREAD else mask
 
 
 def fit_photometric(

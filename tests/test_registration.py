@@ -287,6 +287,18 @@ def test_lighting_fit_does_not_jump_at_the_corners_with_the_pose():
             assert np.abs(g * part[plate] + o - lit[plate]).max() < 1.0, (angle, dx, dy)
 
 
+def test_flat_mask_keeps_edges_out_but_not_the_grey_levels():
+    """The flat mask leaves structure edges out; where the flat pixels would be one grey level only (a small
+    part on a wide background: gain and offset could not be told apart), it keeps the whole mask."""
+    mask = np.full((128, 128), 255, np.uint8)
+    ramp = np.repeat(np.linspace(30, 220, 8), 16)[None, :].repeat(128, axis=0).astype(np.float32)
+    flat = reg.flat_mask(ramp, mask)
+    assert 0 < np.count_nonzero(flat) < mask.size and not flat[:, 15:17].any()  # the steps between levels
+    small_part = np.full((128, 128), 30, np.float32)
+    small_part[48:80, 48:80] = 200 - 120 * ((np.indices((32, 32)).sum(axis=0) // 2) % 2)  # all edges, no flat inside
+    assert (reg.flat_mask(small_part, mask) == mask).all()
+
+
 def test_photometric_fit_fails_on_a_black_frame(part):
     """A frame with no signal (gain near zero) raises InspectError("registration") rather than dividing by ~0."""
     ref = reference_for(part)
