@@ -350,7 +350,14 @@ class RegistrationReference:
             flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
             borderMode=cv2.BORDER_REPLICATE,
         )
-        return fit_photometric(registered, self.coarse, self._light_pixels, self.full_shape, self.light_fit)
+        try:
+            return fit_photometric(registered, self.coarse, self._light_pixels, self.full_shape, self.light_fit)
+        except InspectError:
+            if self.light_fit == "trim":
+                raise
+        # the flat pixels of a tiny or noisy reference (a 333x200 first image) can leave the fit without a
+        # sane gain where every pixel still gives one: the older fit is the fallback, not a failed frame
+        return fit_photometric(registered, self.coarse, light_mask(self.coarse_mask), self.full_shape, "trim")
 
     @cached_property
     def _light_pixels(self) -> np.ndarray:
