@@ -354,22 +354,30 @@ class FieldReference:
         return _BlockSystems(self._pixels, self._info, self._inverse, self._gain_part, self._gain_inverse, shown)
 
     def _visible(self, hidden: np.ndarray) -> tuple[np.ndarray, np.ndarray, _BlockSystems]:
-        """Jacobian, weight and block systems with the ``hidden`` pixels (grown by HIDDEN_GROW) left out."""
-        hb, wb = self._blocks
+        """Jacobian, weight and block systems with the ``hidden`` pixels (grown by HIDDEN_GROW) left out.
+
+        The Jacobian is returned as the reference has it: ``_block_moments`` multiplies it by the residual, which
+        the returned weight already zeroes where hidden (a full-level copy of the Jacobian cost some 3 ms).
+        """
         grown = cv2.dilate(hidden.astype(np.uint8), np.ones((2 * HIDDEN_GROW + 1,) * 2, np.uint8))
         seen = np.pad(1 - grown.astype(np.float32), self._pad, constant_values=1)
-        jac, weight = self._jac * seen, self._weight * seen
-        touched = _block_sums(self._weight - weight, (hb, wb)).reshape(-1) > 0
+        weight = self._weight * seen
+        touched = _block_sums(self._weight - weight, self._blocks) > 0
         blocks = self._reference_blocks
         if not touched.any():
-            return jac, weight, blocks
+            return self._jac, weight, blocks
         blocks = _BlockSystems(**{k: np.copy(v) for k, v in vars(blocks).items()})
-        # only the blocks the occluder touches change: measure those again on what they still show
-        part = _BlockSystems.measure(jac, weight, (hb, wb), touched)
+        # only the blocks the occluder touches change: measure those again on what they still show, within the
+        # blocks' bounding box (a bar along one side: a strip of the level, not all of it)
+        rows, cols = (np.flatnonzero(touched.any(axis=axis)) for axis in (1, 0))
+        box = (slice(rows[0] * BLOCK, (rows[-1] + 1) * BLOCK), slice(cols[0] * BLOCK, (cols[-1] + 1) * BLOCK))
+        inside = touched[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
+        part = _BlockSystems.measure(self._jac[:, box[0], box[1]] * seen[box], weight[box], inside.shape, inside)
+        touched = touched.reshape(-1)
         for name in ("pixels", "info", "inverse", "gain_part", "gain_inverse"):
             getattr(blocks, name)[touched] = getattr(part, name)
         blocks.shown[touched] = part.pixels >= VISIBLE_MIN * np.maximum(self._pixels[touched], 1)
-        return jac, weight, blocks
+        return self._jac, weight, blocks
 
     def _robust_weights(self, energy: np.ndarray, gain: np.ndarray, blocks: _BlockSystems) -> np.ndarray:
         """Blocks that are not just a bent piece of the part lose weight.
@@ -441,7 +449,7 @@ class _BlockSystems:
         pairs = [(i, j) for i in range(4) for j in range(i, 4)]  # the normal matrix is symmetric
         sums = {(i, j): _block_sums(jac[i] * jac[j], blocks).reshape(-1) for i, j in pairs}
         pixels = _block_sums(weight, blocks).reshape(-1).astype(np.float64)
-        keep = slice(None) if only is None else only
+        keep = slice(None) if only is None else only.reshape(-1)
         normal = np.empty((len(pixels[keep]), 4, 4))
         for i, j in pairs:
             normal[:, i, j] = normal[:, j, i] = sums[i, j][keep]
