@@ -54,11 +54,13 @@ def registration_reference(bundle: Bundle, ref: dict[str, np.ndarray]) -> reg.Re
     full_shape = (geo.height, geo.width)
     field = None
     if "field" in cfg:
-        recorded = {k: v for k, v in cfg["field"].items() if k not in ("factor", "ridge")}
-        if recorded != {k: v for k, v in nonrigid.parameters().items() if k != "ridge"}:
+        own = ("factor", "ridge", "shared_levels")  # a bundle's own: it runs with what it records
+        recorded = {k: v for k, v in cfg["field"].items() if k not in own}
+        if recorded != {k: v for k, v in nonrigid.parameters().items() if k not in own}:
             raise BundleError(f"{bundle.path}: fitted with other non-rigid alignment parameters; refit the model")
         factor, ridge = int(cfg["field"]["factor"]), float(cfg["field"]["ridge"])
-        field = nonrigid.FieldReference(factor, ref["reg_field"], ref["reg_field_mask"], full_shape, ridge)
+        shared = bool(cfg["field"].get("shared_levels", False))  # bundles before it read the frame three times
+        field = nonrigid.FieldReference(factor, ref["reg_field"], ref["reg_field_mask"], full_shape, ridge, shared)
     registration = reg.RegistrationReference(
         coarse=ref["reg_coarse"],
         fine=ref["reg_fine"],

@@ -58,6 +58,10 @@ STRIP = 256  # rows resampled per remap call (keeps the maps in cache)
 # higher: at 1e-2 a part that does not bend measured a gain over FIELD_GAIN_MIN (fit_pipeline) and went
 # non-rigid, and the field stayed a little further from the bends it should follow (tests/test_nonrigid.py).
 RIDGE = 5e-3
+# The frame is read once, at the field's level, and the registration's levels area-averaged from it (up to a grey
+# level from a direct downscale, see ``registration.frame_levels``): two reads of a 5120 px frame fewer, some 10 ms.
+# Recorded per bundle (``FieldReference.shared_levels``): bundles fitted before read the frame three times.
+SHARED_LEVELS = True
 SMOOTH_SIGMA = 1.5  # px at the field's level
 GAIN_LIMIT = 0.35  # a block's own gain this far from the typical one is not lighting
 HIDDEN_GROW = 3  # px at the field's level around an occluder: the smoothing (SMOOTH_SIGMA) spreads its edge
@@ -74,6 +78,7 @@ def parameters() -> dict[str, float]:
         "steps": STEPS,
         "smoothness": SMOOTHNESS,
         "ridge": RIDGE,
+        "shared_levels": SHARED_LEVELS,
         "smooth_sigma": SMOOTH_SIGMA,
         "robust": ROBUST,
         "noise_floor": NOISE_FLOOR,
@@ -187,6 +192,7 @@ class FieldReference:
     mask: np.ndarray  # uint8 [h, w] non-zero = measure here
     full_shape: tuple[int, int]
     ridge: float = RIDGE  # a bundle's own (recorded by ``parameters``): a bundle keeps the ridge it was fitted with
+    shared_levels: bool = SHARED_LEVELS  # likewise: the registration's levels derived from this one (``frame_levels``)
 
     def __post_init__(self) -> None:
         h, w = self.level.shape

@@ -143,6 +143,28 @@ def test_the_field_removes_a_bend_to_a_quarter_pixel(design, references):
         assert np.percentile(before, 95) >= 0.6
 
 
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16])
+def test_shared_levels_are_the_direct_ones_unrounded(references, dtype):
+    """A field that shares its level: the registration's levels are area averages of it, within a grey level of the
+    frame downscaled directly (each rounds the true average to the frame's type once, by up to half a level);
+    without sharing, the direct ones exactly."""
+    rigid, nonrigid = references
+    rng = np.random.default_rng(5)
+    scale = 257 if dtype == np.uint16 else 1
+    image = (cv2.GaussianBlur(rng.uniform(0, 255, (SIZE, SIZE)).astype(np.float32), (0, 0), 3) * scale).astype(dtype)
+    coarse, fine, level = reg.frame_levels(image, nonrigid)
+    assert np.array_equal(level, reg.downscale(image, nonrigid.field.factor))
+    for got, factor in ((coarse, nonrigid.factors[0]), (fine, nonrigid.factors[1])):
+        want = reg.downscale(image, factor)
+        assert got.shape == want.shape and got.dtype == np.float32
+        assert 0 < np.abs(got - want).max() <= 1
+    own = replace(nonrigid, field=replace(nonrigid.field, shared_levels=False))
+    for got, factor in zip(reg.frame_levels(image, own), (*nonrigid.factors, nonrigid.field.factor), strict=True):
+        assert np.array_equal(got, reg.downscale(image, factor))
+    coarse, fine, level = reg.frame_levels(image, rigid)
+    assert level is None and np.array_equal(fine, reg.downscale(image, rigid.factors[1]))
+
+
 def estimate_with_full_grids(ref: nr.FieldReference, frame_level: np.ndarray, matrix: np.ndarray) -> np.ndarray:
     """The field's estimation as it was before its maps were interpolated from a grid (kept to compare with):
     full-size coordinate grids of the pose, the field added on its own LEVEL_STEP grid each step. Returns coef."""

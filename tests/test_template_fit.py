@@ -393,6 +393,21 @@ def test_a_bundle_keeps_the_ridge_it_was_fitted_with(nonrigid_dir):
     assert registration_reference(replace(bundle, manifest=manifest), bundle.reference()).field.ridge == 1e-3
 
 
+def test_a_bundle_fitted_before_shared_levels_reads_the_frame_as_it_did(nonrigid_dir):
+    """New fits record that the registration's levels come from the field's; a bundle without the record keeps
+    reading each level from the frame (its statistics were computed so)."""
+    from dataclasses import replace
+
+    from engines.inspector import registration_reference
+
+    bundle = Bundle.load(nonrigid_dir)
+    assert bundle.manifest["registration"]["field"]["shared_levels"] is True
+    assert registration_reference(bundle, bundle.reference()).field.shared_levels
+    manifest = json.loads(json.dumps(bundle.manifest))
+    del manifest["registration"]["field"]["shared_levels"]
+    assert not registration_reference(replace(bundle, manifest=manifest), bundle.reference()).field.shared_levels
+
+
 def test_a_sensor_mask_leaves_what_it_covers_out_of_every_frame(dataset, bundle_dir, tmp_path):
     """--sensor-mask: a dot under the (sensor-frame) mask no longer rejects its frame; elsewhere it still would.
 
