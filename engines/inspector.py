@@ -48,19 +48,35 @@ def _timed(timings: dict[str, float], stage: str) -> Iterator[None]:
     timings[stage] = timings.get(stage, 0.0) + (time.perf_counter() - start) * 1000
 
 
+def _field_reference(
+    bundle: Bundle, ref: dict[str, np.ndarray], full_shape: tuple[int, int]
+) -> nonrigid.FieldReference:
+    """The bundle's field reference, run as it was fitted: what a bundle records of its own (ridge, shared levels,
+    steps, coupling) it keeps, with the values before each was recorded; the other constants must match."""
+    cfg = bundle.manifest["registration"]["field"]
+    own = ("factor", "ridge", "shared_levels", "steps", "coupled")
+    checked = {k: v for k, v in nonrigid.parameters().items() if k not in own}
+    if {k: v for k, v in cfg.items() if k not in own} != checked:
+        raise BundleError(f"{bundle.path}: fitted with other non-rigid alignment parameters; refit the model")
+    return nonrigid.FieldReference(
+        int(cfg["factor"]),
+        ref["reg_field"],
+        ref["reg_field_mask"],
+        full_shape,
+        ridge=float(cfg["ridge"]),
+        shared_levels=bool(cfg.get("shared_levels", False)),  # before: each level read from the frame
+        steps=int(cfg["steps"]),
+        coupled=bool(cfg.get("coupled", False)),  # before: x and y solved apart
+    )
+
+
 def registration_reference(bundle: Bundle, ref: dict[str, np.ndarray]) -> reg.RegistrationReference:
     cfg = bundle.manifest["registration"]
     geo = bundle.geometry
     full_shape = (geo.height, geo.width)
     field = None
     if "field" in cfg:
-        own = ("factor", "ridge", "shared_levels")  # a bundle's own: it runs with what it records
-        recorded = {k: v for k, v in cfg["field"].items() if k not in own}
-        if recorded != {k: v for k, v in nonrigid.parameters().items() if k not in own}:
-            raise BundleError(f"{bundle.path}: fitted with other non-rigid alignment parameters; refit the model")
-        factor, ridge = int(cfg["field"]["factor"]), float(cfg["field"]["ridge"])
-        shared = bool(cfg["field"].get("shared_levels", False))  # bundles before it read the frame three times
-        field = nonrigid.FieldReference(factor, ref["reg_field"], ref["reg_field_mask"], full_shape, ridge, shared)
+        field = _field_reference(bundle, ref, full_shape)
     registration = reg.RegistrationReference(
         coarse=ref["reg_coarse"],
         fine=ref["reg_fine"],

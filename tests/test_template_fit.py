@@ -393,19 +393,25 @@ def test_a_bundle_keeps_the_ridge_it_was_fitted_with(nonrigid_dir):
     assert registration_reference(replace(bundle, manifest=manifest), bundle.reference()).field.ridge == 1e-3
 
 
-def test_a_bundle_fitted_before_shared_levels_reads_the_frame_as_it_did(nonrigid_dir):
-    """New fits record that the registration's levels come from the field's; a bundle without the record keeps
-    reading each level from the frame (its statistics were computed so)."""
+def test_a_bundle_fitted_before_shared_levels_and_coupled_steps_runs_as_it_did(nonrigid_dir):
+    """New fits record that the registration's levels come from the field's and that the field's steps are coupled
+    (two of them); a bundle without those records keeps reading each level from the frame and solving x and y apart,
+    in the steps it records (its statistics were computed so)."""
     from dataclasses import replace
 
+    from engines import nonrigid
     from engines.inspector import registration_reference
 
     bundle = Bundle.load(nonrigid_dir)
-    assert bundle.manifest["registration"]["field"]["shared_levels"] is True
-    assert registration_reference(bundle, bundle.reference()).field.shared_levels
+    recorded = bundle.manifest["registration"]["field"]
+    assert recorded["shared_levels"] is True and recorded["coupled"] is True and recorded["steps"] == nonrigid.STEPS
+    field = registration_reference(bundle, bundle.reference()).field
+    assert field.shared_levels and field.coupled and field.steps == nonrigid.STEPS
     manifest = json.loads(json.dumps(bundle.manifest))
-    del manifest["registration"]["field"]["shared_levels"]
-    assert not registration_reference(replace(bundle, manifest=manifest), bundle.reference()).field.shared_levels
+    del manifest["registration"]["field"]["shared_levels"], manifest["registration"]["field"]["coupled"]
+    manifest["registration"]["field"]["steps"] = 3
+    field = registration_reference(replace(bundle, manifest=manifest), bundle.reference()).field
+    assert not field.shared_levels and not field.coupled and field.steps == 3
 
 
 def test_a_sensor_mask_leaves_what_it_covers_out_of_every_frame(dataset, bundle_dir, tmp_path):
