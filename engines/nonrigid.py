@@ -12,19 +12,23 @@ displacements on a level of about ``FIELD_SIDE`` px:
    image, regularised by its bending energy, so the field is smooth at the scale of the part
    (hundreds of pixels) and cannot follow anything local; blocks whose residual stays far above
    the typical one (a defect, a missing structure) are down-weighted (reweighted each step);
-3. a few Gauss-Newton steps, each resampling the level with the pose and the field found so far
-   (both evaluated on a LEVEL_STEP grid and interpolated, as at full resolution below).
+3. two Gauss-Newton steps, each resampling the level with the pose and the field found so far
+   (both evaluated on a LEVEL_STEP grid and interpolated, as at full resolution below) and solving
+   for both components' control points together, with each block's x-y coupling (``COUPLED``).
 
 The field is then folded into the full-resolution resampling: the reference-to-frame map
 (affine pose + field) is evaluated on a 16 px grid, interpolated per strip of rows and applied
 with one ``cv2.remap`` (float maps: converting them to fixed point first cost more than it saved).
 With a zero field the result equals ``cv2.warpAffine``'s.
 
-What it costs per 5120 px frame (CPU of one thread, measured on the alignment benchmark's frames,
-``benchmarks/alignment_cost.py``): the estimation about 35 ms (three steps of remap, smoothing
-and block sums on the 1280 px level, some 10 ms each, and the spline solves), the resampling 10-20
-ms more than ``cv2.warpAffine`` (building the float maps per strip; the remap itself costs what
-warpAffine's does), and the field's level another read of the frame (about 9 ms).
+What it adds per 5120 px frame, over the rigid preparation with occluders (CPU of one thread, per stage, on the
+alignment benchmark's frames, ``benchmarks/alignment_cost.py``; measured under load, so a little high): the
+estimation about 30 ms (the occluder's blocks measured again, 3 ms; two steps of some 12 ms each: the level's
+maps 1, remap 2-3, smoothing 2.4, block sums 3.7, the coupled spline solve 2.2), the resampling some 12 ms more
+than ``cv2.warpAffine`` (building the float maps per strip; the remap itself costs what warpAffine's does), and
+the field's level nothing: the registration's levels are averaged from it (``SHARED_LEVELS``), which saves 3 ms.
+Before (three uncoupled steps, the occluder's blocks measured on the whole level, the level read on its own):
+about 75 ms in all, the estimation 50 ms of it.
 
 The estimation sees the registration mask only (the inspection region without the border
 zone), so a fixture bar and vignetting that stay with the camera do not pull the field; near
