@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import cv2
 import numpy as np
@@ -570,3 +571,44 @@ def test_the_pose_search_computes_its_spectra_without_intel_ipp(monkeypatch):
     assert seen and not any(seen)
     np.testing.assert_array_equal(found[0], found[1])
     assert cv2.ipp.useIPP() == before
+
+
+def _lit_frame(part: np.ndarray) -> tuple[reg.RegistrationReference, np.ndarray, reg.Pose]:
+    """The canonical part lit with TRUE_COEF and placed with a small pose: reference, coarse frame, its pose."""
+    ys, xs = np.mgrid[0:SIZE, 0:SIZE].astype(np.float32)
+    gain, offset = lighting_truth(TRUE_COEF, xs, ys, SIZE, SIZE)
+    lit = (gain * part + offset).astype(np.float32)
+    frame = np.clip(np.rint(place_frame(lit, pose_matrix(0.2, 3.1, -1.6, SIZE, SIZE))), 0, 255).astype(np.uint8)
+    ref = reference_for(part)
+    coarse = reg.downscale(frame, ref.factors[0])
+    return ref, coarse, ref.register(coarse, reg.downscale(frame, ref.factors[1]))
+
+
+def test_a_failed_flat_fit_falls_back_to_the_trim_fit_on_the_whole_light_mask(part, monkeypatch):
+    """Where the flat-pixel Tukey fit gives no sane gain, ``photometric`` returns the trim fit over the whole
+    light mask instead of failing the frame. The failure is emulated (a Tukey solve that returns an all-zero
+    model): a reference that makes the real one fail is a 333x200 first image, too slow to fit here."""
+    ref, coarse, pose = _lit_frame(part)
+    assert ref.light_fit == "flat-tukey"
+    monkeypatch.setattr(reg, "_tukey_solve", lambda design, target, scale: np.zeros(reg.PHOTO_TERMS))
+    coef = ref.photometric(coarse, pose)
+    assert_fields_close(coef, TRUE_COEF, ref.full_shape, 1.0)
+    registered = cv2.warpAffine(
+        coarse,
+        reg._scale_matrix(pose.matrix, ref.coarse.shape, ref.full_shape),
+        ref.coarse.shape[::-1],
+        flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
+        borderMode=cv2.BORDER_REPLICATE,
+    )
+    trim = reg.fit_photometric(registered, ref.coarse, reg.light_mask(ref.coarse_mask), ref.full_shape, "trim")
+    np.testing.assert_array_equal(coef, trim)
+
+
+def test_a_failed_trim_fit_fails_the_frame(part, monkeypatch):
+    """A bundle that fits with "trim" has no older fit to fall back to: the frame fails registration."""
+    ref, coarse, pose = _lit_frame(part)
+    ref = replace(ref, light_fit="trim")
+    monkeypatch.setattr(reg, "_trimmed_solve", lambda design, target, scale: np.zeros(reg.PHOTO_TERMS))
+    with pytest.raises(InspectError) as info:
+        ref.photometric(coarse, pose)
+    assert info.value.reason == "registration"
