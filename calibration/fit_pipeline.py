@@ -51,7 +51,8 @@ from engines.errors import BundleError, InspectError, UserError
 from engines.graphs import ALIGN, HALO, LEVELS
 from engines.inspector import resident_inputs
 from engines.libc import glibc
-from engines.nonrigid import ALIGNMENTS, DEFAULT_ALIGNMENT, FieldReference, parameters
+from engines.nonrigid import ALIGNMENTS, DEFAULT_ALIGNMENT, Field, FieldReference, parameters
+from engines.nonrigid import BLOCK as FIELD_BLOCK
 from engines.onnxruntime_backend import OnnxRuntimeBackend
 from engines.sensor import SensorModel, learn_max_depth
 from engines.tiling import TilePlan, cell_grid
@@ -61,14 +62,20 @@ from engines.types import MIN_SIDE, Geometry
 MIN_GOOD = 8
 STRIP = 64  # rows of the image the statistics take at a time: a strip's arrays stay in the CPU's cache
 # --alignment auto: a line gets the field where it removes more than this fraction of the residual of the
-# median good image's interior (each block's own gain and offset taken out). Measured on development lines:
-# parts that do not bend 0.001 or less (the field there only fits noise), parts bent by a 9x9 grid of
-# 0.8 px 0.09 (2048 px, with fixture, stronger light) to 0.66 (768 px).
+# median good image's interior (each block's own gain and offset taken out) on blocks it was not estimated from
+# (``held_out_field_gain``). Measured on the fraction of the residual removed on the very blocks the field was fitted
+# to, parts that do not bend measured 0.001 or less when this was set, 0.003-0.023 since (every change that let
+# the field fit more freely raised what it finds in noise, the lighting fit and the pose search's residual too):
+# easy seed 9006 measured 0.023 and went non-rigid, its field then bent the border band's marker dots 3-4.5 px off
+# on 5 of 200 good parts and rejected them. Held out, a field fitted to noise removes nothing (easy 9006, 12 images:
+# median -0.019, in sample 0.011) and a bend keeps what it removed (fixture-hard 11: 0.925 against 0.933).
 FIELD_GAIN_MIN = 0.02
 # The field that gain is measured with: the one FIELD_GAIN_MIN was measured with (3 steps, x and y solved apart),
 # not a bundle's. Converged further (nonrigid.COUPLED), the field fits more of the noise of a part that does not
 # bend as well: the tests' 384 px line measured 0.034 with it against 0.0045, and went non-rigid.
 FIELD_GAIN_PROBE = {"steps": 3, "coupled": False}
+# How the gain that decides is measured, recorded in the manifest's fit_config ("in-sample" before it was recorded).
+FIELD_GAIN_MEASURE = "held-out"
 COARSE_FLOOR = 0.3  # grey levels (8-bit units)
 TRIM_FROM = 16  # images: below this the second-highest value is too poor an estimate of the range
 
@@ -93,6 +100,10 @@ class FitConfig:
     alignment: str = DEFAULT_ALIGNMENT  # "rigid": the pose only; "nonrigid": plus a smooth field (parts that bend)
     measured_bend_px: float | None = None  # "auto": the median good image's bend (px, set by the fit)
     measured_field_gain: float | None = None  # "auto": the fraction of its residual the field removes (decides)
+    # "auto": how measured_field_gain was measured (FIELD_GAIN_MEASURE), and what the field removed on the blocks it
+    # was fitted to (the gain that decided before: kept for comparison)
+    field_gain_measure: str | None = None
+    measured_field_gain_in_sample: float | None = None
     occluders: bool = True  # learn whether good images show the sensor frame's occluders (engines.sensor)
     sensor_mask: str | None = None  # PNG, sensor frame, non-zero = leave out of every frame (--sensor-mask)
     exclude: tuple[str, ...] = ()  # good images the user left out of the fit (names as given; ``select_training``)
@@ -312,26 +323,58 @@ def _choose_alignment(
     """``--alignment auto``: non-rigid where the good images bend, rigid where they do not.
 
     Each good image's field is estimated after its first-pass pose, and what it buys measured:
-    the fraction of the interior's residual against the reference it removes. Above
-    FIELD_GAIN_MIN for the median image the line bends and the field pays for itself; below, it
-    would only fit noise (it still "finds" a bend of some tenths of a pixel). Both are recorded.
+    the fraction of the interior's residual against the reference it removes on blocks it was
+    not estimated from (``held_out_field_gain``). Above FIELD_GAIN_MIN for the median image the
+    line bends and the field pays for itself; below, it would only fit noise (it still "finds" a
+    bend of some tenths of a pixel, and more in the border band, where nothing outside the image
+    holds it). The bend, both gains and how the deciding one was measured are recorded.
     """
     assert reference.field is not None
     field = replace(reference.field, **FIELD_GAIN_PROBE)
-    bends, gains = [], []
+    halves = checker_halves(field)
+    bends, gains, in_sample = [], [], []
     for i, path in enumerate(tqdm(images, desc="measuring bends", disable=not progress, unit="img")):
         level = reg.downscale(_read_checked(path, geometry), field.factor)
-        found = field.estimate(level, training.poses[i])
-        before = field.residual_energy(level, training.poses[i], None)
-        after = field.residual_energy(level, training.poses[i], found)
+        matrix = training.poses[i]
+        found = field.estimate(level, matrix)
         bends.append(found.interior_bend())
-        gains.append(1 - after / before if before > 0 else 0.0)
+        in_sample.append(_gain(field, level, matrix, found))
+        gains.append(held_out_field_gain(halves, level, matrix))
     gain = float(np.median(gains))
     chosen = "nonrigid" if gain > FIELD_GAIN_MIN else "rigid"
     config = replace(
-        config, alignment=chosen, measured_bend_px=round(float(np.median(bends)), 3), measured_field_gain=round(gain, 4)
+        config,
+        alignment=chosen,
+        measured_bend_px=round(float(np.median(bends)), 3),
+        measured_field_gain=round(gain, 4),
+        field_gain_measure=FIELD_GAIN_MEASURE,
+        measured_field_gain_in_sample=round(float(np.median(in_sample)), 4),
     )
     return config, reference if chosen == "nonrigid" else replace(reference, field=None)
+
+
+def checker_halves(field: FieldReference) -> tuple[FieldReference, FieldReference]:
+    """``field`` measured on alternate blocks of its level only (a checkerboard of its FIELD_BLOCK px blocks), and
+    on the others: neighbouring blocks share a bend (the spline's nodes are several blocks apart), not their noise."""
+    h, w = field.level.shape
+    rows = np.arange(h)[:, None] // FIELD_BLOCK
+    cols = np.arange(w)[None, :] // FIELD_BLOCK
+    even = (rows + cols) % 2 == 0
+    return tuple(replace(field, mask=np.where(half, field.mask, 0).astype(np.uint8)) for half in (even, ~even))
+
+
+def held_out_field_gain(halves: tuple[FieldReference, FieldReference], level: np.ndarray, matrix: np.ndarray) -> float:
+    """What a field estimated on one half of the blocks (``checker_halves``) removes of the other half's residual,
+    both ways round, averaged: a bend carries over to the blocks between, a field fitted to noise does not."""
+    first, second = halves
+    both = [_gain(test, level, matrix, fit.estimate(level, matrix)) for fit, test in ((first, second), (second, first))]
+    return float(np.mean(both))
+
+
+def _gain(field: FieldReference, level: np.ndarray, matrix: np.ndarray, found: Field) -> float:
+    """The fraction of the residual on ``field``'s measured blocks that ``found`` removes."""
+    before = field.residual_energy(level, matrix, None)
+    return 1 - field.residual_energy(level, matrix, found) / before if before > 0 else 0.0
 
 
 def learn_sensor(
