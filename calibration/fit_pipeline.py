@@ -67,8 +67,9 @@ STRIP = 64  # rows of the image the statistics take at a time: a strip's arrays 
 # to, parts that do not bend measured 0.001 or less when this was set, 0.003-0.023 since (every change that let
 # the field fit more freely raised what it finds in noise, the lighting fit and the pose search's residual too):
 # easy seed 9006 measured 0.023 and went non-rigid, its field then bent the border band's marker dots 3-4.5 px off
-# on 5 of 200 good parts and rejected them. Held out, a field fitted to noise removes nothing (easy 9006, 12 images:
-# median -0.019, in sample 0.011) and a bend keeps what it removed (fixture-hard 11: 0.925 against 0.933).
+# on 5 of 200 good parts and rejected them. Held out, a field fitted to noise removes nothing (easy 9006: -0.009
+# against 0.023 in sample; easy and fixture 11, 12: -0.027 to -0.012) and a bend keeps what it removed (fixture-hard
+# 11, 12: 0.922, 0.918 against 0.933, 0.927; 512 px parts bent by a grid of 0.1 px: 0.28). docs/measurements.md.
 FIELD_GAIN_MIN = 0.02
 # The field that gain is measured with: the one FIELD_GAIN_MIN was measured with (3 steps, x and y solved apart),
 # not a bundle's. Converged further (nonrigid.COUPLED), the field fits more of the noise of a part that does not
