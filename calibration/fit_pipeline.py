@@ -361,7 +361,8 @@ def checker_halves(field: FieldReference) -> tuple[FieldReference, FieldReferenc
     rows = np.arange(h)[:, None] // FIELD_BLOCK
     cols = np.arange(w)[None, :] // FIELD_BLOCK
     even = (rows + cols) % 2 == 0
-    return tuple(replace(field, mask=np.where(half, field.mask, 0).astype(np.uint8)) for half in (even, ~even))
+    first, second = (replace(field, mask=np.where(half, field.mask, 0).astype(np.uint8)) for half in (even, ~even))
+    return first, second
 
 
 def held_out_field_gain(halves: tuple[FieldReference, FieldReference], level: np.ndarray, matrix: np.ndarray) -> float:
