@@ -16,12 +16,16 @@ on the same frames in the same process, in turn:
 - ``field``: the same plus the smooth displacement field, folded into one remap (``--alignment
   nonrigid``, or ``auto`` on a line that bends).
 
-``--before CHECKOUT`` adds a row: the field with another checkout's ``engines/registration.py`` and
-``engines/nonrigid.py`` (loaded as modules of their own), on the same frames in turn, and prints the
-field's addition (over ``occluders``) per frame against it: a before/after that load hits alike
-(the two run in turn, the order swapped from frame to frame).
-``--cpu`` times the CPU of one thread (``cv2.setNumThreads(1)``, process time) instead of the wall
-clock: on a shared machine it moves far less with the other jobs than the wall clock does.
+``--before CHECKOUT`` adds every preparation once more with another checkout's
+``engines/registration.py`` and ``engines/nonrigid.py`` (loaded as modules of their own), on the
+same frames in turn (each preparation next to its twin, the order swapped from frame to frame), so
+load hits both alike. The checkout's references get only the settings its own dataclasses have
+(one from before the lighting fit's ``light_fit`` fits "trim"; one from before ``field.steps``
+runs its own constant); a table says which settings each side ran with. It then prints each side's
+additions over its own ``affine`` and, per frame, this code's against the checkout's.
+``--cpu`` runs one thread (``cv2.setNumThreads(1)``) and takes the ratios from process CPU time
+instead of the wall clock (both are printed): on a shared machine it moves far less with the other
+jobs than the wall clock does.
 
 Per preparation: median milliseconds of the whole preparation (registration, lighting fit,
 field, resampling; what ``inspectd predict`` reports as "registration"), its ratio to
@@ -35,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import itertools
 import math
 import os
 import statistics
@@ -88,14 +93,36 @@ def _load(name: str, path: Path) -> ModuleType:
     return module
 
 
-def before(checkout: Path, refs: dict, design: np.ndarray) -> tuple:
-    """(align, reference) of the field preparation with ``checkout``'s registration and field modules."""
+def before(checkout: Path, refs: dict, design: np.ndarray) -> tuple[dict[str, tuple], dict[str, str]]:
+    """Each preparation with ``checkout``'s registration and field modules, and what those ran with.
+
+    A checkout's ``RegistrationReference`` (and ``FieldReference``) gets only the fields its own
+    dataclass has: a setting it does not know (the lighting fit's ``light_fit``, the field's
+    ``steps``, ``coupled``, ``shared_levels``...) takes its own code's behaviour, as a bundle of
+    its time would. Its pose search is built with its own ``PoseSearch``.
+    """
     old_nr = _load("before_nonrigid", checkout / "engines" / "nonrigid.py")
     old_reg = _load("before_registration", checkout / "engines" / "registration.py")
-    occ = refs["occluders"]
-    ref = old_reg.RegistrationReference(**{f.name: getattr(occ, f.name) for f in fields(occ)})
-    field = old_nr.FieldReference.from_full(design, region(design.shape[0]), design.shape)
-    return old_reg.align, replace(ref, field=field)
+    known = {f.name for f in fields(old_reg.RegistrationReference)}
+    preps = {}
+    for name, ref in refs.items():
+        old = old_reg.RegistrationReference(**{k: getattr(ref, k) for k in known if k not in ("search", "field")})
+        if ref.search is not None:
+            old = old.with_search()
+        if ref.field is not None:
+            old = replace(old, field=old_nr.FieldReference.from_full(design, region(design.shape[0]), design.shape))
+        preps[f"{name} before"] = (old_reg.align, old)
+    return preps, settings(preps["field before"][1], old_nr)
+
+
+def settings(ref: object, nr_module: ModuleType) -> dict[str, str]:
+    """What a side ran with, where the two may differ: read off its reference (a setting its code keeps as a module
+    constant, not per bundle, shown as that constant; ``-``: its code has no such setting)."""
+    out = {"light_fit": str(getattr(ref, "light_fit", "- (trim)"))}
+    for name in ("ridge", "steps", "coupled", "shared_levels"):
+        value = getattr(ref.field, name, getattr(nr_module, name.upper(), "-"))
+        out[f"field.{name}"] = str(value)
+    return out
 
 
 def frame(design: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray, tuple]:
@@ -144,57 +171,91 @@ def main() -> int:
     parser.add_argument("--frames", type=int, default=6)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--seed", type=int, default=11, help="design and frames derive from it")
-    parser.add_argument("--before", type=Path, metavar="CHECKOUT", help="also the field with this checkout's code")
-    parser.add_argument("--cpu", action="store_true", help="CPU time of one thread instead of the wall clock")
+    parser.add_argument("--before", type=Path, metavar="CHECKOUT", help="also every preparation with this checkout")
+    parser.add_argument("--cpu", action="store_true", help="one thread; CPU time is the figure the ratios use")
     args = parser.parse_args()
     if args.cpu:
         cv2.setNumThreads(1)
     design = synth.render_design(synth.SynthConfig(size=args.size, seed=args.seed)).image
     refs = references(design)
     preps = {name: (reg.align, ref) for name, ref in refs.items()}
+    sides = {"this code": settings(refs["field"], nr)}
     if args.before:
-        preps["field before"] = before(args.before, refs, design)
+        old, sides[str(args.before)] = before(args.before, refs, design)
+        preps.update(old)
     edges = edge_pixels(design)
     frames = [frame(design, 1000 * args.seed + i) for i in range(args.frames)]
-    clock = time.process_time if args.cpu else time.perf_counter
-    times: dict[str, list[float]] = {name: [] for name in preps}
+    times = {name: {"cpu": [], "wall": []} for name in preps}
     errors: dict[str, list[tuple[float, float]]] = {name: [] for name in preps}
     for run in range(args.runs):
         for i, (image, matrix, disp) in enumerate(frames):
-            order = list(preps)
-            if args.before and (run * len(frames) + i) % 2:
-                # the second of two like preparations of a frame ran faster: 0.78 against 0.92 the other way round
-                order[-2:] = order[:-3:-1]
-            for name in order:  # in turn on each frame, so load changes hit all alike
+            for name in _order(list(refs), bool(args.before), run * len(frames) + i):
                 align, ref = preps[name]
-                start = clock()
+                cpu, wall = time.process_time(), time.perf_counter()
                 aligned = align(image, ref)
-                times[name].append((clock() - start) * 1000)
+                times[name]["cpu"].append((time.process_time() - cpu) * 1000)
+                times[name]["wall"].append((time.perf_counter() - wall) * 1000)
                 if run == 0:
                     error = misalignment(aligned.pose, matrix, disp, edges, args.size)
                     errors[name].append((float(np.median(error)), float(np.percentile(error, 95))))
-    report(args, times, errors)
+    report(args, times, errors, sides)
     return 0
 
 
-def report(args: argparse.Namespace, times: dict[str, list[float]], errors: dict[str, list]) -> None:
-    base = statistics.median(times["affine"])
-    unit = "CPU ms of one thread" if args.cpu else "ms"
+def _order(names: list[str], paired: bool, count: int) -> list[str]:
+    """Each preparation and its ``before`` twin one after the other, the twin first on every second frame: the
+    second of two like preparations of a frame ran faster (0.78 against 0.92 the other way round)."""
+    if not paired:
+        return names
+    pairs = [(name, f"{name} before") for name in names]
+    return [n for pair in pairs for n in (pair[::-1] if count % 2 else pair)]
+
+
+def report(args: argparse.Namespace, times: dict[str, dict], errors: dict[str, list], sides: dict) -> None:
+    clock = "cpu" if args.cpu else "wall"
+    base = statistics.median(times["affine"][clock])
+    unit = "CPU ms (one thread)" if args.cpu else "wall ms"
     load = ", ".join(f"{v:.1f}" for v in os.getloadavg())
-    print(f"{args.size} px, {args.frames} frames x {args.runs} runs, medians of {unit}; load average {load}\n")
-    print(f"| preparation | {unit} | ratio to affine | edge misalignment median px | 95 % px |")
-    print("|---|---|---|---|---|")
-    for name in times:
-        ms = statistics.median(times[name])
+    print(f"{args.size} px, {args.frames} frames x {args.runs} runs, medians; load average {load}\n")
+    names = list(sides)
+    print("| setting | " + " | ".join(names) + " |")
+    print("|---|" + "---|" * len(names))
+    for key in sides[names[0]]:
+        print(f"| {key} | " + " | ".join(sides[n][key] for n in names) + " |")
+    print(f"\n| preparation | CPU ms | wall ms | {unit}: ratio to affine | edge misalignment median px | 95 % px |")
+    print("|---|---|---|---|---|---|")
+    for name, t in times.items():
+        cpu, wall = statistics.median(t["cpu"]), statistics.median(t["wall"])
         med = statistics.median(e[0] for e in errors[name])
         p95 = statistics.median(e[1] for e in errors[name])
-        print(f"| {name} | {ms:.0f} | {ms / base:.2f} | {med:.3f} | {p95:.3f} |")
+        print(f"| {name} | {cpu:.0f} | {wall:.0f} | {statistics.median(t[clock]) / base:.2f} | {med:.3f} | {p95:.3f} |")
+    print()
+    for side in ("", " before"):
+        if f"affine{side}" in times:
+            _additions(times, side, clock, unit)
     if "field before" in times:
-        # per frame, so that load that comes and goes hits both alike
-        occ = times["occluders"]
-        ratio = [(n - o) / (b - o) for n, b, o in zip(times["field"], times["field before"], occ, strict=True)]
-        median = statistics.median(ratio)
-        print(f"\nthe field's addition over occluders, this code / before, per frame: median {median:.2f}")
+        _ratios(times, clock)
+
+
+def _additions(times: dict[str, dict], side: str, clock: str, unit: str) -> None:
+    """Each addition's cost on one side, per frame over the preparation before it (median), and all of them."""
+    steps = [n for n in ("affine", "search", "occluders", "field") if f"{n}{side}" in times]
+    parts = []
+    for prev, name in itertools.pairwise(steps):
+        diff = [a - b for a, b in zip(times[name + side][clock], times[prev + side][clock], strict=True)]
+        parts.append(f"{name} +{statistics.median(diff):.1f}")
+    total = [a - b for a, b in zip(times[steps[-1] + side][clock], times["affine" + side][clock], strict=True)]
+    label = "this code" if not side else "before"
+    print(f"additions, {label} ({unit}, per frame, medians): {', '.join(parts)}; all {statistics.median(total):.1f}")
+
+
+def _ratios(times: dict[str, dict], clock: str) -> None:
+    """Per frame, this code's addition over its own affine against the checkout's over its own (median)."""
+    for name in ("search", "occluders", "field"):
+        new = [a - b for a, b in zip(times[name][clock], times["affine"][clock], strict=True)]
+        old = [a - b for a, b in zip(times[f"{name} before"][clock], times["affine before"][clock], strict=True)]
+        ratio = statistics.median(n / o for n, o in zip(new, old, strict=True) if o > 0)
+        print(f"the additions up to {name}, this code / before, per frame: median {ratio:.2f}")
 
 
 if __name__ == "__main__":
