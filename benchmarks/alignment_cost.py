@@ -119,7 +119,7 @@ def settings(ref: object, nr_module: ModuleType) -> dict[str, str]:
     """What a side ran with, where the two may differ: read off its reference (a setting its code keeps as a module
     constant, not per bundle, shown as that constant; ``-``: its code has no such setting)."""
     out = {"light_fit": str(getattr(ref, "light_fit", "- (trim)"))}
-    for name in ("ridge", "steps", "coupled", "shared_levels"):
+    for name in ("ridge", "steps", "coupled", "shared_levels", "smooth_first", "coarse_steps"):
         value = getattr(ref.field, name, getattr(nr_module, name.upper(), "-"))
         out[f"field.{name}"] = str(value)
     return out

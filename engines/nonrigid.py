@@ -14,7 +14,11 @@ displacements on a level of about ``FIELD_SIDE`` px:
    the typical one (a defect, a missing structure) are down-weighted (reweighted each step);
 3. two Gauss-Newton steps, each resampling the level with the pose and the field found so far
    (both evaluated on a LEVEL_STEP grid and interpolated, as at full resolution below) and solving
-   for both components' control points together, with each block's x-y coupling (``COUPLED``).
+   for both components' control points together, with each block's x-y coupling (``COUPLED``);
+   the first on the level twice as coarse (``COARSE_STEPS``: blocks of BLOCK / 2 px there, the same
+   blocks of the part, smoothed over the same width of it), a quarter of the pixels, the second on
+   the field's own level. The frame's level is smoothed once, before the steps resample it
+   (``SMOOTH_FIRST``), not after each step's resampling.
 
 The field is then folded into the full-resolution resampling: the reference-to-frame map
 (affine pose + field) is evaluated on a 16 px grid, interpolated per strip of rows and applied
@@ -38,7 +42,7 @@ the image edges the spline continues what the interior shows.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import cv2
 import numpy as np
@@ -74,6 +78,15 @@ RIDGE = 5e-3
 # Recorded per bundle (``FieldReference.shared_levels``): bundles fitted before read the frame three times.
 SHARED_LEVELS = True
 SMOOTH_SIGMA = 1.5  # px at the field's level
+# The frame's level is smoothed once, before the steps resample it, not after each step's resampling: the two
+# differ only by what the bilinear interpolation itself blurs (a small part of SMOOTH_SIGMA), and one smoothing of
+# the level costs what each step's did. Recorded per bundle (``FieldReference.smooth_first``): bundles before it
+# smoothed per step.
+SMOOTH_FIRST = True
+# Of the STEPS, this many run first on the level twice as coarse (blocks of BLOCK / 2 px there: the same blocks of
+# the part), a quarter of the pixels; the last step(s) on the field's own level see the detail. Recorded per bundle
+# (``FieldReference.coarse_steps``): bundles before it ran every step on the field's level (0).
+COARSE_STEPS = 1
 GAIN_LIMIT = 0.35  # a block's own gain this far from the typical one is not lighting
 HIDDEN_GROW = 3  # px at the field's level around an occluder: the smoothing (SMOOTH_SIGMA) spreads its edge
 VISIBLE_MIN = 0.25  # a block an occluder covers in part counts if it shows at least this fraction of its pixels
@@ -91,6 +104,8 @@ def parameters() -> dict[str, float]:
         "smoothness": SMOOTHNESS,
         "ridge": RIDGE,
         "shared_levels": SHARED_LEVELS,
+        "smooth_first": SMOOTH_FIRST,
+        "coarse_steps": COARSE_STEPS,
         "smooth_sigma": SMOOTH_SIGMA,
         "robust": ROBUST,
         "noise_floor": NOISE_FLOOR,
@@ -207,12 +222,16 @@ class FieldReference:
     shared_levels: bool = SHARED_LEVELS  # likewise: the registration's levels derived from this one (``frame_levels``)
     steps: int = STEPS  # likewise
     coupled: bool = COUPLED  # likewise
+    smooth_first: bool = SMOOTH_FIRST  # likewise
+    coarse_steps: int = COARSE_STEPS  # likewise
+    block: int = BLOCK  # px at this level (BLOCK / 2 on the coarser level of ``coarse_steps``: the same blocks)
 
     def __post_init__(self) -> None:
         h, w = self.level.shape
-        hb, wb = -(-h // BLOCK), -(-w // BLOCK)
-        pad = ((0, hb * BLOCK - h), (0, wb * BLOCK - w))
-        ref = np.pad(_smooth(self.level), pad, mode="edge")
+        block = self.block
+        hb, wb = -(-h // block), -(-w // block)
+        pad = ((0, hb * block - h), (0, wb * block - w))
+        ref = np.pad(_smooth(self.level, self._sigma), pad, mode="edge")
         weight = np.pad((self.mask > 0).astype(np.float32), pad)
         gx = cv2.Sobel(ref, cv2.CV_32F, 1, 0, ksize=3, scale=1 / 8)
         gy = cv2.Sobel(ref, cv2.CV_32F, 0, 1, ksize=3, scale=1 / 8)
@@ -225,14 +244,14 @@ class FieldReference:
             "_weight": weight,
             "_pixels": blocks.pixels,
             "_info": blocks.info,
-            "_smooth_level": _smooth(self.level),
+            "_smooth_level": _smooth(self.level, self._sigma),
             "_inverse": blocks.inverse,
             "_gain_part": blocks.gain_part,
             "_gain_inverse": blocks.gain_inverse,
             "_lighting_inverse": _lighting_inverse(jac, (hb, wb)),
             "_interior": _interior_blocks((hb, wb)),
-            "_block_bx": _basis(_level_coords(wb, self.factor * BLOCK), self.full_shape[1]),
-            "_block_by": _basis(_level_coords(hb, self.factor * BLOCK), self.full_shape[0]),
+            "_block_bx": _basis(_level_coords(wb, self.factor * block), self.full_shape[1]),
+            "_block_by": _basis(_level_coords(hb, self.factor * block), self.full_shape[0]),
             "_bending": _bending(),
             # what a block with structure tells (the upper quartile: many blocks of a part are flat)
             "_scale": float(np.percentile(np.trace(blocks.info, axis1=1, axis2=2), 75)) if blocks.info.any() else 1.0,
@@ -241,9 +260,24 @@ class FieldReference:
             "_grid_by": _basis(_level_coords(h // LEVEL_STEP, self.factor * LEVEL_STEP), self.full_shape[0]),
         }
         consts.update(self._map_grid())
+        consts["_coarse"] = self._coarser() if self.coarse_steps else None
         consts.update(_block_systems(consts["_block_by"], consts["_block_bx"], blocks.info, consts["_scale"]))
         for name, value in consts.items():
             object.__setattr__(self, name, value)
+
+    @property
+    def _sigma(self) -> float:
+        """The smoothing at this level: SMOOTH_SIGMA on the field's level, the same width of the part on a coarser."""
+        return SMOOTH_SIGMA * self.block / BLOCK
+
+    def _coarser(self) -> FieldReference:
+        """The same reference on the level twice as coarse, for the first ``coarse_steps`` (its own steps: none)."""
+        h, w = (side // 2 for side in self.level.shape)
+        level = cv2.resize(self.level, (w, h), interpolation=cv2.INTER_AREA)
+        # a coarse pixel counts where most of its four do, as ``from_full`` decides for the field's level
+        mask = cv2.resize((self.mask > 0).astype(np.float32), (w, h), interpolation=cv2.INTER_AREA)
+        mask = ((mask > 0.5) * 255).astype(np.uint8)
+        return replace(self, factor=2 * self.factor, level=level, mask=mask, coarse_steps=0, block=self.block // 2)
 
     def _map_grid(self) -> dict[str, np.ndarray]:
         """The grid ``_level_maps`` evaluates on: node j at level pixel (j - 1) * LEVEL_STEP + (LEVEL_STEP - 1) / 2,
@@ -280,12 +314,27 @@ class FieldReference:
         touches left the part's outer 64-128 px beside a fixture bar to the spline's extrapolation
         from the interior: markers there were 4-5 px off on bent parts, and scored as defects.
         """
+        coef = np.zeros((2, NODES * NODES))  # full-resolution px
+        frame = np.asarray(frame_level, np.float32)
+        coarse = self._coarse
+        if coarse is not None and self.coarse_steps:
+            small = cv2.resize(frame, coarse.level.shape[::-1], interpolation=cv2.INTER_AREA)
+            shrunk = None if hidden is None else _shrink(hidden, coarse.level.shape)
+            coef = coarse._steps(small, matrix, shrunk, coef, min(self.coarse_steps, self.steps))
+        coef = self._steps(frame, matrix, hidden, coef, self.steps - (self.coarse_steps if coarse is not None else 0))
+        return Field(coef.reshape(2, NODES, NODES), self.full_shape)
+
+    def _steps(
+        self, frame: np.ndarray, matrix: np.ndarray, hidden: np.ndarray | None, coef: np.ndarray, steps: int
+    ) -> np.ndarray:
+        """``steps`` Gauss-Newton steps on this level from the control points ``coef`` (full-resolution px)."""
         from engines.registration import _scale_matrix
 
+        if steps <= 0:
+            return coef
         h, w = self.level.shape
         a = _scale_matrix(np.asarray(matrix, np.float64), (h, w), self.full_shape)
-        coef = np.zeros((2, NODES * NODES))  # level px
-        frame = np.asarray(frame_level, np.float32)
+        coef = coef / self.factor  # level px
         # per control point, relative to what a typical block tells: bending energy, and a ridge that keeps
         # the field at zero where no block says anything (the pose already holds the rigid part)
         per_node = self._scale * (self._blocks[0] * self._blocks[1]) / NODES**2
@@ -293,17 +342,21 @@ class FieldReference:
         jac, weight, blocks = self._jac, self._weight, self._reference_blocks
         if hidden is not None and hidden.any():
             jac, weight, blocks = self._visible(hidden)
-        for _ in range(self.steps):
+        if self.smooth_first:
+            frame = _smooth(frame, self._sigma)
+        for _ in range(steps):
             map_x, map_y = self._level_maps(a, coef)
             warped = cv2.remap(frame, map_x, map_y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
-            rhs, energy = self._block_moments(_smooth(warped), jac, weight)
+            rhs, energy = self._block_moments(
+                warped if self.smooth_first else _smooth(warped, self._sigma), jac, weight
+            )
             theta = np.einsum("bij,bj->bi", blocks.inverse, rhs)  # each block's own shift, gain and offset
             explained = np.einsum("bi,bi->b", rhs, theta)
             weights = self._robust_weights(np.maximum(energy - explained, 0), theta[:, 2], blocks) * blocks.shown
             g = rhs[:, :2] - np.einsum("bij,bj->bi", blocks.gain_part, rhs[:, 2:])
             coef += self._solve(weights, g, coef, bending, blocks.info)
             np.clip(coef, -MAX_PX / self.factor, MAX_PX / self.factor, out=coef)
-        return Field((coef * self.factor).reshape(2, NODES, NODES), self.full_shape)
+        return coef * self.factor
 
     def _level_maps(self, a: np.ndarray, coef: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Where each pixel of the level lies in the frame's level under the pose ``a`` (level px) and the field.
@@ -354,7 +407,7 @@ class FieldReference:
         warped = cv2.remap(
             frame_level.astype(np.float32), map_x, map_y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE
         )
-        resid = np.pad(_smooth(warped) - self._smooth_level, self._pad) * self._weight
+        resid = np.pad(_smooth(warped, self._sigma) - self._smooth_level, self._pad) * self._weight
         # each block's own gain and offset taken out first: lighting is not what a field could buy
         rhs = np.stack([_block_sums(j * resid, self._blocks).reshape(-1) for j in self._jac[2:]], axis=1)
         energy = _block_sums(resid * resid, self._blocks).reshape(-1).astype(np.float64)
@@ -390,7 +443,8 @@ class FieldReference:
         # only the blocks the occluder touches change: measure those again on what they still show, within the
         # blocks' bounding box (a bar along one side: a strip of the level, not all of it)
         rows, cols = (np.flatnonzero(touched.any(axis=axis)) for axis in (1, 0))
-        box = (slice(rows[0] * BLOCK, (rows[-1] + 1) * BLOCK), slice(cols[0] * BLOCK, (cols[-1] + 1) * BLOCK))
+        b = self.block
+        box = (slice(rows[0] * b, (rows[-1] + 1) * b), slice(cols[0] * b, (cols[-1] + 1) * b))
         inside = touched[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
         part = _BlockSystems.measure(self._jac[:, box[0], box[1]] * seen[box], weight[box], inside.shape, inside)
         touched = touched.reshape(-1)
@@ -565,15 +619,25 @@ def _interior_blocks(blocks: tuple[int, int]) -> np.ndarray:
 
 
 def _block_sums(values: np.ndarray, blocks: tuple[int, int]) -> np.ndarray:
-    """Sums over BLOCK x BLOCK blocks of a float32 array whose sides are whole blocks (area resize: fast)."""
+    """Sums over the blocks of a float32 array whose sides are whole blocks (area resize: fast)."""
     hb, wb = blocks
-    return cv2.resize(values, (wb, hb), interpolation=cv2.INTER_AREA) * np.float32(BLOCK * BLOCK)
+    block = values.shape[0] // hb
+    return cv2.resize(values, (wb, hb), interpolation=cv2.INTER_AREA) * np.float32(block * block)
 
 
-def _smooth(level: np.ndarray) -> np.ndarray:
+def _shrink(hidden: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """``hidden`` on a level twice as coarse: a coarse pixel is hidden where any of its four is."""
+    h, w = shape
+    # four strided views or-ed: a reshape and any() over the small axes cost some 8 ms at 1280 px
+    return (hidden[0 : 2 * h : 2, 0 : 2 * w : 2] | hidden[1 : 2 * h : 2, 0 : 2 * w : 2]) | (
+        hidden[0 : 2 * h : 2, 1 : 2 * w : 2] | hidden[1 : 2 * h : 2, 1 : 2 * w : 2]
+    )
+
+
+def _smooth(level: np.ndarray, sigma: float = SMOOTH_SIGMA) -> np.ndarray:
     """Both sides are low-passed before they are compared: a linear model of a sharp edge holds over a
     fraction of a pixel, of a smoothed one over a pixel or two (the size of the bends to be found)."""
-    return cv2.GaussianBlur(level.astype(np.float32), (0, 0), SMOOTH_SIGMA)
+    return cv2.GaussianBlur(level.astype(np.float32), (0, 0), sigma)
 
 
 def _lighting_inverse(jac: np.ndarray, blocks: tuple[int, int]) -> np.ndarray:
