@@ -250,12 +250,19 @@ def _additions(times: dict[str, dict], side: str, clock: str, unit: str) -> None
 
 
 def _ratios(times: dict[str, dict], clock: str) -> None:
-    """Per frame, this code's addition over its own affine against the checkout's over its own (median)."""
-    for name in ("search", "occluders", "field"):
-        new = [a - b for a, b in zip(times[name][clock], times["affine"][clock], strict=True)]
-        old = [a - b for a, b in zip(times[f"{name} before"][clock], times["affine before"][clock], strict=True)]
-        ratio = statistics.median(n / o for n, o in zip(new, old, strict=True) if o > 0)
-        print(f"the additions up to {name}, this code / before, per frame: median {ratio:.2f}")
+    """Per frame, this code's additions against the checkout's (medians): each over the preparation before it, and
+    all of them up to it over each side's own affine."""
+    steps = ("affine", "search", "occluders", "field")
+    for prev, name in itertools.pairwise(steps):
+        own = _per_frame_ratio(times, name, prev, clock)
+        upto = _per_frame_ratio(times, name, "affine", clock)
+        print(f"{name}, this code / before, per frame: its own addition {own:.2f}, the additions up to it {upto:.2f}")
+
+
+def _per_frame_ratio(times: dict[str, dict], name: str, base: str, clock: str) -> float:
+    new = [a - b for a, b in zip(times[name][clock], times[base][clock], strict=True)]
+    old = [a - b for a, b in zip(times[f"{name} before"][clock], times[f"{base} before"][clock], strict=True)]
+    return statistics.median(n / o for n, o in zip(new, old, strict=True) if o > 0)
 
 
 if __name__ == "__main__":
