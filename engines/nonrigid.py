@@ -427,12 +427,16 @@ class FieldReference:
         return _BlockSystems(self._pixels, self._info, self._inverse, self._gain_part, self._gain_inverse, shown)
 
     def _visible(self, hidden: np.ndarray) -> tuple[np.ndarray, np.ndarray, _BlockSystems]:
-        """Jacobian, weight and block systems with the ``hidden`` pixels (grown by HIDDEN_GROW) left out.
+        """Jacobian, weight and block systems with the ``hidden`` pixels (grown by HIDDEN_GROW on the field's level)
+        left out.
 
         The Jacobian is returned as the reference has it: ``_block_moments`` multiplies it by the residual, which
         the returned weight already zeroes where hidden (a full-level copy of the Jacobian cost some 3 ms).
         """
-        grown = cv2.dilate(hidden.astype(np.uint8), np.ones((2 * HIDDEN_GROW + 1,) * 2, np.uint8))
+        # the same width of the part on the coarser level (2 px there): its smoothing reaches half as many pixels, and
+        # 3 left the blocks beside a fixture bar out, to be extrapolated (a good part's band scored 1.6 -> 2.3)
+        grow = math.ceil(HIDDEN_GROW * self.block / BLOCK)
+        grown = cv2.dilate(hidden.astype(np.uint8), np.ones((2 * grow + 1,) * 2, np.uint8))
         seen = np.pad(1 - grown.astype(np.float32), self._pad, constant_values=1)
         weight = self._weight * seen
         touched = _block_sums(self._weight - weight, self._blocks) > 0
