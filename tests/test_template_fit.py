@@ -414,10 +414,10 @@ def test_a_bundle_fitted_before_shared_levels_and_coupled_steps_runs_as_it_did(n
     assert not field.shared_levels and not field.coupled and field.steps == 3
 
 
-def test_a_bundle_fitted_before_the_coarse_first_step_runs_as_it_did(nonrigid_dir):
-    """New fits record that the field's level is smoothed once and that its first step runs on the level twice as
-    coarse; a bundle without those records smooths each step's resampled level and runs every step on the field's
-    level (its statistics were computed so)."""
+def test_a_bundle_fitted_before_smoothing_first_runs_as_it_did(nonrigid_dir):
+    """New fits record that the field's level is smoothed once, before the steps resample it, and how many steps run on
+    the level twice as coarse (none by default); a bundle without those records smooths each step's resampled level
+    and runs every step on the field's level (its statistics were computed so), one with them runs as recorded."""
     from dataclasses import replace
 
     from engines import nonrigid
@@ -425,10 +425,13 @@ def test_a_bundle_fitted_before_the_coarse_first_step_runs_as_it_did(nonrigid_di
 
     bundle = Bundle.load(nonrigid_dir)
     recorded = bundle.manifest["registration"]["field"]
-    assert recorded["smooth_first"] is True and recorded["coarse_steps"] == nonrigid.COARSE_STEPS == 1
+    assert recorded["smooth_first"] is True and recorded["coarse_steps"] == nonrigid.COARSE_STEPS == 0
     field = registration_reference(bundle, bundle.reference()).field
-    assert field.smooth_first and field.coarse_steps == 1 and field._coarse is not None
+    assert field.smooth_first and field.coarse_steps == 0 and field._coarse is None
     manifest = json.loads(json.dumps(bundle.manifest))
+    manifest["registration"]["field"]["coarse_steps"] = 1
+    field = registration_reference(replace(bundle, manifest=manifest), bundle.reference()).field
+    assert field.coarse_steps == 1 and field._coarse is not None
     del manifest["registration"]["field"]["smooth_first"], manifest["registration"]["field"]["coarse_steps"]
     field = registration_reference(replace(bundle, manifest=manifest), bundle.reference()).field
     assert not field.smooth_first and field.coarse_steps == 0 and field._coarse is None
