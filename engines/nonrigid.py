@@ -24,13 +24,15 @@ with one ``cv2.remap`` (float maps: converting them to fixed point first cost mo
 With a zero field the result equals ``cv2.warpAffine``'s.
 
 What it adds per 5120 px frame, over the rigid preparation with occluders (CPU of one thread, per stage, on the
-alignment benchmark's frames, ``benchmarks/alignment_cost.py``; measured under load, so a little high): the
-estimation about 30 ms (the occluder's blocks measured again, 3 ms; two steps of some 12 ms each: the level's
-maps 1, remap 2-3, smoothing 2.4, block sums 3.7, the coupled spline solve 2.2), the resampling some 12 ms more
-than ``cv2.warpAffine`` (building the float maps per strip; the remap itself costs what warpAffine's does), and
-the field's level nothing: the registration's levels are averaged from it (``SHARED_LEVELS``), which saves 3 ms.
-Before (three uncoupled steps, the occluder's blocks measured on the whole level, the level read on its own):
-about 75 ms in all, the estimation 50 ms of it.
+alignment benchmark's frames, ``benchmarks/alignment_cost.py``; measured under load, so high): the estimation about
+25-30 ms (the occluder's blocks measured again, ``_visible``, 3 ms; two steps of some 11 ms each: the level's maps
+1, remap 2-3, block sums 3.8, the coupled spline solve 2.2 of which the conjugate gradients 1.5; the smoothing 2.5
+once, ``SMOOTH_FIRST``), the resampling some 10-15 ms more than ``cv2.warpAffine`` (building the float maps per strip
+13 ms under load, the field at the map's nodes 2; the remap itself costs what warpAffine's does: fixed-point maps,
+``cv2.convertMaps``, made it slower, strips of 64-1024 rows all cost the same), and the field's level nothing: the
+registration's levels are averaged from it (``SHARED_LEVELS``), which saves 3 ms. Before (three uncoupled steps,
+the occluder's blocks measured on the whole level, the level read on its own): about 75 ms in all, the estimation
+50 ms of it.
 
 The estimation sees the registration mask only (the inspection region without the border
 zone), so a fixture bar and vignetting that stay with the camera do not pull the field; near
