@@ -19,10 +19,13 @@
 5. ``--daemon``: per run and checkout a fresh daemon (``served.py``: ``inspectd serve`` that also
    times bare predict in its own process, on its own engine, while no frame is in flight), fed
    raw frames over loopback at ``--load`` of the rate that in-process bare predict sustains, or
-   at ``--daemon-rate`` Hz; ``--runs`` runs, checkouts interleaved. Per run: end-to-end p50 / p99
-   and the overhead over the mean of the daemon's own bare p50 before and after the frames (like
-   with like: the same process, memory and threads; bare predict in another process moves by
-   ~6 % from one process to the next, ``process_spread.py``), and, as before, over the separate
+   at ``--daemon-rate`` Hz; ``--runs`` runs, checkouts interleaved. The ``--daemon-frames`` go in
+   ``--daemon-blocks`` blocks, and the daemon times bare predict (``--frames`` frames) before the
+   first, between the blocks and after the last: bare predict's median moves by ~10 % within one
+   process over a run, and with bare predict timed only at the run's two ends that drift weighed
+   as much as the daemon's own overhead. Per run: end-to-end p50 / p99 and the overhead over the p50 of all the daemon's own
+   bare predict (like with like: the same process, memory and threads; bare predict in another
+   process moves by ~6 % from one process to the next, ``process_spread.py``), and, as before, over the separate
    worker's bare p50. Then CPU ms, system ms and minor page faults per frame by thread (bare
    predict -> serving, same process), stage medians, and the slowest frames' stage times.
    ``--daemon-env LABEL:NAME=VALUE,...`` adds daemon variants (environment variables; served.py
@@ -40,6 +43,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import itertools
 import json
 import os
 import resource
@@ -706,37 +710,74 @@ def _environment(extra: dict[str, str]) -> Iterator[None]:
 def daemon_run(
     args: argparse.Namespace, checkout: Path, model: Path, paths: list[Path], images: list, log: Path
 ) -> dict[str, Any]:
-    """One fresh daemon: bare predict in its process, the frames at the offered rate, bare predict again."""
-    from daemon_latency import Daemon, latencies, percentiles, rss_mb, run
+    """One fresh daemon: bare predict in its process, then ``--daemon-blocks`` blocks of frames at the offered
+    rate, each followed by bare predict again, so that every served frame is compared with bare predict timed
+    minutes, not a whole run, away (bare predict's own median moves by ~10 % within one process)."""
+    from daemon_latency import Daemon, latencies, rss_mb, run
 
     launcher = [sys.executable, str(REPO / "benchmarks" / "served.py"), "--image-list", *map(str, paths), "--"]
     daemon = Daemon(model, "onnxruntime", 5000.0, 4, log, repo=checkout, launcher=launcher)
+    blocks = _block_sizes(args.daemon_frames, args.daemon_blocks)
     try:
         threads = [daemon.ask(op="threads")["threads"]]
-        before = daemon.ask(op="bare", count=args.frames)
+        bares = [daemon.ask(op="bare", count=args.frames)]
         threads.append(daemon.ask(op="threads")["threads"])
-        rate = args.daemon_rate or args.load * 1000 / statistics.median(before["ms"])
-        cpu = _process_cpu_s(daemon.proc.pid)
-        report = run(daemon, images, args.daemon_frames, rate, None)
-        cpu = _process_cpu_s(daemon.proc.pid) - cpu
-        threads.append(daemon.ask(op="threads")["threads"])
-        stages = {str(f["frame_id"]): f for f in daemon.ask(op="frames")["frames"]}
-        after = daemon.ask(op="bare", count=args.frames)
-        threads.append(daemon.ask(op="threads")["threads"])
+        rate = args.daemon_rate or args.load * 1000 / statistics.median(bares[0]["ms"])
+        e2e: list[float] = []
+        frames: list[dict[str, float]] = []
+        decisions: list[dict] = []
+        sent = cpu = 0.0
+        for count in blocks:
+            start = _process_cpu_s(daemon.proc.pid)
+            report = run(daemon, images, count, rate, None)
+            cpu += _process_cpu_s(daemon.proc.pid) - start
+            threads.append(daemon.ask(op="threads")["threads"])
+            stages = {str(f["frame_id"]): f for f in daemon.ask(op="frames")["frames"]}
+            e2e += latencies(report)
+            frames += _frame_rows(report, stages)
+            decisions += report.decisions.values()
+            sent += report.sent
+            bares.append(daemon.ask(op="bare", count=args.frames))
+            threads.append(daemon.ask(op="threads")["threads"])
         rss = rss_mb(daemon.proc.pid)
     finally:
         daemon.stop()
-    decided = max(len(report.decisions), 1)
-    row = percentiles(latencies(report))
-    row.update(rate=rate, decided=len(report.decisions), sent=report.sent, cpu=cpu * 1000 / decided)
-    row["inside"] = _inside_p50(report.decisions.values())
-    row["bare"] = (statistics.median(before["ms"]), statistics.median(after["ms"]))
-    row["bare_cpu"] = (before["cpu_ms"] + after["cpu_ms"]) / 2
-    row["bare_stages"] = {k: statistics.median([before["stages"][k], after["stages"][k]]) for k in before["stages"]}
-    row["threads_bare"] = _thread_delta([(threads[0], threads[1]), (threads[2], threads[3])], 2 * args.frames)
-    row["threads_daemon"] = _thread_delta([(threads[1], threads[2])], decided)
-    row["frames"] = _frame_rows(report, stages)
-    row["rss_mb"] = rss
+    return _daemon_row(args, rate, e2e, frames, decisions, int(sent), cpu, bares, threads, rss)
+
+
+def _block_sizes(frames: int, blocks: int) -> list[int]:
+    """``frames`` split into ``blocks`` nearly equal blocks (none empty)."""
+    blocks = max(1, min(blocks, frames))
+    return [frames // blocks + (i < frames % blocks) for i in range(blocks)]
+
+
+def _daemon_row(
+    args: argparse.Namespace,
+    rate: float,
+    e2e: list[float],
+    frames: list[dict[str, float]],
+    decisions: list[dict],
+    sent: int,
+    cpu: float,
+    bares: list[dict],
+    threads: list[dict],
+    rss: float,
+) -> dict[str, Any]:
+    """One daemon run's figures. ``threads`` alternates bare spans and serving spans: t0 bare t1 serve t2 bare t3 ..."""
+    from daemon_latency import percentiles
+
+    decided = max(len(decisions), 1)
+    row = percentiles(e2e)
+    row.update(rate=rate, decided=len(decisions), sent=sent, cpu=cpu * 1000 / decided, rss_mb=rss)
+    row["inside"] = _inside_p50(decisions)
+    row["bare"] = [statistics.median(b["ms"]) for b in bares]
+    row["bare_p50"] = statistics.median(ms for b in bares for ms in b["ms"])
+    row["bare_cpu"] = statistics.mean(b["cpu_ms"] for b in bares)
+    row["bare_stages"] = {k: statistics.median(b["stages"][k] for b in bares) for k in bares[0]["stages"]}
+    spans = list(itertools.pairwise(threads))
+    row["threads_bare"] = _thread_delta(spans[0::2], len(bares) * args.frames)
+    row["threads_daemon"] = _thread_delta(spans[1::2], decided)
+    row["frames"] = frames
     return row
 
 
@@ -776,24 +817,24 @@ def print_daemon_table(args: argparse.Namespace, results: dict[str, list[dict]])
     offered = f"{args.load:.0%} of each daemon's own bare rate" if not args.daemon_rate else f"{args.daemon_rate} Hz"
     print(f"\ndaemon: raw frames over loopback at {offered}, {args.daemon_frames} frames per run, ", end="")
     print("a fresh daemon per run")
-    print(f"{'checkout':<16}{'run':>4}{'rate Hz':>8}{'bare in-proc':>14}{'e2e p50':>8}{'e2e p99':>8}", end="")
+    print(f"{'checkout':<16}{'run':>4}{'rate Hz':>8}{'bare in-proc':>20}{'e2e p50':>8}{'e2e p99':>8}", end="")
     print(f"{'overhead':>9}{'inside p50':>11}{'decided':>8}{'worker p50':>11}{'vs worker':>10}", end="")
     print(f"{'cpu/frame bare':>15}{'daemon':>7}{'RSS MB':>7}")
     for name, rows in results.items():
         for i, row in enumerate(rows, 1):
-            bare = statistics.mean(row["bare"])
+            spread = f"{min(row['bare']):.0f}-{max(row['bare']):.0f}"
             print(
-                f"{name:<16}{i:>4}{row['rate']:>8.2f}{row['bare'][0]:>7.1f}/{row['bare'][1]:<6.1f}{row['p50']:>8.1f}"
-                f"{row['p99']:>8.1f}{100 * (row['p50'] / bare - 1):>+8.1f}%{_fmt(row['inside'], 11)}"
+                f"{name:<16}{i:>4}{row['rate']:>8.2f}{row['bare_p50']:>11.1f} ({spread:>7}){row['p50']:>8.1f}"
+                f"{row['p99']:>8.1f}{100 * (row['p50'] / row['bare_p50'] - 1):>+8.1f}%{_fmt(row['inside'], 11)}"
                 f"{row['decided']:>5}/{row['sent']:<2}{row['worker_p50']:>11.1f}"
                 f"{100 * (row['p50'] / row['worker_p50'] - 1):>+9.1f}%{row['bare_cpu']:>15.0f}{row['cpu']:>7.0f}"
                 f"{row['rss_mb']:>7.0f}"
             )
-    print("(bare in-proc: bare predict's p50 in the daemon's own process, before / after the frames; overhead:")
-    print(" e2e p50 over their mean. worker p50 / vs worker: bare predict in the separate worker process just")
-    print(" before, the earlier comparison. inside p50: frame arrival to decision as the daemon measured it.")
-    print(" cpu/frame: CPU ms of every thread of the daemon's process per frame, bare predict and serving;")
-    print(" RSS: the daemon's resident memory at the end)")
+    print("(bare in-proc: bare predict's p50 in the daemon's own process, over its blocks before, between and after")
+    print(" the blocks of frames (the blocks' own medians, lowest-highest); overhead: e2e p50 over it. worker p50 /")
+    print(" vs worker: bare predict in the separate worker process just before, the earlier comparison. inside p50:")
+    print(" frame arrival to decision as the daemon measured it. cpu/frame: CPU ms of every thread of the daemon's")
+    print(" process per frame, bare predict and serving; RSS: the daemon's resident memory at the end)")
 
 
 def print_threads(results: dict[str, list[dict]]) -> None:
@@ -903,6 +944,12 @@ def main() -> int:
     parser.add_argument("--nodes", action="store_true", help="ONNX Runtime's profiler: time per op type, one tile")
     parser.add_argument("--daemon", action="store_true", help="both daemons at --load of their bare rate")
     parser.add_argument("--daemon-frames", type=int, default=30)
+    parser.add_argument(
+        "--daemon-blocks",
+        type=int,
+        default=3,
+        help="the frames in this many blocks, bare predict timed before, between and after them (default 3)",
+    )
     parser.add_argument("--load", type=float, default=0.7)
     parser.add_argument("--daemon-rate", type=float, help="one frame rate (Hz) for both daemons instead of --load")
     parser.add_argument(
