@@ -439,26 +439,45 @@ class FieldReference:
         # the same width of the part on the coarser level (2 px there): its smoothing reaches half as many pixels, and
         # 3 left the blocks beside a fixture bar out, to be extrapolated (a good part's band scored 1.6 -> 2.3)
         grow = math.ceil(HIDDEN_GROW * self.block / BLOCK)
-        grown = cv2.dilate(hidden.astype(np.uint8), np.ones((2 * grow + 1,) * 2, np.uint8))
-        seen = np.pad(1 - grown.astype(np.float32), self._pad, constant_values=1)
-        weight = self._weight * seen
-        touched = _block_sums(self._weight - weight, self._blocks) > 0
+        b = self.block
+        # only the whole blocks the grown occluder reaches are looked at (a bar along one side: a strip of the level):
+        # elsewhere every pixel stays seen, and the weight and block sums there are the reference's to the bit
+        area = self._reach(hidden, grow)
+        seen = np.ones((area[0].stop - area[0].start, area[1].stop - area[1].start), np.float32)
+        shown = hidden[area]  # the part of the area inside the level (the rest is padding, always seen)
+        grown = cv2.dilate(shown.astype(np.uint8), np.ones((2 * grow + 1,) * 2, np.uint8))
+        seen[: shown.shape[0], : shown.shape[1]] = 1 - grown.astype(np.float32)
+        weight = self._weight.copy()
+        weight[area] = self._weight[area] * seen
+        near = _block_sums(self._weight[area] - weight[area], (seen.shape[0] // b, seen.shape[1] // b)) > 0
+        touched = np.zeros(self._blocks, bool)
+        touched[area[0].start // b : area[0].stop // b, area[1].start // b : area[1].stop // b] = near
         blocks = self._reference_blocks
         if not touched.any():
             return self._jac, weight, blocks
         blocks = _BlockSystems(**{k: np.copy(v) for k, v in vars(blocks).items()})
         # only the blocks the occluder touches change: measure those again on what they still show, within the
-        # blocks' bounding box (a bar along one side: a strip of the level, not all of it)
+        # blocks' bounding box
         rows, cols = (np.flatnonzero(touched.any(axis=axis)) for axis in (1, 0))
-        b = self.block
         box = (slice(rows[0] * b, (rows[-1] + 1) * b), slice(cols[0] * b, (cols[-1] + 1) * b))
         inside = touched[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
-        part = _BlockSystems.measure(self._jac[:, box[0], box[1]] * seen[box], weight[box], inside.shape, inside)
+        within = tuple(slice(s.start - a.start, s.stop - a.start) for s, a in zip(box, area, strict=True))
+        part = _BlockSystems.measure(self._jac[:, box[0], box[1]] * seen[within], weight[box], inside.shape, inside)
         touched = touched.reshape(-1)
         for name in ("pixels", "info", "inverse", "gain_part", "gain_inverse"):
             getattr(blocks, name)[touched] = getattr(part, name)
         blocks.shown[touched] = part.pixels >= VISIBLE_MIN * np.maximum(self._pixels[touched], 1)
         return self._jac, weight, blocks
+
+    def _reach(self, hidden: np.ndarray, grow: int) -> tuple[slice, slice]:
+        """The whole blocks (padded level px) that ``hidden`` (not empty), grown by ``grow`` px, reaches."""
+        b = self.block
+        hb, wb = self._blocks
+        rows, cols = (np.flatnonzero(hidden.any(axis=axis)) for axis in (1, 0))
+        return tuple(
+            slice(max(0, int(idx[0]) - grow) // b * b, min(n * b, -(-(int(idx[-1]) + 1 + grow) // b) * b))
+            for idx, n in ((rows, hb), (cols, wb))
+        )
 
     def _robust_weights(self, energy: np.ndarray, gain: np.ndarray, blocks: _BlockSystems) -> np.ndarray:
         """Blocks that are not just a bent piece of the part lose weight.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 
 import cv2
@@ -204,6 +205,55 @@ def test_the_coarser_level_sees_what_an_occluder_hides():
     hidden = rng.random((41, 37)) > 0.9
     want = hidden[:40, :36].reshape(20, 2, 18, 2).any(axis=(1, 3))
     assert np.array_equal(nr._shrink(hidden, (20, 18)), want)
+
+
+def visible_on_the_whole_level(ref: nr.FieldReference, hidden: np.ndarray) -> tuple[np.ndarray, nr._BlockSystems]:
+    """``FieldReference._visible`` as it was before it looked only at the blocks an occluder reaches (kept to compare
+    with): the grown occluder, the weight and the touched blocks over the whole level. Returns (weight, blocks)."""
+    grow = math.ceil(nr.HIDDEN_GROW * ref.block / nr.BLOCK)
+    grown = cv2.dilate(hidden.astype(np.uint8), np.ones((2 * grow + 1,) * 2, np.uint8))
+    seen = np.pad(1 - grown.astype(np.float32), ref._pad, constant_values=1)
+    weight = ref._weight * seen
+    touched = nr._block_sums(ref._weight - weight, ref._blocks) > 0
+    blocks = nr._BlockSystems(**{k: np.copy(v) for k, v in vars(ref._reference_blocks).items()})
+    if touched.any():
+        rows, cols = (np.flatnonzero(touched.any(axis=axis)) for axis in (1, 0))
+        b = ref.block
+        box = (slice(rows[0] * b, (rows[-1] + 1) * b), slice(cols[0] * b, (cols[-1] + 1) * b))
+        inside = touched[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
+        part = nr._BlockSystems.measure(ref._jac[:, box[0], box[1]] * seen[box], weight[box], inside.shape, inside)
+        touched = touched.reshape(-1)
+        for name in ("pixels", "info", "inverse", "gain_part", "gain_inverse"):
+            getattr(blocks, name)[touched] = getattr(part, name)
+        blocks.shown[touched] = part.pixels >= nr.VISIBLE_MIN * np.maximum(ref._pixels[touched], 1)
+    return weight, blocks
+
+
+def test_what_an_occluder_hides_is_measured_as_on_the_whole_level():
+    """Looking only at the blocks an occluder reaches leaves every weight and block system as the whole level's, to
+    the bit: a bar along each edge, a corner, a speck inside, one at the padded corner of a level of odd sides."""
+    rng = np.random.default_rng(5)
+    h, w = 301, 437  # not whole blocks: the level is padded
+    level = cv2.GaussianBlur(rng.uniform(0, 255, (h, w)).astype(np.float32), (0, 0), 2)
+    mask = np.full((h, w), 255, np.uint8)
+    mask[:6], mask[:, -5:] = 0, 0
+    ref = nr.FieldReference(1, level, mask, (h, w))
+    masks = []
+    for rows, cols in [(slice(0, 9), slice(None)), (slice(-14, None), slice(30, 400)), (slice(None), slice(0, 3))]:
+        masks.append(np.zeros((h, w), bool))
+        masks[-1][rows, cols] = True
+    corner = np.zeros((h, w), bool)
+    corner[:20, -40:] = corner[:50, -8:] = True
+    speck = np.zeros((h, w), bool)
+    speck[157:160, 223] = True  # within the grow of the next blocks down and right
+    padded = np.zeros((h, w), bool)
+    padded[-1, -1] = True
+    for hidden in (*masks, corner, speck, padded):
+        jac, weight, blocks = ref._visible(hidden)
+        want_weight, want_blocks = visible_on_the_whole_level(ref, hidden)
+        assert jac is ref._jac and np.array_equal(weight, want_weight)
+        for name, value in vars(want_blocks).items():
+            assert np.array_equal(getattr(blocks, name), value), name
 
 
 def estimate_with_full_grids(ref: nr.FieldReference, frame_level: np.ndarray, matrix: np.ndarray) -> np.ndarray:
