@@ -1133,7 +1133,7 @@ def _manifest(
             "search": registration.search is not None,  # coarse pose search before ECC (absent: none)
             "light_fit": registration.light_fit,  # how each frame's lighting is fitted (absent: "trim")
             # the smooth field after the pose (absent: rigid), with what its estimation depended on
-            **({"field": {"factor": registration.field.factor, **parameters()}} if registration.field else {}),
+            **({"field": _field_manifest(registration.field)} if registration.field else {}),
             # what of the sensor frame is left out of every frame (absent: nothing)
             **({"sensor": _sensor_manifest(registration.sensor)} if registration.sensor else {}),
         },
@@ -1179,6 +1179,11 @@ def _fit_report(
     except BaseException:
         shutil.rmtree(report, ignore_errors=True)
         raise
+
+
+def _field_manifest(field: FieldReference) -> dict:
+    """The field's constants, with the steps this fit's reference takes (they depend on its level, ``steps_for``)."""
+    return {"factor": field.factor, **parameters(), "steps": field.steps}
 
 
 def _sensor_manifest(model: SensorModel) -> dict:

@@ -60,6 +60,14 @@ NODES = 17  # control points per axis of the cubic B-spline (over the whole imag
 # did (95 % of the edge misalignment, median over frames: 0.222 -> 0.189 px at 5120 px, 0.175 -> 0.142 at 2048).
 # Both recorded per bundle (``FieldReference.steps``, ``.coupled``): bundles keep how they were fitted.
 STEPS = 2
+# On a field's level this many times (or more) coarser than the frame, fits take one step (``steps_for``): a bend of a
+# pixel or two is a fraction of a level pixel there, well inside what one linearisation of the smoothed level
+# (SMOOTH_SIGMA) covers, and the second step cost some 11 ms of the ~30 the estimation took at 5120 px. Measured on
+# the alignment benchmark's frames (9x9 bend of 0.8 px, fixture bar; 95 % of the edge misalignment, median over 6
+# frames): at 5120 px (level factor 4) one step 0.175 px against two 0.190, with a bend of 2 px 0.491 against 0.458;
+# at 2048 px (factor 2) one step left 0.188 against 0.142, with a bend of 2 px 0.84 against 0.37, so finer levels
+# keep two. Recorded per bundle (``steps``) like the rest: bundles before it take two steps at every size.
+ONE_STEP_FACTOR = 4
 COUPLED = True
 SMOOTHNESS = 3e-4  # bending-energy weight, relative to the typical block's information per control point
 MAX_PX = 6.0  # px (full resolution): no control point moves further; a larger "bend" is not one
@@ -117,6 +125,11 @@ def parameters() -> dict[str, float]:
         "hidden_grow": HIDDEN_GROW,
         "visible_min": VISIBLE_MIN,
     }
+
+
+def steps_for(factor: int) -> int:
+    """The Gauss-Newton steps a new fit takes on a field's level ``factor`` times coarser than the frame."""
+    return 1 if factor >= ONE_STEP_FACTOR else STEPS
 
 
 def field_factor(height: int, width: int) -> int:
@@ -305,7 +318,7 @@ class FieldReference:
         factor = field_factor(*full_shape)
         level = to_level(mean, factor)
         small = cv2.resize(region.astype(np.float32), level.shape[::-1], interpolation=cv2.INTER_AREA)
-        return cls(factor, level, ((small > 0.5) * 255).astype(np.uint8), full_shape)
+        return cls(factor, level, ((small > 0.5) * 255).astype(np.uint8), full_shape, steps=steps_for(factor))
 
     def estimate(self, frame_level: np.ndarray, matrix: np.ndarray, hidden: np.ndarray | None = None) -> Field:
         """The smooth field that, added to the pose ``matrix``, best aligns ``frame_level`` (this level).

@@ -199,6 +199,19 @@ def test_a_first_step_on_the_coarser_level_lands_the_edges_as_close(design, refe
             assert now <= 0.2 and now <= then + 0.02
 
 
+def test_new_fits_take_one_step_on_a_level_four_times_coarser_and_two_on_finer():
+    """``steps_for``: one Gauss-Newton step from a field's level 4x coarser than the frame on (5120 px frames), two
+    on finer ones (2048 px and below), as ``from_full`` builds a new fit's reference; a reference given its steps
+    (a bundle's record) keeps them."""
+    assert [nr.steps_for(f) for f in (1, 2, 4, 8)] == [nr.STEPS, nr.STEPS, 1, 1] and nr.STEPS == 2
+    rng = np.random.default_rng(2)
+    for shape, factor, steps in (((256, 3840), 4, 1), ((256, 2048), 2, 2)):
+        mean = cv2.GaussianBlur(rng.uniform(0, 255, shape).astype(np.float32), (0, 0), 4)
+        ref = nr.FieldReference.from_full(mean, np.ones(shape, np.uint8), shape)
+        assert (ref.factor, ref.steps) == (factor, steps)
+        assert replace(ref, steps=2).steps == 2
+
+
 def test_the_coarser_level_sees_what_an_occluder_hides():
     """An occluder's pixels on the coarser level: a coarse pixel is hidden where any of its four is (odd sides too)."""
     rng = np.random.default_rng(3)
@@ -401,12 +414,13 @@ def test_the_field_follows_a_bend_beside_an_occluder(design):
 
 @pytest.mark.slow
 def test_the_field_removes_a_bend_at_full_size():
-    """At 5120 px the same bends land within 0.25 px (95 % of edge pixels)."""
+    """At 5120 px the same bends land within 0.25 px (95 % of edge pixels), in the one step a new fit takes there."""
     global SIZE
     size, SIZE = SIZE, 5120
     try:
         design = synth.render_design(synth.SynthConfig(size=SIZE, seed=11)).image
         field = nr.FieldReference.from_full(design, fit_weight((SIZE, SIZE)), (SIZE, SIZE))
+        assert field.factor == 4 and field.steps == 1  # a new fit's one step on a level this coarse (steps_for)
         ref = replace(fitted_reference(design), field=field)
         image, matrix, disp = bent_frame(design, 1)
         error = normal_misalignment(design, reg.align(image, ref).pose, matrix, disp)

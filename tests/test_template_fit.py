@@ -404,14 +404,29 @@ def test_a_bundle_fitted_before_shared_levels_and_coupled_steps_runs_as_it_did(n
 
     bundle = Bundle.load(nonrigid_dir)
     recorded = bundle.manifest["registration"]["field"]
-    assert recorded["shared_levels"] is True and recorded["coupled"] is True and recorded["steps"] == nonrigid.STEPS
+    steps = nonrigid.steps_for(recorded["factor"])
+    assert recorded["shared_levels"] is True and recorded["coupled"] is True and recorded["steps"] == steps
     field = registration_reference(bundle, bundle.reference()).field
-    assert field.shared_levels and field.coupled and field.steps == nonrigid.STEPS
+    assert field.shared_levels and field.coupled and field.steps == steps
     manifest = json.loads(json.dumps(bundle.manifest))
     del manifest["registration"]["field"]["shared_levels"], manifest["registration"]["field"]["coupled"]
     manifest["registration"]["field"]["steps"] = 3
     field = registration_reference(replace(bundle, manifest=manifest), bundle.reference()).field
     assert not field.shared_levels and not field.coupled and field.steps == 3
+
+
+def test_a_bundle_keeps_the_steps_it_recorded_whatever_a_new_fit_would_take(nonrigid_dir, monkeypatch):
+    """A bundle runs the field's steps its manifest records (two, for every bundle fitted before ``steps_for``), not
+    the steps a new fit on its level would take now: with new fits taking one step at every level, it still takes
+    its two."""
+    from engines import nonrigid
+    from engines.inspector import registration_reference
+
+    bundle = Bundle.load(nonrigid_dir)
+    assert bundle.manifest["registration"]["field"]["steps"] == 2
+    monkeypatch.setattr(nonrigid, "ONE_STEP_FACTOR", 1)
+    assert nonrigid.steps_for(bundle.manifest["registration"]["field"]["factor"]) == 1
+    assert registration_reference(bundle, bundle.reference()).field.steps == 2
 
 
 def test_a_bundle_fitted_before_smoothing_first_runs_as_it_did(nonrigid_dir):
