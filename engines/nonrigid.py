@@ -12,7 +12,8 @@ displacements on a level of about ``FIELD_SIDE`` px:
    image, regularised by its bending energy, so the field is smooth at the scale of the part
    (hundreds of pixels) and cannot follow anything local; blocks whose residual stays far above
    the typical one (a defect, a missing structure) are down-weighted (reweighted each step);
-3. two Gauss-Newton steps, each resampling the level with the pose and the field found so far
+3. Gauss-Newton steps (two; one on a level 4x coarser than the frame, ``steps_for``), each resampling the level
+   with the pose and the field found so far
    (both evaluated on a LEVEL_STEP grid and interpolated, as at full resolution below) and solving
    for both components' control points together, with each block's x-y coupling (``COUPLED``).
    The frame's level is smoothed once, before the steps resample it (``SMOOTH_FIRST``), not after
@@ -25,14 +26,15 @@ With a zero field the result equals ``cv2.warpAffine``'s.
 
 What it adds per 5120 px frame, over the rigid preparation with occluders (CPU of one thread, per stage, on the
 alignment benchmark's frames, ``benchmarks/alignment_cost.py``; measured under load, so high): the estimation about
-25-30 ms (the occluder's blocks measured again, ``_visible``, 3 ms; two steps of some 11 ms each: the level's maps
-1, remap 2-3, block sums 3.8, the coupled spline solve 2.2 of which the conjugate gradients 1.5; the smoothing 2.5
-once, ``SMOOTH_FIRST``), the resampling some 10-15 ms more than ``cv2.warpAffine`` (building the float maps per strip
-13 ms under load, the field at the map's nodes 2; the remap itself costs what warpAffine's does: fixed-point maps,
-``cv2.convertMaps``, made it slower, strips of 64-1024 rows all cost the same), and the field's level nothing: the
-registration's levels are averaged from it (``SHARED_LEVELS``), which saves 3 ms. Before (three uncoupled steps,
-the occluder's blocks measured on the whole level, the level read on its own): about 75 ms in all, the estimation
-50 ms of it.
+18-25 ms in its one step (the occluder's blocks measured again, ``_visible``, 1.4 ms over the blocks it reaches; the
+smoothing 2.4 once, ``SMOOTH_FIRST``; the level's maps 1.1, remap 2-3, block sums 3.5-7.5 (they read the 26 MB
+Jacobian and the level from memory: taken in strips that stay in cache, the same sums cost as much), the coupled
+spline solve 2-5 of which the conjugate gradients 1.5), the resampling some 12-15 ms more than ``cv2.warpAffine``
+(building the float maps per strip; the field at the map's nodes 2, its basis there made once per size; the remap
+itself costs what warpAffine's does: fixed-point maps, ``cv2.convertMaps``, made it slower, and so did one
+two-channel map, strips of 32-1024 rows cost the same or more), and the field's level nothing: the registration's
+levels are averaged from it (``SHARED_LEVELS``), which saves 3 ms. Before (three uncoupled steps, the occluder's
+blocks measured on the whole level, the level read on its own): about 75 ms in all, the estimation 50 ms of it.
 
 The estimation sees the registration mask only (the inspection region without the border
 zone), so a fixture bar and vignetting that stay with the camera do not pull the field; near
