@@ -23,11 +23,12 @@
    ``--daemon-blocks`` blocks, and the daemon times bare predict (``--frames`` frames) before the
    first, between the blocks and after the last: bare predict's median moves by ~10 % within one
    process over a run, and with bare predict timed only at the run's two ends that drift weighed
-   as much as the daemon's own overhead. Per run: end-to-end p50 / p99 and the overhead over the p50 of all the daemon's own
-   bare predict (like with like: the same process, memory and threads; bare predict in another
-   process moves by ~6 % from one process to the next, ``process_spread.py``), and, as before, over the separate
-   worker's bare p50. Then CPU ms, system ms and minor page faults per frame by thread (bare
-   predict -> serving, same process), stage medians, and the slowest frames' stage times.
+   as much as the daemon's own overhead. Per run: end-to-end p50 / p99 and the overhead over the
+   p50 of all the daemon's own bare predict (like with like: the same process, memory and threads;
+   bare predict in another process moves by ~6 % from one process to the next,
+   ``process_spread.py``), and, as before, over the separate worker's bare p50. Then CPU ms, system
+   ms and minor page faults per frame by thread (bare predict -> serving, same process), stage
+   medians, and the slowest frames' stage times.
    ``--daemon-env LABEL:NAME=VALUE,...`` adds daemon variants (environment variables; served.py
    also reads a few experiment knobs) run interleaved with the rest.
 6. ``--fit DATASET``: ``inspectd fit`` under each checkout (wall time, peak resident memory, the
