@@ -488,9 +488,9 @@ class FieldReference:
         blocks = _BlockSystems(**{k: np.copy(v) for k, v in vars(blocks).items()})
         # only the blocks the occluder touches change: measure those again on what they still show, within the
         # blocks' bounding box
-        rows, cols = (np.flatnonzero(touched.any(axis=axis)) for axis in (1, 0))
-        box = (slice(rows[0] * b, (rows[-1] + 1) * b), slice(cols[0] * b, (cols[-1] + 1) * b))
-        inside = touched[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
+        (r0, r1), (c0, c1) = _extent(touched)
+        box = (slice(r0 * b, r1 * b), slice(c0 * b, c1 * b))
+        inside = touched[r0:r1, c0:c1]
         within = tuple(slice(s.start - a.start, s.stop - a.start) for s, a in zip(box, area, strict=True))
         part = _BlockSystems.measure(self._jac[:, box[0], box[1]] * seen[within], weight[box], inside.shape, inside)
         touched = touched.reshape(-1)
@@ -502,11 +502,9 @@ class FieldReference:
     def _reach(self, hidden: np.ndarray, grow: int) -> tuple[slice, slice]:
         """The whole blocks (padded level px) that ``hidden`` (not empty), grown by ``grow`` px, reaches."""
         b = self.block
-        hb, wb = self._blocks
-        rows, cols = (np.flatnonzero(hidden.any(axis=axis)) for axis in (1, 0))
         return tuple(
-            slice(max(0, int(idx[0]) - grow) // b * b, min(n * b, -(-(int(idx[-1]) + 1 + grow) // b) * b))
-            for idx, n in ((rows, hb), (cols, wb))
+            slice(max(0, lo - grow) // b * b, min(n * b, -(-(hi + grow) // b) * b))
+            for (lo, hi), n in zip(_extent(hidden), self._blocks, strict=True)
         )
 
     def _robust_weights(self, energy: np.ndarray, gain: np.ndarray, blocks: _BlockSystems) -> np.ndarray:
@@ -662,6 +660,12 @@ def _product(left: np.ndarray, middle: np.ndarray, right: np.ndarray) -> np.ndar
     """left @ middle @ right.T by einsum, not BLAS: products this small cost well under a millisecond,
     and BLAS's thread pool, when busy inference threads hold the cores, tens of milliseconds (measured)."""
     return np.einsum("il,jl->ij", np.einsum("ik,kl->il", left, middle), right)
+
+
+def _extent(mask: np.ndarray) -> tuple[tuple[int, int], tuple[int, int]]:
+    """The first and one-past-the-last row and column of ``mask``'s set pixels (``mask`` not empty)."""
+    rows, cols = (np.flatnonzero(mask.any(axis=axis)) for axis in (1, 0))
+    return (int(rows[0]), int(rows[-1]) + 1), (int(cols[0]), int(cols[-1]) + 1)
 
 
 def _interior_blocks(blocks: tuple[int, int]) -> np.ndarray:
