@@ -714,7 +714,7 @@ def daemon_run(
     """One fresh daemon: bare predict in its process, then ``--daemon-blocks`` blocks of frames at the offered
     rate, each followed by bare predict again, so that every served frame is compared with bare predict timed
     minutes, not a whole run, away (bare predict's own median moves by ~10 % within one process)."""
-    from daemon_latency import Daemon, latencies, rss_mb, run
+    from daemon_latency import Daemon, rss_mb, run
 
     launcher = [sys.executable, str(REPO / "benchmarks" / "served.py"), "--image-list", *map(str, paths), "--"]
     daemon = Daemon(model, "onnxruntime", 5000.0, 4, log, repo=checkout, launcher=launcher)
@@ -724,26 +724,20 @@ def daemon_run(
         bares = [daemon.ask(op="bare", count=args.frames)]
         threads.append(daemon.ask(op="threads")["threads"])
         rate = args.daemon_rate or args.load * 1000 / statistics.median(bares[0]["ms"])
-        e2e: list[float] = []
-        frames: list[dict[str, float]] = []
-        decisions: list[dict] = []
-        sent = cpu = 0.0
+        served: list[tuple[Any, dict[str, dict]]] = []  # per block: the sender's report, the daemon's stage times
+        cpu = 0.0
         for count in blocks:
             start = _process_cpu_s(daemon.proc.pid)
             report = run(daemon, images, count, rate, None)
             cpu += _process_cpu_s(daemon.proc.pid) - start
             threads.append(daemon.ask(op="threads")["threads"])
-            stages = {str(f["frame_id"]): f for f in daemon.ask(op="frames")["frames"]}
-            e2e += latencies(report)
-            frames += _frame_rows(report, stages)
-            decisions += report.decisions.values()
-            sent += report.sent
+            served.append((report, {str(f["frame_id"]): f for f in daemon.ask(op="frames")["frames"]}))
             bares.append(daemon.ask(op="bare", count=args.frames))
             threads.append(daemon.ask(op="threads")["threads"])
         rss = rss_mb(daemon.proc.pid)
     finally:
         daemon.stop()
-    return _daemon_row(args, rate, e2e, frames, decisions, int(sent), cpu, bares, threads, rss)
+    return _daemon_row(args, rate, served, cpu, bares, threads, rss)
 
 
 def _block_sizes(frames: int, blocks: int) -> list[int]:
@@ -755,20 +749,19 @@ def _block_sizes(frames: int, blocks: int) -> list[int]:
 def _daemon_row(
     args: argparse.Namespace,
     rate: float,
-    e2e: list[float],
-    frames: list[dict[str, float]],
-    decisions: list[dict],
-    sent: int,
+    served: list[tuple[Any, dict[str, dict]]],
     cpu: float,
     bares: list[dict],
     threads: list[dict],
     rss: float,
 ) -> dict[str, Any]:
     """One daemon run's figures. ``threads`` alternates bare spans and serving spans: t0 bare t1 serve t2 bare t3 ..."""
-    from daemon_latency import percentiles
+    from daemon_latency import latencies, percentiles
 
+    decisions = [d for report, _ in served for d in report.decisions.values()]
     decided = max(len(decisions), 1)
-    row = percentiles(e2e)
+    row = percentiles([ms for report, _ in served for ms in latencies(report)])
+    sent = sum(report.sent for report, _ in served)
     row.update(rate=rate, decided=len(decisions), sent=sent, cpu=cpu * 1000 / decided, rss_mb=rss)
     row["inside"] = _inside_p50(decisions)
     row["bare"] = [statistics.median(b["ms"]) for b in bares]
@@ -778,7 +771,7 @@ def _daemon_row(
     spans = list(itertools.pairwise(threads))
     row["threads_bare"] = _thread_delta(spans[0::2], len(bares) * args.frames)
     row["threads_daemon"] = _thread_delta(spans[1::2], decided)
-    row["frames"] = frames
+    row["frames"] = [f for report, stages in served for f in _frame_rows(report, stages)]
     return row
 
 
