@@ -54,7 +54,7 @@ from engines.libc import glibc
 from engines.nonrigid import ALIGNMENTS, DEFAULT_ALIGNMENT, Field, FieldReference, parameters
 from engines.nonrigid import BLOCK as FIELD_BLOCK
 from engines.onnxruntime_backend import OnnxRuntimeBackend
-from engines.sensor import SensorModel, learn_max_depth
+from engines.sensor import SensorModel, learn_clutter_depth, learn_max_depth
 from engines.tiling import TilePlan, cell_grid
 from engines.tolerance import BLOCK
 from engines.types import MIN_SIDE, Geometry
@@ -392,14 +392,17 @@ def learn_sensor(
     image's pose and lighting from the first registration pass. None when there is nothing to leave out.
     """
     user = read_sensor_mask(Path(config.sensor_mask), training.geometry) if config.sensor_mask else None
-    depth = 0.0
-    if config.occluders:
+    depth, clutter = 0.0, (0.0, 0.0, 0.0, 0.0)
+    if config.occluders or reference.field is not None:
         frames = [
             (fine, reg.expected_on_level(reference, reg.Pose(matrix, 1.0), coef))
             for (_, fine), matrix, coef in zip(levels, training.poses, training.coefs, strict=True)
         ]
-        depth = learn_max_depth(frames, reference.factors[1], reference.full_shape)
-    model = SensorModel(depth, mu, user)
+        if config.occluders:
+            depth = learn_max_depth(frames, reference.factors[1], reference.full_shape)
+        if reference.field is not None:  # only the field reads it (SensorModel.clutter_band)
+            clutter = learn_clutter_depth(frames, reference.factors[1], reference.full_shape)
+    model = SensorModel(depth, mu, user, clutter)
     return model if model.active else None
 
 
@@ -1190,6 +1193,7 @@ def _sensor_manifest(model: SensorModel) -> dict:
     return {
         "max_depth_px": round(model.max_depth, 2),
         "user_mask": model.user_mask is not None,
+        "clutter_depth_px": [round(d, 2) for d in model.clutter_depth],
         **sensor.parameters(),
     }
 

@@ -112,13 +112,15 @@ def _sensor_model(
     """What of the sensor frame the bundle leaves out of every frame (None for bundles from before it)."""
     if "sensor" not in cfg:
         return None
-    recorded = {k: v for k, v in cfg["sensor"].items() if k not in ("max_depth_px", "user_mask")}
+    learned = ("max_depth_px", "user_mask", "clutter_depth_px")
+    recorded = {k: v for k, v in cfg["sensor"].items() if k not in learned}
     if recorded != sensor.parameters():
         raise BundleError(f"{bundle.path}: fitted with other occluder parameters; refit the model")
     user = None
     if cfg["sensor"]["user_mask"]:
         user = np.unpackbits(ref["sensor_mask"], count=full_shape[0] * full_shape[1]).reshape(full_shape) > 0
-    return sensor.SensorModel(float(cfg["sensor"]["max_depth_px"]), ref["mu"], user)
+    clutter = tuple(float(d) for d in cfg["sensor"].get("clutter_depth_px", (0.0,) * 4))  # 0: bundles before it
+    return sensor.SensorModel(float(cfg["sensor"]["max_depth_px"]), ref["mu"], user, clutter)
 
 
 def resident_inputs(plan: TilePlan, ref: dict[str, np.ndarray], dtype: np.dtype = np.float32) -> dict[str, np.ndarray]:

@@ -36,9 +36,14 @@ two-channel map, strips of 32-1024 rows cost the same or more), and the field's 
 levels are averaged from it (``SHARED_LEVELS``), which saves 3 ms. Before (three uncoupled steps, the occluder's
 blocks measured on the whole level, the level read on its own): about 75 ms in all, the estimation 50 ms of it.
 
-The estimation sees the registration mask only (the inspection region without the border
-zone), so a fixture bar and vignetting that stay with the camera do not pull the field; near
-the image edges the spline continues what the interior shows.
+The estimation measures the whole inspection region, border band included (the part's outermost
+markers bend too), except what the sensor frame hides (``hidden``): a frame's occluders, the user's
+mask, and, within the band along each edge where the good images showed clutter (the fit's
+``SensorModel.clutter_band``), the part's flat stretches (``flat``): there clutter, or the steep
+ramp of the band's vignetting that one gain per block cannot follow, is the only structure, and it
+moved the markers beside it by 2-4 px. The part's edges and markers in the band still count
+(hiding the whole band left the part's outer edge 3 px off on some poses).
+Near the image edges the spline continues what the rest shows.
 """
 
 from __future__ import annotations
@@ -107,6 +112,11 @@ COARSE_STEPS = 0
 GAIN_LIMIT = 0.35  # a block's own gain this far from the typical one is not lighting
 HIDDEN_GROW = 3  # px at the field's level around an occluder: the smoothing (SMOOTH_SIGMA) spreads its edge
 VISIBLE_MIN = 0.25  # a block an occluder covers in part counts if it shows at least this fraction of its pixels
+# The clutter band (engines.sensor.SensorModel.clutter_band) is not measured where the part is flat: gradients of the
+# smoothed reference at most FLAT_SLOPE grey levels per level pixel, STRUCTURE_GROW level px from any steeper one (the
+# grow of what is hidden, HIDDEN_GROW, eats into it: two pixels of margin stay around the part's edges and markers).
+FLAT_SLOPE = 2.0
+STRUCTURE_GROW = 5
 NOISE_FLOOR = 0.25  # grey levels² per pixel (after smoothing): below this a residual is noise, whatever the median
 ROBUST = 4.0  # blocks whose residual exceeds this many times the median are down-weighted
 
@@ -278,6 +288,7 @@ class FieldReference:
             "_pixels": blocks.pixels,
             "_info": blocks.info,
             "_smooth_level": _smooth(self.level, self._sigma),
+            "flat": _flat(gx[:h, :w], gy[:h, :w]),
             "_inverse": blocks.inverse,
             "_gain_part": blocks.gain_part,
             "_gain_inverse": blocks.gain_inverse,
@@ -337,11 +348,18 @@ class FieldReference:
         small = cv2.resize(region.astype(np.float32), level.shape[::-1], interpolation=cv2.INTER_AREA)
         return cls(factor, level, ((small > 0.5) * 255).astype(np.uint8), full_shape, steps=steps_for(factor))
 
-    def estimate(self, frame_level: np.ndarray, matrix: np.ndarray, hidden: np.ndarray | None = None) -> Field:
+    def estimate(
+        self,
+        frame_level: np.ndarray,
+        matrix: np.ndarray,
+        hidden: np.ndarray | None = None,
+        areas: list[tuple[slice, slice]] | None = None,
+    ) -> Field:
         """The smooth field that, added to the pose ``matrix``, best aligns ``frame_level`` (this level).
 
         ``hidden``: bool [h, w] on this level in the reference frame, what the frame does not show of
-        the part (an occluder, see engines.sensor). Its pixels, grown by the smoothing's reach, do not
+        the part (an occluder, see engines.sensor), inside the boxes ``areas`` where given (the work stays
+        within them: a band along every edge is four strips). Its pixels, grown by the smoothing's reach, do not
         count: a block it covers in part is measured on the rest (``_visible``), one it
         leaves less than VISIBLE_MIN of does not count at all. Dropping every block an occluder
         touches left the part's outer 64-128 px beside a fixture bar to the spline's extrapolation
@@ -354,13 +372,21 @@ class FieldReference:
             small = cv2.resize(frame, coarse.level.shape[::-1], interpolation=cv2.INTER_AREA)
             shrunk = None if hidden is None else _shrink(hidden, coarse.level.shape)
             coef = coarse._steps(small, matrix, shrunk, coef, min(self.coarse_steps, self.steps))
-        coef = self._steps(frame, matrix, hidden, coef, self.steps - (self.coarse_steps if coarse is not None else 0))
+        steps = self.steps - (self.coarse_steps if coarse is not None else 0)
+        coef = self._steps(frame, matrix, hidden, coef, steps, areas)
         return Field(coef.reshape(2, NODES, NODES), self.full_shape)
 
     def _steps(
-        self, frame: np.ndarray, matrix: np.ndarray, hidden: np.ndarray | None, coef: np.ndarray, steps: int
+        self,
+        frame: np.ndarray,
+        matrix: np.ndarray,
+        hidden: np.ndarray | None,
+        coef: np.ndarray,
+        steps: int,
+        areas: list[tuple[slice, slice]] | None = None,
     ) -> np.ndarray:
-        """``steps`` Gauss-Newton steps on this level from the control points ``coef`` (full-resolution px)."""
+        """``steps`` Gauss-Newton steps on this level from the control points ``coef`` (full-resolution px);
+        ``areas``: boxes of this level that hold every ``hidden`` pixel (None: their bounding box)."""
         from engines.registration import _scale_matrix
 
         if steps <= 0:
@@ -374,7 +400,7 @@ class FieldReference:
         bending = per_node * (SMOOTHNESS * self._bending + self.ridge * np.eye(NODES * NODES))
         jac, weight, blocks = self._jac, self._weight, self._reference_blocks
         if hidden is not None and hidden.any():
-            jac, weight, blocks = self._visible(hidden)
+            jac, weight, blocks = self._visible(hidden, areas)
         if self.smooth_first:
             frame = _smooth(frame, self._sigma)
         for _ in range(steps):
@@ -459,9 +485,11 @@ class FieldReference:
         shown = np.ones(len(self._pixels), bool)
         return _BlockSystems(self._pixels, self._info, self._inverse, self._gain_part, self._gain_inverse, shown)
 
-    def _visible(self, hidden: np.ndarray) -> tuple[np.ndarray, np.ndarray, _BlockSystems]:
+    def _visible(
+        self, hidden: np.ndarray, areas: list[tuple[slice, slice]] | None = None
+    ) -> tuple[np.ndarray, np.ndarray, _BlockSystems]:
         """Jacobian, weight and block systems with the ``hidden`` pixels (grown by HIDDEN_GROW on the field's level)
-        left out.
+        left out; ``areas`` (this level's boxes that hold every hidden pixel; None: their bounding box) bound the work.
 
         The Jacobian is returned as the reference has it: ``_block_moments`` multiplies it by the residual, which
         the returned weight already zeroes where hidden (a full-level copy of the Jacobian cost some 3 ms).
@@ -470,41 +498,58 @@ class FieldReference:
         # 3 left the blocks beside a fixture bar out, to be extrapolated (a good part's band scored 1.6 -> 2.3)
         grow = math.ceil(HIDDEN_GROW * self.block / BLOCK)
         b = self.block
-        # only the whole blocks the grown occluder reaches are looked at (a bar along one side: a strip of the level):
-        # elsewhere every pixel stays seen, and the weight and block sums there are the reference's to the bit
-        area = self._reach(hidden, grow)
-        seen = np.ones((area[0].stop - area[0].start, area[1].stop - area[1].start), np.float32)
-        shown = hidden[area]  # the part of the area inside the level (the rest is padding, always seen)
-        grown = cv2.dilate(shown.astype(np.uint8), np.ones((2 * grow + 1,) * 2, np.uint8))
-        seen[: shown.shape[0], : shown.shape[1]] = 1 - grown.astype(np.float32)
+        # only the whole blocks the grown occluder reaches are looked at (a bar along one side: a strip of the level;
+        # a band along every edge: four): elsewhere every pixel stays seen, and the weight and block sums there are
+        # the reference's to the bit
+        if areas is None:
+            reaches = [self._reach(hidden, grow)]
+        else:
+            reaches = [self._reach(hidden, grow, area) for area in areas if hidden[area].any()]
         weight = self._weight.copy()
-        weight[area] = self._weight[area] * seen
-        near = _block_sums(self._weight[area] - weight[area], (seen.shape[0] // b, seen.shape[1] // b)) > 0
+        for area in reaches:
+            seen = np.ones((area[0].stop - area[0].start, area[1].stop - area[1].start), np.float32)
+            shown = hidden[area]  # the part of the area inside the level (the rest is padding, always seen)
+            grown = cv2.dilate(shown.astype(np.uint8), np.ones((2 * grow + 1,) * 2, np.uint8))
+            seen[: shown.shape[0], : shown.shape[1]] = 1 - grown.astype(np.float32)
+            weight[area] *= seen
         touched = np.zeros(self._blocks, bool)
-        touched[area[0].start // b : area[0].stop // b, area[1].start // b : area[1].stop // b] = near
+        for area in reaches:
+            dims = ((area[0].stop - area[0].start) // b, (area[1].stop - area[1].start) // b)
+            near = _block_sums(self._weight[area] - weight[area], dims) > 0
+            touched[area[0].start // b : area[0].stop // b, area[1].start // b : area[1].stop // b] |= near
         blocks = self._reference_blocks
         if not touched.any():
             return self._jac, weight, blocks
         blocks = _BlockSystems(**{k: np.copy(v) for k, v in vars(blocks).items()})
-        # only the blocks the occluder touches change: measure those again on what they still show, within the
-        # blocks' bounding box
-        (r0, r1), (c0, c1) = _extent(touched)
-        box = (slice(r0 * b, r1 * b), slice(c0 * b, c1 * b))
-        inside = touched[r0:r1, c0:c1]
-        within = tuple(slice(s.start - a.start, s.stop - a.start) for s, a in zip(box, area, strict=True))
-        part = _BlockSystems.measure(self._jac[:, box[0], box[1]] * seen[within], weight[box], inside.shape, inside)
-        touched = touched.reshape(-1)
-        for name in ("pixels", "info", "inverse", "gain_part", "gain_inverse"):
-            getattr(blocks, name)[touched] = getattr(part, name)
-        blocks.shown[touched] = part.pixels >= VISIBLE_MIN * np.maximum(self._pixels[touched], 1)
+        # only the blocks the occluder touches change: measure those again on what they still show, within boxes
+        # of blocks around them (a band along every edge would otherwise make one box of the whole level)
+        todo = touched.copy()  # boxes may overlap at the corners: each block is measured once
+        for rows, cols in _block_boxes(touched):
+            box = (slice(rows.start * b, rows.stop * b), slice(cols.start * b, cols.stop * b))
+            inside = todo[rows, cols].copy()
+            todo[rows, cols] = False
+            if not inside.any():
+                continue
+            # what the box still shows: the weight, 0 / 1 where the reference's is 1 (where it is 0, so is the Jacobian)
+            jac = self._jac[:, box[0], box[1]] * weight[box]
+            part = _BlockSystems.measure(jac, weight[box], inside.shape, inside)
+            flat = np.zeros(self._blocks, bool)
+            flat[rows, cols] = inside
+            flat = flat.reshape(-1)
+            for name in ("pixels", "info", "inverse", "gain_part", "gain_inverse"):
+                getattr(blocks, name)[flat] = getattr(part, name)
+            blocks.shown[flat] = part.pixels >= VISIBLE_MIN * np.maximum(self._pixels[flat], 1)
         return self._jac, weight, blocks
 
-    def _reach(self, hidden: np.ndarray, grow: int) -> tuple[slice, slice]:
-        """The whole blocks (padded level px) that ``hidden`` (not empty), grown by ``grow`` px, reaches."""
+    def _reach(self, hidden: np.ndarray, grow: int, area: tuple[slice, slice] | None = None) -> tuple[slice, slice]:
+        """The whole blocks (padded level px) that ``hidden`` (within ``area``; not empty there), grown by ``grow``
+        px, reaches."""
         b = self.block
+        start = (0, 0) if area is None else (area[0].start or 0, area[1].start or 0)
+        extent = _extent(hidden if area is None else hidden[area])
         return tuple(
-            slice(max(0, lo - grow) // b * b, min(n * b, -(-(hi + grow) // b) * b))
-            for (lo, hi), n in zip(_extent(hidden), self._blocks, strict=True)
+            slice(max(0, o + lo - grow) // b * b, min(n * b, -(-(o + hi + grow) // b) * b))
+            for (lo, hi), o, n in zip(extent, start, self._blocks, strict=True)
         )
 
     def _robust_weights(self, energy: np.ndarray, gain: np.ndarray, blocks: _BlockSystems) -> np.ndarray:
@@ -666,6 +711,30 @@ def _extent(mask: np.ndarray) -> tuple[tuple[int, int], tuple[int, int]]:
     """The first and one-past-the-last row and column of ``mask``'s set pixels (``mask`` not empty)."""
     rows, cols = (np.flatnonzero(mask.any(axis=axis)) for axis in (1, 0))
     return (int(rows[0]), int(rows[-1]) + 1), (int(cols[0]), int(cols[-1]) + 1)
+
+
+def _flat(gx: np.ndarray, gy: np.ndarray) -> np.ndarray:
+    """bool [h, w]: where the smoothed reference has no structure within STRUCTURE_GROW px (gradients of at most
+    FLAT_SLOPE grey levels per level pixel): there a block's shift comes from whatever else is in view."""
+    structure = (np.hypot(gx, gy) > FLAT_SLOPE).astype(np.uint8)
+    return cv2.dilate(structure, np.ones((2 * STRUCTURE_GROW + 1,) * 2, np.uint8)) == 0
+
+
+def _block_boxes(touched: np.ndarray) -> list[tuple[slice, slice]]:
+    """Rectangles of blocks that together hold every ``touched`` block and few others: one box around the touched
+    blocks nearest to each image edge (the sensor frame's clutter and occluders lie along the edges; one box
+    around all of them would be the whole level). Touched blocks near one edge only: one box, their bounding box."""
+    hb, wb = touched.shape
+    rows, cols = np.ogrid[:hb, :wb]
+    distance = np.stack(np.broadcast_arrays(rows, hb - 1 - rows, cols, wb - 1 - cols))
+    nearest = np.argmin(distance, axis=0)  # ties go to the first edge: every block to exactly one
+    boxes = []
+    for edge in range(4):
+        group = touched & (nearest == edge)
+        if group.any():
+            (r0, r1), (c0, c1) = _extent(group)
+            boxes.append((slice(r0, r1), slice(c0, c1)))
+    return boxes
 
 
 def _interior_blocks(blocks: tuple[int, int]) -> np.ndarray:

@@ -555,12 +555,20 @@ def align(image: np.ndarray, ref: RegistrationReference) -> Aligned:
     if ref.sensor is not None and ref.sensor.active:
         clutter = ref.sensor.frame_clutter(fine, expected_on_level(ref, pose, coef), fine_f) or None
     if ref.field is not None:
-        hidden = None
-        if clutter is not None:
+        hidden, areas = None, []
+        band = ref.sensor.clutter_band() if ref.sensor is not None else None
+        if clutter is not None or band is not None:
             hidden = np.zeros(level.shape, bool)
+        if clutter is not None:
             for rows, cols, mask in clutter.in_reference(pose.matrix, ref.full_shape, step=ref.field.factor):
                 hidden[rows, cols] |= mask
-        pose = replace(pose, field=ref.field.estimate(level, pose.matrix, hidden))
+                areas.append((rows, cols))
+        if band is not None:  # the clutter band: not measured where the part is flat (engines.sensor)
+            flat = ref.field.flat
+            for rows, cols, mask in band.band_in_reference(pose.matrix, ref.full_shape, ref.field.factor):
+                hidden[rows, cols] |= mask & flat[rows, cols]
+                areas.append((rows, cols))
+        pose = replace(pose, field=ref.field.estimate(level, pose.matrix, hidden, areas))
     registered = warp_to_reference(image, pose)
     left_out = 0
     if clutter is not None:

@@ -17,6 +17,17 @@ The occluded pixels, grown by the edge's blur and a fine-level pixel, and those 
 sensor-frame ignore mask (``inspectd fit --sensor-mask``), are replaced in the registered
 frame by the reference mean under the frame's lighting: they score nothing, fine or coarse,
 in any detector, and the fit's statistics never see the fixture.
+
+Clutter (debris, reflections, cable edges), vignetting and blur also stay with the camera; the
+clutter scores through the learned tolerance of the border band (calibration.tolerance_fit's ring),
+it is not left out. What none of it may do is pull the non-rigid field (engines.nonrigid), which
+measures the part's local shifts block by block with one gain and offset per block: in a flat
+stretch of the band, clutter or the steep brightness ramp of vignetting is the only structure,
+and a block beside the part's outermost markers "moved" them by 2-4 px, so they scored as
+defects. So the fit learns, per edge, how deep the good images show what the posed part does not
+explain (``learn_clutter_depth``), and in that band (``SensorModel.clutter_band``) the field does
+not measure where the part is flat; the part's own edges and markers there it still measures
+(hiding the whole band left the part's outer edge to the field's extrapolation, 3 px off).
 """
 
 from __future__ import annotations
@@ -34,6 +45,19 @@ FILL = 0.6  # of the rows between the edge and an occluder's depth, at least thi
 MARGIN_PX = 2  # full-resolution px grown around an occluder (its blurred edge) besides one fine-level pixel
 DEPTH_SLACK = 0.25  # an occluder may reach this fraction deeper than the deepest one the good images showed
 ZONE = 0.06  # fraction of the shorter side within which occluders are looked for while learning
+# Clutter's depth per edge (``learn_clutter_depth``): a fine-level pixel of the good images is unexplained where it
+# differs from the posed, lit part by more than CLUTTER_LEVEL grey levels beyond what the line's own gain and offset
+# (vignetting, glow; both from the line's flat pixels) and a misalignment of CLUTTER_SHIFT fine-level px at the
+# part's edges explain; a line parallel to an edge is clutter where more than CLUTTER_FRACTION of its pixels over
+# all good images are. On fixture-hard seed 9007 (2048 px, fine level 4x): 2-8 % of the samples on the lines within
+# 36 px of each edge, 0.7-3 % at 36-44 px, 0.3-0.5 % at 44-48, at most 0.05 % from 48 px on (synth's clutter
+# reaches 49 px; the part's markers beyond, 2-3 px off after the rigid pose, are what CLUTTER_SHIFT explains): 48 px
+# learned on every edge, 120 at 5120 px. No slack beyond it (an occluder gets DEPTH_SLACK): the part's outermost
+# edge and markers lie just beyond the clutter (docs/measurements.md, "The clutter band").
+CLUTTER_LEVEL = 8.0
+CLUTTER_SHIFT = 2.0
+CLUTTER_FRACTION = 0.002
+GAIN_RANGE = 0.4  # a line's gain against the expected part stays within 1 +- this (vignetting, lighting)
 
 
 def parameters() -> dict[str, float]:
@@ -100,10 +124,25 @@ class SensorModel:
     max_depth: float  # full-resolution px an occluder may reach from the edge; 0: the good images showed none
     mean: np.ndarray  # [C, H, W] the reference mean (8-bit grey units) that replaces what is left out
     user_mask: np.ndarray | None = None  # bool [H, W], sensor frame, True = ignore (``--sensor-mask``)
+    # full-resolution px per edge (top, bottom, left, right) within which the good images showed clutter: there the
+    # non-rigid field does not measure where the part is flat (``clutter_band``); zeros: bundles from before it,
+    # or rigid ones
+    clutter_depth: tuple[float, float, float, float] = (0.0, 0.0, 0.0, 0.0)
 
     @property
     def active(self) -> bool:
-        return self.max_depth > 0 or self.user_mask is not None
+        return self.max_depth > 0 or self.user_mask is not None or any(d > 0 for d in self.clutter_depth)
+
+    def clutter_band(self) -> FrameClutter | None:
+        """The band along each edge where the good images showed clutter (sensor frame), None where there is none.
+        The non-rigid field does not measure there where the part is flat (``engines.registration.align``)."""
+        h, w = self.mean.shape[1:]
+        depths = {
+            edge: np.full(w if edge < 2 else h, math.ceil(depth), np.int32)
+            for edge, depth in enumerate(self.clutter_depth)
+            if depth > 0
+        }
+        return FrameClutter(depths) if depths else None
 
     def frame_clutter(self, frame: np.ndarray, expected: np.ndarray, factor: int) -> FrameClutter:
         """What to leave out of this frame: its occluders (``frame``/``expected`` on a level ``factor`` times
@@ -167,16 +206,11 @@ class FrameClutter:
         level ``step`` times smaller, pixel centres as ``cv2.resize`` has them), each covering one
         box of ``boxes`` seen from the reference; ``grow`` px are added all round (a field's shift).
         """
-        h, w = shape
         inverse = cv2.invertAffineTransform(np.asarray(matrix, np.float64))
         regions = self._regions(matrix, shape)
         pieces = []
-        for y0, y1, x0, x1 in self.boxes(shape):
-            corners = np.array([[x0, y0, 1], [x1, y0, 1], [x0, y1, 1], [x1, y1, 1]], np.float64) @ inverse.T
-            lo = np.floor(corners.min(axis=0) - grow - 1)
-            hi = np.ceil(corners.max(axis=0) + grow + 1)
-            rows = slice(max(0, int(lo[1]) // step), min(-(-h // step), int(hi[1]) // step + 1))
-            cols = slice(max(0, int(lo[0]) // step), min(-(-w // step), int(hi[0]) // step + 1))
+        for box in self.boxes(shape):
+            rows, cols = _reference_box(inverse, box, shape, step, grow)
             if rows.start >= rows.stop or cols.start >= cols.stop:
                 continue
             mask = self._box_mask(matrix, shape, step, (rows, cols), regions)
@@ -184,6 +218,25 @@ class FrameClutter:
                 k = 2 * math.ceil(grow / step) + 1
                 mask = cv2.dilate(mask.view(np.uint8), np.ones((k, k), np.uint8)) > 0
             pieces.append((rows, cols, mask))
+        return pieces
+
+    def band_in_reference(self, matrix: np.ndarray, shape: tuple[int, int], step: int) -> Pieces:
+        """``in_reference`` (no grow) of bands of one depth along edges (no user mask), each piece its own edge's band
+        only: one half-plane, one comparison per pixel (``covers`` tests every edge at every pixel: 2.8 ms for the
+        four bands of a 5120 px frame on the field's level, against some 0.5)."""
+        h, w = shape
+        inverse = cv2.invertAffineTransform(np.asarray(matrix, np.float64))
+        pieces = []
+        for (edge, depth), box in zip(self.depths.items(), self.boxes(shape), strict=True):
+            rows, cols = _reference_box(inverse, box, shape, step, 0.0)
+            if rows.start >= rows.stop or cols.start >= cols.stop:
+                continue
+            py = (np.arange(rows.start, rows.stop) + 0.5) * step - 0.5
+            px = (np.arange(cols.start, cols.stop) + 0.5) * step - 0.5
+            row = matrix[1] if edge < 2 else matrix[0]  # the sensor coordinate across this edge
+            q = np.rint(row[0] * px[None, :] + row[1] * py[:, None] + row[2])
+            into = (q, h - 1 - q, q, w - 1 - q)[edge]
+            pieces.append((rows, cols, into < int(depth.max())))
         return pieces
 
     def _box_mask(
@@ -229,6 +282,21 @@ class FrameClutter:
             y0, y1, x0, x1 = float(ys[0]), float(ys[-1]), float(xs[0]), float(xs[-1])
             regions.append([above(qy, y0), below(qy, y1), above(qx, x0), below(qx, x1)])
         return regions
+
+
+def _reference_box(
+    inverse: np.ndarray, box: tuple[int, int, int, int], shape: tuple[int, int], step: int, grow: float
+) -> tuple[slice, slice]:
+    """The level pixels (every ``step``-th) of the reference that a sensor box (y0, y1, x0, x1) reaches under the
+    pose whose ``inverse`` (frame -> reference) is given, ``grow`` px and a pixel more all round."""
+    h, w = shape
+    y0, y1, x0, x1 = box
+    corners = np.array([[x0, y0, 1], [x1, y0, 1], [x0, y1, 1], [x1, y1, 1]], np.float64) @ inverse.T
+    lo = np.floor(corners.min(axis=0) - grow - 1)
+    hi = np.ceil(corners.max(axis=0) + grow + 1)
+    rows = slice(max(0, int(lo[1]) // step), min(-(-h // step), int(hi[1]) // step + 1))
+    cols = slice(max(0, int(lo[0]) // step), min(-(-w // step), int(hi[0]) // step + 1))
+    return rows, cols
 
 
 HalfPlane = tuple[float, float, float]  # (a, b, c): the points (x, y) with a * x + b * y + c < 0
@@ -299,6 +367,75 @@ def learn_max_depth(frames: list[tuple[np.ndarray, np.ndarray]], factor: int, sh
             if depth.any():  # its typical depth along the edge: at a corner it meets the other edge's occluder
                 deepest = max(deepest, float(np.percentile(depth[depth > 0], 90)))
     return 0.0 if deepest == 0 else float((deepest + 1) * factor * (1 + DEPTH_SLACK))
+
+
+def learn_clutter_depth(
+    frames: list[tuple[np.ndarray, np.ndarray]], factor: int, shape: tuple[int, int]
+) -> tuple[float, float, float, float]:
+    """Per edge, how deep (full-resolution px) the good images show what the posed part does not explain.
+
+    ``frames``: (fine level, expected part on it) of each good image, as ``learn_max_depth`` takes
+    them. Per line parallel to an edge (within ZONE of the shorter side, without the corner zones)
+    and per image, the residual less the line's median (a smooth offset along the edge: vignetting,
+    glow) is unexplained where it exceeds CLUTTER_LEVEL beyond CLUTTER_SHIFT times the expected
+    part's gradient (a marker or edge a bend moved). The depth is one past the deepest line on which
+    more than CLUTTER_FRACTION of the samples of all images are unexplained: 0 where none is.
+    """
+    limit = math.ceil(ZONE * min(shape) / factor)
+    counts = np.zeros((4, limit))
+    samples = np.zeros(4)
+    for frame, expected in frames:
+        frame, expected, slope = _grey_and_slope(frame, expected)
+        for edge in range(4):
+            views = (edge_view(a, edge) for a in (frame, expected, slope))
+            unexplained = _unexplained(*views, limit)
+            counts[edge, : len(unexplained)] += unexplained.sum(axis=1)
+            samples[edge] += unexplained.shape[1]
+    depth = []
+    for edge in range(4):
+        clutter = np.flatnonzero(counts[edge] > CLUTTER_FRACTION * max(samples[edge], 1))
+        depth.append(float((int(clutter[-1]) + 1) * factor) if len(clutter) else 0.0)
+    return depth[0], depth[1], depth[2], depth[3]
+
+
+def _grey_and_slope(frame: np.ndarray, expected: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Frame and expected part as float grey (colour levels compared as grey), and the expected part's steepest
+    slope nearby (grey levels per px): a shifted edge's residual peaks beside its steepest pixel."""
+    frame, expected = np.asarray(frame, np.float32), np.asarray(expected, np.float32)
+    if frame.ndim == 3:
+        frame, expected = frame.mean(axis=2), expected.mean(axis=2)
+    gx = cv2.Sobel(expected, cv2.CV_32F, 1, 0, ksize=3, scale=1 / 8)
+    gy = cv2.Sobel(expected, cv2.CV_32F, 0, 1, ksize=3, scale=1 / 8)
+    return frame, expected, cv2.dilate(np.hypot(gx, gy), np.ones((3, 3), np.uint8))
+
+
+def _unexplained(
+    frame: np.ndarray, expected: np.ndarray, slope: np.ndarray, limit: int, skip_corners: bool = True
+) -> np.ndarray:
+    """bool [rows, along]: of an edge's views (row = distance from the edge), in the first ``limit`` rows (with
+    ``skip_corners``, without the corner zones, ``limit`` wide: the other edge's lines cross there), where the frame
+    differs from the expected part by more than the line's own gain and offset (vignetting and glow are smooth
+    along an edge) and a small shift at its edges explain."""
+    rows = slice(0, limit)
+    along = slice(limit, max(limit, frame.shape[1] - limit)) if skip_corners else slice(0, frame.shape[1])
+    f, e, sl = frame[rows, along], expected[rows, along], slope[rows, along]
+    # a line's gain from its flat pixels only (a shift changes nothing there), where their level varies along it well
+    # beyond the noise, and no further from 1 than vignetting and lighting take it: a few clutter pixels on a
+    # uniform line would set any gain
+    still = CLUTTER_SHIFT * sl < CLUTTER_LEVEL / 2
+    flat = still.astype(np.float32)
+    n = np.maximum(flat.sum(axis=1, keepdims=True), 1)
+    e_mean = (flat * e).sum(axis=1, keepdims=True) / n
+    spread = (flat * (e - e_mean) ** 2).sum(axis=1, keepdims=True)
+    varied = spread > CLUTTER_LEVEL**2 * n
+    gain = (flat * (e - e_mean) * f).sum(axis=1, keepdims=True) / np.maximum(spread, 1e-6)
+    gain = np.where(varied, np.clip(gain, 1 - GAIN_RANGE, 1 + GAIN_RANGE), 1.0)
+    residual = f - gain * e
+    # the offset: the median over the flat pixels (robust to the clutter itself; a long edge of the part along the
+    # line, a little off, would be the median of all of them); 0 on a line without any
+    offset = np.ma.median(np.ma.masked_array(residual, ~still), axis=1)
+    residual -= np.ma.filled(offset, 0.0)[:, None].astype(np.float32)
+    return np.abs(residual) - CLUTTER_SHIFT * gain * sl > CLUTTER_LEVEL
 
 
 Pieces = list[tuple[slice, slice, np.ndarray]]

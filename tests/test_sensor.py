@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 
@@ -122,3 +124,61 @@ def test_clutter_is_carried_into_the_reference_frame_with_the_pose():
     for rows, cols, mask in clutter.in_reference(matrix, shape, step=2):
         level[rows, cols] |= mask
     assert level[:13].all() and not level[15:50].any()
+
+
+def test_clutter_depth_is_learned_where_the_good_images_show_clutter(part):
+    """Synth's clutter reaches 60 % of the 41 px band (25 px) on every edge, fading over its last 6 px: each edge
+    learns a depth of at least two fine pixels and at most that reach (a fine pixel of slack), short of the band's
+    inner edge where the part's markers are measured."""
+    frames = [scene(part, seed, None) for seed in range(6)]
+    depths = sn.learn_clutter_depth(frames, FACTOR, (SIZE, SIZE))
+    reach = 0.6 * round(0.04 * SIZE)
+    for edge, depth in enumerate(depths):
+        assert 2 * FACTOR <= depth <= reach + FACTOR, f"edge {edge}: {depth} px"
+
+
+def test_a_part_that_moved_a_little_teaches_no_clutter(part):
+    """Without band effects, a part 1.5 px off its expected place (what a bend leaves after the rigid pose) and
+    noise leave nothing unexplained: no depth on any edge, and a sensor model with nothing else is inactive."""
+    rng = np.random.default_rng(3)
+    frames = []
+    for shift in (-1.5, 1.5):
+        moved = synth._pose_matrix({"dx": shift, "dy": -shift, "angle_deg": 0.0, "cx": SIZE / 2, "cy": SIZE / 2})
+        frame = synth._warp(part, moved, synth.SynthConfig(size=SIZE), rng)[0]
+        frame += rng.normal(0, 2, frame.shape).astype(np.float32)
+        frames.append((reg.downscale(np.clip(frame, 0, 255), FACTOR), reg.downscale(part, FACTOR)))
+    depths = sn.learn_clutter_depth(frames, FACTOR, (SIZE, SIZE))
+    assert depths == (0.0, 0.0, 0.0, 0.0)
+    assert not sn.SensorModel(0.0, np.zeros((1, 4, 4), np.float16), None, depths).active
+
+
+def test_the_clutter_band_is_each_edges_learned_depth():
+    """``clutter_band``: the band along each edge with a learned depth (rounded up), none along the others; a model
+    without any has none."""
+    mean = np.zeros((1, 100, 160), np.float16)
+    band = sn.SensorModel(0.0, mean, None, (10.0, 0.0, 0.0, 30.5)).clutter_band()
+    assert sorted(band.depths) == [0, 3]
+    assert (band.depths[0] == 10).all() and len(band.depths[0]) == 160
+    assert (band.depths[3] == 31).all() and len(band.depths[3]) == 100
+    ys, xs = np.mgrid[0:100, 0:160]
+    covered = band.covers(ys, xs, (100, 160))
+    assert covered[:10].all() and covered[:, 129:].all() and not covered[10:, :129].any()
+    assert sn.SensorModel(3.0, mean).clutter_band() is None
+
+
+@pytest.mark.parametrize("angle", [0.0, 0.9, -1.5])
+def test_the_band_is_carried_into_the_reference_as_in_reference_carries_it(angle):
+    """``band_in_reference``: the union of its pieces on the field's level is the union of ``in_reference``'s, to the
+    pixel, under rotated and shifted poses (each piece holds its own edge's band only)."""
+    shape, step = (600, 840), 4
+    band = sn.SensorModel(0.0, np.zeros((1, *shape), np.float16), None, (26.0, 0.0, 31.0, 19.5)).clutter_band()
+    a = math.radians(angle)
+    matrix = np.array([[math.cos(a), -math.sin(a), 7.3], [math.sin(a), math.cos(a), -11.6]])
+    level = (-(-shape[0] // step), -(-shape[1] // step))
+    unions = []
+    for pieces in (band.in_reference(matrix, shape, step=step), band.band_in_reference(matrix, shape, step)):
+        union = np.zeros(level, bool)
+        for rows, cols, mask in pieces:
+            union[rows, cols] |= mask
+        unions.append(union)
+    assert unions[0].any() and np.array_equal(unions[0], unions[1])

@@ -500,6 +500,37 @@ def test_occluders_are_learned_only_where_good_images_show_them(tmp_path, fixtur
     assert deepest <= reference.sensor.max_depth <= meta["band_px"] * 1.25
 
 
+@pytest.mark.parametrize("alignment", ["nonrigid", "rigid"])
+def test_a_nonrigid_fit_learns_the_clutter_band_its_field_does_not_measure(tmp_path, alignment):
+    """The field's fit learns per edge how deep the good images show what the part does not explain (clutter,
+    fixture bars and their blurred edges, all within synth's border band): more than nothing and not beyond the
+    band, plus a fine pixel; a rigid fit, which has no field, learns none."""
+    from calibration.synth import SynthConfig, write_dataset
+
+    config = SynthConfig(size=512, seed=9, train=8, test_good=0, per_kind=0, bend_px=0.8, workers=1)
+    meta = write_dataset(tmp_path / "line", config, progress=False)
+    images = sorted((tmp_path / "line" / "train" / "good").iterdir())
+    _, reference, _ = fp.prepare_training(images, None, FitConfig(alignment=alignment), tmp_path, False, "template")
+    if alignment == "rigid":
+        assert reference.sensor is None or reference.sensor.clutter_depth == (0.0, 0.0, 0.0, 0.0)
+        return
+    reach = meta["band_px"] + reference.factors[1]
+    assert all(0 < depth <= reach for depth in reference.sensor.clutter_depth), reference.sensor.clutter_depth
+
+
+def test_a_bundle_from_before_the_clutter_band_measures_the_whole_band(tmp_path):
+    """Bundles record the learned clutter band with the sensor model; one without the record (fitted before it)
+    loads with none, so its field measures where it did when its statistics were computed."""
+    from engines import sensor
+    from engines.inspector import _sensor_model
+
+    mu = np.zeros((1, 8, 8), np.float16)
+    cfg = {"sensor": {"max_depth_px": 3.0, "user_mask": False, **sensor.parameters()}}
+    assert _sensor_model(None, cfg, {"mu": mu}, (8, 8)).clutter_depth == (0.0, 0.0, 0.0, 0.0)
+    cfg["sensor"]["clutter_depth_px"] = [4.0, 0.0, 8.0, 12.0]
+    assert _sensor_model(None, cfg, {"mu": mu}, (8, 8)).clutter_depth == (4.0, 0.0, 8.0, 12.0)
+
+
 @pytest.mark.parametrize(("bend", "chosen"), [(0.8, "nonrigid"), (0.0, "rigid")])
 def test_auto_alignment_follows_whether_the_good_images_bend(tmp_path, bend, chosen):
     """--alignment auto (the default) measures the good images' bends: bent parts get the field, rigid ones not."""
