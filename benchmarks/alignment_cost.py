@@ -14,7 +14,9 @@ on the same frames in the same process, in turn:
 - ``occluders``: the search plus the sensor frame's occluders found and left out (a fit whose good
   images show a fixture bar; the frames here have one);
 - ``field``: the same plus the smooth displacement field, folded into one remap (``--alignment
-  nonrigid``, or ``auto`` on a line that bends).
+  nonrigid``, or ``auto`` on a line that bends), which does not measure the part's flat stretches
+  within a clutter band along every edge as deep as fixture-hard fits learn it (``CLUTTER_BAND`` of
+  the side, ``SensorModel.clutter_band``).
 
 ``--before CHECKOUT`` adds every preparation once more with another checkout's
 ``engines/registration.py`` and ``engines/nonrigid.py`` (loaded as modules of their own), on the
@@ -58,6 +60,8 @@ from engines import nonrigid as nr
 from engines import registration as reg
 from engines.sensor import SensorModel, edge_view
 
+CLUTTER_BAND = 0.024  # of the side: the clutter band fixture-hard fits learn (48 px at 2048 px, 120 at 5120)
+
 
 def region(size: int) -> np.ndarray:
     """The inspection region ``fit`` uses without an ROI: all but its default margin."""
@@ -77,11 +81,12 @@ def references(design: np.ndarray) -> dict[str, reg.RegistrationReference]:
     searched = level_reference(*levels, weight, limits)
     occluders = replace(searched, sensor=SensorModel(0.06 * size, design[None].astype(np.float16)))
     field = nr.FieldReference.from_full(design, weight, (size, size))
+    banded = replace(occluders.sensor, clutter_depth=(CLUTTER_BAND * size,) * 4)
     return {
         "affine": level_reference(*levels, weight, limits, search=False),
         "search": searched,
         "occluders": occluders,
-        "field": replace(occluders, field=field),
+        "field": replace(occluders, field=field, sensor=banded),
     }
 
 
