@@ -533,12 +533,12 @@ class FieldReference:
             # what the box still shows: the weight, 0 / 1 where the reference's is 1 (where it is 0, so is the Jacobian)
             jac = self._jac[:, box[0], box[1]] * weight[box]
             part = _BlockSystems.measure(jac, weight[box], inside.shape, inside)
-            flat = np.zeros(self._blocks, bool)
-            flat[rows, cols] = inside
-            flat = flat.reshape(-1)
+            measured = np.zeros(self._blocks, bool)
+            measured[rows, cols] = inside
+            measured = measured.reshape(-1)
             for name in ("pixels", "info", "inverse", "gain_part", "gain_inverse"):
-                getattr(blocks, name)[flat] = getattr(part, name)
-            blocks.shown[flat] = part.pixels >= VISIBLE_MIN * np.maximum(self._pixels[flat], 1)
+                getattr(blocks, name)[measured] = getattr(part, name)
+            blocks.shown[measured] = part.pixels >= VISIBLE_MIN * np.maximum(self._pixels[measured], 1)
         return self._jac, weight, blocks
 
     def _reach(self, hidden: np.ndarray, grow: int, area: tuple[slice, slice] | None = None) -> tuple[slice, slice]:

@@ -552,7 +552,7 @@ def align(image: np.ndarray, ref: RegistrationReference) -> Aligned:
     pose = ref.register(coarse, fine)
     coef = ref.photometric(coarse, pose)
     clutter = None
-    if ref.sensor is not None and ref.sensor.active:
+    if ref.sensor is not None and ref.sensor.leaves_out:
         clutter = ref.sensor.frame_clutter(fine, expected_on_level(ref, pose, coef), fine_f) or None
     if ref.field is not None:
         hidden, areas = None, []

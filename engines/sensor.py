@@ -49,8 +49,8 @@ ZONE = 0.06  # fraction of the shorter side within which occluders are looked fo
 # differs from the posed, lit part by more than CLUTTER_LEVEL grey levels beyond what the line's own gain and offset
 # (vignetting, glow; both from the line's flat pixels) and a misalignment of CLUTTER_SHIFT fine-level px at the
 # part's edges explain; a line parallel to an edge is clutter where more than CLUTTER_FRACTION of its pixels over
-# all good images are. On fixture-hard seed 9007 (2048 px, fine level 4x): 2-8 % of the samples on the lines within
-# 36 px of each edge, 0.7-3 % at 36-44 px, 0.3-0.5 % at 44-48, at most 0.05 % from 48 px on (synth's clutter
+# all good images are. On fixture-hard seed 9007 (2048 px, fine level 4x): 2.6-8.5 % of the samples on the lines
+# within 36 px of each edge, 0.8-5.4 % at 36-44 px, 0.3-0.5 % at 44-48, at most 0.03 % from 48 px on (synth's clutter
 # reaches 49 px; the part's markers beyond, 2-3 px off after the rigid pose, are what CLUTTER_SHIFT explains): 48 px
 # learned on every edge, 120 at 5120 px. No slack beyond it (an occluder gets DEPTH_SLACK): the part's outermost
 # edge and markers lie just beyond the clutter (docs/measurements.md, "The clutter band").
@@ -131,7 +131,12 @@ class SensorModel:
 
     @property
     def active(self) -> bool:
-        return self.max_depth > 0 or self.user_mask is not None or any(d > 0 for d in self.clutter_depth)
+        return self.leaves_out or any(d > 0 for d in self.clutter_depth)
+
+    @property
+    def leaves_out(self) -> bool:
+        """Whether frames can have pixels left out (occluders, the user's mask): the clutter band leaves none out."""
+        return self.max_depth > 0 or self.user_mask is not None
 
     def clutter_band(self) -> FrameClutter | None:
         """The band along each edge where the good images showed clutter (sensor frame), None where there is none.
@@ -376,10 +381,11 @@ def learn_clutter_depth(
 
     ``frames``: (fine level, expected part on it) of each good image, as ``learn_max_depth`` takes
     them. Per line parallel to an edge (within ZONE of the shorter side, without the corner zones)
-    and per image, the residual less the line's median (a smooth offset along the edge: vignetting,
-    glow) is unexplained where it exceeds CLUTTER_LEVEL beyond CLUTTER_SHIFT times the expected
-    part's gradient (a marker or edge a bend moved). The depth is one past the deepest line on which
-    more than CLUTTER_FRACTION of the samples of all images are unexplained: 0 where none is.
+    and per image, what the line's own gain and offset (vignetting, glow: smooth along an edge) leave
+    of the residual is unexplained where it exceeds CLUTTER_LEVEL beyond CLUTTER_SHIFT times the
+    expected part's slope (a marker or edge a bend moved; ``_unexplained``). The depth is one past
+    the deepest line on which more than CLUTTER_FRACTION of the samples of all images are
+    unexplained: 0 where none is.
     """
     limit = math.ceil(ZONE * min(shape) / factor)
     counts = np.zeros((4, limit))
@@ -409,15 +415,13 @@ def _grey_and_slope(frame: np.ndarray, expected: np.ndarray) -> tuple[np.ndarray
     return frame, expected, cv2.dilate(np.hypot(gx, gy), np.ones((3, 3), np.uint8))
 
 
-def _unexplained(
-    frame: np.ndarray, expected: np.ndarray, slope: np.ndarray, limit: int, skip_corners: bool = True
-) -> np.ndarray:
-    """bool [rows, along]: of an edge's views (row = distance from the edge), in the first ``limit`` rows (with
-    ``skip_corners``, without the corner zones, ``limit`` wide: the other edge's lines cross there), where the frame
-    differs from the expected part by more than the line's own gain and offset (vignetting and glow are smooth
-    along an edge) and a small shift at its edges explain."""
+def _unexplained(frame: np.ndarray, expected: np.ndarray, slope: np.ndarray, limit: int) -> np.ndarray:
+    """bool [rows, along]: of an edge's views (row = distance from the edge), in the first ``limit`` rows without
+    the corner zones (``limit`` wide: the other edges' lines cross there), where the frame differs from the
+    expected part by more than the line's own gain and offset (vignetting and glow are smooth along an edge) and a
+    small shift at its edges explain."""
     rows = slice(0, limit)
-    along = slice(limit, max(limit, frame.shape[1] - limit)) if skip_corners else slice(0, frame.shape[1])
+    along = slice(limit, max(limit, frame.shape[1] - limit))
     f, e, sl = frame[rows, along], expected[rows, along], slope[rows, along]
     # a line's gain from its flat pixels only (a shift changes nothing there), where their level varies along it well
     # beyond the noise, and no further from 1 than vignetting and lighting take it: a few clutter pixels on a

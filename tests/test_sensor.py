@@ -154,7 +154,7 @@ def test_a_part_that_moved_a_little_teaches_no_clutter(part):
 
 def test_the_clutter_band_is_each_edges_learned_depth():
     """``clutter_band``: the band along each edge with a learned depth (rounded up), none along the others; a model
-    without any has none."""
+    without any has none; a model with only the band leaves nothing out of a frame."""
     mean = np.zeros((1, 100, 160), np.float16)
     band = sn.SensorModel(0.0, mean, None, (10.0, 0.0, 0.0, 30.5)).clutter_band()
     assert sorted(band.depths) == [0, 3]
@@ -164,6 +164,8 @@ def test_the_clutter_band_is_each_edges_learned_depth():
     covered = band.covers(ys, xs, (100, 160))
     assert covered[:10].all() and covered[:, 129:].all() and not covered[10:, :129].any()
     assert sn.SensorModel(3.0, mean).clutter_band() is None
+    banded = sn.SensorModel(0.0, mean, None, (10.0, 0.0, 0.0, 0.0))
+    assert banded.active and not banded.leaves_out, "a fit keeps it; frames have nothing left out by it"
 
 
 @pytest.mark.parametrize("angle", [0.0, 0.9, -1.5])
