@@ -629,10 +629,11 @@ class _BlockSystems:
     def measure(
         cls, jac: np.ndarray, weight: np.ndarray, blocks: tuple[int, int], only: np.ndarray | None = None
     ) -> _BlockSystems:
-        """From the Jacobian [4, H, W] (zero where not measured) and the measured pixels ``weight``;
-        with ``only`` (bool per block), of those blocks only."""
+        """From the Jacobian [4, H, W] (zero where not measured; its fourth column the 0 / 1 ``weight``) and the
+        measured pixels ``weight``; with ``only`` (bool per block), of those blocks only."""
         pairs = [(i, j) for i in range(4) for j in range(i, 4)]  # the normal matrix is symmetric
-        sums = {(i, j): _block_sums(jac[i] * jac[j], blocks).reshape(-1) for i, j in pairs}
+        # a column's product with the fourth, 0 / 1, is the column itself, to the bit (signed zeros included)
+        sums = {(i, j): _block_sums(jac[i] if j == 3 else jac[i] * jac[j], blocks).reshape(-1) for i, j in pairs}
         pixels = _block_sums(weight, blocks).reshape(-1).astype(np.float64)
         keep = slice(None) if only is None else only.reshape(-1)
         normal = np.empty((len(pixels[keep]), 4, 4))

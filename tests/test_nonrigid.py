@@ -574,3 +574,21 @@ def test_flat_is_where_the_part_has_no_structure_nearby():
     assert not flat[40 - nr.STRUCTURE_GROW : 40 + nr.STRUCTURE_GROW + 1, 60:100].any(), "the top edge and around"
     assert not flat[50:70, 50 - nr.STRUCTURE_GROW : 50 + nr.STRUCTURE_GROW + 1].any(), "the left edge and around"
     assert flat[:25].all() and flat[55:65, 70:90].all(), "far from the edges, and inside"
+
+
+def test_the_block_systems_skip_products_with_the_weight_column_to_the_bit():
+    """``_BlockSystems.measure`` takes a column's product with the fourth (the 0 / 1 weight) as the column itself:
+    every sum and system equals the one from all ten products, on a Jacobian with signed zeros where unweighted."""
+    rng = np.random.default_rng(8)
+    weight = (rng.random((96, 128)) > 0.3).astype(np.float32)
+    columns = [rng.normal(0, 20, weight.shape), rng.normal(0, 20, weight.shape), rng.uniform(20, 200, weight.shape)]
+    jac = np.stack([*columns, np.ones(weight.shape)]).astype(np.float32) * weight
+    got = nr._BlockSystems.measure(jac, weight, (3, 4))
+    pairs = [(i, j) for i in range(4) for j in range(i, 4)]
+    normal = np.empty((12, 4, 4))
+    for i, j in pairs:
+        normal[:, i, j] = normal[:, j, i] = nr._block_sums(jac[i] * jac[j], (3, 4)).reshape(-1)
+    info, gain_part, gain_inverse = nr._schur(normal)
+    np.testing.assert_array_equal(got.info, info)
+    np.testing.assert_array_equal(got.gain_part, gain_part)
+    np.testing.assert_array_equal(got.gain_inverse, gain_inverse)
