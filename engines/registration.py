@@ -555,19 +555,18 @@ def align(image: np.ndarray, ref: RegistrationReference) -> Aligned:
     if ref.sensor is not None and ref.sensor.leaves_out:
         clutter = ref.sensor.frame_clutter(fine, expected_on_level(ref, pose, coef), fine_f) or None
     if ref.field is not None:
-        hidden, areas = None, []
-        band = ref.sensor.clutter_band() if ref.sensor is not None else None
-        if clutter is not None or band is not None:
-            hidden = np.zeros(level.shape, bool)
+        step, shape = ref.field.factor, level.shape
+        pieces = []
         if clutter is not None:
-            for rows, cols, mask in clutter.in_reference(pose.matrix, ref.full_shape, step=ref.field.factor):
-                hidden[rows, cols] |= mask
-                areas.append((rows, cols))
+            pieces = _on_level(clutter.in_reference(pose.matrix, ref.full_shape, step=step), shape)
+        band = ref.sensor.clutter_band() if ref.sensor is not None else None
         if band is not None:  # the clutter band: not measured where the part is flat (engines.sensor)
-            flat = ref.field.flat
-            for rows, cols, mask in band.band_in_reference(pose.matrix, ref.full_shape, ref.field.factor):
-                hidden[rows, cols] |= mask & flat[rows, cols]
-                areas.append((rows, cols))
+            banded = _on_level(band.band_in_reference(pose.matrix, ref.full_shape, step), shape)
+            pieces += [(rows, cols, mask & ref.field.flat[rows, cols]) for rows, cols, mask in banded]
+        hidden = np.zeros(shape, bool) if pieces else None
+        for rows, cols, mask in pieces:
+            hidden[rows, cols] |= mask
+        areas = [(rows, cols) for rows, cols, _ in pieces]
         pose = replace(pose, field=ref.field.estimate(level, pose.matrix, hidden, areas))
     registered = warp_to_reference(image, pose)
     left_out = 0
@@ -579,6 +578,18 @@ def align(image: np.ndarray, ref: RegistrationReference) -> Aligned:
         unit = 1 / 257 if image.dtype == np.uint16 else 1.0
         left_out = leave_out(registered, pieces, ref.sensor.mean, coef, unit)
     return Aligned(pose, coef, registered, left_out)
+
+
+def _on_level(pieces: list, shape: tuple[int, int]) -> list:
+    """(rows, cols, mask) pieces cropped to a level of ``shape``: ``downscale`` keeps whole level pixels only
+    (``h // step`` rows) where ``in_reference`` also counts a partial last one, which overran the field's level on a
+    side that is not a multiple of its factor (a 2051 x 1999 frame was refused with a broadcast error)."""
+    out = []
+    for rows, cols, mask in pieces:
+        rows, cols = slice(rows.start, min(rows.stop, shape[0])), slice(cols.start, min(cols.stop, shape[1]))
+        if rows.start < rows.stop and cols.start < cols.stop:
+            out.append((rows, cols, mask[: rows.stop - rows.start, : cols.stop - cols.start]))
+    return out
 
 
 def frame_levels(image: np.ndarray, ref: RegistrationReference) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:

@@ -592,3 +592,22 @@ def test_the_block_systems_skip_products_with_the_weight_column_to_the_bit():
     np.testing.assert_array_equal(got.info, info)
     np.testing.assert_array_equal(got.gain_part, gain_part)
     np.testing.assert_array_equal(got.gain_inverse, gain_inverse)
+
+
+@pytest.mark.parametrize("shape", [(2051, 1999), (1999, 3075)])
+def test_a_bending_part_with_a_fixture_bar_aligns_on_sides_that_are_not_a_multiple_of_the_level(shape):
+    """On a 2051 x 1999 sensor the field's level (2x) has 1025 x 999 whole pixels: what the occluder and the clutter
+    band hide is carried onto that level, not one pixel past it (the frame was refused with a broadcast error)."""
+    from engines.sensor import SensorModel, edge_view
+
+    design = synth.render_design(synth.SynthConfig(width=shape[1], height=shape[0], seed=3)).image
+    field = nr.FieldReference.from_full(design, fit_weight(design.shape), design.shape)
+    assert field.factor == 2 and field.level.shape == (shape[0] // 2, shape[1] // 2)
+    mean = design[None].astype(np.float16)
+    frame = design.copy()
+    edge_view(frame, 0)[:40] = synth.FIXTURE
+    frame = np.clip(frame + 3, 0, 255).astype(np.uint8)
+    for sensor in (SensorModel(60.0, mean), SensorModel(60.0, mean, None, (30.0, 25.0, 41.0, 19.0))):
+        aligned = reg.align(frame, replace(fitted_reference(design), field=field, sensor=sensor))
+        assert aligned.pose.field is not None and aligned.left_out > 0
+        assert aligned.pose.field.magnitude < 1.0, "the part does not bend: the field stays small"
