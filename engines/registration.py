@@ -56,8 +56,9 @@ def downscale(image: np.ndarray, factor: int) -> np.ndarray:
     small = image if factor == 1 else cv2.resize(image, (w // factor, h // factor), interpolation=cv2.INTER_AREA)
     if small.ndim == 3:
         small = cv2.cvtColor(small, cv2.COLOR_BGR2GRAY)
-    unit = np.float32(1 / 257) if image.dtype == np.uint16 else np.float32(1)
-    return small.astype(np.float32) * unit
+    if image.dtype == np.uint16:
+        return small.astype(np.float32) * np.float32(1 / 257)
+    return small.astype(np.float32)  # what "* 1" gave, without a second copy of the level
 
 
 def _scale_matrix(m: np.ndarray, shape_full: tuple[int, int], shape_small: tuple[int, int]) -> np.ndarray:

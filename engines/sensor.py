@@ -82,12 +82,13 @@ def occluder_depths(frame: np.ndarray, expected: np.ndarray, limit: int) -> list
     ``frame`` and ``expected`` are the frame and the posed, lit reference on one level, in the
     sensor frame; ``limit`` caps the depth (rows).
     """
-    dark = (expected - frame) > np.maximum(MIN_DARK, DARK * expected)
     depths = []
     for edge in range(4):
-        rows = edge_view(dark, edge)[: max(limit, 0)]
+        # only the rows an occluder may reach are compared (the same elementwise test as on the whole level)
+        seen, lit = edge_view(frame, edge)[: max(limit, 0)], edge_view(expected, edge)[: max(limit, 0)]
+        rows = (lit - seen) > np.maximum(MIN_DARK, DARK * lit)
         if rows.size == 0:
-            depths.append(np.zeros(edge_view(dark, edge).shape[1], np.int32))
+            depths.append(np.zeros(edge_view(frame, edge).shape[1], np.int32))
             continue
         # deepest dark row whose rows from the edge are mostly dark (clutter on the bar leaves gaps)
         filled = np.cumsum(rows, axis=0) >= FILL * np.arange(1, len(rows) + 1)[:, None]
@@ -104,14 +105,11 @@ def _long_runs(depth: np.ndarray) -> np.ndarray:
     gap = max(3, int(0.03 * n)) | 1
     closed = cv2.morphologyEx(covered, cv2.MORPH_CLOSE, np.ones((1, gap), np.uint8))[0] > 0
     keep = np.zeros(n, bool)
-    start = None
-    for i, on in enumerate([*closed, False]):
-        if on and start is None:
-            start = i
-        elif not on and start is not None:
-            if i - start >= MIN_RUN * n:
-                keep[start:i] = True
-            start = None
+    # the runs' starts and ends: where the padded 0 / 1 sequence steps up, then down
+    bounds = np.flatnonzero(np.diff(np.concatenate(([0], closed.view(np.int8), [0]))))
+    for start, stop in zip(bounds[0::2], bounds[1::2], strict=True):
+        if stop - start >= MIN_RUN * n:
+            keep[start:stop] = True
     # a conservative depth inside a kept run: the deepest over a small neighbourhood (bridges the gaps)
     spread = cv2.dilate(depth.astype(np.float32)[None, :], np.ones((1, gap), np.uint8))[0]
     return np.where(keep, spread, 0).astype(np.int32)
@@ -482,8 +480,11 @@ def _replace(
     ys, xs = np.arange(y0, y0 + h, dtype=np.float64)[:, None], np.arange(x0, x0 + w, dtype=np.float64)[None, :]
     gain, offset = lighting_fields(coef, xs, ys, registered.shape[:2])
     values = gain[None] * mean[:, y0 : y0 + h, x0 : x0 + w].astype(np.float32) + offset[None]  # [C, h, w], 8-bit units
-    top = np.iinfo(registered.dtype).max
-    values = np.clip(np.rint(values / np.float32(unit)), 0, top).astype(registered.dtype)
+    if unit != 1:  # x / 1 is x: 8-bit frames skip the division
+        values /= np.float32(unit)
+    # in place: each a pass over the rectangle without a new array of its size
+    np.clip(np.rint(values, out=values), 0, np.iinfo(registered.dtype).max, out=values)
+    values = values.astype(registered.dtype)
     window = registered[y0 : y0 + h, x0 : x0 + w]
     if registered.ndim == 2:
         np.copyto(window, values[0], where=mask)
