@@ -334,6 +334,23 @@ def test_the_level_maps_are_the_pose_where_the_field_is_zero(references):
     assert np.abs(map_y - (a[1, 0] * xs + a[1, 1] * ys + a[1, 2])).max() < 2e-3
 
 
+def test_the_first_step_warps_the_level_by_the_pose_as_its_maps_would(design, references):
+    """Without a field yet the level is warped by the pose alone (one affine warp): what the maps of a zero field
+    gave, to float32 rounding of the coordinates (under 0.02 grey levels on a smoothed level); with a field, the maps.
+    """
+    _, nonrigid = references
+    ref = nonrigid.field
+    image, _, _ = bent_frame(design, 3)
+    level = nr._smooth(nr.to_level(image, ref.factor), ref._sigma)
+    a = reg._scale_matrix(pose_matrix(1.2, 17.5, -9.25, *ref.full_shape), level.shape, ref.full_shape)
+    zero = np.zeros((2, nr.NODES * nr.NODES))
+    by_maps = cv2.remap(level, *ref._level_maps(a, zero), cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+    assert np.abs(ref._warp_level(level, a, zero) - by_maps).max() < 0.02
+    bent = np.full_like(zero, 0.3)
+    by_maps = cv2.remap(level, *ref._level_maps(a, bent), cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+    assert np.array_equal(ref._warp_level(level, a, bent), by_maps)
+
+
 def test_a_frame_lit_otherwise_leaves_no_residual_for_a_field(references):
     """Each block's own gain and offset come out of the residual ``fit --alignment auto`` measures, flat blocks too.
 
