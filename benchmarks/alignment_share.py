@@ -28,35 +28,24 @@ from __future__ import annotations
 
 import os
 
-os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # as ``inspectd predict`` and ``serve`` set it
+from daemon.cli import prepare_environment
 
-import argparse
-import statistics
-import sys
-import time
-from dataclasses import replace
-from pathlib import Path
+prepare_environment("predict")  # before numpy loads, as ``inspectd predict`` does
 
-import numpy as np
+import argparse  # noqa: E402
+import statistics  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from dataclasses import replace  # noqa: E402
+from pathlib import Path  # noqa: E402
 
-from engines.decode import read_image
-from engines.inspector import Inspector
+import numpy as np  # noqa: E402
+from frame_path import _raw, pick_images  # noqa: E402 (this script's folder: the frame path's frame list and frames)
+
+from engines.decode import read_image  # noqa: E402
+from engines.inspector import Inspector  # noqa: E402
 
 SIDES = ("as fitted", "without")
-
-
-def pick_images(folder: Path, limit: int) -> list[Path]:
-    """``limit`` images spread over the sorted list (goods and several defect kinds)."""
-    paths = sorted(p for p in folder.rglob("*") if p.suffix.lower() in (".png", ".tif", ".tiff", ".bmp"))
-    if not paths:
-        raise SystemExit(f"{folder}: no images")
-    step = max(1, len(paths) // limit)
-    return paths[::step][:limit]
-
-
-def raw(image: np.ndarray) -> np.ndarray:
-    """The frame as the daemon hands it over: a read-only view of a received buffer."""
-    return np.frombuffer(np.ascontiguousarray(image).tobytes(), image.dtype).reshape(image.shape)
 
 
 def without_additions(inspector: Inspector) -> Inspector:
@@ -124,7 +113,7 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=3)
     args = parser.parse_args()
     paths = pick_images(args.images, args.frames)
-    frames = [raw(read_image(p)) for p in paths]
+    frames = [_raw(read_image(p)) for p in paths]
     print(f"load average at start: {' '.join(f'{v:.1f}' for v in os.getloadavg())}; {os.cpu_count()} cores")
     print(f"{len(frames)} frames x {args.runs} runs: " + ", ".join(f"{p.parent.name}/{p.name}" for p in paths))
     inspectors = {SIDES[0]: Inspector.load(args.model, "onnxruntime")}
