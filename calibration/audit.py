@@ -133,8 +133,9 @@ def audit_goods(
     rest = np.delete(scores, outliers)
     without = threshold
     if len(outliers) and len(rest) >= 2:
-        margin = float(calibration.get("margin") or 0.1)
-        without = good_threshold(rest, float(calibration["target_frr"]), min(margin, 0.1))["threshold"]
+        # the floor the fit set (bundles from before it was recorded: 0.1, theirs), not the margin it came to
+        floor = float(calibration.get("margin_floor", 0.1))
+        without = good_threshold(rest, float(calibration["target_frr"]), floor)["threshold"]
         without = min(without, threshold)
     recur = float((scores > without).mean()) if len(outliers) else 0.0
     return Audit(len(scores), round(math.exp(median), 4), round(mad, 4), flagged, threshold, without, recur)

@@ -43,6 +43,7 @@ def good_threshold(scores: np.ndarray, target_frr: float, margin: float) -> dict
         "good_scores": [round(float(s), 5) for s in scores],
         "good_max": round(worst, 5),
         "margin": round(threshold / worst - 1, 4) if worst > 0 else None,
+        "margin_floor": margin,
         "gumbel": {"loc": round(loc, 5), "scale": round(scale, 5)},
         "expected_frr": round(1 - math.exp(-math.exp(-(threshold - loc) / scale)), 6),
     }

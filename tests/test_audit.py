@@ -63,6 +63,22 @@ def test_the_images_far_above_the_others_are_named_with_their_peaks():
     assert "good/007.png" in text and "6.7 %" in text and "--exclude-from" in text
 
 
+@pytest.mark.parametrize(("floor", "recorded"), [(0.3, True), (0.1, False)])
+def test_the_threshold_without_them_keeps_the_fits_margin_floor(floor, recorded):
+    """The threshold without the flagged images keeps the floor the fit set over the worst of the rest (a bundle from
+    before the floor was recorded: 0.1, its own), not the margin the threshold came to with them."""
+    scores = spread_scores(30)
+    scores[7] = 3.4
+    maps = held_out(scores)
+    calibration = good_threshold(maps.max(axis=(1, 2)), 0.005, floor)
+    if not recorded:
+        del calibration["margin_floor"]
+    audit = aud.audit_goods([str(i) for i in range(30)], maps, np.tile(np.eye(2, 3), (30, 1, 1)), calibration, SHAPE)
+    rest = np.delete(np.array(scores), 7)
+    assert audit.threshold_without == pytest.approx(good_threshold(rest, 0.005, floor)["threshold"])
+    assert audit.threshold_without >= (1 + floor) * rest.max() - 1e-9
+
+
 @pytest.mark.parametrize("n", [10, 30, 60])
 def test_an_ordinary_spread_of_good_scores_rarely_flags_anything(n):
     """Good parts vary: on lines whose good scores are log-normal (no outlier at all), at most one line in ten
