@@ -31,14 +31,11 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from calibration.thresholds import good_threshold
+from calibration.thresholds import MIN_RATIO, Z_FLAG, good_threshold, log_median_and_mad, outlier_scores
 from engines.bundle import staged_directory
 from engines.decode import read_image
 from engines.tolerance import BLOCK
 
-Z_FLAG = 3.5  # modified z-score above which a score is an outlier (Iglewicz and Hoaglin's rule)
-MIN_RATIO = 1.25  # ... and at least this many times the median good score
-MAD_FLOOR = 1e-3  # log units: a MAD below this (identical scores) is taken as this
 OVERLAY_SIDE = 768  # px of the whole-image panel
 CROP = 160  # px of the full-resolution neighbourhood around the peak (shown at 3x)
 
@@ -112,12 +109,9 @@ def audit_goods(
     ``calibration`` is the fit's (``good_threshold``'s keys); ``shape`` the image (height, width).
     """
     scores = held_out_map.max(axis=(1, 2)).astype(np.float64)
-    logs = np.log(np.maximum(scores, 1e-9))
-    median = float(np.median(logs))
-    mad = max(float(np.median(np.abs(logs - median))) * 1.4826, MAD_FLOOR)
-    z = (logs - median) / mad
-    ratio = scores / math.exp(median)
-    outliers = np.flatnonzero((z > Z_FLAG) & (ratio > MIN_RATIO))
+    z, ratio, outlying = outlier_scores(scores)
+    median, mad = log_median_and_mad(scores)
+    outliers = np.flatnonzero(outlying)
     outliers = outliers[np.argsort(-scores[outliers])]
     flagged = [
         Flagged(

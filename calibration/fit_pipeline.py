@@ -89,9 +89,9 @@ class FitConfig:
     folds: int = 5  # k-fold calibration on the good images
     leave_one_out: bool = False  # template: each held-out good scored with the statistics of all the others
     target_frr: float = 0.005  # false-reject rate the threshold is set for
-    # threshold >= (1 + margin) * worst held-out good score. The held-out goods are the training images (30 on a
-    # typical line), and the worst of 200 good parts lies well above the worst of 30: on the spent seeds' 17 lines
-    # at 2048 px, 10 % above rejected over 1 % of 200 goods on 4 lines, 50 % above on 1 (README, "The threshold")
+    # threshold >= (1 + margin) * worst typical held-out good score (one far above the others: 1.1 times it,
+    # calibration.thresholds). The held-out goods are the training images (30 on a typical line), and the worst of
+    # 200 good parts lies well above the worst of 30 (README, "The threshold's margin")
     threshold_margin: float = 0.5
     band_sigma: float = 3.0  # the band is at least mean +- band_sigma * per-pixel spread
     band_tol: float = 2.0  # grey levels (8-bit units) added on both sides of the band

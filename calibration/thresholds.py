@@ -7,6 +7,31 @@ import math
 import numpy as np
 
 EULER_GAMMA = 0.5772156649
+Z_FLAG = 3.5  # modified z-score above which a good score is an outlier (Iglewicz and Hoaglin's rule)
+MIN_RATIO = 1.25  # ... and at least this many times the median good score
+MAD_FLOOR = 1e-3  # log units: a MAD below this (identical scores) is taken as this
+# The floor over a good score the others do not approach: it stays above that part, but the line's margin (fit's
+# default 50 %) is taken over the typical scores, or one unusual good part would lift the threshold over the
+# small defects by half again (README, "The threshold's margin")
+OUTLIER_MARGIN = 0.1
+
+
+def outlier_scores(scores: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per good score: the modified z-score of its log, its ratio to the median, and whether it is an outlier
+    (z above Z_FLAG and at least MIN_RATIO times the median). Robust statistics: the outliers move neither the
+    median nor the MAD, and the log makes the test scale-free."""
+    scores = np.asarray(scores, np.float64)
+    median, mad = log_median_and_mad(scores)
+    z = (np.log(np.maximum(scores, 1e-9)) - median) / mad
+    ratio = scores / math.exp(median)
+    return z, ratio, (z > Z_FLAG) & (ratio > MIN_RATIO)
+
+
+def log_median_and_mad(scores: np.ndarray) -> tuple[float, float]:
+    """The median of the log scores and their MAD (scaled to a standard deviation, never below MAD_FLOOR)."""
+    logs = np.log(np.maximum(np.asarray(scores, np.float64), 1e-9))
+    median = float(np.median(logs))
+    return median, max(float(np.median(np.abs(logs - median))) * 1.4826, MAD_FLOOR)
 
 
 def gumbel_fit(maxima: np.ndarray) -> tuple[float, float]:
@@ -23,8 +48,9 @@ def good_threshold(scores: np.ndarray, target_frr: float, margin: float) -> dict
     """Threshold for ``target_frr`` on good images the fit did not see.
 
     Per-image maxima of good parts follow an extreme-value law, so the tail beyond the few
-    observed scores comes from a Gumbel fit; the threshold is never below the worst observed
-    good score times (1 + margin). It can therefore never make every good part anomalous.
+    observed scores comes from a Gumbel fit; the threshold is never below the worst typical good
+    score times (1 + margin), nor below any outlying one (``outlier_scores``) times (1 + the smaller
+    of margin and OUTLIER_MARGIN). It can therefore never make every good part anomalous.
     """
     scores = np.asarray(scores, np.float64)
     if scores.size < 2 or not np.all(np.isfinite(scores)):
@@ -34,7 +60,9 @@ def good_threshold(scores: np.ndarray, target_frr: float, margin: float) -> dict
     loc, scale = gumbel_fit(scores)
     tail = gumbel_quantile(loc, scale, 1 - target_frr)
     worst = float(scores.max())
-    threshold = max(tail, worst * (1 + margin))
+    outlying = outlier_scores(scores)[2]
+    typical = float(scores[~outlying].max())
+    threshold = max(tail, typical * (1 + margin), worst * (1 + min(margin, OUTLIER_MARGIN)))
     return {
         "threshold": threshold,  # unrounded: rounding could drop it below the floor
         "policy": "good-frr",
@@ -44,6 +72,7 @@ def good_threshold(scores: np.ndarray, target_frr: float, margin: float) -> dict
         "good_max": round(worst, 5),
         "margin": round(threshold / worst - 1, 4) if worst > 0 else None,
         "margin_floor": margin,
+        "outlying_good_scores": int(outlying.sum()),
         "gumbel": {"loc": round(loc, 5), "scale": round(scale, 5)},
         "expected_frr": round(1 - math.exp(-math.exp(-(threshold - loc) / scale)), 6),
     }

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from calibration.thresholds import good_threshold, gumbel_fit, gumbel_quantile
+from calibration.thresholds import OUTLIER_MARGIN, good_threshold, gumbel_fit, gumbel_quantile, outlier_scores
 from engines.regions import find_regions
 
 
@@ -20,17 +20,39 @@ def test_gumbel_fit_recovers_location_and_scale():
 
 
 @pytest.mark.parametrize("seed", range(4))
-@pytest.mark.parametrize("margin", [0.0, 0.1, 0.25])
+@pytest.mark.parametrize("margin", [0.0, 0.1, 0.25, 0.5])
 def test_threshold_at_least_worst_good_times_one_plus_margin(seed, margin):
-    """The threshold is never below the worst good score times (1 + margin), nor below the Gumbel tail."""
+    """The threshold is never below the worst typical good score times (1 + margin), the worst of all times
+    (1 + min(margin, OUTLIER_MARGIN)), nor the Gumbel tail; with no outlier, the worst good times (1 + margin)."""
     rng = np.random.default_rng(seed)
-    scores = rng.gumbel(1.0, 0.1, 12)
+    scores = np.append(rng.gumbel(1.0, 0.1, 12), 3.0 if seed % 2 else 1.1)  # odd seeds: one outlying good part
     cal = good_threshold(scores, 0.005, margin)
     loc, scale = gumbel_fit(scores)
-    assert cal["threshold"] >= scores.max() * (1 + margin) - 1e-5
+    outlying = outlier_scores(scores)[2]
+    assert outlying.sum() == seed % 2 and cal["outlying_good_scores"] == seed % 2
+    assert cal["threshold"] >= scores[~outlying].max() * (1 + margin) - 1e-5
+    assert cal["threshold"] >= scores.max() * (1 + min(margin, OUTLIER_MARGIN)) - 1e-5
     assert cal["threshold"] >= gumbel_quantile(loc, scale, 0.995) - 1e-5
     assert cal["good_max"] == pytest.approx(scores.max(), abs=1e-5)
     assert 0 < cal["expected_frr"] <= 0.005 + 1e-6
+
+
+def test_one_unusual_good_part_is_cleared_but_does_not_lift_the_margin():
+    """29 good parts near 1 and one at 3: the threshold clears the one by OUTLIER_MARGIN (3.3) and the others by
+    the margin (1.5 x their worst); the margin is not taken over the one (4.5, over the small defects)."""
+    scores = np.append(np.random.default_rng(3).normal(1.0, 0.05, 29), 3.0)
+    cal = good_threshold(scores, 0.005, 0.5)
+    assert cal["threshold"] == pytest.approx(max(3.0 * (1 + OUTLIER_MARGIN), 1.5 * scores[:29].max()))
+    assert cal["threshold"] < 3.5
+
+
+@pytest.mark.parametrize("margin", [0.0, 0.05, 0.1])
+def test_a_margin_up_to_the_outlier_margin_is_taken_over_the_worst_good(margin):
+    """As before the typical scores were told apart (``inspectd calibrate --margin`` 0.1 keeps its thresholds)."""
+    scores = np.append(np.random.default_rng(4).normal(1.0, 0.05, 29), 3.0)
+    loc, scale = gumbel_fit(scores)
+    want = max(gumbel_quantile(loc, scale, 0.995), 3.0 * (1 + margin))
+    assert good_threshold(scores, 0.005, margin)["threshold"] == pytest.approx(want)
 
 
 def test_threshold_floor_survives_rounding():
