@@ -7,7 +7,14 @@ import math
 import numpy as np
 import pytest
 
-from calibration.thresholds import OUTLIER_MARGIN, good_threshold, gumbel_fit, gumbel_quantile, outlier_scores
+from calibration.thresholds import (
+    OUTLIER_MARGIN,
+    OUTLIER_MIN_RATIO,
+    good_threshold,
+    gumbel_fit,
+    gumbel_quantile,
+    outlier_scores,
+)
 from engines.regions import find_regions
 
 
@@ -28,7 +35,7 @@ def test_threshold_at_least_worst_good_times_one_plus_margin(seed, margin):
     scores = np.append(rng.gumbel(1.0, 0.1, 12), 3.0 if seed % 2 else 1.1)  # odd seeds: one outlying good part
     cal = good_threshold(scores, 0.005, margin)
     loc, scale = gumbel_fit(scores)
-    outlying = outlier_scores(scores)[2]
+    outlying = outlier_scores(scores, OUTLIER_MIN_RATIO)[2]
     assert outlying.sum() == seed % 2 and cal["outlying_good_scores"] == seed % 2
     assert cal["threshold"] >= scores[~outlying].max() * (1 + margin) - 1e-5
     assert cal["threshold"] >= scores.max() * (1 + min(margin, OUTLIER_MARGIN)) - 1e-5
@@ -44,6 +51,16 @@ def test_one_unusual_good_part_is_cleared_but_does_not_lift_the_margin():
     cal = good_threshold(scores, 0.005, 0.5)
     assert cal["threshold"] == pytest.approx(max(3.0 * (1 + OUTLIER_MARGIN), 1.5 * scores[:29].max()))
     assert cal["threshold"] < 3.5
+
+
+def test_a_good_score_the_audit_would_name_but_not_twice_the_median_gets_the_margin():
+    """Tightly spread good scores (a 3 % spread) and one at 1.5 times their median: the audit's rule (1.25 times)
+    names it for a person to look at, but it is an ordinary good part for the threshold, which clears it by the
+    margin (where the 10 % floor would leave the next such part at the threshold)."""
+    scores = np.append(np.random.default_rng(6).normal(1.0, 0.03, 29), 1.5)
+    assert outlier_scores(scores)[2][-1], "the audit's rule names it"
+    assert not outlier_scores(scores, OUTLIER_MIN_RATIO)[2].any()
+    assert good_threshold(scores, 0.005, 0.5)["threshold"] == pytest.approx(2.25)
 
 
 @pytest.mark.parametrize("margin", [0.0, 0.05, 0.1])
