@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from calibration.metrics import confusion
 from calibration.thresholds import good_threshold
 
 FRR_TARGET, F1_TARGET = 0.01, 0.97
@@ -45,13 +46,9 @@ def runs(workdir: Path) -> list[tuple[str, Path, Path]]:
 
 
 def decisions(scores: np.ndarray, defective: np.ndarray, threshold: float) -> dict:
-    rejected = scores > threshold
-    good_rejected = int((rejected & ~defective).sum())
-    found = int((rejected & defective).sum())
-    precision = found / max(found + good_rejected, 1)
-    recall = found / max(int(defective.sum()), 1)
-    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-    return {"frr": good_rejected, "goods": int((~defective).sum()), "missed": int(defective.sum()) - found, "f1": f1}
+    """Good parts rejected, goods tested, defects missed and F1 at ``threshold`` (``calibration.metrics``'s counts)."""
+    c = confusion(defective, scores > threshold)
+    return {"frr": c["fp"], "goods": c["fp"] + c["tn"], "missed": c["fn"], "f1": c["f1"]}
 
 
 def one_run(model: Path, report: Path, margins: list[float]) -> tuple[float, list[tuple[float, dict]], int]:
