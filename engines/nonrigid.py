@@ -85,6 +85,7 @@ MAX_PX = 6.0  # px (full resolution): no control point moves further; a larger "
 MAP_STEP = 16  # px: the full-resolution map is evaluated on this grid and interpolated bilinearly
 LEVEL_STEP = 8  # px at the field's level: the grid the field is evaluated on while estimating
 STRIP = 256  # rows resampled per remap call (keeps the maps in cache)
+MOMENT_BAND = 4  # block rows of the field's level per band of the residual's products (``_block_moments``)
 # Weight of the field's own size, relative like SMOOTHNESS: where blocks say little (flat part, or the border
 # band's blocks weighted down for clutter) the field stays at the pose. At 1e-3 (bundles before it was raised
 # keep it, see ``FieldReference.ridge``) a clutter block weighted down to a few percent still set the
@@ -230,14 +231,19 @@ class Field:
         map_x = (m[0, 0] * xs[None, :] + m[0, 1] * ys[:, None] + m[0, 2] + dx).astype(np.float32)
         map_y = (m[1, 0] * xs[None, :] + m[1, 1] * ys[:, None] + m[1, 2] + dy).astype(np.float32)
         out = np.empty_like(image)
+        # the strips' maps in two buffers for the whole frame: a fresh pair of 6 MB maps per strip (40 at 5120 px)
+        # cost some 2 ms more, the same maps
+        most = min(nodes_y, STRIP // step + 3) * step
+        buffers = np.empty((2, most, nodes_x * step), np.float32)
         for y0 in range(0, h, STRIP):
             y1 = min(h, y0 + STRIP)
             # rows y0..y1 lie between nodes r0 and r1 (inclusive); resize them so node r0 lands on row r0*step
             r0 = y0 // step
             r1 = min(nodes_y - 1, (y1 - 1) // step + 2)
             size = (nodes_x * step, (r1 - r0 + 1) * step)
-            strip_x = cv2.resize(map_x[r0 : r1 + 1], size, interpolation=cv2.INTER_LINEAR)
-            strip_y = cv2.resize(map_y[r0 : r1 + 1], size, interpolation=cv2.INTER_LINEAR)
+            strip_x, strip_y = buffers[0, : size[1]], buffers[1, : size[1]]
+            cv2.resize(map_x[r0 : r1 + 1], size, dst=strip_x, interpolation=cv2.INTER_LINEAR)
+            cv2.resize(map_y[r0 : r1 + 1], size, dst=strip_y, interpolation=cv2.INTER_LINEAR)
             top = y0 + step - r0 * step
             rows = slice(top, top + (y1 - y0))
             cols = slice(step, step + w)
@@ -398,16 +404,15 @@ class FieldReference:
         # the field at zero where no block says anything (the pose already holds the rigid part)
         per_node = self._scale * (self._blocks[0] * self._blocks[1]) / NODES**2
         bending = per_node * (SMOOTHNESS * self._bending + self.ridge * np.eye(NODES * NODES))
-        jac, weight, blocks = self._jac, self._weight, self._reference_blocks
+        unseen: list[Patch] = []
+        blocks = self._reference_blocks
         if hidden is not None and hidden.any():
-            jac, weight, blocks = self._visible(hidden, areas)
+            unseen, blocks = self._visible(hidden, areas)
         if self.smooth_first:
             frame = _smooth(frame, self._sigma)
         for _ in range(steps):
             warped = self._warp_level(frame, a, coef)
-            rhs, energy = self._block_moments(
-                warped if self.smooth_first else _smooth(warped, self._sigma), jac, weight
-            )
+            rhs, energy = self._block_moments(warped if self.smooth_first else _smooth(warped, self._sigma), unseen)
             theta = np.einsum("bij,bj->bi", blocks.inverse, rhs)  # each block's own shift, gain and offset
             explained = np.einsum("bi,bi->b", rhs, theta)
             weights = self._robust_weights(np.maximum(energy - explained, 0), theta[:, 2], blocks) * blocks.shown
@@ -447,22 +452,36 @@ class FieldReference:
             maps.append(full[LEVEL_STEP : LEVEL_STEP + h, LEVEL_STEP : LEVEL_STEP + w])
         return maps[0], maps[1]
 
-    def _block_moments(
-        self, smoothed: np.ndarray, jac: np.ndarray, weight: np.ndarray
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """Per block: the Jacobian's products with the smoothed residual [b, 4], and the residual's energy [b]."""
+    def _block_moments(self, smoothed: np.ndarray, unseen: list[Patch]) -> tuple[np.ndarray, np.ndarray]:
+        """Per block: the Jacobian's products with the smoothed residual [b, 4], and the residual's energy [b]; the
+        residual weighted by the reference's weight and the ``unseen`` patches (``_visible``).
+
+        In bands of MOMENT_BAND block rows, each taken through all its products while it is in cache: over whole
+        levels (26 MB of Jacobian and 6.5 MB per product at 1280 px) the same arithmetic cost 6 ms a step in the
+        pipeline against 3 with warm caches. A block's sums are its own rows' (an area resize), the same in any band.
+        """
         resid = smoothed - self._smooth_level
         if any(any(p) for p in self._pad):
             resid = np.pad(resid, self._pad)
-        resid *= weight
-        blocks = self._blocks
-        # one level-sized buffer for the products: a fresh 6.5 MB array per product (1280 px) costs its page faults
-        product = np.empty_like(resid)
-        # the fourth column of the Jacobian is the (0/1) weight the residual already carries
-        sums = [_block_sums(np.multiply(j, resid, out=product), blocks).reshape(-1) for j in jac[:3]]
-        sums.append(_block_sums(resid, blocks).reshape(-1))
-        energy = _block_sums(np.multiply(resid, resid, out=product), blocks).reshape(-1).astype(np.float64)
-        return np.stack(sums, axis=1).astype(np.float64), energy
+        hb, wb = self._blocks
+        rows = resid.shape[0] // hb  # level px per block
+        sums = np.empty((5, hb, wb), np.float32)  # the three products, the residual, its square
+        product = np.empty((MOMENT_BAND * rows, resid.shape[1]), np.float32)
+        jac = self._jac
+        for top in range(0, hb, MOMENT_BAND):
+            bottom = min(hb, top + MOMENT_BAND)
+            band, dims = slice(top * rows, bottom * rows), (bottom - top, wb)
+            r = resid[band]
+            r *= self._weight[band]
+            _apply(r, unseen, band)
+            out = product[: r.shape[0]]
+            # the fourth column of the Jacobian is the (0/1) weight the residual already carries
+            for k in range(3):
+                sums[k, top:bottom] = _block_sums(np.multiply(jac[k, band], r, out=out), dims)
+            sums[3, top:bottom] = _block_sums(r, dims)
+            sums[4, top:bottom] = _block_sums(np.multiply(r, r, out=out), dims)
+        flat = sums.reshape(5, -1)
+        return np.ascontiguousarray(flat[:4].T, np.float64), flat[4].astype(np.float64)
 
     def residual_energy(self, frame_level: np.ndarray, matrix: np.ndarray, field: Field | None) -> float:
         """What is left of the smoothed residual against the reference (sum of squares over the measured pixels of
@@ -503,12 +522,14 @@ class FieldReference:
 
     def _visible(
         self, hidden: np.ndarray, areas: list[tuple[slice, slice]] | None = None
-    ) -> tuple[np.ndarray, np.ndarray, _BlockSystems]:
-        """Jacobian, weight and block systems with the ``hidden`` pixels (grown by HIDDEN_GROW on the field's level)
-        left out; ``areas`` (this level's boxes that hold every hidden pixel; None: their bounding box) bound the work.
+    ) -> tuple[list[Patch], _BlockSystems]:
+        """What the frame shows of the part with the ``hidden`` pixels (grown by HIDDEN_GROW on the field's level) left
+        out: patches of the reference's weight (``Patch``), and the block systems; ``areas`` (this level's boxes that
+        hold every hidden pixel; None: their bounding box) bound the work.
 
-        The Jacobian is returned as the reference has it: ``_block_moments`` multiplies it by the residual, which
-        the returned weight already zeroes where hidden (a full-level copy of the Jacobian cost some 3 ms).
+        Patches, not a weight of the level's size: a copy of the reference's weight cost some 1 ms a frame at 1280 px,
+        and the weight and the patches are 0 / 1, so their product is the same in any order (as the Jacobian, which
+        ``_block_moments`` takes from the reference and multiplies by the residual the patches zero).
         """
         # the same width of the part on the coarser level (2 px there): its smoothing reaches half as many pixels, and
         # 3 left the blocks beside a fixture bar out, to be extrapolated (a good part's band scored 1.6 -> 2.3)
@@ -521,21 +542,21 @@ class FieldReference:
             reaches = [self._reach(hidden, grow)]
         else:
             reaches = [self._reach(hidden, grow, area) for area in areas if hidden[area].any()]
-        weight = self._weight.copy()
+        unseen = []
         for area in reaches:
             seen = np.ones((area[0].stop - area[0].start, area[1].stop - area[1].start), np.float32)
             shown = hidden[area]  # the part of the area inside the level (the rest is padding, always seen)
             grown = cv2.dilate(shown.astype(np.uint8), np.ones((2 * grow + 1,) * 2, np.uint8))
             seen[: shown.shape[0], : shown.shape[1]] = 1 - grown.astype(np.float32)
-            weight[area] *= seen
+            unseen.append((area, seen))
         touched = np.zeros(self._blocks, bool)
-        for area in reaches:
+        for area, _ in unseen:
             dims = ((area[0].stop - area[0].start) // b, (area[1].stop - area[1].start) // b)
-            near = _block_sums(self._weight[area] - weight[area], dims) > 0
+            near = _block_sums(self._weight[area] - self._weighted(area, unseen), dims) > 0
             touched[area[0].start // b : area[0].stop // b, area[1].start // b : area[1].stop // b] |= near
         blocks = self._reference_blocks
         if not touched.any():
-            return self._jac, weight, blocks
+            return unseen, blocks
         blocks = _BlockSystems(**{k: np.copy(v) for k, v in vars(blocks).items()})
         # only the blocks the occluder touches change: measure those again on what they still show, within boxes
         # of blocks around them (a band along every edge would otherwise make one box of the whole level)
@@ -547,15 +568,22 @@ class FieldReference:
             if not inside.any():
                 continue
             # what the box still shows: the weight, 0 / 1 where the reference's is 1 (where it is 0, so is the Jacobian)
-            jac = self._jac[:, box[0], box[1]] * weight[box]
-            part = _BlockSystems.measure(jac, weight[box], inside.shape, inside)
+            weight = self._weighted(box, unseen)
+            jac = self._jac[:, box[0], box[1]] * weight
+            part = _BlockSystems.measure(jac, weight, inside.shape, inside)
             measured = np.zeros(self._blocks, bool)
             measured[rows, cols] = inside
             measured = measured.reshape(-1)
             for name in ("pixels", "info", "inverse", "gain_part", "gain_inverse"):
                 getattr(blocks, name)[measured] = getattr(part, name)
             blocks.shown[measured] = part.pixels >= VISIBLE_MIN * np.maximum(self._pixels[measured], 1)
-        return self._jac, weight, blocks
+        return unseen, blocks
+
+    def _weighted(self, box: tuple[slice, slice], unseen: list[Patch]) -> np.ndarray:
+        """The reference's weight over ``box`` (padded level px) with the ``unseen`` patches applied (a new array)."""
+        weight = self._weight[box].copy()
+        _apply(weight, unseen, box[0], box[1].start)
+        return weight
 
     def _reach(self, hidden: np.ndarray, grow: int, area: tuple[slice, slice] | None = None) -> tuple[slice, slice]:
         """The whole blocks (padded level px) that ``hidden`` (within ``area``; not empty there), grown by ``grow``
@@ -769,6 +797,20 @@ def _block_sums(values: np.ndarray, blocks: tuple[int, int]) -> np.ndarray:
     hb, wb = blocks
     block = values.shape[0] // hb
     return cv2.resize(values, (wb, hb), interpolation=cv2.INTER_AREA) * np.float32(block * block)
+
+
+Patch = tuple[tuple[slice, slice], np.ndarray]  # (rows, cols) of the padded field level, and a 0 / 1 weight there
+
+
+def _apply(values: np.ndarray, patches: list[Patch], rows: slice, col0: int = 0) -> None:
+    """Multiply ``values`` (the padded level's ``rows``, its columns from ``col0``) by the patches that reach them."""
+    for (p_rows, p_cols), seen in patches:
+        top, bottom = max(rows.start, p_rows.start), min(rows.stop, p_rows.stop)
+        left, right = max(col0, p_cols.start), min(col0 + values.shape[1], p_cols.stop)
+        if top < bottom and left < right:
+            values[top - rows.start : bottom - rows.start, left - col0 : right - col0] *= seen[
+                top - p_rows.start : bottom - p_rows.start, left - p_cols.start : right - p_cols.start
+            ]
 
 
 def _shrink(hidden: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
