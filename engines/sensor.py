@@ -38,6 +38,8 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
+from engines.registration import lighting_fields
+
 DARK = 0.4  # an occluder is darker than the part would be there by this fraction of the expected grey...
 MIN_DARK = 12.0  # ...and by at least this many grey levels (8-bit units)
 MIN_RUN = 0.35  # fraction of an edge's length an occluder covers at least
@@ -188,14 +190,23 @@ class FrameClutter:
 
     def covers(self, qy: np.ndarray, qx: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
         """Whether sensor-frame points (full-resolution coordinates) are left out."""
+        return self._covers_rounded(np.rint(qy), np.rint(qx), shape)
+
+    def _covers_rounded(self, ry: np.ndarray, rx: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+        """``covers`` of points already rounded to sensor pixels (float arrays of whole numbers).
+
+        Compared as floats (whole numbers: the same comparisons as on integers); only the coordinate along an edge
+        becomes an index: a 5120 px frame's occluder is some 0.5 M pixels at full resolution, and each conversion of
+        both coordinates to integers a pass over them.
+        """
         h, w = shape
-        ry, rx = np.rint(qy).astype(np.int64), np.rint(qx).astype(np.int64)
-        hit = np.zeros(qy.shape, bool)
+        hit = np.zeros(ry.shape, bool)
         for edge, depth in self.depths.items():
-            along = np.clip(rx if edge < 2 else ry, 0, len(depth) - 1)
+            along = np.clip(rx if edge < 2 else ry, 0, len(depth) - 1).astype(np.intp)
             into = (ry, h - 1 - ry, rx, w - 1 - rx)[edge]
             hit |= into < depth[along]
         if self.user_mask is not None:
+            ry, rx = ry.astype(np.int64), rx.astype(np.int64)
             inside = (ry >= 0) & (ry < h) & (rx >= 0) & (rx < w)
             hit[inside] |= self.user_mask[ry[inside], rx[inside]]
         return hit
@@ -257,11 +268,13 @@ class FrameClutter:
         for r, c in _spans(regions, rows, cols, step):
             py = (np.arange(r.start, r.stop) + 0.5) * step - 0.5
             px = (np.arange(c.start, c.stop) + 0.5) * step - 0.5
-            qx = matrix[0, 0] * px[None, :] + matrix[0, 1] * py[:, None] + matrix[0, 2]
-            qy = matrix[1, 0] * px[None, :] + matrix[1, 1] * py[:, None] + matrix[1, 2]
-            mask[r.start - rows.start : r.stop - rows.start, c.start - cols.start : c.stop - cols.start] = self.covers(
-                qy, qx, shape
-            )
+            # the same sums in the same order as ``covers``' callers form them, rounded in place
+            qx = np.add(matrix[0, 0] * px[None, :], matrix[0, 1] * py[:, None])
+            qy = np.add(matrix[1, 0] * px[None, :], matrix[1, 1] * py[:, None])
+            qx += matrix[0, 2]
+            qy += matrix[1, 2]
+            spot = (slice(r.start - rows.start, r.stop - rows.start), slice(c.start - cols.start, c.stop - cols.start))
+            mask[spot] = self._covers_rounded(np.rint(qy, out=qy), np.rint(qx, out=qx), shape)
         return mask
 
     def _regions(self, matrix: np.ndarray, shape: tuple[int, int]) -> list[list[HalfPlane]]:
@@ -474,8 +487,6 @@ def _replace(
 ) -> None:
     """Replace the pixels under ``mask`` (its corner at full-resolution pixel (y0, x0)) by ``mean`` lit like
     the frame: elementwise the same arithmetic as on gathered pixels, so the same values."""
-    from engines.registration import lighting_fields
-
     h, w = mask.shape
     ys, xs = np.arange(y0, y0 + h, dtype=np.float64)[:, None], np.arange(x0, x0 + w, dtype=np.float64)[None, :]
     gain, offset = lighting_fields(coef, xs, ys, registered.shape[:2])
