@@ -149,6 +149,10 @@ class SensorModel:
         }
         return FrameClutter(depths) if depths else None
 
+    def search_rows(self, factor: int) -> int:
+        """Rows from each edge of a level ``factor`` times smaller that ``frame_clutter`` compares (0: none)."""
+        return math.ceil(self.max_depth / factor) if self.max_depth > 0 else 0
+
     def frame_clutter(self, frame: np.ndarray, expected: np.ndarray, factor: int) -> FrameClutter:
         """What to leave out of this frame: its occluders (``frame``/``expected`` on a level ``factor`` times
         smaller) and the user's mask, in the sensor frame."""
@@ -156,7 +160,7 @@ class SensorModel:
         if self.max_depth > 0:
             h, w = self.mean.shape[1:]
             cap = math.ceil(self.max_depth) + MARGIN_PX
-            for edge, depth in enumerate(occluder_depths(frame, expected, math.ceil(self.max_depth / factor))):
+            for edge, depth in enumerate(occluder_depths(frame, expected, self.search_rows(factor))):
                 if depth.any():
                     length = w if edge < 2 else h
                     full = np.repeat(np.minimum((depth + 1) * factor + MARGIN_PX, cap), factor)[:length]
