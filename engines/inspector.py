@@ -52,10 +52,10 @@ def _field_reference(
     bundle: Bundle, ref: dict[str, np.ndarray], full_shape: tuple[int, int]
 ) -> nonrigid.FieldReference:
     """The bundle's field reference, run as it was fitted: what a bundle records of its own (ridge, shared levels,
-    steps, coupling, smoothing first, coarse steps, the shift gate) it keeps, with the values before each was
-    recorded; the other constants must match."""
+    steps, coupling, smoothing first, coarse steps) it keeps, with the values before each was recorded; the other
+    constants must match."""
     cfg = bundle.manifest["registration"]["field"]
-    own = ("factor", "ridge", "shared_levels", "steps", "coupled", "smooth_first", "coarse_steps", "shift_gate")
+    own = ("factor", "ridge", "shared_levels", "steps", "coupled", "smooth_first", "coarse_steps")
     checked = {k: v for k, v in nonrigid.parameters().items() if k not in own}
     if {k: v for k, v in cfg.items() if k not in own} != checked:
         raise BundleError(f"{bundle.path}: fitted with other non-rigid alignment parameters; refit the model")
@@ -70,7 +70,6 @@ def _field_reference(
         coupled=bool(cfg.get("coupled", False)),  # before: x and y solved apart
         smooth_first=bool(cfg.get("smooth_first", False)),  # before: each step's resampled level smoothed
         coarse_steps=int(cfg.get("coarse_steps", 0)),  # before: every step on the field's level
-        shift_gate=float(cfg.get("shift_gate", 0.0)),  # before: no block's own shift gated
     )
 
 

@@ -82,13 +82,6 @@ ONE_STEP_FACTOR = 4
 COUPLED = True
 SMOOTHNESS = 3e-4  # bending-energy weight, relative to the typical block's information per control point
 MAX_PX = 6.0  # px (full resolution): no control point moves further; a larger "bend" is not one
-# ... nor a block whose own shift (what its pixels alone say, each step) is larger: it carries no weight in the spline's
-# fit. One linearisation of the smoothed level does not hold that far, and such a block is reading something else as
-# a shift (a lighting ramp in a block of little structure). At 5120 px a block 448 px from the edge beside a fixture
-# bar measured 7.7 px where the markers around it needed under 0.5, pulled the field 2.4 px off at the part's marker
-# row and rejected a good part (held-back seed 9015, 024: docs/measurements.md). Recorded per bundle
-# (``FieldReference.shift_gate``): bundles before it had none.
-SHIFT_GATE = MAX_PX
 MAP_STEP = 16  # px: the full-resolution map is evaluated on this grid and interpolated bilinearly
 LEVEL_STEP = 8  # px at the field's level: the grid the field is evaluated on while estimating
 STRIP = 256  # rows resampled per remap call (keeps the maps in cache)
@@ -146,7 +139,6 @@ def parameters() -> dict[str, float]:
         "noise_floor": NOISE_FLOOR,
         "gain_limit": GAIN_LIMIT,
         "max_px": MAX_PX,
-        "shift_gate": SHIFT_GATE,
         "hidden_grow": HIDDEN_GROW,
         "visible_min": VISIBLE_MIN,
     }
@@ -281,7 +273,6 @@ class FieldReference:
     coupled: bool = COUPLED  # likewise
     smooth_first: bool = SMOOTH_FIRST  # likewise
     coarse_steps: int = COARSE_STEPS  # likewise
-    shift_gate: float = SHIFT_GATE  # likewise (0: none)
     block: int = BLOCK  # px at this level (BLOCK / 2 on the coarser level of ``coarse_steps``: the same blocks)
 
     def __post_init__(self) -> None:
@@ -425,8 +416,6 @@ class FieldReference:
             theta = np.einsum("bij,bj->bi", blocks.inverse, rhs)  # each block's own shift, gain and offset
             explained = np.einsum("bi,bi->b", rhs, theta)
             weights = self._robust_weights(np.maximum(energy - explained, 0), theta[:, 2], blocks) * blocks.shown
-            if self.shift_gate > 0:
-                weights = np.where(np.hypot(theta[:, 0], theta[:, 1]) * self.factor > self.shift_gate, 0.0, weights)
             g = rhs[:, :2] - np.einsum("bij,bj->bi", blocks.gain_part, rhs[:, 2:])
             coef += self._solve(weights, g, coef, bending, blocks.info)
             np.clip(coef, -MAX_PX / self.factor, MAX_PX / self.factor, out=coef)
