@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
+import sys
 import threading
 import time
 from pathlib import Path
@@ -353,6 +354,8 @@ def test_below_the_minimum_side_is_a_one_line_error(odd: Path, tmp_path: Path, c
 def _benchmark(name: str):
     spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    # registered before it runs: a dataclass defined under ``from __future__ import annotations`` looks its module up
+    sys.modules[name] = module
     spec.loader.exec_module(module)
     return module
 
