@@ -61,13 +61,18 @@ def outlying(held: np.ndarray) -> np.ndarray:
     return outlier_scores(held, OUTLIER_MIN_RATIO)[2]
 
 
+def held_scores(model: Path) -> np.ndarray:
+    """The bundle's held-out good scores (one per training image)."""
+    return np.asarray(json.loads((model / "calibration.json").read_text())["good_scores"], np.float64)
+
+
 def one_run(
     model: Path, report: Path, margins: list[float], exclude_outliers: bool = False
 ) -> tuple[float, list[tuple[float, dict]], int]:
     """Worst held-out good score; threshold and decisions per margin (from the goods that are not outlying only,
     with ``exclude_outliers``); images whose verdict the bundle's own threshold does not reproduce."""
     calibration = json.loads((model / "calibration.json").read_text())
-    held = held_scores(model)
+    held = np.asarray(calibration["good_scores"], np.float64)
     basis = held[~outlying(held)] if exclude_outliers else held
     rows = list(csv.DictReader((report / "per_image.csv").open()))
     scores = np.array([float(r["score"]) for r in rows])
@@ -79,10 +84,6 @@ def one_run(
         threshold = good_threshold(basis, float(calibration["target_frr"]), margin)["threshold"]
         out.append((threshold, decisions(scores, defective, threshold)))
     return float(held.max()), out, mismatched
-
-
-def held_scores(model: Path) -> np.ndarray:
-    return np.asarray(json.loads((model / "calibration.json").read_text())["good_scores"], np.float64)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -631,11 +631,7 @@ def expected_on_level(
     h, w = ref.fine.shape
     matrix = _scale_matrix(pose.matrix, (h, w), ref.full_shape)
     if edge_rows is None or 2 * edge_rows >= min(h, w):
-        sy, sx = ref.full_shape[0] / h, ref.full_shape[1] / w
-        xs = (np.arange(w) * sx + (sx - 1) / 2)[None, :]
-        ys = (np.arange(h) * sy + (sy - 1) / 2)[:, None]
-        gain, offset = lighting_fields(coef, xs, ys, ref.full_shape)
-        lit = gain * ref.fine + offset
+        lit = _lit_fine(ref, coef, (0, h, 0, w))
         return cv2.warpAffine(lit, matrix, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
     out = np.zeros((h, w), np.float32)
     k = edge_rows
@@ -645,6 +641,18 @@ def expected_on_level(
     for y0, y1, x0, x1 in ((0, k, 0, w), (h - k, h, 0, w), (k, h - k, 0, k), (k, h - k, w - k, w)):
         out[y0:y1, x0:x1] = _expected_box(ref, inverse, coef, (y0, y1, x0, x1))
     return out
+
+
+def _lit_fine(ref: RegistrationReference, coef: np.ndarray, box: tuple[int, int, int, int]) -> np.ndarray:
+    """The reference's fine level over the box (y0, y1, x0, x1) of its pixels, lit by the lighting model ``coef``
+    (each pixel's gain and offset at its full-resolution centre)."""
+    h, w = ref.fine.shape
+    y0, y1, x0, x1 = box
+    sy, sx = ref.full_shape[0] / h, ref.full_shape[1] / w
+    xs = (np.arange(x0, x1) * sx + (sx - 1) / 2)[None, :]
+    ys = (np.arange(y0, y1) * sy + (sy - 1) / 2)[:, None]
+    gain, offset = lighting_fields(coef, xs, ys, ref.full_shape)
+    return gain * ref.fine[y0:y1, x0:x1] + offset
 
 
 def _expected_box(
@@ -660,11 +668,7 @@ def _expected_box(
     hi = np.ceil(corners.max(axis=0)).astype(int) + 3
     sx0, sy0 = max(0, int(lo[0])), max(0, int(lo[1]))
     sx1, sy1 = min(w, max(int(hi[0]), sx0 + 1)), min(h, max(int(hi[1]), sy0 + 1))
-    sy, sx = ref.full_shape[0] / h, ref.full_shape[1] / w
-    xs = (np.arange(sx0, sx1) * sx + (sx - 1) / 2)[None, :]
-    ys = (np.arange(sy0, sy1) * sy + (sy - 1) / 2)[:, None]
-    gain, offset = lighting_fields(coef, xs, ys, ref.full_shape)
-    lit = gain * ref.fine[sy0:sy1, sx0:sx1] + offset
+    lit = _lit_fine(ref, coef, (sy0, sy1, sx0, sx1))
     shifted = inverse.copy()
     shifted[:, 2] = inverse[:, 0] * x0 + inverse[:, 1] * y0 + inverse[:, 2] - (sx0, sy0)
     flags = cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP
