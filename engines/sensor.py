@@ -10,6 +10,7 @@ Per frame (``SensorModel.occluders``), on the fine registration level, in the se
 the part as the reference expects it there (its mean, posed and lit like the frame) is
 compared with the frame. An *occluder* is where the frame is much darker than the part would
 be (``DARK`` of the expected grey, at least ``MIN_DARK`` levels), attached to an image edge,
+wide along it at every depth it reaches (``STREAK``: a dark streak across the band is not one)
 and long along it (``MIN_RUN`` of the edge): no defect is that. Its depth from the edge is
 capped by what the good images showed (``max_depth``, learned by ``learn_max_depth``, with
 ``DEPTH_SLACK``); a fit whose good images show none learns 0 and nothing is ever left out.
@@ -43,6 +44,7 @@ from engines.registration import lighting_fields
 DARK = 0.4  # an occluder is darker than the part would be there by this fraction of the expected grey...
 MIN_DARK = 12.0  # ...and by at least this many grey levels (8-bit units)
 MIN_RUN = 0.35  # fraction of an edge's length an occluder covers at least
+STREAK = 0.02  # fraction of an edge's length: dark narrower than this along the edge is a streak, not an occluder
 FILL = 0.6  # of the rows between the edge and an occluder's depth, at least this fraction are dark
 MARGIN_PX = 2  # full-resolution px grown around an occluder (its blurred edge) besides one fine-level pixel
 DEPTH_SLACK = 0.25  # an occluder may reach this fraction deeper than the deepest one the good images showed
@@ -64,7 +66,14 @@ GAIN_RANGE = 0.4  # a line's gain against the expected part stays within 1 +- th
 
 def parameters() -> dict[str, float]:
     """What a bundle records of the occluder detection, so a bundle is never run with other constants."""
-    return {"dark": DARK, "min_dark": MIN_DARK, "min_run": MIN_RUN, "fill": FILL, "margin_px": MARGIN_PX}
+    return {
+        "dark": DARK,
+        "min_dark": MIN_DARK,
+        "min_run": MIN_RUN,
+        "streak": STREAK,
+        "fill": FILL,
+        "margin_px": MARGIN_PX,
+    }
 
 
 def edge_view(img: np.ndarray, edge: int) -> np.ndarray:
@@ -92,12 +101,30 @@ def occluder_depths(frame: np.ndarray, expected: np.ndarray, limit: int) -> list
         if rows.size == 0:
             depths.append(np.zeros(edge_view(frame, edge).shape[1], np.int32))
             continue
+        rows = _attached_and_wide(rows)
         # deepest dark row whose rows from the edge are mostly dark (clutter on the bar leaves gaps)
         filled = np.cumsum(rows, axis=0) >= FILL * np.arange(1, len(rows) + 1)[:, None]
         candidate = rows & filled
         depth = np.where(candidate.any(axis=0), len(rows) - np.argmax(candidate[::-1], axis=0), 0)
         depths.append(_long_runs(depth.astype(np.int32)))
     return depths
+
+
+def _attached_and_wide(rows: np.ndarray) -> np.ndarray:
+    """The dark pixels of an edge's rows (row = distance from the edge) that are wide along the edge (STREAK) and
+    connected to the edge through such pixels.
+
+    Dark streaks cross the band (a cable's shadow, debris, a scratch in the cover glass): each column one
+    crosses is dark from the bar's edge on, and the deepest-run rule below took them as more bar, 40-100 px
+    deeper than the bar in places and, with the outermost dark rows, a bar on an edge that had none (spent seed
+    9016 at 5120 px, ``docs/measurements.md``). A bar, a clamp or a tilted plate is wide along the edge at every
+    depth it reaches; a streak is not, and a dark line parallel to the edge beyond the bar does not touch it.
+    """
+    width = max(3, int(STREAK * rows.shape[1])) | 1
+    wide = cv2.morphologyEx(np.ascontiguousarray(rows, np.uint8), cv2.MORPH_OPEN, np.ones((1, width), np.uint8))
+    _, labels = cv2.connectedComponents(wide, connectivity=8)
+    attached = np.unique(labels[0])
+    return np.isin(labels, attached[attached > 0])
 
 
 def _long_runs(depth: np.ndarray) -> np.ndarray:
