@@ -65,6 +65,39 @@ def test_defects_in_the_band_are_not_occluders(part):
     assert not any(d.any() for d in sn.occluder_depths(frame, expected, 20))
 
 
+def streaks(view: np.ndarray, start: int, stop: int) -> None:
+    """Dark streaks across the band on an edge's fine-level view (row = distance from the edge), from row
+    ``start`` to ``stop``: straight across, slanted, and a dark line parallel to the edge beyond ``start``."""
+    for col in (30, 90, 150, 210):
+        view[start:stop, col : col + 2] = 5.0
+    for row in range(start, stop):  # slanted, 2 fine px a row along the edge
+        view[row, 100 + 2 * row : 103 + 2 * row] = 5.0
+    view[start + 2 : start + 3, 160:200] = 5.0
+
+
+@pytest.mark.parametrize("edge", [0, 3])
+def test_streaks_across_the_band_do_not_deepen_a_bar(part, edge):
+    """Dark streaks from a bar's edge deep into the band (a cable's shadow, debris) and a dark line beside
+    it are not more bar: the bar is found to its own depth (one fine pixel of slack plus the search's)."""
+    depth = 20.0
+    frame, expected = scene(part, 3, (edge, depth))
+    streaks(sn.edge_view(frame, edge), int(depth) // FACTOR, 18)
+    found = sn.occluder_depths(frame, expected, 20)[edge]
+    assert (found > 0).mean() > 0.8
+    deepest = found[20:-20].max() * FACTOR  # the corners' vignetting, the darkest, is another matter
+    assert deepest <= depth + 2 * FACTOR, f"{deepest} px against a {depth} px bar"
+
+
+def test_streaks_from_an_edge_without_a_bar_are_not_an_occluder(part):
+    """Streaks that reach an edge with no bar there are not an occluder, however many columns they cross."""
+    frame, expected = scene(part, 4, None)
+    view = sn.edge_view(frame, 1)
+    streaks(view, 0, 18)
+    for col in range(20, 236, 8):
+        view[0:18, col : col + 2] = 5.0
+    assert not sn.occluder_depths(frame, expected, 20)[1].any()
+
+
 def test_good_images_without_a_fixture_teach_no_occluder(part):
     """With no bar in the good images the learned depth is 0 and the model leaves nothing out."""
     frames = [scene(part, seed, None) for seed in range(4)]
