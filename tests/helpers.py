@@ -8,7 +8,10 @@ drawn after the pose, in frame pixels, and their ground-truth masks are written 
 
 from __future__ import annotations
 
+import importlib.util
+import sys
 from pathlib import Path
+from types import ModuleType
 
 import cv2
 import numpy as np
@@ -301,3 +304,25 @@ def sensor_clutter(frame: np.ndarray, edges: tuple[int, ...] = (0, 2), depth: fl
     ys, xs = np.mgrid[0:h, 0:w].astype(np.float32)
     to_edge = np.minimum(np.minimum(ys, h - 1 - ys), np.minimum(xs, w - 1 - xs))
     return out * (1 - 0.3 * np.clip(1 - to_edge / band, 0, 1) ** 2)
+
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def load_benchmark(script: str, name: str | None = None) -> ModuleType:
+    """A script of ``benchmarks/`` loaded as a module (they are scripts, not a package), as ``name``.
+
+    Registered in ``sys.modules`` before it runs (a dataclass under ``from __future__ import
+    annotations`` looks its module up there) and run with ``benchmarks/`` on the path, as when run
+    as a script (some import their neighbours).
+    """
+    name = name or script
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{script}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    return module

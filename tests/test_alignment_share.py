@@ -2,24 +2,18 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
-import sys
 from dataclasses import dataclass
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
-BENCHMARKS = Path(__file__).parents[1] / "benchmarks"
-SPEC = importlib.util.spec_from_file_location("alignment_share", BENCHMARKS / "alignment_share.py")
-share = importlib.util.module_from_spec(SPEC)
+from tests.helpers import load_benchmark
+
 _before = os.environ.get("OPENBLAS_NUM_THREADS")
-sys.path.insert(0, str(BENCHMARKS))  # it imports frame_path from its own folder, as when run as a script
 try:
-    SPEC.loader.exec_module(share)  # sets OPENBLAS_NUM_THREADS as predict does: not for the other tests' processes
+    share = load_benchmark("alignment_share")  # sets OPENBLAS_NUM_THREADS as predict does
 finally:
-    sys.path.remove(str(BENCHMARKS))
     if _before is None:
         os.environ.pop("OPENBLAS_NUM_THREADS", None)
     else:

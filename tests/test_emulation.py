@@ -8,14 +8,12 @@ differed from the real bindings is pinned here too, so a regression shows withou
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import numpy as np
 import pytest
 
 from tests.emulation import fake_pycuda, install
 from tests.emulation.fake_tensorrt import make_module
+from tests.helpers import load_benchmark
 
 
 def test_gpu_suite_pipeline_runs_on_the_emulated_driver(monkeypatch, tmp_path) -> None:
@@ -32,10 +30,7 @@ def test_gpu_suite_pipeline_runs_on_the_emulated_driver(monkeypatch, tmp_path) -
 def test_gpu_benchmark_runs_on_the_emulation(monkeypatch, capsys) -> None:
     """benchmarks/gpu.py on a small toy frame: the TensorRT rows and the pycuda pinned-copy row run (no speed)."""
     install(monkeypatch, major=10)
-    path = Path(__file__).parents[1] / "benchmarks" / "gpu.py"
-    spec = importlib.util.spec_from_file_location("gpu_benchmark", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_benchmark("gpu", "gpu_benchmark")
     argv = ["--size", "48", "--core", "16", "--halo", "4", "--batches", "2", "--frames", "1", "--skip-cpu"]
     assert module.main(argv) == 0
     rows = {line.split("  ")[0].strip(): line for line in capsys.readouterr().out.splitlines()[2:]}

@@ -17,9 +17,7 @@ are one-line errors. Full-size sensors (up to 5472x3648) are measured by
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
-import sys
 import threading
 import time
 from pathlib import Path
@@ -42,6 +40,7 @@ from engines.onnxruntime_backend import OnnxRuntimeBackend
 from engines.tiling import TilePlan, cell_grid
 from engines.tolerance import BLOCK, frame_fine_gain
 from engines.types import MIN_SIDE
+from tests.helpers import load_benchmark
 from tests.test_tiling import run_map
 
 # (width, height, dtype, channels): each size one pixel type, every pixel type on an odd size
@@ -351,21 +350,12 @@ def test_below_the_minimum_side_is_a_one_line_error(odd: Path, tmp_path: Path, c
     assert not report.exists()
 
 
-def _benchmark(name: str):
-    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    # registered before it runs: a dataclass defined under ``from __future__ import annotations`` looks its module up
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_benchmark_scripts_take_any_size(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     """predict_speed.py and daemon_latency.py synthesise, fit and measure a 333x200 line (no timings checked)."""
-    speed = _benchmark("predict_speed")
+    speed = load_benchmark("predict_speed")
     assert speed.main(["--width", "333", "--height", "200", "--runs", "1", "--limit", "2"]) == 0
     assert "predict on 333x200 mono uint8" in capsys.readouterr().out
-    latency = _benchmark("daemon_latency")
+    latency = load_benchmark("daemon_latency")
     argv = ["--width", "333", "--height", "200", "--workdir", tmp_path, "--backend", "onnxruntime"]
     argv += ["--bare", "2", "--frames", "3", "--soak", "6"]
     assert latency.main([str(a) for a in argv]) == 0
@@ -376,7 +366,7 @@ def test_benchmark_scripts_take_any_size(tmp_path: Path, capsys: pytest.CaptureF
 @pytest.mark.slow
 def test_sensor_size_benchmark(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     """benchmarks/sensor_sizes.py: 30 good images fitted, predicted at 1440x1080 ... 5472x3648 (no timing checked)."""
-    assert _benchmark("sensor_sizes").main(["--workdir", str(tmp_path)]) == 0
+    assert load_benchmark("sensor_sizes").main(["--workdir", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     for size in ("1440x1080", "2448x2048", "4096x3000", "5472x3648"):
         assert f"{size}: " in out and f"{size}: good:reject" not in out

@@ -21,7 +21,7 @@ from engines.graphs import ALIGN, HALO, LEVELS
 from engines.inspector import Inspector
 from engines.tiling import cell_grid
 from engines.types import Geometry
-from tests.helpers import convert_dataset, emulated_trt_vs_fp32, fp16_vs_fp32, make_dataset, write_png
+from tests.helpers import convert_dataset, emulated_trt_vs_fp32, fp16_vs_fp32, load_benchmark, make_dataset, write_png
 
 SIZE = 384
 
@@ -280,14 +280,10 @@ def test_emulated_tensorrt_engine_agrees_with_fp32(bundle_dir, dataset, monkeypa
 
 def test_gpu_benchmark_runs_a_fitted_bundle_on_emulated_tensorrt(bundle_dir, monkeypatch, capsys):
     """`benchmarks/gpu.py --bundle` feeds the bundle's graphs as the Inspector does (EMULATED TensorRT; no speed)."""
-    import importlib.util
-
     from tests.emulation import install
 
     install(monkeypatch, major=10)
-    spec = importlib.util.spec_from_file_location("gpu_benchmark", Path(__file__).parents[1] / "benchmarks" / "gpu.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_benchmark("gpu", "gpu_benchmark")
     assert module.main(["--bundle", str(bundle_dir), "--batches", "1", "--frames", "1"]) == 0
     lines = capsys.readouterr().out.splitlines()
     rows = {line.split()[0]: line for line in lines[2:]}

@@ -3,19 +3,15 @@
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 
 from calibration.thresholds import good_threshold
+from tests.helpers import load_benchmark
 
-SPEC = importlib.util.spec_from_file_location(
-    "threshold_margin", Path(__file__).parents[1] / "benchmarks" / "threshold_margin.py"
-)
-margin = importlib.util.module_from_spec(SPEC)
-SPEC.loader.exec_module(margin)
+margin = load_benchmark("threshold_margin")
 
 HELD = [0.8, 0.9, 0.85, 1.0, 0.95, 0.9, 0.88, 0.92]  # the fit's held-out good scores: worst 1.0
 
