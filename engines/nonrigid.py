@@ -82,6 +82,13 @@ ONE_STEP_FACTOR = 4
 COUPLED = True
 SMOOTHNESS = 3e-4  # bending-energy weight, relative to the typical block's information per control point
 MAX_PX = 6.0  # px (full resolution): no control point moves further; a larger "bend" is not one
+# In the first step each block's own shift (from the rigid pose) counts at most this far (full-resolution px, along
+# each direction of the block's information) from the affine motion all blocks show together: the pose's residual
+# is affine, a bend is a few px, and a block that reads a lighting ramp or clutter as a shift of 5-20 px pulled the
+# field 3-4 px off at the markers beside a fixture bar (spent seeds 9014-9016 at 5120 px, docs/measurements.md,
+# "Markers beside a fixture bar"). Along each direction: a block of lines along x says nothing about x, and its
+# "shift" there is noise that the block's information already weighs down.
+BEND_PX = 3.0
 MAP_STEP = 16  # px: the full-resolution map is evaluated on this grid and interpolated bilinearly
 LEVEL_STEP = 8  # px at the field's level: the grid the field is evaluated on while estimating
 STRIP = 256  # rows resampled per remap call (keeps the maps in cache)
@@ -139,6 +146,7 @@ def parameters() -> dict[str, float]:
         "noise_floor": NOISE_FLOOR,
         "gain_limit": GAIN_LIMIT,
         "max_px": MAX_PX,
+        "bend_px": BEND_PX,
         "hidden_grow": HIDDEN_GROW,
         "visible_min": VISIBLE_MIN,
     }
@@ -300,6 +308,7 @@ class FieldReference:
             "_gain_inverse": blocks.gain_inverse,
             "_lighting_inverse": _lighting_inverse(jac, (hb, wb)),
             "_interior": _interior_blocks((hb, wb)),
+            "_affine_design": _affine_design((hb, wb)),
             "_block_bx": _basis(_level_coords(wb, self.factor * block), self.full_shape[1]),
             "_block_by": _basis(_level_coords(hb, self.factor * block), self.full_shape[0]),
             "_bending": _bending(),
@@ -410,13 +419,17 @@ class FieldReference:
             unseen, blocks = self._visible(hidden, areas)
         if self.smooth_first:
             frame = _smooth(frame, self._sigma)
-        for _ in range(steps):
+        for step in range(steps):
             warped = self._warp_level(frame, a, coef)
             rhs, energy = self._block_moments(warped if self.smooth_first else _smooth(warped, self._sigma), unseen)
             theta = np.einsum("bij,bj->bi", blocks.inverse, rhs)  # each block's own shift, gain and offset
             explained = np.einsum("bi,bi->b", rhs, theta)
             weights = self._robust_weights(np.maximum(energy - explained, 0), theta[:, 2], blocks) * blocks.shown
             g = rhs[:, :2] - np.einsum("bij,bj->bi", blocks.gain_part, rhs[:, 2:])
+            # later steps start from the field, and what is left there is small: held there too, one block near an
+            # occluder took a good part at 2048 px from 2.80 to 3.58 (spent seed 9015's good 046)
+            if step == 0:
+                g = _held_to_affine(g, theta[:, :2], blocks.info, weights, self._affine_design, BEND_PX / self.factor)
             coef += self._solve(weights, g, coef, bending, blocks.info)
             np.clip(coef, -MAX_PX / self.factor, MAX_PX / self.factor, out=coef)
         return coef * self.factor
@@ -780,6 +793,39 @@ def _block_boxes(touched: np.ndarray) -> list[tuple[slice, slice]]:
             (r0, r1), (c0, c1) = _extent(group)
             boxes.append((slice(r0, r1), slice(c0, c1)))
     return boxes
+
+
+def _affine_design(blocks: tuple[int, int]) -> np.ndarray:
+    """[b, 2, 6]: an affine motion's (x, y) at each block's centre from its six parameters."""
+    hb, wb = blocks
+    iy, ix = np.divmod(np.arange(hb * wb), wb)
+    basis = np.stack([np.ones(hb * wb), (ix + 0.5) / wb - 0.5, (iy + 0.5) / hb - 0.5], axis=1)
+    design = np.zeros((hb * wb, 2, 6))
+    design[:, 0, :3] = basis
+    design[:, 1, 3:] = basis
+    return design
+
+
+def _held_to_affine(
+    g: np.ndarray, own: np.ndarray, info: np.ndarray, weights: np.ndarray, design: np.ndarray, radius: float
+) -> np.ndarray:
+    """The blocks' information-weighted shifts ``g`` [b, 2], each block's own shift ``own`` [b, 2] held to within
+    ``radius`` (level px) of the affine motion fitted to all of them (by their information and ``weights``), along
+    each eigen-direction of the block's information ``info`` [b, 2, 2] (``BEND_PX``)."""
+    weighted = info * weights[:, None, None]
+    normal = np.einsum("bki,bkl,blj->ij", design, weighted, design)
+    if not np.trace(normal) > 0:
+        return g
+    params = np.linalg.solve(
+        normal + 1e-9 * np.trace(normal) * np.eye(6), np.einsum("bki,bkl,bl->i", design, weighted, own)
+    )
+    affine = np.einsum("bkj,j->bk", design, params)
+    strength, directions = np.linalg.eigh(info)
+    along = np.einsum("bki,bk->bi", directions, own - affine)
+    held = np.clip(along, -radius, radius)
+    # info (affine + V held) = info affine + V diag(strength) held; where nothing is held, g itself (to the bit)
+    kept = np.einsum("bij,bj->bi", info, affine) + np.einsum("bki,bi->bk", directions, strength * held)
+    return np.where((held != along).any(axis=1)[:, None], kept, g)
 
 
 def _interior_blocks(blocks: tuple[int, int]) -> np.ndarray:

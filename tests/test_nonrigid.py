@@ -288,7 +288,7 @@ def estimate_with_full_grids(ref: nr.FieldReference, frame_level: np.ndarray, ma
     per_node = ref._scale * (hb * wb) / nr.NODES**2
     bending = per_node * (nr.SMOOTHNESS * ref._bending + nr.RIDGE * np.eye(nr.NODES * nr.NODES))
     jac, weight, blocks = ref._jac, ref._weight, ref._reference_blocks
-    for _ in range(nr.STEPS):
+    for step in range(nr.STEPS):
         dx, dy = (ref._on_level(c.reshape(nr.NODES, nr.NODES), (w, h)) for c in coef)
         warped = cv2.remap(frame, base_x + dx, base_y + dy, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
         resid = np.pad(nr._smooth(warped) - ref._smooth_level, ref._pad) * weight
@@ -298,6 +298,8 @@ def estimate_with_full_grids(ref: nr.FieldReference, frame_level: np.ndarray, ma
         explained = np.einsum("bi,bi->b", rhs, theta)
         weights = ref._robust_weights(np.maximum(energy - explained, 0), theta[:, 2], blocks) * blocks.shown
         g = rhs[:, :2] - np.einsum("bij,bj->bi", blocks.gain_part, rhs[:, 2:])
+        if step == 0:
+            g = nr._held_to_affine(g, theta[:, :2], blocks.info, weights, ref._affine_design, nr.BEND_PX / ref.factor)
         coef += ref._solve(weights, g, coef, bending, blocks.info)
         np.clip(coef, -nr.MAX_PX / ref.factor, nr.MAX_PX / ref.factor, out=coef)
     return (coef * ref.factor).reshape(2, nr.NODES, nr.NODES)
@@ -320,6 +322,76 @@ def test_the_estimate_matches_the_full_grid_implementation(design, references):
         want = estimate_with_full_grids(per_step, level, pose.matrix)
         assert np.abs(want).max() > 0.5, "there is a bend to find"
         assert np.abs(got - want).max() < 0.01
+
+
+def test_a_block_is_held_to_the_affine_motion_along_its_information_only():
+    """A block whose own shift departs from the affine motion of the rest by more than the radius counts as if it
+    departed by the radius, along each direction of its information; along a direction it knows nothing about its
+    "shift" changes nothing; the other blocks' measurements are untouched, to the bit."""
+    rng = np.random.default_rng(0)
+    blocks = (8, 10)
+    design = nr._affine_design(blocks)
+    motion = np.array([0.3, 0.01, -0.02, -0.2, 0.02, 0.01])
+    own = np.einsum("bkj,j->bk", design, motion) + rng.normal(0, 0.05, (80, 2))
+    root = rng.normal(0, 1, (80, 2, 2))
+    info = np.einsum("bij,bkj->bik", root, root) + 0.1 * np.eye(2)
+    info[7] = np.diag([50.0, 0.0])  # a block of lines along y: it tells x only
+    own[3] += (4.0, -1.0)  # off by 4 px along x
+    own[7] += (0.2, 40.0)  # its y is anything
+    g = np.einsum("bij,bj->bi", info, own)
+    weights = np.ones(80)
+    weights[[3, 7]] = 0  # the fit of the motion leaves them out (the robust weights would)
+    held = nr._held_to_affine(g, own, info, weights, design, radius=1.0)
+    others = np.setdiff1d(np.arange(80), [3, 7])
+    assert np.array_equal(held[others], g[others])
+    assert np.allclose(held[7], g[7])  # nothing to hold along y, and x is within the radius
+    counted = np.linalg.solve(info[3], held[3]) - np.einsum("kj,j->k", design[3], motion)
+    along = np.linalg.eigh(info[3])[1].T @ counted
+    assert np.abs(along).max() == pytest.approx(1.0, abs=0.05)
+
+
+@pytest.mark.parametrize("held", [True, False])
+def test_a_block_that_reads_a_large_shift_pulls_the_field_only_so_far(design, monkeypatch, held):
+    """Six blocks beside the left edge read a shift that is not there (a lighting ramp, clutter) at their full
+    information, as in the one step taken at 5120 px: held to BEND_PX of the part's affine motion, the edges beside
+    them are pulled as far by a 30 px misreading as by a 15 px one; not held (the control), twice as far."""
+    ref = replace(nr.FieldReference.from_full(design, np.ones((SIZE, SIZE), np.uint8), (SIZE, SIZE)), steps=1)
+    if not held:
+        monkeypatch.setattr(nr, "BEND_PX", 1e9)
+    wb = ref._blocks[1]
+    strength = np.trace(ref._info, axis1=1, axis2=2)
+    misread = sorted((r * wb + c for r in range(6, 14) for c in (1, 2, 3)), key=lambda k: -strength[k])[:6]
+    normal = {k: np.linalg.pinv(ref._inverse[k]) for k in misread}  # what the block's moments are made of
+    measured = nr.FieldReference._block_moments
+    config = synth.SynthConfig(size=SIZE, seed=1, bend_px=0.8, max_rotation_deg=0, max_shift_px=0)
+    image, disp = synth._warp(design, np.eye(2, 3), config, np.random.default_rng(1))
+    image = np.clip(np.rint(image + np.random.default_rng(2).normal(0, 2, image.shape)), 0, 255).astype(np.uint8)
+    gx = cv2.Sobel(design, cv2.CV_32F, 1, 0, ksize=3, scale=1 / 8)
+    gy = cv2.Sobel(design, cv2.CV_32F, 0, 1, ksize=3, scale=1 / 8)
+    block = ref.factor * ref.block
+    ys, xs = np.nonzero(np.hypot(gx, gy) > 10)
+    near = (ys >= 6 * block) & (ys < 14 * block) & (xs < 5 * block)
+    ys, xs = ys[near], xs[near]
+    off = {}
+    for shift in (15.0, 30.0):
+
+        def misreading(self, *args, shift=shift):
+            rhs, energy = measured(self, *args)
+            for k in misread:
+                rhs[k] += normal[k] @ np.array([-shift, shift / 2, 0, 0]) / self.factor
+            return rhs, energy
+
+        monkeypatch.setattr(nr.FieldReference, "_block_moments", misreading)
+        field = ref.estimate(nr.to_level(image, ref.factor), np.eye(2, 3))
+        by, bx = nr._basis(ys, SIZE), nr._basis(xs, SIZE)
+        dx, dy = (np.einsum("nk,kl,nl->n", by, field.coef[c], bx) for c in range(2))
+        ex, ey = dx + disp[0][ys, xs], dy + disp[1][ys, xs]
+        off[shift] = np.percentile(np.abs(ex * gx[ys, xs] + ey * gy[ys, xs]) / np.hypot(gx, gy)[ys, xs], 95)
+    print(f"held {held}: edges beside the blocks off by {off[15.0]:.2f} / {off[30.0]:.2f} px (95 %)")
+    if held:
+        assert off[30.0] <= 1.1 * off[15.0] and off[30.0] < 1.5
+    else:
+        assert off[30.0] >= 1.6 * off[15.0]
 
 
 def test_the_level_maps_are_the_pose_where_the_field_is_zero(references):
