@@ -308,7 +308,7 @@ class FieldReference:
             "_gain_inverse": blocks.gain_inverse,
             "_lighting_inverse": _lighting_inverse(jac, (hb, wb)),
             "_interior": _interior_blocks((hb, wb)),
-            "_affine_design": _affine_design((hb, wb)),
+            "_affine_basis": _affine_basis((hb, wb)),
             "_block_bx": _basis(_level_coords(wb, self.factor * block), self.full_shape[1]),
             "_block_by": _basis(_level_coords(hb, self.factor * block), self.full_shape[0]),
             "_bending": _bending(),
@@ -429,7 +429,7 @@ class FieldReference:
             # later steps start from the field, and what is left there is small: held there too, one block near an
             # occluder took a good part at 2048 px from 2.80 to 3.58 (spent seed 9015's good 046)
             if step == 0:
-                g = _held_to_affine(g, theta[:, :2], blocks.info, weights, self._affine_design, BEND_PX / self.factor)
+                g = _held_to_affine(g, theta[:, :2], blocks.info, weights, self._affine_basis, BEND_PX / self.factor)
             coef += self._solve(weights, g, coef, bending, blocks.info)
             np.clip(coef, -MAX_PX / self.factor, MAX_PX / self.factor, out=coef)
         return coef * self.factor
@@ -795,37 +795,47 @@ def _block_boxes(touched: np.ndarray) -> list[tuple[slice, slice]]:
     return boxes
 
 
-def _affine_design(blocks: tuple[int, int]) -> np.ndarray:
-    """[b, 2, 6]: an affine motion's (x, y) at each block's centre from its six parameters."""
+def _affine_basis(blocks: tuple[int, int]) -> np.ndarray:
+    """[b, 3]: 1, x and y of each block's centre (-0.5..0.5): an affine motion's component there is this times its
+    three parameters."""
     hb, wb = blocks
     iy, ix = np.divmod(np.arange(hb * wb), wb)
-    basis = np.stack([np.ones(hb * wb), (ix + 0.5) / wb - 0.5, (iy + 0.5) / hb - 0.5], axis=1)
-    design = np.zeros((hb * wb, 2, 6))
-    design[:, 0, :3] = basis
-    design[:, 1, 3:] = basis
-    return design
+    return np.stack([np.ones(hb * wb), (ix + 0.5) / wb - 0.5, (iy + 0.5) / hb - 0.5], axis=1)
 
 
 def _held_to_affine(
-    g: np.ndarray, own: np.ndarray, info: np.ndarray, weights: np.ndarray, design: np.ndarray, radius: float
+    g: np.ndarray, own: np.ndarray, info: np.ndarray, weights: np.ndarray, basis: np.ndarray, radius: float
 ) -> np.ndarray:
     """The blocks' information-weighted shifts ``g`` [b, 2], each block's own shift ``own`` [b, 2] held to within
     ``radius`` (level px) of the affine motion fitted to all of them (by their information and ``weights``), along
     each eigen-direction of the block's information ``info`` [b, 2, 2] (``BEND_PX``)."""
-    weighted = info * weights[:, None, None]
-    normal = np.einsum("bki,bkl,blj->ij", design, weighted, design)
+    a, b, c = info[:, 0, 0], info[:, 0, 1], info[:, 1, 1]
+    wa, wb, wc = a * weights, b * weights, c * weights
+    normal = np.empty((6, 6))
+    normal[:3, :3], normal[:3, 3:], normal[3:, 3:] = ((basis * w[:, None]).T @ basis for w in (wa, wb, wc))
+    normal[3:, :3] = normal[:3, 3:].T
     if not np.trace(normal) > 0:
         return g
-    params = np.linalg.solve(
-        normal + 1e-9 * np.trace(normal) * np.eye(6), np.einsum("bki,bkl,bl->i", design, weighted, own)
-    )
-    affine = np.einsum("bkj,j->bk", design, params)
-    strength, directions = np.linalg.eigh(info)
-    along = np.einsum("bki,bk->bi", directions, own - affine)
+    rhs = np.concatenate([basis.T @ (wa * own[:, 0] + wb * own[:, 1]), basis.T @ (wb * own[:, 0] + wc * own[:, 1])])
+    params = np.linalg.solve(normal + 1e-9 * np.trace(normal) * np.eye(6), rhs)
+    affine = np.stack([basis @ params[:3], basis @ params[3:]], axis=1)
+    # the 2 x 2 eigen-directions in closed form (np.linalg.eigh over the blocks cost twice the rest)
+    angle = 0.5 * np.arctan2(2 * b, a - c)
+    cos, sin = np.cos(angle), np.sin(angle)
+    dev = own - affine
+    along = np.stack([cos * dev[:, 0] + sin * dev[:, 1], cos * dev[:, 1] - sin * dev[:, 0]], axis=1)
     held = np.clip(along, -radius, radius)
-    # info (affine + V held) = info affine + V diag(strength) held; where nothing is held, g itself (to the bit)
-    kept = np.einsum("bij,bj->bi", info, affine) + np.einsum("bki,bi->bk", directions, strength * held)
-    return np.where((held != along).any(axis=1)[:, None], kept, g)
+    k = np.flatnonzero((held != along).any(axis=1))
+    if not len(k):
+        return g
+    # info (affine + V held) = info affine + V diag(strength) held; the others keep g itself, to the bit
+    mean, half = (a[k] + c[k]) / 2, np.hypot((a[k] - c[k]) / 2, b[k])
+    first, second = (mean + half) * held[k, 0], (mean - half) * held[k, 1]
+    out = g.copy()
+    out[k] = np.einsum("bij,bj->bi", info[k], affine[k])
+    out[k, 0] += cos[k] * first - sin[k] * second
+    out[k, 1] += sin[k] * first + cos[k] * second
+    return out
 
 
 def _interior_blocks(blocks: tuple[int, int]) -> np.ndarray:
