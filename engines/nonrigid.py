@@ -11,7 +11,10 @@ displacements on a level of about ``FIELD_SIDE`` px:
 2. all blocks together fit a cubic B-spline of ``NODES`` x ``NODES`` control points over the
    image, regularised by its bending energy, so the field is smooth at the scale of the part
    (hundreds of pixels) and cannot follow anything local; blocks whose residual stays far above
-   the typical one (a defect, a missing structure) are down-weighted (reweighted each step);
+   the typical one (a defect, a missing structure) are down-weighted (reweighted each step), and
+   in the first step no block's own shift counts further than ``BEND_PX`` from the affine motion
+   of all of them (along each direction of its information): a block that reads a lighting ramp
+   as a shift of 10 px pulls the spline no further than one that reads 3 px;
 3. Gauss-Newton steps (two; one on a level 4x coarser than the frame, ``steps_for``), each resampling the level
    with the pose and the field found so far
    (both evaluated on a LEVEL_STEP grid and interpolated, as at full resolution below) and solving
