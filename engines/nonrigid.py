@@ -89,8 +89,9 @@ MAX_PX = 6.0  # px (full resolution): no control point moves further; a larger "
 # each direction of the block's information) from the affine motion all blocks show together: the pose's residual
 # is affine, a bend is a few px, and a block that reads a lighting ramp or clutter as a shift of 5-20 px pulled the
 # field 3-4 px off at the markers beside a fixture bar (spent seeds 9014-9016 at 5120 px, docs/measurements.md,
-# "Markers beside a fixture bar"). Along each direction: a block of lines along x says nothing about x, and its
-# "shift" there is noise that the block's information already weighs down.
+# "Streaks are not a bar, and a block's own shift held to the part's motion"). Along each direction: a block of
+# lines along x says nothing about x, and its "shift" there is noise that the block's information already weighs
+# down.
 BEND_PX = 3.0
 MAP_STEP = 16  # px: the full-resolution map is evaluated on this grid and interpolated bilinearly
 LEVEL_STEP = 8  # px at the field's level: the grid the field is evaluated on while estimating
@@ -429,8 +430,8 @@ class FieldReference:
             explained = np.einsum("bi,bi->b", rhs, theta)
             weights = self._robust_weights(np.maximum(energy - explained, 0), theta[:, 2], blocks) * blocks.shown
             g = rhs[:, :2] - np.einsum("bij,bj->bi", blocks.gain_part, rhs[:, 2:])
-            # later steps start from the field, and what is left there is small: held there too, one block near an
-            # occluder took a good part at 2048 px from 2.80 to 3.58 (spent seed 9015's good 046)
+            # the first step only: later ones start from the field and measure what it left, a little; held there
+            # too, one block beside an occluder took a good part at 2048 px from 2.80 to 3.58 (spent seed 9015, 046)
             if step == 0:
                 g = _held_to_affine(g, theta[:, :2], blocks.info, weights, self._affine_basis, BEND_PX / self.factor)
             coef += self._solve(weights, g, coef, bending, blocks.info)
