@@ -61,9 +61,14 @@ def outlying(held: np.ndarray) -> np.ndarray:
     return outlier_scores(held, OUTLIER_MIN_RATIO)[2]
 
 
-def held_scores(model: Path) -> np.ndarray:
-    """The bundle's held-out good scores (one per training image)."""
-    return np.asarray(json.loads((model / "calibration.json").read_text())["good_scores"], np.float64)
+def calibration_of(model: Path) -> dict:
+    """The bundle's calibration record."""
+    return json.loads((model / "calibration.json").read_text())
+
+
+def held_scores(calibration: dict) -> np.ndarray:
+    """The held-out good scores of a calibration record (one per training image)."""
+    return np.asarray(calibration["good_scores"], np.float64)
 
 
 def one_run(
@@ -71,8 +76,8 @@ def one_run(
 ) -> tuple[float, list[tuple[float, dict]], int]:
     """Worst held-out good score; threshold and decisions per margin (from the goods that are not outlying only,
     with ``exclude_outliers``); images whose verdict the bundle's own threshold does not reproduce."""
-    calibration = json.loads((model / "calibration.json").read_text())
-    held = np.asarray(calibration["good_scores"], np.float64)
+    calibration = calibration_of(model)
+    held = held_scores(calibration)
     basis = held[~outlying(held)] if exclude_outliers else held
     rows = list(csv.DictReader((report / "per_image.csv").open()))
     scores = np.array([float(r["score"]) for r in rows])
@@ -97,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     if not found:
         raise SystemExit(f"{args.workdir[0]}: no evaluated runs (report_*/per_image.csv beside model_*) found")
     if args.only_outlying:
-        found = [run for run in found if outlying(held_scores(run[1])).any()]
+        found = [run for run in found if outlying(held_scores(calibration_of(run[1]))).any()]
     heads = [f"+{m:.0%}: threshold, good rejected, missed, F1" for m in args.margins]
     print("| run | worst held-out | " + " | ".join(heads) + " |")
     print("|---" * (2 + len(heads)) + "|")
