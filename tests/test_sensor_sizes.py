@@ -52,7 +52,6 @@ SIZES = [
     (720, 540, "uint16", 3),  # 1440x1080 at half scale
 ]
 CORE = 128
-REPO = Path(__file__).resolve().parents[1]
 
 
 @dataclasses.dataclass
