@@ -35,6 +35,27 @@ def cell_grid(height: int, width: int, cell: int) -> tuple[int, int]:
     return -(-height // cell), -(-width // cell)
 
 
+def block_max(planes: np.ndarray, cell: int) -> np.ndarray:
+    """The maximum over each ``cell`` x ``cell`` block of the last two axes (each a multiple of ``cell``).
+
+    The same values as ``reshape(..., h // cell, cell, w // cell, cell).max(axis=(-3, -1))``, about
+    ten times faster: numpy reduces a reshaped axis of a few elements slowly, element by element,
+    whereas ``np.maximum`` of whole rows (then of whole columns of the row maxima) runs vectorised.
+    """
+    *lead, h, w = planes.shape
+    if h % cell or w % cell:
+        raise ValueError(f"{h}x{w} is not a whole number of {cell} px blocks")
+    rows = planes.reshape(*lead, h // cell, cell, w)
+    out = rows[..., 0, :].copy()
+    for k in range(1, cell):
+        np.maximum(out, rows[..., k, :], out=out)
+    columns = out.reshape(*lead, h // cell, w // cell, cell)
+    pooled = columns[..., 0].copy()
+    for k in range(1, cell):
+        np.maximum(pooled, columns[..., k], out=pooled)
+    return pooled
+
+
 @dataclass(frozen=True)
 class TilePlan:
     """Geometry of one tiling: image size, core size, halo and origin alignment."""

@@ -211,3 +211,13 @@ def test_the_fit_graph_reads_fp16_statistics_and_scores_as_with_fp32(tmp_path):
     np.testing.assert_array_equal(blocks["fp16"], blocks["fp32"])
     assert blocks["fp32"].max() > 0  # the maps are not all zero: the comparison means something
     assert resident["fp16"] * 2 == resident["fp32"]
+
+
+@pytest.mark.parametrize(("channels", "height", "width"), [(1, 64, 5120), (3, 32, 96), (1, 2, 2), (2, 16, 2464)])
+def test_mean_2x2_equals_numpys_block_mean_bit_for_bit(channels, height, width):
+    """The pyramid's 2x2 mean adds in numpy's order: the same float32 values to the last bit, at any magnitude."""
+    rng = np.random.default_rng(channels * height + width)
+    planes = rng.normal(size=(channels, height, width)) * 10.0 ** rng.uniform(-3, 4, (channels, height, width))
+    planes = planes.astype(np.float32)
+    want = planes.reshape(channels, height // 2, 2, width // 2, 2).mean(axis=(2, 4))
+    np.testing.assert_array_equal(fp._mean_2x2(planes), want)

@@ -17,7 +17,7 @@ from engines.inspector import Inspector, Prepared, gain_tiles, resident_inputs
 from engines.learned_graph import ARCHITECTURES, LearnedGraphSpec, build_learned_graph, weight_shapes
 from engines.onnxruntime_backend import OnnxRuntimeBackend
 from engines.registration import Pose, tile_photometric
-from engines.tiling import TilePlan
+from engines.tiling import TilePlan, block_max
 from tests.helpers import lighting_truth, random_photo, random_reference
 
 # Tiled and untiled maps run the same FP32 arithmetic on the same pixels; the only difference is
@@ -349,3 +349,19 @@ def test_pad_rejects_an_image_of_another_size():
     plan = TilePlan(97, 203, 64, 64, 32)
     with pytest.raises(ValueError, match="203x97"):
         plan.pad(np.zeros((203, 97), np.uint8))
+
+
+@pytest.mark.parametrize("shape, cell", [((64, 48), 8), ((3, 32, 16), 8), ((2, 2, 12, 18), 3), ((5, 5), 1)])
+def test_block_max_equals_the_reshaped_max(shape, cell):
+    rng = np.random.default_rng(sum(shape) + cell)
+    planes = rng.normal(size=shape).astype(np.float32)
+    planes.flat[5] = np.nan  # numpy's max and np.maximum both propagate a NaN in its block
+    *lead, h, w = shape
+    expected = planes.reshape(*lead, h // cell, cell, w // cell, cell).max(axis=(-3, -1))
+    np.testing.assert_array_equal(block_max(planes, cell), expected)
+    assert block_max(planes, cell).dtype == planes.dtype
+
+
+def test_block_max_refuses_partial_blocks():
+    with pytest.raises(ValueError, match="whole number of 8 px blocks"):
+        block_max(np.zeros((16, 20), np.float32), 8)
