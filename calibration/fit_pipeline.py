@@ -29,12 +29,15 @@ import hashlib
 import itertools
 import json
 import mmap
+import os
 import shutil
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import TypeVar
 
 import cv2
 import numpy as np
@@ -60,6 +63,10 @@ from engines.tolerance import BLOCK
 from engines.types import MIN_SIDE, Geometry
 
 MIN_GOOD = 8
+# Images (or strips of rows) a fit works on at once. Its numpy and OpenCV calls each use one core (PNG decoding,
+# registration, the lighting fit, the statistics' sums); two at once use both cores of the small machines a
+# line runs on. More would add a frame's temporaries each for a core a 2-core machine does not have.
+FIT_WORKERS = max(1, min(2, os.cpu_count() or 1))
 STRIP = 64  # rows of the image the statistics take at a time: a strip's arrays stay in the CPU's cache
 # --alignment auto: a line gets the field where it removes more than this fraction of the residual of the
 # median good image's interior (each block's own gain and offset taken out) on blocks it was not estimated from
@@ -268,10 +275,13 @@ def bootstrap_reference(
     Returns it with every image's (coarse, fine) registration levels, read once.
     """
     coarse_f, fine_f = reg.level_factors(geometry.height, geometry.width)
-    levels = []
-    for path in tqdm(images, desc="reading", disable=not progress, unit="img"):
+
+    def read_levels(path: Path) -> tuple[np.ndarray, np.ndarray]:
         image = _read_checked(path, geometry)
-        levels.append((reg.downscale(image, coarse_f), reg.downscale(image, fine_f)))
+        return reg.downscale(image, coarse_f), reg.downscale(image, fine_f)
+
+    reading = in_order(read_levels, images)
+    levels = list(tqdm(reading, desc="reading", total=len(images), disable=not progress, unit="img"))
     coarse0, fine0 = levels[0]
     limits = {"max_shift_px": float(config.max_shift_px or 0), "max_rotation_deg": config.max_rotation_deg}
     # first pass against image 0: another image's pose relative to it can be up to twice the limits
@@ -336,14 +346,16 @@ def _choose_alignment(
     assert reference.field is not None
     field = replace(reference.field, **FIELD_GAIN_PROBE)
     halves = checker_halves(field)
-    bends, gains, in_sample = [], [], []
-    for i, path in enumerate(tqdm(images, desc="measuring bends", disable=not progress, unit="img")):
-        level = reg.downscale(_read_checked(path, geometry), field.factor)
+
+    def measure(i: int) -> tuple[float, float, float]:
+        level = reg.downscale(_read_checked(images[i], geometry), field.factor)
         matrix = training.poses[i]
         found = field.estimate(level, matrix)
-        bends.append(found.interior_bend())
-        in_sample.append(_gain(field, level, matrix, found))
-        gains.append(held_out_field_gain(halves, level, matrix))
+        return found.interior_bend(), _gain(field, level, matrix, found), held_out_field_gain(halves, level, matrix)
+
+    measured = in_order(measure, range(len(images)))
+    rows = list(tqdm(measured, desc="measuring bends", total=len(images), disable=not progress, unit="img"))
+    bends, in_sample, gains = (list(column) for column in zip(*rows, strict=True))
     gain = float(np.median(gains))
     chosen = "nonrigid" if gain > FIELD_GAIN_MIN else "rigid"
     config = replace(
@@ -495,15 +507,36 @@ def register_all(
     registered = np.lib.format.open_memmap(tmp / "registered.npy", "w+", geometry.dtype, (len(images), *geometry.shape))
     coefs = np.zeros((len(images), reg.PHOTO_TERMS), np.float32)
     poses = np.zeros((len(images), 2, 3), np.float64)
-    pyramids = []
-    for i, path in enumerate(tqdm(images, desc=desc, disable=not progress, unit="img")):
-        aligned = _align_or_fail(reference, _read_checked(path, geometry), path)
+
+    def register(i: int) -> dict[int, np.ndarray]:  # each image writes only its own rows of the arrays
+        aligned = _align_or_fail(reference, _read_checked(images[i], geometry), images[i])
         coefs[i] = aligned.coef
         poses[i] = aligned.pose.matrix
         registered[i] = aligned.registered
-        pyramids.append(lit_block_means(registered[i], coefs[i], unit, weight))
+        return lit_block_means(registered[i], coefs[i], unit, weight)
+
+    pyramids = []
+    for pyramid in tqdm(in_order(register, range(len(images))), desc=desc, total=len(images), disable=not progress):
+        pyramids.append(pyramid)
         release_pages(registered)
     return Training(geometry, unit, weight, registered, coefs, poses, pyramids)
+
+
+_Item = TypeVar("_Item")
+_Out = TypeVar("_Out")
+
+
+def in_order(fn: Callable[[_Item], _Out], items: Sequence[_Item]) -> Iterator[_Out]:
+    """``map(fn, items)`` on FIT_WORKERS threads: results in the items' order, an item's exception raised at it.
+
+    ``fn`` must write only what belongs to its item. Leaving the loop early (an exception) cancels the items
+    not yet started and waits for the running ones, so no worker outlives the phase.
+    """
+    pool = ThreadPoolExecutor(FIT_WORKERS, thread_name_prefix="inspectd-fit")
+    try:
+        yield from pool.map(fn, items)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def release_pages(frames: np.ndarray) -> None:
@@ -644,10 +677,8 @@ def _assembled(
     geo = training.geometry
     full = (geo.height, geo.width)
     mu, sigma, lo, hi = (np.empty((geo.channels, *full), np.float32) for _ in range(4))
-    for start in range(0, geo.height, STRIP):
-        rows = slice(start, min(start + STRIP, geo.height))
-        mu[:, rows], sigma[:, rows], lo[:, rows], hi[:, rows] = strips(rows)
-        release_pages(training.registered)
+
+    _fill_by_strips((mu, sigma, lo, hi), strips, training.registered)
     noise = _region_median(sigma, training.weight) if training.weight.any() else 1.0
     k = 2 * config.band_dilate + 1
     kernel = np.ones((k, k), np.uint8)
@@ -673,6 +704,18 @@ def _assembled(
     stats = {k: (v.astype(np.float16) if v.dtype == np.float32 else v) for k, v in stats.items()}
     release_free_heap()
     return stats
+
+
+def _fill_by_strips(outputs: Sequence[np.ndarray], strips: StripStatistics, registered: np.ndarray) -> None:
+    """Each of ``outputs`` ([C, H, W]) from ``strips``, STRIP rows at a time, FIT_WORKERS strips at once."""
+    height = outputs[0].shape[1]
+
+    def strip(rows: slice) -> None:  # each strip writes only its own rows
+        for out, values in zip(outputs, strips(rows), strict=True):
+            out[:, rows] = values
+
+    for _ in in_order(strip, [slice(start, min(start + STRIP, height)) for start in range(0, height, STRIP)]):
+        release_pages(registered)
 
 
 def _region_median(planes: np.ndarray, region: np.ndarray) -> float:

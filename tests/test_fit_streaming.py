@@ -149,10 +149,14 @@ def test_spread_equals_numpy_std_of_the_stack():
 
 
 def test_statistics_allocate_a_few_frames_not_a_frame_per_term():
-    """Streaming bounds the memory: at most 8 full-size float32 planes allocated at once (whole frames: about 18)."""
-    training = training_set(fp.TRIM_FROM, 512, 512)
+    """Streaming bounds the memory: at most 8 full-size float32 planes allocated at once (whole frames: about 18).
+
+    The frame is 16 strips tall, so the FIT_WORKERS strips in flight are a small part of it, as at 5120 px (80).
+    """
+    height, width = 16 * fp.STRIP, 256
+    training = training_set(fp.TRIM_FROM, height, width)
     config = FitConfig()
-    plane = 512 * 512 * 4
+    plane = height * width * 4
     peaks = {}
     for name, fn in (("streamed", fp.statistics), ("whole frames", whole_frame_statistics)):
         tracemalloc.start()

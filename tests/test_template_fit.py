@@ -616,3 +616,17 @@ def test_a_bundle_keeps_the_lighting_fit_it_was_fitted_with(bundle_dir):
     older["registration"]["light_fit"] = "magic"
     with pytest.raises(BundleError, match="refit"):
         registration_reference(replace(bundle, manifest=older), bundle.reference())
+
+
+def test_one_worker_fits_the_same_bundle_as_several(bundle_dir, dataset, tmp_path, monkeypatch):
+    """Images and strips worked on side by side (fit_pipeline.FIT_WORKERS) change nothing: the same arrays, bit for
+    bit, and the same calibration as images taken one at a time."""
+    monkeypatch.setattr(fp, "FIT_WORKERS", 1)
+    alone = Bundle.load(fit_template(dataset.train_good, tmp_path / "alone", progress=False))
+    shared = Bundle.load(bundle_dir)
+    want, got = shared.reference(), alone.reference()
+    assert set(got) == set(want)
+    for key in want:
+        np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+    assert alone.calibration["threshold"] == shared.calibration["threshold"]
+    assert alone.calibration["good_scores"] == shared.calibration["good_scores"]
