@@ -27,7 +27,7 @@ from calibration.figures import Overlay
 from engines.decode import read_image
 from engines.errors import UserError
 from engines.inspector import Inspector
-from engines.tiling import cell_grid
+from engines.tiling import block_max, cell_grid
 from engines.types import MIN_SIDE, Result
 
 MAP_SIDE = 640  # pixel metrics on maps max-pooled to about this many px
@@ -107,7 +107,7 @@ def _max_pool(amap: np.ndarray, factor: int) -> np.ndarray:
     """Max over ``factor`` px cells (``cell_grid``: a partial last row or column of cells counts too)."""
     rows, cols = cell_grid(*amap.shape, factor)
     padded = np.pad(amap, ((0, rows * factor - amap.shape[0]), (0, cols * factor - amap.shape[1])), mode="edge")
-    return padded.reshape(rows, factor, cols, factor).max(axis=(1, 3))
+    return block_max(padded, factor)
 
 
 def _pixel_pair(result: Result, mask: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
