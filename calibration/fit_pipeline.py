@@ -677,7 +677,6 @@ def _assembled(
     geo = training.geometry
     full = (geo.height, geo.width)
     mu, sigma, lo, hi = (np.empty((geo.channels, *full), np.float32) for _ in range(4))
-
     _fill_by_strips((mu, sigma, lo, hi), strips, training.registered)
     noise = _region_median(sigma, training.weight) if training.weight.any() else 1.0
     k = 2 * config.band_dilate + 1
@@ -1028,7 +1027,7 @@ def _graph_blocks(
             if (h, w) != (core, core):  # a tile over the image's edge: what lies outside counts as 0
                 maps = np.zeros((channels, core, core), np.float32)
                 maps[:, :h, :w] = out["anomaly"][0][:, :h, :w]
-            pooled = block_max(maps[:channels], BLOCK)
+            pooled = block_max(maps, BLOCK)
             by, bx = y // BLOCK, x // BLOCK
             target = blocks[row, :, by : by + per_core, bx : bx + per_core]
             target[...] = pooled[:, : target.shape[1], : target.shape[2]]
