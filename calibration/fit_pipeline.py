@@ -29,15 +29,12 @@ import hashlib
 import itertools
 import json
 import mmap
-import os
 import shutil
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import TypeVar
 
 import cv2
 import numpy as np
@@ -46,6 +43,7 @@ from tqdm import tqdm
 from calibration import audit as aud
 from calibration import probes
 from calibration import tolerance_fit as tol
+from calibration.parallel import in_order
 from engines import registration as reg
 from engines import sensor
 from engines.bundle import CALIBRATION, REFERENCE, sha256_file, write_bundle
@@ -63,10 +61,6 @@ from engines.tolerance import BLOCK
 from engines.types import MIN_SIDE, Geometry
 
 MIN_GOOD = 8
-# Images (or strips of rows) a fit works on at once. Its numpy and OpenCV calls each use one core (PNG decoding,
-# registration, the lighting fit, the statistics' sums); two at once use both cores of the small machines a
-# line runs on. More would add a frame's temporaries each for a core a 2-core machine does not have.
-FIT_WORKERS = max(1, min(2, os.cpu_count() or 1))
 STRIP = 64  # rows of the image the statistics take at a time: a strip's arrays stay in the CPU's cache
 # --alignment auto: a line gets the field where it removes more than this fraction of the residual of the
 # median good image's interior (each block's own gain and offset taken out) on blocks it was not estimated from
@@ -522,23 +516,6 @@ def register_all(
     return Training(geometry, unit, weight, registered, coefs, poses, pyramids)
 
 
-_Item = TypeVar("_Item")
-_Out = TypeVar("_Out")
-
-
-def in_order(fn: Callable[[_Item], _Out], items: Sequence[_Item]) -> Iterator[_Out]:
-    """``map(fn, items)`` on FIT_WORKERS threads: results in the items' order, an item's exception raised at it.
-
-    ``fn`` must write only what belongs to its item. Leaving the loop early (an exception) cancels the items
-    not yet started and waits for the running ones, so no worker outlives the phase.
-    """
-    pool = ThreadPoolExecutor(FIT_WORKERS, thread_name_prefix="inspectd-fit")
-    try:
-        yield from pool.map(fn, items)
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
-
-
 def release_pages(frames: np.ndarray) -> None:
     """Unmap the pages of a disk-backed stack (``np.memmap``) this process has touched; no-op for plain arrays.
 
@@ -706,7 +683,7 @@ def _assembled(
 
 
 def _fill_by_strips(outputs: Sequence[np.ndarray], strips: StripStatistics, registered: np.ndarray) -> None:
-    """Each of ``outputs`` ([C, H, W]) from ``strips``, STRIP rows at a time, FIT_WORKERS strips at once."""
+    """Each of ``outputs`` ([C, H, W]) from ``strips``, STRIP rows at a time, strips side by side (``in_order``)."""
     height = outputs[0].shape[1]
 
     def strip(rows: slice) -> None:  # each strip writes only its own rows

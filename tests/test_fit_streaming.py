@@ -151,7 +151,8 @@ def test_spread_equals_numpy_std_of_the_stack():
 def test_statistics_allocate_a_few_frames_not_a_frame_per_term():
     """Streaming bounds the memory: at most 8 full-size float32 planes allocated at once (whole frames: about 18).
 
-    The frame is 16 strips tall, so the FIT_WORKERS strips in flight are a small part of it, as at 5120 px (80).
+    The frame is 16 strips tall, so the strips in flight (``parallel.FIT_WORKERS``) are a small part of it, as at
+    5120 px (80).
     """
     height, width = 16 * fp.STRIP, 256
     training = training_set(fp.TRIM_FROM, height, width)

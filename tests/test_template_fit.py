@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 import calibration.fit_pipeline as fp
+from calibration import parallel
 from calibration.datasets import Dataset, load_dataset
 from calibration.fit_pipeline import MIN_GOOD, FitConfig, inspection_region
 from calibration.template_fit import fit_template
@@ -619,9 +620,9 @@ def test_a_bundle_keeps_the_lighting_fit_it_was_fitted_with(bundle_dir):
 
 
 def test_one_worker_fits_the_same_bundle_as_several(bundle_dir, dataset, tmp_path, monkeypatch):
-    """Images and strips worked on side by side (fit_pipeline.FIT_WORKERS) change nothing: the same arrays, bit for
-    bit, and the same calibration as images taken one at a time."""
-    monkeypatch.setattr(fp, "FIT_WORKERS", 1)
+    """Images and strips worked on side by side (``parallel.FIT_WORKERS``) change nothing: the same arrays,
+    bit for bit, and the same calibration as one at a time."""
+    monkeypatch.setattr(parallel, "FIT_WORKERS", 1)
     alone = Bundle.load(fit_template(dataset.train_good, tmp_path / "alone", progress=False))
     shared = Bundle.load(bundle_dir)
     want, got = shared.reference(), alone.reference()
