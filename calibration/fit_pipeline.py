@@ -510,7 +510,8 @@ def register_all(
         return lit_block_means(registered[i], coefs[i], unit, weight)
 
     pyramids = []
-    for pyramid in tqdm(in_order(register, range(len(images))), desc=desc, total=len(images), disable=not progress):
+    registering = in_order(register, range(len(images)))
+    for pyramid in tqdm(registering, desc=desc, total=len(images), disable=not progress, unit="img"):
         pyramids.append(pyramid)
         release_pages(registered)
     return Training(geometry, unit, weight, registered, coefs, poses, pyramids)
