@@ -991,14 +991,22 @@ def block_scorer(
 
 
 def _graph_blocks(
-    backend: OnnxRuntimeBackend, plan: TilePlan, channels: int, training: Training, indices: Sequence[int]
+    backend: OnnxRuntimeBackend,
+    plan: TilePlan,
+    channels: int,
+    training: Training,
+    indices: Sequence[int],
+    windows: Sequence[tuple[int, int, int, int]] | None = None,
 ) -> np.ndarray:
+    """``windows`` (block rows and columns, end exclusive): only the tiles under them are scored, the other blocks
+    stay 0. Tiles are independent (``engines/tiling.py``), so a window's blocks are those of the whole map."""
     core = plan.core
     blocks = np.zeros((len(indices), channels, *tol.block_shape(training.geometry)), np.float32)
     origins = [plan.origin(t) for t in range(plan.n_tiles)]
     per_core = core // BLOCK
+    wanted = range(plan.n_tiles) if windows is None else tiles_under(plan, windows)
     for row, i in enumerate(indices):
-        for tiles, out in _scored(backend, registered_tiles(training, plan, origins, i)):
+        for tiles, out in _scored(backend, registered_tiles(training, plan, origins, i, wanted)):
             y, x = plan.origin(tiles.start)
             h, w = _valid_core(plan, tiles.start)
             maps = out["anomaly"][0]
@@ -1023,10 +1031,26 @@ def _scored(
             yield tiles, out
 
 
+def tiles_under(plan: TilePlan, windows: Sequence[tuple[int, int, int, int]]) -> list[int]:
+    """The tiles whose cores hold any block of ``windows`` (block rows r0:r1, columns c0:c1), in tile order."""
+    per_core = plan.core // BLOCK
+    found = set()
+    for r0, r1, c0, c1 in windows:
+        rows = range(r0 // per_core, (r1 - 1) // per_core + 1)
+        cols = range(c0 // per_core, (c1 - 1) // per_core + 1)
+        found.update(r * plan.cols + c for r in rows for c in cols)
+    return sorted(found)
+
+
 def registered_tiles(
-    training: Training, plan: TilePlan, origins: list[tuple[int, int]], index: int
+    training: Training,
+    plan: TilePlan,
+    origins: list[tuple[int, int]],
+    index: int,
+    wanted: Sequence[int] | None = None,
 ) -> Iterator[tuple[dict[str, np.ndarray], range]]:
-    """Graph feeds, one tile at a time, for training image ``index`` (already registered and lit)."""
+    """Graph feeds, one tile at a time, for training image ``index`` (already registered and lit): every tile, or
+    the ``wanted`` ones."""
     frame = training.registered[index]
     if training.unit != 1:
         frame = frame.astype(np.float32) * np.float32(training.unit)
@@ -1034,7 +1058,8 @@ def registered_tiles(
     photo = reg.tile_photometric(training.coefs[index], origins, plan.halo, (plan.height, plan.width))
     side = plan.tile // BLOCK
     gain = np.ones((1, 1, side, side), np.float32)  # fitting scores raw: the tolerance is learned from these
-    for tiles in plan.batches(1):
+    for t in range(plan.n_tiles) if wanted is None else wanted:
+        tiles = range(t, t + 1)
         yield {"image": plan.extract(padded, tiles), "photo": photo[tiles.start : tiles.stop], "fine_gain": gain}, tiles
 
 

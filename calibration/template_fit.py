@@ -173,7 +173,8 @@ def _held_out(training: Training, config: FitConfig, progress: bool, fold_stats:
             with fp.block_scorer(graph, stats, training.geometry, config.core, channels) as score:
                 goods[rows] = score(training, rows)
                 for i in rows:  # one probed copy at a time, only the probes' blocks kept: frames are large at 5120 px
-                    image = score(probes.probed_training(training, [i], plans), [0])[0]
+                    windows = [q.blocks for q in plans[i]]  # only the tiles under the probes: the rest is not kept
+                    image = score(probes.probed_training(training, [i], plans), [0], windows)[0]
                     probed[i] = [image[:, r0:r1, c0:c1].copy() for r0, r1, c0, c1 in (q.blocks for q in plans[i])]
             del stats  # the next set's statistics are computed without this one's alive
             fp.release_free_heap()

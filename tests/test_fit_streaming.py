@@ -226,3 +226,23 @@ def test_mean_2x2_equals_numpys_block_mean_bit_for_bit(channels, height, width):
     planes = planes.astype(np.float32)
     want = planes.reshape(channels, height // 2, 2, width // 2, 2).mean(axis=(2, 4))
     np.testing.assert_array_equal(fp._mean_2x2(planes), want)
+
+
+def test_scoring_only_the_tiles_under_windows_gives_their_blocks_exactly(tmp_path):
+    """The self-test scores a probed copy only where its probes are: the tiles under the windows, each window's
+    blocks as the whole map has them (one straddles a tile boundary), every other tile's blocks left 0."""
+    training = training_set(fp.TRIM_FROM, 300, 260)
+    stats = fp.statistics(training, range(fp.TRIM_FROM), FitConfig())
+    path = tmp_path / "graph.onnx"
+    onnx.save(build_template_graph(TemplateGraphSpec(1, 128, components=True, blob_scale=1.0, line_scale=1.0)), path)
+    per_core = 128 // fp.BLOCK
+    windows = [(2, 4, 3, 5), (per_core - 1, per_core + 1, 1, 2)]  # in tile 0; across tiles 0 and 2 (3 columns)
+    plan = TilePlan(300, 260, 128, HALO, ALIGN)
+    assert fp.tiles_under(plan, windows) == [0, plan.cols]
+    with fp.block_scorer(path, stats, training.geometry, 128, 4) as score:
+        whole = score(training, [1])[0]
+        some = score(training, [1], windows)[0]
+    assert whole.max() > 0
+    for r0, r1, c0, c1 in windows:
+        np.testing.assert_array_equal(some[:, r0:r1, c0:c1], whole[:, r0:r1, c0:c1])
+    assert not some[:, :, per_core:].any()  # tile 1 (right of tile 0) was not scored
