@@ -1047,10 +1047,9 @@ def registered_tiles(
     plan: TilePlan,
     origins: list[tuple[int, int]],
     index: int,
-    wanted: Sequence[int] | None = None,
+    wanted: Sequence[int],
 ) -> Iterator[tuple[dict[str, np.ndarray], range]]:
-    """Graph feeds, one tile at a time, for training image ``index`` (already registered and lit): every tile, or
-    the ``wanted`` ones."""
+    """Graph feeds, one tile at a time, for the ``wanted`` tiles of training image ``index`` (registered and lit)."""
     frame = training.registered[index]
     if training.unit != 1:
         frame = frame.astype(np.float32) * np.float32(training.unit)
@@ -1058,7 +1057,7 @@ def registered_tiles(
     photo = reg.tile_photometric(training.coefs[index], origins, plan.halo, (plan.height, plan.width))
     side = plan.tile // BLOCK
     gain = np.ones((1, 1, side, side), np.float32)  # fitting scores raw: the tolerance is learned from these
-    for t in range(plan.n_tiles) if wanted is None else wanted:
+    for t in wanted:
         tiles = range(t, t + 1)
         yield {"image": plan.extract(padded, tiles), "photo": photo[tiles.start : tiles.stop], "fine_gain": gain}, tiles
 

@@ -175,7 +175,7 @@ def _held_out(training: Training, config: FitConfig, progress: bool, fold_stats:
                 for i in rows:  # one probed copy at a time, only the probes' blocks kept: frames are large at 5120 px
                     windows = [q.blocks for q in plans[i]]  # only the tiles under the probes: the rest is not kept
                     image = score(probes.probed_training(training, [i], plans), [0], windows)[0]
-                    probed[i] = [image[:, r0:r1, c0:c1].copy() for r0, r1, c0, c1 in (q.blocks for q in plans[i])]
+                    probed[i] = [image[:, r0:r1, c0:c1].copy() for r0, r1, c0, c1 in windows]
             del stats  # the next set's statistics are computed without this one's alive
             fp.release_free_heap()
     return HeldOut(goods, probed, plans, folds, _leave_one_out(config, fold_stats))
