@@ -771,8 +771,19 @@ def _daemon_row(
     spans = list(itertools.pairwise(threads))
     row["threads_bare"] = _thread_delta(spans[0::2], len(bares) * args.frames)
     row["threads_daemon"] = _thread_delta(spans[1::2], decided)
-    row["frames"] = [f for report, stages in served for f in _frame_rows(report, stages)]
+    row["frames"] = [
+        {**f, "block": i} for i, (report, stages) in enumerate(served) for f in _frame_rows(report, stages)
+    ]
+    row["paired"] = _paired_overhead(row["frames"], row["bare"])
     return row
+
+
+def _paired_overhead(frames: list[dict], bare_blocks: list[float]) -> float | None:
+    """Median over served frames of e2e over the bare predict timed next to the frame's own block (the mean of
+    the bare blocks' medians just before and just after it), minus one: the machine's speed drifts by a tenth
+    within minutes, and this compares each frame with bare predict at the speed the machine had then."""
+    ratios = [f["e2e"] / ((bare_blocks[f["block"]] + bare_blocks[f["block"] + 1]) / 2) for f in frames]
+    return statistics.median(ratios) - 1 if ratios else None
 
 
 def _thread_group(name: str) -> str:
@@ -801,6 +812,11 @@ def _frame_rows(report: Any, stages: dict[str, dict]) -> list[dict[str, float]]:
         if key not in report.sent_ns:
             continue
         row = {"e2e": (report.received_ns[key] - report.sent_ns[key]) / 1e6}
+        decision = report.decisions[key]
+        if isinstance(decision.get("t_received_ns"), int) and isinstance(decision.get("t_decided_ns"), int):
+            # One host, one clock: sender -> daemon's intake, and the daemon's decision -> the sender.
+            row["hop_in"] = (decision["t_received_ns"] - report.sent_ns[key]) / 1e6
+            row["hop_out"] = (report.received_ns[key] - decision["t_decided_ns"]) / 1e6
         own = stages.get(str(key), {})
         row.update({k: own[k] for k in ("latency_ms", "prepare", "infer", "decide") if k in own})
         rows.append(row)
@@ -812,22 +828,26 @@ def print_daemon_table(args: argparse.Namespace, results: dict[str, list[dict]])
     print(f"\ndaemon: raw frames over loopback at {offered}, {args.daemon_frames} frames per run, ", end="")
     print("a fresh daemon per run")
     print(f"{'checkout':<16}{'run':>4}{'rate Hz':>8}{'bare in-proc':>20}{'e2e p50':>8}{'e2e p99':>8}", end="")
-    print(f"{'overhead':>9}{'inside p50':>11}{'decided':>8}{'worker p50':>11}{'vs worker':>10}", end="")
+    print(f"{'overhead':>9}{'paired':>8}{'inside p50':>11}{'hops in/out':>12}", end="")
+    print(f"{'decided':>8}{'worker p50':>11}{'vs worker':>10}", end="")
     print(f"{'cpu/frame bare':>15}{'daemon':>7}{'RSS MB':>7}")
     for name, rows in results.items():
         for i, row in enumerate(rows, 1):
             spread = f"{min(row['bare']):.0f}-{max(row['bare']):.0f}"
             print(
                 f"{name:<16}{i:>4}{row['rate']:>8.2f}{row['bare_p50']:>11.1f} ({spread:>7}){row['p50']:>8.1f}"
-                f"{row['p99']:>8.1f}{100 * (row['p50'] / row['bare_p50'] - 1):>+8.1f}%{_fmt(row['inside'], 11)}"
+                f"{row['p99']:>8.1f}{100 * (row['p50'] / row['bare_p50'] - 1):>+8.1f}%{_pct(row.get('paired'))}"
+                f"{_fmt(row['inside'], 11)}{_hops(row['frames'])}"
                 f"{row['decided']:>5}/{row['sent']:<2}{row['worker_p50']:>11.1f}"
                 f"{100 * (row['p50'] / row['worker_p50'] - 1):>+9.1f}%{row['bare_cpu']:>15.0f}{row['cpu']:>7.0f}"
                 f"{row['rss_mb']:>7.0f}"
             )
     print("(bare in-proc: bare predict's p50 in the daemon's own process, over its blocks before, between and after")
     print(" the blocks of frames (the blocks' own medians, lowest-highest); overhead: e2e p50 over it. worker p50 /")
-    print(" vs worker: bare predict in the separate worker process just before, the earlier comparison. inside p50:")
-    print(" frame arrival to decision as the daemon measured it. cpu/frame: CPU ms of every thread of the daemon's")
+    print(" vs worker: bare predict in the separate worker process just before, the earlier comparison. paired: the")
+    print(" median over frames of e2e over the mean of the bare blocks just before and after the frame's block, less")
+    print(" one. inside p50: frame arrival to decision as the daemon measured it; hops: sender to the daemon's intake")
+    print(" and the daemon's decision to the sender, medians. cpu/frame: CPU ms of every thread of the daemon's")
     print(" process per frame, bare predict and serving; RSS: the daemon's resident memory at the end)")
 
 
@@ -856,7 +876,8 @@ def _median_or_nan(values: list[float]) -> float:
 def print_slowest(results: dict[str, list[dict]], count: int = 3) -> None:
     """The slowest frames of each run and where their time went (the p99 frames)."""
     for name, rows in results.items():
-        print(f"\n{name}: slowest {count} frames per run, e2e (inside: prepare + infer + decide, rest = waits)")
+        print(f"\n{name}: slowest {count} frames per run, e2e (hop in, inside: prepare + infer + decide, rest =")
+        print("  waits, hop out)")
         for i, row in enumerate(rows, 1):
             worst = sorted(row["frames"], key=lambda f: -f["e2e"])[:count]
             cells = []
@@ -864,7 +885,8 @@ def print_slowest(results: dict[str, list[dict]], count: int = 3) -> None:
                 parts = [f.get(k, 0.0) for k in ("prepare", "infer", "decide")]
                 rest = f.get("latency_ms", 0.0) - sum(parts)
                 stages = "+".join(f"{p:.0f}" for p in parts)
-                cells.append(f"{f['e2e']:.0f} ({f.get('latency_ms', 0.0):.0f}: {stages}, {rest:+.0f})")
+                inside = f"{f.get('latency_ms', 0.0):.0f}: {stages}, {rest:+.0f}"
+                cells.append(f"{f['e2e']:.0f} ({f.get('hop_in', 0.0):.0f}, {inside}, {f.get('hop_out', 0.0):.0f})")
             print(f"  run {i}: " + "; ".join(cells))
 
 
@@ -872,6 +894,21 @@ def _process_cpu_s(pid: int) -> float:
     """User + system CPU seconds of process ``pid`` so far, every thread (/proc/PID/stat)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _pct(value: float | None, width: int = 8) -> str:
+    return f"{'–':>{width}}" if value is None else f"{100 * value:>+{width - 1}.1f}%"
+
+
+def _hops(frames: list[dict], width: int = 12) -> str:
+    """Median ms of the frame's hop in and the decision's hop out, ``in/out``."""
+    hops = [
+        statistics.median(f[k] for f in frames if k in f) if any(k in f for f in frames) else None
+        for k in ("hop_in", "hop_out")
+    ]
+    if None in hops:
+        return f"{'–':>{width}}"
+    return f"{hops[0]:.1f}/{hops[1]:.1f}".rjust(width)
 
 
 def _inside_p50(decisions: Iterable[dict]) -> float | None:

@@ -1,0 +1,40 @@
+"""The daemon figures of ``benchmarks/frame_path.py``: hops from the decision's own clocks, the paired overhead."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+
+from tests.helpers import load_benchmark
+
+frame_path = load_benchmark("frame_path")
+
+
+def report(*frames: tuple[int, int, int, int]) -> SimpleNamespace:
+    """A sender's report from (sent, daemon received, daemon decided, sender received) ns per frame."""
+    sent, decisions, received = {}, {}, {}
+    for key, (t_sent, t_in, t_out, t_back) in enumerate(frames):
+        sent[key], received[key] = t_sent, t_back
+        decisions[key] = {"frame_id": key, "t_received_ns": t_in, "t_decided_ns": t_out}
+    return SimpleNamespace(sent_ns=sent, received_ns=received, decisions=decisions)
+
+
+def test_a_frame_splits_into_hop_in_inside_and_hop_out() -> None:
+    row = frame_path._frame_rows(report((0, 9_000_000, 259_000_000, 262_000_000)), {"0": {"latency_ms": 250.0}})
+    assert row == [{"e2e": 262.0, "hop_in": 9.0, "hop_out": 3.0, "latency_ms": 250.0}]
+
+
+def test_a_decision_without_the_daemons_clocks_has_no_hops() -> None:
+    rep = report((0, 1, 2, 5_000_000))
+    del rep.decisions[0]["t_received_ns"]
+    assert frame_path._frame_rows(rep, {}) == [{"e2e": 5.0}]
+
+
+def test_each_frame_is_compared_with_the_bare_blocks_beside_its_own() -> None:
+    # The machine slowed down during the run: bare 200, 220, then 300 ms before, between and after the two blocks.
+    bare = [200.0, 220.0, 300.0]
+    frames = [{"e2e": 220.5, "block": 0}] * 2 + [{"e2e": 273.0, "block": 1}] * 2  # 5 % over 210 and over 260
+    assert frame_path._paired_overhead(frames, bare) == pytest.approx(0.05)
+    # Pooled (e2e p50 246.75 over bare p50 220) the same frames read +12 %.
+    assert frame_path._paired_overhead([], bare) is None
