@@ -39,6 +39,7 @@ counted as a death of ``stages`` and its frame rejected (``error``); its pool ca
 
 from __future__ import annotations
 
+import contextlib
 import heapq
 import itertools
 import math
@@ -47,7 +48,7 @@ import threading
 import time
 from collections import Counter, deque
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from queue import PriorityQueue
 from typing import Any, Protocol
@@ -76,6 +77,7 @@ PREPARE_NICE = 4
 # socket hand-off never make a "deadline" decision itself late.
 DEADLINE_MARGIN_NS = 2_000_000
 MAX_TIMER_WAIT_NS = 500_000_000  # the deadline thread looks at its stop flag (and checkpoint) this often
+WARM_UP_TIMEOUT_S = 60.0  # a stage of the warm-up frame taking longer is given up on (serving starts regardless)
 _STOP = (math.inf, math.inf, None)
 
 
@@ -139,6 +141,20 @@ class Engine(Protocol):
     def prepare(self, image: np.ndarray) -> Any: ...
     def infer(self, prepared: Any) -> np.ndarray: ...
     def decide(self, prepared: Any, anomaly: np.ndarray) -> Result: ...
+
+
+@dataclass(eq=False)
+class _WarmUp:
+    """Work for the engine thread that belongs to no frame (``Scheduler.warm_up``); its outcome goes to ``done``."""
+
+    work: Callable[[], Any]
+    done: Future[Any] = field(default_factory=Future)
+
+    def run(self) -> None:
+        try:
+            self.done.set_result(self.work())
+        except Exception as exc:  # the warm-up's caller logs it
+            self.done.set_exception(exc)
 
 
 @dataclass(eq=False)
@@ -268,7 +284,7 @@ class Scheduler:
         self._decide_pool = ThreadPoolExecutor(
             workers, "inspectd-decide", initializer=nice_at_least, initargs=(base + COMPUTE_NICE,)
         )
-        self._engine_q: PriorityQueue[tuple[float, float, Ticket | None]] = PriorityQueue()
+        self._engine_q: PriorityQueue[tuple[float, float, Ticket | _WarmUp | None]] = PriorityQueue()
         self._timer_cv = threading.Condition()
         self._timers: list[tuple[int, int, Ticket]] = []
         self._stopping = False
@@ -335,6 +351,41 @@ class Scheduler:
             out = self._stats.summary()
             out["in_flight"] = sum(len(c) for c in self._chains.values())
         return out
+
+    # -- warm-up ----------------------------------------------------------------------------
+    def warm_up(self, frame: np.ndarray, timeout_s: float = WARM_UP_TIMEOUT_S) -> bool:
+        """Run ``frame`` through every stage thread once, after ``start`` and before the first real frame;
+        nothing is published. True when every stage ran; a failure or overrun is logged and serving starts all
+        the same (the first real frames then pay, as before).
+
+        A thread's first frame is slow: glibc gives each thread its own heap arena, and the frame-sized
+        blocks of a new arena are fresh pages the first time (at 5120 px about 9,500 page faults in prepare
+        and 8,100 in infer on a new thread): a fresh daemon's first one or two frames took 70-150 ms longer
+        than the rest (``benchmarks/frame_path.py --daemon``, slowest frames), the whole p99 of a short run.
+        """
+        engine = self.engine
+        try:
+            prepared = self._on_every_thread(self._prepare_pool, lambda: engine.prepare(frame), timeout_s)
+            warm = _WarmUp(lambda: engine.infer(prepared[0]))
+            self._engine_q.put((-math.inf, -1, warm))  # ahead of any frame (there should be none yet)
+            anomaly = warm.done.result(timeout_s)
+            self._on_every_thread(self._decide_pool, lambda: engine.decide(prepared[0], anomaly), timeout_s)
+        except Exception as exc:
+            log.warning("warm_up_failed", detail=f"{type(exc).__name__}: {exc}"[:200])
+            return False
+        return True
+
+    def _on_every_thread(self, pool: ThreadPoolExecutor, work: Callable[[], Any], timeout_s: float) -> list[Any]:
+        """``work`` once on each of the pool's threads (a barrier keeps one thread from taking two); the results."""
+        barrier = threading.Barrier(self._workers, timeout=timeout_s)
+
+        def together() -> Any:
+            with contextlib.suppress(threading.BrokenBarrierError):  # a thread missing: warm the others anyway
+                barrier.wait()
+            return work()
+
+        futures = [pool.submit(together) for _ in range(self._workers)]
+        return [f.result(timeout_s) for f in futures]
 
     # -- reload -----------------------------------------------------------------------------
     def swap_engine(self, new: Engine) -> Engine:
@@ -475,7 +526,10 @@ class Scheduler:
                 return
             self._engine_watch.busy()  # holds this frame until it is handed on: a hung backend is a stall
             try:
-                self._infer(ticket)
+                if isinstance(ticket, _WarmUp):
+                    ticket.run()
+                else:
+                    self._infer(ticket)
             finally:
                 self._engine_watch.idle()
 

@@ -1,7 +1,8 @@
 """``inspectd serve``: startup, main loop and shutdown as named phases (uvicorn-style).
 
 startup   load + warm the model, bind the decision sinks, bind the frame sockets, start
-          the scheduler and intake threads, start HTTP, then report ready (HTTP /readyz,
+          the scheduler, run the model's mean part through each of its stage threads (no
+          decision), start the intake thread, start HTTP, then report ready (HTTP /readyz,
           systemd READY=1).
 main loop tick every TICK_S: supervision (supervision.py: restart dead observers; a dead
           or stalled frame-path thread makes /healthz and /readyz 503 and stops the
@@ -27,7 +28,6 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import numpy as np
 import structlog
 import zmq
 
@@ -45,7 +45,6 @@ from daemon.status import StatusBoard
 from daemon.supervision import State, Supervisor, Watch
 from daemon.systemd import Notifier
 from engines.errors import UserError
-from engines.types import DTYPES
 from engines.version import VERSION
 
 log = structlog.get_logger("inspectd.server")
@@ -56,14 +55,13 @@ Loader = Callable[[str, str], Engine]
 
 
 def load_engine(model: str, backend: str) -> Engine:
-    """Load a bundle, activate it and run one frame through it so the first real frame is not slow."""
+    """Load a bundle, activate it and inspect its own mean part once: every stage runs before it serves."""
     from engines.inspector import Inspector  # the engines stack is imported only when serving
 
     inspector = Inspector.load(model, backend=backend)
     inspector.activate()
     try:
-        blank = np.zeros(inspector.geometry.shape, DTYPES[inspector.geometry.dtype])
-        inspector.inspect(blank)
+        inspector.inspect(inspector.reference_frame())
     except Exception:
         inspector.deactivate()
         raise
@@ -187,6 +185,8 @@ class Server:
         )
         self.outputs.start(self.supervisor)
         self.scheduler.start()
+        self.health.status = "warming up"
+        _warm_up(self.scheduler)
         self.intake.start()
         self.health.tick()
         self.health.ready = True
@@ -473,6 +473,14 @@ def _bind(what: str, make: Callable[[], Any]) -> Any:
         return make()
     except zmq.ZMQError as exc:
         raise UserError(f"{what}: cannot open the socket: {exc}") from None
+
+
+def _warm_up(scheduler: Scheduler) -> None:
+    """The engine's mean part through every stage thread before frames are taken (``Scheduler.warm_up``);
+    an engine without one starts cold."""
+    reference = getattr(scheduler.engine, "reference_frame", None)
+    if reference is not None:
+        scheduler.warm_up(reference())
 
 
 def _deactivate(engine: Engine | None) -> None:

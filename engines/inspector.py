@@ -27,7 +27,7 @@ from engines.regions import find_regions
 from engines.select import create_backend
 from engines.tiling import TilePlan
 from engines.tolerance import frame_fine_gain
-from engines.types import Result
+from engines.types import DTYPES, Result
 
 
 @dataclass(frozen=True)
@@ -212,6 +212,16 @@ class Inspector:
 
     def __exit__(self, *exc: object) -> None:
         self.deactivate()
+
+    def reference_frame(self) -> np.ndarray:
+        """The fitted mean part as a frame of the sensor's geometry and type: a frame that takes every step of
+        prepare (a blank one stops early, at registration), for warming threads up before the first real frame."""
+        mean = self._ref["mu"]  # [C, H, W] in 8-bit units
+        if self._float_input:
+            mean = mean * np.float32(257)
+        dtype = DTYPES[self.geometry.dtype]
+        frame = np.clip(np.rint(mean), 0, np.iinfo(dtype).max).astype(dtype)
+        return frame[0] if self.geometry.channels == 1 else np.ascontiguousarray(frame.transpose(1, 2, 0))
 
     def _warmup_frame(self) -> Prepared:
         shape = (

@@ -12,6 +12,7 @@ import threading
 import time
 
 import pytest
+from structlog.testing import capture_logs
 
 from daemon.protocol import BadFrame, Decision, Frame
 from daemon.scheduler import COMPUTE_NICE, PREPARE_NICE, Scheduler
@@ -274,3 +275,63 @@ def test_the_next_frame_is_prepared_nicer_than_the_frame_ahead_is_inferred_and_d
         "infer": {base + COMPUTE_NICE},
         "decide": {base + COMPUTE_NICE},
     }
+
+
+class ThreadRecorder(FakeInspector):
+    """Notes the thread each stage call ran on."""
+
+    def __init__(self, **kwargs: object) -> None:
+        super().__init__(**kwargs)
+        self.threads: dict[str, list[str]] = {"prepare": [], "infer": [], "decide": []}
+
+    def _note(self, stage: str) -> None:
+        self._changed(lambda: self.threads[stage].append(threading.current_thread().name))
+
+    def prepare(self, image):
+        self._note("prepare")
+        return super().prepare(image)
+
+    def infer(self, prepared):
+        self._note("infer")
+        return super().infer(prepared)
+
+    def decide(self, prepared, amap):
+        self._note("decide")
+        return super().decide(prepared, amap)
+
+
+def test_warm_up_runs_every_stage_thread_once_and_publishes_nothing() -> None:
+    """Each prepare and decide thread and the engine thread take the warm-up frame once; no decision goes out;
+    the real frames after it are served on those same threads."""
+    sink, fake = Sink(), ThreadRecorder()
+    sched = scheduler(fake, sink, workers=2)
+    assert sched.warm_up(image(GREY)) is True
+    warm = {stage: list(names) for stage, names in fake.threads.items()}
+    assert not sink.items
+    for i in range(6):
+        sched.submit(frame(fake.clock, i))
+    got = sink.wait(6)
+    sched.stop()
+    assert [d.frame_id for d in got] == list(range(6)) and sink.items == got
+    assert len(warm["prepare"]) == 2 and len(set(warm["prepare"])) == 2  # both threads, once each
+    assert len(warm["decide"]) == 2 and len(set(warm["decide"])) == 2
+    assert len(warm["infer"]) == 1 and set(fake.threads["infer"]) == set(warm["infer"])  # the engine thread
+    assert set(fake.threads["prepare"]) == set(warm["prepare"])  # no new (cold) thread for the real frames
+    assert set(fake.threads["decide"]) == set(warm["decide"])
+    assert all(name.startswith("inspectd-prepare") for name in warm["prepare"])
+
+
+def test_a_failed_warm_up_is_logged_and_frames_are_served_all_the_same() -> None:
+    """A warm-up frame the engine refuses (first pixel 7: a registration failure) returns False with a warning;
+    nothing is published for it and the next frames are decided as usual."""
+    sink, fake = Sink(), FakeInspector()
+    sched = scheduler(fake, sink, workers=2)
+    with capture_logs() as logs:
+        assert sched.warm_up(image(7)) is False
+    for i in range(3):
+        sched.submit(frame(fake.clock, i))
+    got = sink.wait(3)
+    sched.stop()
+    assert [(d.frame_id, d.reason) for d in got] == [(0, "ok"), (1, "ok"), (2, "ok")] and sink.items == got
+    warnings = [e for e in logs if e["event"] == "warm_up_failed"]
+    assert len(warnings) == 1 and "part not found" in warnings[0]["detail"]

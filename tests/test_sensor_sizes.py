@@ -124,6 +124,19 @@ def test_bundle_geometry_grids_and_roi(line: Line) -> None:
     np.testing.assert_array_equal(ref["weight"] > 0, (line.roi > 0) & inner)
 
 
+def test_the_reference_frame_is_a_good_frame_of_the_sensor(line: Line) -> None:
+    """The daemon warms its threads up with the bundle's mean part: a frame of the sensor's shape and type, in
+    its units (16-bit for a 16-bit sensor), that registers and passes: it takes every step of a real frame."""
+    with Inspector.load(line.bundle, "onnxruntime") as inspector:
+        frame = inspector.reference_frame()
+        result = inspector.inspect(frame)
+    good = read_image(next((line.data / "train" / "good").iterdir()))
+    assert frame.shape == good.shape and frame.dtype == good.dtype
+    assert abs(float(frame.mean()) - float(good.mean())) < 0.1 * float(good.mean())  # the same units
+    assert (result.verdict, result.reason) == ("pass", "ok")
+    assert result.timings_ms["registration"] > 0 and result.anomaly_map.shape == (line.height, line.width)
+
+
 def _frame_peak(result) -> tuple[int, int]:
     """Where the map peaks, in the frame's own pixels (x, y)."""
     y, x = np.unravel_index(int(np.argmax(result.anomaly_map)), result.anomaly_map.shape)
