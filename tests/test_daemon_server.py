@@ -15,13 +15,14 @@ import urllib.request
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from daemon import cli
 from daemon.server import Server
 from daemon.systemd import Notifier
 from engines.errors import UserError
-from tests.test_daemon_support import Client, FakeInspector, make_config, running
+from tests.test_daemon_support import Client, FakeInspector, image, make_config, running
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -59,6 +60,25 @@ def test_readyz_is_503_until_the_model_is_loaded_and_sockets_bound() -> None:
     server.request_stop()
     thread.join(10)
     assert not thread.is_alive()
+
+
+class WarmableInspector(FakeInspector):
+    """A fake with the real Inspector's ``reference_frame``: a frame whose first pixel (42) marks the warm-up."""
+
+    def reference_frame(self) -> np.ndarray:
+        return image(42, self.geometry)
+
+
+def test_the_stage_threads_are_warmed_up_before_ready_and_nothing_is_published_for_it() -> None:
+    """By the time the daemon is ready, the warm-up frame went through both prepare threads and the engine; the
+    first real frame gets the first (and only) decision."""
+    fake = WarmableInspector()
+    with running(fake, workers=2) as (server, _), Client(server) as client:
+        warm = list(fake.started)
+        client.send(1)
+        got = client.decisions(2, timeout_s=3)  # asks for one more than may come: the wait is the check
+    assert warm == [("prepare", 42), ("prepare", 42), ("infer", 42)]
+    assert [(d["frame_id"], d["reason"]) for d in got] == [(1, "ok")]
 
 
 def test_stop_finishes_in_flight_frames_and_publishes_their_decisions() -> None:
