@@ -364,6 +364,7 @@ class Scheduler:
         than the rest (``benchmarks/frame_path.py --daemon``, slowest frames), the whole p99 of a short run.
         """
         engine = self.engine
+        start = self._stage_clock()
         try:
             prepared = self._on_every_thread(self._prepare_pool, lambda: engine.prepare(frame), timeout_s)
             warm = _WarmUp(lambda: engine.infer(prepared[0]))
@@ -373,6 +374,7 @@ class Scheduler:
         except Exception as exc:
             log.warning("warm_up_failed", detail=f"{type(exc).__name__}: {exc}"[:200])
             return False
+        log.info("warmed_up", threads=2 * self._workers + 1, ms=round((self._stage_clock() - start) / 1e6, 1))
         return True
 
     def _on_every_thread(self, pool: ThreadPoolExecutor, work: Callable[[], Any], timeout_s: float) -> list[Any]:

@@ -305,7 +305,9 @@ def test_warm_up_runs_every_stage_thread_once_and_publishes_nothing() -> None:
     the real frames after it are served on those same threads."""
     sink, fake = Sink(), ThreadRecorder()
     sched = scheduler(fake, sink, workers=2)
-    assert sched.warm_up(image(GREY)) is True
+    with capture_logs() as logs:
+        assert sched.warm_up(image(GREY)) is True
+    assert [e["threads"] for e in logs if e["event"] == "warmed_up"] == [5]  # 2 prepare, the engine, 2 decide
     warm = {stage: list(names) for stage, names in fake.threads.items()}
     assert not sink.items
     for i in range(6):
