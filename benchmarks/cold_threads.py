@@ -8,17 +8,21 @@ pages the first time. Per round and warm-up (none; a blank frame, as ``load_engi
 bundle's mean part, ``Inspector.reference_frame``, as ``Scheduler.warm_up`` now does) this script
 starts new threads for prepare, infer and decide, warms them, then runs the real frames through
 them, and prints wall ms and minor page faults of each stage: the first real frame and the median
-of the others. Every thread stays alive to the end, so no round inherits an arena a finished
-thread left behind. Set as ``inspectd serve`` sets them: one OpenBLAS thread, the heap thresholds.
+of the others. Each round runs in a process of its own and its threads stay alive to its end, so
+no thread inherits an arena another one warmed (glibc reuses a finished thread's arena, and shares
+old ones once it has made eight per core). Set as ``inspectd serve`` sets them: one OpenBLAS
+thread, the heap thresholds.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import resource
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -73,8 +77,27 @@ def main() -> int:
     parser.add_argument("--model", type=Path, required=True)
     parser.add_argument("--images", type=Path, required=True, help="folder of frames (searched recursively)")
     parser.add_argument("--frames", type=int, default=4, help="real frames per round (default 4)")
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=3, help="rounds, each in a fresh process (default 3)")
+    parser.add_argument("--one-round", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.one_round:
+        print(json.dumps(measure_round(args)))
+        return 0
+    results: dict[str, list[list[dict]]] = {}
+    argv = [sys.executable, __file__, "--model", str(args.model), "--images", str(args.images)]
+    for _ in range(args.rounds):
+        # A process per round: glibc makes at most 8 arenas per core, after which new threads share old (warm) ones.
+        out = subprocess.run([*argv, "--frames", str(args.frames), "--one-round"], capture_output=True, text=True)
+        if out.returncode:
+            raise SystemExit(f"a round failed: {out.stderr.strip().splitlines()[-1:]}")
+        for name, rows in json.loads(out.stdout.strip().splitlines()[-1]).items():
+            results.setdefault(name, []).append(rows)
+    print_table(results, args)
+    return 0
+
+
+def measure_round(args: argparse.Namespace) -> dict[str, list[dict]]:
+    """One round in this process: for each warm-up, new threads, warmed, then the real frames."""
     heap.keep_frame_blocks()
     frames = [read_image(p) for p in list_images(args.images)[: args.frames]]
     inspector = Inspector.load(args.model, "onnxruntime")
@@ -87,19 +110,16 @@ def main() -> int:
         "mean part": inspector.reference_frame(),
     }
     keep: list[ThreadPoolExecutor] = []
-    results: dict[str, list[list[dict]]] = {name: [] for name in warmups}
-    for _ in range(args.rounds):
-        for name, warm in warmups.items():
-            results[name].append(one_round(inspector, frames, warm, keep))
+    results = {name: one_round(inspector, frames, warm, keep) for name, warm in warmups.items()}
     for pool in keep:
         pool.shutdown()
-    print_table(results, args)
     inspector.deactivate()
-    return 0
+    return results
 
 
 def print_table(results: dict[str, list[list[dict]]], args: argparse.Namespace) -> None:
-    print(f"{geometry_note(args)}: new threads per round, {args.rounds} rounds; ms / minor faults per stage")
+    print(f"{args.model.name}, {args.frames} frames of {args.images}: new threads, {args.rounds} rounds (a process")
+    print("each); ms / minor page faults per stage")
     print(f"{'warm-up':<14}{'frame':<8}" + "".join(f"{s:>20}" for s in STAGES))
     for name, rounds in results.items():
         for label, pick in (("first", lambda rows: rows[:1]), ("others", lambda rows: rows[1:])):
@@ -114,10 +134,6 @@ def print_table(results: dict[str, list[list[dict]]], args: argparse.Namespace) 
                 cells.append(f"{ms:>12.0f} / {faults:>5.0f}")
             print(f"{name:<14}{label:<8}" + "".join(cells))
     print("(medians over rounds; 'first': the first real frame on the new threads, 'others': the frames after it)")
-
-
-def geometry_note(args: argparse.Namespace) -> str:
-    return f"{args.model.name}, {args.frames} frames of {args.images}"
 
 
 if __name__ == "__main__":
