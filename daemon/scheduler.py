@@ -359,7 +359,7 @@ class Scheduler:
         the same (the first real frames then pay, as before).
 
         A thread's first frame is slow: glibc gives each thread its own heap arena, and the frame-sized
-        blocks of a new arena are fresh pages the first time (at 5120 px about 9,500 page faults in prepare
+        blocks of a new arena are fresh pages the first time (at 5120 px about 8,700 page faults in prepare
         and 8,100 in infer on a new thread): a fresh daemon's first one or two frames took 70-150 ms longer
         than the rest (``benchmarks/frame_path.py --daemon``, slowest frames), the whole p99 of a short run.
         """
