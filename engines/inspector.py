@@ -216,11 +216,10 @@ class Inspector:
     def reference_frame(self) -> np.ndarray:
         """The fitted mean part as a frame of the sensor's geometry and type: a frame that takes every step of
         prepare (a blank one stops early, at registration), for warming threads up before the first real frame."""
-        mean = self._ref["mu"]  # [C, H, W] in 8-bit units
-        if self._float_input:
-            mean = mean * np.float32(257)
         dtype = DTYPES[self.geometry.dtype]
-        frame = np.clip(np.rint(mean), 0, np.iinfo(dtype).max).astype(dtype)
+        values = self._ref["mu"] * np.float32(257 if self._float_input else 1)  # [C, H, W]; a copy (x * 1 is x)
+        np.clip(np.rint(values, out=values), 0, np.iinfo(dtype).max, out=values)  # in place, as sensor._replace
+        frame = values.astype(dtype)
         return frame[0] if self.geometry.channels == 1 else np.ascontiguousarray(frame.transpose(1, 2, 0))
 
     def _warmup_frame(self) -> Prepared:
