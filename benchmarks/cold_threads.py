@@ -54,11 +54,11 @@ def timed(work: Callable[[], Any]) -> tuple[Any, float, int]:
     return out, ms, resource.getrusage(resource.RUSAGE_THREAD).ru_minflt - before
 
 
-def one_round(inspector: Inspector, frames: list[np.ndarray], warm: np.ndarray | None, keep: list) -> list[dict]:
+def on_new_threads(inspector: Inspector, frames: list[np.ndarray], warm: np.ndarray | None, keep: list) -> list[dict]:
     """New prepare, infer and decide threads; ``warm`` through them (if any), then ``frames``; per frame
     and stage (ms, faults)."""
     pools = {stage: ThreadPoolExecutor(1, f"cold-{stage}") for stage in STAGES}
-    keep.extend(pools.values())  # alive to the end: a later round must not reuse this round's arenas
+    keep.extend(pools.values())  # alive to the process's end: the next warm-up's threads must not reuse their arenas
 
     def stages(frame: np.ndarray) -> dict[str, list[float]]:
         prepared, *prepare = pools["prepare"].submit(timed, lambda: inspector.prepare(frame)).result()
@@ -110,7 +110,7 @@ def measure_round(args: argparse.Namespace) -> dict[str, list[dict]]:
         "mean part": inspector.reference_frame(),
     }
     keep: list[ThreadPoolExecutor] = []
-    results = {name: one_round(inspector, frames, warm, keep) for name, warm in warmups.items()}
+    results = {name: on_new_threads(inspector, frames, warm, keep) for name, warm in warmups.items()}
     for pool in keep:
         pool.shutdown()
     inspector.deactivate()

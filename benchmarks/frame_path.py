@@ -902,13 +902,10 @@ def _pct(value: float | None, width: int = 8) -> str:
 
 def _hops(frames: list[dict], width: int = 12) -> str:
     """Median ms of the frame's hop in and the decision's hop out, ``in/out``."""
-    hops = [
-        statistics.median(f[k] for f in frames if k in f) if any(k in f for f in frames) else None
-        for k in ("hop_in", "hop_out")
-    ]
-    if None in hops:
+    hop_in, hop_out = ([f[k] for f in frames if k in f] for k in ("hop_in", "hop_out"))
+    if not (hop_in and hop_out):
         return f"{'–':>{width}}"
-    return f"{hops[0]:.1f}/{hops[1]:.1f}".rjust(width)
+    return f"{statistics.median(hop_in):.1f}/{statistics.median(hop_out):.1f}".rjust(width)
 
 
 def _inside_p50(decisions: Iterable[dict]) -> float | None:
