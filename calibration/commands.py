@@ -63,7 +63,11 @@ def fit_arguments(parser: argparse.ArgumentParser) -> None:
         help="template: score each held-out good with the statistics of all the others (the folds stay for the "
         "local normalisation; see README, held-back seed 9003)",
     )
-    parser.add_argument("--core", type=int, default=1024, help="tile core side in px (multiple of 32)")
+    parser.add_argument(
+        "--core",
+        type=int,
+        help="tile core side in px, a multiple of 32 (default 512 for the template, 1024 for the networks)",
+    )
     parser.add_argument(
         "--max-shift",
         type=float,
@@ -133,11 +137,13 @@ def fit_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def fit_main(args: argparse.Namespace) -> int:
+    from calibration.fit_pipeline import NETWORK_CORE, TEMPLATE_CORE
     from calibration.template_fit import FitConfig, fit_template
 
     dataset = load_dataset(args.dataset)
+    networks = getattr(args, "detector", "template") in ("learned", "ensemble")
     config = FitConfig(
-        core=args.core,
+        core=args.core or (NETWORK_CORE if networks else TEMPLATE_CORE),
         folds=args.folds,
         leave_one_out=getattr(args, "leave_one_out", False),
         target_frr=args.target_frr,
@@ -151,7 +157,7 @@ def fit_main(args: argparse.Namespace) -> int:
         augment=getattr(args, "augment", 0),
         shape_scores={"on": True, "off": False}.get(getattr(args, "shape_scores", "auto")),
     )
-    if getattr(args, "detector", "template") in ("learned", "ensemble"):
+    if networks:
         out = _fit_learned(args, dataset, config)
     else:
         out = fit_template(dataset.train_good, args.out, args.roi, config, progress=_progress())

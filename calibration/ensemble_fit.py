@@ -40,7 +40,7 @@ def fit_ensemble(
     workdir: Path | None = None,
 ) -> Path:
     """Fit both detectors, calibrate their combination and write an ensemble bundle to ``out``; returns ``out``."""
-    config = config or fp.FitConfig()
+    config = config or fp.FitConfig(core=fp.NETWORK_CORE)
     learn = learn or lf.LearnConfig()
     images, excluded = fp.select_training(images, config.exclude)
     out = Path(out)

@@ -78,6 +78,12 @@ FIELD_GAIN_MIN = 0.02
 FIELD_GAIN_PROBE = {"steps": 3, "coupled": False}
 # How the gain that decides is measured, recorded in the manifest's fit_config ("in-sample" before it was recorded).
 FIELD_GAIN_MEASURE = "held-out"
+# Tile core sides (px). The template graph is a chain of elementwise passes and pools, each bound by memory
+# bandwidth once a tile's tensors outgrow the cache: 640 px tiles (512 px cores) stay in it and map a 5120 px frame
+# in two thirds of the time of 1152 px tiles, with 23 % more halo pixels (docs/frame_path.md, "Tiles that fit the
+# cache"). The learned network's convolutions do arithmetic, not streaming, and keep the larger core.
+TEMPLATE_CORE = 512
+NETWORK_CORE = 1024
 COARSE_FLOOR = 0.3  # grey levels (8-bit units)
 TRIM_FROM = 16  # images: below this the second-highest value is too poor an estimate of the range
 
@@ -86,7 +92,7 @@ TRIM_FROM = 16  # images: below this the second-highest value is too poor an est
 class FitConfig:
     """Knobs of the template fit; the defaults suit aligned parts with geometric structure."""
 
-    core: int = 1024  # tile core side (px); a multiple of 32
+    core: int = TEMPLATE_CORE  # tile core side (px); a multiple of 32 (NETWORK_CORE for the networks)
     folds: int = 5  # k-fold calibration on the good images
     leave_one_out: bool = False  # template: each held-out good scored with the statistics of all the others
     target_frr: float = 0.005  # false-reject rate the threshold is set for

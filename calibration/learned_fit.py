@@ -105,7 +105,7 @@ def fit_learned(
     workdir: Path | None = None,
 ) -> Path:
     """Fit, train, calibrate and write a learned bundle to ``out``; returns ``out``."""
-    config = config or fp.FitConfig()
+    config = config or fp.FitConfig(core=fp.NETWORK_CORE)
     learn = learn or LearnConfig()
     images, excluded = fp.select_training(images, config.exclude)
     out = Path(out)

@@ -217,6 +217,24 @@ def test_core_must_be_aligned(dataset, tmp_path):
         fit_template(dataset.train_good, tmp_path / "model", config=FitConfig(core=100), progress=False)
 
 
+def test_the_map_and_the_verdicts_do_not_depend_on_the_tile_core(bundle_dir, dataset, results, tmp_path):
+    """The tile core is a speed knob (TEMPLATE_CORE): the same line fitted with 128 px cores (nine tiles against
+    the module bundle's one) gives the same statistics, threshold, verdicts and defects, and maps within 1e-3."""
+    small = fit_template(dataset.train_good, tmp_path / "model", config=FitConfig(core=128), progress=False)
+    one, nine = Bundle.load(bundle_dir), Bundle.load(small)
+    assert (one.manifest["tiling"]["core"], nine.manifest["tiling"]["core"]) == (SIZE, 128)
+    assert nine.calibration["threshold"] == pytest.approx(one.calibration["threshold"], rel=1e-4)
+    for key in ("mu", "lo", "hi", "weight"):
+        assert np.array_equal(one.reference()[key], nine.reference()[key]), key
+    with Inspector.load(small, "onnxruntime") as inspector:
+        assert inspector.plan.n_tiles == 9
+        for sample in dataset.test:
+            before, after = results[sample.path], inspector.inspect_path(sample.path)
+            assert (after.verdict, after.reason) == (before.verdict, before.reason), sample.path
+            assert [d.bbox for d in after.defects] == [d.bbox for d in before.defects], sample.path
+            assert np.abs(after.anomaly_map - before.anomaly_map).max() <= 1e-3, sample.path
+
+
 def _training_of(frames: np.ndarray) -> fp.Training:
     """A _Training over already registered mono frames with an identity lighting model."""
     n, h, w = frames.shape
