@@ -78,10 +78,11 @@ FIELD_GAIN_MIN = 0.02
 FIELD_GAIN_PROBE = {"steps": 3, "coupled": False}
 # How the gain that decides is measured, recorded in the manifest's fit_config ("in-sample" before it was recorded).
 FIELD_GAIN_MEASURE = "held-out"
-# Tile core sides (px). The template graph is a chain of elementwise passes and pools, each bound by memory
-# bandwidth once a tile's tensors outgrow the cache: 640 px tiles (512 px cores) stay in it and map a 5120 px frame
-# in two thirds of the time of 1152 px tiles, with 23 % more halo pixels (docs/frame_path.md, "Tiles that fit the
-# cache"). The learned network's convolutions do arithmetic, not streaming, and keep the larger core.
+# Tile core sides (px). The template graph is a chain of elementwise passes and pools over whole tiles, bound by
+# memory bandwidth once a tile's tensors outgrow the caches: 640 px tiles (512 px cores) keep their speed when the
+# memory bus is shared (with the next frame's preparation, or another tenant of the host), where 1152 px tiles
+# slow by a third; on an idle bus both run alike (docs/frame_path.md, "Tiles that fit the cache"). The learned
+# network's convolutions do arithmetic, not streaming, and keep the larger core.
 TEMPLATE_CORE = 512
 NETWORK_CORE = 1024
 COARSE_FLOOR = 0.3  # grey levels (8-bit units)

@@ -257,7 +257,7 @@ class Inspector:
         gain = prepared.fine_gain.astype(self.backend.inputs["fine_gain"].dtype, copy=False)
         for tiles in self.plan.batches(self.batch):
             feeds = {
-                "image": self.plan.extract(prepared.padded, tiles),
+                "image": self._tile_image(prepared.padded, tiles),
                 "photo": prepared.photo[tiles.start : tiles.stop],
                 "fine_gain": gain[tiles.start : tiles.stop],
             }
@@ -269,6 +269,11 @@ class Inspector:
         # tiles side by side, each stitched by the worker that ran it (CPU), or pipelined over streams (GPU)
         self.backend.infer_each(jobs, stitch)
         return amap
+
+    def _tile_image(self, padded: np.ndarray, tiles: range) -> np.ndarray:
+        """A batch's frame input: one tile as a view of the padded frame, copied by the worker that runs it (in
+        parallel, into that core's cache, just before its run); a batch of several as one copy made here."""
+        return self.plan.window(padded, tiles.start) if len(tiles) == 1 else self.plan.extract(padded, tiles)
 
     def decide(self, prepared: Prepared, amap: np.ndarray) -> Result:
         """Regions above the pixel threshold decide the verdict; boxes go back to frame pixels."""

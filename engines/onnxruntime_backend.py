@@ -13,6 +13,7 @@ tiles than cores.
 
 from __future__ import annotations
 
+import itertools
 import os
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor, wait
@@ -138,14 +139,25 @@ class OnnxRuntimeBackend(Backend):
             for index, (feeds, tiles) in enumerate(batches):
                 consume(index, self._infer_impl(feeds, tiles))
             return
+        # One loop per worker taking the next batch when done, not one future per batch: a frame of 100 tiles
+        # then costs two hand-offs between threads instead of a hundred.
+        taken = itertools.count()  # next() of a count is atomic under the GIL
+        errors: list[tuple[int, BaseException]] = []
 
-        def run(index: int, feeds: Mapping[str, np.ndarray], tiles: range) -> None:
-            consume(index, self._infer_impl(feeds, tiles))
+        def work() -> None:
+            while (index := next(taken)) < len(batches):
+                feeds, tiles = batches[index]
+                try:
+                    consume(index, self._infer_impl(feeds, tiles))
+                except Exception as exc:  # the other batches still run: none runs on unseen
+                    errors.append((index, exc))
 
-        futures = [self._pool.submit(run, i, feeds, tiles) for i, (feeds, tiles) in enumerate(batches)]
-        wait(futures)  # every batch finished before the first error is raised: none runs on unseen
-        for future in futures:
-            future.result()
+        loops = [self._pool.submit(work) for _ in range(self._threads)]
+        wait(loops)
+        for loop in loops:
+            loop.result()  # what escaped a loop (not an Exception): raised as it was
+        if errors:
+            raise min(errors, key=lambda e: e[0])[1]
 
     def _deactivate_impl(self) -> None:
         if self._pool is not None:

@@ -135,6 +135,12 @@ class TilePlan:
             out[slot] = window.transpose(2, 0, 1)
         return out[: len(tiles)]
 
+    def window(self, padded: np.ndarray, index: int) -> np.ndarray:
+        """Tile ``index`` of a padded image as a [1, C, tile, tile] view (no copy: whoever runs it copies it)."""
+        planes = padded if padded.ndim == 3 else padded[:, :, None]
+        y, x = self.origin(index)
+        return planes[y : y + self.tile, x : x + self.tile].transpose(2, 0, 1)[None]
+
     def stitch(self, cores: np.ndarray, tiles: range, out: np.ndarray) -> None:
         """Write [n, core, core] (or [n, 1, core, core]) outputs into their places in ``out`` [H, W]."""
         if cores.ndim == 4:

@@ -178,6 +178,23 @@ def test_infer_many_refuses_a_bad_batch_before_running_any(kind, tmp_path, data)
             backend.infer_many([good])
 
 
+def test_a_tile_given_as_a_strided_view_runs_as_its_copy(kind, tmp_path, data) -> None:
+    """A frame input that is a view into a larger array (how the inspector hands a tile of the padded frame
+    over) gives the outputs of the same values contiguous (every backend)."""
+    tiles = range(3, 4)
+    contiguous = frame(data, tiles)
+    image = contiguous["image"]
+    wide = np.zeros((*image.shape[:-1], image.shape[-1] * 2 + 5), image.dtype)
+    wide[..., 5::2] = image  # every second column: a view with a stride over the last axis
+    view = {**contiguous, "image": wide[..., 5::2]}
+    assert not view["image"].flags.c_contiguous
+    with make_backend(kind, tmp_path) as backend:
+        backend.activate({"reference": data["reference"]})
+        got = backend.infer_many([(view, tiles)])[0]["anomaly"].copy()
+        np.testing.assert_array_equal(got, backend.infer(contiguous, tiles)["anomaly"])
+        assert_close(got, expected(data, tiles))
+
+
 def test_infer_each_hands_every_batch_over_once(kind, tmp_path, data) -> None:
     """infer_each gives consume each batch's outputs exactly once, equal to infer_many's (every backend)."""
     ranges = [range(i, i + 1) for i in range(N_TILES)]

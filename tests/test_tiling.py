@@ -233,6 +233,10 @@ def test_pad_extract_stitch_round_trip(height, width, core, halo, channels):
         out = np.zeros((height, width), np.uint8)
         plan.stitch(tiles[:, c, halo : halo + core, halo : halo + core], range(plan.n_tiles), out)
         np.testing.assert_array_equal(out, image if channels == 1 else image[:, :, c])
+    for index in range(plan.n_tiles):  # a tile's window is its extracted copy, without the copy
+        window = plan.window(padded, index)
+        assert np.shares_memory(window, padded)
+        np.testing.assert_array_equal(window, tiles[index : index + 1])
 
 
 def test_stitch_writes_every_pixel_from_its_own_tile():
