@@ -957,15 +957,20 @@ def compare_bundles(a: Path, b: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+def _absolute(text: str) -> Path:
+    """A path argument made absolute: the workers and fits run with their checkout as working directory."""
+    return Path(text).resolve()
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", type=Path, help="bundle for both checkouts (default: --fit's bundles)")
-    parser.add_argument("--baseline-model", type=Path, help="the baseline's own bundle (default: --model)")
-    parser.add_argument("--images", type=Path, help="folder of frames (searched recursively)")
+    parser.add_argument("--model", type=_absolute, help="bundle for both checkouts (default: --fit's bundles)")
+    parser.add_argument("--baseline-model", type=_absolute, help="the baseline's own bundle (default: --model)")
+    parser.add_argument("--images", type=_absolute, help="folder of frames (searched recursively)")
     parser.add_argument("--frames", type=int, default=10, help="frames per run (spread over the sorted list)")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--baseline", default=BASELINE, help="commit of the baseline (default %(default)s)")
-    parser.add_argument("--baseline-dir", type=Path, help="an existing checkout to use as the baseline")
+    parser.add_argument("--baseline-dir", type=_absolute, help="an existing checkout to use as the baseline")
     parser.add_argument("--no-baseline", action="store_true", help="this checkout only")
     parser.add_argument("--floor-repeats", type=int, default=10)
     parser.add_argument("--sessions", action="store_true", help="ONNX Runtime session options table")
@@ -989,8 +994,8 @@ def main() -> int:
         help="a daemon variant: these environment variables (repeatable; 'LABEL:' alone is the daemon as it is); "
         "every variant of every checkout runs in each run, interleaved",
     )
-    parser.add_argument("--fit", type=Path, help="a dataset to fit under each checkout (time, memory)")
-    parser.add_argument("--workdir", type=Path, help="where bundles, logs and the baseline go (default: temporary)")
+    parser.add_argument("--fit", type=_absolute, help="a dataset to fit under each checkout (time, memory)")
+    parser.add_argument("--workdir", type=_absolute, help="bundles, logs, the baseline (default: temporary)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--maps", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--image-list", nargs="*", type=Path, help=argparse.SUPPRESS)
