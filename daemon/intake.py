@@ -25,6 +25,7 @@ import structlog
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
+from daemon import endpoints
 from daemon.config import Config
 from daemon.protocol import BadFrame, Frame, message_limit, parse_imagezmq, parse_native
 from daemon.supervision import Supervisor, Watch
@@ -68,6 +69,7 @@ class Intake:
         self.failed = 0  # messages whose parsing or admission raised (each logged with its traceback)
         self._sockets: list[zmq.Socket[Any]] = []
         self._monitors: list[zmq.Socket[Any]] = []
+        self._files: list[endpoints.SocketFile] = []  # ipc:// socket files bound here, removed at close
         self.peers_dropped = 0  # disconnects: oversize messages (unreadable, so unanswered) or senders leaving
         self.replies_undelivered = 0  # imagezmq replies the ROUTER could not route (the sender left or stopped reading)
         try:
@@ -111,7 +113,8 @@ class Intake:
             else:
                 if self._secure is not None:
                     self._secure(sock)
-                sock.bind(endpoint)
+                if (made := endpoints.bind(sock, endpoint)) is not None:
+                    self._files.append(made)
                 # libzmq drops a peer that sends an oversize message before we see a byte of it:
                 # the disconnect event is the only trace, so it is what gets counted.
                 self._monitors.append(sock.get_monitor_socket(zmq.EVENT_DISCONNECTED))
@@ -144,6 +147,9 @@ class Intake:
         for sock in self._sockets:
             sock.close(linger=0)
         self._sockets.clear()
+        for made in self._files:
+            made.remove()
+        self._files.clear()
 
     @property
     def alive(self) -> bool:

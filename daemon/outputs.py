@@ -45,6 +45,7 @@ from typing import Any
 import structlog
 import zmq
 
+from daemon import endpoints
 from daemon.protocol import BadFrame, Decision, Frame
 from daemon.scheduler import lower_priority
 from daemon.supervision import Supervisor, Watch
@@ -217,7 +218,7 @@ class ZmqPubSink(Sink):
         self._socket.setsockopt(zmq.XPUB_VERBOSER, 1)  # every subscribe and unsubscribe, duplicates included
         if secure is not None:  # CurveZMQ: only authenticated subscribers get decisions
             secure(self._socket)
-        self._socket.bind(endpoint)
+        self._file = endpoints.bind(self._socket, endpoint)
         self.endpoint = self._socket.getsockopt_string(zmq.LAST_ENDPOINT)
         self.seq = 0  # decisions published
         self.subscriber_stalls = 0  # times a subscriber's queue was found full
@@ -264,6 +265,8 @@ class ZmqPubSink(Sink):
 
     def close_resources(self) -> None:
         self._socket.close(linger=0)
+        if self._file is not None:
+            self._file.remove()
 
 
 class ReplySink(Sink):

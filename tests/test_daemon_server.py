@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 from daemon import cli
+from daemon.config import Config
 from daemon.server import Server
 from daemon.systemd import Notifier
 from engines.errors import UserError
@@ -93,6 +94,46 @@ def test_stop_finishes_in_flight_frames_and_publishes_their_decisions() -> None:
         release.set()
         got = client.decisions(2, timeout_s=30)
     assert [(d["frame_id"], d["reason"]) for d in got] == [(1, "ok"), (2, "ok")]
+
+
+def start_error(cfg: Config) -> str:
+    """The UserError a daemon with ``cfg`` stops with at start ('' if it started: it is then stopped)."""
+    errors: list[str] = []
+
+    def run() -> None:
+        try:
+            server.run(install_signals=False)
+        except UserError as exc:
+            errors.append(str(exc))
+
+    server = Server(cfg, loader=lambda m, b: FakeInspector())
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(10)  # a refused start ends at once
+    if thread.is_alive():
+        server.request_stop()
+        thread.join(15)
+    return errors[0] if errors else ""
+
+
+def test_frames_and_decisions_over_ipc_endpoints(tmp_path: Path) -> None:
+    """A grabber on the same host may use ipc:// (a Unix socket: no TCP stack for the 26 MB frame). A second
+    daemon on the same path is refused as a busy port is (libzmq alone would take the path over silently);
+    a socket file left by a killed daemon is taken over; the daemon removes its files when it stops."""
+    frames, decisions = f"ipc://{tmp_path}/frames", f"ipc://{tmp_path}/decisions"
+    stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    stale.bind(str(tmp_path / "frames"))
+    stale.close()  # the file stays, nothing listens: what a killed process leaves
+    with running(frames_endpoint=frames, decisions_endpoint=decisions) as (server, _):
+        assert (server.endpoints["frames"], server.endpoints["decisions"]) == (frames, decisions)
+        for setting, taken in (("frames_endpoint", frames), ("decisions_endpoint", decisions)):
+            assert setting in start_error(replace(make_config(), **{setting: taken}))
+        with Client(server) as client:  # the first daemon still has both endpoints
+            client.send(1)
+            client.send(2)
+            got = client.decisions(2, timeout_s=30)
+    assert [(d["frame_id"], d["reason"]) for d in got] == [(1, "ok"), (2, "ok")]
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 
 def test_drain_timeout_rejects_what_is_left() -> None:
