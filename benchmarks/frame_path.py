@@ -3,7 +3,7 @@
     python benchmarks/frame_path.py --model M --images DIR            # this checkout vs main at 633562a
     python benchmarks/frame_path.py --fit DATASET --images DATASET/test --daemon   # everything
 
-1. Floors, on one of the frames: a ZeroMQ hop over loopback TCP, memcpy, area resize to 1/8, an
+1. Floors, on one of the frames: a ZeroMQ hop over loopback TCP and over ipc, memcpy, area resize to 1/8, an
    affine warp of the frame, a 5-op elementwise map (numpy, and ONNX Runtime float32), uint8 to
    float32, one pass of "map above threshold", connected components on a dense and on a sparse map.
 2. The raw-frame path (``Inspector.prepare`` / ``infer`` / ``decide`` on decoded frames, as the
@@ -105,27 +105,35 @@ def _median_ms(fn: Callable[[], Any], repeats: int) -> float:
     return statistics.median(times)
 
 
-def _zmq_hop(frame: np.ndarray, repeats: int) -> float:
-    """One frame's bytes PUSHed to a PULL socket over loopback TCP: send call to the last byte received."""
+def _zmq_hop(frame: np.ndarray, repeats: int, transport: str = "tcp") -> float:
+    """One frame's bytes PUSHed to a PULL socket over loopback TCP (or ``ipc``, a Unix socket): send call to
+    the last byte received."""
+    import tempfile
+
     import zmq
 
     ctx = zmq.Context()
     pull, push = ctx.socket(zmq.PULL), ctx.socket(zmq.PUSH)
-    try:
-        port = pull.bind_to_random_port("tcp://127.0.0.1")
-        push.connect(f"tcp://127.0.0.1:{port}")
-        payload = np.ascontiguousarray(frame).data
-        times = []
-        for _ in range(repeats + 1):
-            start = time.perf_counter()
-            push.send(payload, copy=False)
-            pull.recv(copy=False)
-            times.append((time.perf_counter() - start) * 1000)
-        return statistics.median(times[1:])
-    finally:
-        push.close(linger=0)
-        pull.close(linger=0)
-        ctx.term()
+    with tempfile.TemporaryDirectory(prefix="frame_path-hop-") as tmp:
+        try:
+            if transport == "ipc":
+                endpoint = f"ipc://{tmp}/frames"
+                pull.bind(endpoint)
+            else:
+                endpoint = f"tcp://127.0.0.1:{pull.bind_to_random_port('tcp://127.0.0.1')}"
+            push.connect(endpoint)
+            payload = np.ascontiguousarray(frame).data
+            times = []
+            for _ in range(repeats + 1):
+                start = time.perf_counter()
+                push.send(payload, copy=False)
+                pull.recv(copy=False)
+                times.append((time.perf_counter() - start) * 1000)
+            return statistics.median(times[1:])
+        finally:
+            push.close(linger=0)
+            pull.close(linger=0)
+            ctx.term()
 
 
 def _ort_map_ms(x: np.ndarray, repeats: int) -> float:
@@ -174,6 +182,7 @@ def measure_floors(frame: np.ndarray, repeats: int) -> dict[str, float]:
     plane = np.ascontiguousarray(frame if frame.ndim == 2 else frame[:, :, 0])
     h, w = plane.shape
     out: dict[str, float] = {"ZeroMQ hop, loopback TCP": _zmq_hop(frame, repeats)}
+    out["ZeroMQ hop, ipc (same host)"] = _zmq_hop(frame, repeats, "ipc")
     copy = np.empty_like(frame)
     out["memcpy"] = _median_ms(lambda: np.copyto(copy, frame), repeats)
     out["area resize to 1/8"] = _median_ms(
