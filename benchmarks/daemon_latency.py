@@ -22,10 +22,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.request
@@ -104,11 +106,18 @@ class Daemon:
         log: Path,
         repo: Path = REPO,
         launcher: list[str] | None = None,
+        transport: str = "tcp",
     ) -> None:
         """``launcher``: what runs ``serve`` with the arguments after it (default ``python -m daemon.cli serve``);
-        given, the daemon's stdin and stdout are pipes (``served.py`` answers commands on them)."""
-        self.frames = f"tcp://127.0.0.1:{free_port()}"
-        self.decisions = f"tcp://127.0.0.1:{free_port()}"
+        given, the daemon's stdin and stdout are pipes (``served.py`` answers commands on them). ``transport``:
+        ``tcp`` (loopback ports) or ``ipc`` (Unix sockets in a directory removed at ``stop``)."""
+        self._sockets_dir = tempfile.mkdtemp(prefix="inspectd-ipc-") if transport == "ipc" else None
+        if self._sockets_dir is not None:
+            self.frames = f"ipc://{self._sockets_dir}/frames"
+            self.decisions = f"ipc://{self._sockets_dir}/decisions"
+        else:
+            self.frames = f"tcp://127.0.0.1:{free_port()}"
+            self.decisions = f"tcp://127.0.0.1:{free_port()}"
         self.http = f"127.0.0.1:{free_port()}"
         argv = launcher or [sys.executable, "-m", "daemon.cli", "serve"]
         argv += ["--model", str(bundle), "--backend", backend]
@@ -151,6 +160,8 @@ class Daemon:
         self.proc.send_signal(signal.SIGTERM)
         code = self.proc.wait(60)
         self._log.close()
+        if self._sockets_dir is not None:
+            shutil.rmtree(self._sockets_dir, ignore_errors=True)
         return code
 
 

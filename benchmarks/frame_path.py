@@ -108,8 +108,6 @@ def _median_ms(fn: Callable[[], Any], repeats: int) -> float:
 def _zmq_hop(frame: np.ndarray, repeats: int, transport: str = "tcp") -> float:
     """One frame's bytes PUSHed to a PULL socket over loopback TCP (or ``ipc``, a Unix socket): send call to
     the last byte received."""
-    import tempfile
-
     import zmq
 
     ctx = zmq.Context()
@@ -672,17 +670,17 @@ def run_daemons(args: argparse.Namespace, workers: dict[str, Worker], checkouts:
     paths = pick_images(args.images, args.frames)
     images = [(p.name, read_image(p)) for p in paths]
     variants = dict(args.daemon_env) or {"": {}}
-    cases = [(name, label) for name in checkouts for label in variants]
+    cases = [(name, label, via) for name in checkouts for label in variants for via in args.daemon_transport]
     results: dict[str, list[dict]] = {_case(*case): [] for case in cases}
     for r in range(args.runs):
-        for name, label in cases if r % 2 == 0 else cases[::-1]:
+        for name, label, via in cases if r % 2 == 0 else cases[::-1]:
             worker_bare = workers[name].ask(op="bare", count=args.frames)
-            log = args.workdir / f"daemon-{name}{label}-{r}.log"
+            log = args.workdir / f"daemon-{name}{label}{via}-{r}.log"
             with _environment(variants[label]):
-                row = daemon_run(args, checkouts[name], models[name], paths, images, log)
+                row = daemon_run(args, checkouts[name], models[name], paths, images, log, via)
             row["worker_p50"] = statistics.median(worker_bare["ms"])
             row["worker_cpu"] = worker_bare["cpu_ms"]
-            results[_case(name, label)].append(row)
+            results[_case(name, label, via)].append(row)
     (args.workdir / "daemon.json").write_text(json.dumps(results))
     print_daemon_table(args, results)
     print_threads(results)
@@ -698,8 +696,9 @@ def _variant(text: str) -> tuple[str, dict[str, str]]:
         raise argparse.ArgumentTypeError(f"{text!r}: expected LABEL:NAME=VALUE,NAME=VALUE") from None
 
 
-def _case(name: str, label: str) -> str:
-    return f"{name}/{label}" if label else name
+def _case(name: str, label: str, via: str = "tcp") -> str:
+    """The row's name: the checkout, then the variant's label and ``ipc`` where there are."""
+    return "/".join([name, *([label] if label else []), *([via] if via != "tcp" else [])])
 
 
 @contextlib.contextmanager
@@ -718,7 +717,7 @@ def _environment(extra: dict[str, str]) -> Iterator[None]:
 
 
 def daemon_run(
-    args: argparse.Namespace, checkout: Path, model: Path, paths: list[Path], images: list, log: Path
+    args: argparse.Namespace, checkout: Path, model: Path, paths: list[Path], images: list, log: Path, via: str
 ) -> dict[str, Any]:
     """One fresh daemon: bare predict in its process, then ``--daemon-blocks`` blocks of frames at the offered
     rate, each followed by bare predict again, so that every served frame is compared with bare predict timed
@@ -726,7 +725,7 @@ def daemon_run(
     from daemon_latency import Daemon, rss_mb, run
 
     launcher = [sys.executable, str(REPO / "benchmarks" / "served.py"), "--image-list", *map(str, paths), "--"]
-    daemon = Daemon(model, "onnxruntime", 5000.0, 4, log, repo=checkout, launcher=launcher)
+    daemon = Daemon(model, "onnxruntime", 5000.0, 4, log, repo=checkout, launcher=launcher, transport=via)
     blocks = _block_sizes(args.daemon_frames, args.daemon_blocks)
     try:
         threads = [daemon.ask(op="threads")["threads"]]
@@ -991,6 +990,14 @@ def main() -> int:
         type=int,
         default=3,
         help="the frames in this many blocks, bare predict timed before, between and after them (default 3)",
+    )
+    parser.add_argument(
+        "--daemon-transport",
+        nargs="+",
+        choices=("tcp", "ipc"),
+        default=["tcp"],
+        help="how frames and decisions travel: loopback TCP (default) and/or ipc, a Unix socket (a grabber on the "
+        "same host); each runs in every run, interleaved",
     )
     parser.add_argument("--load", type=float, default=0.7)
     parser.add_argument("--daemon-rate", type=float, help="one frame rate (Hz) for both daemons instead of --load")
