@@ -558,7 +558,8 @@ def compare(base: dict, new: dict, index: int, maps: tuple[Path, Path]) -> dict:
     db, dn = base["decision"], new["decision"]
     boxes = [d[:2] for d in db["defects"]] == [d[:2] for d in dn["defects"]]
     scores = [db["score"]] + [d[2] for d in db["defects"]], [dn["score"]] + [d[2] for d in dn["defects"]]
-    score_diff = max(abs(x - y) for x, y in zip(*scores, strict=False)) if len(scores[0]) == len(scores[1]) else 1e9
+    counted = len(scores[0]) == len(scores[1])  # as many defect regions: their scores compare one to one
+    score_diff = max(abs(x - y) for x, y in zip(*scores, strict=True)) if counted else float("inf")
     same = db["verdict"] == dn["verdict"] and db["reason"] == dn["reason"] and boxes
     for d in maps:
         (d / f"{index}.npy").unlink()
@@ -635,7 +636,7 @@ def print_identity(identity: list[dict]) -> bool:
     same = sum(r["decision"] for r in identity)
     print(
         f"\nidentity vs baseline: decisions identical on {same}/{len(identity)} frames "
-        f"({verdicts['pass']} pass, {verdicts['reject']} reject); worst map difference {worst:.2e}, "
+        f"(this checkout: {verdicts['pass']} pass, {verdicts['reject']} reject); worst map difference {worst:.2e}, "
         f"worst score difference {max((r['score_diff'] for r in identity), default=float('nan')):.2e} "
         f"(tolerance {MAP_TOLERANCE:g}) -> {'IDENTICAL' if ok else 'DIFFERENT'}"
     )
