@@ -6,6 +6,11 @@ by unlinking whatever file is there first, so a second daemon started on the sam
 takes the endpoint from a running one (TCP refuses a port in use), and it leaves its socket file
 behind when the socket closes. ``bind`` refuses a path that a live socket answers on and returns
 the file it made, which ``SocketFile.remove`` deletes at shutdown if it is still that file.
+
+Connecting to a Unix socket takes write permission on its file, which the service's umask (0027)
+withholds from the group: the file is made readable and writable by owner and group (``SOCKET_MODE``),
+so that a grabber in the daemon's group can connect; who reaches it is set by the directory's mode
+(the systemd unit's RuntimeDirectory, 0750).
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from typing import Any
 import zmq
 
 IPC = "ipc://"
+SOCKET_MODE = 0o660
 
 
 @dataclass(frozen=True)
@@ -47,6 +53,7 @@ def bind(sock: zmq.Socket[Any], endpoint: str) -> SocketFile | None:
     if path is None:
         return None
     try:
+        os.chmod(path, SOCKET_MODE)
         return SocketFile(path, os.stat(path).st_ino)
     except OSError:
         return None

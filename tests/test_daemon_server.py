@@ -6,6 +6,7 @@ import json
 import os
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import threading
@@ -126,6 +127,8 @@ def test_frames_and_decisions_over_ipc_endpoints(tmp_path: Path) -> None:
     stale.close()  # the file stays, nothing listens: what a killed process leaves
     with running(frames_endpoint=frames, decisions_endpoint=decisions) as (server, _):
         assert (server.endpoints["frames"], server.endpoints["decisions"]) == (frames, decisions)
+        modes = {stat.S_IMODE((tmp_path / name).stat().st_mode) for name in ("frames", "decisions")}
+        assert modes == {0o660}  # the daemon's group may connect, whatever the umask
         for setting, taken in (("frames_endpoint", frames), ("decisions_endpoint", decisions)):
             assert setting in start_error(replace(make_config(), **{setting: taken}))
         with Client(server) as client:  # the first daemon still has both endpoints
