@@ -73,6 +73,7 @@ PROBES = (
     ("prepare", "photometric fit", "engines.registration", "RegistrationReference.photometric"),
     ("prepare", "resample", "engines.registration", "warp_to_reference"),
     ("prepare", "pad", "engines.tiling", "TilePlan.pad"),
+    ("prepare", "pad: border only", "engines.tiling", "TilePlan.replicate"),
     ("prepare", "fine gain", "engines.inspector", "frame_fine_gain"),
     ("infer", "extract tiles", "engines.tiling", "TilePlan.extract"),
     ("infer", "stitch", "engines.tiling", "TilePlan.stitch"),

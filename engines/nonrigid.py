@@ -232,8 +232,9 @@ class Field:
         dx, dy = self.at(xs, ys)
         return float(np.percentile(np.hypot(dx, dy), 95))
 
-    def resample(self, image: np.ndarray, matrix: np.ndarray) -> np.ndarray:
-        """``image`` (the frame) resampled on the reference grid through the pose ``matrix`` and this field."""
+    def resample(self, image: np.ndarray, matrix: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """``image`` (the frame) resampled on the reference grid through the pose ``matrix`` and this field (into
+        ``out``, the frame's shape and type, if given)."""
         h, w = image.shape[:2]
         step = MAP_STEP
         (ys, by), (xs, bx) = _map_nodes(h, self.shape[0]), _map_nodes(w, self.shape[1])
@@ -242,7 +243,10 @@ class Field:
         m = np.asarray(matrix, np.float64)
         map_x = (m[0, 0] * xs[None, :] + m[0, 1] * ys[:, None] + m[0, 2] + dx).astype(np.float32)
         map_y = (m[1, 0] * xs[None, :] + m[1, 1] * ys[:, None] + m[1, 2] + dy).astype(np.float32)
-        out = np.empty_like(image)
+        if out is None:
+            out = np.empty_like(image)
+        elif out.shape != image.shape or out.dtype != image.dtype:
+            raise ValueError(f"out is {out.shape} {out.dtype}, the frame {image.shape} {image.dtype}")
         # the strips' maps in two buffers for the whole frame: a fresh pair of 6 MB maps per strip (40 at 5120 px)
         # cost some 2 ms more, the same maps
         most = min(nodes_y, STRIP // step + 3) * step

@@ -542,8 +542,9 @@ class Aligned:
     left_out: int = 0
 
 
-def align(image: np.ndarray, ref: RegistrationReference) -> Aligned:
-    """Register a (conformed) frame, fit its lighting, find its bend if the reference has a field, and resample.
+def align(image: np.ndarray, ref: RegistrationReference, out: np.ndarray | None = None) -> Aligned:
+    """Register a (conformed) frame, fit its lighting, find its bend if the reference has a field, and resample
+    (into ``out`` if given: the interior of the padded frame at run time, so it is not copied again).
 
     The one preparation both the fit and run time use, so the statistics are computed from images
     prepared exactly as frames on the line will be. Raises InspectError("registration").
@@ -570,7 +571,7 @@ def align(image: np.ndarray, ref: RegistrationReference) -> Aligned:
             hidden[rows, cols] |= mask
         areas = [(rows, cols) for rows, cols, _ in pieces]
         pose = replace(pose, field=ref.field.estimate(level, pose.matrix, hidden, areas))
-    registered = warp_to_reference(image, pose)
+    registered = warp_to_reference(image, pose, out)
     left_out = 0
     if clutter is not None:
         from engines.sensor import leave_out
@@ -675,14 +676,24 @@ def _expected_box(
     return cv2.warpAffine(lit, shifted, (x1 - x0, y1 - y0), flags=flags, borderMode=cv2.BORDER_REPLICATE)
 
 
-def warp_to_reference(image: np.ndarray, pose: Pose) -> np.ndarray:
-    """Resample the frame on the reference grid (bilinear, sub-pixel), through the pose's field if it has one."""
+def warp_to_reference(image: np.ndarray, pose: Pose, out: np.ndarray | None = None) -> np.ndarray:
+    """Resample the frame on the reference grid (bilinear, sub-pixel), through the pose's field if it has one;
+    into ``out`` (the frame's shape and type, a view is fine) if given."""
     if pose.field is not None:
-        return pose.field.resample(image, pose.matrix)
+        return pose.field.resample(image, pose.matrix, out)
     h, w = image.shape[:2]
-    return cv2.warpAffine(
-        image, pose.matrix, (w, h), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP, borderMode=cv2.BORDER_REPLICATE
-    )
+    flags = cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP
+    if out is None:
+        return cv2.warpAffine(image, pose.matrix, (w, h), flags=flags, borderMode=cv2.BORDER_REPLICATE)
+    _check_out(out, image)
+    cv2.warpAffine(image, pose.matrix, (w, h), dst=out, flags=flags, borderMode=cv2.BORDER_REPLICATE)
+    return out
+
+
+def _check_out(out: np.ndarray, image: np.ndarray) -> None:
+    """OpenCV writes into ``dst`` only when it already has the result's shape and type (else it allocates anew)."""
+    if out.shape != image.shape or out.dtype != image.dtype:
+        raise ValueError(f"out is {out.shape} {out.dtype}, the frame {image.shape} {image.dtype}")
 
 
 def bbox_to_frame(bbox: tuple[int, int, int, int], pose: Pose, height: int, width: int) -> tuple[int, int, int, int]:

@@ -121,6 +121,25 @@ class TilePlan:
         right = self.cols * self.core - self.width + self.halo
         return cv2.copyMakeBorder(image, self.halo, bottom, self.halo, right, cv2.BORDER_REPLICATE)
 
+    def padded_shape(self) -> tuple[int, int]:
+        """Rows and columns of a padded image: every tile a plain slice of it."""
+        return self.rows * self.core + 2 * self.halo, self.cols * self.core + 2 * self.halo
+
+    def interior(self, padded: np.ndarray) -> np.ndarray:
+        """The image's own pixels inside a padded image, as a view (write the image there, then ``replicate``)."""
+        return padded[self.halo : self.halo + self.height, self.halo : self.halo + self.width]
+
+    def replicate(self, padded: np.ndarray) -> np.ndarray:
+        """Fill the border of a padded image whose interior is written by replicating its edge pixels, in place:
+        the same pixels as ``pad`` of the interior, without copying the interior (a 26 MB pass at 5120 px)."""
+        top, left = self.halo, self.halo
+        bottom, right = top + self.height, left + self.width
+        padded[top:bottom, :left] = padded[top:bottom, left : left + 1]
+        padded[top:bottom, right:] = padded[top:bottom, right - 1 : right]
+        padded[:top] = padded[top : top + 1]
+        padded[bottom:] = padded[bottom - 1 : bottom]
+        return padded
+
     def extract(self, padded: np.ndarray, tiles: range, out: np.ndarray | None = None) -> np.ndarray:
         """Copy tiles from a padded image into a [n, C, tile, tile] batch (``out`` reused if given)."""
         planes = padded if padded.ndim == 3 else padded[:, :, None]

@@ -75,6 +75,12 @@ def test_resampling_into_the_output_is_bit_for_bit_as_before(shape, dtype):
     got = field.resample(image, matrix)
     assert got.dtype == image.dtype and got.shape == image.shape
     assert np.array_equal(got, resample_with_copies(field, image, matrix))
+    padded = np.zeros((shape[0] + 20, shape[1] + 30, *shape[2:]), dtype)  # into a view, as the inspector does
+    interior = padded[7 : 7 + shape[0], 11 : 11 + shape[1]]
+    assert field.resample(image, matrix, interior) is interior
+    assert np.array_equal(interior, got)
+    with pytest.raises(ValueError, match="out is"):
+        field.resample(image, matrix, padded)
 
 
 @pytest.fixture(scope="module")

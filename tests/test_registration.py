@@ -612,3 +612,18 @@ def test_a_failed_trim_fit_fails_the_frame(part, monkeypatch):
     with pytest.raises(InspectError) as info:
         ref.photometric(coarse, pose)
     assert info.value.reason == "registration"
+
+
+@pytest.mark.parametrize("shape", [(301, 437), (211, 173, 3)])
+def test_resampling_into_a_view_of_a_larger_frame_is_the_same(shape):
+    """``warp_to_reference(out=...)`` writes into a view (the interior of the padded frame) what it would return."""
+    rng = np.random.default_rng(1)
+    image = rng.integers(0, 256, shape, dtype=np.uint8)
+    pose = reg.Pose(pose_matrix(0.8, 3.3, -2.7, *shape[:2]), 1.0)
+    padded = np.zeros((shape[0] + 16, shape[1] + 24, *shape[2:]), np.uint8)
+    interior = padded[8 : 8 + shape[0], 5 : 5 + shape[1]]
+    assert reg.warp_to_reference(image, pose, interior) is interior
+    assert np.array_equal(interior, reg.warp_to_reference(image, pose))
+    assert not padded[:8].any()  # nothing written outside it
+    with pytest.raises(ValueError, match="out is"):
+        reg.warp_to_reference(image, pose, padded)

@@ -357,6 +357,19 @@ def nonrigid_dir(dataset: Dataset, tmp_path_factory: pytest.TempPathFactory) -> 
     return fit_template(dataset.train_good, out, config=FitConfig(alignment="nonrigid"), progress=False)
 
 
+@pytest.mark.parametrize("model", ["bundle_dir", "nonrigid_dir"])
+def test_prepare_resamples_straight_into_the_padded_frame(model, request, dataset):
+    """The frame is resampled into the padded frame's interior and the border replicated in place (rigid and through
+    the field): the same padded frame as resampling into a frame of its own and padding a copy of it."""
+    from engines import registration as reg
+
+    with Inspector.load(request.getfixturevalue(model), "onnxruntime") as inspector:
+        for sample in dataset.test[:4]:
+            image = read_image(sample.path)
+            expected = inspector.plan.pad(reg.align(image, inspector._registration).registered)
+            assert np.array_equal(inspector.prepare(image).padded, expected)
+
+
 def test_nonrigid_bundle_records_the_field_and_still_finds_every_defect(nonrigid_dir, bundle_dir, dataset):
     """--alignment nonrigid: the manifest records the field's parameters, the reference its level image;
     every defect is still rejected, scoring at least half what it scores aligned rigidly (the field

@@ -237,6 +237,10 @@ def test_pad_extract_stitch_round_trip(height, width, core, halo, channels):
         window = plan.window(padded, index)
         assert np.shares_memory(window, padded)
         np.testing.assert_array_equal(window, tiles[index : index + 1])
+    # the image written into a padded buffer's interior, its border then replicated in place: the same pixels
+    written = np.zeros(plan.padded_shape() + shape[2:], np.uint8)
+    plan.interior(written)[...] = image
+    np.testing.assert_array_equal(plan.replicate(written), padded)
 
 
 def test_stitch_writes_every_pixel_from_its_own_tile():
