@@ -1,7 +1,8 @@
 """Binding ZeroMQ endpoints, ipc:// included, without libzmq's two surprises with socket files.
 
 A grabber on the same host may hand frames over an ``ipc://`` endpoint (a Unix socket: a 26 MB
-frame crosses in about 5 ms where loopback TCP takes 8-9). libzmq 4.3, though, binds an ipc path
+frame crossed in 4-7 ms where loopback TCP took 8-11, the floors of ``benchmarks/frame_path.py``).
+libzmq 4.3, though, binds an ipc path
 by unlinking whatever file is there first, so a second daemon started on the same path silently
 takes the endpoint from a running one (TCP refuses a port in use), and it leaves its socket file
 behind when the socket closes. ``bind`` refuses a path that a live socket answers on and returns
