@@ -686,7 +686,9 @@ def warp_to_reference(image: np.ndarray, pose: Pose, out: np.ndarray | None = No
     if out is None:
         return cv2.warpAffine(image, pose.matrix, (w, h), flags=flags, borderMode=cv2.BORDER_REPLICATE)
     _check_out(out, image)
-    cv2.warpAffine(image, pose.matrix, (w, h), dst=out, flags=flags, borderMode=cv2.BORDER_REPLICATE)
+    result = cv2.warpAffine(image, pose.matrix, (w, h), dst=out, flags=flags, borderMode=cv2.BORDER_REPLICATE)
+    if result is not out:  # OpenCV wrote elsewhere (it raises for a layout it cannot take): never a stale ``out``
+        out[...] = result
     return out
 
 
