@@ -11,14 +11,6 @@ bare predict (``benchmarks/frame_path.py --daemon``, per-thread table). A fixed 
 glibc's own maximum keeps every frame-sized block in the heap, and a high trim threshold keeps
 the freed ones for the next frame (700 faults, 4 ms). The fit does the opposite on purpose
 (``calibration.fit_pipeline.release_free_heap``): it wants its peak low, not its pages warm.
-
-A thread's own arena grows in heaps of at most 64 MB, two 26 MB frames each, and glibc unmaps a
-heap whole as soon as its last block is freed, whatever the trim threshold. ZeroMQ's I/O thread
-allocates every received frame in its arena; with three or five frames alive at once (received,
-being prepared, being inferred or decided) each frame came back as fresh pages: some 1,000-1,300
-faults and 7 ms of system time a frame on that thread (``frame_path.py --daemon``, per-thread
-table; 0 before that load pattern). A top pad as large as a heap keeps such heaps mapped: glibc
-deletes one only where the heap before it has less free room than the pad.
 """
 
 from __future__ import annotations
@@ -28,11 +20,9 @@ from typing import Any
 from engines.libc import glibc
 
 M_TRIM_THRESHOLD = -1  # glibc's mallopt parameters (malloc.h)
-M_TOP_PAD = -2
 M_MMAP_THRESHOLD = -3
 MMAP_THRESHOLD = 32 * 1024 * 1024  # glibc's largest (DEFAULT_MMAP_THRESHOLD_MAX on 64-bit)
 TRIM_THRESHOLD = 256 * 1024 * 1024  # free heap kept for reuse: a few frames' temporaries
-TOP_PAD = 64 * 1024 * 1024  # a thread arena's largest heap (HEAP_MAX_SIZE on 64-bit): none is unmapped
 
 
 def keep_frame_blocks(libc: Any = None) -> bool:
@@ -42,5 +32,4 @@ def keep_frame_blocks(libc: Any = None) -> bool:
         return False
     accepted = libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
     accepted &= libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD)
-    accepted &= libc.mallopt(M_TOP_PAD, TOP_PAD)
     return bool(accepted)
