@@ -110,8 +110,10 @@ class Daemon:
     ) -> None:
         """``launcher``: what runs ``serve`` with the arguments after it (default ``python -m daemon.cli serve``);
         given, the daemon's stdin and stdout are pipes (``served.py`` answers commands on them). ``transport``:
-        ``tcp`` (loopback ports) or ``ipc`` (Unix sockets in a directory removed at ``stop``)."""
-        self._sockets_dir = tempfile.mkdtemp(prefix="inspectd-ipc-") if transport == "ipc" else None
+        ``tcp`` (loopback ports), ``ipc`` (Unix sockets in a directory removed at ``stop``) or ``shm`` (ipc, and
+        the frames in the daemon's shared-memory slots: ``frames_shm``, a checkout that has them)."""
+        self._sockets_dir = tempfile.mkdtemp(prefix="inspectd-ipc-") if transport in ("ipc", "shm") else None
+        self.shm = f"{self._sockets_dir}/slots" if transport == "shm" else None
         if self._sockets_dir is not None:
             self.frames = f"ipc://{self._sockets_dir}/frames"
             self.decisions = f"ipc://{self._sockets_dir}/decisions"
@@ -125,6 +127,8 @@ class Daemon:
         argv += ["--cycle-ms", f"{cycle_ms:.0f}", "--queue-depth", str(queue_depth), "--log-format", "json"]
         self._log = log.open("w")
         env = {**os.environ, "PYTHONPATH": str(repo)}  # another checkout (frame_path.py's baseline) runs its own code
+        if self.shm:
+            env["INSPECTD_FRAMES_SHM"] = self.shm
         if launcher:  # served.py: commands on stdin, answers on stdout, the daemon's log on stderr
             pipe = subprocess.PIPE
             self.proc = subprocess.Popen(argv, cwd=repo, env=env, stdin=pipe, stdout=pipe, stderr=self._log, text=True)
@@ -194,6 +198,7 @@ def run(
         camera_id="bench",
         timeout_s=max(30.0, 3 * (deadline_ms or 0) / 1000),
         header_extra=extra,
+        shm=daemon.shm,
     )
 
 

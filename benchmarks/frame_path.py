@@ -996,10 +996,11 @@ def main() -> int:
     parser.add_argument(
         "--daemon-transport",
         nargs="+",
-        choices=("tcp", "ipc"),
+        choices=("tcp", "ipc", "shm"),
         default=["tcp"],
-        help="how frames and decisions travel: loopback TCP (default) and/or ipc, a Unix socket (a grabber on the "
-        "same host); each runs in every run, interleaved",
+        help="how frames and decisions travel: loopback TCP (default), ipc (a Unix socket: a grabber on the same "
+        "host) and/or shm (ipc, the frames in the daemon's shared-memory slots; checkouts that have them); each "
+        "runs in every run, interleaved",
     )
     parser.add_argument("--load", type=float, default=0.7)
     parser.add_argument("--daemon-rate", type=float, help="one frame rate (Hz) for both daemons instead of --load")

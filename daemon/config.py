@@ -34,7 +34,7 @@ IMAGEZMQ_MODES = ("reqrep", "pubsub")
 LOG_FORMATS = ("auto", "json", "console")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 ACTUATOR_MODES = ("pulse", "level")
-PATH_FIELDS = ("model", "audit_dir", "curve_secret_key", "curve_clients")  # relative to the TOML file
+PATH_FIELDS = ("model", "frames_shm", "audit_dir", "curve_secret_key", "curve_clients")  # relative to the TOML file
 
 
 class ConfigError(UserError):
@@ -51,6 +51,10 @@ class Config:
     # Native frames: PULL binds (cameras PUSH to it); SUB connects to a camera that publishes.
     frames_endpoint: str = "tcp://127.0.0.1:7700"
     frames_mode: str = "pull"
+    # Shared-memory frame slots for a grabber on the same host (shm.py): the Unix socket path that hands
+    # them out ("" = off) and how many frames may be in flight in them.
+    frames_shm: str = ""
+    frames_shm_slots: int = 4
     # imagezmq: "" = off; reqrep binds a ROUTER (senders connect REQ); pubsub connects a SUB.
     imagezmq_endpoint: str = ""
     imagezmq_mode: str = "reqrep"
@@ -129,6 +133,9 @@ class Config:
         _endpoint("frames_endpoint", self.frames_endpoint, required=True)
         _endpoint("imagezmq_endpoint", self.imagezmq_endpoint, required=False)
         _endpoint("decisions_endpoint", self.decisions_endpoint, required=True)
+        if self.frames_shm and not self.frames_shm.startswith("/"):
+            raise ConfigError(f"frames_shm: expected an absolute path for the slot socket, got {self.frames_shm!r}")
+        _range("frames_shm_slots", self.frames_shm_slots, 2, 64)
         if self.http_listen:
             parse_host_port(self.http_listen)
         _range("cycle_ms", self.cycle_ms, 1, 600_000)

@@ -19,6 +19,7 @@ import itertools
 import time
 from collections import OrderedDict
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import structlog
@@ -28,6 +29,7 @@ from zmq.utils.monitor import recv_monitor_message
 from daemon import endpoints
 from daemon.config import Config
 from daemon.protocol import BadFrame, Frame, message_limit, parse_imagezmq, parse_native
+from daemon.shm import FrameSlots, SlotSocket
 from daemon.supervision import Supervisor, Watch
 from engines.errors import UserError
 from engines.types import Geometry
@@ -72,7 +74,12 @@ class Intake:
         self._files: list[endpoints.SocketFile] = []  # ipc:// socket files bound here, removed at close
         self.peers_dropped = 0  # disconnects: oversize messages (unreadable, so unanswered) or senders leaving
         self.replies_undelivered = 0  # imagezmq replies the ROUTER could not route (the sender left or stopped reading)
+        self.slots: FrameSlots | None = None  # shared-memory frame slots for a grabber on this host (frames_shm)
+        self.slot_socket: SlotSocket | None = None
         try:
+            if config.frames_shm:
+                self.slots = FrameSlots(config.frames_shm_slots, geometry().nbytes)
+                self.slot_socket = SlotSocket(Path(config.frames_shm), self.slots)
             self.native = self._open(config.frames_mode, config.frames_endpoint, "frames_endpoint")
             self.imagezmq = None
             if config.imagezmq_endpoint:
@@ -150,6 +157,11 @@ class Intake:
         for made in self._files:
             made.remove()
         self._files.clear()
+        if self.slot_socket is not None:
+            self.slot_socket.close()
+            self.slot_socket = None
+        if self.slots is not None:
+            self.slots.close()
 
     @property
     def alive(self) -> bool:
@@ -161,6 +173,8 @@ class Intake:
         inputs = [s for s in (self.native, self.imagezmq) if s is not None]
         for sock in [*inputs, self._replies, *self._monitors]:
             poller.register(sock, zmq.POLLIN)
+        if self.slot_socket is not None:
+            poller.register(self.slot_socket.fileno(), zmq.POLLIN)  # reported by its descriptor
         while self._running:
             self.watch.checkpoint()
             ready = dict(poller.poll(POLL_MS))
@@ -176,6 +190,8 @@ class Intake:
                 self._count_drops(monitor)
         if self._replies in ready:
             self._forward_replies()
+        if self.slot_socket is not None and self.slot_socket.fileno() in ready:
+            self.slot_socket.serve()
         if not self._reading:
             return
         for sock in inputs:
@@ -212,7 +228,7 @@ class Intake:
     def _parse(self, sock: zmq.Socket[Any], parts: list[Any], now: int) -> Frame | BadFrame:
         geometry = self._geometry()
         if sock is not self.imagezmq:
-            return parse_native(parts, now, geometry, self._max_ahead_ns)
+            return parse_native(parts, now, geometry, self._max_ahead_ns, self.slots)
         reply = None
         if sock.type == zmq.ROUTER:
             # [identity, b"", metadata, payload] from REQ; tolerate a DEALER without the delimiter.

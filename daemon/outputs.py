@@ -336,15 +336,38 @@ class Outputs:
             sink.start(supervisor)
 
     def publish(self, decision: Decision) -> None:
+        if decision.evidence is not None and decision.evidence.slot is not None:
+            self._publish_from_slot(decision)
+            return
         bare = decision
         if decision.evidence is not None:
             bare = dataclasses.replace(decision, evidence=None)
         for sink in self.sinks:
+            _offer(sink, decision, bare)
+
+    def _publish_from_slot(self, decision: Decision) -> None:
+        """A frame in a grabber's shared-memory slot (shm.py): the sinks that need no evidence (the line's
+        among them) first, then the frame is copied out of the slot for those that keep it. The grabber may
+        reuse the slot once the decision is out; a copy that lost that race is dropped, not kept torn."""
+        assert decision.evidence is not None
+        bare = dataclasses.replace(decision, evidence=None)
+        keepers = []
+        for sink in self.sinks:
             try:
-                if sink.accepts(decision):
-                    sink.offer(decision if bare is not decision and sink.wants_evidence(decision) else bare)
-            except Exception as exc:  # runs on a frame-path thread: one sink's bug must not stop it or the others
+                if sink.accepts(decision) and sink.wants_evidence(decision):
+                    keepers.append(sink)
+                    continue
+            except Exception as exc:
                 _hand_off_failed(sink, exc)
+                continue
+            _offer(sink, bare, bare)
+        if not keepers:
+            return
+        kept = dataclasses.replace(decision, evidence=decision.evidence.kept())
+        if kept.evidence is not None and kept.evidence.image is None and decision.evidence.image is not None:
+            log.info("evidence_image_lost", frame_id=decision.frame_id, why="the grabber reused its slot first")
+        for sink in keepers:
+            _offer(sink, kept, bare)
 
     def admit(self, item: Frame | BadFrame, deadline_ns: int) -> None:
         for sink in self.sinks:
@@ -364,6 +387,15 @@ class Outputs:
 
     def stats(self) -> dict[str, dict[str, int]]:
         return {sink.name: sink.stats() for sink in self.sinks}
+
+
+def _offer(sink: Sink, decision: Decision, bare: Decision) -> None:
+    """``decision`` to ``sink`` if it takes it, with its evidence where the sink wants that (else ``bare``)."""
+    try:
+        if sink.accepts(decision):
+            sink.offer(decision if bare is not decision and sink.wants_evidence(decision) else bare)
+    except Exception as exc:  # runs on a frame-path thread: one sink's bug must not stop it or the others
+        _hand_off_failed(sink, exc)
 
 
 def _hand_off_failed(sink: Sink, exc: Exception) -> None:

@@ -14,8 +14,9 @@ import json
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import structlog
 
 from daemon import validation as check
@@ -23,6 +24,9 @@ from daemon.validation import DEFAULT_MAX_AHEAD_NS, MAX_ID_CHARS, is_int, short
 from engines.decode import encoded_limit
 from engines.types import DTYPES, Geometry, Result
 from engines.version import VERSION
+
+if TYPE_CHECKING:
+    from daemon.shm import FrameSlots, SlotFrame
 
 log = structlog.get_logger("inspectd.protocol")
 
@@ -55,6 +59,7 @@ class Frame:
     reply: bytes | None = None  # ROUTER identity of an imagezmq REQ sender awaiting the decision
     source: str = "native"
     dropped: tuple[str, ...] = ()  # informational header fields dropped as unreadable (t_capture_ns)
+    slot: SlotFrame | None = None  # the shared-memory slot the payload lies in (shm.py), else None
 
 
 @dataclass
@@ -86,6 +91,17 @@ class Evidence:
     image: Any = None
     anomaly_map: Any = None
     pose_matrix: Any = None
+    slot: SlotFrame | None = None  # ``image`` lies in the grabber's shared memory, reused after the decision
+
+    def kept(self) -> Evidence:
+        """Evidence the sinks may keep after the decision is out: an image in a shared-memory slot is copied
+        (and dropped if the grabber has already written into the slot again)."""
+        if self.slot is None or self.image is None:
+            return self
+        image = np.array(self.image)
+        if self.slot.changed():
+            image = None
+        return Evidence(image, self.anomaly_map, self.pose_matrix)
 
 
 @dataclass
@@ -171,36 +187,49 @@ def result_fields(result: Result, max_defects: int) -> dict[str, Any]:
 
 # -- native protocol -------------------------------------------------------------------------
 def parse_native(
-    parts: Sequence[Any], t_received_ns: int, geometry: Geometry, max_ahead_ns: int = DEFAULT_MAX_AHEAD_NS
+    parts: Sequence[Any],
+    t_received_ns: int,
+    geometry: Geometry,
+    max_ahead_ns: int = DEFAULT_MAX_AHEAD_NS,
+    slots: FrameSlots | None = None,
 ) -> Frame | BadFrame:
-    """Check a native two-part message (JSON header, payload): every field, then the model's geometry.
+    """Check a native message (JSON header, payload): every field, then the model's geometry.
 
-    ``max_ahead_ns`` is how far past receipt a deadline may lie (``deadline_max_s``).
+    ``max_ahead_ns`` is how far past receipt a deadline may lie (``deadline_max_s``). A header that
+    names a ``slot`` comes alone: its raw frame lies in that slot of ``slots`` (shm.py).
     """
     bad = BadFrame("", t_received_ns)
     try:
-        return _parse_native(parts, bad, geometry, max_ahead_ns)
+        return _parse_native(parts, bad, geometry, max_ahead_ns, slots)
     except Exception as exc:  # a gap in the checks: the frame is still answered if it named itself
         return _internal(bad, exc)
 
 
-def _parse_native(parts: Sequence[Any], bad: BadFrame, geometry: Geometry, max_ahead_ns: int) -> Frame | BadFrame:
+def _parse_native(
+    parts: Sequence[Any], bad: BadFrame, geometry: Geometry, max_ahead_ns: int, slots: FrameSlots | None
+) -> Frame | BadFrame:
     if not parts:
         return _bad(bad, "empty message")
     header, why = check.json_object(_view(parts[0]), MAX_HEADER_BYTES)
     deadline_why = ""
     if header is not None:
         deadline_why = _read_ids(header, bad, max_ahead_ns)
-    if len(parts) != 2:
-        return _bad(bad, f"expected 2 message parts (header, payload), got {len(parts)}")
+    in_slot = header is not None and "slot" in header
+    if len(parts) != 2 - in_slot:
+        expected = "1 message part (a header naming a slot)" if in_slot else "2 message parts (header, payload)"
+        return _bad(bad, f"expected {expected}, got {len(parts)}")
     if header is None:
         return _bad(bad, why)
     why = _check_header(header, bad) or deadline_why or _check_image_fields(header, geometry)
     if why:
         return _bad(bad, why)
-    payload = _view(parts[1])
-    why = _check_payload(len(payload), header["encoding"], geometry)
-    if why:
+    slot = None
+    if in_slot:
+        payload, slot, why = _slot_payload(header, geometry, slots)
+    else:
+        payload = _view(parts[1])
+        why = _check_payload(len(payload), header["encoding"], geometry)
+    if why or payload is None:
         return _bad(bad, why)
     t_capture, dropped = check.capture_time(header.get("t_capture_ns"))
     assert bad.camera_id is not None and bad.frame_id is not None  # _check_header made sure
@@ -214,7 +243,19 @@ def _parse_native(parts: Sequence[Any], bad: BadFrame, geometry: Geometry, max_a
         t_capture_ns=t_capture,
         part_id=bad.part_id,
         dropped=("t_capture_ns",) if dropped else (),
+        slot=slot,
     )
+
+
+def _slot_payload(
+    header: dict[str, Any], geometry: Geometry, slots: FrameSlots | None
+) -> tuple[memoryview | None, SlotFrame | None, str]:
+    """The raw frame a header places in a shared-memory slot (shm.py)."""
+    if slots is None:
+        return None, None, "slot: this daemon hands out no frame slots (frames_shm is not set)"
+    if header["encoding"] != "raw":
+        return None, None, f"a frame in a slot is raw, got encoding {short(header['encoding'])}"
+    return slots.take(header["slot"], header.get("slot_seq"), geometry.nbytes)
 
 
 def _read_ids(header: dict[str, Any], bad: BadFrame, max_ahead_ns: int) -> str:

@@ -81,6 +81,12 @@ WARM_UP_TIMEOUT_S = 60.0  # a stage of the warm-up frame taking longer is given 
 _STOP = (math.inf, math.inf, None)
 
 
+def _slot_moved(ticket: Ticket) -> str | None:
+    """Why a frame read from a grabber's shared-memory slot may be torn (the slot was written again), or None."""
+    item = ticket.item
+    return item.slot.changed() if isinstance(item, Frame) and item.slot is not None else None
+
+
 def lower_priority(nice: int = COMPUTE_NICE) -> None:
     """Make the calling thread (and the threads it creates later) nicer; a no-op where unsupported."""
     try:
@@ -566,11 +572,20 @@ class Scheduler:
         elapsed = self._stage_clock() - start
         ticket.timings_ms["decide"] = elapsed / 1e6
         self._cost.decide = self._cost.update(self._cost.decide, elapsed)
-        ticket.evidence = Evidence(ticket.image, result.anomaly_map, result.pose_matrix)
+        moved = _slot_moved(ticket)
+        if moved:  # the grabber wrote into the frame's slot while it was being read: judged on mixed pixels
+            self._fail(ticket, InspectError("bad_frame", moved))
+            return
+        ticket.evidence = self._evidence(ticket, result.anomaly_map, result.pose_matrix)
         fields = result_fields(result, self._max_defects)
         fields["timings_ms"] = {**fields["timings_ms"], **ticket.timings_ms}
         self._resolve(ticket, **fields)
         self._finish(ticket)
+
+    @staticmethod
+    def _evidence(ticket: Ticket, anomaly_map: Any = None, pose_matrix: Any = None) -> Evidence:
+        slot = ticket.item.slot if isinstance(ticket.item, Frame) else None
+        return Evidence(ticket.image, anomaly_map, pose_matrix, slot=slot)
 
     def _skip(self, ticket: Ticket) -> bool:
         """Drop the work of a ticket already resolved (its deadline passed) or when stopping.
@@ -584,6 +599,9 @@ class Scheduler:
         return False
 
     def _fail(self, ticket: Ticket, exc: Exception) -> None:
+        moved = _slot_moved(ticket)
+        if moved:  # whatever failed, it read pixels of two frames: that is the reason to give
+            exc = InspectError("bad_frame", moved)
         if isinstance(exc, ImageError):  # the frame does not fit the model (conform in prepare)
             self._resolve(ticket, "reject", "bad_frame", detail=str(exc)[:200])
         elif isinstance(exc, InspectError):
@@ -697,7 +715,7 @@ class Scheduler:
         outcome.setdefault("timings_ms", dict(ticket.timings_ms))
         evidence = ticket.evidence
         if evidence is None and ticket.image is not None:  # rejected before a map existed
-            evidence = Evidence(ticket.image)
+            evidence = self._evidence(ticket)
         ticket.image = ticket.evidence = None  # the decision holds them now; the ticket is done
         return Decision(
             frame_id=item.frame_id,

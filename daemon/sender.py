@@ -4,6 +4,9 @@ It PUSHes the images of a folder (cycled when ``--count`` is larger) at ``--rate
 per second to the daemon's frame endpoint, subscribes to the decision endpoint for its
 own camera id, prints one line per decision as it arrives, and exits 0 once every frame
 it sent has been decided (1 if some decision did not arrive within ``--timeout``).
+With ``--shm PATH`` it writes each frame into one of the daemon's shared-memory slots
+(``daemon/shm.py``) and sends the header alone, as a grabber on the daemon's host would;
+a slot is written again only after its frame's decision has arrived.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +24,7 @@ import cv2
 import numpy as np
 import zmq
 
+from daemon.shm import SlotWriter
 from engines.decode import IMAGE_SUFFIXES, read_image
 from engines.errors import UserError
 
@@ -100,9 +105,10 @@ class Camera:
             raise UserError(f"cannot connect to {endpoint} / {decisions}: {exc}") from None
         self.endpoint = endpoint
 
-    def send(self, header: bytes, payload: bytes | memoryview) -> None:
+    def send(self, header: bytes, payload: bytes | memoryview | None) -> None:
+        """The header and payload; the header alone when the frame lies in a slot (payload None)."""
         try:
-            self.push.send_multipart([header, payload], copy=False)
+            self.push.send_multipart([header] if payload is None else [header, payload], copy=False)
         except zmq.Again:
             raise UserError(f"{self.endpoint}: no daemon took the frame within 5 s (is it running?)") from None
 
@@ -138,14 +144,20 @@ def send_frames(
     timeout_s: float = 10.0,
     on_decision: Callable[[dict[str, Any]], None] = lambda d: None,
     header_extra: Callable[[int], dict[str, Any]] | None = None,
+    shm: str | None = None,
 ) -> Report:
-    """Send ``count`` frames cycling over ``images`` ((part_id, image) pairs) and gather decisions."""
+    """Send ``count`` frames cycling over ``images`` ((part_id, image) pairs) and gather decisions.
+
+    ``shm``: the daemon's slot socket (``frames_shm``); frames then go through its shared-memory slots."""
     count = len(images) if count is None else count
+    if shm and encoding != "raw":
+        raise UserError(f"--shm: frames in shared memory are raw, not {encoding}")
+    slots = Slots(SlotWriter.connect(shm)) if shm else None
     camera = Camera(endpoint, decisions, camera_id)
     report = Report()
     try:
         time.sleep(0.3)  # let the decision subscription reach the daemon's PUB first
-        payloads = [(name, encode(img, encoding), img) for name, img in images]
+        payloads = [(name, None if slots else encode(img, encoding), img) for name, img in images]
         period = 1.0 / rate_hz if rate_hz > 0 else 0.0
         start = time.monotonic()
         for i in range(count):
@@ -154,8 +166,13 @@ def send_frames(
             if wait > 0:
                 camera.poll(report, int(wait * 1000), on_decision)
             extra = header_extra(i) if header_extra else {}
+            if slots is not None:
+                slots.wait_free(camera, report, timeout_s, on_decision)
+                report.sent_ns[i] = time.time_ns()  # the copy into the slot counts, as the send does
+                extra.update(slots.write(i, img))
+            else:
+                report.sent_ns[i] = time.time_ns()
             header = frame_header(img, i, camera_id, encoding, part_id=name, **extra)
-            report.sent_ns[i] = time.time_ns()
             camera.send(header, payload)
             report.sent += 1
         end = time.monotonic() + timeout_s
@@ -163,7 +180,37 @@ def send_frames(
             camera.poll(report, 100, on_decision)
     finally:
         camera.close()
+        if slots is not None:
+            slots.writer.close()
     return report
+
+
+class Slots:
+    """The grabber's book of the daemon's slots: which are free, which hold a frame awaiting its decision."""
+
+    def __init__(self, writer: SlotWriter) -> None:
+        self.writer = writer
+        self.free: deque[int] = deque(range(writer.count))
+        self.held: dict[Any, int] = {}  # frame id -> slot
+
+    def write(self, frame_id: Any, image: np.ndarray) -> dict[str, int]:
+        index = self.free.popleft()
+        self.held[frame_id] = index
+        return self.writer.write(index, image)
+
+    def wait_free(
+        self, camera: Camera, report: Report, timeout_s: float, on_decision: Callable[[dict[str, Any]], None]
+    ) -> None:
+        """Return once a slot is free: a frame in one has been decided (UserError after ``timeout_s``)."""
+        end = time.monotonic() + timeout_s
+        while True:
+            for frame_id in [f for f in self.held if f in report.decisions]:
+                self.free.append(self.held.pop(frame_id))
+            if self.free:
+                return
+            if time.monotonic() >= end:
+                raise UserError(f"no frame slot came free within {timeout_s:g} s (no decisions for the frames in them)")
+            camera.poll(report, 100, on_decision)
 
 
 def format_decision(d: dict[str, Any]) -> str:
@@ -189,6 +236,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--camera-id", default="sim", help="camera id in the headers (default sim)")
     parser.add_argument("--encoding", choices=("raw", "png", "jpeg", "tiff"), default="raw", help="payload encoding")
     parser.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the last decisions")
+    parser.add_argument(
+        "--shm", metavar="PATH", help="the daemon's frames_shm socket: send frames through its shared-memory slots"
+    )
 
 
 def main(args: argparse.Namespace) -> int:
@@ -207,6 +257,7 @@ def main(args: argparse.Namespace) -> int:
         encoding=args.encoding,
         timeout_s=args.timeout,
         on_decision=lambda d: print(format_decision(d), flush=True),
+        shm=args.shm,
     )
     verdicts = [d["verdict"] for d in report.decisions.values()]
     print(
