@@ -59,3 +59,18 @@ def test_send_encoded_frames_of_a_real_sensor_size(
         code = sender.main(args(tmp_path, server.endpoints, count=4, encoding=encoding))
     out = capsys.readouterr().out
     assert code == 0 and "sent 4, decided 4: 4 pass, 0 reject" in out, out
+
+
+def test_send_through_the_daemons_shared_memory_slots(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`inspectd send --shm PATH`: frames written into the daemon's slots, headers alone over the socket; more
+    frames than slots, each slot reused after its frame's decision. `--encoding png` with `--shm` is refused."""
+    (tmp_path / "frames").mkdir()
+    cv2.imwrite(str(tmp_path / "frames" / "a.png"), image())
+    cv2.imwrite(str(tmp_path / "frames" / "b.png"), image(defect=True))
+    slots = str(tmp_path / "slots")
+    with running(frames_shm=slots, frames_shm_slots=2) as (server, _):
+        code = sender.main(args(tmp_path / "frames", server.endpoints, count=6, shm=slots))
+        with pytest.raises(UserError, match="--shm: frames in shared memory are raw"):
+            sender.main(args(tmp_path / "frames", server.endpoints, encoding="png", shm=slots))
+    out = capsys.readouterr().out
+    assert code == 0 and "sent 6, decided 6: 3 pass, 3 reject" in out, out
