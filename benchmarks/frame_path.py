@@ -672,7 +672,13 @@ def run_daemons(args: argparse.Namespace, workers: dict[str, Worker], checkouts:
     paths = pick_images(args.images, args.frames)
     images = [(p.name, read_image(p)) for p in paths]
     variants = dict(args.daemon_env) or {"": {}}
-    cases = [(name, label, via) for name in checkouts for label in variants for via in args.daemon_transport]
+    cases = [
+        (name, label, via)
+        for name in checkouts
+        for label in variants
+        for via in args.daemon_transport
+        if via != "shm" or (checkouts[name] / "daemon" / "shm.py").exists()  # a checkout without slots: TCP/ipc only
+    ]
     results: dict[str, list[dict]] = {_case(*case): [] for case in cases}
     for r in range(args.runs):
         for name, label, via in cases if r % 2 == 0 else cases[::-1]:
