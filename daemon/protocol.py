@@ -80,12 +80,14 @@ class BadFrame:
 
 @dataclass(frozen=True, eq=False)
 class Evidence:
-    """What an operator or an auditor wants to see of a decided frame; references, never copies.
+    """What an operator or an auditor wants to see of a decided frame; references, not copies.
 
     ``image`` is the decoded frame (frame pixels), ``anomaly_map`` the float32 map in the
     reference frame and ``pose_matrix`` the 2x3 affine from reference to frame pixels; any
     may be None (a deadline reject before decoding has none). Only sinks that ask for it
     (``Sink.wants_evidence``) receive it, and they render or write it on their own thread.
+    The one copy: a frame in a grabber's shared-memory slot (``slot``), which the grabber
+    reuses once the decision is out (``kept``).
     """
 
     image: Any = None
