@@ -71,6 +71,23 @@ def test_reject_thumbnail_has_heatmap_and_boxes_in_frame_pixels() -> None:
     assert thumb[34, 71:76, 2].mean() > 150  # the red box edge just above the defect
 
 
+def test_a_large_frames_thumbnail_keeps_its_heat_and_boxes_in_place() -> None:
+    """A frame far wider than the thumbnail is stepped over before the area resize (numpy on the status thread,
+    not OpenCV's pool on every core): the hot spot and its box still land where they belong."""
+    frame = np.full((2000, 4000), 90, np.uint8)
+    amap = np.zeros((2000, 4000), np.float32)
+    amap[500:600, 1000:1100] = 3.0
+    pose = np.array([[1.0, 0.0, 400.0], [0.0, 1.0, 200.0]])
+    d = decision(1, "reject", "defect", threshold=1.0, defects=[{"bbox": [1400, 700, 1500, 800], "area": 1e4}])
+    jpeg = render_reject(Evidence(frame, amap, pose), d, width=200)
+    thumb = cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_COLOR)
+    assert thumb.shape == (100, 200, 3)
+    redness = thumb[..., 2].astype(int) - thumb[..., 0].astype(int)
+    assert redness[36:39, 71:74].mean() > 30  # the hot spot at (1450, 750) in frame pixels, a twentieth
+    assert abs(redness[26:29, 51:54].mean()) < 10  # not where it was in reference pixels
+    assert np.abs(thumb[5:15, 5:15].astype(int) - 90).max() < 10
+
+
 def test_routes_serve_page_snapshot_events_and_thumbnail_read_only() -> None:
     """The page, JSON, SSE and the reject thumbnail are served; POST is refused (the page is read-only)."""
     with running(FakeInspector(), status_refresh_s=0.05) as (server, _), Client(server) as client:
