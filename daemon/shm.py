@@ -44,7 +44,8 @@ log = structlog.get_logger("inspectd.shm")
 
 OFFSET = 4096  # the pixels start one page in; the sequence word has the first page to itself
 VERSION = 1
-SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
+# Linux only (memfd, seals); elsewhere frames_shm is refused at start and nothing else changes.
+SEALS = sum(getattr(fcntl, name, 0) for name in ("F_SEAL_SHRINK", "F_SEAL_GROW", "F_SEAL_SEAL"))
 HELLO_MAX = 4096  # bytes of the JSON description sent with the descriptors
 MAX_SLOTS = 64
 ACCEPTS_PER_TURN = 8  # grabbers served per call of ``SlotSocket.serve``
@@ -74,6 +75,8 @@ class FrameSlots:
         self._fds: list[int] = []
         self._maps: list[mmap.mmap] = []
         self._words: list[np.ndarray] = []
+        if not hasattr(os, "memfd_create") or not hasattr(fcntl, "F_ADD_SEALS"):
+            raise UserError("frames_shm: shared-memory frame slots need Linux (memfd with seals)")
         try:
             for index in range(count):
                 self._make(index)
