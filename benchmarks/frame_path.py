@@ -693,6 +693,7 @@ def run_daemons(args: argparse.Namespace, workers: dict[str, Worker], checkouts:
     print_daemon_table(args, results)
     print_threads(results)
     print_slowest(results)
+    print_overlap(results)
 
 
 def _variant(text: str) -> tuple[str, dict[str, str]]:
@@ -833,6 +834,7 @@ def _frame_rows(report: Any, stages: dict[str, dict]) -> list[dict[str, float]]:
             # One host, one clock: sender -> daemon's intake, and the daemon's decision -> the sender.
             row["hop_in"] = (decision["t_received_ns"] - report.sent_ns[key]) / 1e6
             row["hop_out"] = (report.received_ns[key] - decision["t_decided_ns"]) / 1e6
+            row["t_in"], row["t_out"] = decision["t_received_ns"] / 1e6, decision["t_decided_ns"] / 1e6
         own = stages.get(str(key), {})
         row.update({k: own[k] for k in ("latency_ms", "prepare", "infer", "decide") if k in own})
         rows.append(row)
@@ -904,6 +906,22 @@ def print_slowest(results: dict[str, list[dict]], count: int = 3) -> None:
                 inside = f"{f.get('latency_ms', 0.0):.0f}: {stages}, {rest:+.0f}"
                 cells.append(f"{f['e2e']:.0f} ({f.get('hop_in', 0.0):.0f}, {inside}, {f.get('hop_out', 0.0):.0f})")
             print(f"  run {i}: " + "; ".join(cells))
+
+
+def print_overlap(results: dict[str, list[dict]]) -> None:
+    """Frames that arrived while the one before was still being inspected, and their stages beside the rest's:
+    what pipelining costs the frame that waits (its prepare runs beside the other's inference)."""
+    print("\nframes arriving while the previous one was in flight: share, then stage p50 ms (overlapped / alone)")
+    for name, rows in results.items():
+        for i, row in enumerate(rows, 1):
+            frames = sorted((f for f in row["frames"] if "t_in" in f), key=lambda f: f["t_in"])
+            late = {id(b) for a, b in itertools.pairwise(frames) if b["t_in"] < a["t_out"]}
+            cells = []
+            for stage in ("prepare", "infer", "latency_ms"):
+                over = [f[stage] for f in frames if id(f) in late and stage in f]
+                alone = [f[stage] for f in frames if id(f) not in late and stage in f]
+                cells.append(f"{stage} {_median_or_nan(over):.0f} / {_median_or_nan(alone):.0f}")
+            print(f"  {name:<14} run {i}: {len(late)}/{len(frames)}; " + ", ".join(cells))
 
 
 def _process_cpu_s(pid: int) -> float:
