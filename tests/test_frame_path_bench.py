@@ -22,7 +22,17 @@ def report(*frames: tuple[int, int, int, int]) -> SimpleNamespace:
 
 def test_a_frame_splits_into_hop_in_inside_and_hop_out() -> None:
     row = frame_path._frame_rows(report((0, 9_000_000, 259_000_000, 262_000_000)), {"0": {"latency_ms": 250.0}})
-    assert row == [{"e2e": 262.0, "hop_in": 9.0, "hop_out": 3.0, "latency_ms": 250.0}]
+    assert row == [{"e2e": 262.0, "hop_in": 9.0, "hop_out": 3.0, "t_in": 9.0, "t_out": 259.0, "latency_ms": 250.0}]
+
+
+def test_frames_that_arrive_while_the_one_before_is_in_flight_are_told_apart(capsys) -> None:
+    frames = [
+        {"t_in": 0.0, "t_out": 100.0, "prepare": 50.0, "infer": 40.0, "latency_ms": 100.0},
+        {"t_in": 90.0, "t_out": 200.0, "prepare": 70.0, "infer": 40.0, "latency_ms": 110.0},  # arrived at 90 < 100
+        {"t_in": 300.0, "t_out": 390.0, "prepare": 46.0, "infer": 40.0, "latency_ms": 90.0},
+    ]
+    frame_path.print_overlap({"new": [{"frames": frames[::-1]}]})  # in any order: sorted by arrival
+    assert "run 1: 1/3; prepare 70 / 48, infer 40 / 40, latency_ms 110 / 95" in capsys.readouterr().out
 
 
 def test_a_decision_without_the_daemons_clocks_has_no_hops() -> None:
