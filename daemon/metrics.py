@@ -140,6 +140,15 @@ class _Live:
                 "Frame-socket peers disconnected (a message over the size limit, or a sender leaving)",
                 src["peers_dropped"],
             )
+        if "slot_grabbers" in src:
+            grabbers = CounterMetricFamily(
+                "inspectd_frame_slot_handouts",
+                "Connections to the frames_shm socket: slots handed out (ok) or not (failed)",
+                labels=["outcome"],
+            )
+            grabbers.add_metric(["ok"], src["slot_grabbers"])
+            grabbers.add_metric(["failed"], src["slot_handouts_failed"])
+            yield grabbers
         if "unidentified" in src:
             yield CounterMetricFamily(
                 "inspectd_unidentified_messages",

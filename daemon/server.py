@@ -376,6 +376,9 @@ class Server:
         if self.intake is not None:
             out["frames_received"] = self.intake.received
             out["peers_dropped"] = self.intake.peers_dropped
+            if self.intake.slot_socket is not None:
+                out["slot_grabbers"] = self.intake.slot_socket.served
+                out["slot_handouts_failed"] = self.intake.slot_socket.failed
         if self.scheduler is not None:
             out["in_flight"] = self.scheduler.in_flight
             totals = self.scheduler.totals()

@@ -8,6 +8,7 @@ import socket
 import stat
 import threading
 import time
+import urllib.request
 from dataclasses import replace
 from pathlib import Path
 
@@ -44,6 +45,15 @@ def test_frames_in_slots_are_decided_as_the_same_frames_sent_whole(tmp_path: Pat
     assert verdicts == {i: (d["verdict"], d["reason"], d["score"]) for i, d in whole.decisions.items()}
     assert [verdicts[i][1] for i in range(10)] == ["defect" if i % 3 == 0 else "ok" for i in range(10)]
     assert not (tmp_path / "slots").exists()  # removed at stop
+
+
+def test_slot_handouts_are_counted_in_the_metrics(tmp_path: Path) -> None:
+    with running(**slotted(tmp_path)) as (server, _):
+        SlotWriter.connect(tmp_path / "slots").close()
+        with urllib.request.urlopen(f"http://{server.endpoints['http']}/metrics", timeout=5) as response:
+            metrics = response.read().decode()
+    assert 'inspectd_frame_slot_handouts_total{outcome="ok"} 1.0' in metrics
+    assert 'inspectd_frame_slot_handouts_total{outcome="failed"} 0.0' in metrics
 
 
 def test_a_slot_written_again_before_its_decision_rejects_the_frame(tmp_path: Path) -> None:
