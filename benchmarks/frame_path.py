@@ -341,12 +341,15 @@ def _frame(inspector: Any, probes: Probes, frame: np.ndarray, maps: Path | None,
     return out
 
 
-def bare_inspect(inspector: Any, frames: list[np.ndarray], count: int) -> dict[str, Any]:
+def bare_inspect(inspector: Any, frames: list[np.ndarray], count: int, pause_ms: float = 0.0) -> dict[str, Any]:
     """Inspector.inspect wall time per frame, as daemon_latency.py measures bare predict, and the process's CPU
-    time per frame over them (every thread)."""
+    time per frame over them (every thread). ``pause_ms``: idle time before each frame (not timed), as a daemon
+    fed below its rate has between frames."""
     times, stages = [], []
     cpu = time.process_time()
     for i in range(count):
+        if pause_ms:
+            time.sleep(pause_ms / 1000)
         start = time.perf_counter()
         result = inspector.inspect(frames[i % len(frames)])
         times.append((time.perf_counter() - start) * 1000)

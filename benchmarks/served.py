@@ -8,6 +8,7 @@ main thread), and answers one JSON command per stdin line with one JSON line on 
     {"op": "bare", "count": N}   Inspector.inspect on the listed frames, on the daemon's own engine
                                  (its ONNX Runtime session and tile threads), while no frame is in
                                  flight: wall ms per frame, CPU ms per frame, stage times
+                                 ("pause_ms": P idles P ms before each frame, untimed)
     {"op": "threads"}            CPU seconds (user, system) and minor page faults of every thread so far
     {"op": "frames"}             the stage times of each decision published since the last call
 
@@ -102,7 +103,7 @@ def serve_commands(server: Any, frames: list[Any], decisions: list[dict[str, Any
             if os.environ.get("SERVED_GC") == "freeze":  # what gc.freeze after warm-up would do
                 gc.collect()
                 gc.freeze()
-            timed = bare_inspect(server.engine, frames, cmd["count"])
+            timed = bare_inspect(server.engine, frames, cmd["count"], cmd.get("pause_ms", 0.0))
             reply: dict[str, Any] = timed
         elif cmd["op"] == "threads":
             reply = {"threads": thread_table()}
