@@ -132,10 +132,7 @@ class FrameSlots:
 
     def close(self) -> None:
         self._words.clear()
-        for mapped in self._maps:
-            with contextlib.suppress(BufferError):  # a frame in flight references it: unmapped when collected
-                mapped.close()
-        self._maps.clear()
+        _unmap(self._maps)
         for fd in self._fds:
             os.close(fd)
         self._fds.clear()
@@ -205,6 +202,14 @@ def _claim(path: Path) -> None:
     os.unlink(path)
 
 
+def _unmap(maps: list[mmap.mmap]) -> None:
+    """Close and forget ``maps``; one a frame in flight still references is unmapped when that is collected."""
+    for mapped in maps:
+        with contextlib.suppress(BufferError):
+            mapped.close()
+    maps.clear()
+
+
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -262,7 +267,4 @@ class SlotWriter:
 
     def close(self) -> None:
         self._words.clear()
-        for mapped in self._maps:
-            with contextlib.suppress(BufferError):
-                mapped.close()
-        self._maps.clear()
+        _unmap(self._maps)

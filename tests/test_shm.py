@@ -56,38 +56,32 @@ def test_slot_handouts_are_counted_in_the_metrics(tmp_path: Path) -> None:
     assert 'inspectd_frame_slot_handouts_total{outcome="failed"} 0.0' in metrics
 
 
-def test_a_slot_written_again_before_its_decision_rejects_the_frame(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("stage", "first", "rewritten"),
+    [
+        ("infer", 60, 61),  # read across the rewrite, and judged on it were it not for the check
+        ("prepare", 65, 13),  # a stage fails on the mixed pixels (the fake backend's crash on 13)
+    ],
+)
+def test_a_slot_written_again_before_its_decision_rejects_the_frame(
+    tmp_path: Path, stage: str, first: int, rewritten: int
+) -> None:
     """The grabber must wait for the decision before it reuses a slot; one that does not changes the slot's sequence
-    word first, so the frame read across the rewrite is a ``bad_frame`` reject, never judged on mixed pixels."""
+    word first, so the frame read across the rewrite is a ``bad_frame`` reject, never judged on mixed pixels. Where
+    the mixed pixels make a stage fail, the reject says why (the slot was written again), not what failed."""
     fake = FakeInspector()
-    release = fake.hold("infer", 60)
+    release = fake.hold(stage, first)
     with running(fake, **slotted(tmp_path)) as (server, _), Client(server) as client:
         writer = SlotWriter.connect(tmp_path / "slots")
-        client.send_parts(json.dumps(header(1, **writer.write(0, image(60)))).encode())
-        fake.wait_until(lambda: ("infer", 60) in fake.started)
-        writer.write(0, image(61))  # too early: frame 1 is still being inspected
+        client.send_parts(json.dumps(header(1, **writer.write(0, image(first)))).encode())
+        fake.wait_until(lambda: (stage, first) in fake.started)
+        writer.write(0, image(rewritten))  # too early: frame 1 is still being inspected
         release.set()
         client.send_parts(json.dumps(header(2, **writer.write(1, image(62)))).encode())
         got = {d["frame_id"]: d for d in client.decisions(2)}
         writer.close()
-    assert got[1]["reason"] == "bad_frame" and "too early" in got[1]["detail"]
+    assert got[1]["reason"] == "bad_frame" and "too early" in got[1]["detail"], got[1]
     assert got[2]["reason"] == "ok"
-
-
-def test_a_stage_that_fails_on_a_rewritten_slot_names_the_rewrite(tmp_path: Path) -> None:
-    """Pixels of two frames can fail any stage; the reject then says why (the slot was written again), not what
-    the mixed pixels made fail (here the fake backend's crash on a first pixel of 13)."""
-    fake = FakeInspector()
-    release = fake.hold("prepare", 65)
-    with running(fake, **slotted(tmp_path)) as (server, _), Client(server) as client:
-        writer = SlotWriter.connect(tmp_path / "slots")
-        client.send_parts(json.dumps(header(1, **writer.write(0, image(65)))).encode())
-        fake.wait_until(lambda: ("prepare", 65) in fake.started)
-        writer.write(0, image(13))
-        release.set()
-        got = client.decisions(1)
-        writer.close()
-    assert got[0]["reason"] == "bad_frame" and "too early" in got[0]["detail"], got[0]
 
 
 @pytest.mark.parametrize(
