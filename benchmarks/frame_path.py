@@ -26,7 +26,11 @@
    as much as the daemon's own overhead. Per run: end-to-end p50 / p99 and the overhead over the
    p50 of all the daemon's own bare predict (like with like: the same process, memory and threads;
    bare predict in another process moves by ~6 % from one process to the next,
-   ``process_spread.py``), and, as before, over the separate worker's bare p50. Then CPU ms, system
+   ``process_spread.py``), and, as before, over the separate worker's bare p50. Each bare block is
+   followed by a paced one: bare predict with the idle time before each frame that the served frames
+   have (the period less latency), and the overhead over that too: at 70 % load the daemon idles
+   ~30 % of the time, and waking from idle costs this machine ~6 % (``paced_bare.py``), a cost of
+   the load, not of the daemon, that back-to-back bare predict never pays. Then CPU ms, system
    ms and minor page faults per frame by thread (bare predict -> serving, same process), stage
    medians, and the slowest frames' stage times.
    ``--daemon-env LABEL:NAME=VALUE,...`` adds daemon variants (environment variables; served.py
@@ -742,8 +746,11 @@ def daemon_run(
     try:
         threads = [daemon.ask(op="threads")["threads"]]
         bares = [daemon.ask(op="bare", count=args.frames)]
-        threads.append(daemon.ask(op="threads")["threads"])
         rate = args.daemon_rate or args.load * 1000 / statistics.median(bares[0]["ms"])
+        # The idle time the served frames leave before each other (period less latency), given to bare predict too.
+        pause_ms = max(0.0, 1000 / rate - statistics.median(bares[0]["ms"]))
+        paced = [daemon.ask(op="bare", count=args.frames, pause_ms=pause_ms)]
+        threads.append(daemon.ask(op="threads")["threads"])
         served: list[tuple[Any, dict[str, dict]]] = []  # per block: the sender's report, the daemon's stage times
         cpu = 0.0
         for count in blocks:
@@ -753,11 +760,14 @@ def daemon_run(
             threads.append(daemon.ask(op="threads")["threads"])
             served.append((report, {str(f["frame_id"]): f for f in daemon.ask(op="frames")["frames"]}))
             bares.append(daemon.ask(op="bare", count=args.frames))
+            paced.append(daemon.ask(op="bare", count=args.frames, pause_ms=pause_ms))
             threads.append(daemon.ask(op="threads")["threads"])
         rss = rss_mb(daemon.proc.pid)
     finally:
         daemon.stop()
-    return _daemon_row(args, rate, served, cpu, bares, threads, rss)
+    row = _daemon_row(args, rate, served, cpu, bares, threads, rss, paced)
+    row["pause_ms"] = pause_ms
+    return row
 
 
 def _block_sizes(frames: int, blocks: int) -> list[int]:
@@ -774,8 +784,10 @@ def _daemon_row(
     bares: list[dict],
     threads: list[dict],
     rss: float,
+    paced: list[dict],
 ) -> dict[str, Any]:
-    """One daemon run's figures. ``threads`` alternates bare spans and serving spans: t0 bare t1 serve t2 bare t3 ..."""
+    """One daemon run's figures. ``threads`` alternates bare spans and serving spans: t0 bare t1 serve t2 bare t3 ...
+    (each bare span: a back-to-back block of bare predict, then a paced one)."""
     from daemon_latency import latencies, percentiles
 
     decisions = [d for report, _ in served for d in report.decisions.values()]
@@ -789,12 +801,15 @@ def _daemon_row(
     row["bare_cpu"] = statistics.mean(b["cpu_ms"] for b in bares)
     row["bare_stages"] = {k: statistics.median(b["stages"][k] for b in bares) for k in bares[0]["stages"]}
     spans = list(itertools.pairwise(threads))
-    row["threads_bare"] = _thread_delta(spans[0::2], len(bares) * args.frames)
+    row["paced"] = [statistics.median(b["ms"]) for b in paced]
+    row["paced_p50"] = statistics.median(ms for b in paced for ms in b["ms"])
+    row["threads_bare"] = _thread_delta(spans[0::2], (len(bares) + len(paced)) * args.frames)
     row["threads_daemon"] = _thread_delta(spans[1::2], decided)
     row["frames"] = [
         {**f, "block": i} for i, (report, stages) in enumerate(served) for f in _frame_rows(report, stages)
     ]
     row["paired"] = _paired_overhead(row["frames"], row["bare"])
+    row["paired_paced"] = _paired_overhead(row["frames"], row["paced"])
     return row
 
 
@@ -849,7 +864,8 @@ def print_daemon_table(args: argparse.Namespace, results: dict[str, list[dict]])
     print(f"\ndaemon: raw frames over loopback at {offered}, {args.daemon_frames} frames per run, ", end="")
     print("a fresh daemon per run")
     print(f"{'checkout':<16}{'run':>4}{'rate Hz':>8}{'bare in-proc':>20}{'e2e p50':>8}{'e2e p99':>8}", end="")
-    print(f"{'overhead':>9}{'paired':>8}{'inside p50':>11}{'hops in/out':>12}", end="")
+    print(f"{'overhead':>9}{'paired':>8}{'paced (idle)':>15}{'over':>8}{'paired':>8}", end="")
+    print(f"{'inside p50':>11}{'hops in/out':>12}", end="")
     print(f"{'decided':>8}{'worker p50':>11}{'vs worker':>10}", end="")
     print(f"{'cpu/frame bare':>15}{'daemon':>7}{'RSS MB':>7}")
     for name, rows in results.items():
@@ -858,7 +874,7 @@ def print_daemon_table(args: argparse.Namespace, results: dict[str, list[dict]])
             print(
                 f"{name:<16}{i:>4}{row['rate']:>8.2f}{row['bare_p50']:>11.1f} ({spread:>7}){row['p50']:>8.1f}"
                 f"{row['p99']:>8.1f}{100 * (row['p50'] / row['bare_p50'] - 1):>+8.1f}%{_pct(row.get('paired'))}"
-                f"{_fmt(row['inside'], 11)}{_hops(row['frames'])}"
+                f"{_paced(row)}{_fmt(row['inside'], 11)}{_hops(row['frames'])}"
                 f"{row['decided']:>5}/{row['sent']:<2}{row['worker_p50']:>11.1f}"
                 f"{100 * (row['p50'] / row['worker_p50'] - 1):>+9.1f}%{row['bare_cpu']:>15.0f}{row['cpu']:>7.0f}"
                 f"{row['rss_mb']:>7.0f}"
@@ -867,9 +883,14 @@ def print_daemon_table(args: argparse.Namespace, results: dict[str, list[dict]])
     print(" the blocks of frames (the blocks' own medians, lowest-highest); overhead: e2e p50 over it. worker p50 /")
     print(" vs worker: bare predict in the separate worker process just before, the earlier comparison. paired: the")
     print(" median over frames of e2e over the mean of the bare blocks just before and after the frame's block, less")
-    print(" one. inside p50: frame arrival to decision as the daemon measured it; hops: sender to the daemon's intake")
-    print(" and the daemon's decision to the sender, medians. cpu/frame: CPU ms of every thread of the daemon's")
-    print(" process per frame, bare predict and serving; RSS: the daemon's resident memory at the end)")
+    print(" one. paced (idle): bare predict with the idle time the served frames have before each (the period less")
+    print(" the first block's bare p50; in brackets, ms) in a block after each back-to-back one; over: e2e p50 over")
+    print(" its p50; paired: as above, against the paced blocks. The paced blocks carry what idling between frames")
+    print(" costs this machine (caches, wake-ups), which back-to-back bare predict never pays, so that over it is")
+    print(" what the daemon itself adds. inside p50: frame arrival to decision as the daemon measured it; hops:")
+    print(" sender to the daemon's intake and the daemon's decision to the sender, medians. cpu/frame: CPU ms of")
+    print(" every thread of the daemon's process per frame, bare predict and serving; RSS: its resident memory at the")
+    print(" end)")
 
 
 def print_threads(results: dict[str, list[dict]]) -> None:
@@ -925,6 +946,14 @@ def print_overlap(results: dict[str, list[dict]]) -> None:
                 alone = [f[stage] for f in frames if id(f) not in late and stage in f]
                 cells.append(f"{stage} {_median_or_nan(over):.0f} / {_median_or_nan(alone):.0f}")
             print(f"  {name:<14} run {i}: {len(late)}/{len(frames)}; " + ", ".join(cells))
+
+
+def _paced(row: dict, width: int = 31) -> str:
+    """The paced bare reference's cells (rows from before it existed: blank)."""
+    if "paced_p50" not in row:
+        return " " * width
+    cell = f"{row['paced_p50']:.1f} ({row['pause_ms']:>3.0f})"
+    return f"{cell:>15}{100 * (row['p50'] / row['paced_p50'] - 1):>+7.1f}%{_pct(row.get('paired_paced'))}"
 
 
 def _process_cpu_s(pid: int) -> float:

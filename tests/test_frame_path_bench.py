@@ -48,3 +48,11 @@ def test_each_frame_is_compared_with_the_bare_blocks_beside_its_own() -> None:
     assert frame_path._paired_overhead(frames, bare) == pytest.approx(0.05)
     # Pooled (e2e p50 246.75 over bare p50 220) the same frames read +12 %.
     assert frame_path._paired_overhead([], bare) is None
+
+
+def test_the_paced_reference_is_shown_only_where_the_run_measured_it() -> None:
+    row = {"p50": 231.0, "paced_p50": 220.0, "pause_ms": 94.6, "paired_paced": 0.042}
+    cells = frame_path._paced(row)
+    assert cells.split() == ["220.0", "(", "95)", "+5.0%", "+4.2%"]
+    assert len(cells) == len(frame_path._paced({}))  # the columns line up with a row from before it existed
+    assert frame_path._paced({}).strip() == ""
