@@ -68,6 +68,9 @@ class Config:
     # Frames admitted and not yet finished; the excess is rejected as overload at once.
     queue_depth: int = 4
     workers: int = 2  # decode + prepare + decide threads; inference always has one thread
+    # While serving, idle cores wake within this many microseconds (0: they poll; cpu_latency.py); -1 = the
+    # machine's own idle policy. Faster frames after idle gaps, at the price of power and heat.
+    cpu_wakeup_latency_us: int = 0
     hwm: int = 4  # ZeroMQ high-water marks, in messages (frames), not bytes
     max_defects: int = 20  # defects listed per decision; the rest are counted
     # Decisions the line outputs (decision PUB, imagezmq replies, actuators) each hold while their thread
@@ -141,6 +144,7 @@ class Config:
         _range("cycle_ms", self.cycle_ms, 1, 600_000)
         _range("queue_depth", self.queue_depth, 1, 1024)
         _range("workers", self.workers, 1, 64)
+        _range("cpu_wakeup_latency_us", self.cpu_wakeup_latency_us, -1, 1_000_000)
         _range("hwm", self.hwm, 1, 1000)
         _range("max_defects", self.max_defects, 0, 10_000)
         _range("decision_queue", self.decision_queue, 16, 10_000_000)

@@ -168,6 +168,12 @@ class _Live:
             yield GaugeMetricFamily(
                 "inspectd_queue_limit", "queue_depth: frames in flight before overload", src["queue_limit"]
             )
+        if "cpu_latency_held" in src:
+            yield GaugeMetricFamily(
+                "inspectd_cpu_latency_request_held",
+                "1 while the daemon holds its CPU wake-up latency request (cpu_wakeup_latency_us)",
+                int(src["cpu_latency_held"]),
+            )
         if "ready" in src:
             yield GaugeMetricFamily(
                 "inspectd_ready", "1 when the model is loaded and the sockets bound", int(src["ready"])

@@ -36,6 +36,7 @@ from daemon import heap
 from daemon import logging as daemon_logging
 from daemon import metrics as metrics_mod
 from daemon.config import Config
+from daemon.cpu_latency import CpuLatencyRequest
 from daemon.http import Health, HttpServer
 from daemon.intake import Intake
 from daemon.outputs import Outputs, ReplySink, Sink, ZmqPubSink
@@ -101,6 +102,7 @@ class Server:
         self.metrics: metrics_mod.MetricsSink | None = None
         self.curve: Curve | None = None
         self._gpu_memory: metrics_mod.GpuMemory | None = None
+        self.cpu_latency = CpuLatencyRequest(config.cpu_wakeup_latency_us)
         self.exit_code = 0
 
     # -- flags (what signal handlers may touch) -------------------------------------------------
@@ -187,6 +189,7 @@ class Server:
         self.scheduler.start()
         self.health.status = "warming up"
         _warm_up(self.scheduler)
+        self.cpu_latency.hold()  # from the first frame on; not having it is logged, never a fault
         self.intake.start()
         self.health.tick()
         self.health.ready = True
@@ -373,6 +376,8 @@ class Server:
             "queue_limit": self.config.queue_depth,
             "threads": self.supervisor.stats(),
         }
+        if self.cpu_latency.limit_us >= 0:
+            out["cpu_latency_held"] = self.cpu_latency.held
         if self.intake is not None:
             out["frames_received"] = self.intake.received
             out["peers_dropped"] = self.intake.peers_dropped
@@ -420,6 +425,7 @@ class Server:
             self._reloading.join(timeout=5.0)
         if self.scheduler is not None and self.intake is not None:
             self.log_summary()
+        self.cpu_latency.release()
         _deactivate(self.scheduler.engine if self.scheduler else self.engine)
         if self._fatal_at is not None:
             self.exit_code = 1  # stopped by a signal, but a frame-path thread had died: still a failure

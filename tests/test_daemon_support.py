@@ -187,6 +187,7 @@ def make_config(**overrides: Any) -> Config:
         summary_s=60,
         drain_s=1.0,
         log_format="json",
+        cpu_wakeup_latency_us=-1,  # the machine's idle policy is left alone (test_cpu_latency.py holds it)
     )
     return replace(base, **overrides).validate()
 

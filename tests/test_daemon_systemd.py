@@ -120,6 +120,7 @@ def test_example_configuration_loads() -> None:
     """The example instance configuration shipped next to the unit is valid."""
     cfg = config_mod.load(REPO / "systemd" / "cam1.toml", environ={})
     assert cfg.http_listen == "127.0.0.1:7780" and cfg.plc_register == 100 and cfg.status_shifts
+    assert cfg.cpu_wakeup_latency_us == 0  # [cpu] wakeup_latency_us: the table flattens into the field
 
 
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze not installed")

@@ -1,0 +1,107 @@
+"""The CPU wake-up latency request (``daemon/cpu_latency.py``): on the kernel's real device where this
+machine lets the tests write it, and on a file standing in for it where the point is what is written
+and when it is let go."""
+
+from __future__ import annotations
+
+import os
+import struct
+import urllib.request
+from pathlib import Path
+
+import pytest
+from structlog.testing import capture_logs
+
+from daemon import cpu_latency
+from daemon.config import ConfigError
+from daemon.cpu_latency import DEVICE, CpuLatencyRequest
+from tests.test_daemon_support import make_config, running
+
+
+def _open_on(device: Path) -> int:
+    """How many of this process's descriptors are open on ``device``."""
+    fds = Path("/proc/self/fd")
+    return sum(1 for fd in fds.iterdir() if os.path.realpath(fd) == str(device.resolve()))
+
+
+def _effective_us() -> int:
+    fd = os.open(DEVICE, os.O_RDONLY)
+    try:
+        return struct.unpack("=i", os.read(fd, 4))[0]
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.skipif(not os.access(DEVICE, os.R_OK | os.W_OK), reason=f"{DEVICE} is not this user's to write")
+def test_the_kernel_keeps_the_request_while_it_is_held_and_drops_it_after() -> None:
+    before = _effective_us()
+    if before <= 7:
+        pytest.skip(f"another request already holds the machine at {before} us")
+    with CpuLatencyRequest(7) as request:
+        assert request.held
+        assert _effective_us() == 7  # every core now wakes within 7 us
+    assert not request.held
+    assert _effective_us() == before
+
+
+def test_the_request_is_the_native_s32_written_once_and_let_go_at_release(tmp_path: Path) -> None:
+    device = tmp_path / "cpu_dma_latency"
+    device.touch()
+    request = CpuLatencyRequest(0, device)
+    assert request.hold() and request.hold()  # a second hold keeps the one request
+    assert device.read_bytes() == struct.pack("=i", 0)
+    assert _open_on(device) == 1
+    request.release()
+    request.release()
+    assert _open_on(device) == 0 and not request.held
+
+
+def test_a_request_that_cannot_be_had_is_logged_once_and_not_a_fault(tmp_path: Path) -> None:
+    missing = tmp_path / "no" / "cpu_dma_latency"
+    with capture_logs() as logs:
+        request = CpuLatencyRequest(0, missing)
+        assert not request.hold()
+    assert str(missing) in request.problem and "No such file" in request.problem
+    (entry,) = logs
+    assert entry["event"] == "cpu_latency_not_held" and entry["log_level"] == "warning"
+    assert "cpu_wakeup_latency_us = -1" in entry["hint"]
+
+
+def test_off_never_opens_the_device(tmp_path: Path) -> None:
+    with capture_logs() as logs:
+        request = CpuLatencyRequest(-1, tmp_path / "missing")
+        assert not request.hold()
+    assert request.problem is None and logs == []
+
+
+@pytest.mark.parametrize("value", [-2, 1_000_001])
+def test_the_setting_is_checked_at_start(value: int) -> None:
+    with pytest.raises(ConfigError, match="cpu_wakeup_latency_us"):
+        make_config(cpu_wakeup_latency_us=value)
+    with pytest.raises(ValueError, match="limit_us"):
+        CpuLatencyRequest(-2)
+
+
+def test_the_daemon_holds_the_request_while_serving_and_lets_go_at_stop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    device = tmp_path / "cpu_dma_latency"
+    device.touch()
+    monkeypatch.setattr(cpu_latency, "DEVICE", device)
+    with running(cpu_wakeup_latency_us=0) as (server, _):
+        assert _open_on(device) == 1 and device.read_bytes() == struct.pack("=i", 0)
+        with urllib.request.urlopen(f"http://{server.endpoints['http']}/metrics", timeout=5) as response:
+            metrics = response.read().decode()
+    assert "inspectd_cpu_latency_request_held 1.0" in metrics
+    assert _open_on(device) == 0  # released at stop
+
+
+def test_a_daemon_without_the_device_serves_and_says_so_on_metrics(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(cpu_latency, "DEVICE", tmp_path / "missing")
+    with running(cpu_wakeup_latency_us=0) as (server, _):
+        with urllib.request.urlopen(f"http://{server.endpoints['http']}/metrics", timeout=5) as response:
+            metrics = response.read().decode()
+        assert server.health.healthy
+    assert "inspectd_cpu_latency_request_held 0.0" in metrics
