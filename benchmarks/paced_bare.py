@@ -1,6 +1,6 @@
 """Bare predict back to back against bare predict with the idle gap a daemon below its rate has, in one process.
 
-    python benchmarks/paced_bare.py --model M --images syn5120/test --rounds 6 --pause-ms 90
+    python benchmarks/paced_bare.py --model M --images syn5120/test --rounds 6 --pause-ms 90 [--wakeup held off]
 
 The daemon's overhead (``frame_path.py --daemon``) compares its frames, which arrive at 70 % of the
 sustainable rate and so leave the process idle for ~30 % of the time, with bare predict run back
@@ -8,12 +8,15 @@ to back. This measures what the idle gap alone costs: per round a fresh ``served
 frame is sent to it) times bare predict on the same frames in blocks of ``--frames``, back to back
 and with ``--pause-ms`` of idle (untimed) before each frame, alternately, three blocks each. Per
 round: each kind's block medians, their median, the stage medians, and the ratio paced / back to
-back; then the median ratio over rounds.
+back; then the median ratio over rounds. ``--wakeup held off``: each round twice, a fresh daemon
+each, holding its CPU wake-up latency request (the default, ``daemon/cpu_latency.py``) and not
+(``INSPECTD_CPU_WAKEUP_LATENCY_US=-1``), in alternating order; the summary per state.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 from pathlib import Path
@@ -24,12 +27,27 @@ from daemon_latency import Daemon
 from frame_path import REPO, pick_images
 
 KINDS = (("back to back", 0.0), ("paced", None))
+WAKEUP_ENV = {"held": None, "off": "-1"}  # INSPECTD_CPU_WAKEUP_LATENCY_US for the daemon (None: its default)
 
 
-def one_round(args: argparse.Namespace, paths: list[Path], index: int) -> dict[str, tuple[float, dict[str, float]]]:
+def start_daemon(args: argparse.Namespace, paths: list[Path], log: Path, wakeup: str) -> Daemon:
+    """A fresh served.py daemon (it inherits the environment) with the wake-up request held or not."""
     launcher = [sys.executable, str(REPO / "benchmarks" / "served.py"), "--image-list", *map(str, paths), "--"]
-    log = args.workdir / f"paced-{index}.log"
-    daemon = Daemon(args.model, "onnxruntime", 5000.0, 4, log, launcher=launcher)
+    saved = os.environ.pop("INSPECTD_CPU_WAKEUP_LATENCY_US", None)
+    if WAKEUP_ENV[wakeup] is not None:
+        os.environ["INSPECTD_CPU_WAKEUP_LATENCY_US"] = WAKEUP_ENV[wakeup]
+    try:
+        return Daemon(args.model, "onnxruntime", 5000.0, 4, log, launcher=launcher)
+    finally:
+        os.environ.pop("INSPECTD_CPU_WAKEUP_LATENCY_US", None)
+        if saved is not None:
+            os.environ["INSPECTD_CPU_WAKEUP_LATENCY_US"] = saved
+
+
+def one_round(
+    args: argparse.Namespace, paths: list[Path], index: int, wakeup: str
+) -> dict[str, tuple[float, dict[str, float]]]:
+    daemon = start_daemon(args, paths, args.workdir / f"paced-{index}-{wakeup}.log", wakeup)
     blocks: dict[str, list[tuple[float, dict[str, float]]]] = {name: [] for name, _ in KINDS}
     try:
         for _ in range(args.blocks):
@@ -45,7 +63,7 @@ def one_round(args: argparse.Namespace, paths: list[Path], index: int) -> dict[s
         out[name] = (statistics.median(ms for ms, _ in got), stages)
         cells = " / ".join(f"{ms:.0f}" for ms, _ in got)
         print(
-            f"round {index + 1} {name:<13} blocks {cells} ms, median {out[name][0]:.1f}; stages "
+            f"round {index + 1} {wakeup:<4} {name:<13} blocks {cells} ms, median {out[name][0]:.1f}; stages "
             + ", ".join(f"{k} {v:.1f}" for k, v in stages.items()),
             flush=True,
         )
@@ -61,23 +79,34 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=6, help="fresh daemons")
     parser.add_argument("--pause-ms", type=float, default=90.0, help="idle before each paced frame (default 90)")
     parser.add_argument("--workdir", type=Path, default=Path("runs/paced"), help="the daemons' logs")
+    parser.add_argument(
+        "--wakeup", nargs="+", choices=sorted(WAKEUP_ENV), default=["held"], help="the CPU wake-up request's states"
+    )
     args = parser.parse_args(argv)
     args.model, args.images = args.model.resolve(), args.images.resolve()
     args.workdir.mkdir(parents=True, exist_ok=True)
     paths = pick_images(args.images, args.frames)
-    ratios, stage_ratios = [], {}
+    ratios: dict[str, list[float]] = {w: [] for w in args.wakeup}
+    stage_ratios: dict[str, dict[str, list[float]]] = {w: {} for w in args.wakeup}
+    fast_ms: dict[str, list[float]] = {w: [] for w in args.wakeup}
     for index in range(args.rounds):
-        got = one_round(args, paths, index)
-        (fast, fast_stages), (paced, paced_stages) = got["back to back"], got["paced"]
-        ratios.append(paced / fast)
-        for k in fast_stages:
-            stage_ratios.setdefault(k, []).append(paced_stages[k] / fast_stages[k])
-        print(f"round {index + 1} paced / back to back: {paced / fast:.3f}", flush=True)
-    print(
-        f"\nmedian over {args.rounds} rounds, paced / back to back: frame {statistics.median(ratios):.3f} "
-        f"({min(ratios):.3f}-{max(ratios):.3f}); "
-        + ", ".join(f"{k} {statistics.median(v):.3f}" for k, v in stage_ratios.items())
-    )
+        for wakeup in args.wakeup if index % 2 == 0 else args.wakeup[::-1]:
+            got = one_round(args, paths, index, wakeup)
+            (fast, fast_stages), (paced, paced_stages) = got["back to back"], got["paced"]
+            ratios[wakeup].append(paced / fast)
+            fast_ms[wakeup].append(fast)
+            for k in fast_stages:
+                stage_ratios[wakeup].setdefault(k, []).append(paced_stages[k] / fast_stages[k])
+            print(f"round {index + 1} {wakeup}: paced / back to back {paced / fast:.3f}", flush=True)
+    print()
+    for wakeup in args.wakeup:
+        got = ratios[wakeup]
+        print(
+            f"wake-up request {wakeup}: median over {args.rounds} rounds, paced / back to back: frame "
+            f"{statistics.median(got):.3f} ({min(got):.3f}-{max(got):.3f}); "
+            + ", ".join(f"{k} {statistics.median(v):.3f}" for k, v in stage_ratios[wakeup].items())
+            + f"; back to back {statistics.median(fast_ms[wakeup]):.1f} ms"
+        )
     return 0
 
 
