@@ -57,6 +57,7 @@ def start_daemon(bundle: Path, log_path: Path) -> tuple[Server, threading.Thread
         decisions_endpoint=LOOPBACK,
         http_listen="127.0.0.1:0",
         cycle_ms=2000,
+        cpu_wakeup_latency_us=-1,  # a demo on someone's workstation leaves its idle policy alone
     ).validate()
     server = Server(config, loader=load_engine)
     thread = threading.Thread(target=lambda: server.run(install_signals=False), name="inspectd-demo", daemon=True)
