@@ -9,14 +9,14 @@ frame is sent to it) times bare predict on the same frames in blocks of ``--fram
 and with ``--pause-ms`` of idle (untimed) before each frame, alternately, three blocks each. Per
 round: each kind's block medians, their median, the stage medians, and the ratio paced / back to
 back; then the median ratio over rounds. ``--wakeup held off``: each round twice, a fresh daemon
-each, holding its CPU wake-up latency request (the default, ``daemon/cpu_latency.py``) and not
-(``INSPECTD_CPU_WAKEUP_LATENCY_US=-1``), in alternating order; the summary per state.
+each, holding its CPU wake-up latency request (``daemon/cpu_latency.py``; held throughout, though no
+frame comes) and not (``INSPECTD_CPU_WAKEUP_LATENCY_US=-1``), in alternating order; the summary per
+state.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 from pathlib import Path
@@ -24,24 +24,22 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from daemon_latency import Daemon
-from frame_path import REPO, pick_images
+from frame_path import REPO, _environment, pick_images
 
 KINDS = (("back to back", 0.0), ("paced", None))
-WAKEUP_ENV = {"held": None, "off": "-1"}  # INSPECTD_CPU_WAKEUP_LATENCY_US for the daemon (None: its default)
+# The daemon's environment per state. It gets no frames here, so "held" must not let the request go after
+# cpu_wakeup_hold_s without one.
+WAKEUP_ENV = {
+    "held": {"INSPECTD_CPU_WAKEUP_LATENCY_US": "0", "INSPECTD_CPU_WAKEUP_HOLD_S": "0"},
+    "off": {"INSPECTD_CPU_WAKEUP_LATENCY_US": "-1"},
+}
 
 
 def start_daemon(args: argparse.Namespace, paths: list[Path], log: Path, wakeup: str) -> Daemon:
     """A fresh served.py daemon (it inherits the environment) with the wake-up request held or not."""
     launcher = [sys.executable, str(REPO / "benchmarks" / "served.py"), "--image-list", *map(str, paths), "--"]
-    saved = os.environ.pop("INSPECTD_CPU_WAKEUP_LATENCY_US", None)
-    if WAKEUP_ENV[wakeup] is not None:
-        os.environ["INSPECTD_CPU_WAKEUP_LATENCY_US"] = WAKEUP_ENV[wakeup]
-    try:
+    with _environment(WAKEUP_ENV[wakeup]):
         return Daemon(args.model, "onnxruntime", 5000.0, 4, log, launcher=launcher)
-    finally:
-        os.environ.pop("INSPECTD_CPU_WAKEUP_LATENCY_US", None)
-        if saved is not None:
-            os.environ["INSPECTD_CPU_WAKEUP_LATENCY_US"] = saved
 
 
 def one_round(

@@ -71,6 +71,9 @@ class Config:
     # While serving, idle cores wake within this many microseconds (0: they poll; cpu_latency.py); -1 = the
     # machine's own idle policy. Faster frames after idle gaps, at the price of power and heat.
     cpu_wakeup_latency_us: int = 0
+    # ... let go after this long without a frame (the line stands: the cores may sleep), taken again with the
+    # next frame; 0 = held for as long as the daemon serves.
+    cpu_wakeup_hold_s: float = 60.0
     hwm: int = 4  # ZeroMQ high-water marks, in messages (frames), not bytes
     max_defects: int = 20  # defects listed per decision; the rest are counted
     # Decisions the line outputs (decision PUB, imagezmq replies, actuators) each hold while their thread
@@ -145,6 +148,7 @@ class Config:
         _range("queue_depth", self.queue_depth, 1, 1024)
         _range("workers", self.workers, 1, 64)
         _range("cpu_wakeup_latency_us", self.cpu_wakeup_latency_us, -1, 1_000_000)
+        _range("cpu_wakeup_hold_s", self.cpu_wakeup_hold_s, 0, 86_400)
         _range("hwm", self.hwm, 1, 1000)
         _range("max_defects", self.max_defects, 0, 10_000)
         _range("decision_queue", self.decision_queue, 16, 10_000_000)

@@ -17,13 +17,18 @@ fan-less box where that matters more than the latency sets ``cpu_wakeup_latency_
 
 Not having the request (no such device, not permitted: the device is root's unless a udev rule
 gives the daemon's group write access, ``systemd/60-inspectd-cpu-latency.rules``) is not a fault:
-the daemon serves as before and says so once in its log and on ``/metrics``.
+the daemon serves as before and says so once in its log and on ``/metrics``; it does not ask again.
+
+While the line stands (no frame for ``cpu_wakeup_hold_s``, a minute by default: a break, a shift
+change, a weekend) the daemon lets the request go so that the cores may sleep, and takes it again
+with the next frame, before that frame is inspected (``server.py``).
 """
 
 from __future__ import annotations
 
 import os
 import struct
+import threading
 from pathlib import Path
 
 import structlog
@@ -37,15 +42,17 @@ _VALUE = struct.Struct("=i")  # the device takes and gives one native s32
 
 
 class CpuLatencyRequest:
-    """One held request: ``hold()`` at the start of serving, ``release()`` (or the kernel) at the end."""
+    """One request: ``hold()`` while frames come, ``release()`` while the line stands and at the stop (or the
+    kernel, at the process's end)."""
 
     def __init__(self, limit_us: int, device: Path | None = None) -> None:
         if not OFF <= limit_us <= MAX_US:
             raise ValueError(f"limit_us: expected {OFF}..{MAX_US}, got {limit_us}")
         self.limit_us = limit_us
         self.device = device or DEVICE
-        self.problem: str | None = None  # why the request is not held, in words
+        self.problem: str | None = None  # why the request could not be had, in words (then never asked again)
         self._fd: int | None = None
+        self._lock = threading.Lock()  # the intake thread takes it again, the main loop lets it go
 
     @property
     def held(self) -> bool:
@@ -53,8 +60,12 @@ class CpuLatencyRequest:
 
     def hold(self) -> bool:
         """Register the request; False (the reason in ``problem``, logged once) where it cannot be had."""
-        if self.limit_us == OFF or self.held:
+        if self.held or self.limit_us == OFF or self.problem is not None:  # the common case without the lock
             return self.held
+        with self._lock:
+            return self.held or self._open()
+
+    def _open(self) -> bool:
         try:
             fd = os.open(self.device, os.O_WRONLY | os.O_CLOEXEC)
         except OSError as exc:
@@ -65,15 +76,15 @@ class CpuLatencyRequest:
             os.close(fd)
             return self._not_held(f"{self.device}: writing the request: {exc.strerror or exc}")
         self._fd = fd
-        self.problem = None
         log.info("cpu_latency_held", limit_us=self.limit_us, device=str(self.device))
         return True
 
-    def release(self) -> None:
-        if self._fd is not None:
-            fd, self._fd = self._fd, None
-            os.close(fd)
-            log.info("cpu_latency_released", device=str(self.device))
+    def release(self, reason: str = "stopping") -> None:
+        with self._lock:
+            if self._fd is not None:
+                fd, self._fd = self._fd, None
+                os.close(fd)
+                log.info("cpu_latency_released", device=str(self.device), reason=reason)
 
     def _not_held(self, problem: str) -> bool:
         self.problem = problem

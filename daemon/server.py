@@ -103,6 +103,8 @@ class Server:
         self.curve: Curve | None = None
         self._gpu_memory: metrics_mod.GpuMemory | None = None
         self.cpu_latency = CpuLatencyRequest(config.cpu_wakeup_latency_us)
+        self.frames_seen = 0  # the intake's count at the main loop's last look, and when it last moved
+        self._line_moved_at = clock()
         self.exit_code = 0
 
     # -- flags (what signal handlers may touch) -------------------------------------------------
@@ -166,11 +168,17 @@ class Server:
             supervisor=self.supervisor,
         )
         scheduler = self.scheduler
+        cpu_latency = self.cpu_latency
+
+        def submit(item: Any) -> None:
+            cpu_latency.hold()  # again, if the line stood: before the frame is inspected (a no-op while held)
+            scheduler.submit(item)
+
         self.intake = Intake(
             self._ctx,
             cfg,
             lambda: scheduler.engine.geometry,
-            scheduler.submit,
+            submit,
             secure=secure,
             supervisor=self.supervisor,
         )
@@ -190,6 +198,7 @@ class Server:
         self.health.status = "warming up"
         _warm_up(self.scheduler)
         self.cpu_latency.hold()  # from the first frame on; not having it is logged, never a fault
+        self._line_moved_at = self.supervisor.clock()  # the line's idle time counts from here, not from loading
         self.intake.start()
         self.health.tick()
         self.health.ready = True
@@ -293,6 +302,7 @@ class Server:
                 self.exit_code = 1
                 return
             self.health.tick()
+            self._follow_the_line()
             now = time.monotonic()
             # No watchdog ping while a frame-path thread is dead or stalled: systemd restarts the daemon.
             if state.healthy and self._notifier.watchdog_s and now >= next_ping:
@@ -325,6 +335,16 @@ class Server:
             else:
                 log.info("healthy_again")
         return state
+
+    def _follow_the_line(self) -> None:
+        """Let the CPU wake-up request go once no frame came for ``cpu_wakeup_hold_s`` (the intake takes it again)."""
+        if self.intake is None or self.config.cpu_wakeup_hold_s <= 0:
+            return
+        now = self.supervisor.clock()
+        if self.intake.received != self.frames_seen:
+            self.frames_seen, self._line_moved_at = self.intake.received, now
+        elif self.cpu_latency.held and now - self._line_moved_at >= self.config.cpu_wakeup_hold_s:
+            self.cpu_latency.release(reason=f"no frame for {self.config.cpu_wakeup_hold_s:g} s")
 
     def _fatal_exit_due(self) -> bool:
         return self._fatal_at is not None and self.supervisor.clock() - self._fatal_at >= self.config.fatal_exit_s

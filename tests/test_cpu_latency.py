@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import os
 import struct
+import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -15,13 +17,24 @@ from structlog.testing import capture_logs
 from daemon import cpu_latency
 from daemon.config import ConfigError
 from daemon.cpu_latency import DEVICE, CpuLatencyRequest
-from tests.test_daemon_support import make_config, running
+from daemon.server import Server
+from tests.test_daemon_support import Client, make_config, running
 
 
 def _open_on(device: Path) -> int:
     """How many of this process's descriptors are open on ``device``."""
     fds = Path("/proc/self/fd")
     return sum(1 for fd in fds.iterdir() if os.path.realpath(fd) == str(device.resolve()))
+
+
+def _until(condition: Callable[[], bool], timeout_s: float = 10.0) -> bool:
+    """True once ``condition`` holds (polled; a bound for a loaded machine, not a speed expectation)."""
+    end = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > end:
+            return False
+        time.sleep(0.01)
+    return True
 
 
 def _effective_us() -> int:
@@ -67,6 +80,15 @@ def test_a_request_that_cannot_be_had_is_logged_once_and_not_a_fault(tmp_path: P
     assert "cpu_wakeup_latency_us = -1" in entry["hint"]
 
 
+def test_a_request_refused_once_is_not_asked_for_again(tmp_path: Path) -> None:
+    request = CpuLatencyRequest(0, tmp_path / "missing")
+    with capture_logs() as logs:
+        assert not request.hold()
+        (tmp_path / "missing").touch()  # even if the device turned up, the line's frames do not retry it
+        assert not request.hold()
+    assert len(logs) == 1 and not request.held
+
+
 def test_off_never_opens_the_device(tmp_path: Path) -> None:
     with capture_logs() as logs:
         request = CpuLatencyRequest(-1, tmp_path / "missing")
@@ -105,3 +127,42 @@ def test_a_daemon_without_the_device_serves_and_says_so_on_metrics(
             metrics = response.read().decode()
         assert server.health.healthy
     assert "inspectd_cpu_latency_request_held 0.0" in metrics
+
+
+def _main_loop_looked(server: Server) -> bool:
+    """True once the main loop has run a whole tick after this call (so it has looked at the clock as it is now)."""
+    since = time.monotonic()
+    first = _until(lambda: (server.health._last_tick or 0.0) > since)
+    tick = server.health._last_tick or 0.0
+    return first and _until(lambda: (server.health._last_tick or 0.0) > tick)
+
+
+def test_the_request_is_let_go_while_the_line_stands_and_taken_again_with_the_next_frame(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``cpu_wakeup_hold_s`` on the daemon's injected clock: the main loop lets the request go once no frame came
+    for that long, and the intake takes it again before the next frame is inspected."""
+    device = tmp_path / "cpu_dma_latency"
+    device.touch()
+    monkeypatch.setattr(cpu_latency, "DEVICE", device)
+    now = [1000.0]
+    with (
+        running(clock=lambda: now[0], cpu_wakeup_latency_us=0, cpu_wakeup_hold_s=5) as (server, _),
+        Client(server) as client,
+    ):
+        assert _open_on(device) == 1
+        client.send(1)
+        assert len(client.decisions(1)) == 1 and _main_loop_looked(server)  # the line moved at 1000
+        now[0] = 1004.0
+        client.send(2)
+        assert len(client.decisions(1)) == 1 and _main_loop_looked(server)  # ... and at 1004
+        now[0] = 1008.0  # 8 s after the first frame, 4 after the last
+        assert _main_loop_looked(server)
+        assert server.cpu_latency.held and _open_on(device) == 1
+        now[0] = 1009.5  # 5.5 s without a frame: let go
+        assert _main_loop_looked(server)
+        assert not server.cpu_latency.held and _open_on(device) == 0
+        client.send(3)
+        (decision,) = client.decisions(1)
+        assert decision["verdict"] == "pass"
+        assert server.cpu_latency.held and _open_on(device) == 1  # taken again before frame 3 was inspected
