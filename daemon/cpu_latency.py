@@ -29,6 +29,7 @@ from __future__ import annotations
 import os
 import struct
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import structlog
@@ -79,9 +80,11 @@ class CpuLatencyRequest:
         log.info("cpu_latency_held", limit_us=self.limit_us, device=str(self.device))
         return True
 
-    def release(self, reason: str = "stopping") -> None:
+    def release(self, reason: str = "stopping", still: Callable[[], bool] = lambda: True) -> None:
+        """Let the request go, if ``still()`` holds under the lock that ``hold()`` takes (the caller's condition
+        cannot turn between its check and the release)."""
         with self._lock:
-            if self._fd is not None:
+            if self._fd is not None and still():
                 fd, self._fd = self._fd, None
                 os.close(fd)
                 log.info("cpu_latency_released", device=str(self.device), reason=reason)

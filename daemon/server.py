@@ -344,7 +344,11 @@ class Server:
         if self.intake.received != self.frames_seen:
             self.frames_seen, self._line_moved_at = self.intake.received, now
         elif self.cpu_latency.held and now - self._line_moved_at >= self.config.cpu_wakeup_hold_s:
-            self.cpu_latency.release(reason=f"no frame for {self.config.cpu_wakeup_hold_s:g} s")
+            # Only if no frame came meanwhile: the intake counts a frame before it takes the request again, so a
+            # frame at the boundary either stops this release or takes the request back before it is inspected.
+            seen, intake = self.frames_seen, self.intake
+            reason = f"no frame for {self.config.cpu_wakeup_hold_s:g} s"
+            self.cpu_latency.release(reason=reason, still=lambda: intake.received == seen)
 
     def _fatal_exit_due(self) -> bool:
         return self._fatal_at is not None and self.supervisor.clock() - self._fatal_at >= self.config.fatal_exit_s

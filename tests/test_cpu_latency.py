@@ -69,6 +69,15 @@ def test_the_request_is_the_native_s32_written_once_and_let_go_at_release(tmp_pa
     assert _open_on(device) == 0 and not request.held
 
 
+def test_a_release_whose_condition_turned_keeps_the_request(tmp_path: Path) -> None:
+    device = tmp_path / "cpu_dma_latency"
+    device.touch()
+    with CpuLatencyRequest(0, device) as request:
+        request.release(reason="idle", still=lambda: False)  # a frame came between the look and the release
+        assert request.held and _open_on(device) == 1
+    assert not request.held and _open_on(device) == 0
+
+
 def test_a_request_that_cannot_be_had_is_logged_once_and_not_a_fault(tmp_path: Path) -> None:
     missing = tmp_path / "no" / "cpu_dma_latency"
     with capture_logs() as logs:
