@@ -2,7 +2,7 @@
 
 A line feeds the daemon below its rate (at 70 % of it, ~30 % of each cycle is idle), and an idle
 core sleeps: a deep C-state on a board, a halted vCPU on a virtual machine. The next frame then
-starts on cores that must first wake and whose caches went cold, and it pays for that in every
+starts on cores that must first wake (their caches perhaps cold too), and it pays for that in every
 stage: on this project's 2-core machine bare predict with 90 ms of idle before each frame took a
 median 1.06-1.09x as long as back to back (``benchmarks/paced_bare.py``), about the daemon's
 whole overhead over bare predict. Holding the request removed the difference (docs/frame_path.md,
