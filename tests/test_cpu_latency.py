@@ -7,8 +7,6 @@ from __future__ import annotations
 import os
 import struct
 import time
-import urllib.request
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -18,6 +16,7 @@ from daemon import cpu_latency
 from daemon.config import ConfigError
 from daemon.cpu_latency import DEVICE, CpuLatencyRequest
 from daemon.server import Server
+from tests.test_daemon_hostile import http_get, wait_for
 from tests.test_daemon_support import Client, make_config, running
 
 
@@ -25,16 +24,6 @@ def _open_on(device: Path) -> int:
     """How many of this process's descriptors are open on ``device``."""
     fds = Path("/proc/self/fd")
     return sum(1 for fd in fds.iterdir() if os.path.realpath(fd) == str(device.resolve()))
-
-
-def _until(condition: Callable[[], bool], timeout_s: float = 10.0) -> bool:
-    """True once ``condition`` holds (polled; a bound for a loaded machine, not a speed expectation)."""
-    end = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > end:
-            return False
-        time.sleep(0.01)
-    return True
 
 
 def _effective_us() -> int:
@@ -121,8 +110,7 @@ def test_the_daemon_holds_the_request_while_serving_and_lets_go_at_stop(
     monkeypatch.setattr(cpu_latency, "DEVICE", device)
     with running(cpu_wakeup_latency_us=0) as (server, _):
         assert _open_on(device) == 1 and device.read_bytes() == struct.pack("=i", 0)
-        with urllib.request.urlopen(f"http://{server.endpoints['http']}/metrics", timeout=5) as response:
-            metrics = response.read().decode()
+        metrics = http_get(server.endpoints["http"], "/metrics")[1].decode()
     assert "inspectd_cpu_latency_request_held 1.0" in metrics
     assert _open_on(device) == 0  # released at stop
 
@@ -132,8 +120,7 @@ def test_a_daemon_without_the_device_serves_and_says_so_on_metrics(
 ) -> None:
     monkeypatch.setattr(cpu_latency, "DEVICE", tmp_path / "missing")
     with running(cpu_wakeup_latency_us=0) as (server, _):
-        with urllib.request.urlopen(f"http://{server.endpoints['http']}/metrics", timeout=5) as response:
-            metrics = response.read().decode()
+        metrics = http_get(server.endpoints["http"], "/metrics")[1].decode()
         assert server.health.healthy
     assert "inspectd_cpu_latency_request_held 0.0" in metrics
 
@@ -141,9 +128,9 @@ def test_a_daemon_without_the_device_serves_and_says_so_on_metrics(
 def _main_loop_looked(server: Server) -> bool:
     """True once the main loop has run a whole tick after this call (so it has looked at the clock as it is now)."""
     since = time.monotonic()
-    first = _until(lambda: (server.health._last_tick or 0.0) > since)
+    first = wait_for(lambda: (server.health._last_tick or 0.0) > since, timeout_s=10.0)
     tick = server.health._last_tick or 0.0
-    return first and _until(lambda: (server.health._last_tick or 0.0) > tick)
+    return first and wait_for(lambda: (server.health._last_tick or 0.0) > tick, timeout_s=10.0)
 
 
 def test_the_request_is_let_go_while_the_line_stands_and_taken_again_with_the_next_frame(

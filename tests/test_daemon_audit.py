@@ -22,6 +22,7 @@ from structlog.testing import capture_logs
 from daemon import cli
 from daemon.audit import AuditSink
 from daemon.protocol import Decision, Evidence
+from tests.test_daemon_hostile import wait_for
 from tests.test_daemon_support import Client, FakeInspector, image, running
 
 
@@ -91,23 +92,15 @@ def test_a_failing_disk_is_counted_and_the_daemon_keeps_deciding(tmp_path: Path)
         sink = next(s for s in server.outputs.sinks if s.name == "audit")
         client.send(1, image(defect=True))
         assert len(client.decisions(1)) == 1
-        assert settles(lambda: sink.stats()["records"] == 1)  # the audit sink has its own (nicer) thread
+        assert wait_for(
+            lambda: sink.stats()["records"] == 1, timeout_s=30.0
+        )  # the audit sink has its own (nicer) thread
         os.rename(target, tmp_path / "moved")
         target.write_text("not a directory")  # every write fails now, as on a full or read-only disk
         for i in range(2, 6):
             client.send(i, image(defect=True))
         assert len(client.decisions(4)) == 4
-        assert settles(lambda: sink.failed == 4)
-
-
-def settles(condition: Callable[[], bool], timeout_s: float = 30.0) -> bool:
-    """True once ``condition()`` holds; a bounded wait for another thread's progress, not a speed expectation."""
-    end = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > end:
-            return False
-        time.sleep(0.01)
-    return True
+        assert wait_for(lambda: sink.failed == 4, timeout_s=30.0)
 
 
 def test_cli_lists_and_exports_recent_rejects(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

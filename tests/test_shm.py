@@ -8,7 +8,6 @@ import socket
 import stat
 import threading
 import time
-import urllib.request
 from dataclasses import replace
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from daemon.protocol import Decision, Evidence
 from daemon.sender import send_frames
 from daemon.shm import OFFSET, FrameSlots, SlotSocket, SlotWriter
 from engines.errors import UserError
+from tests.test_daemon_hostile import http_get
 from tests.test_daemon_server import start_error
 from tests.test_daemon_support import GEOMETRY, Client, FakeInspector, header, image, make_config, running
 
@@ -50,8 +50,7 @@ def test_frames_in_slots_are_decided_as_the_same_frames_sent_whole(tmp_path: Pat
 def test_slot_handouts_are_counted_in_the_metrics(tmp_path: Path) -> None:
     with running(**slotted(tmp_path)) as (server, _):
         SlotWriter.connect(tmp_path / "slots").close()
-        with urllib.request.urlopen(f"http://{server.endpoints['http']}/metrics", timeout=5) as response:
-            metrics = response.read().decode()
+        metrics = http_get(server.endpoints["http"], "/metrics")[1].decode()
     assert 'inspectd_frame_slot_handouts_total{outcome="ok"} 1.0' in metrics
     assert 'inspectd_frame_slot_handouts_total{outcome="failed"} 0.0' in metrics
 
