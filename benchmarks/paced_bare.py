@@ -47,9 +47,9 @@ def one_round(
 ) -> dict[str, tuple[float, dict[str, float]]]:
     daemon = start_daemon(args, paths, args.workdir / f"paced-{index}-{wakeup}.log", wakeup)
     blocks: dict[str, list[tuple[float, dict[str, float]]]] = {name: [] for name, _ in KINDS}
+    order = KINDS if index % 2 == 0 else KINDS[::-1]  # which kind goes first alternates by round
     try:
         for _ in range(args.blocks):
-            order = KINDS if index % 2 == 0 else KINDS[::-1]  # which kind goes first alternates by round
             for name, pause in order:
                 reply = daemon.ask(op="bare", count=args.frames, pause_ms=args.pause_ms if pause is None else pause)
                 blocks[name].append((statistics.median(reply["ms"]), reply["stages"]))

@@ -59,9 +59,14 @@ class CpuLatencyRequest:
     def held(self) -> bool:
         return self._fd is not None
 
+    @property
+    def wanted(self) -> bool:
+        """False where the setting leaves the machine's idle policy alone (``OFF``)."""
+        return self.limit_us != OFF
+
     def hold(self) -> bool:
         """Register the request; False (the reason in ``problem``, logged once) where it cannot be had."""
-        if self.held or self.limit_us == OFF or self.problem is not None:  # the common case without the lock
+        if self.held or not self.wanted or self.problem is not None:  # the common case without the lock
             return self.held
         with self._lock:
             return self.held or self._open()

@@ -400,7 +400,7 @@ class Server:
             "queue_limit": self.config.queue_depth,
             "threads": self.supervisor.stats(),
         }
-        if self.cpu_latency.limit_us >= 0:
+        if self.cpu_latency.wanted:
             out["cpu_latency_held"] = self.cpu_latency.held
         if self.intake is not None:
             out["frames_received"] = self.intake.received
